@@ -1,0 +1,215 @@
+"""The backup catalog: the on-disk format that ``mlwarden backup`` writes and the exporter reads.
+
+Layout under the backup directory::
+
+    BACKUP_DIR/
+      <name>/                      one backup; <name> = <source>-<YYYYmmddTHHMMSSZ>
+        <name>.tar.zst             the archive (.tar.zst, .tar.gz or .tar): plain tar
+        <name>.tar.zst.sha256      `sha256sum -c` line for the archive
+        SHA256SUMS                 `sha256sum -c` lines for every file inside the archive
+        manifest.json              written last: the commit marker
+        status.json                mutable: last verification, off-site copy (optional)
+
+A directory without ``manifest.json`` is not a backup (it is an interrupted run and is
+ignored, then cleaned up by the next run). ``manifest.json`` never changes once written;
+what happens to a backup later (verification, upload) goes to ``status.json``, which is
+rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlwarden.fsutil import atomic_write_text
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATUS = "status.json"
+CHECKSUMS = "SHA256SUMS"
+
+log = logging.getLogger(__name__)
+
+
+class CatalogError(ValueError):
+    """A manifest or status file exists but cannot be read as this format."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to the source directory, '/'-separated
+    size: int
+    sha256: str
+    mtime: float
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    source: str  # absolute path of the backed-up directory
+    host: str
+    started_at: float  # unix seconds
+    finished_at: float
+    compression: str  # "zstd" | "gzip" | "none"
+    level: int | None
+    archive: str  # file name inside the backup's directory
+    archive_bytes: int
+    archive_sha256: str
+    total_bytes: int  # sum of the files' sizes before compression
+    files: tuple[FileRecord, ...]
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            files = tuple(FileRecord(**f) for f in data["files"])
+            fields = {f.name for f in dataclasses.fields(cls)} - {"files"}
+            return cls(files=files, **{k: v for k, v in data.items() if k in fields})
+        except (KeyError, TypeError) as exc:
+            raise CatalogError(f"manifest is missing or has wrong fields: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Verification:
+    checked_at: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class OffsiteCopy:
+    uploaded_at: float
+    bucket: str
+    key: str
+    sha256: str
+    storage_class: str = "STANDARD"
+    verified: bool = False
+
+
+@dataclass(frozen=True)
+class Status:
+    verification: Verification | None = None
+    offsite: OffsiteCopy | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Status:
+        try:
+            ver = data.get("verification")
+            off = data.get("offsite")
+            return cls(
+                verification=Verification(**ver) if ver else None,
+                offsite=OffsiteCopy(**off) if off else None,
+            )
+        except TypeError as exc:
+            raise CatalogError(f"status has wrong fields: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BackupEntry:
+    directory: Path
+    manifest: Manifest
+    status: Status = field(default_factory=Status)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def archive_path(self) -> Path:
+        return self.directory / self.manifest.archive
+
+    @property
+    def verified(self) -> bool | None:
+        """True/False after a verification, None when it was never verified."""
+        return None if self.status.verification is None else self.status.verification.ok
+
+
+class Catalog:
+    """Read and update the backups under one backup directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def entries(self) -> list[BackupEntry]:
+        """Committed backups, oldest first. Unreadable manifests are logged and skipped."""
+        result = []
+        for directory in self._candidate_dirs():
+            try:
+                entry = self.read(directory)
+            except (OSError, ValueError) as exc:
+                log.warning("skipping unreadable backup %s: %s", directory, exc)
+                continue
+            if entry is not None:
+                result.append(entry)
+        result.sort(key=lambda e: (e.manifest.started_at, e.name))
+        return result
+
+    def incomplete(self) -> list[Path]:
+        """Backup directories without a manifest: interrupted runs."""
+        return [d for d in self._candidate_dirs() if not (d / MANIFEST).exists()]
+
+    def latest(self) -> BackupEntry | None:
+        entries = self.entries()
+        return entries[-1] if entries else None
+
+    def get(self, name: str) -> BackupEntry:
+        if name == "latest":
+            entry = self.latest()
+            if entry is None:
+                raise CatalogError(f"no backups in {self.root}")
+            return entry
+        if "/" in name or name in ("", ".", ".."):
+            raise CatalogError(f"not a backup name: {name!r}")
+        entry = self.read(self.root / name)
+        if entry is None:
+            raise CatalogError(f"no backup named {name!r} in {self.root}")
+        return entry
+
+    @staticmethod
+    def read(directory: Path) -> BackupEntry | None:
+        manifest_path = directory / MANIFEST
+        try:
+            manifest_data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        manifest = Manifest.from_dict(manifest_data)
+        status_path = directory / STATUS
+        status = Status()
+        if status_path.exists():
+            status = Status.from_dict(json.loads(status_path.read_text(encoding="utf-8")))
+        return BackupEntry(directory=directory, manifest=manifest, status=status)
+
+    @staticmethod
+    def commit(directory: Path, manifest: Manifest) -> BackupEntry:
+        """Write the manifest last, atomically: from now on the backup exists."""
+        atomic_write_text(directory / MANIFEST, manifest.to_json())
+        return BackupEntry(directory=directory, manifest=manifest)
+
+    @staticmethod
+    def update_status(entry: BackupEntry, **changes: Any) -> BackupEntry:
+        """Record a verification or an off-site copy (``verification=...``, ``offsite=...``)."""
+        status = dataclasses.replace(entry.status, **changes)
+        atomic_write_text(entry.directory / STATUS, status.to_json())
+        return dataclasses.replace(entry, status=status)
+
+    def _candidate_dirs(self) -> Iterator[Path]:
+        try:
+            with os.scandir(self.root) as it:
+                for item in it:
+                    if item.is_dir(follow_symlinks=False) and not item.name.startswith("."):
+                        yield Path(item.path)
+        except FileNotFoundError:
+            return

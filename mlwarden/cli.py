@@ -1,0 +1,113 @@
+"""The ``mlwarden`` command: one entry point, one subcommand per part.
+
+Only the chosen subcommand's module is imported, so ``mlwarden cleanup`` does not pay
+for FastAPI or boto3 and a broken optional dependency of one part cannot stop another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlwarden import __version__, logs, settings
+from mlwarden.command import Command
+from mlwarden.exitcodes import ExitCode
+
+# name -> ("module:attribute", one-line help). Keep the help here so that ``mlwarden --help``
+# imports nothing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "exporter": ("exporter.cli:COMMAND", "serve GPU, backup and artifact metrics for Prometheus"),
+    "relay": ("relay.cli:COMMAND", "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty"),
+    "backup": ("jobs.backup.cli:BACKUP", "archive, checksum, verify and copy models off-site; apply retention"),
+    "restore": ("jobs.backup.cli:RESTORE", "restore a backup (local or S3), or run a restore drill"),
+    "cleanup": ("jobs.cleanup.cli:COMMAND", "remove old experiment artifacts, behind safety breakers"),
+    "health": ("jobs.health.cli:COMMAND", "check disks, GPUs, services and backup freshness"),
+    "maintain": ("jobs.maintain:COMMAND", "run health, backup and cleanup in order, with one summary"),
+    "demo": ("mlwarden.demo:COMMAND", "run the whole stack locally with simulated GPUs and tell the story"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonSettings:
+    log_level: str = settings.setting("info", help="log level", choices=logs.LEVELS)
+    log_file: Path | None = settings.setting(
+        None, help="also log to this file; reopened when logrotate moves it"
+    )
+
+
+COMMON_PREFIX = ""  # MLWARDEN_LOG_LEVEL, MLWARDEN_LOG_FILE
+
+
+def load_command(name: str) -> Command:
+    target, _ = COMMANDS[name]
+    module_name, attribute = target.split(":")
+    command = getattr(importlib.import_module(module_name), attribute)
+    assert isinstance(command, Command), target
+    return command
+
+
+def build_parser(chosen: Command | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlwarden",
+        description="Keeps GPU machines healthy and their models safe.",
+        epilog="Every option is also an environment variable; see README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlwarden {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        if chosen is not None and chosen.name == name:
+            sub = subparsers.add_parser(
+                name, help=help_text, description=chosen.description or help_text
+            )
+            settings.add_arguments(sub, chosen.settings, name)
+            settings.add_arguments(sub, CommonSettings, COMMON_PREFIX)
+        else:
+            subparsers.add_parser(name, help=help_text)
+    return parser
+
+
+def _chosen_name(argv: Sequence[str]) -> str | None:
+    for token in argv:
+        if not token.startswith("-"):
+            return token if token in COMMANDS else None
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _chosen_name(argv)
+    command = load_command(name) if name else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    try:
+        common = settings.resolve(CommonSettings, COMMON_PREFIX, args)
+        chosen = settings.resolve(command.settings, command.name, args)
+    except settings.SettingsError as exc:
+        print(f"mlwarden {command.name}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        logs.setup(common.log_level, common.log_file)
+    except OSError as exc:
+        print(f"mlwarden {command.name}: cannot open log file: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    log = logging.getLogger(f"mlwarden.{command.name}")
+    try:
+        return int(command.run(chosen))
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return ExitCode.INTERRUPTED
+    except Exception:
+        log.exception("%s failed unexpectedly", command.name)
+        return ExitCode.FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

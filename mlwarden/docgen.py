@@ -1,0 +1,101 @@
+"""Keep the README's configuration tables true: they are generated from the settings classes.
+
+``python -m mlwarden.docgen`` rewrites every block between ``<!-- settings:NAME -->`` and
+``<!-- /settings:NAME -->`` in README.md; ``--check`` exits 1 if any is stale (the test
+suite runs it, so a new flag without documentation fails the build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from mlwarden import cli, settings
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _default_text(opt: settings.Option) -> str:
+    if opt.spec.secret:
+        return "(secret: env or `_FILE` only)"
+    if opt.required:
+        return "required"
+    value = opt.default
+    if value is None or value == []:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return f"`{value[0]}:{value[1]}`"
+    return f"`{value}`"
+
+
+def table(settings_cls: type, command: str) -> str:
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for opt in settings.options_of(settings_cls, command):
+        if opt.spec.secret:
+            flag = "—"
+        elif opt.spec.positional:
+            flag = f"`{opt.spec.metavar or opt.name.upper()}` (argument)"
+        elif opt.is_bool:
+            flag = f"`{opt.flag}` / `--no-{opt.flag[2:]}`"
+        else:
+            flag = f"`{opt.flag}`"
+        env = ", ".join(f"`{n}`" for n in opt.env_names)
+        if opt.spec.secret:
+            env += f", `{opt.env_names[0]}_FILE`"
+        meaning = opt.spec.help
+        if opt.spec.choices:
+            meaning += " (" + ", ".join(opt.spec.choices) + ")"
+        rows.append(f"| {flag} | {env} | {_default_text(opt)} | {meaning} |")
+    return "\n".join(rows)
+
+
+def blocks() -> dict[str, str]:
+    result = {"common": table(cli.CommonSettings, cli.COMMON_PREFIX)}
+    for name in cli.COMMANDS:
+        try:
+            command = cli.load_command(name)
+        except ImportError:
+            continue  # a part not written yet has no table yet
+        result[name] = table(command.settings, name)
+    return result
+
+
+def render(text: str, generated: dict[str, str]) -> str:
+    for name, body in generated.items():
+        pattern = re.compile(rf"(<!-- settings:{name} -->\n).*?(<!-- /settings:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def missing_blocks(text: str, generated: dict[str, str]) -> list[str]:
+    return [name for name in generated if f"<!-- settings:{name} -->" not in text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    args = parser.parse_args(argv)
+    generated = blocks()
+    text = README.read_text(encoding="utf-8")
+    new = render(text, generated)
+    missing = missing_blocks(text, generated)
+    if args.check:
+        if new != text or missing:
+            print("README.md configuration tables are stale or missing "
+                  f"({', '.join(missing) or 'content differs'}): run python -m mlwarden.docgen",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new, encoding="utf-8")
+    if missing:
+        print("add markers to README.md for: " + ", ".join(missing), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
