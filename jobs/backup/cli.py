@@ -1,0 +1,121 @@
+"""Settings and commands of ``mlwarden backup`` and ``mlwarden restore``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.backup.archive import LEVEL_RANGES
+from jobs.backup.job import run_backup, run_restore
+from jobs.backup.offsite import STORAGE_CLASSES, S3Location
+from jobs.backup.retention import Policy
+from mlwarden.command import Command
+from mlwarden.settings import in_range, parse_duration, parse_size, parse_url, positive, setting
+
+_COUNT = in_range(int, 0, 100_000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Settings:
+    s3_bucket: str | None = setting(None, help="S3 bucket for the off-site copy (credentials: the standard AWS environment, config files or instance role)", env=("S3_BUCKET",))
+    s3_prefix: str = setting("", help="key prefix inside the bucket, e.g. backups/gpu-node-1")
+    s3_endpoint_url: str | None = setting(None, help="endpoint of an S3-compatible store (MinIO, Ceph, R2...); default AWS", parse=parse_url)
+    s3_attempts: int = setting(3, help="attempts for each S3 copy or listing, with jittered exponential backoff between them", parse=positive(int))
+    s3_retry_base: float = setting(2.0, help="first backoff between S3 attempts (doubles each time)", parse=parse_duration)
+
+    def s3_location(self, storage_class: str = "STANDARD", chunk_size: int = 64 * 2**20, concurrency: int = 8) -> S3Location | None:
+        if not self.s3_bucket:
+            return None
+        return S3Location(
+            bucket=self.s3_bucket,
+            prefix=self.s3_prefix,
+            endpoint_url=self.s3_endpoint_url,
+            storage_class=storage_class,
+            chunk_size=chunk_size,
+            concurrency=concurrency,
+            attempts=self.s3_attempts,
+            retry_base_seconds=self.s3_retry_base,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackupSettings(S3Settings):
+    model_dir: Path = setting(help="directory to back up (model weights, configs)", env=("MODEL_DIR",))
+    backup_dir: Path = setting(help="directory that holds the backups (the catalog)", env=("BACKUP_DIR",))
+    compression: str = setting("zstd", help="archive compression; gzip only for compatibility, it is far slower", choices=("zstd", "gzip", "none"))
+    level: int | None = setting(None, help="compression level: zstd 1-19 (default 3), gzip 1-9 (default 6); ignored for none", env=("COMPRESSION_LEVEL",))
+    threads: int = setting(0, help="zstd worker threads; 0 means one per core", parse=in_range(int, 0, 256))
+    verify: bool = setting(True, help="re-read the new archive and check it against the manifest", env=("VERIFY_BACKUP",))
+    period: str = setting("day", help="one backup per UTC day or hour: a second run in the same period verifies the existing backup and stops; 'run' backs up every run", choices=("day", "hour", "run"))
+    force: bool = setting(False, help="make a new backup even if one exists for this period")
+    s3_storage_class: str = setting("STANDARD", help="storage class of the uploaded archive; GLACIER-like classes are verified by checksum metadata, not by download", choices=STORAGE_CLASSES)
+    s3_chunk_size: int = setting(64 * 2**20, help="multipart part size (grown automatically to stay under 10,000 parts)", parse=parse_size)
+    s3_concurrency: int = setting(8, help="parallel part uploads", parse=positive(int))
+    s3_retention: bool = setting(False, help="apply the keep rules to the backups in S3 too")
+    keep_last: int | None = setting(None, help="keep the N newest backups", parse=_COUNT)
+    keep_daily: int | None = setting(None, help="keep the newest backup of each of the N newest days that have backups (RETENTION_DAYS=N is read as this)", env=("RETENTION_DAYS",), parse=_COUNT)
+    keep_weekly: int | None = setting(None, help="keep the newest backup of each of the N newest ISO weeks that have backups", parse=_COUNT)
+    keep_monthly: int | None = setting(None, help="keep the newest backup of each of the N newest months that have backups", parse=_COUNT)
+    dry_run: bool = setting(False, help="say what would be backed up and deleted; touch nothing", env=("DRY_RUN",))
+    pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", parse=parse_url)
+    textfile_dir: Path | None = setting(None, help="write the job's metrics here for node_exporter's textfile collector")
+
+    def __post_init__(self) -> None:
+        if self.level is not None and self.compression in LEVEL_RANGES:
+            low, high = LEVEL_RANGES[self.compression]
+            if not low <= self.level <= high:
+                raise ValueError(f"--level/COMPRESSION_LEVEL={self.level}: {self.compression} levels are {low} to {high}")
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly)
+
+    @property
+    def offsite(self) -> S3Location | None:
+        return self.s3_location(self.s3_storage_class, self.s3_chunk_size, self.s3_concurrency)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreSettings(S3Settings):
+    name: str = setting("latest", help="backup to restore: its name, or latest", positional=True, metavar="NAME")
+    to: Path | None = setting(None, help="directory to restore into (created; must be empty unless --force)")
+    backup_dir: Path | None = setting(None, help="directory that holds the backups (not needed with --from-s3)", env=("BACKUP_DIR",))
+    from_s3: bool = setting(False, help="restore from the S3 copy instead of the local backup directory")
+    drill: bool = setting(False, help="restore into a temporary directory, verify every file, time it, delete it and push the drill metrics")
+    force: bool = setting(False, help="replace the content of a non-empty --to directory (after the new content is complete and verified)")
+    pushgateway: str | None = setting(None, help="Pushgateway URL for the drill's metrics", parse=parse_url)
+    textfile_dir: Path | None = setting(None, help="write the drill's metrics here for node_exporter's textfile collector")
+
+    def __post_init__(self) -> None:
+        if not self.drill and self.to is None:
+            raise ValueError("--to is required (the directory to restore into), unless --drill")
+        if self.from_s3 and not self.s3_bucket:
+            raise ValueError("--from-s3 needs --s3-bucket (or S3_BUCKET)")
+        if not self.from_s3 and self.backup_dir is None:
+            raise ValueError("--backup-dir (or BACKUP_DIR) is required, unless --from-s3")
+        if self.from_s3 and self.drill and self.to is None and self.backup_dir is None:
+            raise ValueError("a drill from S3 needs --backup-dir or --to: somewhere with room for the download")
+
+
+BACKUP = Command(
+    "backup",
+    "archive, checksum, verify and copy models off-site; apply retention",
+    settings=BackupSettings,
+    run=run_backup,
+    description=(
+        "Back up MODEL_DIR into BACKUP_DIR in one pass (tar, zstd/gzip, SHA-256 per file and per archive), "
+        "verify it, copy it to S3 and apply the keep rules. One backup per UTC day by default."
+    ),
+)
+
+RESTORE = Command(
+    "restore",
+    "restore a backup (local or S3), or run a restore drill",
+    settings=RestoreSettings,
+    run=run_restore,
+    description=(
+        "Restore backup NAME (default latest) into --to, from BACKUP_DIR or from S3: the archive hash is checked "
+        "before extraction and every file after; the target changes only when all is good. --drill proves the "
+        "latest backup restorable and pushes the result as metrics."
+    ),
+)

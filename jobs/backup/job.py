@@ -1,0 +1,330 @@
+"""The backup run and the restore run: what happens, in which order, and what is reported.
+
+Backup, under the job lock in BACKUP_DIR:
+
+1. remove interrupted runs (backup directories without a manifest);
+2. if a backup of this source exists for the current period (UTC day by default), verify it,
+   make sure its off-site copy exists, apply retention and stop (unless ``--force``);
+3. otherwise archive in one pass, commit the manifest, verify, copy off-site, apply retention.
+
+Exit 0 when everything asked for succeeded; 1 on any failure, including an S3 failure after a
+good local backup (the local backup is kept, and the log and the metrics say so).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jobs.backup import archive, retention
+from jobs.backup.offsite import OffsiteError, OffsiteStore, S3Location
+from jobs.backup.restore import RestoreError, RestoreResult, entry_from_s3, restore_entry
+from jobs.backup.tarstream import ArchiveError
+from jobs.backup.verify import verify_and_record
+from jobs.report import JobReport
+from mlwarden.catalog import MANIFEST, BackupEntry, Catalog, CatalogError, Manifest
+from mlwarden.exitcodes import ExitCode
+from mlwarden.lock import JobLock, LockHeld
+from mlwarden.terminal import Progress, human_bytes
+
+if TYPE_CHECKING:
+    from jobs.backup.cli import BackupSettings, RestoreSettings
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".mlwarden-backup.lock"
+_BACKUP_NAME = re.compile(r"^.+-\d{8}T\d{6}Z$")
+
+
+class BackupFailed(RuntimeError):
+    """The backup could not be made; the message is for the operator."""
+
+
+@dataclass
+class Outcome:
+    """What a backup run did, for the exit status and the metrics."""
+
+    read_bytes: int = 0
+    written_bytes: int = 0
+    files: int = 0
+    verified: bool | None = None
+    offsite_ok: bool | None = None  # None: no S3 configured
+
+
+def backup_name(source: Path, when: float) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name) or "root"
+    return f"{slug}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(when))}"
+
+
+def _period_key(period: str, when: float) -> str | None:
+    formats = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H"}
+    return time.strftime(formats[period], time.gmtime(when)) if period in formats else None
+
+
+# --- backup -------------------------------------------------------------------------------
+
+
+def run_backup(settings: BackupSettings) -> int:
+    source = settings.model_dir.absolute()
+    if not source.is_dir():
+        log.error("model directory %s does not exist or is not a directory", source)
+        return ExitCode.USAGE
+    if settings.dry_run:
+        _dry_run(settings, source)
+        return ExitCode.OK
+    settings.backup_dir.mkdir(parents=True, exist_ok=True)
+    outcome = Outcome()
+    code = ExitCode.FAILURE
+    with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+        try:
+            with JobLock(settings.backup_dir / LOCK_FILE):
+                code = _backup_locked(settings, source, outcome)
+        except LockHeld as exc:
+            log.error("backup not started: %s", exc)
+        except BackupFailed as exc:
+            log.error("backup FAILED: %s", exc)
+        finally:
+            _report_outcome(report, outcome)
+        report.succeeded(code == ExitCode.OK)
+    return code
+
+
+def _report_outcome(report: JobReport, outcome: Outcome) -> None:
+    report.gauge("mlwarden_backup_read_bytes", "Bytes of model files read by the last backup run.").set(outcome.read_bytes)
+    report.gauge("mlwarden_backup_written_bytes", "Bytes of archive written by the last backup run.").set(outcome.written_bytes)
+    report.gauge("mlwarden_backup_files", "Files in the backup made or checked by the last run.").set(outcome.files)
+    report.gauge("mlwarden_backup_verified", "1 if the last run's backup passed verification, else 0.").set(1 if outcome.verified else 0)
+    if outcome.offsite_ok is not None:
+        report.gauge("mlwarden_backup_offsite_success", "1 if the last run's off-site copy succeeded, else 0.").set(1 if outcome.offsite_ok else 0)
+
+
+def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> int:
+    catalog = Catalog(settings.backup_dir)
+    _remove_interrupted(catalog)
+    started = time.time()
+    existing = None if settings.force else _existing_for_period(catalog, source, settings.period, started)
+    if existing is not None:
+        log.info("backup %s already exists for this %s; verifying it (use --force for a new one)", existing.name, settings.period)
+        entry = existing
+        outcome.files = len(entry.manifest.files)
+    else:
+        entry = _create(settings, source, started, outcome)
+    ok = True
+    if settings.verify or existing is not None:
+        entry, result = verify_and_record(entry)
+        outcome.verified = result.ok
+        ok = result.ok
+    location = settings.offsite
+    if location is not None:
+        if ok:
+            entry, outcome.offsite_ok = _copy_offsite(entry, location)
+        else:
+            log.error("not uploading %s: it failed verification", entry.name)
+            outcome.offsite_ok = False
+        ok = ok and bool(outcome.offsite_ok)
+    if not _apply_retention(settings, catalog, source, location):
+        ok = False
+    return ExitCode.OK if ok else ExitCode.FAILURE
+
+
+def _remove_interrupted(catalog: Catalog) -> None:
+    for directory in catalog.incomplete():
+        if _BACKUP_NAME.match(directory.name):  # never remove a directory we did not create
+            log.warning("removing %s: an interrupted backup run (no manifest)", directory)
+            shutil.rmtree(directory)
+
+
+def _existing_for_period(catalog: Catalog, source: Path, period: str, now: float) -> BackupEntry | None:
+    key = _period_key(period, now)
+    if key is None:
+        return None
+    for entry in reversed(catalog.entries()):
+        if entry.manifest.source == str(source) and _period_key(period, entry.manifest.started_at) == key:
+            return entry
+    return None
+
+
+def _create(settings: BackupSettings, source: Path, started: float, outcome: Outcome) -> BackupEntry:
+    name = backup_name(source, started)
+    files = archive.scan(source)
+    total = sum(f.size for f in files)
+    directory = settings.backup_dir / name
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        raise BackupFailed(f"{directory} already exists (two backups in the same second?)") from None
+    archive_path = directory / archive.archive_name(name, settings.compression)
+    log.info("backing up %s (%d files, %s) to %s", source, len(files), human_bytes(total), archive_path)
+    progress = Progress(f"backup {name}", total)
+    try:
+        result = archive.write_archive(files, archive_path, settings.compression, settings.level, settings.threads, progress.advance)
+        progress.finish()
+        archive.write_checksums(directory, result)
+        manifest = Manifest(
+            name=name,
+            source=str(source),
+            host=socket.gethostname(),
+            started_at=started,
+            finished_at=time.time(),
+            compression=settings.compression,
+            level=settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression],
+            archive=archive_path.name,
+            archive_bytes=result.archive_bytes,
+            archive_sha256=result.sha256,
+            total_bytes=result.read_bytes,
+            files=result.files,
+        )
+        entry = Catalog.commit(directory, manifest)
+    except (OSError, archive.SourceChanged) as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(settings.backup_dir).free
+            raise BackupFailed(
+                f"no space left on the device of {settings.backup_dir} ({human_bytes(free)} free, the models are "
+                f"{human_bytes(total)} before compression); the partial archive was removed and earlier backups are untouched"
+            ) from None
+        raise BackupFailed(f"{exc}; the partial archive was removed and earlier backups are untouched") from None
+    seconds = max(manifest.finished_at - started, 1e-9)
+    outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
+    log.info(
+        "backup %s written: %s -> %s (ratio %.3f) in %.1fs (%s/s)",
+        name, human_bytes(result.read_bytes), human_bytes(result.archive_bytes),
+        result.read_bytes / max(result.archive_bytes, 1), seconds, human_bytes(result.read_bytes / seconds),
+    )
+    return entry
+
+
+def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry, bool]:
+    offsite = entry.status.offsite
+    if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == location.key(entry.name, entry.manifest.archive):
+        log.info("%s is already in %s", entry.name, location.url)
+        return entry, True
+    try:
+        copy = OffsiteStore(location).upload(entry)
+    except OffsiteError as exc:
+        log.error("off-site copy FAILED: %s. The local backup %s is kept (and verified); the job reports failure", exc, entry.directory)
+        return entry, False
+    return Catalog.update_status(entry, offsite=copy), True
+
+
+def _candidates(entries: list[BackupEntry]) -> list[retention.Candidate]:
+    return [retention.Candidate(e.name, e.manifest.started_at, e.verified) for e in entries]
+
+
+def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, location: S3Location | None) -> bool:
+    """Delete what the keep rules do not keep, locally and (optionally) in S3. False on an S3 failure."""
+    policy = settings.policy
+    if not policy.active:
+        return True
+    local = [e for e in catalog.entries() if e.manifest.source == str(source)]
+    by_name = {e.name: e for e in local}
+    for name in retention.decide(_candidates(local), policy).remove:
+        log.info("retention: deleting %s", name)
+        _delete_local(by_name[name])
+    if location is None or not settings.s3_retention:
+        return True
+    try:
+        store = OffsiteStore(location)
+        remote = [m for m in store.manifests() if m.source == str(source)]
+        # Objects in S3 were checked against their hash on upload: they count as verified.
+        decision = retention.decide([retention.Candidate(m.name, m.started_at, True) for m in remote], policy)
+        for name in decision.remove:
+            log.info("retention: deleting %s from %s", name, location.url)
+            store.delete(name)
+    except OffsiteError as exc:
+        log.error("retention in S3 FAILED: %s", exc)
+        return False
+    return True
+
+
+def _delete_local(entry: BackupEntry) -> None:
+    # The manifest goes first: if the deletion is interrupted, what is left is an
+    # incomplete backup (cleaned up by the next run), never a backup with missing files.
+    (entry.directory / MANIFEST).unlink()
+    shutil.rmtree(entry.directory)
+
+
+def _dry_run(settings: BackupSettings, source: Path) -> None:
+    files = archive.scan(source)
+    total = sum(f.size for f in files)
+    catalog = Catalog(settings.backup_dir)
+    now = time.time()
+    for directory in catalog.incomplete():
+        if _BACKUP_NAME.match(directory.name):
+            log.info("dry run: would remove %s (an interrupted backup run)", directory)
+    existing = None if settings.force else _existing_for_period(catalog, source, settings.period, now)
+    if existing is not None:
+        log.info("dry run: backup %s exists for this %s; would verify it and stop", existing.name, settings.period)
+    else:
+        name = backup_name(source, now)
+        log.info(
+            "dry run: would back up %d files (%s) from %s to %s", len(files), human_bytes(total), source,
+            settings.backup_dir / name / archive.archive_name(name, settings.compression),
+        )
+    if settings.offsite is not None:
+        log.info("dry run: would copy it to %s (storage class %s)", settings.offsite.url, settings.s3_storage_class)
+    if settings.policy.active:
+        local = [e for e in catalog.entries() if e.manifest.source == str(source)]
+        decision = retention.decide(_candidates(local), settings.policy)
+        for name in decision.remove:
+            log.info("dry run: retention would delete %s", name)
+        for name, reasons in decision.keep.items():
+            log.info("dry run: retention keeps %s (%s)", name, ", ".join(reasons))
+    log.info("dry run: nothing was changed")
+
+
+# --- restore ------------------------------------------------------------------------------
+
+
+def run_restore(settings: RestoreSettings) -> int:
+    if settings.drill:
+        return _run_drill(settings)
+    assert settings.to is not None  # checked by the settings
+    try:
+        _restore(settings, settings.to, overwrite=settings.force)
+    except (RestoreError, ArchiveError, CatalogError, OffsiteError) as exc:
+        log.error("restore FAILED: %s. %s was not changed", exc, settings.to)
+        return ExitCode.FAILURE
+    return ExitCode.OK
+
+
+def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> RestoreResult:
+    location = settings.s3_location()
+    if settings.from_s3:
+        assert location is not None
+        near = settings.backup_dir or target.absolute().parent
+        with entry_from_s3(location, settings.name, near) as entry:
+            return restore_entry(entry, target, overwrite)
+    assert settings.backup_dir is not None
+    return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite)
+
+
+def _run_drill(settings: RestoreSettings) -> int:
+    parent = settings.to or settings.backup_dir
+    assert parent is not None  # checked by the settings
+    parent.mkdir(parents=True, exist_ok=True)
+    with JobReport("restore_drill", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+        duration = report.gauge("mlwarden_restore_drill_duration_seconds", "How long the last restore drill took to restore and verify.")
+        verified = report.gauge("mlwarden_restore_drill_verified_files", "Files restored and checked against the manifest by the last drill.")
+        scratch = Path(tempfile.mkdtemp(dir=parent, prefix=".drill-"))
+        try:
+            result = _restore(settings, scratch / "restored", overwrite=False)
+        except (RestoreError, ArchiveError, CatalogError, OffsiteError, OSError) as exc:
+            log.error("restore drill FAILED: %s", exc)
+            verified.set(0)
+            return ExitCode.FAILURE
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        duration.set(result.seconds)
+        verified.set(result.files)
+        report.succeeded()
+        log.info("restore drill passed: %s restored and verified (%d files) in %.1fs", result.name, result.files, result.seconds)
+    return ExitCode.OK

@@ -1,0 +1,138 @@
+"""Put a backup back, safely, or prove that it could be: ``mlwarden restore`` and ``--drill``.
+
+The order of a restore is what makes it safe on a bad day:
+
+1. The archive's SHA-256 is checked against the manifest *before* anything is extracted:
+   a damaged archive restores nothing.
+2. Members are extracted by :mod:`jobs.backup.tarstream` (regular files only, relative
+   names, no ``..``, only names the manifest lists) into a temporary directory next to the
+   target, each file hashed as it is written and checked against the manifest.
+3. Only then is the temporary directory renamed to the target. A failed restore leaves the
+   target as it was and removes the temporary directory.
+
+A drill restores into a temporary directory (inside the backup directory, so it has room and
+is on the same disk), verifies, times it, deletes it, and pushes
+``mlwarden_restore_drill_duration_seconds`` and ``mlwarden_restore_drill_verified_files``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.backup.offsite import OffsiteStore, S3Location
+from jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, hash_file, members
+from mlwarden.catalog import BackupEntry, Catalog, Manifest
+from mlwarden.fsutil import fsync_dir
+
+log = logging.getLogger(__name__)
+
+
+class RestoreError(RuntimeError):
+    """The restore cannot go ahead (target in the way, no such backup); nothing was changed."""
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    name: str
+    target: Path
+    files: int
+    bytes: int
+    seconds: float
+
+
+def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> RestoreResult:
+    """Restore one local backup into ``target`` (created; must be absent or empty unless ``overwrite``)."""
+    started = time.monotonic()
+    target = target.absolute()
+    _check_target(target, overwrite)
+    manifest = entry.manifest
+    actual, size = hash_file(entry.archive_path)
+    if actual != manifest.archive_sha256 or size != manifest.archive_bytes:
+        raise ArchiveError(f"archive {entry.archive_path} does not match its manifest's SHA-256: it is damaged; nothing was extracted")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restore-"))
+    try:
+        files = _extract(entry, staging)
+        _swap_into_place(staging, target, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    seconds = time.monotonic() - started
+    log.info("restored %s (%d files) into %s in %.1fs; every file matches the manifest", entry.name, files, target, seconds)
+    return RestoreResult(entry.name, target, files, manifest.total_bytes, seconds)
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise RestoreError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise RestoreError(f"{target} is not empty; choose an empty or new directory, or pass --force to replace it")
+
+
+def _extract(entry: BackupEntry, staging: Path) -> int:
+    digest = ArchiveDigest()
+    files = 0
+    with members(entry.archive_path, entry.manifest, digest) as found:
+        for record, data in found:
+            destination = staging / record.path
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            file_hash = hashlib.sha256()
+            with open(destination, "xb") as out:
+                while chunk := data.read(CHUNK_BYTES):
+                    file_hash.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if file_hash.hexdigest() != record.sha256:
+                raise ArchiveError(f"{record.path}: restored content does not match its SHA-256 in the manifest")
+            os.chmod(destination, record.mode & 0o755)  # no setuid/setgid/sticky, no world-writable
+            os.utime(destination, (record.mtime, record.mtime))
+            files += 1
+    if digest.sha256 != entry.manifest.archive_sha256:
+        raise ArchiveError("the archive changed while it was being restored")
+    for directory, _, _ in os.walk(staging):
+        fsync_dir(Path(directory))
+    return files
+
+
+def _swap_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished restore onto ``target``; an old non-empty target goes only if allowed."""
+    old: Path | None = None
+    if target.is_dir():
+        if any(target.iterdir()):
+            assert overwrite
+            old = target.with_name(f".{target.name}.replaced-{int(time.time())}")
+            os.rename(target, old)
+        else:
+            target.rmdir()
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
+        log.info("replaced the previous content of %s", target)
+
+
+@contextlib.contextmanager
+def entry_from_s3(location: S3Location, name: str, near: Path) -> Iterator[BackupEntry]:
+    """Download backup ``name`` (or ``latest``) from S3 into a temporary directory next to ``near``."""
+    store = OffsiteStore(location)
+    manifest: Manifest = store.manifest(name)
+    near.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(dir=near, prefix=".download-"))
+    try:
+        log.info("downloading %s (%d bytes) from %s", manifest.name, manifest.archive_bytes, location.url)
+        store.download(manifest, directory)
+        entry = Catalog.read(directory)
+        assert entry is not None  # the manifest was just downloaded
+        yield entry
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
