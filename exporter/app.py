@@ -1,0 +1,110 @@
+"""Assembles the exporter from its settings: backend, collectors, loop, snapshot, server."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+from exporter.backends import open_backend
+from exporter.backends.base import BackendUnavailable
+from exporter.backends.simulated import SimulatedBackend
+from exporter.backends.supervisor import BackendSupervisor
+from exporter.cli import ExporterSettings
+from exporter.collectors.artifacts import ArtifactsCollector
+from exporter.collectors.backups import BackupsCollector
+from exporter.collectors.base import Collector
+from exporter.collectors.gpu import GpuCollector
+from exporter.collectors.processes import ProcessesCollector
+from exporter.collectors.xid import XidCollector
+from exporter.loop import CollectionLoop
+from exporter.server import BasicAuth, ExporterServer, tls_context
+from exporter.snapshot import SnapshotStore
+from mlwarden import __version__
+
+log = logging.getLogger(__name__)
+
+
+class ExporterStartError(RuntimeError):
+    """The exporter cannot start (port taken, bad TLS files, NVML required but missing)."""
+
+
+def collectors_for(settings: ExporterSettings, supervisor: BackendSupervisor) -> list[Collector]:
+    timeout = settings.effective_timeout
+    chosen: list[Collector] = []
+    if settings.collector_gpu:
+        chosen.append(GpuCollector(supervisor, settings.interval, timeout))
+    if settings.collector_processes:
+        chosen.append(ProcessesCollector(supervisor, settings.interval, timeout, settings.max_processes))
+    if settings.collector_xid:
+        chosen.append(XidCollector(supervisor, settings.interval, timeout))
+    slow = settings.artifacts_interval
+    if settings.collector_backups and settings.backup_dir is not None:
+        chosen.append(BackupsCollector(settings.backup_dir, slow, slow))
+    if settings.collector_artifacts and settings.experiments_dir:
+        chosen.append(ArtifactsCollector(list(settings.experiments_dir), slow, slow))
+    return chosen
+
+
+class Exporter:
+    def __init__(
+        self,
+        supervisor: BackendSupervisor,
+        collectors: list[Collector],
+        address: tuple[str, int],
+        *,
+        max_concurrent_scrapes: int = 10,
+        auth: BasicAuth | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.supervisor = supervisor
+        self.collectors = collectors
+        self.store = SnapshotStore([(c.name, c.interval) for c in collectors], __version__)
+        self.loop = CollectionLoop(collectors, self.store)
+        backend = supervisor.backend
+        self.scheme = "https" if tls else "http"
+        try:
+            self.server = ExporterServer(
+                self.store, address, max_concurrent_scrapes=max_concurrent_scrapes, auth=auth, tls=tls,
+                simulator=backend if isinstance(backend, SimulatedBackend) else None,
+            )
+        except OSError as exc:
+            raise ExporterStartError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
+
+    @classmethod
+    def from_settings(cls, settings: ExporterSettings) -> Exporter:
+        backend = open_backend(settings.gpu_backend, settings.simulated_gpus, settings.simulated_processes)
+        supervisor = BackendSupervisor(backend)
+        if settings.gpu_backend == "nvml":
+            try:
+                backend.start()
+            except BackendUnavailable as exc:
+                raise ExporterStartError(f"{exc} (use --gpu-backend auto to serve mlwarden_nvml_up 0 instead)") from None
+            supervisor.available = True
+        tls = None
+        if settings.tls_cert_file and settings.tls_key_file:
+            try:
+                tls = tls_context(settings.tls_cert_file, settings.tls_key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ExporterStartError(f"cannot load the TLS certificate or key: {exc}") from None
+        auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_password) if settings.basic_auth_user else None
+        return cls(
+            supervisor,
+            collectors_for(settings, supervisor),
+            settings.listen_address,
+            max_concurrent_scrapes=settings.max_concurrent_scrapes,
+            auth=auth,
+            tls=tls,
+        )
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        self.loop.start()
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.loop.stop()
+        self.supervisor.backend.close()

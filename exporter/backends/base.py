@@ -1,0 +1,126 @@
+"""What every GPU backend returns: plain readings, and the one interface they implement.
+
+A reading of ``None`` means "not supported here" (or a sentinel value NVML uses for it):
+collectors omit that series instead of inventing a zero.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+THROTTLE_REASONS = (
+    "gpu_idle",
+    "applications_clocks_setting",
+    "sw_power_cap",
+    "hw_slowdown",
+    "sync_boost",
+    "sw_thermal_slowdown",
+    "hw_thermal_slowdown",
+    "hw_power_brake_slowdown",
+    "display_clock_setting",
+)
+ECC_ERROR_TYPES = ("corrected", "uncorrected")
+ECC_COUNTERS = ("volatile", "aggregate")
+RETIREMENT_CAUSES = ("single_bit_ecc", "double_bit_ecc")
+REMAPPED_ROW_STATES = ("correctable", "uncorrectable", "pending", "failure")
+
+
+class BackendUnavailable(RuntimeError):
+    """No GPU library or driver: the backend cannot read anything (yet)."""
+
+
+class GpuLost(RuntimeError):
+    """One GPU stopped answering (fell off the bus, timed out); the others may still work."""
+
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    identity: GpuIdentity
+    temperature_celsius: float | None = None
+    memory_temperature_celsius: float | None = None
+    utilization_ratio: float | None = None
+    memory_utilization_ratio: float | None = None
+    memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    power_watts: float | None = None
+    power_limit_watts: float | None = None
+    energy_joules: float | None = None
+    fan_speed_ratio: float | None = None
+    performance_state: int | None = None
+    sm_clock_hz: float | None = None
+    memory_clock_hz: float | None = None
+    throttle_reasons: dict[str, bool] | None = None  # reason -> active
+    ecc_errors: dict[tuple[str, str], int] = field(default_factory=dict)  # (error_type, counter) -> count
+    pcie_link_generation: int | None = None
+    pcie_link_width: int | None = None
+    retired_pages: dict[str, int] | None = None  # cause -> pages
+    remapped_rows: dict[str, int] | None = None  # state -> rows
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_memory_bytes: int | None
+    name: str = ""  # empty: look it up in /proc
+    user: str = ""
+    container: str = ""
+
+
+@dataclass(frozen=True)
+class XidEvent:
+    gpu: int
+    xid: int
+    timestamp: float
+
+
+class GpuBackend(abc.ABC):
+    """One source of GPU readings. Methods may block (NVML can hang); the loop bounds them."""
+
+    kind: str = ""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Initialise the library; raises BackendUnavailable when there is no library or driver."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def recover(self) -> None:
+        """Re-initialise after a lost GPU or a failure; raises BackendUnavailable if it cannot."""
+
+    @abc.abstractmethod
+    def driver_version(self) -> str: ...
+
+    @abc.abstractmethod
+    def cuda_version(self) -> str: ...
+
+    @abc.abstractmethod
+    def device_count(self) -> int: ...
+
+    @abc.abstractmethod
+    def identity(self, index: int) -> GpuIdentity:
+        """Raises GpuLost when the GPU does not answer."""
+
+    @abc.abstractmethod
+    def read(self, index: int) -> GpuReading:
+        """Raises GpuLost when the GPU does not answer."""
+
+    @abc.abstractmethod
+    def processes(self, index: int) -> list[GpuProcess]:
+        """Raises GpuLost when the GPU does not answer."""
+
+    @abc.abstractmethod
+    def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
+        """Block up to ``timeout_s`` for XID events; an empty list when none came."""

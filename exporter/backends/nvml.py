@@ -1,0 +1,320 @@
+"""The NVML backend, through nvidia-ml-py (``pynvml``).
+
+Every field is read on its own, so that one unsupported field (an NVML "not supported",
+"no permission", or one of NVML's sentinel values) omits one series and nothing else.
+Errors that say the GPU itself is in trouble (GPU is lost, timeout, unknown) raise
+:class:`GpuLost` for that GPU only; the exporter then re-initialises NVML with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pynvml
+
+from exporter.backends.base import (
+    ECC_COUNTERS,
+    ECC_ERROR_TYPES,
+    REMAPPED_ROW_STATES,
+    BackendUnavailable,
+    GpuBackend,
+    GpuIdentity,
+    GpuLost,
+    GpuProcess,
+    GpuReading,
+    XidEvent,
+)
+
+log = logging.getLogger(__name__)
+
+# NVML answers that mean "this field does not exist here": omit the series.
+_UNSUPPORTED = (
+    pynvml.NVMLError_NotSupported,
+    pynvml.NVMLError_NoPermission,
+    pynvml.NVMLError_FunctionNotFound,
+    pynvml.NVMLError_InvalidArgument,
+    pynvml.NVMLError_NotFound,
+)
+_U32_SENTINELS = {0xFFFFFFFF, 0xFFFFFFFE}
+# 2**64-1 is NVML's "not available"; values from 0x7FFFFFFFFFFFFFF0 up are the blank /
+# not-supported markers (e.g. 9223372036854775794) that DCGM-based tools leak.
+_U64_SENTINEL_FLOOR = 0x7FFFFFFFFFFFFFF0
+_PSTATE_UNKNOWN = 32
+
+_THROTTLE_BITS = {
+    "gpu_idle": 0x1,
+    "applications_clocks_setting": 0x2,
+    "sw_power_cap": 0x4,
+    "hw_slowdown": 0x8,
+    "sync_boost": 0x10,
+    "sw_thermal_slowdown": 0x20,
+    "hw_thermal_slowdown": 0x40,
+    "hw_power_brake_slowdown": 0x80,
+    "display_clock_setting": 0x100,
+}
+_ECC_TYPE = {"corrected": pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, "uncorrected": pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED}
+_ECC_COUNTER = {"volatile": pynvml.NVML_VOLATILE_ECC, "aggregate": pynvml.NVML_AGGREGATE_ECC}
+_RETIREMENT_CAUSE = {
+    "single_bit_ecc": pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
+    "double_bit_ecc": pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
+}
+_FIELD_VALUE_ATTR = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+def u32(value: Any) -> int | None:
+    """A 32-bit NVML value, or None when it is NVML's "not available" sentinel."""
+    if value is None or isinstance(value, str):
+        return None
+    value = int(value)
+    return None if value in _U32_SENTINELS or value < 0 else value
+
+
+def u64(value: Any) -> int | None:
+    """A 64-bit NVML value, or None when it is a sentinel."""
+    if value is None or isinstance(value, str):
+        return None
+    value = int(value)
+    return None if value >= _U64_SENTINEL_FLOOR or value < 0 else value
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _scaled(value: int | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+class NvmlBackend(GpuBackend):
+    kind = "nvml"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: dict[int, Any] = {}
+        self._identities: dict[int, GpuIdentity] = {}
+        self._driver = ""
+        self._cuda = ""
+        self._generation = 0  # bumped by every (re)initialisation; the XID listener follows it
+        self._event_set: Any = None
+        self._event_generation = -1
+
+    # lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            raise BackendUnavailable(f"NVML is not available: {exc}") from None
+        with self._lock:
+            self._handles.clear()
+            self._identities.clear()
+            self._generation += 1
+        self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
+        cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
+        self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
+
+    def close(self) -> None:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass  # not initialised, or already gone: nothing to release
+
+    def recover(self) -> None:
+        self.close()
+        self.start()
+
+    # system ----------------------------------------------------------------------------
+    def driver_version(self) -> str:
+        return self._driver
+
+    def cuda_version(self) -> str:
+        return self._cuda
+
+    def device_count(self) -> int:
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        except pynvml.NVMLError as exc:
+            raise BackendUnavailable(f"cannot count GPUs: {exc}") from None
+
+    # per GPU ---------------------------------------------------------------------------
+    def identity(self, index: int) -> GpuIdentity:
+        cached = self._identities.get(index)
+        if cached is not None:
+            return cached
+        handle = self._handle(index)
+        pci = self._call(pynvml.nvmlDeviceGetPciInfo, handle)
+        identity = GpuIdentity(
+            index=index,
+            uuid=_text(self._call(pynvml.nvmlDeviceGetUUID, handle) or ""),
+            name=_text(self._call(pynvml.nvmlDeviceGetName, handle) or ""),
+            pci_bus_id=_text(pci.busId) if pci is not None else "",
+        )
+        self._identities[index] = identity
+        return identity
+
+    def read(self, index: int) -> GpuReading:
+        handle = self._handle(index)
+        call = self._call
+        util = call(pynvml.nvmlDeviceGetUtilizationRates, handle)
+        memory = call(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2) or call(
+            pynvml.nvmlDeviceGetMemoryInfo, handle
+        )
+        pstate = u32(call(pynvml.nvmlDeviceGetPerformanceState, handle))
+        return GpuReading(
+            identity=self.identity(index),
+            temperature_celsius=u32(call(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
+            memory_temperature_celsius=self._field_value(handle, pynvml.NVML_FI_DEV_MEMORY_TEMP),
+            utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
+            memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
+            memory_used_bytes=u64(getattr(memory, "used", None)),
+            memory_free_bytes=u64(getattr(memory, "free", None)),
+            memory_total_bytes=u64(getattr(memory, "total", None)),
+            memory_reserved_bytes=u64(getattr(memory, "reserved", None)),
+            power_watts=_scaled(u32(call(pynvml.nvmlDeviceGetPowerUsage, handle)), 0.001),
+            power_limit_watts=_scaled(u32(call(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle)), 0.001),
+            energy_joules=_scaled(u64(call(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)), 0.001),
+            fan_speed_ratio=_scaled(u32(call(pynvml.nvmlDeviceGetFanSpeed, handle)), 0.01),
+            performance_state=None if pstate == _PSTATE_UNKNOWN else pstate,
+            sm_clock_hz=_scaled(u32(call(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM)), 1e6),
+            memory_clock_hz=_scaled(u32(call(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_MEM)), 1e6),
+            throttle_reasons=self._throttle_reasons(handle),
+            ecc_errors=self._ecc_errors(handle),
+            pcie_link_generation=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)),
+            pcie_link_width=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle)),
+            retired_pages=self._retired_pages(handle),
+            remapped_rows=self._remapped_rows(handle),
+        )
+
+    def processes(self, index: int) -> list[GpuProcess]:
+        handle = self._handle(index)
+        memory: dict[int, int | None] = {}
+        for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
+            for proc in self._call(getter, handle) or []:
+                used = u64(proc.usedGpuMemory)
+                previous = memory.get(proc.pid)
+                memory[proc.pid] = used if previous is None else max(previous, used or 0)
+        return [GpuProcess(pid=pid, used_memory_bytes=used) for pid, used in memory.items()]
+
+    # XID events ------------------------------------------------------------------------
+    def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
+        event_set = self._current_event_set()
+        if event_set is None:
+            time.sleep(timeout_s)
+            return []
+        try:
+            data = pynvml.nvmlEventSetWait(event_set, max(1, int(timeout_s * 1000)))
+        except pynvml.NVMLError_Timeout:
+            return []
+        except pynvml.NVMLError as exc:
+            log.debug("XID event wait failed (%s); the event set is rebuilt", exc)
+            self._event_generation = -1
+            time.sleep(timeout_s)
+            return []
+        if not data.eventType & pynvml.nvmlEventTypeXidCriticalError:
+            return []
+        try:
+            gpu = int(pynvml.nvmlDeviceGetIndex(data.device))
+        except pynvml.NVMLError:
+            return []
+        return [XidEvent(gpu=gpu, xid=int(data.eventData), timestamp=time.time())]
+
+    def _current_event_set(self) -> Any:
+        """The event set of the current NVML generation; None when no GPU supports XID events."""
+        if self._event_generation == self._generation:
+            return self._event_set
+        if self._event_set is not None:
+            try:
+                pynvml.nvmlEventSetFree(self._event_set)
+            except pynvml.NVMLError:
+                pass  # NVML was re-initialised underneath it; the set is gone either way
+        self._event_set = None
+        self._event_generation = self._generation
+        try:
+            event_set = pynvml.nvmlEventSetCreate()
+            registered = 0
+            for index in range(self.device_count()):
+                try:
+                    handle = self._handle(index)
+                    supported = pynvml.nvmlDeviceGetSupportedEventTypes(handle)
+                    if supported & pynvml.nvmlEventTypeXidCriticalError:
+                        pynvml.nvmlDeviceRegisterEvents(handle, pynvml.nvmlEventTypeXidCriticalError, event_set)
+                        registered += 1
+                except (pynvml.NVMLError, GpuLost) as exc:
+                    log.info("GPU %d: no XID events (%s)", index, exc)
+        except (pynvml.NVMLError, BackendUnavailable) as exc:
+            log.info("XID events unavailable: %s", exc)
+            return None
+        if registered:
+            self._event_set = event_set
+        else:
+            pynvml.nvmlEventSetFree(event_set)
+        return self._event_set
+
+    # helpers ---------------------------------------------------------------------------
+    def _handle(self, index: int) -> Any:
+        handle = self._handles.get(index)
+        if handle is None:
+            handle = self._call(pynvml.nvmlDeviceGetHandleByIndex, index)
+            if handle is None:
+                raise GpuLost(f"GPU {index}: no handle")
+            self._handles[index] = handle
+        return handle
+
+    @staticmethod
+    def _optional(fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except pynvml.NVMLError:
+            return None
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; None when NVML says the field is unsupported; GpuLost when the GPU is in trouble."""
+        try:
+            return fn(*args)
+        except _UNSUPPORTED:
+            return None
+        except pynvml.NVMLError as exc:
+            raise GpuLost(f"{fn.__name__}: {exc}") from None
+
+    def _field_value(self, handle: Any, field_id: int) -> float | None:
+        values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, [field_id])
+        if not values or values[0].nvmlReturn != pynvml.NVML_SUCCESS:
+            return None
+        attr = _FIELD_VALUE_ATTR.get(values[0].valueType)
+        return None if attr is None else u32(getattr(values[0].value, attr))
+
+    def _throttle_reasons(self, handle: Any) -> dict[str, bool] | None:
+        mask = self._call(pynvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
+        if mask is None:
+            mask = self._call(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle)
+        mask = u64(mask)
+        if mask is None:
+            return None
+        return {reason: bool(mask & bit) for reason, bit in _THROTTLE_BITS.items()}
+
+    def _ecc_errors(self, handle: Any) -> dict[tuple[str, str], int]:
+        result = {}
+        for error_type in ECC_ERROR_TYPES:
+            for counter in ECC_COUNTERS:
+                value = u64(self._call(pynvml.nvmlDeviceGetTotalEccErrors, handle, _ECC_TYPE[error_type], _ECC_COUNTER[counter]))
+                if value is not None:
+                    result[(error_type, counter)] = value
+        return result
+
+    def _retired_pages(self, handle: Any) -> dict[str, int] | None:
+        result = {}
+        for cause, code in _RETIREMENT_CAUSE.items():
+            pages = self._call(pynvml.nvmlDeviceGetRetiredPages, handle, code)
+            if pages is not None:
+                result[cause] = len(pages)
+        return result or None
+
+    def _remapped_rows(self, handle: Any) -> dict[str, int] | None:
+        rows = self._call(pynvml.nvmlDeviceGetRemappedRows, handle)
+        if rows is None:
+            return None
+        return {state: int(count) for state, count in zip(REMAPPED_ROW_STATES, rows)}

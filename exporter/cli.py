@@ -1,0 +1,103 @@
+"""``mlwarden exporter``: its settings and its command."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from mlwarden.command import Command
+from mlwarden.exitcodes import ExitCode
+from mlwarden.settings import in_range, parse_duration, parse_listen_address, positive, setting
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExporterSettings:
+    listen_address: tuple[str, int] = setting(
+        ("127.0.0.1", 9945), parse=parse_listen_address, metavar="HOST:PORT",
+        help="address to serve /metrics and /healthz on (`:9945` for every interface)",
+    )
+    gpu_backend: str = setting(
+        "auto", choices=("auto", "nvml", "simulated"),
+        help="where GPU readings come from: `auto` reads NVML and serves mlwarden_nvml_up 0 without a driver; "
+        "`nvml` exits 1 when NVML cannot start; `simulated` invents GPUs (demo, tests)",
+    )
+    simulated_gpus: int = setting(2, parse=in_range(int, 1, 1024), help="number of GPUs the simulated backend shows")
+    simulated_processes: int = setting(3, parse=in_range(int, 0, 1000), help="processes per simulated GPU")
+    interval: float = setting(
+        5.0, parse=in_range(parse_duration, 0.1, 3600), metavar="DURATION",
+        help="how often GPUs, processes and XID counts are collected (1s is fine on a busy machine)",
+    )
+    collection_timeout: float | None = setting(
+        None, parse=positive(parse_duration), metavar="DURATION",
+        help="a GPU pass running longer than this is stale: its series are dropped until it returns (default: the interval)",
+    )
+    backup_dir: Path | None = setting(None, env=("BACKUP_DIR",), help="backup directory whose catalog the backups collector reads")
+    experiments_dir: list[Path] = setting(
+        default_factory=list, env=("EXPERIMENTS_DIR",), metavar="DIR",
+        help="experiments/artifact directory measured by the artifacts collector",
+    )
+    artifacts_interval: float = setting(
+        60.0, parse=in_range(parse_duration, 0.1, 86400), metavar="DURATION",
+        help="how often the backups and artifacts collectors run (walking big trees is slow)",
+    )
+    max_processes: int = setting(32, parse=in_range(int, 0, 10000), help="most processes exported per GPU (the largest memory users); bounds series count")
+    collector_gpu: bool = setting(True, help="enable the gpu collector")
+    collector_processes: bool = setting(True, help="enable the processes collector")
+    collector_xid: bool = setting(True, help="enable the xid collector")
+    collector_backups: bool = setting(True, help="enable the backups collector (runs when --backup-dir is set)")
+    collector_artifacts: bool = setting(True, help="enable the artifacts collector (runs when --experiments-dir is set)")
+    max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrapes served at once; more wait up to 1 s, then get 503")
+    tls_cert_file: Path | None = setting(None, help="serve HTTPS with this certificate (PEM); needs --tls-key-file")
+    tls_key_file: Path | None = setting(None, help="private key (PEM) for --tls-cert-file")
+    basic_auth_user: str = setting("", help="require HTTP basic auth with this user name for /metrics")
+    basic_auth_password: str = setting("", secret=True, help="password for --basic-auth-user")
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together: set both or neither")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_password):
+            raise ValueError(
+                "--basic-auth-user and MLWARDEN_EXPORTER_BASIC_AUTH_PASSWORD go together: set both or neither"
+            )
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+
+    @property
+    def effective_timeout(self) -> float:
+        return self.collection_timeout or self.interval
+
+
+def run(settings: ExporterSettings) -> int:
+    from exporter.app import Exporter, ExporterStartError
+
+    try:
+        exporter = Exporter.from_settings(settings)
+    except ExporterStartError as exc:
+        log.error("%s", exc)
+        return ExitCode.FAILURE
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    exporter.start()
+    host, port = settings.listen_address
+    log.info("serving %s://%s:%d/metrics (%s backend)", exporter.scheme, host, exporter.port, settings.gpu_backend)
+    stop.wait()
+    log.info("stopping")
+    exporter.stop()
+    return ExitCode.OK
+
+
+COMMAND = Command(
+    "exporter",
+    "serve GPU, backup and artifact metrics for Prometheus",
+    settings=ExporterSettings,
+    run=run,
+    description="Serve GPU health (NVML), backup catalog state and artifact directory sizes on /metrics. "
+    "Collection runs in the background; a scrape returns the latest snapshot.",
+)

@@ -1,0 +1,1 @@
+"""One collector per file: gpu, processes, xid, backups, artifacts."""

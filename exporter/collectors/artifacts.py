@@ -1,0 +1,71 @@
+"""The ``artifacts`` collector: size and file count of each experiments directory, and its
+filesystem's free and total bytes.
+
+Walking a large tree is slow, so it runs at its own, slower interval in its own thread;
+a scrape only ever sees the last finished walk. Symlinks are not followed (a link to
+``/`` must not make the walk endless or count the same bytes twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from prometheus_client.core import GaugeMetricFamily
+
+from exporter.collectors.base import Collected, Collector
+
+log = logging.getLogger(__name__)
+
+
+def tree_usage(root: Path) -> tuple[int, int]:
+    """(bytes, regular files) under ``root``; unreadable subdirectories are skipped."""
+    total = files = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                            files += 1
+                    except OSError:
+                        continue  # vanished while we walked
+        except OSError:
+            continue
+    return total, files
+
+
+class ArtifactsCollector(Collector):
+    name = "artifacts"
+
+    def __init__(self, directories: list[Path], interval: float, timeout: float) -> None:
+        self.directories = directories
+        self.interval = interval
+        self.timeout = timeout
+
+    def collect(self) -> Collected:
+        labels = ["directory"]
+        size = GaugeMetricFamily("mlwarden_artifacts_size_bytes", "Bytes of regular files under the directory (symlinks not followed).", labels=labels)
+        files = GaugeMetricFamily("mlwarden_artifacts_files", "Regular files under the directory.", labels=labels)
+        free = GaugeMetricFamily("mlwarden_artifacts_filesystem_free_bytes", "Bytes available to unprivileged users on the directory's filesystem.", labels=labels)
+        fs_size = GaugeMetricFamily("mlwarden_artifacts_filesystem_size_bytes", "Size of the directory's filesystem, in bytes.", labels=labels)
+        success = True
+        for directory in self.directories:
+            try:
+                stats = os.statvfs(directory)
+            except OSError as exc:
+                log.warning("artifacts directory %s: %s", directory, exc.strerror)
+                success = False
+                continue
+            used, count = tree_usage(directory)
+            label = [str(directory)]
+            size.add_metric(label, used)
+            files.add_metric(label, count)
+            free.add_metric(label, stats.f_bavail * stats.f_frsize)
+            fs_size.add_metric(label, stats.f_blocks * stats.f_frsize)
+        return Collected([size, files, free, fs_size], success=success)

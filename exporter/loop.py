@@ -1,0 +1,88 @@
+"""Background collection: one thread per collector, plus a watchdog for hung passes.
+
+Each collector runs in its own thread at its own interval and publishes into the
+:class:`SnapshotStore`. A pass that overruns its timeout (an NVML call that hangs) is
+marked stale by the watchdog: its series disappear from the snapshot and its success is 0,
+while scrapes keep answering from memory. The hung thread is not abandoned and no second
+thread is started for that collector, so hung calls cannot pile up; when the call returns,
+the collector carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from exporter.collectors.base import Collected, Collector
+from exporter.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+class _Runner:
+    def __init__(self, collector: Collector, store: SnapshotStore, stop: threading.Event) -> None:
+        self.collector = collector
+        self._store = store
+        self._stop = stop
+        self.pass_started: float | None = None  # monotonic start of the pass in progress
+        self.marked_stale = False
+        self.thread = threading.Thread(target=self._run, name=f"collector-{collector.name}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.pass_started = started
+            collected = self._collect_once()
+            duration = time.monotonic() - started
+            self.pass_started = None
+            if self.marked_stale:
+                log.info("collector %s answered again after %.1fs", self.collector.name, duration)
+                self.marked_stale = False
+            self._store.publish(self.collector.name, collected, duration)
+            # Fixed rate: the next pass starts one interval after this one started.
+            self._stop.wait(max(0.0, self.collector.interval - duration))
+
+    def _collect_once(self) -> Collected:
+        try:
+            return self.collector.collect()
+        except Exception:  # noqa: BLE001 - one broken collector must not stop the others
+            log.exception("collector %s failed", self.collector.name)
+            return Collected(success=False)
+
+    def check_overdue(self, now: float) -> None:
+        started = self.pass_started
+        if started is not None and not self.marked_stale and now - started > self.collector.timeout:
+            self.marked_stale = True
+            log.warning("collector %s has not finished after %.1fs; its data is stale", self.collector.name, now - started)
+            self._store.mark_stale(self.collector.name)
+
+
+class CollectionLoop:
+    def __init__(self, collectors: Sequence[Collector], store: SnapshotStore, watchdog_period: float = 0.2) -> None:
+        self._stop = threading.Event()
+        self._runners = [_Runner(c, store, self._stop) for c in collectors]
+        self._watchdog_period = watchdog_period
+        self._watchdog = threading.Thread(target=self._watch, name="collector-watchdog", daemon=True)
+
+    def start(self) -> None:
+        for runner in self._runners:
+            runner.collector.start()
+            runner.thread.start()
+        self._watchdog.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop scheduling passes; a pass stuck in a hung call is left to die with the process."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for runner in self._runners:
+            runner.collector.stop()
+            runner.thread.join(max(0.0, deadline - time.monotonic()))
+        self._watchdog.join(timeout=1.0)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._watchdog_period):
+            now = time.monotonic()
+            for runner in self._runners:
+                runner.check_overdue(now)
