@@ -1,0 +1,202 @@
+"""The relay's HTTP face (FastAPI): the Alertmanager webhook, health, metrics and read-only views.
+
+``POST /webhook/alertmanager`` answers 200 only after the payload, its state changes and its
+delivery jobs are committed; 503 when the store cannot commit (Alertmanager retries 5xx
+only); 400 for a payload it cannot use (kept in a dead-letter table); 401 and 413 for a
+bad token and an oversized body. Background tasks drain the outbox, watch the heartbeat
+and prune old records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay import intake, payload, watchdog
+from relay.auth import Credentials
+from relay.config import RelayConfig
+from relay.dedup import notification_digest
+from relay.metrics import RelayMetrics
+from relay.notifiers import notifier_for
+from relay.notifiers.base import Notifier
+from relay.outbox import Outbox
+from relay.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhook/alertmanager"
+WATCHDOG_TICK_SECONDS = 1.0
+PRUNE_EVERY_SECONDS = 3600.0
+
+
+@dataclass
+class Relay:
+    """Everything one relay process holds; built by the CLI, or by tests with fakes."""
+
+    config: RelayConfig
+    store: Store
+    credentials: Credentials
+    max_body_bytes: int = 1024 * 1024
+    workers: int = 4
+    clock: Callable[[], float] = time.time
+    metrics: RelayMetrics = field(default_factory=RelayMetrics)
+    http: httpx.AsyncClient | None = None
+    outbox: Outbox | None = None
+
+    def start_outbox(self) -> Outbox:
+        self.http = httpx.AsyncClient(timeout=self.config.delivery.timeout)
+        notifiers: dict[str, Notifier] = {
+            name: notifier_for(d, self.http, self.config.delivery.max_alerts_per_message)
+            for name, d in self.config.destinations.items()
+        }
+        self.outbox = Outbox(
+            self.store, self.config.destinations, notifiers, self.config.delivery, self.metrics,
+            clock=self.clock, workers=self.workers,
+        )
+        return self.outbox
+
+
+def create_app(relay: Relay, background: bool = True) -> FastAPI:
+    """The ASGI app. ``background=False`` leaves the outbox and watchdog to the caller (tests)."""
+    relay.metrics.watch_store(relay.store, relay.config.watchdog, relay.clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        outbox = relay.start_outbox()
+        tasks = []
+        if background:
+            tasks = [asyncio.create_task(outbox.run()), asyncio.create_task(_maintenance(relay))]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await outbox.drain()
+        if relay.http is not None:
+            await relay.http.aclose()
+
+    app = FastAPI(title="mlwarden relay", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def unauthorized() -> JSONResponse:
+        return JSONResponse({"error": "missing or wrong credentials"}, status_code=401,
+                            headers={"WWW-Authenticate": 'Bearer realm="mlwarden-relay"'})
+
+    @app.post(WEBHOOK_PATH)
+    async def webhook(request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            relay.metrics.webhooks.labels("unauthorized").inc()
+            return unauthorized()
+        body = await _read_body(request, relay.max_body_bytes)
+        if body is None:
+            relay.metrics.webhooks.labels("too_large").inc()
+            return JSONResponse({"error": f"body larger than {relay.max_body_bytes} bytes"}, status_code=413)
+        return _accept(relay, body)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        try:
+            relay.store.ping()
+        except StoreError as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/v1/state")
+    async def state(request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        return JSONResponse({"keys": [s.to_dict() for s in relay.store.key_states()]})
+
+    @app.get("/api/v1/outbox")
+    async def outbox(request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        depth, oldest = relay.store.outbox_stats()
+        return JSONResponse({"depth": depth, "oldest_created_at": oldest,
+                             "jobs": [j.to_dict() for j in relay.store.jobs()]})
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed ``limit`` (never buffering more)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _accept(relay: Relay, body: bytes) -> Response:
+    now = relay.clock()
+    try:
+        notification = payload.parse(body)
+    except payload.PayloadError as exc:
+        relay.metrics.webhooks.labels("invalid").inc()
+        relay.metrics.dead_letters.labels("invalid_payload").inc()
+        try:
+            relay.store.dead_letter_payload(body, str(exc), now)
+        except StoreError as store_exc:
+            log.error("cannot keep an invalid payload: %s", store_exc)
+        log.warning("rejected webhook payload: %s", exc)
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    try:
+        result = relay.store.intake(
+            notification_digest(notification), body, intake.keys_of(notification, relay.config), now,
+            relay.config.dedup_window, lambda states: intake.plan(notification, states, now, relay.config),
+        )
+    except StoreError as exc:
+        relay.metrics.webhooks.labels("unavailable").inc()
+        log.error("cannot store webhook, answering 503 so Alertmanager retries: %s", exc)
+        return JSONResponse({"error": "state store unavailable, retry later"}, status_code=503)
+    if result is None:
+        relay.metrics.webhooks.labels("duplicate").inc()
+        return JSONResponse({"status": "duplicate"})
+    relay.metrics.webhooks.labels("accepted").inc()
+    for alert in notification.alerts:
+        relay.metrics.alerts.labels(alert.status).inc()
+    for decision in result.decisions:
+        if decision.action == "suppress":
+            relay.metrics.suppressed.labels(decision.severity).inc()
+        if decision.escalated:
+            relay.metrics.escalations.labels(decision.severity).inc()
+    if relay.outbox is not None and result.jobs:
+        relay.outbox.wake()
+    return JSONResponse({"status": "accepted", "jobs": len(result.jobs)})
+
+
+async def _maintenance(relay: Relay) -> None:
+    """Watch the heartbeat every second; prune old digests and payloads every hour."""
+    last_prune = 0.0
+    while True:
+        now = relay.clock()
+        try:
+            if relay.config.watchdog is not None:
+                watchdog.check(relay.store, relay.config.watchdog, now)
+                if relay.outbox is not None:
+                    relay.outbox.wake()
+            if now - last_prune >= PRUNE_EVERY_SECONDS:
+                relay.store.prune(now)
+                last_prune = now
+        except StoreError as exc:
+            log.error("maintenance: %s", exc)
+        await asyncio.sleep(WATCHDOG_TICK_SECONDS)

@@ -1,0 +1,99 @@
+"""``mlwarden relay``: settings, and running the app under uvicorn."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from mlwarden.command import Command
+from mlwarden.exitcodes import ExitCode
+from mlwarden.settings import in_range, parse_duration, parse_listen_address, parse_size, positive, setting
+from relay import config as relay_config
+from relay.app import Relay, create_app
+from relay.auth import Credentials
+from relay.store import StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_URL = "sqlite:///var/lib/mlwarden/relay.db"
+
+
+def _parse_state_url(text: str) -> str:
+    if not text.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
+        raise ValueError("expected sqlite:///path/relay.db or redis://host:port/db")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaySettings:
+    config: Path = setting(Path("/etc/mlwarden/relay.yml"), help="relay.yml: destinations, routes, cooldown, escalation, watchdog")
+    listen_address: tuple[str, int] = setting(
+        ("127.0.0.1", 9946), help="address to serve the webhook, health and metrics on", parse=parse_listen_address
+    )
+    state_url: str = setting(
+        DEFAULT_STATE_URL, help="state store: sqlite:///path/relay.db (one relay) or redis://host:port/db (replicas)",
+        parse=_parse_state_url,
+    )
+    token: str = setting("", help="bearer token Alertmanager must send", secret=True)
+    basic_auth_user: str = setting("", help="user name for HTTP basic authentication (instead of or besides the token)")
+    basic_auth_password: str = setting("", help="password for HTTP basic authentication", secret=True)
+    max_body_bytes: int = setting(1024 * 1024, help="largest webhook body accepted (413 above)", parse=positive(parse_size))
+    workers: int = setting(4, help="deliveries in flight at once", parse=in_range(int, 1, 64))
+    alert_cooldown: float | None = setting(
+        None, help="cooldown for every severity, replacing the built-in defaults (routes may still override)",
+        env=("ALERT_COOLDOWN",), parse=positive(parse_duration),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.token and not self.basic_auth_password:
+            raise ValueError(
+                "MLWARDEN_RELAY_TOKEN (or _FILE) or MLWARDEN_RELAY_BASIC_AUTH_PASSWORD is required: "
+                "the webhook never runs unauthenticated"
+            )
+        if self.basic_auth_password and not self.basic_auth_user:
+            raise ValueError("--basic-auth-user is required with MLWARDEN_RELAY_BASIC_AUTH_PASSWORD")
+
+
+def run(settings: RelaySettings) -> int:
+    try:
+        config = relay_config.load(settings.config, os.environ, settings.alert_cooldown)
+    except relay_config.ConfigError as exc:
+        log.error("%s", exc)
+        return ExitCode.USAGE
+    try:
+        store = open_store(settings.state_url)
+    except (StoreError, ValueError) as exc:
+        log.error("%s", exc)
+        return ExitCode.FAILURE
+    relay = Relay(
+        config=config,
+        store=store,
+        credentials=Credentials(settings.token, settings.basic_auth_user, settings.basic_auth_password),
+        max_body_bytes=settings.max_body_bytes,
+        workers=settings.workers,
+    )
+    host, port = settings.listen_address
+    log.info("relay listening on %s:%d, state %s, %d destination(s), %d route(s)",
+             host, port, settings.state_url.split("@")[-1], len(config.destinations), len(config.routes))
+    try:
+        uvicorn.run(create_app(relay), host=host, port=port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=10)
+    finally:
+        store.close()
+    return ExitCode.OK
+
+
+COMMAND = Command(
+    "relay",
+    "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty",
+    settings=RelaySettings,
+    run=run,
+    description=(
+        "Receives Alertmanager webhooks on POST /webhook/alertmanager, applies per-key cooldown and "
+        "escalation, and delivers to Slack and PagerDuty through a durable outbox."
+    ),
+)

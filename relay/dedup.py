@@ -1,0 +1,21 @@
+"""Inbound dedup: an HA Alertmanager cluster sends the same notification from each peer.
+
+Two deliveries are the same notification when receiver, group key, status and the set of
+(alert fingerprint, alert status) agree. The store remembers the digest for a window and
+acknowledges a repeat without processing it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from relay.payload import Notification
+
+
+def notification_digest(notification: Notification) -> str:
+    alerts = sorted((a.fingerprint, a.status) for a in notification.alerts)
+    canonical = json.dumps(
+        [notification.receiver, notification.group_key, notification.status, alerts], ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,67 @@
+"""From one parsed webhook to state changes and delivery jobs: a pure plan, no I/O.
+
+The store runs :func:`plan` inside its intake transaction with the current states of the
+notification's keys, so the relay acknowledges a webhook only once the plan is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from relay.config import RelayConfig
+from relay.notice import FIRING, RESOLVED, Notice
+from relay.payload import Alert, Notification
+from relay.policy import Decision, KeyState, alert_key, decide
+from relay.store.base import IntakeResult, Job
+
+
+def is_heartbeat(alert: Alert, config: RelayConfig) -> bool:
+    return config.watchdog is not None and alert.labels.get("alertname") == config.watchdog.alertname
+
+
+def keys_of(notification: Notification, config: RelayConfig) -> list[str]:
+    """The keys whose state :func:`plan` needs."""
+    keys = []
+    for alert in notification.alerts:
+        route = config.route_for(alert.labels)
+        if route is not None and not is_heartbeat(alert, config):
+            keys.append(alert_key(alert, route))
+    return keys
+
+
+def plan(notification: Notification, states: Mapping[str, KeyState], now: float, config: RelayConfig) -> IntakeResult:
+    current: dict[str, KeyState | None] = dict(states)
+    changed: dict[str, KeyState | None] = {}
+    jobs: list[Job] = []
+    decisions: list[Decision] = []
+    heartbeat = False
+    for alert in notification.alerts:
+        if is_heartbeat(alert, config):
+            heartbeat = heartbeat or alert.status == "firing"
+            continue
+        route = config.route_for(alert.labels)
+        if route is None:
+            continue  # no route matches: nobody asked for it
+        key = alert_key(alert, route)
+        decision = decide(current.get(key), alert, key, now, route, config.default_severity)
+        current[key] = changed[key] = decision.state
+        decisions.append(decision)
+        notice = _notice(alert, key, decision, notification.notification_reason)
+        jobs += [Job(destination, notice, created_at=now, due_at=now) for destination in decision.destinations]
+    return IntakeResult(states=changed, jobs=jobs, heartbeat=heartbeat, decisions=decisions)
+
+
+def _notice(alert: Alert, key: str, decision: Decision, reason: str) -> Notice:
+    return Notice(
+        kind=RESOLVED if decision.action == "resolve" else FIRING,
+        key=key,
+        alertname=alert.labels.get("alertname", "alert"),
+        severity=decision.severity,
+        level=decision.level,
+        labels=alert.labels,
+        annotations=alert.annotations,
+        starts_at=alert.starts_at,
+        generator_url=alert.generator_url,
+        occurrences=len(decision.state.occurrences) if decision.state else 0,
+        reason=reason,
+    )

@@ -1,0 +1,52 @@
+"""What a person is told: one alert (or pipeline event) as it goes to a destination.
+
+A :class:`Notice` is stored with its delivery job, so a job can be delivered after a restart
+without the original payload, and the notifiers render it without knowing about policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FIRING = "firing"
+RESOLVED = "resolved"
+PIPELINE_DOWN = "pipeline_down"
+PIPELINE_UP = "pipeline_up"
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: str  # FIRING | RESOLVED | PIPELINE_DOWN | PIPELINE_UP
+    key: str
+    alertname: str
+    severity: str
+    level: int = 0  # escalation level
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    starts_at: str = ""
+    generator_url: str = ""
+    occurrences: int = 0
+    reason: str = ""  # Alertmanager's notification_reason, when it sends one
+
+    @property
+    def instance(self) -> str:
+        return self.labels.get("instance", "")
+
+    @property
+    def gpu(self) -> str:
+        return self.labels.get("gpu", "")
+
+    @property
+    def summary(self) -> str:
+        return self.annotations.get("summary") or self.annotations.get("description") or self.alertname
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"], data["annotations"] = dict(self.labels), dict(self.annotations)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Notice:
+        return cls(**data)

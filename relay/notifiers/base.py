@@ -1,0 +1,71 @@
+"""The notifier interface: send notices, or raise :class:`DeliveryError` saying whether a retry can help.
+
+Retry, backoff and rate limiting live once, in :mod:`relay.outbox`; a notifier only renders
+and sends, and classifies what went wrong (like Alertmanager's ``notify.Notifier``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import httpx
+
+from relay.notice import Notice
+
+
+class DeliveryError(Exception):
+    """A failed delivery. ``retryable``: a later try may work; ``retry_after``: seconds the service asked for."""
+
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class Notifier(ABC):
+    integration: str
+    max_batch: int = 1  # how many notices one send() may carry
+
+    @abstractmethod
+    async def send(self, notices: Sequence[Notice]) -> None:
+        """Deliver ``notices`` as one request; raise DeliveryError on failure."""
+
+
+async def post_json(client: httpx.AsyncClient, url: str, body: dict[str, object], service: str) -> httpx.Response:
+    """POST ``body``; return a 2xx response or raise a classified DeliveryError (never naming the URL)."""
+    try:
+        response = await client.post(url, json=body)
+    except httpx.TimeoutException:
+        raise DeliveryError(f"{service}: timed out", retryable=True) from None
+    except httpx.TransportError as exc:
+        raise DeliveryError(f"{service}: connection failed ({type(exc).__name__})", retryable=True) from None
+    if response.is_success:
+        return response
+    detail = response.text[:200].replace("\n", " ")
+    message = f"{service}: HTTP {response.status_code} {detail}".strip()
+    if response.status_code == 429:
+        raise DeliveryError(message, retryable=True, retry_after=retry_after(response.headers.get("retry-after")))
+    # 408 and 5xx are the service's trouble, not the request's; other 4xx will not get better.
+    retryable = response.status_code == 408 or response.status_code >= 500
+    raise DeliveryError(message, retryable=retryable, retry_after=retry_after(response.headers.get("retry-after")))
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,87 @@
+"""Slack incoming webhooks, Block Kit: one message for one or many (coalesced) notices.
+
+Limits from Slack's documentation: section text at most 3,000 characters, at most 50 blocks
+per message, header text at most 150 characters. The webhook URL is the secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+
+from relay.config import Destination
+from relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
+from relay.notifiers.base import Notifier, post_json, truncate
+
+SECTION_TEXT_LIMIT = 3000
+HEADER_TEXT_LIMIT = 150
+MAX_BLOCKS = 50
+_ICON = {FIRING: ":rotating_light:", RESOLVED: ":white_check_mark:", PIPELINE_DOWN: ":warning:", PIPELINE_UP: ":white_check_mark:"}
+
+
+class SlackNotifier(Notifier):
+    integration = "slack"
+
+    def __init__(self, destination: Destination, client: httpx.AsyncClient, max_alerts_per_message: int) -> None:
+        self._url = destination.url
+        self._client = client
+        self.max_batch = min(max_alerts_per_message, MAX_BLOCKS - 2)  # room for header and footer
+
+    async def send(self, notices: Sequence[Notice]) -> None:
+        await post_json(self._client, self._url, message(notices), "Slack")
+
+
+def message(notices: Sequence[Notice]) -> dict[str, object]:
+    """The Block Kit message for ``notices``: a header, one section per notice, a footer."""
+    title = headline(notices[0]) if len(notices) == 1 else _batch_title(notices)
+    blocks: list[dict[str, object]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": truncate(title, HEADER_TEXT_LIMIT)}}
+    ]
+    blocks += [
+        {"type": "section", "text": {"type": "mrkdwn", "text": truncate(section_text(n), SECTION_TEXT_LIMIT)}}
+        for n in notices[: MAX_BLOCKS - 2]
+    ]
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": "sent by mlwarden relay"}]})
+    return {"text": truncate(title, SECTION_TEXT_LIMIT), "blocks": blocks}
+
+
+def headline(notice: Notice) -> str:
+    where = " ".join(p for p in (notice.instance, f"GPU {notice.gpu}" if notice.gpu else "") if p)
+    if notice.kind == PIPELINE_DOWN:
+        return "Alerting pipeline DOWN: no Watchdog heartbeat"
+    if notice.kind == PIPELINE_UP:
+        return "Alerting pipeline recovered: Watchdog heartbeat is back"
+    state = "RESOLVED" if notice.kind == RESOLVED else notice.severity.upper()
+    return f"[{state}] {notice.alertname}" + (f" on {where}" if where else "")
+
+
+def section_text(notice: Notice) -> str:
+    lines = [f"{_ICON.get(notice.kind, '')} *{_escape(headline(notice))}*"]
+    if notice.kind in (FIRING, RESOLVED):
+        facts = [f"*Severity:* {_escape(notice.severity)}", f"*Escalation level:* {notice.level}"]
+        if notice.instance:
+            facts.append(f"*Machine:* {_escape(notice.instance)}")
+        if notice.gpu:
+            facts.append(f"*GPU:* {_escape(notice.gpu)}")
+        if notice.occurrences > 1:
+            facts.append(f"*Seen:* {notice.occurrences}x")
+        lines.append("  ".join(facts))
+        lines.append(_escape(notice.summary))
+        if notice.annotations.get("description") and notice.annotations.get("summary"):
+            lines.append(_escape(notice.annotations["description"]))
+        if notice.generator_url.startswith(("http://", "https://")):
+            lines.append(f"<{_escape(notice.generator_url)}|source>")
+    return "\n".join(lines)
+
+
+def _batch_title(notices: Sequence[Notice]) -> str:
+    firing = sum(1 for n in notices if n.kind == FIRING)
+    resolved = sum(1 for n in notices if n.kind == RESOLVED)
+    parts = [f"{firing} firing" if firing else "", f"{resolved} resolved" if resolved else ""]
+    return f"{len(notices)} alerts: " + ", ".join(p for p in parts if p) if any(parts) else f"{len(notices)} notices"
+
+
+def _escape(text: str) -> str:
+    # Slack's mrkdwn treats these three as control characters.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

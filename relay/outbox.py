@@ -1,0 +1,149 @@
+"""Drain the durable outbox: per-destination rate limits, coalescing, retry with backoff, dead letters.
+
+One dispatcher pass looks at every destination that has no delivery in flight and whose
+rate limit allows a message now, claims up to the notifier's batch size of due jobs (for
+Slack that coalesces everything that queued up into one message) and sends them. A
+retryable failure reschedules the jobs with exponential backoff and jitter, or after the
+service's Retry-After (which also holds back the whole destination); a permanent failure or
+the last allowed attempt dead-letters them. Time and randomness are injected so tests run
+a storm without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from relay.config import Delivery, Destination
+from relay.metrics import RelayMetrics
+from relay.notifiers.base import DeliveryError, Notifier
+from relay.store.base import Job, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class RateLimit:
+    """At most ``rate_per_second`` messages per second to one destination, no bursts."""
+
+    def __init__(self, rate_per_second: float) -> None:
+        self.interval = 1.0 / rate_per_second
+        self.next_at = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def spend(self, now: float) -> None:
+        self.next_at = max(self.next_at, now) + self.interval
+
+    def hold_until(self, when: float) -> None:
+        self.next_at = max(self.next_at, when)
+
+
+def backoff(attempt: int, delivery: Delivery, rand: Callable[[], float]) -> float:
+    """Delay before try ``attempt + 1``: doubling from backoff_initial, capped, with "equal jitter"."""
+    delay = min(delivery.backoff_max, delivery.backoff_initial * 2 ** (attempt - 1))
+    return delay / 2 + rand() * delay / 2
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        destinations: Mapping[str, Destination],
+        notifiers: Mapping[str, Notifier],
+        delivery: Delivery,
+        metrics: RelayMetrics,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        workers: int = 4,
+    ) -> None:
+        self._store = store
+        self._destinations = destinations
+        self._notifiers = notifiers
+        self._delivery = delivery
+        self._metrics = metrics
+        self._clock = clock
+        self._rand = rand
+        self._limits = {name: RateLimit(d.rate_per_second) for name, d in destinations.items()}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(workers)
+        self._wake = asyncio.Event()
+        # A claim lasts past the delivery's own timeout, so only a dead worker's jobs come back.
+        self._lease = delivery.timeout * 3 + 30
+
+    def wake(self) -> None:
+        """New jobs are queued: look now instead of at the next tick."""
+        self._wake.set()
+
+    def dispatch(self) -> list[asyncio.Task[None]]:
+        """Start one delivery per destination that may send now and has due jobs."""
+        started = []
+        now = self._clock()
+        for name, notifier in self._notifiers.items():
+            if name in self._in_flight or not self._limits[name].ready(now):
+                continue
+            jobs = self._store.claim(name, now, notifier.max_batch, self._lease)
+            if not jobs:
+                continue
+            self._limits[name].spend(now)
+            task = asyncio.create_task(self._deliver(name, notifier, jobs))
+            self._in_flight[name] = task
+            task.add_done_callback(lambda _, name=name: self._in_flight.pop(name, None))
+            started.append(task)
+        return started
+
+    async def run_once(self) -> int:
+        """One dispatcher pass, waiting for its deliveries; returns how many messages were attempted."""
+        tasks = self.dispatch()
+        await asyncio.gather(*tasks)
+        return len(tasks)
+
+    async def run(self, tick: float = 0.2) -> None:
+        while True:
+            try:
+                self.dispatch()
+            except StoreError as exc:
+                log.error("outbox: cannot claim jobs: %s", exc)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=tick)
+            except TimeoutError:
+                pass
+
+    async def drain(self) -> None:
+        """Let deliveries in flight finish (shutdown)."""
+        await asyncio.gather(*list(self._in_flight.values()), return_exceptions=True)
+
+    async def _deliver(self, name: str, notifier: Notifier, jobs: Sequence[Job]) -> None:
+        labels = (name, notifier.integration)
+        async with self._slots:
+            try:
+                await asyncio.wait_for(notifier.send([j.notice for j in jobs]), timeout=self._delivery.timeout)
+            except DeliveryError as exc:
+                self._failed(name, jobs, exc)
+            except TimeoutError:
+                self._failed(name, jobs, DeliveryError(f"{notifier.integration}: timed out", retryable=True))
+            else:
+                self._store.delivered(jobs)
+                self._metrics.deliveries.labels(*labels).inc(len(jobs))
+                log.info("delivered %d notice(s) to %s", len(jobs), name)
+
+    def _failed(self, name: str, jobs: Sequence[Job], error: DeliveryError) -> None:
+        now = self._clock()
+        attempt = max(j.attempts for j in jobs) + 1
+        if not error.retryable or attempt >= self._delivery.max_attempts:
+            reason = "permanent_failure" if not error.retryable else "retries_exhausted"
+            self._store.dead_letter(jobs, str(error))
+            self._metrics.dead_letters.labels(reason).inc(len(jobs))
+            log.error("dead-lettered %d notice(s) for %s after %d attempt(s): %s", len(jobs), name, attempt, error)
+            return
+        delay = backoff(attempt, self._delivery, self._rand)
+        if error.retry_after is not None:
+            delay = error.retry_after  # the service said when; sooner would only be refused again
+            self._limits[name].hold_until(now + error.retry_after)
+        self._store.reschedule(jobs, now + delay, str(error))
+        self._metrics.retries.labels(name, self._notifiers[name].integration).inc(len(jobs))
+        log.warning("delivery to %s failed (attempt %d), retrying in %.1fs: %s", name, attempt, delay, error)

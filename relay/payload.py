@@ -1,0 +1,118 @@
+"""Alertmanager webhook payloads (version "4"), parsed leniently.
+
+Unknown fields are ignored so a newer Alertmanager keeps working; newer optional fields
+(``notification_reason``) are used when present. What the relay needs and cannot do
+without (a list of alerts, each with string labels and a status) is checked, and anything
+else wrong raises :class:`PayloadError` with a message the sender can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class PayloadError(ValueError):
+    """The body is not a usable Alertmanager webhook payload; the message says why."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    status: str  # "firing" | "resolved"
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    fingerprint: str
+    starts_at: str = ""
+    ends_at: str = ""
+    generator_url: str = ""
+
+
+@dataclass(frozen=True)
+class Notification:
+    receiver: str
+    status: str
+    group_key: str
+    alerts: tuple[Alert, ...]
+    external_url: str = ""
+    notification_reason: str = ""
+    truncated_alerts: int = 0
+
+
+def parse(body: bytes) -> Notification:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise PayloadError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise PayloadError("body must be a JSON object (an Alertmanager webhook payload)")
+    version = doc.get("version", "4")
+    if str(version) != "4":
+        raise PayloadError(f"unsupported webhook payload version {str(version)[:20]!r} (expected \"4\")")
+    alerts = doc.get("alerts")
+    if not isinstance(alerts, list):
+        raise PayloadError("field 'alerts' is missing or not a list")
+    return Notification(
+        receiver=_text(doc, "receiver"),
+        status=_text(doc, "status"),
+        group_key=_text(doc, "groupKey"),
+        alerts=tuple(_alert(item, i) for i, item in enumerate(alerts)),
+        external_url=_text(doc, "externalURL"),
+        notification_reason=_text(doc, "notification_reason"),
+        truncated_alerts=doc.get("truncatedAlerts") if isinstance(doc.get("truncatedAlerts"), int) else 0,
+    )
+
+
+def _alert(item: Any, index: int) -> Alert:
+    where = f"alerts[{index}]"
+    if not isinstance(item, dict):
+        raise PayloadError(f"{where} must be an object")
+    status = item.get("status")
+    if status not in ("firing", "resolved"):
+        raise PayloadError(f"{where}.status must be \"firing\" or \"resolved\"")
+    labels = _string_map(item.get("labels"), f"{where}.labels", required=True)
+    fingerprint = _text(item, "fingerprint") or label_fingerprint(labels)
+    return Alert(
+        status=status,
+        labels=labels,
+        annotations=_string_map(item.get("annotations"), f"{where}.annotations", required=False),
+        fingerprint=fingerprint,
+        starts_at=_text(item, "startsAt"),
+        ends_at=_text(item, "endsAt"),
+        generator_url=_text(item, "generatorURL"),
+    )
+
+
+def _string_map(value: Any, where: str, required: bool) -> dict[str, str]:
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise PayloadError(f"{where} must be an object of strings")
+    result = {}
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise PayloadError(f"{where}.{clean(key)[:50]} must be a string")
+        result[clean(key)] = clean(item)
+    return result
+
+
+def _text(doc: Mapping[str, Any], key: str) -> str:
+    value = doc.get(key)
+    return clean(value) if isinstance(value, str) else ""
+
+
+def clean(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates (valid JSON, invalid UTF-8) replaced, so it can be stored."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def label_fingerprint(labels: Mapping[str, str]) -> str:
+    """A stable identity for a label set, used when the sender gave no fingerprint."""
+    canonical = json.dumps(sorted(labels.items()), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,126 @@
+"""The relay's durable state behind one interface: SQLite (one process) or Redis (replicas).
+
+Everything that must not be lost goes through here: the received payload, the per-key
+cooldown/escalation state, the delivery jobs (the outbox) and the watchdog's heartbeat.
+:meth:`Store.intake` stores a payload, its state changes and its jobs in ONE transaction,
+so the relay only acknowledges what it can deliver later. Jobs are claimed with a lease:
+a claimed job is invisible to other workers (and other replicas) until it is delivered,
+rescheduled, dead-lettered, or its lease runs out because its worker died.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.notice import Notice
+from relay.policy import KeyState
+
+PENDING = "pending"
+DEAD = "dead"
+PAYLOAD_RETENTION_SECONDS = 7 * 86400
+
+
+class StoreError(RuntimeError):
+    """The store cannot read or commit right now (disk full, Redis down); worth retrying later."""
+
+
+@dataclass(frozen=True)
+class Job:
+    destination: str
+    notice: Notice
+    created_at: float
+    due_at: float
+    attempts: int = 0
+    status: str = PENDING
+    last_error: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "destination": self.destination, "notice": self.notice.to_dict(),
+            "created_at": self.created_at, "due_at": self.due_at, "attempts": self.attempts,
+            "status": self.status, "last_error": self.last_error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Job:
+        return cls(**{**data, "notice": Notice.from_dict(data["notice"])})
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    """What one webhook changes: key states (None clears a key), new jobs, a watchdog heartbeat."""
+
+    states: Mapping[str, KeyState | None]
+    jobs: Sequence[Job]
+    heartbeat: bool = False
+    decisions: Sequence[Any] = ()  # the policy decisions, for metrics
+
+
+Planner = Callable[[Mapping[str, KeyState]], IntakeResult]
+
+
+class Store(ABC):
+    @abstractmethod
+    def intake(
+        self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner
+    ) -> IntakeResult | None:
+        """Atomically: unless ``digest`` was seen within ``dedup_window`` (then return None),
+        load the states of ``keys``, call ``plan`` (pure; it may run more than once), and store
+        the payload, the new states, the jobs, the heartbeat and the digest together."""
+
+    @abstractmethod
+    def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
+        """Keep a payload that could not be parsed, for an operator to look at."""
+
+    @abstractmethod
+    def enqueue(self, jobs: Sequence[Job]) -> None: ...
+
+    @abstractmethod
+    def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
+        """Up to ``limit`` due jobs of ``destination``, oldest first, leased to the caller."""
+
+    @abstractmethod
+    def delivered(self, jobs: Sequence[Job]) -> None: ...
+
+    @abstractmethod
+    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str, count_attempt: bool = True) -> None:
+        """Put claimed jobs back, due at ``due_at`` (a failed try, or a rate limit)."""
+
+    @abstractmethod
+    def dead_letter(self, jobs: Sequence[Job], error: str) -> None: ...
+
+    @abstractmethod
+    def announce_watchdog(self, previous: str, current: str, jobs: Sequence[Job]) -> bool:
+        """Record the watchdog state ``current`` and enqueue ``jobs`` iff the recorded state is
+        still ``previous`` (so two replicas announce a transition once)."""
+
+    @abstractmethod
+    def watchdog(self) -> tuple[float | None, str]:
+        """(last heartbeat time or None, last recorded state)."""
+
+    @abstractmethod
+    def key_states(self, limit: int = 1000) -> list[KeyState]: ...
+
+    @abstractmethod
+    def jobs(self, limit: int = 1000) -> list[Job]:
+        """Pending and dead-lettered jobs, oldest first (the queue view)."""
+
+    @abstractmethod
+    def outbox_stats(self) -> tuple[int, float | None]:
+        """(pending jobs, creation time of the oldest pending job)."""
+
+    @abstractmethod
+    def prune(self, now: float) -> None:
+        """Forget expired dedup digests and payloads older than the retention."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreError if the store cannot serve."""
+
+    @abstractmethod
+    def close(self) -> None: ...

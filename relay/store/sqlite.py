@@ -1,0 +1,188 @@
+"""The default store: one SQLite file in WAL mode, owned by one relay process.
+
+WAL with ``synchronous=NORMAL`` makes every commit survive a crash or ``kill -9`` of the
+relay (a power loss may lose the last commits; ``FULL`` would fsync each one and halve
+intake). All access is from the relay's event loop thread, so one connection suffices.
+Leases only matter within the process: a restart releases them all, so undelivered jobs go
+out at once instead of after a lease.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from relay.notice import Notice
+from relay.policy import KeyState
+from relay.store.base import DEAD, PAYLOAD_RETENTION_SECONDS, PENDING, IntakeResult, Job, Planner, Store, StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_payloads (
+    id INTEGER PRIMARY KEY, received_at REAL NOT NULL, reason TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS key_state (key TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, destination TEXT NOT NULL, notice TEXT NOT NULL, created_at REAL NOT NULL,
+    due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL,
+    status TEXT NOT NULL, last_error TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, status, due_at);
+CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error"
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+            self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {path}: {exc}") from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise StoreError(f"SQLite: {exc}") from None
+
+    def intake(
+        self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner
+    ) -> IntakeResult | None:
+        with self._transaction() as db:
+            row = db.execute("SELECT expires_at FROM seen WHERE digest = ?", (digest,)).fetchone()
+            if row is not None and row[0] > now:
+                return None
+            states = {}
+            for key in dict.fromkeys(keys):
+                found = db.execute("SELECT state FROM key_state WHERE key = ?", (key,)).fetchone()
+                if found:
+                    states[key] = KeyState.from_dict(json.loads(found[0]))
+            result = plan(states)
+            db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (digest, now + dedup_window))
+            db.execute("INSERT INTO payloads (received_at, body) VALUES (?, ?)", (now, body))
+            for key, state in result.states.items():
+                if state is None:
+                    db.execute("DELETE FROM key_state WHERE key = ?", (key,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO key_state VALUES (?, ?)", (key, json.dumps(state.to_dict())))
+            self._insert_jobs(db, result.jobs)
+            if result.heartbeat:
+                db.execute("INSERT OR REPLACE INTO kv VALUES ('watchdog_last_seen', ?)", (repr(now),))
+            return result
+
+    def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+        db.executemany(
+            f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (j.id, j.destination, json.dumps(j.notice.to_dict()), j.created_at, j.due_at, j.attempts,
+                 j.status, j.last_error)
+                for j in jobs
+            ],
+        )
+
+    def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO dead_payloads (received_at, reason, body) VALUES (?, ?, ?)", (now, reason, body))
+
+    def enqueue(self, jobs: Sequence[Job]) -> None:
+        with self._transaction() as db:
+            self._insert_jobs(db, jobs)
+
+    def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND status = ? AND due_at <= ?"
+                " AND leased_until <= ? ORDER BY due_at, created_at LIMIT ?",
+                (destination, PENDING, now, now, limit),
+            ).fetchall()
+            db.executemany("UPDATE jobs SET leased_until = ? WHERE id = ?", [(now + lease, r[0]) for r in rows])
+        return [_job(row) for row in rows]
+
+    def delivered(self, jobs: Sequence[Job]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in jobs])
+
+    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str, count_attempt: bool = True) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE jobs SET due_at = ?, leased_until = 0, attempts = attempts + ?, last_error = ? WHERE id = ?",
+                [(due_at, int(count_attempt), error, j.id) for j in jobs],
+            )
+
+    def dead_letter(self, jobs: Sequence[Job], error: str) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
+                [(DEAD, error, j.id) for j in jobs],
+            )
+
+    def announce_watchdog(self, previous: str, current: str, jobs: Sequence[Job]) -> bool:
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM kv WHERE name = 'watchdog_state'").fetchone()
+            if (row[0] if row else "new") != previous:
+                return False
+            db.execute("INSERT OR REPLACE INTO kv VALUES ('watchdog_state', ?)", (current,))
+            self._insert_jobs(db, jobs)
+            return True
+
+    def watchdog(self) -> tuple[float | None, str]:
+        rows = dict(self._read("SELECT name, value FROM kv WHERE name LIKE 'watchdog_%'"))
+        last_seen = rows.get("watchdog_last_seen")
+        return (float(last_seen) if last_seen else None), rows.get("watchdog_state", "new")
+
+    def key_states(self, limit: int = 1000) -> list[KeyState]:
+        rows = self._read("SELECT state FROM key_state ORDER BY key LIMIT ?", (limit,))
+        return [KeyState.from_dict(json.loads(r[0])) for r in rows]
+
+    def jobs(self, limit: int = 1000) -> list[Job]:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at LIMIT ?", (limit,))
+        return [_job(r) for r in rows]
+
+    def outbox_stats(self) -> tuple[int, float | None]:
+        count, oldest = self._read("SELECT count(*), min(created_at) FROM jobs WHERE status = ?", (PENDING,))[0]
+        return int(count), oldest
+
+    def prune(self, now: float) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM seen WHERE expires_at <= ?", (now,))
+            db.execute("DELETE FROM payloads WHERE received_at < ?", (now - PAYLOAD_RETENTION_SECONDS,))
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from None
+
+
+def _job(row: tuple[object, ...]) -> Job:
+    job_id, destination, notice, created_at, due_at, attempts, status, last_error = row
+    return Job(
+        id=str(job_id), destination=str(destination), notice=Notice.from_dict(json.loads(str(notice))),
+        created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),  # type: ignore[arg-type]
+        status=str(status), last_error=str(last_error),
+    )
