@@ -89,6 +89,7 @@ def scan(source: Path) -> list[SourceFile]:
                 continue
             relative = path.relative_to(source).as_posix()
             found.append(SourceFile(path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
+    found.sort(key=lambda f: f.relative)
     return found
 
 

@@ -109,14 +109,13 @@ def _report_outcome(report: JobReport, outcome: Outcome) -> None:
 def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> int:
     catalog = Catalog(settings.backup_dir)
     _remove_interrupted(catalog)
-    started = time.time()
-    existing = None if settings.force else _existing_for_period(catalog, source, settings.period, started)
+    existing = None if settings.force else _existing_for_period(catalog, source, settings.period, time.time())
     if existing is not None:
         log.info("backup %s already exists for this %s; verifying it (use --force for a new one)", existing.name, settings.period)
         entry = existing
         outcome.files = len(entry.manifest.files)
     else:
-        entry = _create(settings, source, started, outcome)
+        entry = _create(settings, source, outcome)
     ok = True
     if settings.verify or existing is not None:
         entry, result = verify_and_record(entry)
@@ -152,15 +151,23 @@ def _existing_for_period(catalog: Catalog, source: Path, period: str, now: float
     return None
 
 
-def _create(settings: BackupSettings, source: Path, started: float, outcome: Outcome) -> BackupEntry:
-    name = backup_name(source, started)
+def _new_backup_dir(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
+    """A fresh directory for a backup started now; names have one-second resolution, so a
+    second backup within the same second (``--force``) waits for the next one."""
+    while True:
+        started = time.time()
+        name = backup_name(source, started)
+        try:
+            (backup_dir / name).mkdir()
+            return backup_dir / name, name, started
+        except FileExistsError:
+            time.sleep(1.0 - started % 1.0 + 0.01)
+
+
+def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupEntry:
     files = archive.scan(source)
     total = sum(f.size for f in files)
-    directory = settings.backup_dir / name
-    try:
-        directory.mkdir()
-    except FileExistsError:
-        raise BackupFailed(f"{directory} already exists (two backups in the same second?)") from None
+    directory, name, started = _new_backup_dir(settings.backup_dir, source)
     archive_path = directory / archive.archive_name(name, settings.compression)
     log.info("backing up %s (%d files, %s) to %s", source, len(files), human_bytes(total), archive_path)
     progress = Progress(f"backup {name}", total)

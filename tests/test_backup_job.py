@@ -1,0 +1,222 @@
+"""The backup run: idempotence, dry-run, the lock, interrupted runs, a full disk, kill -9, settings, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_backup_support import backup, make_models, only_entry, pushed, tree
+
+from jobs.backup.job import LOCK_FILE
+from mlwarden import components
+from mlwarden.catalog import Catalog
+from mlwarden.lock import JobLock
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_second_run_the_same_day_verifies_the_existing_backup_and_stops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups") == 0
+    first = only_entry(tmp_path / "backups")
+    assert backup(models, tmp_path / "backups") == 0
+    again = only_entry(tmp_path / "backups")
+    assert again.name == first.name
+    assert again.status.verification.checked_at > first.status.verification.checked_at  # type: ignore[union-attr]
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_force_makes_a_new_backup_in_the_same_period(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups") == 0
+    assert backup(models, tmp_path / "backups", "--force") == 0
+    assert len(Catalog(tmp_path / "backups").entries()) == 2
+
+
+def test_dry_run_touches_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = make_models(tmp_path / "models")
+    backups = tmp_path / "backups"
+    assert backup(models, backups, "--dry-run") == 0
+    assert not backups.exists()
+    err = capsys.readouterr().err
+    assert "would back up 4 files" in err and "nothing was changed" in err
+
+    assert backup(models, backups) == 0
+    interrupted = backups / "models-20200101T000000Z"
+    interrupted.mkdir()
+    before = {p: p.stat().st_mtime_ns for p in backups.rglob("*")}
+    assert backup(models, backups, "--dry-run", "--force", "--keep-last", "1") == 0
+    assert {p: p.stat().st_mtime_ns for p in backups.rglob("*")} == before
+    err = capsys.readouterr().err
+    assert "would remove" in err and "retention keeps" in err
+
+
+def test_legacy_environment_names_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = make_models(tmp_path / "models")
+    monkeypatch.setenv("MODEL_DIR", str(models))
+    monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "backups"))
+    monkeypatch.setenv("COMPRESSION_LEVEL", "5")
+    monkeypatch.setenv("VERIFY_BACKUP", "false")
+    from test_backup_support import mlwarden
+
+    assert mlwarden("backup") == 0
+    entry = only_entry(tmp_path / "backups")
+    assert entry.manifest.level == 5
+    assert entry.verified is None  # not verified: VERIFY_BACKUP=false
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--compression", "gzip", "--level", "12"], "gzip levels are 1 to 9"),
+        (["--level", "0"], "zstd levels are 1 to 19"),
+        (["--compression", "lz4"], "invalid choice: 'lz4'"),
+        (["--keep-daily", "-1"], "must be from 0"),
+        (["--s3-endpoint-url", "ftp://x"], "http"),
+    ],
+)
+def test_bad_settings_stop_with_exit_2_before_anything_is_touched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups", *argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "backups").exists()
+
+
+def test_a_missing_model_dir_is_a_usage_error(tmp_path: Path) -> None:
+    assert backup(tmp_path / "nope", tmp_path / "backups") == 2
+
+
+def test_the_lock_prevents_overlapping_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = make_models(tmp_path / "models")
+    (tmp_path / "backups").mkdir()
+    with JobLock(tmp_path / "backups" / LOCK_FILE):
+        assert backup(models, tmp_path / "backups") == 1
+    assert "another run holds" in capsys.readouterr().err
+    assert Catalog(tmp_path / "backups").entries() == []
+    assert backup(models, tmp_path / "backups") == 0
+
+
+def test_an_interrupted_run_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "models")
+    backups = tmp_path / "backups"
+    interrupted = backups / "models-20200101T000000Z"
+    interrupted.mkdir(parents=True)
+    (interrupted / ".models-20200101T000000Z.tar.zst.abc.tmp").write_bytes(b"partial")
+    not_ours = backups / "holiday-photos"
+    not_ours.mkdir()
+    assert backup(models, backups) == 0
+    assert not interrupted.exists()
+    assert not_ours.exists()  # a directory we did not name is never removed
+    assert len(Catalog(backups).entries()) == 1
+
+
+def test_retention_deletes_old_backups_and_keeps_the_rules(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "models")
+    backups = tmp_path / "backups"
+    for _ in range(3):
+        assert backup(models, backups, "--period", "run") == 0
+    names = [e.name for e in Catalog(backups).entries()]
+    assert backup(models, backups, "--period", "run", "--keep-last", "2") == 0
+    kept = [e.name for e in Catalog(backups).entries()]
+    assert len(kept) == 2
+    assert names[0] not in kept and names[1] not in kept
+    assert not (backups / names[0]).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_leaves_no_partial_archive_and_no_damaged_earlier_backup(
+    tmp_path: Path, small_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = make_models(tmp_path / "models", weights_bytes=200_000)
+    assert backup(models, small_disk) == 0
+    earlier = only_entry(small_disk)
+    earlier_files = tree(earlier.directory)
+    (models / "shards" / "model-00003.safetensors").write_bytes(os.urandom(3 * 2**20))  # more than the disk holds
+    assert backup(models, small_disk, "--force") == 1
+    assert "no space left" in capsys.readouterr().err
+    assert only_entry(small_disk).name == earlier.name
+    assert Catalog(small_disk).incomplete() == []
+    assert not any(p.name.endswith(".tmp") for p in small_disk.rglob("*"))
+    assert tree(earlier.directory) == earlier_files
+    from jobs.backup.verify import verify_archive
+
+    assert verify_archive(earlier).ok
+
+
+def test_kill_9_mid_backup_leaves_no_manifest_and_the_next_run_succeeds(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "big.bin").write_bytes(os.urandom(48 * 2**20))
+    backups = tmp_path / "backups"
+    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups), "--compression", "gzip", "--level", "9"]
+    process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") for p in backups.rglob("*")):
+        assert process.poll() is None, "the backup finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert Catalog(backups).entries() == []
+    assert len(Catalog(backups).incomplete()) == 1
+    assert not any(p.name == "manifest.json" for p in backups.rglob("*"))
+
+    assert backup(models, backups) == 0
+    assert only_entry(backups).verified is True
+    assert Catalog(backups).incomplete() == []
+
+
+def test_metrics_reach_the_pushgateway_and_a_failed_run_keeps_the_last_success(
+    tmp_path: Path, pushgateway: components.Component
+) -> None:
+    models = make_models(tmp_path / "models")
+    backups = tmp_path / "backups"
+    assert backup(models, backups, "--pushgateway", pushgateway.url) == 0
+    metrics = pushed(pushgateway.url, "mlwarden_backup")
+    assert metrics["mlwarden_job_success"] == 1
+    assert metrics["mlwarden_backup_files"] == 4
+    assert metrics["mlwarden_backup_verified"] == 1
+    assert metrics["mlwarden_backup_read_bytes"] == sum(len(v) for v in tree(models).values())
+    assert metrics["mlwarden_backup_written_bytes"] == only_entry(backups).manifest.archive_bytes
+    assert "mlwarden_backup_offsite_success" not in metrics  # no S3 configured
+    last_success = metrics["mlwarden_job_last_success_timestamp_seconds"]
+
+    with JobLock(backups / LOCK_FILE):  # a run that cannot even start
+        assert backup(models, backups, "--pushgateway", pushgateway.url) == 1
+    metrics = pushed(pushgateway.url, "mlwarden_backup")
+    assert metrics["mlwarden_job_success"] == 0
+    assert metrics["mlwarden_job_last_success_timestamp_seconds"] == last_success
+    assert metrics["mlwarden_job_last_run_timestamp_seconds"] > last_success
+
+
+def test_an_unreachable_pushgateway_does_not_fail_a_good_backup(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "models")
+    url = f"http://127.0.0.1:{components.free_port()}"
+    assert backup(models, tmp_path / "backups", "--pushgateway", url) == 0
+
+
+def test_textfile_metrics_pass_promtool(tmp_path: Path, promtool: str) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups", "--textfile-dir", tmp_path) == 0
+    text = (tmp_path / "mlwarden_backup.prom").read_text()
+    assert "mlwarden_backup_files 4.0" in text
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

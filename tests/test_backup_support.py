@@ -1,0 +1,67 @@
+"""Helpers shared by the backup and restore tests (no tests here): small model-like data and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+from mlwarden import cli
+from mlwarden.catalog import Catalog
+
+
+def make_models(directory: Path, weights_bytes: int = 300_000, seed: int = 0) -> Path:
+    """A tiny model directory: random weights in a subdirectory, JSON configs, a tokenizer."""
+    (directory / "shards").mkdir(parents=True, exist_ok=True)
+    rng = __import__("random").Random(seed)
+    (directory / "shards" / "model-00001.safetensors").write_bytes(rng.randbytes(weights_bytes))
+    (directory / "shards" / "model-00002.safetensors").write_bytes(rng.randbytes(weights_bytes // 3))
+    (directory / "config.json").write_text(json.dumps({"hidden_size": 64, "seed": seed}))
+    (directory / "tokenizer.json").write_text(json.dumps({"vocab": [f"t{i}" for i in range(200)]}))
+    return directory
+
+
+def mlwarden(*argv: str | Path) -> int:
+    """Run ``mlwarden ARGV...`` in-process and return its exit status (argparse's exit included)."""
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def backup(model_dir: Path, backup_dir: Path, *extra: str | Path) -> int:
+    return mlwarden("backup", "--model-dir", model_dir, "--backup-dir", backup_dir, *extra)
+
+
+def only_entry(backup_dir: Path):  # type: ignore[no-untyped-def]
+    entries = Catalog(backup_dir).entries()
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def flip_byte(path: Path, offset_from_end: int = 1000) -> None:
+    with open(path, "r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        position = max(size - offset_from_end, size // 2)
+        handle.seek(position)
+        byte = handle.read(1)
+        handle.seek(position)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> content)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def pushed(pushgateway_url: str, job: str) -> dict[str, float]:
+    """The series the Pushgateway holds for ``job``: metric name -> value (labels dropped)."""
+    text = urllib.request.urlopen(pushgateway_url + "/metrics", timeout=5).read().decode()
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r"^(\w+)\{([^}]*)\} (\S+)$", line)
+        if match and f'job="{job}"' in match.group(2):
+            found[match.group(1)] = float(match.group(3))
+    return found
