@@ -1,0 +1,413 @@
+"""The NVML path, against a fake at the pynvml function boundary.
+
+The fake replaces pynvml's functions (monkeypatch) and raises pynvml's real exception
+classes, built the way pynvml builds them (``NVMLError(code)`` returns the subclass), so
+the exporter's error handling is exercised exactly as a driver would exercise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pynvml
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.backends.base import GpuBackend
+from exporter.backends.nvml import NvmlBackend
+from exporter.backends.supervisor import Backoff, BackendSupervisor
+from exporter.collectors.base import Collector
+from exporter.collectors.gpu import GpuCollector
+from exporter.collectors.processes import ProcessesCollector
+from exporter.collectors.xid import XidCollector
+from exporter.loop import CollectionLoop
+from exporter.server import ExporterServer
+from exporter.snapshot import SnapshotStore, render
+from mlwarden.components import free_port
+
+MIB = 2**20
+
+
+def nvml_error(code: int) -> pynvml.NVMLError:
+    return pynvml.NVMLError(code)
+
+
+def test_nvml_error_codes_build_the_real_subclasses() -> None:
+    assert type(nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)) is pynvml.NVMLError_NotSupported
+    assert type(nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)) is pynvml.NVMLError_GpuIsLost
+    assert type(nvml_error(pynvml.NVML_ERROR_TIMEOUT)) is pynvml.NVMLError_Timeout
+    assert type(nvml_error(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)) is pynvml.NVMLError_LibraryNotFound
+
+
+@dataclass
+class Handle:
+    index: int
+
+
+@dataclass
+class FakeNvml:
+    """Two healthy GPUs by default; ``fail[(function, gpu)]`` overrides one answer."""
+
+    gpus: int = 2
+    fail: dict[tuple[str, int], Any] = field(default_factory=dict)
+    init_error: int | None = None
+    inits: int = 0
+    processes: dict[int, list[tuple[int, int | None]]] = field(default_factory=dict)
+    xids: list[tuple[int, int]] = field(default_factory=list)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in dir(self):
+            if name.startswith("nvml"):
+                monkeypatch.setattr(pynvml, name, getattr(self, name))
+
+    def _answer(self, name: str, handle: Handle, value: Any) -> Any:
+        override = self.fail.get((name, handle.index))
+        if isinstance(override, BaseException):
+            raise override
+        if callable(override):
+            return override()
+        return value if override is None else override
+
+    # system
+    def nvmlInit(self) -> None:  # noqa: N802 - pynvml's names
+        self.inits += 1
+        if self.init_error is not None:
+            raise nvml_error(self.init_error)
+
+    def nvmlShutdown(self) -> None:  # noqa: N802
+        pass
+
+    def nvmlSystemGetDriverVersion(self) -> str:  # noqa: N802
+        return "550.54.15"
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:  # noqa: N802
+        return 12040
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+        return self.gpus
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Handle:  # noqa: N802
+        return self._answer("nvmlDeviceGetHandleByIndex", Handle(index), Handle(index))
+
+    def nvmlDeviceGetIndex(self, handle: Handle) -> int:  # noqa: N802
+        return handle.index
+
+    # identity
+    def nvmlDeviceGetUUID(self, h: Handle) -> str:  # noqa: N802
+        return self._answer("nvmlDeviceGetUUID", h, f"GPU-fake-{h.index}")
+
+    def nvmlDeviceGetName(self, h: Handle) -> bytes:  # noqa: N802
+        return self._answer("nvmlDeviceGetName", h, b"NVIDIA H100 80GB HBM3")
+
+    def nvmlDeviceGetPciInfo(self, h: Handle) -> Any:  # noqa: N802
+        return self._answer("nvmlDeviceGetPciInfo", h, SimpleNamespace(busId=f"00000000:{h.index + 0x18:02X}:00.0".encode()))
+
+    # readings (NVML's units: mW, mJ, MHz, percent)
+    def nvmlDeviceGetTemperature(self, h: Handle, sensor: int) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetTemperature", h, 60 + h.index)
+
+    def nvmlDeviceGetFieldValues(self, h: Handle, ids: list[int]) -> Any:  # noqa: N802
+        value = SimpleNamespace(nvmlReturn=pynvml.NVML_SUCCESS, valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, value=SimpleNamespace(uiVal=70))
+        return self._answer("nvmlDeviceGetFieldValues", h, [value])
+
+    def nvmlDeviceGetUtilizationRates(self, h: Handle) -> Any:  # noqa: N802
+        return self._answer("nvmlDeviceGetUtilizationRates", h, SimpleNamespace(gpu=50, memory=25))
+
+    def nvmlDeviceGetMemoryInfo(self, h: Handle, version: int | None = None) -> Any:  # noqa: N802
+        memory = SimpleNamespace(total=80_000 * MIB, used=30_000 * MIB, free=49_500 * MIB)
+        if version:
+            memory.reserved = 500 * MIB
+        return self._answer("nvmlDeviceGetMemoryInfo", h, memory)
+
+    def nvmlDeviceGetPowerUsage(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetPowerUsage", h, 250_000)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetEnforcedPowerLimit", h, 700_000)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetTotalEnergyConsumption", h, 1_500_000)
+
+    def nvmlDeviceGetFanSpeed(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetFanSpeed", h, 40)
+
+    def nvmlDeviceGetPerformanceState(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetPerformanceState", h, 0)
+
+    def nvmlDeviceGetClockInfo(self, h: Handle, clock: int) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetClockInfo", h, 1980 if clock == pynvml.NVML_CLOCK_SM else 2619)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetCurrentClocksEventReasons", h, 0x40 | 0x4)
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetCurrentClocksThrottleReasons", h, 0x1)
+
+    def nvmlDeviceGetTotalEccErrors(self, h: Handle, error_type: int, counter: int) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetTotalEccErrors", h, 3 if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else 0)
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetCurrPcieLinkGeneration", h, 5)
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, h: Handle) -> int:  # noqa: N802
+        return self._answer("nvmlDeviceGetCurrPcieLinkWidth", h, 16)
+
+    def nvmlDeviceGetRetiredPages(self, h: Handle, cause: int) -> list[int]:  # noqa: N802
+        return self._answer("nvmlDeviceGetRetiredPages", h, [])
+
+    def nvmlDeviceGetRemappedRows(self, h: Handle) -> tuple[int, int, int, int]:  # noqa: N802
+        return self._answer("nvmlDeviceGetRemappedRows", h, (2, 0, 0, 0))
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802
+        procs = [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.get(h.index, [])]
+        return self._answer("nvmlDeviceGetComputeRunningProcesses", h, procs)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802
+        return self._answer("nvmlDeviceGetGraphicsRunningProcesses", h, [])
+
+    # events
+    def nvmlEventSetCreate(self) -> str:  # noqa: N802
+        return "event-set"
+
+    def nvmlDeviceGetSupportedEventTypes(self, h: Handle) -> int:  # noqa: N802
+        return pynvml.nvmlEventTypeXidCriticalError
+
+    def nvmlDeviceRegisterEvents(self, h: Handle, types: int, event_set: str) -> None:  # noqa: N802
+        pass
+
+    def nvmlEventSetWait(self, event_set: str, timeout_ms: int) -> Any:  # noqa: N802
+        if not self.xids:
+            time.sleep(0.01)
+            raise nvml_error(pynvml.NVML_ERROR_TIMEOUT)
+        gpu, xid = self.xids.pop(0)
+        return SimpleNamespace(device=Handle(gpu), eventType=pynvml.nvmlEventTypeXidCriticalError, eventData=xid)
+
+    def nvmlEventSetFree(self, event_set: str) -> None:  # noqa: N802
+        pass
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    nvml = FakeNvml()
+    nvml.install(monkeypatch)
+    return nvml
+
+
+def supervisor_for(backend: GpuBackend) -> BackendSupervisor:
+    return BackendSupervisor(backend, Backoff(initial=0.0, maximum=0.0))  # retry at once: tests need no waiting
+
+
+def samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    collected = collector.collect()
+    text = render(collected.families).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(found: dict, metric: str, **labels: str) -> float | None:
+    return found.get((metric, tuple(sorted(labels.items()))))
+
+
+def test_readings_are_converted_to_base_units(fake: FakeNvml) -> None:
+    found = samples(GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0))
+    gpu = {"gpu": "0", "uuid": "GPU-fake-0"}
+    assert value(found, "mlwarden_nvml_up") == 1
+    assert value(found, "mlwarden_gpu_info", **gpu, name="NVIDIA H100 80GB HBM3", pci_bus_id="00000000:18:00.0",
+                 driver_version="550.54.15", cuda_version="12.4") == 1
+    assert value(found, "mlwarden_gpu_up", **gpu) == 1
+    assert value(found, "mlwarden_gpu_temperature_celsius", **gpu) == 60
+    assert value(found, "mlwarden_gpu_memory_temperature_celsius", **gpu) == 70
+    assert value(found, "mlwarden_gpu_utilization_ratio", **gpu) == 0.5
+    assert value(found, "mlwarden_gpu_memory_utilization_ratio", **gpu) == 0.25
+    assert value(found, "mlwarden_gpu_memory_total_bytes", **gpu) == 80_000 * MIB
+    assert value(found, "mlwarden_gpu_memory_reserved_bytes", **gpu) == 500 * MIB
+    assert value(found, "mlwarden_gpu_power_watts", **gpu) == 250
+    assert value(found, "mlwarden_gpu_power_limit_watts", **gpu) == 700
+    assert value(found, "mlwarden_gpu_energy_joules_total", **gpu) == 1500
+    assert value(found, "mlwarden_gpu_fan_speed_ratio", **gpu) == 0.4
+    assert value(found, "mlwarden_gpu_clock_hz", **gpu, clock="sm") == 1.98e9
+    assert value(found, "mlwarden_gpu_clock_hz", **gpu, clock="memory") == 2.619e9
+    assert value(found, "mlwarden_gpu_throttle_reason_active", **gpu, reason="hw_thermal_slowdown") == 1
+    assert value(found, "mlwarden_gpu_throttle_reason_active", **gpu, reason="sw_power_cap") == 1
+    assert value(found, "mlwarden_gpu_throttle_reason_active", **gpu, reason="gpu_idle") == 0
+    assert value(found, "mlwarden_gpu_ecc_errors_total", **gpu, error_type="corrected", counter="aggregate") == 3
+    assert value(found, "mlwarden_gpu_pcie_link_width", **gpu) == 16
+    assert value(found, "mlwarden_gpu_retired_pages", **gpu, cause="double_bit_ecc") == 0
+    assert value(found, "mlwarden_gpu_remapped_rows", **gpu, state="correctable") == 2
+    assert value(found, "mlwarden_gpu_temperature_celsius", gpu="1", uuid="GPU-fake-1") == 61
+
+
+def test_not_supported_and_sentinels_omit_the_series_instead_of_reporting_zero(fake: FakeNvml) -> None:
+    not_supported = nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    unsupported_field = [SimpleNamespace(nvmlReturn=pynvml.NVML_ERROR_NOT_SUPPORTED, valueType=1, value=SimpleNamespace(uiVal=0))]
+    fake.fail.update({
+        ("nvmlDeviceGetFanSpeed", 0): not_supported,
+        ("nvmlDeviceGetTotalEccErrors", 0): not_supported,
+        ("nvmlDeviceGetRemappedRows", 0): not_supported,
+        ("nvmlDeviceGetCurrentClocksEventReasons", 0): nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND),
+        ("nvmlDeviceGetFieldValues", 0): lambda: unsupported_field,
+        ("nvmlDeviceGetPowerUsage", 0): 0xFFFFFFFF,
+        ("nvmlDeviceGetTotalEnergyConsumption", 0): 9223372036854775794,
+        ("nvmlDeviceGetCurrPcieLinkWidth", 0): 0xFFFFFFFF,
+        ("nvmlDeviceGetTemperature", 0): "N/A",
+        ("nvmlDeviceGetPerformanceState", 0): 32,  # NVML_PSTATE_UNKNOWN
+    })
+    found = samples(GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0))
+    gpu0 = {"gpu": "0", "uuid": "GPU-fake-0"}
+    names_for_gpu0 = {name for (name, labels) in found if ("gpu", "0") in labels}
+    for omitted in (
+        "mlwarden_gpu_fan_speed_ratio", "mlwarden_gpu_ecc_errors_total", "mlwarden_gpu_remapped_rows",
+        "mlwarden_gpu_memory_temperature_celsius", "mlwarden_gpu_power_watts", "mlwarden_gpu_energy_joules_total",
+        "mlwarden_gpu_pcie_link_width", "mlwarden_gpu_temperature_celsius", "mlwarden_gpu_performance_state",
+    ):
+        assert omitted not in names_for_gpu0, omitted
+    # the older throttle-reasons call answers when the newer one does not exist
+    assert value(found, "mlwarden_gpu_throttle_reason_active", **gpu0, reason="gpu_idle") == 1
+    assert value(found, "mlwarden_gpu_up", **gpu0) == 1
+    assert value(found, "mlwarden_gpu_power_watts", gpu="1", uuid="GPU-fake-1") == 250
+
+
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_TIMEOUT])
+def test_a_lost_gpu_is_down_the_others_keep_reporting_and_nvml_is_reinitialised(fake: FakeNvml, code: int) -> None:
+    fake.fail[("nvmlDeviceGetTemperature", 1)] = nvml_error(code)
+    collector = GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0)
+    found = samples(collector)
+    assert value(found, "mlwarden_gpu_up", gpu="1", uuid="") == 0
+    assert not any(("gpu", "1") in labels for (name, labels) in found if name != "mlwarden_gpu_up")
+    assert value(found, "mlwarden_gpu_up", gpu="0", uuid="GPU-fake-0") == 1
+    assert value(found, "mlwarden_gpu_temperature_celsius", gpu="0", uuid="GPU-fake-0") == 60
+    assert fake.inits == 1
+    samples(collector)  # the next pass re-initialises NVML first
+    assert fake.inits == 2
+    del fake.fail[("nvmlDeviceGetTemperature", 1)]
+    found = samples(collector)
+    assert value(found, "mlwarden_gpu_up", gpu="1", uuid="GPU-fake-1") == 1
+
+
+def test_reinitialisation_backs_off(fake: FakeNvml) -> None:
+    now = [0.0]
+    supervisor = BackendSupervisor(NvmlBackend(), Backoff(initial=10.0, maximum=60.0, clock=lambda: now[0]))
+    fake.fail[("nvmlDeviceGetHandleByIndex", 0)] = nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
+    collector = GpuCollector(supervisor, 1.0, 1.0)
+    samples(collector)
+    samples(collector)
+    assert fake.inits == 1  # within the 10 s backoff: no re-init storm
+    now[0] = 11.0
+    samples(collector)
+    assert fake.inits == 2
+    now[0] = 22.0  # the delay doubled to 20 s
+    samples(collector)
+    assert fake.inits == 2
+    now[0] = 32.0
+    samples(collector)
+    assert fake.inits == 3
+
+
+def test_without_nvml_library_it_serves_nvml_up_0_and_logs_once(fake: FakeNvml, caplog: pytest.LogCaptureFixture) -> None:
+    fake.init_error = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+    supervisor = supervisor_for(NvmlBackend())
+    collector = GpuCollector(supervisor, 1.0, 1.0)
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            collected = collector.collect()
+            assert not collected.success
+    found = samples(collector)
+    assert found == {("mlwarden_nvml_up", ()): 0}
+    warnings = [r for r in caplog.records if "NVML is not available" in r.getMessage()]
+    assert len(warnings) == 1
+    assert fake.inits >= 3  # it keeps trying (a driver may be loaded later)
+    assert not ProcessesCollector(supervisor, 1.0, 1.0, 10).collect().success
+
+
+def test_processes_merge_compute_and_graphics_cap_and_vanish(fake: FakeNvml) -> None:
+    supervisor = supervisor_for(NvmlBackend())
+    GpuCollector(supervisor, 1.0, 1.0).collect()  # learns the UUIDs
+    fake.processes[0] = [(4242, 3 * MIB), (4243, 1 * MIB), (4244, 2 * MIB), (4245, None)]
+    fake.fail[("nvmlDeviceGetGraphicsRunningProcesses", 0)] = lambda: [SimpleNamespace(pid=4242, usedGpuMemory=5 * MIB)]
+    collector = ProcessesCollector(supervisor, 1.0, 1.0, max_processes=2)
+    found = samples(collector)
+    memory = {dict(labels)["pid"]: v for (name, labels), v in found.items() if name == "mlwarden_gpu_process_memory_used_bytes"}
+    assert memory == {"4242": 5 * MIB, "4244": 2 * MIB}  # the two largest; the larger of both answers
+    assert value(found, "mlwarden_gpu_processes", gpu="0", uuid="GPU-fake-0") == 4  # counted before the cap
+    fake.processes[0] = [(4244, 2 * MIB)]
+    del fake.fail[("nvmlDeviceGetGraphicsRunningProcesses", 0)]
+    found = samples(collector)
+    pids = {dict(labels)["pid"] for (name, labels) in found if name == "mlwarden_gpu_process_memory_used_bytes"}
+    assert pids == {"4244"}  # exited processes are gone at the next collection
+
+
+def test_xid_events_from_the_nvml_event_set_count_every_repeat(fake: FakeNvml) -> None:
+    supervisor = supervisor_for(NvmlBackend())
+    GpuCollector(supervisor, 1.0, 1.0).collect()
+    fake.xids.extend([(1, 79), (1, 79), (1, 79), (0, 48)])
+    collector = XidCollector(supervisor, 1.0, 1.0)
+    collector.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and fake.xids:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        found = samples(collector)
+    finally:
+        collector.stop()
+    assert value(found, "mlwarden_gpu_xid_errors_total", gpu="1", uuid="GPU-fake-1", xid="79") == 3
+    assert value(found, "mlwarden_gpu_xid_errors_total", gpu="0", uuid="GPU-fake-0", xid="48") == 1
+    assert value(found, "mlwarden_gpu_xid_last_timestamp_seconds", gpu="1", uuid="GPU-fake-1", xid="79") > 1e9
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_hung_nvml_call_marks_data_stale_and_scrapes_still_answer(fake: FakeNvml) -> None:
+    release = threading.Event()
+    supervisor = supervisor_for(NvmlBackend())
+    collector = GpuCollector(supervisor, interval=0.2, timeout=0.3)
+    store = SnapshotStore([(collector.name, collector.interval)], "test")
+    loop = CollectionLoop([collector], store, watchdog_period=0.05)
+    server = ExporterServer(store, ("127.0.0.1", free_port()))
+    url = f"http://127.0.0.1:{server.port}"
+    loop.start()
+    server.start()
+    try:
+        _wait_for(lambda: "mlwarden_gpu_temperature_celsius{" in _get(url + "/metrics")[1])
+        assert _get(url + "/healthz")[0] == 200
+        fake.fail[("nvmlDeviceGetTemperature", 0)] = lambda: release.wait(30) and 60
+        status, body = _wait_for(lambda: (r := _get(url + "/metrics")) and 'collector_success{collector="gpu"} 0.0' in r[1] and r)
+        assert status == 200
+        assert "mlwarden_gpu_temperature_celsius{" not in body  # stale data is dropped, not served as current
+        assert _wait_for(lambda: _get(url + "/healthz")[0] == 503)
+        assert "gpu" in _get(url + "/healthz")[1]
+        alive = [t for t in threading.enumerate() if t.name == "collector-gpu"]
+        assert len(alive) == 1  # one hung pass, not a pile of threads
+        release.set()
+        _wait_for(lambda: 'collector_success{collector="gpu"} 1.0' in _get(url + "/metrics")[1])
+        _wait_for(lambda: _get(url + "/healthz")[0] == 200)
+    finally:
+        release.set()
+        server.stop()
+        loop.stop()
