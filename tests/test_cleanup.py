@@ -1,0 +1,262 @@
+"""mlwarden cleanup on generated trees: what goes, what stays, and that nothing escapes the root."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from jobs.cleanup import cli as cleanup_cli
+from jobs.cleanup import delete, plan, rules
+from mlwarden import cli, settings
+from mlwarden.exitcodes import ExitCode
+
+DAY = 86400
+
+
+def make(path: Path, age_days: float = 0, size: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    when = time.time() - age_days * DAY
+    os.utime(path, (when, when))
+    return path
+
+
+def run_cleanup(root: Path, *flags: str, env: dict[str, str] | None = None) -> int:
+    loaded = settings.load(cleanup_cli.CleanupSettings, "cleanup", ["--experiments-dir", str(root), "--yes", *flags], env or {})
+    return cleanup_cli.run(loaded)
+
+
+def existing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def pushed_value(pushgateway_url: str, metric: str) -> float:
+    text = httpx.get(pushgateway_url + "/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(metric + "{") and 'job="mlwarden_cleanup"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{metric} not pushed:\n{text}")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    directory = tmp_path / "experiments"
+    directory.mkdir()
+    return directory
+
+
+def test_old_files_go_new_files_stay_and_emptied_directories_are_removed(root: Path) -> None:
+    make(root / "run-a" / "old.log", age_days=40)
+    make(root / "run-a" / "logs" / "old.json", age_days=40)
+    make(root / "run-b" / "fresh.log", age_days=1)
+    make(root / "run-b" / "old.log", age_days=31)
+    (root / "run-c-just-started").mkdir()
+
+    assert run_cleanup(root) == ExitCode.OK
+
+    assert existing(root) == {"run-b", "run-b/fresh.log", "run-c-just-started"}
+    assert root.is_dir()  # never the root itself
+
+
+def test_symlinks_are_neither_followed_nor_removed(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    make(outside / "precious.bin", age_days=100)
+    make(root / "run" / "old.log", age_days=100)
+    (root / "run" / "to-dir").symlink_to(outside)
+    (root / "run" / "to-file").symlink_to(outside / "precious.bin")
+    os.utime(root / "run" / "to-file", (0, 0), follow_symlinks=False)
+
+    assert run_cleanup(root) == ExitCode.OK
+
+    assert (outside / "precious.bin").exists()
+    assert (root / "run" / "to-dir").is_symlink() and (root / "run" / "to-file").is_symlink()
+    assert not (root / "run" / "old.log").exists()
+
+
+@pytest.fixture
+def nested_tmpfs(root: Path) -> Iterator[Path]:
+    mount_point = root / "run" / "scratch"
+    mount_point.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_nested_filesystem_is_not_entered(root: Path, nested_tmpfs: Path) -> None:
+    make(nested_tmpfs / "old.bin", age_days=90)
+    make(root / "run" / "old.log", age_days=90)
+
+    assert run_cleanup(root) == ExitCode.OK
+
+    assert (nested_tmpfs / "old.bin").exists()
+    assert not (root / "run" / "old.log").exists()
+
+
+def test_protected_globs_keep_markers_and_best_are_kept(root: Path) -> None:
+    make(root / "run-a" / "config.yaml", age_days=90)
+    make(root / "run-a" / "eval" / "report.txt", age_days=90)
+    make(root / "run-a" / "noise.txt", age_days=90)
+    make(root / "run-b" / ".mlwarden-keep", age_days=90)
+    make(root / "run-b" / "deep" / "weights.bin", age_days=90)
+    make(root / "run-c" / "model_best.pth", age_days=90)
+    make(root / "run-c" / "best_model" / "weights.bin", age_days=90)
+
+    assert run_cleanup(root, "--protect", "*.yaml", "--protect", "run-a/eval/*") == ExitCode.OK
+
+    assert existing(root) == {
+        "run-a", "run-a/config.yaml", "run-a/eval", "run-a/eval/report.txt",
+        "run-b", "run-b/.mlwarden-keep", "run-b/deep", "run-b/deep/weights.bin",
+        "run-c", "run-c/model_best.pth", "run-c/best_model", "run-c/best_model/weights.bin",
+    }
+
+
+def test_the_newest_checkpoints_of_each_run_are_kept_however_old(root: Path) -> None:
+    for step in (1, 2, 3):
+        make(root / "run-a" / "checkpoints" / f"step_{step}.pt", age_days=50 - step)
+        make(root / "run-b" / f"checkpoint-{step}" / "model.safetensors", age_days=50 - step)
+        make(root / "run-b" / f"checkpoint-{step}" / "optimizer.bin", age_days=50 - step)
+    make(root / "run-c" / "checkpoint-9" / "model.safetensors", age_days=5)  # young, and the newest
+    make(root / "run-c" / "checkpoint-1" / "model.safetensors", age_days=60)
+
+    assert run_cleanup(root, "--keep-last-checkpoints", "2") == ExitCode.OK
+
+    left = existing(root)
+    assert {"run-a/checkpoints/step_3.pt", "run-a/checkpoints/step_2.pt"} <= left
+    assert "run-a/checkpoints/step_1.pt" not in left
+    assert {"run-b/checkpoint-3/model.safetensors", "run-b/checkpoint-3/optimizer.bin", "run-b/checkpoint-2/model.safetensors"} <= left
+    assert "run-b/checkpoint-1" not in left
+    assert {"run-c/checkpoint-9/model.safetensors", "run-c/checkpoint-1/model.safetensors"} <= left
+
+
+def test_a_locked_file_and_a_locked_directory_are_kept(root: Path) -> None:
+    locked_file = make(root / "run-a" / "writing.bin", age_days=90)
+    make(root / "run-b" / "inside.bin", age_days=90)
+    make(root / "run-a" / "free.bin", age_days=90)
+    file_fd = os.open(locked_file, os.O_RDONLY)
+    dir_fd = os.open(root / "run-b", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(file_fd, fcntl.LOCK_SH)  # even a reader's shared lock protects
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        assert run_cleanup(root) == ExitCode.OK
+    finally:
+        os.close(file_fd)
+        os.close(dir_fd)
+    assert locked_file.exists() and (root / "run-b" / "inside.bin").exists()
+    assert not (root / "run-a" / "free.bin").exists()
+
+
+def test_a_breaker_trip_deletes_nothing_exits_3_and_is_pushed(root: Path, pushgateway) -> None:
+    for i in range(5):
+        make(root / "run" / f"old-{i}.bin", age_days=90, size=1000)
+    before = existing(root)
+
+    assert run_cleanup(root, "--max-files", "4", "--pushgateway", pushgateway.url) == ExitCode.BREAKER
+    assert existing(root) == before
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_breaker_tripped") == 1
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_planned_files") == 5
+    assert pushed_value(pushgateway.url, "mlwarden_job_success") == 0
+
+    assert run_cleanup(root, "--max-bytes", "4kB") == ExitCode.BREAKER
+    assert existing(root) == before
+
+    assert run_cleanup(root, "--max-files", "5", "--pushgateway", pushgateway.url) == ExitCode.OK
+    assert existing(root) == set()  # the emptied run directory went too
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_breaker_tripped") == 0
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_deleted_files") == 5
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_freed_bytes") == 5000
+
+
+def test_dry_run_prints_the_plan_and_deletes_nothing(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make(root / "run" / "old.bin", age_days=90, size=123)
+    make(root / "run" / "new.bin", age_days=1)
+    before = existing(root)
+
+    assert run_cleanup(root, env={"DRY_RUN": "1"}) == ExitCode.OK
+
+    assert existing(root) == before
+    out = capsys.readouterr().out
+    assert f"delete {root}/run/old.bin\t123\t" in out and "new.bin" not in out
+
+
+@pytest.mark.parametrize("bad_root", ["/", "/home", "/etc", "/usr", "/var", "/root", "/tmp/../etc", "", "relative/dir", "HOME"])
+def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if bad_root == "HOME":
+        bad_root = os.environ["HOME"]
+    assert cli.main(["cleanup", "--experiments-dir", bad_root, "--yes"]) == ExitCode.USAGE
+    assert "experiments-dir" in capsys.readouterr().err
+
+
+def test_shell_variable_names_are_honoured(root: Path) -> None:
+    loaded = settings.load(
+        cleanup_cli.CleanupSettings, "cleanup", [],
+        {"EXPERIMENTS_DIR": str(root), "RETENTION_DAYS": "7", "DRY_RUN": "true"},
+    )
+    assert loaded.experiments_dir == [root.resolve()] and loaded.retention_days == 7 and loaded.dry_run
+
+
+def test_missing_and_overlapping_roots_are_configuration_errors(root: Path) -> None:
+    (root / "inner").mkdir()
+    with pytest.raises(settings.SettingsError, match="required"):
+        settings.load(cleanup_cli.CleanupSettings, "cleanup", [], {})
+    with pytest.raises(settings.SettingsError, match="overlap"):
+        settings.load(cleanup_cli.CleanupSettings, "cleanup", ["--experiments-dir", str(root), "--experiments-dir", str(root / "inner")], {})
+    with pytest.raises(settings.SettingsError, match="files per second"):
+        settings.load(cleanup_cli.CleanupSettings, "cleanup", ["--experiments-dir", str(root), "--rate-limit", "fast"], {})
+
+
+def test_a_directory_swapped_for_a_symlink_after_planning_cannot_lead_outside(root: Path, tmp_path: Path) -> None:
+    make(root / "run" / "logs" / "a.log", age_days=90)
+    outside = tmp_path / "outside"
+    victim = make(outside / "a.log", age_days=90)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    assert [f.relative for f in planned.files] == ["run/logs/a.log"]
+
+    (root / "run" / "logs" / "a.log").unlink()
+    (root / "run" / "logs").rmdir()
+    (root / "run" / "logs").symlink_to(outside)
+    result = delete.execute(planned)
+
+    assert victim.exists()
+    assert result.files == 0 and result.errors == 1
+    assert (root / "run" / "logs").is_symlink()
+
+
+def test_a_file_replaced_or_touched_after_planning_is_kept(root: Path) -> None:
+    replaced = make(root / "run" / "a.bin", age_days=90)
+    touched = make(root / "run" / "b.bin", age_days=90)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    os.replace(make(root / "run" / "a.new", age_days=90), replaced)  # same name, new inode
+    touched.write_bytes(b"new data")
+
+    result = delete.execute(planned)
+
+    assert replaced.exists() and touched.exists()
+    assert result.skipped == {"replaced": 1, "modified": 1}
+
+
+def test_two_cleanups_of_one_root_never_overlap(root: Path) -> None:
+    make(root / "run" / "old.bin", age_days=90)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert run_cleanup(root) == ExitCode.FAILURE
+    finally:
+        os.close(fd)
+    assert (root / "run" / "old.bin").exists()
+
+
+def test_the_rate_limit_spaces_deletions(root: Path) -> None:
+    for i in range(3):
+        make(root / "run" / f"old-{i}.bin", age_days=90)
+    assert cleanup_cli.parse_rate("20/s") == 20.0
+    assert run_cleanup(root, "--rate-limit", "200/s") == ExitCode.OK
+    assert not (root / "run").exists()
