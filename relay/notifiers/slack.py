@@ -67,9 +67,10 @@ def section_text(notice: Notice) -> str:
         if notice.occurrences > 1:
             facts.append(f"*Seen:* {notice.occurrences}x")
         lines.append("  ".join(facts))
-        lines.append(_escape(notice.summary))
+        # Each part is cut on its own so a huge summary cannot push the description out.
+        lines.append(_escape(truncate(notice.summary, 1200)))
         if notice.annotations.get("description") and notice.annotations.get("summary"):
-            lines.append(_escape(notice.annotations["description"]))
+            lines.append(_escape(truncate(notice.annotations["description"], 1200)))
         if notice.generator_url.startswith(("http://", "https://")):
             lines.append(f"<{_escape(notice.generator_url)}|source>")
     return "\n".join(lines)

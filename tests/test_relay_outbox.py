@@ -1,0 +1,180 @@
+"""The outbox with a real SQLite store, respx for Slack/PagerDuty and a fake clock: no sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import respx
+
+from relay.app import Relay
+from relay.auth import Credentials
+from relay.outbox import Outbox
+from relay.store.sqlite import SQLiteStore
+from tests.test_relay_support import PD_URL, SLACK_URL, FakeClock, accept, alert, body, make_config
+
+
+def with_outbox(tmp_path: Path, clock: FakeClock, scenario: Callable[[Relay, Outbox], Awaitable[Any]], **config: Any) -> Relay:
+    relay = Relay(make_config(**config), SQLiteStore(tmp_path / "relay.db"), Credentials("t"), clock=clock)
+
+    async def main() -> None:
+        outbox = relay.start_outbox()
+        outbox._rand = lambda: 1.0  # no jitter: deterministic delays
+        try:
+            await scenario(relay, outbox)
+        finally:
+            assert relay.http is not None
+            await relay.http.aclose()
+
+    asyncio.run(main())
+    return relay
+
+
+def sample(relay: Relay, name: str, **labels: str) -> float:
+    value = relay.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+@respx.mock
+def test_storm_for_one_slack_webhook_is_coalesced_rate_limited_and_complete(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sent_at: list[float] = []
+    delivered: list[str] = []
+
+    def slack(request: httpx.Request) -> httpx.Response:
+        sent_at.append(clock())
+        delivered.extend(block["text"]["text"] for block in json.loads(request.content)["blocks"] if block["type"] == "section")
+        return httpx.Response(200, text="ok")
+
+    respx.post(SLACK_URL).mock(side_effect=slack)
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        for i in range(105):  # 105 distinct alerts arriving faster than Slack may be sent to
+            accept(relay.store, relay.config, body(alert(name=f"Storm{i:03d}")), clock())
+            if i % 10 == 0:
+                await outbox.run_once()
+            clock.advance(0.01)
+        for _ in range(40):
+            clock.advance(0.25)
+            await outbox.run_once()
+
+    relay = with_outbox(tmp_path, clock, scenario)
+    names = sorted(text.split("Storm")[1][:3] for text in delivered)
+    assert names == [f"{i:03d}" for i in range(105)]  # every alert, exactly once
+    assert all(b - a >= 1.0 for a, b in zip(sent_at, sent_at[1:]))  # at most one message per second
+    assert len(sent_at) < 105 / 10  # coalesced: mostly 20 alerts per message
+    assert relay.store.outbox_stats()[0] == 0
+    assert sample(relay, "mlwarden_relay_deliveries_total", destination="ops", integration="slack") == 105
+
+
+@respx.mock
+def test_429_retry_after_is_honoured_for_the_job_and_the_destination(tmp_path: Path) -> None:
+    clock = FakeClock()
+    route = respx.post(SLACK_URL).mock(
+        side_effect=[httpx.Response(429, headers={"Retry-After": "30"}), httpx.Response(200, text="ok")]
+    )
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        accept(relay.store, relay.config, body(alert()), clock())
+        await outbox.run_once()
+        assert route.call_count == 1
+        clock.advance(29)
+        accept(relay.store, relay.config, body(alert(name="Other")), clock())  # the destination is held too
+        await outbox.run_once()
+        assert route.call_count == 1
+        clock.advance(1)
+        await outbox.run_once()
+        assert route.call_count == 2
+
+    relay = with_outbox(tmp_path, clock, scenario)
+    assert relay.store.outbox_stats()[0] == 0
+    assert sample(relay, "mlwarden_relay_delivery_retries_total", destination="ops", integration="slack") == 1
+
+
+@respx.mock
+def test_5xx_backs_off_exponentially_then_dead_letters(tmp_path: Path) -> None:
+    clock = FakeClock()
+    route = respx.post(SLACK_URL).mock(return_value=httpx.Response(503, text="down"))
+    tries_at: list[float] = []
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        accept(relay.store, relay.config, body(alert()), clock())
+        for _ in range(200):
+            before = route.call_count
+            await outbox.run_once()
+            if route.call_count > before:
+                tries_at.append(clock())
+            clock.advance(0.5)
+
+    relay = with_outbox(tmp_path, clock, scenario)  # max_attempts 4, backoff 1s doubling, no jitter
+    gaps = [round(b - a) for a, b in zip(tries_at, tries_at[1:])]
+    assert gaps == [1, 2, 4]
+    [job] = relay.store.jobs()
+    assert job.status == "dead" and job.attempts == 4 and "503" in job.last_error
+    assert sample(relay, "mlwarden_relay_dead_letters_total", reason="retries_exhausted") == 1
+
+
+@respx.mock
+def test_permanent_4xx_dead_letters_at_once_and_other_destinations_still_deliver(tmp_path: Path) -> None:
+    clock = FakeClock()
+    respx.post(SLACK_URL).mock(return_value=httpx.Response(404, text="no_service"))
+    pd = respx.post(PD_URL).mock(return_value=httpx.Response(202, json={"status": "success"}))
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        accept(relay.store, relay.config, body(alert(severity="critical")), clock())  # -> ops and pd
+        await outbox.run_once()
+
+    relay = with_outbox(tmp_path, clock, scenario)
+    [job] = relay.store.jobs()
+    assert job.destination == "ops" and job.status == "dead" and job.attempts == 1
+    assert pd.call_count == 1
+    assert sample(relay, "mlwarden_relay_dead_letters_total", reason="permanent_failure") == 1
+
+
+@respx.mock
+def test_timeout_is_retried_not_lost(tmp_path: Path) -> None:
+    clock = FakeClock()
+    route = respx.post(SLACK_URL).mock(side_effect=[httpx.ReadTimeout("slow"), httpx.Response(200, text="ok")])
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        accept(relay.store, relay.config, body(alert()), clock())
+        await outbox.run_once()
+        clock.advance(1)
+        await outbox.run_once()
+
+    relay = with_outbox(tmp_path, clock, scenario)
+    assert route.call_count == 2 and relay.store.outbox_stats()[0] == 0
+
+
+@respx.mock
+def test_pagerduty_rate_limit_spaces_events(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sent_at: list[float] = []
+    respx.post(PD_URL).mock(side_effect=lambda r: sent_at.append(clock()) or httpx.Response(202, json={}))
+    respx.post(SLACK_URL).mock(return_value=httpx.Response(200, text="ok"))
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        for i in range(5):
+            accept(relay.store, relay.config, body(alert(name=f"Page{i}", severity="critical")), clock())
+        for _ in range(40):
+            await outbox.run_once()
+            clock.advance(0.1)
+
+    with_outbox(tmp_path, clock, scenario)
+    assert len(sent_at) == 5
+    assert all(b - a >= 0.5 - 1e-9 for a, b in zip(sent_at, sent_at[1:]))  # 120 events/min
+
+
+def test_sqlite_restart_releases_leases(tmp_path: Path) -> None:
+    config = make_config()
+    store = SQLiteStore(tmp_path / "relay.db")
+    accept(store, config, body(alert()), 100.0)
+    assert len(store.claim("ops", 100.0, 10, lease=600)) == 1
+    assert store.claim("ops", 101.0, 10, lease=600) == []  # leased
+    store.close()
+    reopened = SQLiteStore(tmp_path / "relay.db")  # the process that held the lease is gone
+    assert len(reopened.claim("ops", 102.0, 10, lease=600)) == 1
