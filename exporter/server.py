@@ -165,6 +165,11 @@ class _Server(ThreadingHTTPServer):
     auth: BasicAuth | None
     simulator: SimulatedBackend | None
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up, times out or speaks plain HTTP to TLS is its problem, not
+        # a crash worth a traceback on stderr.
+        log.debug("connection from %s failed", client_address[0], exc_info=True)
+
 
 class ExporterServer:
     def __init__(

@@ -1,0 +1,280 @@
+"""The running exporter over HTTP: real promtool, a real Prometheus, fault injection,
+basic auth, TLS, the scrape bound, and the `mlwarden exporter` command itself."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import http.client
+import ipaddress
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.app import Exporter
+from exporter.cli import ExporterSettings
+from mlwarden import settings
+from mlwarden.components import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load(*argv: str, environ: dict[str, str] | None = None) -> ExporterSettings:
+    return settings.load(ExporterSettings, "exporter", list(argv), environ or {})
+
+
+def request(url: str, data: Any = None, headers: dict[str, str] | None = None,
+            context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    body = json.dumps(data).encode() if data is not None else None
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def sample(body: str, metric: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+@pytest.fixture
+def start_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
+    started: list[Exporter] = []
+
+    def start(*argv: str, environ: dict[str, str] | None = None) -> Exporter:
+        exporter = Exporter.from_settings(load(
+            "--gpu-backend", "simulated", "--listen-address", f"127.0.0.1:{free_port()}",
+            "--interval", "0.2", "--artifacts-interval", "0.2", *argv, environ=environ,
+        ))
+        exporter.start()
+        started.append(exporter)
+        return exporter
+
+    yield start
+    for exporter in started:
+        exporter.stop()
+
+
+def url_of(exporter: Exporter, scheme: str = "http") -> str:
+    return f"{scheme}://127.0.0.1:{exporter.port}"
+
+
+def test_promtool_finds_nothing_wrong_with_the_real_output(start_exporter: Callable[..., Exporter], promtool: str, tmp_path: Path) -> None:
+    (tmp_path / "experiments" / "run1").mkdir(parents=True)
+    (tmp_path / "experiments" / "run1" / "weights.bin").write_bytes(b"x" * 1000)
+    exporter = start_exporter("--simulated-gpus", "3", "--backup-dir", str(tmp_path / "backups"),
+                              "--experiments-dir", str(tmp_path / "experiments"))
+    url = url_of(exporter)
+    assert request(url + "/-/simulate", {"gpu": 2, "fault": "xid", "xid": 79})[0] == 200
+    assert request(url + "/-/simulate", {"gpu": 1, "fault": "lose"})[0] == 200
+    body = wait_for(lambda: (b := request(url + "/metrics")[1]) and "mlwarden_gpu_xid_errors_total" in b
+                    and "mlwarden_artifacts_files" in b and 'mlwarden_gpu_up{gpu="1"' in b and b)
+    checked = subprocess.run([promtool, "check", "metrics"], input=body.encode(), capture_output=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr.decode()
+    assert checked.stdout.decode() + checked.stderr.decode() == ""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+
+def test_a_real_prometheus_scrapes_every_simulated_gpu(start_exporter: Callable[..., Exporter], start_prometheus: Callable[..., Any]) -> None:
+    exporter = start_exporter("--simulated-gpus", "3")
+    prometheus = start_prometheus(f"""
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: mlwarden_exporter
+    static_configs:
+      - targets: ["127.0.0.1:{exporter.port}"]
+""")
+    query = urllib.parse.urlencode({"query": "mlwarden_gpu_temperature_celsius"})
+
+    def gpus_seen() -> set[str]:
+        status, body = request(f"{prometheus.url}/api/v1/query?{query}")
+        assert status == 200, body
+        return {r["metric"]["gpu"] for r in json.loads(body)["data"]["result"]}
+
+    assert wait_for(lambda: gpus_seen() == {"0", "1", "2"}, timeout=30)
+    status, body = request(f"{prometheus.url}/api/v1/query?" + urllib.parse.urlencode({"query": "up"}))
+    assert json.loads(body)["data"]["result"][0]["value"][1] == "1"
+
+
+def test_fault_injection_endpoint(start_exporter: Callable[..., Exporter]) -> None:
+    url = url_of(start_exporter("--simulated-gpus", "2"))
+
+    def metric(name: str, **labels: str) -> float | None:
+        return sample(request(url + "/metrics")[1], name, **labels)
+
+    assert request(url + "/-/simulate", {"gpu": 0, "fault": "overheat"}) == (200, '{"ok": true}\n')
+    assert wait_for(lambda: metric("mlwarden_gpu_temperature_celsius", gpu="0") == 94.0)
+    assert metric("mlwarden_gpu_throttle_reason_active", gpu="0", reason="hw_thermal_slowdown") == 1
+    assert request(url + "/-/simulate", {"gpu": 0, "fault": "cool"})[0] == 200
+    assert wait_for(lambda: (metric("mlwarden_gpu_temperature_celsius", gpu="0") or 100) < 90)
+
+    assert request(url + "/-/simulate", {"gpu": 1, "fault": "lose"})[0] == 200
+    assert wait_for(lambda: metric("mlwarden_gpu_up", gpu="1") == 0)
+    assert metric("mlwarden_gpu_up", gpu="0") == 1
+    assert metric("mlwarden_gpu_temperature_celsius", gpu="1") is None
+    assert request(url + "/-/simulate", {"gpu": 1, "fault": "recover"})[0] == 200
+    assert wait_for(lambda: metric("mlwarden_gpu_up", gpu="1") == 1)
+
+    assert request(url + "/-/simulate", {"gpu": 1, "fault": "ecc", "count": 2})[0] == 200
+    assert wait_for(lambda: metric("mlwarden_gpu_ecc_errors_total", gpu="1", error_type="uncorrected", counter="volatile") == 2)
+    assert request(url + "/-/simulate", {"gpu": 1, "fault": "xid", "xid": 79, "count": 3})[0] == 200
+    assert request(url + "/-/simulate", {"gpu": 1, "fault": "xid", "xid": 79})[0] == 200
+    assert wait_for(lambda: metric("mlwarden_gpu_xid_errors_total", gpu="1", xid="79") == 4)
+
+    for bad in ({"gpu": 9, "fault": "lose"}, {"gpu": 0, "fault": "explode"}, {"gpu": "0", "fault": "lose"}, [1]):
+        status, body = request(url + "/-/simulate", bad)
+        assert status == 400 and "error" in json.loads(body), bad
+
+
+def test_fault_injection_does_not_exist_without_the_simulated_backend(tmp_path: Path) -> None:
+    exporter = Exporter.from_settings(load("--gpu-backend", "auto", "--listen-address", f"127.0.0.1:{free_port()}",
+                                           "--no-collector-gpu", "--no-collector-processes", "--no-collector-xid"))
+    exporter.start()
+    try:
+        assert request(url_of(exporter) + "/-/simulate", {"gpu": 0, "fault": "lose"})[0] == 404
+    finally:
+        exporter.stop()
+
+
+def test_basic_auth_protects_metrics_but_not_healthz(start_exporter: Callable[..., Exporter]) -> None:
+    exporter = start_exporter("--basic-auth-user", "prom",
+                              environ={"MLWARDEN_EXPORTER_BASIC_AUTH_PASSWORD": "s3cret-pass"})
+    url = url_of(exporter)
+    wait_for(lambda: exporter.store.snapshot.body.count(b"mlwarden_gpu_up{") == 2)
+
+    def auth(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    assert request(url + "/metrics")[0] == 401
+    assert request(url + "/metrics", headers=auth("prom", "wrong"))[0] == 401
+    assert request(url + "/metrics", headers={"Authorization": "Basic !!!"})[0] == 401
+    status, body = request(url + "/metrics", headers=auth("prom", "s3cret-pass"))
+    assert status == 200 and "mlwarden_gpu_temperature_celsius" in body
+    assert "s3cret-pass" not in body
+    assert request(url + "/-/simulate", {"gpu": 0, "fault": "lose"})[0] == 401
+    assert request(url + "/healthz")[0] == 200
+
+
+def test_scrapes_beyond_the_bound_get_503(start_exporter: Callable[..., Exporter]) -> None:
+    exporter = start_exporter("--max-concurrent-scrapes", "2")
+    exporter.server._server.queue_timeout = 0.1
+    slots = exporter.server.scrape_slots
+    assert slots.acquire(timeout=1) and slots.acquire(timeout=1)  # two scrapes in progress
+    try:
+        status, body = request(url_of(exporter) + "/metrics")
+        assert status == 503 and "too many concurrent scrapes" in body
+    finally:
+        slots.release()
+        slots.release()
+    assert request(url_of(exporter) + "/metrics")[0] == 200
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls(start_exporter: Callable[..., Exporter], tmp_path: Path) -> None:
+    cert_file, key_file = _self_signed(tmp_path)
+    exporter = start_exporter("--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file))
+    context = ssl.create_default_context(cafile=str(cert_file))
+    status, body = wait_for(lambda: (r := request(url_of(exporter, "https") + "/metrics", context=context))
+                            and "mlwarden_gpu_up" in r[1] and r)
+    assert status == 200
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        request(url_of(exporter, "http") + "/metrics")  # plain HTTP is refused, not served
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(settings.SettingsError, match="tls-cert-file and --tls-key-file"):
+        load("--tls-cert-file", "/etc/hostname")
+    with pytest.raises(settings.SettingsError, match="basic-auth-user"):
+        load("--basic-auth-user", "prom")
+    with pytest.raises(settings.SettingsError, match="--interval"):
+        load("--interval", "0")
+    loaded = load(environ={"BACKUP_DIR": "/srv/backups", "EXPERIMENTS_DIR": "/a,/b"})
+    assert loaded.backup_dir == Path("/srv/backups")
+    assert loaded.experiments_dir == [Path("/a"), Path("/b")]
+    assert loaded.listen_address == ("127.0.0.1", 9945)
+
+
+def test_the_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "MLWARDEN_EXPORTER_GPU_BACKEND": "simulated"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlwarden.cli", "exporter", "--listen-address", f"127.0.0.1:{port}", "--interval", "1s"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        def scraped() -> str | None:
+            try:
+                body = request(f"http://127.0.0.1:{port}/metrics")[1]
+            except urllib.error.URLError:
+                return None
+            return body if "mlwarden_gpu_temperature_celsius" in body else None
+
+        assert wait_for(scraped, timeout=30)
+        assert request(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        assert "stopping" in process.stderr.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_command_refuses_bad_settings_with_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mlwarden.cli", "exporter", "--listen-address", "nowhere"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--listen-address" in result.stderr and len(result.stderr.strip().splitlines()) == 1
