@@ -1,0 +1,99 @@
+"""The store contract against SQLite and a real redis-server; two Redis replicas never share a job."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mlwarden import components
+from relay.notice import Notice
+from relay.store import open_store
+from relay.store.base import Job, Store
+from tests.test_relay_support import accept, alert, body, make_config
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        opened = open_store(f"sqlite://{tmp_path}/relay.db")
+    else:
+        server: components.Component = request.getfixturevalue("redis_server")
+        opened = open_store(f"redis://127.0.0.1:{server.port}/0")
+    yield opened
+    opened.close()
+
+
+def jobs_for(destination: str, count: int, now: float) -> list[Job]:
+    notice = Notice(kind="firing", key="k", alertname="A", severity="warning")
+    return [Job(destination, notice, created_at=now + i, due_at=now) for i in range(count)]
+
+
+def test_intake_stores_state_and_jobs_and_dedups(store: Store) -> None:
+    config = make_config()
+    assert accept(store, config, body(alert(severity="critical")), 100.0) is not None
+    assert accept(store, config, body(alert(severity="critical")), 101.0) is None  # HA duplicate
+    assert [s.level for s in store.key_states()] == [1]
+    assert store.outbox_stats() == (2, 100.0)
+    assert {j.destination for j in store.jobs()} == {"ops", "pd"}
+    accept(store, config, body(alert(status="resolved")), 102.0)
+    assert store.key_states() == []
+
+
+def test_claim_lease_reschedule_deliver_and_dead_letter(store: Store) -> None:
+    store.enqueue(jobs_for("ops", 3, 100.0))
+    first = store.claim("ops", 100.0, limit=2, lease=60)
+    assert len(first) == 2
+    second = store.claim("ops", 100.0, limit=5, lease=60)
+    assert len(second) == 1 and second[0].id not in {j.id for j in first}
+    assert store.claim("ops", 100.5, limit=5, lease=60) == []  # all leased
+    store.reschedule(first[:1], due_at=110.0, error="HTTP 503")
+    store.delivered(first[1:])
+    assert store.claim("ops", 109.0, limit=5, lease=60) == []
+    [retry] = store.claim("ops", 110.0, limit=5, lease=60)
+    assert retry.attempts == 1 and retry.last_error == "HTTP 503"
+    store.dead_letter([retry], "HTTP 404")
+    [expired] = store.claim("ops", 1000.0, limit=5, lease=60)  # its worker died: the lease ran out
+    assert expired.id == second[0].id
+    dead = [j for j in store.jobs() if j.status == "dead"]
+    assert [j.id for j in dead] == [retry.id] and dead[0].attempts == 2
+    assert store.outbox_stats()[0] == 1
+
+
+def test_watchdog_transition_is_recorded_once(store: Store) -> None:
+    assert store.watchdog() == (None, "new")
+    assert store.announce_watchdog("new", "down", jobs_for("ops", 1, 5.0))
+    assert not store.announce_watchdog("new", "down", jobs_for("ops", 1, 5.0))  # a second replica loses
+    assert store.watchdog()[1] == "down" and store.outbox_stats()[0] == 1
+
+
+def test_two_redis_replicas_never_claim_the_same_job(redis_server: components.Component) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    replicas = [open_store(url), open_store(url)]
+    replicas[0].enqueue(jobs_for("ops", 300, 100.0))
+    claimed: list[list[str]] = [[], []]
+
+    def work(index: int) -> None:
+        while batch := replicas[index].claim("ops", 100.0, limit=3, lease=600):
+            claimed[index] += [j.id for j in batch]
+            replicas[index].delivered(batch)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = claimed[0] + claimed[1]
+    assert len(every) == 300 and len(set(every)) == 300
+    assert claimed[0] and claimed[1]  # both replicas took part
+    assert replicas[1].outbox_stats() == (0, None)
+
+
+def test_two_redis_replicas_store_an_ha_duplicate_once(redis_server: components.Component) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    config = make_config()
+    results = [accept(open_store(url), config, body(alert()), 100.0) for _ in range(2)]
+    assert results[0] is not None and results[1] is None
+    assert open_store(url).outbox_stats()[0] == 1
