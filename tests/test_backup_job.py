@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_backup_support import backup, make_models, only_entry, pushed, tree
+from test_backup_support import backup, forget_pushed, make_models, only_entry, pushed, tree
 
 from jobs.backup.job import LOCK_FILE
 from mlwarden import components
@@ -187,6 +187,7 @@ def test_kill_9_mid_backup_leaves_no_manifest_and_the_next_run_succeeds(tmp_path
 def test_metrics_reach_the_pushgateway_and_a_failed_run_keeps_the_last_success(
     tmp_path: Path, pushgateway: components.Component
 ) -> None:
+    forget_pushed(pushgateway.url, "mlwarden_backup")
     models = make_models(tmp_path / "models")
     backups = tmp_path / "backups"
     assert backup(models, backups, "--pushgateway", pushgateway.url) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def flip_byte(path: Path, offset_from_end: int = 1000) -> None:
 def tree(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` (relative path -> content)."""
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def forget_pushed(pushgateway_url: str, job: str) -> None:
+    """Delete ``job``'s group: Debian's Pushgateway persists to /var/lib by default, so a fresh
+    process can start with what an earlier test pushed."""
+    url = f"{pushgateway_url}/metrics/job/{job}/instance/{socket.gethostname()}"
+    urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=5).read()
 
 
 def pushed(pushgateway_url: str, job: str) -> dict[str, float]:
