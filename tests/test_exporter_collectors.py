@@ -1,0 +1,170 @@
+"""The collectors that read the machine rather than the GPU: backups, artifacts, process
+identity; plus the snapshot's freshness bookkeeping and the simulated backend."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import procinfo
+from exporter.backends.base import GpuLost, XidEvent
+from exporter.backends.simulated import SimulatedBackend
+from exporter.backends.supervisor import BackendSupervisor
+from exporter.collectors.artifacts import ArtifactsCollector
+from exporter.collectors.backups import BackupsCollector
+from exporter.collectors.base import Collected, Collector
+from exporter.collectors import xid as xid_module
+from exporter.collectors.xid import XidCollector
+from exporter.snapshot import SnapshotStore, render
+from mlwarden.catalog import Catalog, FileRecord, Manifest, OffsiteCopy, Verification
+
+
+def samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = render(collector.collect().families).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _backup(root: Path, name: str, finished_at: float, archive_bytes: int) -> Path:
+    directory = root / name
+    directory.mkdir(parents=True)
+    Catalog.commit(directory, Manifest(
+        name=name, source="/models", host="gpu01", started_at=finished_at - 60, finished_at=finished_at,
+        compression="zstd", level=3, archive=f"{name}.tar.zst", archive_bytes=archive_bytes,
+        archive_sha256="0" * 64, total_bytes=archive_bytes * 2,
+        files=(FileRecord(path="model.pt", size=archive_bytes * 2, sha256="1" * 64, mtime=finished_at - 100),),
+    ))
+    return directory
+
+
+def test_backups_collector_reads_the_catalog(tmp_path: Path) -> None:
+    root = tmp_path / "backups"
+    _backup(root, "models-20260101T000000Z", 1_767_225_600.0, 1000)
+    newest = Catalog.read(_backup(root, "models-20260102T000000Z", 1_767_312_000.0, 3000))
+    assert newest is not None
+    (root / "models-20260103T000000Z").mkdir()  # an interrupted run: no manifest
+    labels = (("backup_dir", str(root)),)
+    collector = BackupsCollector(root, 60.0, 60.0)
+
+    found = samples(collector)
+    assert found[("mlwarden_backups", labels)] == 2
+    assert found[("mlwarden_backup_newest_timestamp_seconds", labels)] == 1_767_312_000.0
+    assert found[("mlwarden_backup_size_bytes", labels)] == 4000
+    assert found[("mlwarden_backup_incomplete", labels)] == 1
+    assert found[("mlwarden_backup_newest_offsite", labels)] == 0
+    assert ("mlwarden_backup_newest_verified", labels) not in found  # never verified: absent, not 0
+
+    Catalog.update_status(newest, verification=Verification(checked_at=time.time(), ok=False, detail="sha mismatch"))
+    assert samples(collector)[("mlwarden_backup_newest_verified", labels)] == 0
+    entry = Catalog.read(newest.directory)
+    assert entry is not None
+    entry = Catalog.update_status(entry, verification=Verification(checked_at=time.time(), ok=True))
+    Catalog.update_status(entry, offsite=OffsiteCopy(uploaded_at=time.time(), bucket="b", key="k", sha256="0" * 64))
+    found = samples(collector)
+    assert found[("mlwarden_backup_newest_verified", labels)] == 1
+    assert found[("mlwarden_backup_newest_offsite", labels)] == 1
+
+
+def test_backups_collector_on_a_missing_directory_reports_zero_backups(tmp_path: Path) -> None:
+    root = tmp_path / "not-yet"
+    found = samples(BackupsCollector(root, 60.0, 60.0))
+    assert found[("mlwarden_backups", (("backup_dir", str(root)),))] == 0
+    assert not any(name == "mlwarden_backup_newest_timestamp_seconds" for name, _ in found)
+
+
+def test_artifacts_collector_sizes_trees_without_following_symlinks(tmp_path: Path) -> None:
+    experiments = tmp_path / "experiments"
+    (experiments / "run1" / "ckpt").mkdir(parents=True)
+    (experiments / "run1" / "ckpt" / "a.pt").write_bytes(b"a" * 1000)
+    (experiments / "run1" / "log.txt").write_bytes(b"b" * 24)
+    (experiments / "escape").symlink_to("/usr")  # must not be walked
+    missing = tmp_path / "gone"
+    collector = ArtifactsCollector([experiments, missing], 60.0, 60.0)
+    collected = collector.collect()
+    assert not collected.success  # one directory is missing
+    found = samples(collector)
+    labels = (("directory", str(experiments)),)
+    assert found[("mlwarden_artifacts_size_bytes", labels)] == 1024
+    assert found[("mlwarden_artifacts_files", labels)] == 2
+    stats = os.statvfs(experiments)
+    assert found[("mlwarden_artifacts_filesystem_size_bytes", labels)] == stats.f_blocks * stats.f_frsize
+    assert found[("mlwarden_artifacts_filesystem_free_bytes", labels)] > 0
+    assert not any(dict(lbl).get("directory") == str(missing) for _, lbl in found)
+
+
+@pytest.mark.parametrize(("cgroup", "expected"), [
+    ("0::/system.slice/docker-3f1c9d1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6.scope\n", "3f1c9d1a2b3c"),
+    ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901.slice\n",
+     "pod1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901"),
+    ("0::/user.slice/user-1000.slice/session-3.scope\n", ""),
+])
+def test_container_of_cgroup(cgroup: str, expected: str) -> None:
+    assert procinfo.container_of(cgroup) == expected
+
+
+def test_describe_a_real_process_and_a_gone_one() -> None:
+    me = procinfo.describe(os.getpid())
+    assert me.name and me.user
+    assert procinfo.describe(2**22 + 12345) == procinfo.ProcessInfo()
+
+
+def test_xid_series_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xid_module, "MAX_SERIES", 3)
+    collector = XidCollector(BackendSupervisor(SimulatedBackend(gpus=1)), 1.0, 1.0)
+    for code in (13, 31, 43, 48, 79):
+        collector.record(XidEvent(gpu=0, xid=code, timestamp=1.0))
+    collector.record(XidEvent(gpu=0, xid=13, timestamp=2.0))
+    found = samples(collector)
+    counted = {dict(lbl)["xid"]: v for (name, lbl), v in found.items() if name == "mlwarden_gpu_xid_errors_total"}
+    assert counted == {"13": 2, "31": 1, "43": 1}
+
+
+def test_simulated_backend_moves_and_faults() -> None:
+    now = [1000.0]
+    backend = SimulatedBackend(gpus=2, processes_per_gpu=4, clock=lambda: now[0])
+    first = backend.read(0)
+    now[0] += 30
+    second = backend.read(0)
+    assert first.temperature_celsius != second.temperature_celsius
+    assert second.energy_joules is not None and second.energy_joules > 0
+    assert len(backend.processes(1)) == 4
+    backend.inject(0, "lose")
+    with pytest.raises(GpuLost):
+        backend.read(0)
+    backend.inject(0, "xid", xid=43, count=2)
+    assert [e.xid for e in backend.wait_xid_events(0.01)] == [43, 43]
+    assert backend.wait_xid_events(0.01) == []
+    with pytest.raises(ValueError):
+        backend.inject(5, "lose")
+
+
+class _Fixed(Collector):
+    name = "fixed"
+    interval = 1.0
+    timeout = 1.0
+
+    def collect(self) -> Collected:
+        return Collected()
+
+
+def test_snapshot_freshness_and_staleness() -> None:
+    now = [100.0]
+    store = SnapshotStore([("fixed", 1.0)], "9.9", wall=lambda: 1e9 + now[0], monotonic=lambda: now[0])
+    assert store.stale_collectors() == []  # grace period after start
+    now[0] += 3.5
+    assert store.stale_collectors() == ["fixed"]
+    store.publish("fixed", Collected(), 0.01)
+    assert store.stale_collectors() == []
+    body = store.snapshot.body.decode()
+    assert 'mlwarden_exporter_collector_success{collector="fixed"} 1.0' in body
+    assert 'mlwarden_exporter_build_info{version="9.9"} 1.0' in body
+    assert 'mlwarden_exporter_last_collection_timestamp_seconds{collector="fixed"} 1.0000001035e+09' in body
+    store.mark_stale("fixed")
+    assert 'mlwarden_exporter_collector_success{collector="fixed"} 0.0' in store.snapshot.body.decode()
