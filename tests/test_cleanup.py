@@ -159,8 +159,11 @@ def test_a_breaker_trip_deletes_nothing_exits_3_and_is_pushed(root: Path, pushga
         make(root / "run" / f"old-{i}.bin", age_days=90, size=1000)
     before = existing(root)
 
+    started = time.time()
     assert run_cleanup(root, "--max-files", "4", "--pushgateway", pushgateway.url) == ExitCode.BREAKER
     assert existing(root) == before
+    # Debian's Pushgateway persists to a shared file by default: make sure this run's push is read.
+    assert pushed_value(pushgateway.url, "mlwarden_job_last_run_timestamp_seconds") >= started
     assert pushed_value(pushgateway.url, "mlwarden_cleanup_breaker_tripped") == 1
     assert pushed_value(pushgateway.url, "mlwarden_cleanup_planned_files") == 5
     assert pushed_value(pushgateway.url, "mlwarden_job_success") == 0

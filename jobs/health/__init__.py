@@ -1,0 +1,1 @@
+"""``mlwarden health``: small checks (one per module) whose answers are metrics."""

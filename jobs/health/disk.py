@@ -1,0 +1,45 @@
+"""Disk usage of the configured paths against warning and critical thresholds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from jobs.health.result import Result, Status
+from mlwarden.terminal import human_bytes
+
+
+class DiskSettings(Protocol):
+    disk_path: list[Path]
+    disk_warning: float
+    disk_critical: float
+
+
+def used_ratio(path: Path) -> tuple[float, int]:
+    """The share of the filesystem in use as ``df`` counts it (reserved blocks excluded), and bytes free."""
+    st = os.statvfs(path)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    available = st.f_bavail * st.f_frsize
+    total = used + available
+    return (used / total if total else 0.0), available
+
+
+def check(settings: DiskSettings) -> list[Result]:
+    results = []
+    for path in settings.disk_path:
+        name = f"disk:{path}"
+        try:
+            ratio, free = used_ratio(path)
+        except OSError as exc:
+            results.append(Result(name, Status.CRITICAL, f"cannot read {path}: {exc.strerror}"))
+            continue
+        if ratio >= settings.disk_critical:
+            status = Status.CRITICAL
+        elif ratio >= settings.disk_warning:
+            status = Status.WARNING
+        else:
+            status = Status.OK
+        summary = f"{ratio:.0%} used, {human_bytes(free)} free"
+        results.append(Result(name, status, summary, {"path": str(path), "used_ratio": ratio, "free_bytes": free}))
+    return results

@@ -1,0 +1,184 @@
+"""mlwarden health: each check, the output, the exit status, and the pushed metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pynvml
+import pytest
+
+from jobs.health import cli as health_cli
+from jobs.health import disk, gpu, output
+from jobs.health.result import Result, Status
+from mlwarden import settings
+from mlwarden.catalog import Catalog, Manifest, Verification
+from mlwarden.exitcodes import ExitCode
+
+
+def load(*flags: str, env: dict[str, str] | None = None) -> health_cli.HealthSettings:
+    return settings.load(health_cli.HealthSettings, "health", list(flags), env or {})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    answers = {"/healthz": 200, "/readyz": 503}
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(self.answers.get(self.path, 404))
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def service() -> Iterator[str]:
+    """A tiny HTTP server: /healthz answers 200 (a healthy exporter), /readyz 503 (a relay not ready)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def make_backup(root: Path, name: str, age_seconds: float, verified: bool | None) -> None:
+    directory = root / name
+    directory.mkdir(parents=True)
+    finished = time.time() - age_seconds
+    manifest = Manifest(
+        name=name, source="/models", host="h", started_at=finished - 10, finished_at=finished,
+        compression="zstd", level=3, archive=f"{name}.tar.zst", archive_bytes=1, archive_sha256="0" * 64,
+        total_bytes=1, files=(),
+    )
+    entry = Catalog.commit(directory, manifest)
+    if verified is not None:
+        Catalog.update_status(entry, verification=Verification(checked_at=finished, ok=verified))
+
+
+def pushed(pushgateway_url: str) -> dict[str, float]:
+    """Pushed health series as {'name{labels}': value}, without the grouping labels."""
+    values = {}
+    for line in httpx.get(pushgateway_url + "/metrics", timeout=5).text.splitlines():
+        if 'job="mlwarden_health"' in line and line.startswith(("mlwarden_health_", "mlwarden_job_")):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            kept = [part for part in labels.rstrip("}").split(",") if part.split("=")[0] in ("check", "path")]
+            values[f"{name}{{{','.join(kept)}}}"] = float(value)
+    return values
+
+
+def test_services_checks_and_metrics_are_pushed(service: str, pushgateway, tmp_path: Path) -> None:
+    started = time.time()
+    loaded = load("--exporter-url", service, "--relay-url", service, "--pushgateway", pushgateway.url,
+                  "--disk-path", str(tmp_path), "--disk-critical", "1.0", "--disk-warning", "1.0")
+
+    assert health_cli.run(loaded) == ExitCode.FAILURE  # the relay is not ready
+
+    metrics = pushed(pushgateway.url)
+    # Debian's Pushgateway persists to a shared file by default: make sure this run's push is read.
+    assert metrics["mlwarden_job_last_run_timestamp_seconds{}"] >= started
+    assert metrics['mlwarden_health_check_ok{check="service:exporter"}'] == 1
+    assert metrics['mlwarden_health_check_ok{check="service:relay"}'] == 0
+    assert metrics['mlwarden_health_check_ok{check="service:pushgateway"}'] == 1
+    ratio = metrics[f'mlwarden_health_disk_used_ratio{{path="{tmp_path}"}}']
+    assert 0 < ratio < 1
+    assert metrics["mlwarden_job_success{}"] == 1  # the health job itself ran
+
+
+def test_an_unreachable_service_is_critical_and_the_url_is_not_shown(tmp_path: Path) -> None:
+    from mlwarden.components import free_port
+
+    loaded = load("--prometheus-url", f"http://user:s3cret@127.0.0.1:{free_port()}", "--http-timeout", "1s")
+    [result] = health_cli.services.check(loaded)
+    assert result.status is Status.CRITICAL and "unreachable" in result.summary
+    assert "s3cret" not in result.summary
+
+
+def test_disk_thresholds(tmp_path: Path) -> None:
+    ratio, _ = disk.used_ratio(tmp_path)
+    assert 0 < ratio < 1
+    [warn] = disk.check(load("--disk-path", str(tmp_path), "--disk-warning", "0", "--disk-critical", "1"))
+    [crit] = disk.check(load("--disk-path", str(tmp_path), "--disk-warning", "0", "--disk-critical", "0"))
+    [gone] = disk.check(load("--disk-path", str(tmp_path / "missing")))
+    assert (warn.status, crit.status, gone.status) == (Status.WARNING, Status.CRITICAL, Status.CRITICAL)
+    with pytest.raises(settings.SettingsError, match="disk-warning"):
+        load("--disk-warning", "0.9", "--disk-critical", "0.8")
+
+
+def test_no_nvml_is_reported_and_fails_only_when_a_gpu_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_library() -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    [relaxed] = gpu.check(load())
+    [strict] = gpu.check(load("--require-gpu"))
+    assert relaxed.status is Status.OK and "no NVML" in relaxed.summary
+    assert strict.status is Status.CRITICAL
+
+
+def test_gpu_temperature_above_threshold_is_a_warning_and_a_lost_gpu_critical(monkeypatch: pytest.MonkeyPatch) -> None:
+    temperatures = {0: 60, 1: 91}
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 3)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
+
+    def temperature(handle: int, sensor: int) -> int:
+        assert sensor == pynvml.NVML_TEMPERATURE_GPU
+        if handle == 2:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return temperatures[handle]
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTemperature", temperature)
+    results = gpu.check(load(env={"TEMP_THRESHOLD": "85"}))
+    assert [(r.check, r.status) for r in results] == [
+        ("gpu:0", Status.OK), ("gpu:1", Status.WARNING), ("gpu:2", Status.CRITICAL),
+    ]
+
+
+def test_backup_freshness_and_verification(tmp_path: Path) -> None:
+    make_backup(tmp_path / "fresh", "models-1", 3600, verified=True)
+    make_backup(tmp_path / "stale", "models-1", 30 * 3600, verified=True)
+    make_backup(tmp_path / "corrupt", "models-1", 3600, verified=False)
+    make_backup(tmp_path / "unverified", "models-1", 3600, verified=None)
+    (tmp_path / "empty").mkdir()
+    names = ["fresh", "stale", "corrupt", "unverified", "empty"]
+    env = {"BACKUP_DIR": ",".join(str(tmp_path / n) for n in names)}
+
+    results = health_cli.backups.check(load(env=env))
+
+    assert [r.status for r in results] == [Status.OK, Status.CRITICAL, Status.CRITICAL, Status.WARNING, Status.CRITICAL]
+
+
+def test_json_output_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(health_cli, "CHECKS", {"disk": disk.check})
+    assert health_cli.run(load("--json", "--disk-path", str(tmp_path))) == ExitCode.OK
+    document = json.loads(capsys.readouterr().out)
+    assert document["healthy"] is True
+    assert document["checks"][0]["check"] == f"disk:{tmp_path}"
+
+    assert health_cli.run(load("--json", "--disk-path", str(tmp_path), "--disk-warning", "0", "--disk-critical", "0")) == ExitCode.FAILURE
+    assert json.loads(capsys.readouterr().out)["healthy"] is False
+
+
+def test_a_crashing_check_is_critical_and_the_others_still_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def broken(_: object) -> list[Result]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(health_cli, "CHECKS", {"broken": broken, "disk": disk.check})
+    results = health_cli.run_checks(load("--disk-path", str(tmp_path)))
+    assert [(r.check, r.status) for r in results] == [("broken", Status.CRITICAL), (f"disk:{tmp_path}", Status.OK)]
+
+
+def test_table_output() -> None:
+    table = output.as_table([Result("disk:/", Status.OK, "10% used"), Result("gpu", Status.CRITICAL, "no NVML")])
+    lines = table.splitlines()
+    assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
+    assert lines[2].startswith("gpu") and "CRITICAL" in lines[2]
+    assert lines[-1] == "machine is NOT healthy"
