@@ -1,0 +1,191 @@
+"""The relay as a real process: kill -9 and restart with SQLite, and a real Alertmanager posting to it.
+
+Slack and PagerDuty are a local HTTP sink that records every request and can answer 503.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mlwarden import components
+from tests.test_relay_support import TOKEN, alert, body
+
+MLWARDEN = str(Path(sys.executable).parent / "mlwarden")
+
+
+class Sink:
+    """A local stand-in for Slack and PagerDuty: records each POST, answers ``status``."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.received: list[tuple[str, int, dict[str, Any]]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = sink.status
+                sink.received.append((self.path, status, data))
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def delivered(self, path: str) -> list[dict[str, Any]]:
+        return [data for p, status, data in self.received if p == path and status < 300]
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    sink = Sink()
+    yield sink
+    sink.server.shutdown()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class RelayProcess:
+    def __init__(self, tmp_path: Path, sink: Sink) -> None:
+        self.port = components.free_port()
+        config = {
+            "destinations": {
+                "ops": {"type": "slack", "webhook_url_env": "SLACK_WEBHOOK_URL"},
+                "pd": {"type": "pagerduty", "routing_key_env": "PD_KEY", "events_url": f"{sink.url}/pd"},
+            },
+            "routes": [{"destinations": ["ops"], "key_labels": ["alertname", "instance", "gpu"]}],
+            "escalation": {"destinations": ["pd"]},
+            "watchdog": {"period": "30s", "grace": "30s", "destinations": ["ops"]},
+            "delivery": {"backoff_initial": "100ms", "backoff_max": "300ms", "max_attempts": 1000},
+        }
+        (tmp_path / "relay.yml").write_text(yaml.safe_dump(config))
+        (tmp_path / "token").write_text(TOKEN + "\n")
+        self.argv = [MLWARDEN, "relay", "--config", str(tmp_path / "relay.yml"), "--listen-address",
+                     f"127.0.0.1:{self.port}", "--state-url", f"sqlite://{tmp_path}/state/relay.db"]
+        self.env = {**os.environ, "SLACK_WEBHOOK_URL": f"{sink.url}/slack", "PD_KEY": "pd-routing-key",
+                    "MLWARDEN_RELAY_TOKEN_FILE": str(tmp_path / "token")}
+        self.log = tmp_path / "relay.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RelayProcess:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: components.http_ok(self.url + "/readyz"), what="relay ready: " + self.log.read_text()[-500:])
+        return self
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+
+    def post(self, raw: bytes) -> int:
+        request = urllib.request.Request(self.url + "/webhook/alertmanager", data=raw, method="POST",
+                                         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture
+def relay_process(tmp_path: Path, sink: Sink) -> Iterator[RelayProcess]:
+    process = RelayProcess(tmp_path, sink)
+    yield process
+    process.stop()
+
+
+def test_kill_9_mid_retry_loses_nothing_and_pagerduty_sees_one_incident(relay_process: RelayProcess, sink: Sink) -> None:
+    sink.status = 503  # Slack and PagerDuty are down
+    relay_process.start()
+    assert relay_process.post(body(alert(name="GpuXid", severity="critical"), alert(name="GpuHot"))) == 200
+    wait_for(lambda: len(sink.received) >= 4, what="retries against the failing sink")
+    relay_process.kill9()
+    sink.status = 200  # the services recover while the relay is dead
+    relay_process.start()
+    slack = wait_for(lambda: sink.delivered("/slack"), what="Slack delivery after restart")
+    pagerduty = wait_for(lambda: sink.delivered("/pd"), what="PagerDuty delivery after restart")
+    time.sleep(0.5)  # anything still queued would go out now
+    delivered_alerts = "".join(json.dumps(message) for message in sink.delivered("/slack"))
+    assert "GpuXid" in delivered_alerts and "GpuHot" in delivered_alerts
+    assert len(slack) >= 1 and len(sink.delivered("/pd")) == 1
+    every_pd_attempt = [data for path, _, data in sink.received if path == "/pd"]
+    assert {e["dedup_key"] for e in every_pd_attempt} == {pagerduty[0]["dedup_key"]}  # one incident
+    assert "mlwarden_relay_outbox_depth 0.0" in relay_process.metrics()
+
+
+ALERTMANAGER_CONFIG = """
+route:
+  receiver: relay
+  group_by: [alertname, instance, gpu]
+  group_wait: 0s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: relay
+    webhook_configs:
+      - url: {url}/webhook/alertmanager
+        send_resolved: true
+        http_config:
+          authorization:
+            credentials_file: {token_file}
+"""
+
+
+def test_real_alertmanager_posts_to_the_relay(
+    relay_process: RelayProcess, sink: Sink, tmp_path: Path, start_alertmanager: Callable[..., components.Component]
+) -> None:
+    relay_process.start()
+    am = start_alertmanager(ALERTMANAGER_CONFIG.format(url=relay_process.url, token_file=tmp_path / "token"))
+    alerts = [
+        {"labels": {"alertname": "GpuTemperatureHigh", "severity": "warning", "instance": "node7:9945", "gpu": "3"},
+         "annotations": {"summary": "GPU 3 is hot"}},
+        {"labels": {"alertname": "Watchdog", "severity": "none"}},
+    ]
+    request = urllib.request.Request(am.url + "/api/v2/alerts", data=json.dumps(alerts).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).close()
+    [message] = wait_for(lambda: sink.delivered("/slack"), what="Slack message via Alertmanager")
+    text = json.dumps(message)
+    assert "GpuTemperatureHigh" in text and "node7:9945" in text and "GPU 3" in text and "WARNING" in text
+    metrics = wait_for(lambda: 'mlwarden_relay_watchdog_state{state="up"} 1.0' in relay_process.metrics()
+                       and relay_process.metrics(), what="watchdog heartbeat")
+    assert 'mlwarden_relay_webhooks_received_total{outcome="accepted"}' in metrics
+    assert 'mlwarden_relay_webhooks_received_total{outcome="unauthorized"} 0.0' in metrics
