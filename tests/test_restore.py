@@ -1,0 +1,189 @@
+"""Restore: hash checked before extraction, strict members, all-or-nothing target, from S3, and drills."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
+
+from mlwarden import components
+from mlwarden.catalog import Catalog, FileRecord, Manifest
+
+
+def restore(*argv: str | Path) -> int:
+    return mlwarden("restore", *argv)
+
+
+def test_restore_latest_and_by_name_gives_back_every_file(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "models")
+    (models / "run.sh").write_text("#!/bin/sh\n")
+    (models / "run.sh").chmod(0o755)
+    assert backup(models, tmp_path / "backups") == 0
+    name = only_entry(tmp_path / "backups").name
+    assert restore("--backup-dir", tmp_path / "backups", "--to", tmp_path / "latest") == 0
+    assert restore(name, "--backup-dir", tmp_path / "backups", "--to", tmp_path / "named") == 0
+    assert tree(tmp_path / "latest") == tree(models) == tree(tmp_path / "named")
+    assert (tmp_path / "latest" / "run.sh").stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_a_flipped_byte_is_refused_before_anything_is_extracted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups") == 0
+    flip_byte(only_entry(tmp_path / "backups").archive_path)
+    assert restore("--backup-dir", tmp_path / "backups", "--to", tmp_path / "restored") == 1
+    assert "damaged; nothing was extracted" in capsys.readouterr().err
+    assert not (tmp_path / "restored").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_non_empty_target_is_left_alone_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups") == 0
+    target = tmp_path / "serving"
+    target.mkdir()
+    (target / "keep-me.txt").write_text("precious")
+    assert restore("--backup-dir", tmp_path / "backups", "--to", target) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert tree(target) == {"keep-me.txt": b"precious"}
+    assert restore("--backup-dir", tmp_path / "backups", "--to", target, "--force") == 0
+    assert tree(target) == tree(models)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models", "serving"]
+
+
+def test_an_unknown_backup_name_is_a_clear_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "backups").mkdir()
+    assert restore("nope-20200101T000000Z", "--backup-dir", tmp_path / "backups", "--to", tmp_path / "x") == 1
+    assert "no backup named" in capsys.readouterr().err
+    assert restore("--backup-dir", tmp_path / "backups") == 2  # no --to and no --drill
+
+
+def _crafted_backup(backup_dir: Path, members: list[tuple[tarfile.TarInfo, bytes]], listed: list[str]) -> Path:
+    """A backup whose manifest vouches for the archive's hash, so only the member checks can refuse it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    blob = buffer.getvalue()
+    name = "crafted-20200101T000000Z"
+    directory = backup_dir / name
+    directory.mkdir(parents=True)
+    (directory / f"{name}.tar").write_bytes(blob)
+    files = tuple(FileRecord(path=p, size=3, sha256=hashlib.sha256(b"bad").hexdigest(), mtime=0.0) for p in listed)
+    Catalog.commit(
+        directory,
+        Manifest(
+            name=name, source="/models", host="h", started_at=time.time(), finished_at=time.time(), compression="none",
+            level=None, archive=f"{name}.tar", archive_bytes=len(blob), archive_sha256=hashlib.sha256(blob).hexdigest(),
+            total_bytes=3 * len(listed), files=files,
+        ),
+    )
+    return directory
+
+
+def _file(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = 3
+    return info, b"bad"
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, b""
+
+
+@pytest.mark.parametrize(
+    ("members", "listed", "reason"),
+    [
+        ([_file("../escaped.txt")], ["../escaped.txt"], "'..'"),
+        ([_file("ok/../../escaped.txt")], ["ok/../../escaped.txt"], "'..'"),
+        ([_file("/tmp/absolute.txt")], ["/tmp/absolute.txt"], "absolute"),
+        ([_link("weights", "/etc"), _file("weights/passwd")], ["weights/passwd"], "only regular files"),
+        ([_link("up", "../../.."), _file("up/escaped.txt")], ["up/escaped.txt"], "only regular files"),
+        ([_link("hard", "/etc/passwd", tarfile.LNKTYPE)], [], "only regular files"),
+        ([_file("unlisted.txt")], [], "not listed in the manifest"),
+    ],
+)
+def test_crafted_archives_are_refused_and_nothing_escapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], members: list[tuple[tarfile.TarInfo, bytes]], listed: list[str], reason: str
+) -> None:
+    backups = tmp_path / "area" / "backups"
+    _crafted_backup(backups, members, listed)
+    target = tmp_path / "area" / "restore" / "here"
+    assert restore("--backup-dir", backups, "--to", target) == 1
+    assert reason in capsys.readouterr().err
+    assert not target.exists()
+    assert not (tmp_path / "area" / "restore" / "escaped.txt").exists()
+    assert not (tmp_path / "area" / "escaped.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "area" / "restore").iterdir()) == []
+
+
+@pytest.fixture
+def s3_env(s3_server: components.S3Server, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"restore-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket=bucket)
+    return ["--s3-bucket", bucket, "--s3-prefix", "fleet/node-7", "--s3-endpoint-url", s3_server.url, "--s3-retry-base", "0.05"]
+
+
+def test_restore_from_s3_after_the_machine_lost_its_disk(tmp_path: Path, s3_env: list[str]) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups", *s3_env) == 0
+    expected = tree(models)
+    shutil.rmtree(tmp_path / "backups")
+    shutil.rmtree(models)
+    assert restore("latest", "--from-s3", *s3_env, "--to", models) == 0
+    assert tree(models) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # the download was cleaned up
+
+
+def test_a_damaged_object_in_s3_is_refused(tmp_path: Path, s3_env: list[str], s3_server: components.S3Server, capsys: pytest.CaptureFixture[str]) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups", *s3_env) == 0
+    entry = only_entry(tmp_path / "backups")
+    flip_byte(entry.archive_path)
+    s3 = boto3.client("s3", endpoint_url=s3_server.url)
+    s3.put_object(Bucket=s3_env[1], Key=f"fleet/node-7/{entry.name}/{entry.manifest.archive}", Body=entry.archive_path.read_bytes())
+    assert restore(entry.name, "--from-s3", *s3_env, "--to", tmp_path / "restored") == 1
+    assert "damaged" in capsys.readouterr().err
+    assert not (tmp_path / "restored").exists()
+
+
+def test_a_drill_proves_the_latest_backup_restorable_and_pushes_it(tmp_path: Path, pushgateway: components.Component) -> None:
+    forget_pushed(pushgateway.url, "mlwarden_restore_drill")
+    models = make_models(tmp_path / "models")
+    backups = tmp_path / "backups"
+    assert backup(models, backups) == 0
+    assert restore("--drill", "--backup-dir", backups, "--pushgateway", pushgateway.url) == 0
+    metrics = pushed(pushgateway.url, "mlwarden_restore_drill")
+    assert metrics["mlwarden_job_success"] == 1
+    assert metrics["mlwarden_restore_drill_verified_files"] == 4
+    assert metrics["mlwarden_restore_drill_duration_seconds"] > 0
+    assert [p.name for p in backups.iterdir() if p.name.startswith(".drill")] == []
+    last_success = metrics["mlwarden_job_last_success_timestamp_seconds"]
+
+    flip_byte(only_entry(backups).archive_path)
+    assert restore("--drill", "--backup-dir", backups, "--pushgateway", pushgateway.url) == 1
+    metrics = pushed(pushgateway.url, "mlwarden_restore_drill")
+    assert metrics["mlwarden_job_success"] == 0
+    assert metrics["mlwarden_restore_drill_verified_files"] == 0
+    assert metrics["mlwarden_job_last_success_timestamp_seconds"] == last_success
+
+
+def test_a_drill_from_s3(tmp_path: Path, s3_env: list[str]) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups", *s3_env) == 0
+    assert restore("--drill", "--from-s3", *s3_env, "--backup-dir", tmp_path / "backups") == 0
+    assert [p.name for p in (tmp_path / "backups").iterdir() if p.name.startswith(".")] == [".mlwarden-backup.lock"]
