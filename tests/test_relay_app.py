@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from relay import watchdog
 from relay.app import WEBHOOK_PATH, Relay, create_app
 from relay.auth import Credentials
 from relay.store.base import StoreError
@@ -174,3 +175,22 @@ def test_metrics_pass_promtool_and_never_show_secrets(app: tuple[TestClient, Rel
     assert TOKEN not in text and "hooks.slack.test" not in text
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_watchdog_silence_announces_down_once_and_then_recovery(app: tuple[TestClient, Relay]) -> None:
+    client, relay = app
+    clock: FakeClock = relay.clock  # type: ignore[assignment]
+    heartbeat = alert(name="Watchdog", severity="none")
+    assert relay.config.watchdog is not None
+    client.post(WEBHOOK_PATH, content=body(heartbeat, group_key="1"), headers=AUTH)
+    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "up"
+    clock.advance(15)  # period 10s, grace 20s
+    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "late"
+    clock.advance(20)
+    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "down"
+    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "down"
+    assert [j.notice.kind for j in relay.store.jobs()] == ["pipeline_down"]
+    client.post(WEBHOOK_PATH, content=body(heartbeat, group_key="2"), headers=AUTH)
+    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "up"
+    assert [j.notice.kind for j in relay.store.jobs()] == ["pipeline_down", "pipeline_up"]
+    assert 'mlwarden_relay_watchdog_state{state="up"} 1.0' in client.get("/metrics").text
