@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jobs.backup.archive import LEVEL_RANGES
 from jobs.backup.job import run_backup, run_restore
-from jobs.backup.offsite import STORAGE_CLASSES, S3Location
+from jobs.backup.s3config import STORAGE_CLASSES, S3Location
 from jobs.backup.retention import Policy
 from mlwarden.command import Command
 from mlwarden.settings import in_range, parse_duration, parse_size, parse_url, positive, setting

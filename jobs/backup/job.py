@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs.backup import archive, retention
-from jobs.backup.offsite import OffsiteError, OffsiteStore, S3Location
+from jobs.backup.s3config import OffsiteError, S3Location
 from jobs.backup.restore import RestoreError, RestoreResult, entry_from_s3, restore_entry
 from jobs.backup.tarstream import ArchiveError
 from jobs.backup.verify import verify_and_record
@@ -214,6 +214,8 @@ def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry
     if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == location.key(entry.name, entry.manifest.archive):
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True
+    from jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
+
     try:
         copy = OffsiteStore(location).upload(entry)
     except OffsiteError as exc:
@@ -238,6 +240,8 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
         _delete_local(by_name[name])
     if location is None or not settings.s3_retention:
         return True
+    from jobs.backup.offsite import OffsiteStore
+
     try:
         store = OffsiteStore(location)
         remote = [m for m in store.manifests() if m.source == str(source)]

@@ -19,7 +19,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,39 +28,14 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, OffsiteError, S3Location
 from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")  # objects that need a restore request before a download
-STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", *ARCHIVE_STORAGE_CLASSES)
 _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 _S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error)
-
-
-class OffsiteError(RuntimeError):
-    """The off-site copy could not be made, checked or read."""
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
-    storage_class: str = "STANDARD"
-    chunk_size: int = 64 * 2**20
-    concurrency: int = 8
-    attempts: int = 3
-    retry_base_seconds: float = 2.0
-
-    def key(self, name: str, file_name: str) -> str:
-        prefix = self.prefix.strip("/")
-        return f"{prefix}/{name}/{file_name}" if prefix else f"{name}/{file_name}"
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix.strip('/')}"
 
 
 def with_retries(what: str, attempts: int, base_seconds: float, action: Callable[[], T]) -> T:

@@ -1,0 +1,36 @@
+"""Where the off-site copy goes, without importing boto3.
+
+boto3 takes a noticeable fraction of a second to import; settings, dry runs and local
+backups need only this description of the destination, so they never pay for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")  # objects that need a restore request before a download
+STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", *ARCHIVE_STORAGE_CLASSES)
+
+
+class OffsiteError(RuntimeError):
+    """The off-site copy could not be made, checked or read."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    storage_class: str = "STANDARD"
+    chunk_size: int = 64 * 2**20
+    concurrency: int = 8
+    attempts: int = 3
+    retry_base_seconds: float = 2.0
+
+    def key(self, name: str, file_name: str) -> str:
+        prefix = self.prefix.strip("/")
+        return f"{prefix}/{name}/{file_name}" if prefix else f"{name}/{file_name}"
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix.strip('/')}"
