@@ -7,7 +7,7 @@ without the original payload, and the notifiers render it without knowing about 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 FIRING = "firing"
@@ -43,9 +43,13 @@ class Notice:
         return self.annotations.get("summary") or self.annotations.get("description") or self.alertname
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["labels"], data["annotations"] = dict(self.labels), dict(self.annotations)
-        return data
+        # Spelled out: dataclasses.asdict deep-copies, and this runs for every job at intake.
+        return {
+            "kind": self.kind, "key": self.key, "alertname": self.alertname, "severity": self.severity,
+            "level": self.level, "labels": dict(self.labels), "annotations": dict(self.annotations),
+            "starts_at": self.starts_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Notice:

@@ -118,18 +118,25 @@ class Outbox:
         await asyncio.gather(*list(self._in_flight.values()), return_exceptions=True)
 
     async def _deliver(self, name: str, notifier: Notifier, jobs: Sequence[Job]) -> None:
-        labels = (name, notifier.integration)
         async with self._slots:
             try:
-                await asyncio.wait_for(notifier.send([j.notice for j in jobs]), timeout=self._delivery.timeout)
-            except DeliveryError as exc:
-                self._failed(name, jobs, exc)
-            except TimeoutError:
-                self._failed(name, jobs, DeliveryError(f"{notifier.integration}: timed out", retryable=True))
-            else:
-                self._store.delivered(jobs)
-                self._metrics.deliveries.labels(*labels).inc(len(jobs))
-                log.info("delivered %d notice(s) to %s", len(jobs), name)
+                await self._send(name, notifier, jobs)
+            except StoreError as exc:
+                # The outcome is not recorded: the lease runs out and the jobs are tried again
+                # (a possible repeat, never a loss; PagerDuty's dedup_key absorbs the repeat).
+                log.error("outbox: cannot record delivery to %s: %s", name, exc)
+
+    async def _send(self, name: str, notifier: Notifier, jobs: Sequence[Job]) -> None:
+        try:
+            await asyncio.wait_for(notifier.send([j.notice for j in jobs]), timeout=self._delivery.timeout)
+        except DeliveryError as exc:
+            self._failed(name, jobs, exc)
+        except TimeoutError:
+            self._failed(name, jobs, DeliveryError(f"{notifier.integration}: timed out", retryable=True))
+        else:
+            self._store.delivered(jobs)
+            self._metrics.deliveries.labels(name, notifier.integration).inc(len(jobs))
+            log.info("delivered %d notice(s) to %s", len(jobs), name)
 
     def _failed(self, name: str, jobs: Sequence[Job], error: DeliveryError) -> None:
         now = self._clock()

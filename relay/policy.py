@@ -12,7 +12,7 @@ A resolved alert clears the state and tells every destination that was told it f
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relay.config import SEVERITIES, Escalation, Route
@@ -32,7 +32,11 @@ class KeyState:
     told: tuple[str, ...] = ()  # destinations notified in this episode: they get the resolution
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {  # spelled out: dataclasses.asdict deep-copies, and this runs for every alert at intake
+            "key": self.key, "severity": self.severity, "first_seen": self.first_seen, "last_seen": self.last_seen,
+            "last_notified": self.last_notified, "notifications": self.notifications,
+            "occurrences": list(self.occurrences), "level": self.level, "told": list(self.told),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyState:

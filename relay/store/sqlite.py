@@ -33,6 +33,7 @@ CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, status, due_at);
 CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+_KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error"
 
 
@@ -71,23 +72,28 @@ class SQLiteStore(Store):
             row = db.execute("SELECT expires_at FROM seen WHERE digest = ?", (digest,)).fetchone()
             if row is not None and row[0] > now:
                 return None
-            states = {}
-            for key in dict.fromkeys(keys):
-                found = db.execute("SELECT state FROM key_state WHERE key = ?", (key,)).fetchone()
-                if found:
-                    states[key] = KeyState.from_dict(json.loads(found[0]))
-            result = plan(states)
+            result = plan(self._states(db, list(dict.fromkeys(keys))))
             db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (digest, now + dedup_window))
             db.execute("INSERT INTO payloads (received_at, body) VALUES (?, ?)", (now, body))
-            for key, state in result.states.items():
-                if state is None:
-                    db.execute("DELETE FROM key_state WHERE key = ?", (key,))
-                else:
-                    db.execute("INSERT OR REPLACE INTO key_state VALUES (?, ?)", (key, json.dumps(state.to_dict())))
+            db.executemany("DELETE FROM key_state WHERE key = ?", [(k,) for k, s in result.states.items() if s is None])
+            db.executemany(
+                "INSERT OR REPLACE INTO key_state VALUES (?, ?)",
+                [(k, json.dumps(s.to_dict())) for k, s in result.states.items() if s is not None],
+            )
             self._insert_jobs(db, result.jobs)
             if result.heartbeat:
                 db.execute("INSERT OR REPLACE INTO kv VALUES ('watchdog_last_seen', ?)", (repr(now),))
             return result
+
+    @staticmethod
+    def _states(db: sqlite3.Connection, keys: list[str]) -> dict[str, KeyState]:
+        states = {}
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[start : start + _KEYS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            for key, state in db.execute(f"SELECT key, state FROM key_state WHERE key IN ({marks})", chunk):
+                states[key] = KeyState.from_dict(json.loads(state))
+        return states
 
     def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
         db.executemany(
