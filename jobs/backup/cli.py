@@ -38,8 +38,10 @@ class S3Settings:
         )
 
 
+# Field order is table order: the core fields first, then the S3 ones, then the rest
+# (dataclasses collect fields from the last base class to the first).
 @dataclass(frozen=True, kw_only=True)
-class BackupSettings(S3Settings):
+class _BackupCore:
     model_dir: Path = setting(help="directory to back up (model weights, configs)", env=("MODEL_DIR",))
     backup_dir: Path = setting(help="directory that holds the backups (the catalog)", env=("BACKUP_DIR",))
     compression: str = setting("zstd", help="archive compression; gzip only for compatibility, it is far slower", choices=("zstd", "gzip", "none"))
@@ -48,8 +50,12 @@ class BackupSettings(S3Settings):
     verify: bool = setting(True, help="re-read the new archive and check it against the manifest", env=("VERIFY_BACKUP",))
     period: str = setting("day", help="one backup per UTC day or hour: a second run in the same period verifies the existing backup and stops; 'run' backs up every run", choices=("day", "hour", "run"))
     force: bool = setting(False, help="make a new backup even if one exists for this period")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackupSettings(S3Settings, _BackupCore):
     s3_storage_class: str = setting("STANDARD", help="storage class of the uploaded archive; GLACIER-like classes are verified by checksum metadata, not by download", choices=STORAGE_CLASSES)
-    s3_chunk_size: int = setting(64 * 2**20, help="multipart part size (grown automatically to stay under 10,000 parts)", parse=parse_size)
+    s3_chunk_size: int = setting(64 * 2**20, help="multipart part size, e.g. 64MiB (grown automatically to stay under 10,000 parts)", parse=parse_size)
     s3_concurrency: int = setting(8, help="parallel part uploads", parse=positive(int))
     s3_retention: bool = setting(False, help="apply the keep rules to the backups in S3 too")
     keep_last: int | None = setting(None, help="keep the N newest backups", parse=_COUNT)
@@ -76,13 +82,17 @@ class BackupSettings(S3Settings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RestoreSettings(S3Settings):
+class _RestoreCore:
     name: str = setting("latest", help="backup to restore: its name, or latest", positional=True, metavar="NAME")
     to: Path | None = setting(None, help="directory to restore into (created; must be empty unless --force)")
     backup_dir: Path | None = setting(None, help="directory that holds the backups (not needed with --from-s3)", env=("BACKUP_DIR",))
     from_s3: bool = setting(False, help="restore from the S3 copy instead of the local backup directory")
     drill: bool = setting(False, help="restore into a temporary directory, verify every file, time it, delete it and push the drill metrics")
     force: bool = setting(False, help="replace the content of a non-empty --to directory (after the new content is complete and verified)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreSettings(S3Settings, _RestoreCore):
     pushgateway: str | None = setting(None, help="Pushgateway URL for the drill's metrics", parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the drill's metrics here for node_exporter's textfile collector")
 
