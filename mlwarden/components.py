@@ -85,8 +85,10 @@ class Component:
         workdir: Path,
         ready: Callable[[Component], bool],
         ready_timeout: float = 30.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
+        self.env = env
         self.argv = list(argv)
         self.port = port
         self.workdir = Path(workdir)
@@ -112,6 +114,7 @@ class Component:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.workdir,
+            env=self.env,
             start_new_session=True,  # Ctrl-C in the demo reaches us, and we stop it cleanly
         )
         deadline = time.monotonic() + self._ready_timeout
@@ -160,7 +163,8 @@ class Component:
         self.stop()
 
 
-def _http_ready(path: str) -> Callable[[Component], bool]:
+def http_ready(path: str) -> Callable[[Component], bool]:
+    """Readiness check: GET ``path`` answers 2xx."""
     return lambda component: http_ok(component.url + path)
 
 
@@ -176,7 +180,7 @@ def prometheus(config_file: Path, workdir: Path, extra_args: Sequence[str] = ())
         "--web.enable-admin-api",
         *extra_args,
     ]
-    return Component("prometheus", argv, port, workdir, _http_ready("/-/ready"))
+    return Component("prometheus", argv, port, workdir, http_ready("/-/ready"))
 
 
 def alertmanager(config_file: Path, workdir: Path, extra_args: Sequence[str] = ()) -> Component:
@@ -190,13 +194,13 @@ def alertmanager(config_file: Path, workdir: Path, extra_args: Sequence[str] = (
         "--cluster.listen-address=",
         *extra_args,
     ]
-    return Component("alertmanager", argv, port, workdir, _http_ready("/-/ready"))
+    return Component("alertmanager", argv, port, workdir, http_ready("/-/ready"))
 
 
 def pushgateway(workdir: Path, extra_args: Sequence[str] = ()) -> Component:
     port = free_port()
     argv = [find_binary("pushgateway"), f"--web.listen-address={LOOPBACK}:{port}", *extra_args]
-    return Component("pushgateway", argv, port, workdir, _http_ready("/-/ready"))
+    return Component("pushgateway", argv, port, workdir, http_ready("/-/ready"))
 
 
 def _redis_ready(component: Component) -> bool:
