@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ def existing(root: Path) -> set[str]:
 def pushed_value(pushgateway_url: str, metric: str) -> float:
     text = httpx.get(pushgateway_url + "/metrics", timeout=5).text
     for line in text.splitlines():
-        if line.startswith(metric + "{") and 'job="mlwarden_cleanup"' in line:
+        if line.startswith(metric + "{") and 'job="mlwarden_cleanup"' in line and f'instance="{socket.gethostname()}"' in line:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{metric} not pushed:\n{text}")
 
@@ -218,18 +219,22 @@ def test_missing_and_overlapping_roots_are_configuration_errors(root: Path) -> N
 
 def test_a_directory_swapped_for_a_symlink_after_planning_cannot_lead_outside(root: Path, tmp_path: Path) -> None:
     make(root / "run" / "logs" / "a.log", age_days=90)
+    make(root / "run" / "logs" / "b.log", age_days=90)
     outside = tmp_path / "outside"
-    victim = make(outside / "a.log", age_days=90)
+    victims = [make(outside / "a.log", age_days=90), make(outside / "b.log", age_days=90)]
     planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
-    assert [f.relative for f in planned.files] == ["run/logs/a.log"]
+    assert sorted(f.relative for f in planned.files) == ["run/logs/a.log", "run/logs/b.log"]
 
-    (root / "run" / "logs" / "a.log").unlink()
+    for name in ("a.log", "b.log"):
+        (root / "run" / "logs" / name).unlink()
     (root / "run" / "logs").rmdir()
     (root / "run" / "logs").symlink_to(outside)
+    # An old file of the same name one level up must not be hit through a half-open path.
+    bystander = make(root / "run" / "b.log", age_days=90)
     result = delete.execute(planned)
 
-    assert victim.exists()
-    assert result.files == 0 and result.errors == 1
+    assert all(v.exists() for v in victims) and bystander.exists()
+    assert result.files == 0 and result.errors == 2
     assert (root / "run" / "logs").is_symlink()
 
 

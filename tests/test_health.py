@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def pushed(pushgateway_url: str) -> dict[str, float]:
     """Pushed health series as {'name{labels}': value}, without the grouping labels."""
     values = {}
     for line in httpx.get(pushgateway_url + "/metrics", timeout=5).text.splitlines():
-        if 'job="mlwarden_health"' in line and line.startswith(("mlwarden_health_", "mlwarden_job_")):
+        if 'job="mlwarden_health"' in line and f'instance="{socket.gethostname()}"' in line and line.startswith(("mlwarden_health_", "mlwarden_job_")):
             series, value = line.rsplit(" ", 1)
             name, _, labels = series.partition("{")
             kept = [part for part in labels.rstrip("}").split(",") if part.split("=")[0] in ("check", "path")]

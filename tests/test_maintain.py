@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def pushed_success(pushgateway_url: str) -> dict[str, tuple[float, float]]:
     last_run: dict[str, float] = {}
     for line in httpx.get(pushgateway_url + "/metrics", timeout=5).text.splitlines():
         for name, target in (("mlwarden_job_success{", success), ("mlwarden_job_last_run_timestamp_seconds{", last_run)):
-            if line.startswith(name):
+            if line.startswith(name) and f'instance="{socket.gethostname()}"' in line:
                 job = line.split('job="', 1)[1].split('"', 1)[0]
                 target[job] = float(line.rsplit(" ", 1)[1])
     return {job: (success[job], last_run[job]) for job in success}

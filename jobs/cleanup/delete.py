@@ -61,8 +61,14 @@ class _DirectoryChain:
         self.device = device
         self.names: list[str] = []
         self.fds: list[int] = [root_fd]
+        self.current: str | None = ""
 
     def open(self, relative_dir: str) -> int:
+        if relative_dir == self.current:  # the common case: the same directory as the last file
+            return self.fds[-1]
+        # Forget the current directory until the whole path is open: after a failure part
+        # way, the fd on top is an ancestor and must never be used for this directory.
+        self.current = None
         wanted = relative_dir.split("/") if relative_dir else []
         common = 0
         while common < min(len(wanted), len(self.names)) and wanted[common] == self.names[common]:
@@ -74,6 +80,7 @@ class _DirectoryChain:
             self.fds.append(fd)
             if os.fstat(fd).st_dev != self.device:
                 raise OSError(errno.EXDEV, "directory is now on another filesystem", relative_dir)
+        self.current = relative_dir
         return self.fds[-1]
 
     def _close_from(self, depth: int) -> None:
@@ -83,6 +90,7 @@ class _DirectoryChain:
 
     def close(self) -> None:
         self._close_from(0)
+        self.current = ""
 
 
 def execute(plan: RootPlan, rate_limit: float = 0.0, progress: Progress | None = None) -> DeleteResult:
