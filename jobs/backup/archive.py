@@ -21,7 +21,6 @@ import os
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
+from jobs.backup.overlap import Overlap
 from mlwarden.catalog import CHECKSUMS, FileRecord
 from mlwarden.fsutil import atomic_write_text, atomic_writer
 
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 * 2**20  # large reads: fewer syscalls, and hashlib/zstd release the GIL per call
 EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
-DEFAULT_LEVELS = {"zstd": 3, "gzip": 6, "none": None}
+# zstd level 1, not the CLI's 3: on float weights the higher levels only cost time (the
+# mantissa bytes are noise to any compressor); measured in bench/bench_backup.py.
+DEFAULT_LEVELS = {"zstd": 1, "gzip": 6, "none": None}
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9)}
 _BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
@@ -153,7 +155,7 @@ def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[i
     """Stream one file into the archive, hashing it on the way; exactly ``size`` bytes go in."""
     digest = hashlib.sha256()
     remaining = source_file.size
-    with open(source_file.path, "rb", buffering=0) as handle, _Overlap() as overlap:
+    with open(source_file.path, "rb", buffering=0) as handle, Overlap() as overlap:
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while remaining:
             chunk = handle.read(min(CHUNK_BYTES, remaining))
@@ -173,30 +175,6 @@ def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[i
         mtime=source_file.mtime,
         mode=source_file.mode,
     )
-
-
-class _Overlap:
-    """Run one call at a time in a helper thread, in order, while the caller does other work."""
-
-    _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlwarden-hash")
-
-    def __init__(self) -> None:
-        self._pending: Future[None] | None = None
-
-    def run(self, fn: Callable[[bytes], None], data: bytes) -> None:
-        self.wait()
-        self._pending = self._pool.submit(fn, data)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-
-    def __enter__(self) -> _Overlap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wait()
 
 
 class _HashingSink:
@@ -233,10 +211,10 @@ def _compressor(sink: _HashingSink, compression: str, level: int | None, threads
         yield sink
         return
     if compression == "gzip":
-        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level or 6, mtime=0) as stream:  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level or DEFAULT_LEVELS["gzip"], mtime=0) as stream:  # type: ignore[arg-type]
             yield stream
         return
     # threads=-1: as many zstd workers as cores; the calling thread only feeds and drains.
-    compressor = zstandard.ZstdCompressor(level=level or 3, threads=threads or -1, write_checksum=True)
+    compressor = zstandard.ZstdCompressor(level=level or DEFAULT_LEVELS["zstd"], threads=threads or -1, write_checksum=True)
     with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:
         yield stream

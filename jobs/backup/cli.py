@@ -45,7 +45,7 @@ class _BackupCore:
     model_dir: Path = setting(help="directory to back up (model weights, configs)", env=("MODEL_DIR",))
     backup_dir: Path = setting(help="directory that holds the backups (the catalog)", env=("BACKUP_DIR",))
     compression: str = setting("zstd", help="archive compression; gzip only for compatibility, it is far slower", choices=("zstd", "gzip", "none"))
-    level: int | None = setting(None, help="compression level: zstd 1-19 (default 3), gzip 1-9 (default 6); ignored for none", env=("COMPRESSION_LEVEL",))
+    level: int | None = setting(None, help="compression level: zstd 1-19 (default 1: higher levels gain next to nothing on float weights), gzip 1-9 (default 6); ignored for none", env=("COMPRESSION_LEVEL",))
     threads: int = setting(0, help="zstd worker threads; 0 means one per core", parse=in_range(int, 0, 256))
     verify: bool = setting(True, help="re-read the new archive and check it against the manifest", env=("VERIFY_BACKUP",))
     period: str = setting("day", help="one backup per UTC day or hour: a second run in the same period verifies the existing backup and stops; 'run' backs up every run", choices=("day", "hour", "run"))

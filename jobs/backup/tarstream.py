@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 import zstandard
 
+from jobs.backup.overlap import Overlap
 from mlwarden.catalog import FileRecord, Manifest
 
 CHUNK_BYTES = 8 * 2**20
@@ -43,14 +44,15 @@ class ArchiveDigest:
 class _HashingReader:
     """A read-only file that hashes and counts every byte read through it."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, overlap: Overlap) -> None:
         self._raw = raw
         self._hash = hashlib.sha256()
+        self._overlap = overlap
         self.count = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
-        self._hash.update(data)
+        self._overlap.run(self._hash.update, data)
         self.count += len(data)
         return data
 
@@ -62,6 +64,7 @@ class _HashingReader:
             pass
 
     def hexdigest(self) -> str:
+        self._overlap.wait()
         return self._hash.hexdigest()
 
 
@@ -112,8 +115,8 @@ def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterato
     """
     expected = {record.path: record for record in manifest.files}
     seen: set[str] = set()
-    with open(archive, "rb", buffering=0) as raw:
-        reader = _HashingReader(raw)  # type: ignore[arg-type]
+    with open(archive, "rb", buffering=0) as raw, Overlap() as overlap:
+        reader = _HashingReader(raw, overlap)  # type: ignore[arg-type]
         try:
             with _decompressed(reader, manifest.compression) as stream:
                 with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK_BYTES) as tar:

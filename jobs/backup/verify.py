@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from jobs.backup.overlap import Overlap
 from jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, members
 from mlwarden.catalog import BackupEntry, Catalog, Verification
 
@@ -35,8 +36,9 @@ def verify_archive(entry: BackupEntry) -> VerifyResult:
         with members(entry.archive_path, manifest, digest) as found:
             for record, data in found:
                 member_hash = hashlib.sha256()
-                while chunk := data.read(CHUNK_BYTES):
-                    member_hash.update(chunk)
+                with Overlap() as overlap:
+                    while chunk := data.read(CHUNK_BYTES):
+                        overlap.run(member_hash.update, chunk)
                 if member_hash.hexdigest() != record.sha256:
                     raise ArchiveError(f"{record.path}: content does not match its SHA-256 in the manifest")
                 files += 1
