@@ -39,7 +39,7 @@ class RelaySettings:
         parse=_parse_state_url,
     )
     token: str = setting("", help="bearer token Alertmanager must send", secret=True)
-    basic_auth_user: str = setting("", help="user name for HTTP basic authentication (instead of or besides the token)")
+    basic_auth_user: str | None = setting(None, help="user name for HTTP basic authentication (instead of or besides the token)")
     basic_auth_password: str = setting("", help="password for HTTP basic authentication", secret=True)
     max_body_bytes: int = setting(1024 * 1024, help="largest webhook body accepted (413 above)", parse=positive(parse_size))
     workers: int = setting(4, help="deliveries in flight at once", parse=in_range(int, 1, 64))
@@ -72,7 +72,7 @@ def run(settings: RelaySettings) -> int:
     relay = Relay(
         config=config,
         store=store,
-        credentials=Credentials(settings.token, settings.basic_auth_user, settings.basic_auth_password),
+        credentials=Credentials(settings.token, settings.basic_auth_user or "", settings.basic_auth_password),
         max_body_bytes=settings.max_body_bytes,
         workers=settings.workers,
     )
