@@ -1,0 +1,272 @@
+"""The exporter against a naive exporter, side by side on the same simulated GPUs.
+
+The naive baseline is prometheus_client's own ``start_http_server`` serving a registry
+whose collector builds the very same series (the same collector code, 8 or 64 simulated
+GPUs, 10 processes each) at scrape time, which is how most GPU exporters work. mlwarden
+builds them in the background and a scrape returns pre-rendered bytes. Both run as
+separate processes; scrapers are threads in this process with keep-alive connections.
+
+    python -m bench.run_all --only exporter [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESSES_PER_GPU = 10
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# The baseline: a naive exporter (run as ``python -m bench.bench_exporter baseline``) ----------
+def serve_baseline(gpus: int, port: int) -> None:
+    from prometheus_client import REGISTRY, start_http_server
+
+    from exporter.backends.simulated import SimulatedBackend
+    from exporter.backends.supervisor import BackendSupervisor
+    from exporter.collectors.gpu import GpuCollector
+    from exporter.collectors.processes import ProcessesCollector
+    from exporter.collectors.xid import XidCollector
+
+    supervisor = BackendSupervisor(SimulatedBackend(gpus=gpus, processes_per_gpu=PROCESSES_PER_GPU))
+    collectors = [GpuCollector(supervisor, 1, 1), ProcessesCollector(supervisor, 1, 1, 32), XidCollector(supervisor, 1, 1)]
+
+    class AtScrapeTime:
+        def collect(self) -> Iterable:
+            for collector in collectors:
+                yield from collector.collect().families
+
+    REGISTRY.register(AtScrapeTime())
+    start_http_server(port, addr="127.0.0.1")
+    threading.Event().wait()
+
+
+# Measuring -----------------------------------------------------------------------------------
+def free_port() -> int:
+    from mlwarden.components import free_port as free
+
+    return free()
+
+
+def start_project(gpus: int, port: int, interval: str = "1s") -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "mlwarden.cli", "exporter", "--gpu-backend", "simulated",
+            "--simulated-gpus", str(gpus), "--simulated-processes", str(PROCESSES_PER_GPU),
+            "--listen-address", f"127.0.0.1:{port}", "--interval", interval, "--log-level", "warning"]
+    return _spawn(argv, port)
+
+
+def start_baseline(gpus: int, port: int) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "bench.bench_exporter", "baseline", "--gpus", str(gpus), "--port", str(port)]
+    return _spawn(argv, port)
+
+
+def _spawn(argv: list[str], port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if b"mlwarden_gpu_temperature_celsius{" in _scrape(http.client.HTTPConnection("127.0.0.1", port, timeout=5)):
+                return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{argv[2:4]} did not start")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _scrape(conn: http.client.HTTPConnection) -> bytes:
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"scrape answered {response.status}")
+    return body
+
+
+def latencies(port: int, scrapers: int, count: int) -> list[float]:
+    """Seconds per scrape (request to last byte) with ``scrapers`` concurrent keep-alive connections.
+
+    curl is the client (``--parallel``): a Python client's own overhead under 20 threads would
+    dominate what is measured. Transfers that opened a connection are left out, so the
+    figures are steady-state scrapes, as Prometheus makes them.
+    """
+    config = f'url = "http://127.0.0.1:{port}/metrics"\noutput = "/dev/null"\n' * count
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--fail", "--parallel", "--parallel-immediate",
+         "--parallel-max", str(scrapers), "--config", "-", "--write-out", "%{time_total} %{num_connects}\n"],
+        input=config, capture_output=True, text=True, check=True, timeout=600,
+    )
+    times = [line.split() for line in result.stdout.splitlines() if line.strip()]
+    if len(times) != count:
+        raise RuntimeError(f"curl finished {len(times)} of {count} scrapes: {result.stderr[-300:]}")
+    reused = [float(seconds) for seconds, connects in times if connects == "0"]
+    # prometheus_client's server closes the connection after every scrape: then every transfer connects.
+    return reused or [float(seconds) for seconds, _ in times]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def latency_rows(quick: bool) -> list[str]:
+    rows = []
+    for gpus, target_ms in ((8, 5.0), (64, 20.0)):
+        project_port, baseline_port = free_port(), free_port()
+        project, baseline = start_project(gpus, project_port), start_baseline(gpus, baseline_port)
+        try:
+            size = len(_scrape(http.client.HTTPConnection("127.0.0.1", project_port, timeout=10)))
+            for scrapers in (1, 20):
+                count = (400 if quick else 4000) if gpus == 8 else (200 if quick else 2000)
+                ours = latencies(project_port, scrapers, count)
+                theirs = latencies(baseline_port, scrapers, count // 4)  # it is far slower; fewer keep the run short
+                verdict = ("meets" if p99(ours) * 1000 <= target_ms else "misses") if scrapers == 20 else ""
+                rows.append(
+                    f"| {gpus} GPUs ({size // 1024} KiB) | {scrapers} | {len(ours)} | {_ms(statistics.median(ours))} / {_ms(p99(ours))} "
+                    f"| {_ms(statistics.median(theirs))} / {_ms(p99(theirs))} "
+                    f"| {statistics.median(theirs) / statistics.median(ours):.1f}x / {p99(theirs) / p99(ours):.1f}x "
+                    f"| p99 <= {target_ms:.0f} ms {('(' + verdict + ')') if verdict else '(20 scrapers)'} |"
+                )
+        finally:
+            _stop(project)
+            _stop(baseline)
+    return rows
+
+
+def cpu_rows(quick: bool) -> list[str]:
+    """CPU of each server over a window of one scrape per second (Prometheus at a 1 s interval)."""
+    window = 15.0 if quick else 60.0
+    rows = []
+    project_port, baseline_port = free_port(), free_port()
+    project, baseline = start_project(8, project_port), start_baseline(8, baseline_port)
+    try:
+        idle_before = cpu_seconds(project.pid)
+        time.sleep(window)
+        idle = (cpu_seconds(project.pid) - idle_before) / window
+        loaded = {}
+        for name, process, port in (("project", project, project_port), ("baseline", baseline, baseline_port)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            before = cpu_seconds(process.pid)
+            began = time.monotonic()
+            while time.monotonic() - began < window:
+                _scrape(conn)
+                time.sleep(1.0)
+            loaded[name] = (cpu_seconds(process.pid) - before) / (time.monotonic() - began)
+        rows.append(f"| 8 GPUs, collection every 1 s, no scrapes | {idle * 100:.2f}% | — | — | <= 2% ({'meets' if idle <= 0.02 else 'misses'}) |")
+        rows.append(
+            f"| 8 GPUs, 1 scrape/s (mlwarden also collects every 1 s) | {loaded['project'] * 100:.2f}% | {loaded['baseline'] * 100:.2f}% "
+            f"| {loaded['baseline'] / max(loaded['project'], 1e-9):.1f}x | |"
+        )
+    finally:
+        _stop(project)
+        _stop(baseline)
+    return rows
+
+
+def memory_rows(quick: bool) -> tuple[list[str], int, float]:
+    """RSS over many collections, compressed in time: 0.1 s collections stand in for 1 s ones."""
+    collections = 300 if quick else 3600
+    port = free_port()
+    project = start_project(64, port, interval="0.1s")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    samples = []
+    try:
+        began = time.monotonic()
+        for step in range(1, 6):
+            target = began + collections * 0.1 * step / 5
+            while time.monotonic() < target:
+                _scrape(conn)
+                time.sleep(0.5)
+            samples.append((round((time.monotonic() - began) / 0.1), rss_mib(project.pid)))
+    finally:
+        _stop(project)
+    rows = [f"| {count} | {rss:.1f} |" for count, rss in samples]
+    growth = samples[-1][1] - samples[0][1]
+    return rows, collections, growth
+
+
+def run(quick: bool) -> str:
+    latency = latency_rows(quick)
+    cpu = cpu_rows(quick)
+    memory, collections, growth = memory_rows(quick)
+    mode = "quick mode (fewer scrapes, shorter windows)" if quick else "full mode"
+    return "\n".join([
+        "## GPU exporter",
+        "",
+        f"mlwarden's exporter (background collection, pre-rendered snapshot) against a naive exporter: "
+        f"prometheus_client's `start_http_server` with a collector that builds the same series at scrape time. "
+        f"Simulated GPUs, {PROCESSES_PER_GPU} processes each; each server is its own process; the scrapers are "
+        f"curl's parallel transfers over keep-alive connections (transfers that connected are left out; "
+        f"prometheus_client's server closes every connection, so its figures include a loopback connect). "
+        f"The machine is shared with other work, so the ratios matter more than the absolute figures. {mode}.",
+        "",
+        "Scrape latency, milliseconds (median / p99):",
+        "",
+        "| series set | concurrent scrapers | scrapes (mlwarden) | mlwarden | naive baseline | baseline / mlwarden | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *latency,
+        "",
+        "CPU, percent of one core:",
+        "",
+        "| load | mlwarden | naive baseline | baseline / mlwarden | target |",
+        "| --- | --- | --- | --- | --- |",
+        *cpu,
+        "",
+        f"Resident memory of mlwarden with 64 GPUs while collecting every 0.1 s and scraped twice a second: "
+        f"{collections} collections, the number an hour of 1 s collections makes, compressed into "
+        f"{collections * 0.1 / 60:.0f} minutes. This is not a wall-clock hour: anything that grows with "
+        f"time rather than with collections would not show. Target: <= 60 MB and flat.",
+        "",
+        "| collections so far | RSS (MiB) |",
+        "| --- | --- |",
+        *memory,
+        "",
+        f"Growth from the first to the last sample: {growth:+.1f} MiB.",
+        "",
+        "Reproduce: `.venv/bin/python -m bench.run_all --only exporter` (add `--quick` for a smoke run).",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["baseline"])
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    serve_baseline(args.gpus, args.port)
+
+
+if __name__ == "__main__":
+    main()
