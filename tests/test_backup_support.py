@@ -65,11 +65,12 @@ def forget_pushed(pushgateway_url: str, job: str) -> None:
 
 
 def pushed(pushgateway_url: str, job: str) -> dict[str, float]:
-    """The series the Pushgateway holds for ``job``: metric name -> value (labels dropped)."""
+    """The series the Pushgateway holds for ``job`` from this host: metric name -> value."""
     text = urllib.request.urlopen(pushgateway_url + "/metrics", timeout=5).read().decode()
     found = {}
     for line in text.splitlines():
         match = re.match(r"^(\w+)\{([^}]*)\} (\S+)$", line)
-        if match and f'job="{job}"' in match.group(2):
+        labels = match.group(2).split(",") if match else []
+        if match and f'job="{job}"' in labels and f'instance="{socket.gethostname()}"' in labels:
             found[match.group(1)] = float(match.group(3))
     return found
