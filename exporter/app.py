@@ -86,7 +86,9 @@ class Exporter:
                 tls = tls_context(settings.tls_cert_file, settings.tls_key_file)
             except (OSError, ssl.SSLError) as exc:
                 raise ExporterStartError(f"cannot load the TLS certificate or key: {exc}") from None
-        auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_password) if settings.basic_auth_user else None
+        auth = None
+        if settings.basic_auth_user and settings.basic_auth_password:
+            auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_password)
         return cls(
             supervisor,
             collectors_for(settings, supervisor),

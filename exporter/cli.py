@@ -54,8 +54,8 @@ class ExporterSettings:
     max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrapes served at once; more wait up to 1 s, then get 503")
     tls_cert_file: Path | None = setting(None, help="serve HTTPS with this certificate (PEM); needs --tls-key-file")
     tls_key_file: Path | None = setting(None, help="private key (PEM) for --tls-cert-file")
-    basic_auth_user: str = setting("", help="require HTTP basic auth with this user name for /metrics")
-    basic_auth_password: str = setting("", secret=True, help="password for --basic-auth-user")
+    basic_auth_user: str | None = setting(None, help="require HTTP basic auth with this user name for /metrics and /-/simulate")
+    basic_auth_password: str | None = setting(None, secret=True, help="password for --basic-auth-user")
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
