@@ -268,3 +268,14 @@ def test_the_rate_limit_spaces_deletions(root: Path) -> None:
     assert cleanup_cli.parse_rate("20/s") == 20.0
     assert run_cleanup(root, "--rate-limit", "200/s") == ExitCode.OK
     assert not (root / "run").exists()
+
+
+def test_the_exposed_metrics_pass_promtool(root: Path, tmp_path: Path, promtool: str) -> None:
+    make(root / "run" / "old.bin", age_days=90)
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    assert run_cleanup(root, "--textfile-dir", str(textfiles)) == ExitCode.OK
+    text = (textfiles / "mlwarden_cleanup.prom").read_text()
+    assert "mlwarden_cleanup_deleted_files 1.0" in text and "mlwarden_cleanup_breaker_tripped 0.0" in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

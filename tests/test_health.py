@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from jobs.health import disk, gpu, output
 from jobs.health.result import Result, Status
 from mlwarden import settings
 from mlwarden.catalog import Catalog, Manifest, Verification
+from mlwarden.components import free_port
 from mlwarden.exitcodes import ExitCode
 
 
@@ -93,8 +95,6 @@ def test_services_checks_and_metrics_are_pushed(service: str, pushgateway, tmp_p
 
 
 def test_an_unreachable_service_is_critical_and_the_url_is_not_shown(tmp_path: Path) -> None:
-    from mlwarden.components import free_port
-
     loaded = load("--prometheus-url", f"http://user:s3cret@127.0.0.1:{free_port()}", "--http-timeout", "1s")
     [result] = health_cli.services.check(loaded)
     assert result.status is Status.CRITICAL and "unreachable" in result.summary
@@ -183,3 +183,12 @@ def test_table_output() -> None:
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     assert lines[2].startswith("gpu") and "CRITICAL" in lines[2]
     assert lines[-1] == "machine is NOT healthy"
+
+
+def test_the_exposed_metrics_pass_promtool(tmp_path: Path, promtool: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(health_cli, "CHECKS", {"disk": disk.check})
+    health_cli.run(load("--disk-path", str(tmp_path), "--textfile-dir", str(tmp_path)))
+    text = (tmp_path / "mlwarden_health.prom").read_text()
+    assert f'mlwarden_health_check_ok{{check="disk:{tmp_path}"}} 1.0' in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

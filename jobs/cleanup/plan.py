@@ -18,6 +18,7 @@ import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from jobs.cleanup import fileops, rules
 
@@ -35,14 +36,14 @@ KEPT_SPECIAL = "not a regular file"
 KEPT_UNREADABLE = "unreadable"
 
 
-@dataclass(frozen=True, slots=True)
-class Doomed:
-    """One regular file the plan deletes."""
+class Doomed(NamedTuple):
+    """One regular file the plan deletes (a tuple: one is made per old file, so it must be cheap)."""
 
     relative: str  # '/'-separated, relative to the root
     size: int
     mtime: float
     inode: int
+    checkpoint: str | None  # the checkpoint (file or directory) the file belongs to, if any
 
 
 @dataclass
@@ -69,12 +70,6 @@ class PlanRules:
 
 
 @dataclass(frozen=True, slots=True)
-class _Candidate:
-    doomed: Doomed
-    checkpoint: str | None  # the checkpoint (file or directory) the file belongs to
-
-
-@dataclass(frozen=True, slots=True)
 class _Directory:
     relative: str
     entries: int
@@ -96,7 +91,7 @@ def build(root: Path, plan_rules: PlanRules) -> RootPlan:
         if candidate.checkpoint is not None and candidate.checkpoint in kept_checkpoints:
             plan.kept[KEPT_CHECKPOINT] += 1
         else:
-            plan.files.append(candidate.doomed)
+            plan.files.append(candidate)
     plan.directories = _emptied_directories(plan.files, walker.directories, plan_rules.cutoff)
     return plan
 
@@ -124,7 +119,7 @@ class _Walker:
         self.rules = plan_rules
         self.notable = rules.notable_names(plan_rules.protection)
         self.kept: Counter[str] = Counter()
-        self.candidates: list[_Candidate] = []
+        self.candidates: list[Doomed] = []
         self.directories: list[_Directory] = []
         # run -> checkpoint -> newest mtime of the checkpoint's files
         self.checkpoints: defaultdict[str, dict[str, float]] = defaultdict(dict)
@@ -171,7 +166,7 @@ class _Walker:
                 if mtime >= cutoff:
                     kept[KEPT_NEW] += 1
                 else:
-                    self.candidates.append(_Candidate(Doomed(child, st.st_size, mtime, st.st_ino), checkpoint))
+                    self.candidates.append(Doomed(child, st.st_size, mtime, st.st_ino, checkpoint))
             elif stat.S_ISDIR(st.st_mode):
                 mtime = self._directory(dir_fd, name, child, st.st_mtime, run if relative else child, checkpoint)
             else:
@@ -199,7 +194,7 @@ class _Walker:
             if newest >= self.rules.cutoff:
                 self.kept[KEPT_NEW] += 1
             else:
-                self.candidates.append(_Candidate(Doomed(child, st.st_size, newest, st.st_ino), checkpoint))
+                self.candidates.append(Doomed(child, st.st_size, newest, st.st_ino, checkpoint))
         else:
             self.kept[KEPT_SPECIAL] += 1
             return 0.0
