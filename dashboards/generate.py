@@ -24,12 +24,10 @@ WIDTH = 24  # Grafana's grid is 24 columns wide
 
 Json = dict[str, Any]
 
-# Threshold colour steps, base first.
-OK = "green"
-
-
 def steps(*pairs: tuple[str, float]) -> Json:
-    return {"mode": "absolute", "steps": [{"color": OK, "value": None}] + [{"color": c, "value": v} for c, v in pairs]}
+    """Absolute thresholds: green below the first pair's value, then each (colour, from value)."""
+    return {"mode": "absolute",
+            "steps": [{"color": "green", "value": None}] + [{"color": c, "value": v} for c, v in pairs]}
 
 
 def mapping(values: dict[str, tuple[str, str]]) -> list[Json]:
@@ -362,11 +360,12 @@ def gpu_fleet() -> Json:
                    unit="short", thresholds=steps(("red", 1)),
                    description="Any uncorrected error is critical (GpuUncorrectedEccErrors); more than 10 corrected "
                                "an hour warns."),
-        table("Retired pages and remapped rows",
-              Target(f"mlwarden_gpu_retired_pages{{{GPU}}}"),
-              columns={"pages": "Retired pages"}, units={}, width=8, height=8),
+        table("Retired pages", Target(f"mlwarden_gpu_retired_pages{{{GPU}}}"), columns={"pages": "Pages"},
+              hide=("uuid",), width=8, height=8,
+              description="Memory pages the driver retired after ECC errors (older GPUs)."),
         table("Remapped rows", Target(f"mlwarden_gpu_remapped_rows{{{GPU}}}"), columns={"rows": "Rows"},
-              width=8, height=8),
+              hide=("uuid",), width=8, height=8,
+              description="Row remapping (A100 and newer): a `failure` or many `pending` rows mean a reset or RMA."),
         timeseries("XID events",
                    Target(f"sum by (instance, gpu, xid) (increase(mlwarden_gpu_xid_errors_total{{{GPU}}}[$__rate_interval]))",
                           GPU_LEGEND + " XID {{xid}}"),
