@@ -279,3 +279,18 @@ def test_the_exposed_metrics_pass_promtool(root: Path, tmp_path: Path, promtool:
     assert "mlwarden_cleanup_deleted_files 1.0" in text and "mlwarden_cleanup_breaker_tripped 0.0" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("answer", "deleted"), [("n", False), ("", False), ("y", True)])
+def test_on_a_terminal_without_yes_it_asks_first(root: Path, monkeypatch: pytest.MonkeyPatch, answer: str, deleted: bool) -> None:
+    old = make(root / "run" / "old.bin", age_days=90)
+    questions: list[str] = []
+    monkeypatch.setattr(cleanup_cli, "interactive", lambda: True)
+    monkeypatch.setattr(cleanup_cli.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: questions.append(prompt) or answer)
+    loaded = settings.load(cleanup_cli.CleanupSettings, "cleanup", ["--experiments-dir", str(root)], {})
+
+    assert cleanup_cli.run(loaded) == ExitCode.OK
+
+    assert questions == ["Delete 1 files (10 B)? [y/N] "]
+    assert old.exists() is not deleted
