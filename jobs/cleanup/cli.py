@@ -60,7 +60,7 @@ class CleanupSettings:
     )
     max_files: int = setting(1000, help="breaker: delete nothing if the plan has more files", parse=positive(int))
     max_bytes: int = setting(
-        500 * 10**9, help="breaker: delete nothing if the plan frees more bytes (e.g. 500GB)", parse=parse_size,
+        500 * 10**9, help="breaker: delete nothing if the plan frees more bytes (default 500GB; units kB MB GB TB KiB MiB GiB TiB)", parse=parse_size,
     )
     dry_run: bool = setting(False, help="print the plan and change nothing", env=("DRY_RUN",))
     yes: bool = setting(False, help="do not ask for confirmation on a terminal")

@@ -28,7 +28,7 @@ ratio = in_range(float, 0.0, 1.0)
 
 @dataclass(frozen=True)
 class HealthSettings:
-    disk_path: list[Path] = setting(help="check disk usage of the filesystem holding this path", default_factory=lambda: [Path("/")], metavar="PATH")
+    disk_path: list[Path] = setting(help="check disk usage of the filesystem holding this path (none given: /)", default_factory=list, metavar="PATH")
     disk_warning: float = setting(0.85, help="used share of a disk (0..1) that is a warning", parse=ratio)
     disk_critical: float = setting(0.95, help="used share of a disk (0..1) that makes the machine unhealthy", parse=ratio)
     require_gpu: bool = setting(False, help="no NVML or no GPU is a failure (otherwise reported only)")
@@ -39,7 +39,7 @@ class HealthSettings:
     pushgateway: str | None = setting(None, help="Pushgateway URL: the metrics go there, and its /-/ready is checked", parse=parse_url)
     http_timeout: float = setting(3.0, help="timeout of each service check (e.g. 3s)", parse=positive(parse_duration))
     backup_dir: list[Path] = setting(help="backup catalog whose newest backup must be fresh and verified", env=("BACKUP_DIR",), default_factory=list, metavar="DIR")
-    backup_max_age: float = setting(26 * 3600.0, help="newest backup older than this is a failure (e.g. 26h; seconds)", parse=positive(parse_duration))
+    backup_max_age: float = setting(26 * 3600.0, help="newest backup older than this is a failure (default 26h, shown in seconds)", parse=positive(parse_duration))
     json: bool = setting(False, help="print the results as JSON on stdout")
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
 

@@ -27,7 +27,7 @@ def used_ratio(path: Path) -> tuple[float, int]:
 
 def check(settings: DiskSettings) -> list[Result]:
     results = []
-    for path in settings.disk_path:
+    for path in settings.disk_path or [Path("/")]:
         name = f"disk:{path}"
         try:
             ratio, free = used_ratio(path)
