@@ -5,7 +5,9 @@ the relay's webhook with the bearer token read from the credentials file."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -149,3 +151,41 @@ def test_real_alertmanager_inhibits_and_delivers_with_the_bearer_token(
     authorization, body = next((a, b) for a, b in received if b["receiver"] == "relay-watchdog")
     assert authorization == "Bearer s3cret-token"
     assert [a["labels"]["alertname"] for a in body["alerts"]] == ["Watchdog"]
+
+
+def test_real_alertmanager_reaches_the_real_relay(
+    start_alertmanager: Callable[..., components.Component], tmp_path: Path
+) -> None:
+    """The relay accepts what this configuration makes Alertmanager send: its payload and its token."""
+    token_file = tmp_path / "relay-token"
+    token_file.write_text("relay-token-value\n")  # a trailing newline, as editors leave it
+    (tmp_path / "relay.yml").write_text(yaml.safe_dump({
+        "destinations": {"ops": {"type": "slack", "webhook_url_env": "SLACK_WEBHOOK_URL"}},
+        "routes": [{"destinations": ["ops"]}],
+        "watchdog": {"alertname": "Watchdog", "period": "1m", "grace": "5m", "destinations": ["ops"]},
+    }))
+    port = components.free_port()
+    relay_url = f"http://{components.LOOPBACK}:{port}"
+    env = {**os.environ, "MLWARDEN_RELAY_TOKEN_FILE": str(token_file), "SLACK_WEBHOOK_URL": "http://127.0.0.1:9/unused"}
+    with open(tmp_path / "relay.log", "wb") as log:
+        relay = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlwarden")), "relay", "--config", str(tmp_path / "relay.yml"),
+             "--listen-address", f"{components.LOOPBACK}:{port}", "--state-url", f"sqlite:///{tmp_path / 'relay.db'}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        _wait_for(lambda: components.http_ok(relay_url + "/readyz"))
+        text = CONFIG.read_text().replace(RELAY_WEBHOOK, relay_url + "/webhook/alertmanager")
+        alertmanager = start_alertmanager(text.replace("/etc/mlwarden/relay-token", str(token_file)))
+        _post_alerts(alertmanager, [{"labels": {"alertname": "Watchdog", "severity": "info"}}])
+
+        def relay_metrics() -> str:
+            with urllib.request.urlopen(relay_url + "/metrics", timeout=5) as response:
+                return response.read().decode()
+
+        _wait_for(lambda: 'mlwarden_relay_watchdog_state{state="up"} 1.0' in relay_metrics())
+        assert 'mlwarden_relay_webhooks_received_total{outcome="accepted"} 1.0' in relay_metrics()
+        assert 'mlwarden_relay_webhooks_received_total{outcome="unauthorized"} 0.0' in relay_metrics()
+    finally:
+        relay.terminate()
+        relay.wait(timeout=10)

@@ -124,3 +124,14 @@ def test_readme_documents_every_alert() -> None:
     rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
             for line in alert_table.splitlines() if line.startswith("| `")}
     assert {rule["alert"]: rule["labels"]["severity"] for rule in alert_rules()} == rows
+
+
+def test_example_prometheus_config_is_valid(promtool: str) -> None:
+    result = subprocess.run([promtool, "check", "config", str(REPO / "alerts" / "prometheus.yml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = {job["job_name"]: job for job in yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())["scrape_configs"]}
+    assert jobs["pushgateway"]["honor_labels"] is True  # the jobs' own job/instance labels must survive
+    rule_text = "".join(path.read_text() for path in RULES)
+    assert 'job="mlwarden_exporter"' in rule_text and 'job="mlwarden_relay"' in rule_text
+    assert {"mlwarden_exporter", "mlwarden_relay"} <= set(jobs)
