@@ -187,3 +187,19 @@ def test_a_drill_from_s3(tmp_path: Path, s3_env: list[str]) -> None:
     assert backup(models, tmp_path / "backups", *s3_env) == 0
     assert restore("--drill", "--from-s3", *s3_env, "--backup-dir", tmp_path / "backups") == 0
     assert [p.name for p in (tmp_path / "backups").iterdir() if p.name.startswith(".")] == [".mlwarden-backup.lock"]
+
+
+def test_glacier_copies_are_checked_by_metadata_and_a_restore_says_what_to_do(
+    tmp_path: Path, s3_env: list[str], s3_server: components.S3Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups", *s3_env, "--s3-storage-class", "GLACIER") == 0
+    entry = only_entry(tmp_path / "backups")
+    assert entry.status.offsite is not None and entry.status.offsite.storage_class == "GLACIER" and entry.status.offsite.verified
+    head = boto3.client("s3", endpoint_url=s3_server.url).head_object(Bucket=s3_env[1], Key=entry.status.offsite.key)
+    assert head["StorageClass"] == "GLACIER"
+    assert restore("latest", "--from-s3", *s3_env, "--to", tmp_path / "restored") == 1
+    err = capsys.readouterr().err
+    assert "restore-object" in err
+    assert "attempt" not in err  # an archived object needs a restore request, not retries
+    assert not (tmp_path / "restored").exists()

@@ -28,7 +28,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, OffsiteError, S3Location
+from jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
 from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def with_retries(what: str, attempts: int, base_seconds: float, action: Callable
     for attempt in range(1, attempts + 1):
         try:
             return action()
+        except ObjectArchived:
+            raise
         except (*_S3_ERRORS, OffsiteError) as exc:
             if attempt == attempts:
                 raise OffsiteError(f"{what} failed after {attempts} attempt(s): {exc}") from None
@@ -152,7 +154,7 @@ class OffsiteStore:
         def fetch() -> None:
             head = self._s3.head_object(Bucket=loc.bucket, Key=archive_key)
             if head.get("StorageClass") in ARCHIVE_STORAGE_CLASSES and 'ongoing-request="false"' not in head.get("Restore", ""):
-                raise OffsiteError(
+                raise ObjectArchived(
                     f"s3://{loc.bucket}/{archive_key} is in {head['StorageClass']}: request a restore first "
                     "(aws s3api restore-object), wait for it, then run the restore again"
                 )

@@ -16,6 +16,10 @@ class OffsiteError(RuntimeError):
     """The off-site copy could not be made, checked or read."""
 
 
+class ObjectArchived(OffsiteError):
+    """The object is in an archive storage class: it needs a restore request, not a retry."""
+
+
 @dataclass(frozen=True)
 class S3Location:
     bucket: str
