@@ -231,8 +231,9 @@ def start_exporter(start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
     (models / "llm" / "weights.bin").write_bytes(os.urandom(64 * 1024))
     (experiments / "run-1" / "checkpoint.pt").write_bytes(b"x" * 4096)
     # A real backup, so the exporter's backups collector reads a real catalog.
-    subprocess.run([MLWARDEN, "backup", "--model-dir", str(models), "--backup-dir", str(backups)],
-                   check=True, capture_output=True, timeout=60)
+    backup = subprocess.run([MLWARDEN, "backup", "--model-dir", str(models), "--backup-dir", str(backups)],
+                            capture_output=True, text=True, timeout=60)
+    assert backup.returncode == 0, backup.stderr
     port = components.free_port()
     start("exporter", "--gpu-backend", "simulated", "--simulated-gpus", "3", "--listen-address", f"127.0.0.1:{port}",
           "--interval", "0.5s", "--artifacts-interval", "1s", "--backup-dir", str(backups),
