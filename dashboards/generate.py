@@ -373,7 +373,7 @@ def gpu_fleet() -> Json:
         table("XID errors (counts since the exporter started)",
               Target(f"mlwarden_gpu_xid_errors_total{{{GPU}}}"),
               Target(f"mlwarden_gpu_xid_last_timestamp_seconds{{{GPU}}} * 1000"),
-              columns={"count": "Count", "last": "Last seen"}, units={"Last seen": "dateTimeAsIso"}, height=8,
+              columns={"count": "Count", "last": "Last seen"}, units={"Last seen": "dateTimeAsIso"}, width=16, height=8,
               description="XIDs 48, 62, 64, 74, 79, 94, 95, 119 and 120 page (GpuXidCriticalError)."),
     ])
 
@@ -385,9 +385,9 @@ def gpu_fleet() -> Json:
 
     exporter = Row("Exporter", [
         stat("Exporter targets", Target('up{job="mlwarden_exporter", instance=~"$instance"}', "{{instance}}"),
-             mappings=UP_DOWN, thresholds=steps(), text_mode="value_and_name", width=6),
+             mappings=UP_DOWN, thresholds=steps(), text_mode="value_and_name", width=6, height=8),
         stat("NVML", Target('mlwarden_nvml_up{instance=~"$instance"}', "{{instance}}"), mappings=UP_DOWN,
-             thresholds=steps(), text_mode="value_and_name", width=6),
+             thresholds=steps(), text_mode="value_and_name", width=6, height=8),
         bargauge("Data age by collector",
                  Target('time() - mlwarden_exporter_last_collection_timestamp_seconds{instance=~"$instance"}',
                         "{{instance}} {{collector}}"),
@@ -513,17 +513,17 @@ def jobs() -> Json:
         bargauge("Artifact filesystems used (exporter)",
                  Target(f"1 - mlwarden_artifacts_filesystem_free_bytes{{{EXPORTER}}} / "
                         f"mlwarden_artifacts_filesystem_size_bytes{{{EXPORTER}}}", "{{instance}} {{directory}}"),
-                 unit="percentunit", minimum=0, maximum=1, thresholds=steps(("orange", 0.85), ("red", 0.90))),
+                 unit="percentunit", minimum=0, maximum=1, thresholds=steps(("orange", 0.85), ("red", 0.90)), width=6),
         timeseries("Artifact directories",
                    Target(f"mlwarden_artifacts_size_bytes{{{EXPORTER}}}", "{{instance}} {{directory}}"),
-                   unit="bytes"),
+                   unit="bytes", width=6),
         timeseries("Free space in 24 hours at the current rate",
                    Target(f"predict_linear(mlwarden_artifacts_filesystem_free_bytes{{{EXPORTER}}}[6h], 86400)",
                           "{{instance}} {{directory}}"),
-                   unit="bytes", thresholds=steps(("red", 0)),
+                   unit="bytes", thresholds=steps(("red", 0)), width=6,
                    description="Below zero: DiskWillFillIn24Hours fires once the disk is also 60 % full."),
         timeseries("Files in artifact directories",
-                   Target(f"mlwarden_artifacts_files{{{EXPORTER}}}", "{{instance}} {{directory}}"), unit="short"),
+                   Target(f"mlwarden_artifacts_files{{{EXPORTER}}}", "{{instance}} {{directory}}"), unit="short", width=6),
     ])
 
     return dashboard(
@@ -569,22 +569,21 @@ def relay() -> Json:
         timeseries("Webhooks received",
                    Target(f"sum by (outcome) (rate(mlwarden_relay_webhooks_received_total{{{RELAY}}}[$__rate_interval]))",
                           "{{outcome}}"),
-                   unit="reqps", overrides=by_name_color({"accepted": "green", "invalid": "red",
+                   unit="reqps", width=6, overrides=by_name_color({"accepted": "green", "invalid": "red",
                                                           "unauthorized": "red", "unavailable": "orange"})),
         timeseries("Alerts received",
                    Target(f"sum by (status) (rate(mlwarden_relay_alerts_received_total{{{RELAY}}}[$__rate_interval]))",
                           "{{status}}"),
-                   unit="ops"),
+                   unit="ops", width=6),
         timeseries("Suppressed by cooldown",
                    Target(f"sum by (severity) (increase(mlwarden_relay_notifications_suppressed_total{{{RELAY}}}"
                           f"[$__rate_interval]))", "{{severity}}"),
-                   unit="short"),
+                   unit="short", width=6),
         timeseries("Escalations",
                    Target(f"sum by (severity) (increase(mlwarden_relay_escalations_total{{{RELAY}}}[$__rate_interval]))",
                           "{{severity}}"),
-                   unit="short"),
+                   unit="short", width=6),
     ])
-    intake.panels[-1].width = 24
 
     delivery = Row("Delivery", [
         timeseries("Delivered",
