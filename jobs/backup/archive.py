@@ -108,16 +108,18 @@ def write_archive(
     on_progress: Callable[[int], None] = lambda _: None,
 ) -> ArchiveResult:
     """Archive ``files`` into ``destination`` (complete or absent, never partial)."""
-    level = DEFAULT_LEVELS[compression] if level is None else level
+    chosen_level = DEFAULT_LEVELS[compression] if level is None else level
     records: list[FileRecord] = []
-    with atomic_writer(destination) as raw, _HashingSink(raw) as sink, _compressor(sink, compression, level, threads) as out:
-        for source_file in files:
-            out.write(_header(source_file))
-            records.append(_copy_file(source_file, out, on_progress))
-            padding = -source_file.size % _BLOCK
-            if padding:
-                out.write(b"\0" * padding)
-        out.write(_END_OF_ARCHIVE)
+    with atomic_writer(destination) as raw:
+        sink = _HashingSink(raw)
+        with _compressor(sink, compression, chosen_level or 0, threads) as out:
+            for source_file in files:
+                out.write(_header(source_file))
+                records.append(_copy_file(source_file, out, on_progress))
+                padding = -source_file.size % _BLOCK
+                if padding:
+                    out.write(b"\0" * padding)
+            out.write(_END_OF_ARCHIVE)
     return ArchiveResult(
         path=destination,
         sha256=sink.hexdigest(),
@@ -197,24 +199,18 @@ class _HashingSink:
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
-    def __enter__(self) -> _HashingSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
 
 @contextmanager
-def _compressor(sink: _HashingSink, compression: str, level: int | None, threads: int) -> Iterator[_Writable]:
+def _compressor(sink: _HashingSink, compression: str, level: int, threads: int) -> Iterator[_Writable]:
     """A writer that compresses into ``sink``; the stream is finished when the block ends."""
     if compression == "none":
         yield sink
         return
     if compression == "gzip":
-        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level or DEFAULT_LEVELS["gzip"], mtime=0) as stream:  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level, mtime=0) as stream:  # type: ignore[arg-type]
             yield stream
         return
     # threads=-1: as many zstd workers as cores; the calling thread only feeds and drains.
-    compressor = zstandard.ZstdCompressor(level=level or DEFAULT_LEVELS["zstd"], threads=threads or -1, write_checksum=True)
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1, write_checksum=True)
     with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:
         yield stream

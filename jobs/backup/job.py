@@ -80,16 +80,15 @@ def run_backup(settings: BackupSettings) -> int:
     if settings.dry_run:
         _dry_run(settings, source)
         return ExitCode.OK
-    settings.backup_dir.mkdir(parents=True, exist_ok=True)
     outcome = Outcome()
     code = ExitCode.FAILURE
     with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
         try:
-            with JobLock(settings.backup_dir / LOCK_FILE):
+            with JobLock(settings.backup_dir / LOCK_FILE):  # creates the backup directory if needed
                 code = _backup_locked(settings, source, outcome)
         except LockHeld as exc:
             log.error("backup not started: %s", exc)
-        except BackupFailed as exc:
+        except (BackupFailed, OSError) as exc:
             log.error("backup FAILED: %s", exc)
         finally:
             _report_outcome(report, outcome)
