@@ -120,17 +120,27 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
     async def state(request: Request) -> Response:
         if not relay.credentials.allows(request.headers.get("authorization")):
             return unauthorized()
-        return JSONResponse({"keys": [s.to_dict() for s in relay.store.key_states()]})
+        return _view(lambda: {"keys": [s.to_dict() for s in relay.store.key_states()]})
 
     @app.get("/api/v1/outbox")
     async def outbox(request: Request) -> Response:
         if not relay.credentials.allows(request.headers.get("authorization")):
             return unauthorized()
-        depth, oldest = relay.store.outbox_stats()
-        return JSONResponse({"depth": depth, "oldest_created_at": oldest,
-                             "jobs": [j.to_dict() for j in relay.store.jobs()]})
+
+        def queue() -> dict[str, object]:
+            depth, oldest = relay.store.outbox_stats()
+            return {"depth": depth, "oldest_created_at": oldest, "jobs": [j.to_dict() for j in relay.store.jobs()]}
+
+        return _view(queue)
 
     return app
+
+
+def _view(read: Callable[[], dict[str, object]]) -> JSONResponse:
+    try:
+        return JSONResponse(read())
+    except StoreError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=503)
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -172,6 +182,9 @@ def _accept(relay: Relay, body: bytes) -> Response:
         relay.metrics.webhooks.labels("duplicate").inc()
         return JSONResponse({"status": "duplicate"})
     relay.metrics.webhooks.labels("accepted").inc()
+    if notification.truncated_alerts:
+        log.warning("Alertmanager left %d alert(s) out of group %s (its max_alerts); they were not seen",
+                    notification.truncated_alerts, notification.group_key)
     for alert in notification.alerts:
         relay.metrics.alerts.labels(alert.status).inc()
     for decision in result.decisions:
