@@ -84,14 +84,16 @@ def test_verify_catches_a_member_changed_inside_an_uncompressed_archive(tmp_path
     assert "config.json" in result.detail
 
 
-def test_a_second_backup_with_verify_failing_is_reported_and_recorded(tmp_path: Path) -> None:
+def test_a_damaged_backup_of_the_day_is_recorded_and_replaced_by_a_new_one(tmp_path: Path) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups") == 0
-    entry = only_entry(tmp_path / "backups")
-    flip_byte(entry.archive_path)
-    # Same day: the run verifies the existing backup, finds the damage and fails.
-    assert backup(models, tmp_path / "backups") == 1
-    assert Catalog(tmp_path / "backups").latest().verified is False  # type: ignore[union-attr]
+    damaged = only_entry(tmp_path / "backups")
+    flip_byte(damaged.archive_path)
+    # Same day: the run verifies the existing backup, finds the damage and makes a new one.
+    assert backup(models, tmp_path / "backups") == 0
+    old, new = Catalog(tmp_path / "backups").entries()
+    assert old.name == damaged.name and old.verified is False
+    assert new.verified is True
 
 
 def test_symlinked_files_are_backed_up_by_content_and_link_loops_are_harmless(tmp_path: Path) -> None:

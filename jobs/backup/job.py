@@ -108,18 +108,21 @@ def _report_outcome(report: JobReport, outcome: Outcome) -> None:
 def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> int:
     catalog = Catalog(settings.backup_dir)
     _remove_interrupted(catalog)
-    existing = None if settings.force else _existing_for_period(catalog, source, settings.period, time.time())
-    if existing is not None:
-        log.info("backup %s already exists for this %s; verifying it (use --force for a new one)", existing.name, settings.period)
-        entry = existing
-        outcome.files = len(entry.manifest.files)
-    else:
-        entry = _create(settings, source, outcome)
-    ok = True
-    if settings.verify or existing is not None:
+    entry = None if settings.force else _existing_for_period(catalog, source, settings.period, time.time())
+    if entry is not None:
+        log.info("backup %s already exists for this %s; verifying it (use --force for a new one)", entry.name, settings.period)
         entry, result = verify_and_record(entry)
-        outcome.verified = result.ok
-        ok = result.ok
+        if result.ok:
+            outcome.files, outcome.verified = len(entry.manifest.files), True
+        else:
+            log.warning("backup %s is damaged (kept for inspection); making a new one", entry.name)
+            entry = None
+    if entry is None:
+        entry = _create(settings, source, outcome)
+        if settings.verify:
+            entry, result = verify_and_record(entry)
+            outcome.verified = result.ok
+    ok = outcome.verified is not False
     location = settings.offsite
     if location is not None:
         if ok:
