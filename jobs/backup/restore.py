@@ -32,6 +32,7 @@ from jobs.backup.s3config import S3Location
 from jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, hash_file, members
 from mlwarden.catalog import BackupEntry, Catalog, Manifest
 from mlwarden.fsutil import fsync_dir
+from mlwarden.terminal import Progress
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
 def _extract(entry: BackupEntry, staging: Path) -> int:
     digest = ArchiveDigest()
     files = 0
+    progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
     with members(entry.archive_path, entry.manifest, digest) as found:
         for record, data in found:
             destination = staging / record.path
@@ -90,6 +92,7 @@ def _extract(entry: BackupEntry, staging: Path) -> int:
                 while chunk := data.read(CHUNK_BYTES):
                     file_hash.update(chunk)
                     out.write(chunk)
+                    progress.advance(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
             if file_hash.hexdigest() != record.sha256:
@@ -97,6 +100,7 @@ def _extract(entry: BackupEntry, staging: Path) -> int:
             os.chmod(destination, record.mode & 0o755)  # no setuid/setgid/sticky, no world-writable
             os.utime(destination, (record.mtime, record.mtime))
             files += 1
+    progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
         raise ArchiveError("the archive changed while it was being restored")
     for directory, _, _ in os.walk(staging):
