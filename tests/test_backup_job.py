@@ -221,3 +221,14 @@ def test_textfile_metrics_pass_promtool(tmp_path: Path, promtool: str) -> None:
     assert "mlwarden_backup_files 4.0" in text
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_retention_days_from_the_old_scripts_means_keep_daily() -> None:
+    from jobs.backup.cli import BackupSettings
+    from mlwarden import settings
+
+    loaded = settings.load(BackupSettings, "backup", [], {"MODEL_DIR": "/m", "BACKUP_DIR": "/b", "RETENTION_DAYS": "14", "DRY_RUN": "1"})
+    assert loaded.policy.keep_daily == 14 and loaded.policy.keep_last is None
+    assert loaded.dry_run is True
+    flagged = settings.load(BackupSettings, "backup", ["--keep-daily", "3"], {"MODEL_DIR": "/m", "BACKUP_DIR": "/b", "RETENTION_DAYS": "14"})
+    assert flagged.policy.keep_daily == 3  # the flag wins over the legacy variable
