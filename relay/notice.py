@@ -16,7 +16,7 @@ PIPELINE_DOWN = "pipeline_down"
 PIPELINE_UP = "pipeline_up"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Notice:
     kind: str  # FIRING | RESOLVED | PIPELINE_DOWN | PIPELINE_UP
     key: str

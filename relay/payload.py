@@ -19,7 +19,7 @@ class PayloadError(ValueError):
     """The body is not a usable Alertmanager webhook payload; the message says why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Alert:
     status: str  # "firing" | "resolved"
     labels: Mapping[str, str]

@@ -19,7 +19,7 @@ from relay.config import SEVERITIES, Escalation, Route
 from relay.payload import Alert
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyState:
     key: str
     severity: str
@@ -43,7 +43,7 @@ class KeyState:
         return cls(**{**data, "occurrences": tuple(data["occurrences"]), "told": tuple(data["told"])})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     action: str  # "notify" | "suppress" | "resolve"
     state: KeyState | None  # None: the key's state is cleared
@@ -73,12 +73,12 @@ def cooldown_for(state: KeyState, severity: str, route: Route) -> float:
     return route.cooldown[severity]
 
 
-def escalation_level(state: KeyState, severity: str, now: float, escalation: Escalation) -> int:
+def escalation_level(occurrences: int, firing_for: float, severity: str, escalation: Escalation) -> int:
     if severity in escalation.page_immediately:
         return 1
-    if len(state.occurrences) >= escalation.after_repeats:
+    if occurrences >= escalation.after_repeats:
         return 1
-    if escalation.after_firing is not None and now - state.first_seen >= escalation.after_firing:
+    if escalation.after_firing is not None and firing_for >= escalation.after_firing:
         return 1
     return 0
 
@@ -91,12 +91,9 @@ def decide(state: KeyState | None, alert: Alert, key: str, now: float, route: Ro
 
     previous = state or KeyState(key=key, severity=severity, first_seen=now, last_seen=now)
     window = route.escalation.within
-    seen = replace(
-        previous,
-        last_seen=now,
-        occurrences=tuple(t for t in previous.occurrences if now - t < window) + (now,),
-    )
-    level = max(previous.level, escalation_level(seen, severity, now, route.escalation))
+    occurrences = tuple(t for t in previous.occurrences if now - t < window) + (now,)
+    computed = escalation_level(len(occurrences), now - previous.first_seen, severity, route.escalation)
+    level = max(previous.level, computed)
     escalated = state is not None and level > state.level
     destinations = route.destinations + (route.escalation.destinations if level >= 1 else ())
     destinations = tuple(dict.fromkeys(destinations))  # keep order, drop repeats
@@ -108,10 +105,13 @@ def decide(state: KeyState | None, alert: Alert, key: str, now: float, route: Ro
         or now - state.last_notified >= cooldown_for(state, severity, route)
     )
     if not due:
-        return Decision("suppress", replace(seen, level=level), (), severity, level, False)
+        suppressed = replace(previous, last_seen=now, occurrences=occurrences, level=level)
+        return Decision("suppress", suppressed, (), severity, level, False)
     notified = replace(
-        seen,
+        previous,
         severity=severity,
+        last_seen=now,
+        occurrences=occurrences,
         level=level,
         last_notified=now,
         notifications=previous.notifications + 1,
