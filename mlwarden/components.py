@@ -199,7 +199,14 @@ def alertmanager(config_file: Path, workdir: Path, extra_args: Sequence[str] = (
 
 def pushgateway(workdir: Path, extra_args: Sequence[str] = ()) -> Component:
     port = free_port()
-    argv = [find_binary("pushgateway"), f"--web.listen-address={LOOPBACK}:{port}", *extra_args]
+    # Debian's build persists to a shared /var/lib file by default: every instance would
+    # start with the groups of the others. Each gets its own file in its workdir.
+    argv = [
+        find_binary("pushgateway"),
+        f"--web.listen-address={LOOPBACK}:{port}",
+        f"--persistence.file={workdir / 'pushgateway.data'}",
+        *extra_args,
+    ]
     return Component("pushgateway", argv, port, workdir, http_ready("/-/ready"))
 
 
