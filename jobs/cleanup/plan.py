@@ -148,32 +148,38 @@ class _Walker:
         notable = self.notable.match
         check_paths = self.rules.protection.has_path_globs
         cutoff = self.rules.cutoff
+        device = self.device
         kept = self.kept
+        keep_young = 0
+        plan_file = self.candidates.append
         for entry in entries:
-            name = entry.name
-            child = prefix + name
-            if entry.is_symlink():
+            st = entry.stat(follow_symlinks=False)  # lstat: a symlink is seen as one, never followed
+            mode = st.st_mode
+            if stat.S_ISLNK(mode):
                 kept[KEPT_SYMLINK] += 1
                 continue
-            st = entry.stat(follow_symlinks=False)
-            if st.st_dev != self.device:
+            if st.st_dev != device:
                 kept[KEPT_OTHER_FS] += 1
                 continue
+            name = entry.name
             if check_paths or notable(name):
-                mtime = self._notable(dir_fd, name, child, st, run if relative else None, checkpoint)
-            elif stat.S_ISREG(st.st_mode):
+                mtime = self._notable(dir_fd, name, prefix + name, st, run if relative else None, checkpoint)
+            elif stat.S_ISREG(mode):
                 mtime = st.st_mtime
                 if mtime >= cutoff:
-                    kept[KEPT_NEW] += 1
+                    keep_young += 1
                 else:
-                    self.candidates.append(Doomed(child, st.st_size, mtime, st.st_ino, checkpoint))
-            elif stat.S_ISDIR(st.st_mode):
+                    plan_file(Doomed(prefix + name, st.st_size, mtime, st.st_ino, checkpoint))
+            elif stat.S_ISDIR(mode):
+                child = prefix + name
                 mtime = self._directory(dir_fd, name, child, st.st_mtime, run if relative else child, checkpoint)
             else:
                 kept[KEPT_SPECIAL] += 1
                 continue
             if mtime > newest:
                 newest = mtime
+        if keep_young:
+            kept[KEPT_NEW] += keep_young
         return len(entries), newest
 
     def _notable(self, dir_fd: int, name: str, child: str, st: os.stat_result, run: str | None, checkpoint: str | None) -> float:
