@@ -43,8 +43,8 @@ def pagerduty(client: httpx.AsyncClient) -> PagerDutyNotifier:
 
 
 def test_slack_message_names_machine_gpu_severity_and_level() -> None:
-    text = json.dumps(message([notice()]), ensure_ascii=False)
-    for expected in ("node1:9945", "GPU 0", "CRITICAL", "Escalation level:* 1", "91 °C"):
+    text = json.dumps(message([notice(reason="repeat", starts_at="2026-11-28T10:00:00Z")]), ensure_ascii=False)
+    for expected in ("node1:9945", "GPU 0", "CRITICAL", "Escalation level:* 1", "91 °C", "Reason:* repeat", "2026-11-28T10"):
         assert expected in text
 
 

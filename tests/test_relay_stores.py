@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import respx
 
 from mlwarden import components
+from relay.app import Relay
+from relay.auth import Credentials
 from relay.notice import Notice
 from relay.store import open_store
 from relay.store.base import Job, Store
-from tests.test_relay_support import accept, alert, body, make_config
+from tests.test_relay_support import SLACK_URL, FakeClock, accept, alert, body, make_config
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -97,3 +103,35 @@ def test_two_redis_replicas_store_an_ha_duplicate_once(redis_server: components.
     results = [accept(open_store(url), config, body(alert()), 100.0) for _ in range(2)]
     assert results[0] is not None and results[1] is None
     assert open_store(url).outbox_stats()[0] == 1
+
+
+@respx.mock
+def test_two_relay_replicas_on_redis_deliver_every_alert_exactly_once(redis_server: components.Component) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    config = make_config(delivery={"max_alerts_per_message": 5})
+    clock = FakeClock()
+    sections: list[str] = []
+
+    def slack(request: httpx.Request) -> httpx.Response:
+        sections.extend(b["text"]["text"] for b in json.loads(request.content)["blocks"] if b["type"] == "section")
+        return httpx.Response(200, text="ok")
+
+    respx.post(SLACK_URL).mock(side_effect=slack)
+    replicas = [Relay(config, open_store(url), Credentials("t"), clock=clock) for _ in range(2)]
+    for n in range(0, 40, 10):
+        accept(replicas[n // 10 % 2].store, config, body(*[alert(name=f"Replica{i:02d}") for i in range(n, n + 10)]), clock())
+
+    async def main() -> None:
+        outboxes = [replica.start_outbox() for replica in replicas]
+        for _ in range(10):
+            await asyncio.gather(*(outbox.run_once() for outbox in outboxes))
+            clock.advance(1.0)
+        for replica in replicas:
+            assert replica.http is not None
+            await replica.http.aclose()
+
+    asyncio.run(main())
+    assert sorted(s.split("Replica")[1][:2] for s in sections) == [f"{i:02d}" for i in range(40)]
+    delivered = [r.metrics.registry.get_sample_value("mlwarden_relay_deliveries_total",
+                                                     {"destination": "ops", "integration": "slack"}) or 0.0 for r in replicas]
+    assert all(delivered) and sum(delivered) == 40  # both replicas worked, and no alert went out twice

@@ -66,6 +66,10 @@ def section_text(notice: Notice) -> str:
             facts.append(f"*GPU:* {_escape(notice.gpu)}")
         if notice.occurrences > 1:
             facts.append(f"*Seen:* {notice.occurrences}x")
+        if notice.starts_at and not notice.starts_at.startswith("0001"):
+            facts.append(f"*Since:* {_escape(notice.starts_at)}")
+        if notice.reason:  # Alertmanager's notification_reason (newer versions)
+            facts.append(f"*Reason:* {_escape(notice.reason)}")
         lines.append("  ".join(facts))
         # Each part is cut on its own so a huge summary cannot push the description out.
         lines.append(_escape(truncate(notice.summary, 1200)))
