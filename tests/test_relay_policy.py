@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from mlwarden import settings
 from relay import config as relay_config
+from relay.cli import RelaySettings
 from relay import payload, watchdog
 from relay.dedup import notification_digest
 from relay.policy import decide
@@ -218,3 +220,19 @@ def test_heartbeat_states(last_seen: float | None, now: float, state: str) -> No
 )
 def test_watchdog_announces_down_and_recovery_only(previous: str, current: str, kind: str | None) -> None:
     assert watchdog.announcement(previous, current) == kind
+
+
+# Settings --------------------------------------------------------------------------------
+
+def test_relay_refuses_to_start_without_credentials() -> None:
+    with pytest.raises(settings.SettingsError, match="MLWARDEN_RELAY_TOKEN"):
+        settings.load(RelaySettings, "relay", [], {})
+
+
+def test_legacy_alert_cooldown_variable_and_token_file(tmp_path: relay_config.Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("from-a-file\n")
+    loaded = settings.load(RelaySettings, "relay", ["--state-url", "redis://127.0.0.1:6379/0"],
+                           {"MLWARDEN_RELAY_TOKEN_FILE": str(token), "ALERT_COOLDOWN": "5m"})
+    assert loaded.alert_cooldown == 300.0 and loaded.token == "from-a-file"
+    assert loaded.listen_address == ("127.0.0.1", 9946)
