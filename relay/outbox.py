@@ -61,7 +61,6 @@ class Outbox:
         workers: int = 4,
     ) -> None:
         self._store = store
-        self._destinations = destinations
         self._notifiers = notifiers
         self._delivery = delivery
         self._metrics = metrics

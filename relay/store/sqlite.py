@@ -49,7 +49,6 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB: key states and the queue stay in memory
             # Checkpoints (copying the WAL into the database, with an fsync) run in a thread of their
             # own; in the writer they stalled intake for 10-40 ms every ~1,000 pages. The automatic
             # one stays as a safety net for a checkpointer that falls far behind.
