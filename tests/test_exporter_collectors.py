@@ -168,3 +168,13 @@ def test_snapshot_freshness_and_staleness() -> None:
     assert 'mlwarden_exporter_last_collection_timestamp_seconds{collector="fixed"} 1.0000001035e+09' in body
     store.mark_stale("fixed")
     assert 'mlwarden_exporter_collector_success{collector="fixed"} 0.0' in store.snapshot.body.decode()
+
+
+def test_processes_collector_works_without_the_gpu_collector() -> None:
+    from exporter.collectors.processes import ProcessesCollector
+
+    supervisor = BackendSupervisor(SimulatedBackend(gpus=2, processes_per_gpu=2))  # nobody started it yet
+    found = samples(ProcessesCollector(supervisor, 1.0, 1.0, max_processes=8))
+    uuids = {dict(lbl)["uuid"] for (name, lbl) in found if name == "mlwarden_gpu_process_memory_used_bytes"}
+    assert uuids == {"GPU-5e1a7ed0-0000-4000-8000-000000000000", "GPU-5e1a7ed0-0000-4000-8000-000000000001"}
+    assert supervisor.uuid(1) == "GPU-5e1a7ed0-0000-4000-8000-000000000001"

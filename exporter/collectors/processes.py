@@ -30,7 +30,7 @@ class ProcessesCollector(Collector):
         self.proc = proc
 
     def collect(self) -> Collected:
-        if not self.supervisor.available:
+        if not self.supervisor.ensure():
             return Collected(success=False)
         backend = self.supervisor.backend
         count = GaugeMetricFamily("mlwarden_gpu_processes", "Processes using the GPU (all of them, before the export cap).", labels=GPU_LABELS)
@@ -44,10 +44,12 @@ class ProcessesCollector(Collector):
             return Collected(success=False)
         for index in range(gpus):
             try:
+                identity = backend.identity(index)
                 processes = backend.processes(index)
             except GpuLost:
                 continue  # the gpu collector reports the GPU as down
-            gpu = [str(index), self.supervisor.uuid(index)]
+            self.supervisor.remember(identity)
+            gpu = [str(index), identity.uuid]
             count.add_metric(gpu, len(processes))
             for process in self._largest(processes):
                 if process.used_memory_bytes is None:

@@ -55,7 +55,7 @@ class XidCollector(Collector):
 
     def _listen(self) -> None:
         while not self._stop.is_set():
-            if not self.supervisor.available:
+            if not self.supervisor.ensure():
                 self._stop.wait(_WAIT_S)
                 continue
             try:
