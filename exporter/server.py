@@ -8,7 +8,8 @@ and TLS are optional. ``/healthz`` needs no credentials: it says only whether co
 is fresh.
 
 ``POST /-/simulate`` exists only with the simulated backend: it injects a fault, e.g.
-``{"gpu": 0, "fault": "overheat"}`` (see exporter.backends.simulated.FAULTS).
+``{"gpu": 0, "fault": "overheat"}`` or ``{"gpu": 0, "fault": "overheat", "celsius": 80}``
+(see exporter.backends.simulated.FAULTS).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from exporter.backends.simulated import SimulatedBackend
+from exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
 from exporter.snapshot import CONTENT_TYPE, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,14 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError("expected a JSON object")
             gpu, fault = request.get("gpu"), request.get("fault")
             xid, count = request.get("xid", 79), request.get("count", 1)
+            celsius = request.get("celsius", OVERHEAT_CELSIUS)
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gpu, xid, count)):
                 raise ValueError("gpu, xid and count must be integers")
+            if not isinstance(celsius, int | float) or isinstance(celsius, bool):
+                raise ValueError("celsius must be a number")
             if not isinstance(fault, str):
                 raise ValueError("fault must be a string")
-            simulator.inject(gpu, fault, xid=xid, count=count)
+            simulator.inject(gpu, fault, xid=xid, count=count, celsius=float(celsius))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             self._send(HTTPStatus.BAD_REQUEST, json.dumps({"error": str(exc)}).encode() + b"\n", "application/json")
             return

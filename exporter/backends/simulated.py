@@ -27,6 +27,7 @@ from exporter.backends.base import (
 )
 
 FAULTS = ("overheat", "cool", "lose", "recover", "ecc", "xid")
+OVERHEAT_CELSIUS = 94.0  # above the critical threshold unless the injector names a temperature
 _GIB = 2**30
 _MEMORY_TOTAL = 80 * _GIB
 _MEMORY_RESERVED = 512 * 2**20
@@ -37,7 +38,7 @@ _MAX_PENDING_XIDS = 10_000  # a runaway injector cannot grow memory without boun
 @dataclass
 class _SimulatedGpu:
     identity: GpuIdentity
-    overheated: bool = False
+    overheat_celsius: float | None = None  # None: normal temperature
     lost: bool = False
     ecc: dict[tuple[str, str], int] = field(default_factory=dict)
     double_bit_pages: int = 0
@@ -87,18 +88,24 @@ class SimulatedBackend(GpuBackend):
         return len(self._gpus)
 
     # faults -----------------------------------------------------------------------------
-    def inject(self, gpu: int, fault: str, xid: int = 79, count: int = 1) -> None:
-        """Apply a fault to one GPU; ValueError for an unknown GPU, fault or count."""
+    def inject(self, gpu: int, fault: str, xid: int = 79, count: int = 1, celsius: float = OVERHEAT_CELSIUS) -> None:
+        """Apply a fault to one GPU; ValueError for an unknown GPU, fault or count.
+
+        ``celsius`` is the overheated temperature (a warning-level 80 C shows the relay's
+        escalation path; the default trips the critical alert).
+        """
         if not 0 <= gpu < len(self._gpus):
             raise ValueError(f"no GPU {gpu} (there are {len(self._gpus)})")
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
         if not 1 <= count <= 1000 or not 0 < xid < 1000:
             raise ValueError("count must be 1..1000 and xid 1..999")
+        if not 0 < celsius < 150:
+            raise ValueError("celsius must be above 0 and below 150")
         with self._lock:
             state = self._gpus[gpu]
             if fault in ("overheat", "cool"):
-                state.overheated = fault == "overheat"
+                state.overheat_celsius = celsius if fault == "overheat" else None
             elif fault in ("lose", "recover"):
                 state.lost = fault == "lose"
             elif fault == "ecc":
@@ -129,12 +136,12 @@ class SimulatedBackend(GpuBackend):
             if state.last_read is not None:
                 state.energy_joules += power * max(0.0, now - state.last_read)
             state.last_read = now
-            hot = state.overheated
+            hot = state.overheat_celsius is not None
             used = int(_MEMORY_TOTAL * (0.2 + 0.6 * load))
             return GpuReading(
                 identity=state.identity,
-                temperature_celsius=round((94.0 if hot else 38.0 + 35.0 * load), 1),
-                memory_temperature_celsius=round((98.0 if hot else 42.0 + 30.0 * load), 1),
+                temperature_celsius=round(state.overheat_celsius or 38.0 + 35.0 * load, 1),
+                memory_temperature_celsius=round(state.overheat_celsius + 4.0 if hot else 42.0 + 30.0 * load, 1),
                 utilization_ratio=round(load, 3),
                 memory_utilization_ratio=round(load * 0.7, 3),
                 memory_used_bytes=used,

@@ -31,36 +31,38 @@ OVERHEAT_GPU = 0
 OVERHEAT_CELSIUS = 80.0  # above the 75 C warning, below the 85 C critical: the escalation path
 
 
-def slack_text(item: Received) -> str:
-    """Everything a person would read in a Slack message, as one string."""
-    parts = [str(item.body.get("text", ""))]
-    for block in item.body.get("blocks", []):
-        text = block.get("text")
-        if isinstance(text, dict):
-            parts.append(str(text.get("text", "")))
-        for element in block.get("elements", []) or block.get("fields", []) or []:
-            if isinstance(element, dict):
-                parts.append(str(element.get("text", "")))
-    return "\n".join(parts)
+def slack_alerts(item: Received) -> list[str]:
+    """One text per alert in a Slack message: the relay gives each alert its own section,
+    also when it coalesces several alerts into one message."""
+    return [
+        str(block["text"].get("text", ""))
+        for block in item.body.get("blocks", [])
+        if block.get("type") == "section" and isinstance(block.get("text"), dict)
+    ]
 
 
-def is_firing_about(item: Received, alertname: str, gpu: int | None = None) -> bool:
-    text = slack_text(item)
-    if alertname not in text or "[RESOLVED]" in text.split("\n", 1)[0]:
-        return False
-    return gpu is None or f"GPU {gpu}" in text
-
-
-def is_resolution_about(item: Received, alertname: str) -> bool:
-    text = slack_text(item)
-    return alertname in text and "RESOLVED" in text.upper()
+def alert_sections(sink: Sink, alertname: str, *, gpu: int | None = None, resolved: bool = False) -> list[str]:
+    """The sections about ``alertname`` (on ``gpu``) that Slack received, firing or resolved."""
+    result = []
+    for item in sink.snapshot():
+        for text in slack_alerts(item):
+            title = text.split("\n", 1)[0]
+            if f" {alertname} " not in title + " " or ("[RESOLVED]" in title) != resolved:
+                continue
+            if gpu is None or f"GPU {gpu}" in title:
+                result.append(text)
+    return result
 
 
 def pagerduty_events(sink: Sink, alertname: str, action: str) -> list[dict[str, Any]]:
-    return [
-        r.body for r in sink.snapshot()
-        if r.body.get("event_action") == action and alertname in json.dumps(r.body)
-    ]
+    """Events about ``alertname``. A resolve carries only its dedup_key (Events API v2), so
+    resolves are matched through the dedup_keys of the alert's triggers."""
+    events = [r.body for r in sink.snapshot()]
+    triggers = [e for e in events if e.get("event_action") == "trigger" and e.get("payload", {}).get("class") == alertname]
+    if action == "trigger":
+        return triggers
+    keys = {e.get("dedup_key") for e in triggers}
+    return [e for e in events if e.get("event_action") == action and e.get("dedup_key") in keys]
 
 
 @dataclass
@@ -79,8 +81,8 @@ class Narrator:
         self.line(f"== Step {number}: {title}")
 
     def slack(self, sink: Sink, item: Received) -> None:
-        head = slack_text(item).split("\n")[0]
-        self.line(f"   slack     <- {head}")
+        for text in slack_alerts(item) or [str(item.body.get("text", ""))]:
+            self.line(f"   slack     <- {text.split(chr(10), 1)[0]}")
 
     def pagerduty(self, sink: Sink, item: Received) -> None:
         summary = item.body.get("payload", {}).get("summary", "")
@@ -112,7 +114,8 @@ def write_models(directory: os.PathLike[str], megabytes: int = 8) -> None:
 def run_job(stack: Stack, narrator: Narrator, *args: str) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(mlwarden_argv(*args), capture_output=True, text=True, env=env, timeout=300)
-    narrator.line(f"   $ mlwarden {' '.join(a for a in args if not a.startswith(str(stack.workdir)))} -> exit {result.returncode}")
+    shown = " ".join(a.replace(str(stack.workdir), "$WORKDIR") for a in args)
+    narrator.line(f"   $ mlwarden {shown} -> exit {result.returncode}")
     if result.returncode != 0:
         for line in result.stderr.strip().splitlines()[-5:]:
             narrator.line(f"     {line}")
@@ -142,10 +145,11 @@ def step_overheat(stack: Stack, narrator: Narrator) -> str:
     narrator.step(2, f"GPU {OVERHEAT_GPU} overheats ({OVERHEAT_CELSIUS:.0f} C)")
     stack.inject(OVERHEAT_GPU, "overheat", celsius=OVERHEAT_CELSIUS)
     wait_until(
-        lambda: [r for r in stack.slack.snapshot() if is_firing_about(r, OVERHEAT_ALERT, OVERHEAT_GPU)],
+        lambda: alert_sections(stack.slack, OVERHEAT_ALERT, gpu=OVERHEAT_GPU),
         60, f"{OVERHEAT_ALERT} for GPU {OVERHEAT_GPU} in Slack",
     )
     narrator.line(f"   {OVERHEAT_ALERT} reached Slack; Alertmanager keeps repeating it")
+    narrator.line("   (other alerts you see are the real rules reacting to the demo's compressed time)")
     repeats = stack.timings.escalate_after_repeats
     wait_until(
         lambda: pagerduty_events(stack.pagerduty, OVERHEAT_ALERT, "trigger"),
@@ -160,7 +164,7 @@ def step_cool(stack: Stack, narrator: Narrator) -> str:
     narrator.step(3, f"GPU {OVERHEAT_GPU} cools down")
     stack.inject(OVERHEAT_GPU, "cool")
     wait_until(
-        lambda: [r for r in stack.slack.snapshot() if is_resolution_about(r, OVERHEAT_ALERT)],
+        lambda: alert_sections(stack.slack, OVERHEAT_ALERT, gpu=OVERHEAT_GPU, resolved=True),
         60, f"the resolution of {OVERHEAT_ALERT} in Slack",
     )
     resolves = wait_until(
@@ -174,7 +178,7 @@ def step_cool(stack: Stack, narrator: Narrator) -> str:
 def step_heartbeat(stack: Stack, narrator: Narrator) -> str:
     narrator.step(4, f"no backup succeeds any more: the heartbeat goes stale (demo threshold {stack.timings.heartbeat_max_age:g}s, production 25h)")
     wait_until(
-        lambda: [r for r in stack.slack.snapshot() if is_firing_about(r, HEARTBEAT_RULE)],
+        lambda: alert_sections(stack.slack, HEARTBEAT_RULE),
         stack.timings.heartbeat_max_age + 60, f"{HEARTBEAT_RULE} in Slack",
     )
     narrator.line(f"   {HEARTBEAT_RULE} fired and reached Slack")

@@ -115,7 +115,9 @@ def relay_config(timings: Timings, pagerduty_events_url: str) -> str:
         "routes": [
             {"key_labels": ["alertname", "instance", "gpu"], "destinations": ["ops-slack"]},
         ],
-        "dedup_window": "1m",
+        # HA peers' copies arrive within moments; Alertmanager's own repeats arrive a repeat
+        # interval apart and must count as sightings, so the window stays below that interval.
+        "dedup_window": f"{timings.repeat_interval / 2:g}s",
         "watchdog": {
             "alertname": "Watchdog",
             "period": f"{timings.watchdog_period:g}s",
