@@ -1,0 +1,53 @@
+"""The demo's time compression changes timings only, never what the rules and routes mean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlwarden.demo import stack
+from mlwarden.demo.stack import Timings
+
+
+def _rules(text: str) -> list[dict]:
+    return [rule for group in yaml.safe_load(text)["groups"] for rule in group["rules"]]
+
+
+def test_compress_rules_shortens_for_and_the_heartbeat_only() -> None:
+    timings = Timings(alert_for=2.0, heartbeat_max_age=40.0)
+    original = (stack.ALERTS / "rules" / "jobs.yml").read_text()
+    compressed = _rules(stack.compress_rules(original, timings))
+    before = {r.get("alert") or r.get("record"): r for r in _rules(original)}
+    for rule in compressed:
+        name = rule.get("alert") or rule.get("record")
+        if "for" in rule:
+            assert rule["for"] == "2000ms"
+        if name == stack.HEARTBEAT_RULE:
+            assert "> 40" in rule["expr"] and "3600" not in rule["expr"]
+        else:
+            assert rule["expr"] == before[name]["expr"]
+            assert rule.get("labels") == before[name].get("labels")
+
+
+def test_compress_rules_fails_loudly_when_the_heartbeat_rule_changes() -> None:
+    text = "groups:\n- name: g\n  rules:\n  - alert: BackupNotRecent\n    expr: time() - x > 86400\n"
+    with pytest.raises(ValueError, match="update the demo"):
+        stack.compress_rules(text, Timings())
+
+
+def test_alertmanager_config_points_every_receiver_at_the_relay(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    document = yaml.safe_load(stack.alertmanager_config("http://127.0.0.1:1234", token, Timings(repeat_interval=3.0)))
+    hooks = [hook for receiver in document["receivers"] for hook in receiver.get("webhook_configs", [])]
+    assert hooks and all(hook["url"] == "http://127.0.0.1:1234/webhook/alertmanager" for hook in hooks)
+    assert all(hook["http_config"]["authorization"]["credentials_file"] == str(token) for hook in hooks)
+    assert document["route"]["repeat_interval"] == "3000ms"
+    assert document["inhibit_rules"] == yaml.safe_load((stack.ALERTS / "alertmanager.yml").read_text())["inhibit_rules"]
+
+
+def test_relay_dedup_window_stays_below_alertmanagers_repeat_interval() -> None:
+    timings = Timings(repeat_interval=3.0)
+    document = yaml.safe_load(stack.relay_config(timings, "http://127.0.0.1:1/v2/enqueue"))
+    assert float(document["dedup_window"].rstrip("s")) < timings.repeat_interval
