@@ -25,11 +25,12 @@ from relay import intake, payload, watchdog
 from relay.auth import Credentials
 from relay.config import RelayConfig
 from relay.dedup import notification_digest
+from relay.groupcommit import GroupCommit
 from relay.metrics import RelayMetrics
 from relay.notifiers import notifier_for
 from relay.notifiers.base import Notifier
 from relay.outbox import Outbox
-from relay.store.base import Store, StoreError
+from relay.store.base import IntakeRequest, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Relay:
 def create_app(relay: Relay, background: bool = True) -> FastAPI:
     """The ASGI app. ``background=False`` leaves the outbox and watchdog to the caller (tests)."""
     relay.metrics.watch_store(relay.store, relay.config.watchdog, relay.clock)
+    commits = GroupCommit(relay.store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -98,7 +100,7 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
         if body is None:
             relay.metrics.webhooks.labels("too_large").inc()
             return JSONResponse({"error": f"body larger than {relay.max_body_bytes} bytes"}, status_code=413)
-        return _accept(relay, body)
+        return await _accept(relay, commits, body)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -156,7 +158,7 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-def _accept(relay: Relay, body: bytes) -> Response:
+async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
     now = relay.clock()
     try:
         notification = payload.parse(body)
@@ -169,11 +171,12 @@ def _accept(relay: Relay, body: bytes) -> Response:
             log.error("cannot keep an invalid payload: %s", store_exc)
         log.warning("rejected webhook payload: %s", exc)
         return JSONResponse({"error": str(exc)}, status_code=400)
+    request = IntakeRequest(
+        notification_digest(notification), body, intake.keys_of(notification, relay.config), now,
+        relay.config.dedup_window, lambda states: intake.plan(notification, states, now, relay.config),
+    )
     try:
-        result = relay.store.intake(
-            notification_digest(notification), body, intake.keys_of(notification, relay.config), now,
-            relay.config.dedup_window, lambda states: intake.plan(notification, states, now, relay.config),
-        )
+        result = await commits.submit(request)
     except StoreError as exc:
         relay.metrics.webhooks.labels("unavailable").inc()
         log.error("cannot store webhook, answering 503 so Alertmanager retries: %s", exc)

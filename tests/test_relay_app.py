@@ -23,7 +23,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class BrokenStore(SQLiteStore):
-    def intake(self, *args: Any, **kwargs: Any) -> Any:
+    def intake_batch(self, *args: Any, **kwargs: Any) -> Any:
         raise StoreError("database or disk is full")
 
 

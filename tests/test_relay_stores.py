@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +18,11 @@ from relay.app import Relay
 from relay.auth import Credentials
 from relay.notice import Notice
 from relay.store import open_store
-from relay.store.base import Job, Store
+from relay import intake, payload
+from relay.dedup import notification_digest
+from relay.groupcommit import GroupCommit
+from relay.store.base import IntakeRequest, Job, Store, StoreError
+from relay.store.sqlite import SQLiteStore
 from tests.test_relay_support import SLACK_URL, FakeClock, accept, alert, body, make_config
 
 
@@ -135,3 +140,46 @@ def test_two_relay_replicas_on_redis_deliver_every_alert_exactly_once(redis_serv
     delivered = [r.metrics.registry.get_sample_value("mlwarden_relay_deliveries_total",
                                                      {"destination": "ops", "integration": "slack"}) or 0.0 for r in replicas]
     assert all(delivered) and sum(delivered) == 40  # both replicas worked, and no alert went out twice
+
+
+def intake_request(config: Any, raw: bytes, now: float) -> IntakeRequest:
+    notification = payload.parse(raw)
+    return IntakeRequest(notification_digest(notification), raw, intake.keys_of(notification, config), now,
+                         config.dedup_window, lambda states: intake.plan(notification, states, now, config))
+
+
+class CountingStore(SQLiteStore):
+    batches: list[int]
+
+    def intake_batch(self, requests: Any) -> Any:
+        self.batches.append(len(requests))
+        return super().intake_batch(requests)
+
+
+def test_webhooks_arriving_together_share_one_commit_and_keep_their_own_answers(tmp_path: Path) -> None:
+    config = make_config()
+    store = CountingStore(tmp_path / "relay.db")
+    store.batches = []
+    raws = [body(alert(name=f"A{i}")) for i in range(10)] + [body(alert(name="A0"))]  # the last: an HA duplicate
+
+    async def main() -> list[Any]:
+        commits = GroupCommit(store)
+        return await asyncio.gather(*(commits.submit(intake_request(config, raw, 100.0)) for raw in raws))
+
+    results = asyncio.run(main())
+    assert store.batches == [11]
+    assert [len(r.jobs) for r in results[:10]] == [1] * 10 and results[10] is None
+    assert store.outbox_stats()[0] == 10
+
+
+def test_a_failed_group_commit_fails_every_webhook_in_it(tmp_path: Path) -> None:
+    config = make_config()
+    store = SQLiteStore(tmp_path / "relay.db")
+    store.close()  # every statement now fails
+
+    async def main() -> list[Any]:
+        commits = GroupCommit(store)
+        return await asyncio.gather(*(commits.submit(intake_request(config, body(alert(name=f"B{i}")), 1.0))
+                                      for i in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, StoreError) for r in asyncio.run(main()))

@@ -70,6 +70,18 @@ class IntakeResult:
 Planner = Callable[[Mapping[str, KeyState]], IntakeResult]
 
 
+@dataclass(frozen=True, slots=True)
+class IntakeRequest:
+    """One accepted webhook on its way into the store (see :meth:`Store.intake`)."""
+
+    digest: str
+    body: bytes
+    keys: Sequence[str]
+    now: float
+    dedup_window: float
+    plan: Planner
+
+
 class Store(ABC):
     @abstractmethod
     def intake(
@@ -78,6 +90,13 @@ class Store(ABC):
         """Atomically: unless ``digest`` was seen within ``dedup_window`` (then return None),
         load the states of ``keys``, call ``plan`` (pure; it may run more than once), and store
         the payload, the new states, the jobs, the heartbeat and the digest together."""
+
+    def intake_batch(self, requests: Sequence[IntakeRequest]) -> list[IntakeResult | None]:
+        """:meth:`intake` for several webhooks, in order; all or none are stored (raises StoreError).
+
+        Stores that can commit several at once (SQLite: one transaction) override this, so that
+        webhooks arriving together share one commit."""
+        return [self.intake(r.digest, r.body, r.keys, r.now, r.dedup_window, r.plan) for r in requests]
 
     @abstractmethod
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:

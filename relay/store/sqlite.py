@@ -9,17 +9,19 @@ out at once instead of after a lease.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 from relay.notice import Notice
 from relay.policy import KeyState
-from relay.store.base import DEAD, PAYLOAD_RETENTION_SECONDS, PENDING, IntakeResult, Job, Planner, Store, StoreError
+from relay.store.base import (
+    DEAD, PAYLOAD_RETENTION_SECONDS, PENDING, IntakeRequest, IntakeResult, Job, Planner, Store, StoreError,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, body BLOB NOT NULL);
@@ -61,7 +63,7 @@ class SQLiteStore(Store):
         self._checkpointer = _Checkpointer(path)
         self._checkpointer.start()
 
-    @contextmanager
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
@@ -72,29 +74,37 @@ class SQLiteStore(Store):
                 raise
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # the connection itself may be what failed
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
             raise StoreError(f"SQLite: {exc}") from None
 
     def intake(
         self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner
     ) -> IntakeResult | None:
+        return self.intake_batch([IntakeRequest(digest, body, keys, now, dedup_window, plan)])[0]
+
+    def intake_batch(self, requests: Sequence[IntakeRequest]) -> list[IntakeResult | None]:
+        # One transaction for all: each request still sees the states and digests of the ones before it.
         with self._transaction() as db:
-            row = db.execute("SELECT expires_at FROM seen WHERE digest = ?", (digest,)).fetchone()
-            if row is not None and row[0] > now:
-                return None
-            result = plan(self._states(db, list(dict.fromkeys(keys))))
-            db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (digest, now + dedup_window))
-            db.execute("INSERT INTO payloads (received_at, body) VALUES (?, ?)", (now, body))
-            db.executemany("DELETE FROM key_state WHERE key = ?", [(k,) for k, s in result.states.items() if s is None])
-            db.executemany(
-                "INSERT OR REPLACE INTO key_state VALUES (?, ?)",
-                [(k, json.dumps(s.to_dict())) for k, s in result.states.items() if s is not None],
-            )
-            self._insert_jobs(db, result.jobs)
-            if result.heartbeat:
-                db.execute("INSERT OR REPLACE INTO kv VALUES ('watchdog_last_seen', ?)", (repr(now),))
-            return result
+            return [self._intake(db, request) for request in requests]
+
+    def _intake(self, db: sqlite3.Connection, request: IntakeRequest) -> IntakeResult | None:
+        row = db.execute("SELECT expires_at FROM seen WHERE digest = ?", (request.digest,)).fetchone()
+        if row is not None and row[0] > request.now:
+            return None
+        result = request.plan(self._states(db, list(dict.fromkeys(request.keys))))
+        db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (request.digest, request.now + request.dedup_window))
+        db.execute("INSERT INTO payloads (received_at, body) VALUES (?, ?)", (request.now, request.body))
+        db.executemany("DELETE FROM key_state WHERE key = ?", [(k,) for k, s in result.states.items() if s is None])
+        db.executemany(
+            "INSERT OR REPLACE INTO key_state VALUES (?, ?)",
+            [(k, json.dumps(s.to_dict())) for k, s in result.states.items() if s is not None],
+        )
+        self._insert_jobs(db, result.jobs)
+        if result.heartbeat:
+            db.execute("INSERT OR REPLACE INTO kv VALUES ('watchdog_last_seen', ?)", (repr(request.now),))
+        return result
 
     @staticmethod
     def _states(db: sqlite3.Connection, keys: list[str]) -> dict[str, KeyState]:
