@@ -92,10 +92,12 @@ class Store(ABC):
         the payload, the new states, the jobs, the heartbeat and the digest together."""
 
     def intake_batch(self, requests: Sequence[IntakeRequest]) -> list[IntakeResult | None]:
-        """:meth:`intake` for several webhooks, in order; all or none are stored (raises StoreError).
+        """:meth:`intake` for several webhooks, in order; raises StoreError if any cannot be stored.
 
-        Stores that can commit several at once (SQLite: one transaction) override this, so that
-        webhooks arriving together share one commit."""
+        Stores that can commit several at once (SQLite: one transaction, all or none) override
+        this, so that webhooks arriving together share one commit. Here each is its own
+        transaction: after a failure, Alertmanager's retry of one that was stored is answered
+        as a duplicate, so nothing is lost or processed twice."""
         return [self.intake(r.digest, r.body, r.keys, r.now, r.dedup_window, r.plan) for r in requests]
 
     @abstractmethod
