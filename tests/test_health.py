@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from jobs.health import cli as health_cli
 from jobs.health import disk, gpu, output
 from jobs.health.result import Result, Status
-from mlwarden import settings
+from mlwarden import components, settings
 from mlwarden.catalog import Catalog, Manifest, Verification
 from mlwarden.components import free_port
 from mlwarden.exitcodes import ExitCode
@@ -48,6 +49,26 @@ def service() -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def exporter() -> Iterator[str]:
+    """The real ``mlwarden exporter`` (simulated GPUs), once its /healthz answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlwarden.cli", "exporter", "--gpu-backend", "simulated", "--listen-address", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not components.http_ok(url + "/healthz"):
+            assert process.poll() is None and time.monotonic() < deadline, "exporter did not become healthy"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def make_backup(root: Path, name: str, age_seconds: float, verified: bool | None) -> None:
@@ -92,6 +113,11 @@ def test_services_checks_and_metrics_are_pushed(service: str, pushgateway, tmp_p
     ratio = metrics[f'mlwarden_health_disk_used_ratio{{path="{tmp_path}"}}']
     assert 0 < ratio < 1
     assert metrics["mlwarden_job_success{}"] == 1  # the health job itself ran
+
+
+def test_the_running_exporter_is_reachable(exporter: str) -> None:
+    [result] = health_cli.services.check(load("--exporter-url", exporter))
+    assert (result.check, result.status, result.summary) == ("service:exporter", Status.OK, "HTTP 200 from /healthz")
 
 
 def test_an_unreachable_service_is_critical_and_the_url_is_not_shown(tmp_path: Path) -> None:
