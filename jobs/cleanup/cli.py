@@ -102,7 +102,7 @@ def _run(settings: CleanupSettings, report: JobReport) -> int:
     with ExitStack() as stack:
         for root in settings.experiments_dir:
             if not _lock_root(root, stack):
-                log.error("another cleanup is running on %s (it holds a lock on it); nothing done", root)
+                log.error("%s is locked (another cleanup runs, or a process protects it with flock); nothing done", root)
                 return ExitCode.FAILURE
         return _plan_and_delete(settings, gauges)
 
