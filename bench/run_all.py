@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlwarden.fsutil import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
@@ -68,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=available(), help="run only this benchmark (repeatable)")
     parser.add_argument("--quick", action="store_true", help="smaller data, for a smoke run")
     args = parser.parse_args(argv)
-    text = OUTPUT.read_text() if OUTPUT.exists() else HEADER
     for name in args.only or available():
         print(f"bench: running {name}", file=sys.stderr)
         module = importlib.import_module(f"bench.bench_{name}")
-        text = merge(text, name, section(name, module.run(quick=args.quick)))
-        OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-        OUTPUT.write_text(text)  # after each one, so a later failure keeps earlier results
+        body = section(name, module.run(quick=args.quick))
+        # Read the file only now, right before writing: a benchmark runs for minutes, and
+        # another run may have written its own section meanwhile.
+        text = OUTPUT.read_text() if OUTPUT.exists() else HEADER
+        atomic_write_text(OUTPUT, merge(text, name, body))
     return 0
 
 
