@@ -51,7 +51,6 @@ class CollectorState:
 @dataclass(frozen=True)
 class Snapshot:
     body: bytes
-    built_at: float
 
 
 class SnapshotStore:
@@ -70,7 +69,7 @@ class SnapshotStore:
         build = GaugeMetricFamily("mlwarden_exporter_build_info", "The exporter's version; the value is always 1.", labels=["version"])
         build.add_metric([version], 1)
         self._build_info = render([build])
-        self.snapshot = Snapshot(self._assemble(), wall())
+        self.snapshot = Snapshot(self._assemble())
 
     def publish(self, name: str, collected: Collected, duration: float) -> None:
         """A collector finished a pass: render its families once and rebuild the snapshot."""
@@ -80,13 +79,13 @@ class SnapshotStore:
             if collected.success:
                 state = replace(state, last_success=self._wall(), last_success_monotonic=self._monotonic())
             self._states[name] = replace(state, body=body, success=collected.success, duration=duration)
-            self.snapshot = Snapshot(self._assemble(), self._wall())
+            self.snapshot = Snapshot(self._assemble())
 
     def mark_stale(self, name: str) -> None:
         """A pass is overdue (a hung NVML call): drop its data and report failure until it returns."""
         with self._lock:
             self._states[name] = replace(self._states[name], body=b"", success=False)
-            self.snapshot = Snapshot(self._assemble(), self._wall())
+            self.snapshot = Snapshot(self._assemble())
 
     def stale_collectors(self) -> list[str]:
         """Collectors without a successful pass within three of their intervals (counted from start)."""

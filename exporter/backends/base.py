@@ -22,7 +22,6 @@ THROTTLE_REASONS = (
 )
 ECC_ERROR_TYPES = ("corrected", "uncorrected")
 ECC_COUNTERS = ("volatile", "aggregate")
-RETIREMENT_CAUSES = ("single_bit_ecc", "double_bit_ecc")
 REMAPPED_ROW_STATES = ("correctable", "uncorrectable", "pending", "failure")
 
 
