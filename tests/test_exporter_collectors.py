@@ -3,6 +3,7 @@ identity; plus the snapshot's freshness bookkeeping and the simulated backend.""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_backups_collector_on_a_missing_directory_reports_zero_backups(tmp_path:
     assert not any(name == "mlwarden_backup_newest_timestamp_seconds" for name, _ in found)
 
 
-def test_artifacts_collector_sizes_trees_without_following_symlinks(tmp_path: Path) -> None:
+def test_artifacts_collector_sizes_trees_without_following_symlinks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     experiments = tmp_path / "experiments"
     (experiments / "run1" / "ckpt").mkdir(parents=True)
     (experiments / "run1" / "ckpt" / "a.pt").write_bytes(b"a" * 1000)
@@ -87,8 +88,11 @@ def test_artifacts_collector_sizes_trees_without_following_symlinks(tmp_path: Pa
     (experiments / "escape").symlink_to("/usr")  # must not be walked
     missing = tmp_path / "gone"
     collector = ArtifactsCollector([experiments, missing], 60.0, 60.0)
-    collected = collector.collect()
+    with caplog.at_level(logging.WARNING):
+        collected = collector.collect()
+        collector.collect()
     assert not collected.success  # one directory is missing
+    assert len([r for r in caplog.records if str(missing) in r.getMessage()]) == 1  # said once, not every pass
     found = samples(collector)
     labels = (("directory", str(experiments)),)
     assert found[("mlwarden_artifacts_size_bytes", labels)] == 1024

@@ -47,6 +47,7 @@ class ArtifactsCollector(Collector):
         self.directories = directories
         self.interval = interval
         self.timeout = timeout
+        self._unreadable: set[Path] = set()  # logged once, not on every pass
 
     def collect(self) -> Collected:
         labels = ["directory"]
@@ -59,9 +60,12 @@ class ArtifactsCollector(Collector):
             try:
                 stats = os.statvfs(directory)
             except OSError as exc:
-                log.warning("artifacts directory %s: %s", directory, exc.strerror)
+                if directory not in self._unreadable:
+                    log.warning("artifacts directory %s: %s", directory, exc.strerror)
+                    self._unreadable.add(directory)
                 success = False
                 continue
+            self._unreadable.discard(directory)
             used, count = tree_usage(directory)
             label = [str(directory)]
             size.add_metric(label, used)
