@@ -74,6 +74,21 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def wait_until(condition: Callable[[], Any], timeout: float, what: str = "condition", poll: float = 0.05) -> Any:
+    """Poll ``condition()`` until it returns something truthy and return that; TimeoutError naming ``what``.
+
+    The condition is asked once more after the deadline, so a slow poll cannot miss the last chance.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(poll)
+
+
 class Component:
     """One running process of a real component, ready when ``start()`` returns."""
 
@@ -117,16 +132,19 @@ class Component:
             env=self.env,
             start_new_session=True,  # Ctrl-C in the demo reaches us, and we stop it cleanly
         )
-        deadline = time.monotonic() + self._ready_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                raise ComponentError(f"{self.name} exited with {self.process.returncode}: {self.log_tail()}")
-            if self._ready(self):
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise ComponentError(f"{self.name} not ready after {self._ready_timeout:.0f}s: {self.log_tail()}")
+        try:
+            wait_until(self._ready_or_exited, self._ready_timeout, f"{self.name} to be ready", poll=0.1)
+        except (ComponentError, TimeoutError) as error:
+            self.stop()
+            raise ComponentError(f"{error}: {self.log_tail()}") from error
+        return self
+
+    def _ready_or_exited(self) -> bool:
+        """Readiness; a process that has already exited will never be ready, so that is an error."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise ComponentError(f"{self.name} exited with {self.process.returncode}")
+        return self._ready(self)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -253,11 +271,11 @@ class S3Server:
 
         self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=self.port, verbose=False)
         self._server.start()
-        deadline = time.monotonic() + 15
-        while not _tcp_open(self.port):
-            if time.monotonic() > deadline:
-                raise ComponentError("S3 server did not start")
-            time.sleep(0.05)
+        try:
+            wait_until(lambda: _tcp_open(self.port), 15, "the S3 server to listen")
+        except TimeoutError as error:
+            self.stop()
+            raise ComponentError(str(error)) from error
         return self
 
     def stop(self) -> None:

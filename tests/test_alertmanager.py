@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -106,13 +105,6 @@ def _alerts(alertmanager: components.Component) -> list[dict[str, Any]]:
         return json.load(response)
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
-
 def test_real_alertmanager_inhibits_and_delivers_with_the_bearer_token(
     start_alertmanager: Callable[..., components.Component],
     sink: tuple[str, list[tuple[str, dict[str, Any]]]],
@@ -147,7 +139,8 @@ def test_real_alertmanager_inhibits_and_delivers_with_the_bearer_token(
     assert state[("GpuMemoryNearlyFull", "0")] == "active"
 
     # The Watchdog's route has no group wait: it reaches the relay's webhook at once.
-    _wait_for(lambda: any(body["receiver"] == "relay-watchdog" for _, body in received))
+    components.wait_until(lambda: any(body["receiver"] == "relay-watchdog" for _, body in received), 20,
+                          "the Watchdog at the relay's webhook")
     authorization, body = next((a, b) for a, b in received if b["receiver"] == "relay-watchdog")
     assert authorization == "Bearer s3cret-token"
     assert [a["labels"]["alertname"] for a in body["alerts"]] == ["Watchdog"]
@@ -174,7 +167,7 @@ def test_real_alertmanager_reaches_the_real_relay(
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     try:
-        _wait_for(lambda: components.http_ok(relay_url + "/readyz"))
+        components.wait_until(lambda: components.http_ok(relay_url + "/readyz"), 20, "the relay to be ready")
         text = CONFIG.read_text().replace(RELAY_WEBHOOK, relay_url + "/webhook/alertmanager")
         alertmanager = start_alertmanager(text.replace("/etc/mlwarden/relay-token", str(token_file)))
         _post_alerts(alertmanager, [{"labels": {"alertname": "Watchdog", "severity": "info"}}])
@@ -183,7 +176,8 @@ def test_real_alertmanager_reaches_the_real_relay(
             with urllib.request.urlopen(relay_url + "/metrics", timeout=5) as response:
                 return response.read().decode()
 
-        _wait_for(lambda: 'mlwarden_relay_watchdog_state{state="up"} 1.0' in relay_metrics())
+        components.wait_until(lambda: 'mlwarden_relay_watchdog_state{state="up"} 1.0' in relay_metrics(), 20,
+                              "the relay's watchdog to be up")
         assert 'mlwarden_relay_webhooks_received_total{outcome="accepted"} 1.0' in relay_metrics()
         assert 'mlwarden_relay_webhooks_received_total{outcome="unauthorized"} 0.0' in relay_metrics()
     finally:

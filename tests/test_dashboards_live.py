@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 RULES = sorted((REPO / "alerts" / "rules").glob("*.yml"))
 MLWARDEN = str(Path(sys.executable).with_name("mlwarden"))
 TOKEN = "live-test-token"
+QUERY_POLL = 0.2  # seconds between checks that query Prometheus: a few queries each, on a shared machine
 
 # Queries that may return nothing in this stack, and why. Keys: "alert:<name>",
 # "record:<name>" or "panel:<dashboard uid>/<panel title>/<refId>".
@@ -162,17 +162,12 @@ def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> int:
         return error.code
 
 
-def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+def _metrics_once_listening(url: str) -> bytes:
+    """``url``'s /metrics page, or nothing while the process is still starting (refusing connections)."""
+    try:
+        return _get(url + "/metrics")
+    except OSError:
+        return b""
 
 
 @contextlib.contextmanager
@@ -239,7 +234,7 @@ def start_exporter(start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
           "--interval", "0.5s", "--artifacts-interval", "1s", "--backup-dir", str(backups),
           "--experiments-dir", str(experiments))
     url = f"http://127.0.0.1:{port}"
-    _wait_for("the exporter", lambda: b"mlwarden_backups{" in _get(url + "/metrics"))
+    components.wait_until(lambda: b"mlwarden_backups{" in _metrics_once_listening(url), 30, "the exporter")
     return url
 
 
@@ -264,7 +259,7 @@ def start_relay(start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, s
           "--state-url", f"sqlite:///{tmp_path / 'relay.db'}",
           env={"MLWARDEN_RELAY_TOKEN": TOKEN, "SLACK_WEBHOOK_URL": slack_url})
     url = f"http://127.0.0.1:{port}"
-    _wait_for("the relay", lambda: b"mlwarden_relay_outbox_depth" in _get(url + "/metrics"))
+    components.wait_until(lambda: b"mlwarden_relay_outbox_depth" in _metrics_once_listening(url), 30, "the relay")
     return url
 
 
@@ -291,8 +286,9 @@ def feed_relay(relay: str, slack_messages: list[bytes]) -> None:
     assert _post(hook, webhook("relay-again", warning), auth) == 200
     assert _post(hook, webhook("relay-third", warning), auth) == 200
     assert _post(hook, b"{not json", auth) in (400, 422)  # dead-lettered
-    _wait_for("the relay to deliver everything (one message retried)", lambda: len(slack_messages) >= 2 and re.search(
-        rb"^mlwarden_relay_outbox_depth 0\.0$", _get(relay + "/metrics"), re.MULTILINE) is not None)
+    components.wait_until(lambda: len(slack_messages) >= 2 and re.search(
+        rb"^mlwarden_relay_outbox_depth 0\.0$", _get(relay + "/metrics"), re.MULTILINE) is not None,
+        30, "the relay to deliver everything (one message retried)")
 
 
 def push_job_metrics(pushgateway: str) -> None:
@@ -363,19 +359,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         # A few clean samples first, then the faults and the relay traffic: counters that
         # move after their first sample give increase() and rate() something to see.
-        _wait_for("three scrapes of every target", lambda: len(
-            query(prometheus, "count_over_time(up[1m]) >= 3 and up == 1")["data"]["result"]) == 3)
+        components.wait_until(lambda: len(
+            query(prometheus, "count_over_time(up[1m]) >= 3 and up == 1")["data"]["result"]) == 3,
+            30, "three scrapes of every target", poll=QUERY_POLL)
         inject_faults(exporter)
         feed_relay(relay, slack_messages)
         # increase() needs two samples of each counter that appeared with the faults
         moved = ["mlwarden_gpu_xid_errors_total", "mlwarden_relay_deliveries_total",
                  "mlwarden_relay_delivery_retries_total", "mlwarden_relay_dead_letters_total",
                  "mlwarden_relay_escalations_total", "mlwarden_relay_notifications_suppressed_total"]
-        _wait_for("the faults and the relay's counters, scraped twice", lambda: all(
-            query(prometheus, f"count_over_time({name}[1m]) >= 2")["data"]["result"] for name in moved))
-        _wait_for("the rules to see the XID and the lost GPU", lambda: query(
+        components.wait_until(lambda: all(
+            query(prometheus, f"count_over_time({name}[1m]) >= 2")["data"]["result"] for name in moved),
+            30, "the faults and the relay's counters, scraped twice", poll=QUERY_POLL)
+        components.wait_until(lambda: query(
             prometheus, 'ALERTS{alertname="GpuXidCriticalError", alertstate="firing"} and on () mlwarden_gpu_up == 0'
-        )["data"]["result"])
+        )["data"]["result"], 30, "the rules to see the XID and the lost GPU", poll=QUERY_POLL)
         yield prometheus
 
 

@@ -30,7 +30,7 @@ from exporter.collectors.xid import XidCollector
 from exporter.loop import CollectionLoop
 from exporter.server import ExporterServer
 from exporter.snapshot import SnapshotStore, render
-from mlwarden.components import free_port
+from mlwarden.components import free_port, wait_until
 
 MIB = 2**20
 
@@ -373,16 +373,6 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_a_hung_nvml_call_marks_data_stale_and_scrapes_still_answer(fake: FakeNvml) -> None:
     release = threading.Event()
     supervisor = supervisor_for(NvmlBackend())
@@ -394,19 +384,20 @@ def test_a_hung_nvml_call_marks_data_stale_and_scrapes_still_answer(fake: FakeNv
     loop.start()
     server.start()
     try:
-        _wait_for(lambda: "mlwarden_gpu_temperature_celsius{" in _get(url + "/metrics")[1])
+        wait_until(lambda: "mlwarden_gpu_temperature_celsius{" in _get(url + "/metrics")[1], 10, "the first GPU sample")
         assert _get(url + "/healthz")[0] == 200
         fake.fail[("nvmlDeviceGetTemperature", 0)] = lambda: release.wait(30) and 60
-        status, body = _wait_for(lambda: (r := _get(url + "/metrics")) and 'collector_success{collector="gpu"} 0.0' in r[1] and r)
+        status, body = wait_until(lambda: (r := _get(url + "/metrics")) and 'collector_success{collector="gpu"} 0.0' in r[1] and r,
+                                  10, "the hung collector to be reported")
         assert status == 200
         assert "mlwarden_gpu_temperature_celsius{" not in body  # stale data is dropped, not served as current
-        assert _wait_for(lambda: _get(url + "/healthz")[0] == 503)
+        assert wait_until(lambda: _get(url + "/healthz")[0] == 503, 10, "/healthz to answer 503")
         assert "gpu" in _get(url + "/healthz")[1]
         alive = [t for t in threading.enumerate() if t.name == "collector-gpu"]
         assert len(alive) == 1  # one hung pass, not a pile of threads
         release.set()
-        _wait_for(lambda: 'collector_success{collector="gpu"} 1.0' in _get(url + "/metrics")[1])
-        _wait_for(lambda: _get(url + "/healthz")[0] == 200)
+        wait_until(lambda: 'collector_success{collector="gpu"} 1.0' in _get(url + "/metrics")[1], 10, "the collector to recover")
+        wait_until(lambda: _get(url + "/healthz")[0] == 200, 10, "/healthz to answer 200 again")
     finally:
         release.set()
         server.stop()

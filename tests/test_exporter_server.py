@@ -13,7 +13,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.app import Exporter
 from exporter.cli import ExporterSettings
 from mlwarden import settings
-from mlwarden.components import free_port
+from mlwarden.components import free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,16 +44,6 @@ def request(url: str, data: Any = None, headers: dict[str, str] | None = None,
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def sample(body: str, metric: str, **labels: str) -> float | None:
@@ -95,8 +84,9 @@ def test_promtool_finds_nothing_wrong_with_the_real_output(start_exporter: Calla
     url = url_of(exporter)
     assert request(url + "/-/simulate", {"gpu": 2, "fault": "xid", "xid": 79})[0] == 200
     assert request(url + "/-/simulate", {"gpu": 1, "fault": "lose"})[0] == 200
-    body = wait_for(lambda: (b := request(url + "/metrics")[1]) and "mlwarden_gpu_xid_errors_total" in b
-                    and "mlwarden_artifacts_files" in b and 'mlwarden_gpu_up{gpu="1"' in b and b)
+    body = wait_until(lambda: (b := request(url + "/metrics")[1]) and "mlwarden_gpu_xid_errors_total" in b
+                      and "mlwarden_artifacts_files" in b and 'mlwarden_gpu_up{gpu="1"' in b and b,
+                      15, "the XID, the lost GPU and the artifacts in /metrics")
     checked = subprocess.run([promtool, "check", "metrics"], input=body.encode(), capture_output=True, timeout=30)
     assert checked.returncode == 0, checked.stderr.decode()
     assert checked.stdout.decode() + checked.stderr.decode() == ""
@@ -121,7 +111,7 @@ scrape_configs:
         assert status == 200, body
         return {r["metric"]["gpu"] for r in json.loads(body)["data"]["result"]}
 
-    assert wait_for(lambda: gpus_seen() == {"0", "1", "2"}, timeout=30)
+    assert wait_until(lambda: gpus_seen() == {"0", "1", "2"}, 30, "Prometheus to see the three GPUs")
     status, body = request(f"{prometheus.url}/api/v1/query?" + urllib.parse.urlencode({"query": "up"}))
     assert json.loads(body)["data"]["result"][0]["value"][1] == "1"
 
@@ -133,23 +123,24 @@ def test_fault_injection_endpoint(start_exporter: Callable[..., Exporter]) -> No
         return sample(request(url + "/metrics")[1], name, **labels)
 
     assert request(url + "/-/simulate", {"gpu": 0, "fault": "overheat"}) == (200, '{"ok": true}\n')
-    assert wait_for(lambda: metric("mlwarden_gpu_temperature_celsius", gpu="0") == 94.0)
+    assert wait_until(lambda: metric("mlwarden_gpu_temperature_celsius", gpu="0") == 94.0, 15, "GPU 0 to overheat")
     assert metric("mlwarden_gpu_throttle_reason_active", gpu="0", reason="hw_thermal_slowdown") == 1
     assert request(url + "/-/simulate", {"gpu": 0, "fault": "cool"})[0] == 200
-    assert wait_for(lambda: (metric("mlwarden_gpu_temperature_celsius", gpu="0") or 100) < 90)
+    assert wait_until(lambda: (metric("mlwarden_gpu_temperature_celsius", gpu="0") or 100) < 90, 15, "GPU 0 to cool down")
 
     assert request(url + "/-/simulate", {"gpu": 1, "fault": "lose"})[0] == 200
-    assert wait_for(lambda: metric("mlwarden_gpu_up", gpu="1") == 0)
+    assert wait_until(lambda: metric("mlwarden_gpu_up", gpu="1") == 0, 15, "GPU 1 to be lost")
     assert metric("mlwarden_gpu_up", gpu="0") == 1
     assert metric("mlwarden_gpu_temperature_celsius", gpu="1") is None
     assert request(url + "/-/simulate", {"gpu": 1, "fault": "recover"})[0] == 200
-    assert wait_for(lambda: metric("mlwarden_gpu_up", gpu="1") == 1)
+    assert wait_until(lambda: metric("mlwarden_gpu_up", gpu="1") == 1, 15, "GPU 1 to be back")
 
     assert request(url + "/-/simulate", {"gpu": 1, "fault": "ecc", "count": 2})[0] == 200
-    assert wait_for(lambda: metric("mlwarden_gpu_ecc_errors_total", gpu="1", error_type="uncorrected", counter="volatile") == 2)
+    assert wait_until(lambda: metric("mlwarden_gpu_ecc_errors_total", gpu="1", error_type="uncorrected", counter="volatile") == 2,
+                      15, "two uncorrected ECC errors on GPU 1")
     assert request(url + "/-/simulate", {"gpu": 1, "fault": "xid", "xid": 79, "count": 3})[0] == 200
     assert request(url + "/-/simulate", {"gpu": 1, "fault": "xid", "xid": 79})[0] == 200
-    assert wait_for(lambda: metric("mlwarden_gpu_xid_errors_total", gpu="1", xid="79") == 4)
+    assert wait_until(lambda: metric("mlwarden_gpu_xid_errors_total", gpu="1", xid="79") == 4, 15, "four XID 79 on GPU 1")
 
     for bad in ({"gpu": 9, "fault": "lose"}, {"gpu": 0, "fault": "explode"}, {"gpu": "0", "fault": "lose"}, [1]):
         status, body = request(url + "/-/simulate", bad)
@@ -170,7 +161,7 @@ def test_basic_auth_protects_metrics_but_not_healthz(start_exporter: Callable[..
     exporter = start_exporter("--basic-auth-user", "prom",
                               environ={"MLWARDEN_EXPORTER_BASIC_AUTH_PASSWORD": "s3cret-pass"})
     url = url_of(exporter)
-    wait_for(lambda: exporter.store.snapshot.body.count(b"mlwarden_gpu_up{") == 2)
+    wait_until(lambda: exporter.store.snapshot.body.count(b"mlwarden_gpu_up{") == 2, 15, "the first collection")
 
     def auth(user: str, password: str) -> dict[str, str]:
         return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
@@ -225,8 +216,8 @@ def test_tls(start_exporter: Callable[..., Exporter], tmp_path: Path) -> None:
     cert_file, key_file = _self_signed(tmp_path)
     exporter = start_exporter("--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file))
     context = ssl.create_default_context(cafile=str(cert_file))
-    status, body = wait_for(lambda: (r := request(url_of(exporter, "https") + "/metrics", context=context))
-                            and "mlwarden_gpu_up" in r[1] and r)
+    status, body = wait_until(lambda: (r := request(url_of(exporter, "https") + "/metrics", context=context))
+                              and "mlwarden_gpu_up" in r[1] and r, 15, "GPU metrics over HTTPS")
     assert status == 200
     with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
         request(url_of(exporter, "http") + "/metrics")  # plain HTTP is refused, not served
@@ -260,7 +251,7 @@ def test_the_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
                 return None
             return body if "mlwarden_gpu_temperature_celsius" in body else None
 
-        assert wait_for(scraped, timeout=30)
+        assert wait_until(scraped, 30, "the command's first GPU metrics")
         assert request(f"http://127.0.0.1:{port}/healthz")[0] == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,16 +61,6 @@ def sink() -> Iterator[Sink]:
     sink.server.shutdown()
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class RelayProcess:
     def __init__(self, tmp_path: Path, sink: Sink) -> None:
         self.port = components.free_port()
@@ -101,7 +90,7 @@ class RelayProcess:
     def start(self) -> RelayProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: components.http_ok(self.url + "/readyz"), what="relay ready: " + self.log.read_text()[-500:])
+        components.wait_until(lambda: components.http_ok(self.url + "/readyz"), 20, "relay ready: " + self.log.read_text()[-500:])
         return self
 
     def kill9(self) -> None:
@@ -140,7 +129,7 @@ def test_kill_9_mid_storm_loses_nothing_and_pagerduty_sees_one_incident(relay_pr
     for start in range(0, len(names), 10):
         batch = [alert(name=name) for name in names[start : start + 10]]
         assert relay_process.post(body(*batch, group_key=str(start))) == 200
-    wait_for(lambda: len(sink.received) >= 4, what="retries against the failing sink")
+    components.wait_until(lambda: len(sink.received) >= 4, 20, "retries against the failing sink")
     relay_process.kill9()
     sink.status = 200  # the services recover while the relay is dead
     relay_process.start()
@@ -148,12 +137,12 @@ def test_kill_9_mid_storm_loses_nothing_and_pagerduty_sees_one_incident(relay_pr
     def slack_text() -> str:
         return "".join(json.dumps(message) for message in sink.delivered("/slack"))
 
-    wait_for(lambda: all(name in slack_text() for name in [*names, "GpuXid"]), timeout=30,
-             what="every accepted alert delivered to Slack after the restart")
-    [incident] = wait_for(lambda: sink.delivered("/pd"), what="PagerDuty delivery after the restart")
+    components.wait_until(lambda: all(name in slack_text() for name in [*names, "GpuXid"]), 30,
+                          "every accepted alert delivered to Slack after the restart")
+    [incident] = components.wait_until(lambda: sink.delivered("/pd"), 20, "PagerDuty delivery after the restart")
     every_pd_attempt = [data for path, _, data in sink.received if path == "/pd"]
     assert {e["dedup_key"] for e in every_pd_attempt} == {incident["dedup_key"]}  # one incident, however often tried
-    wait_for(lambda: "mlwarden_relay_outbox_depth 0.0" in relay_process.metrics(), what="an empty outbox")
+    components.wait_until(lambda: "mlwarden_relay_outbox_depth 0.0" in relay_process.metrics(), 20, "an empty outbox")
     assert len(sink.delivered("/pd")) == 1
 
 
@@ -188,10 +177,10 @@ def test_real_alertmanager_posts_to_the_relay(
     request = urllib.request.Request(am.url + "/api/v2/alerts", data=json.dumps(alerts).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=5).close()
-    [message] = wait_for(lambda: sink.delivered("/slack"), what="Slack message via Alertmanager")
+    [message] = components.wait_until(lambda: sink.delivered("/slack"), 20, "Slack message via Alertmanager")
     text = json.dumps(message)
     assert "GpuTemperatureHigh" in text and "node7:9945" in text and "GPU 3" in text and "WARNING" in text
-    metrics = wait_for(lambda: 'mlwarden_relay_watchdog_state{state="up"} 1.0' in relay_process.metrics()
-                       and relay_process.metrics(), what="watchdog heartbeat")
+    metrics = components.wait_until(lambda: 'mlwarden_relay_watchdog_state{state="up"} 1.0' in relay_process.metrics()
+                                    and relay_process.metrics(), 20, "watchdog heartbeat")
     assert 'mlwarden_relay_webhooks_received_total{outcome="accepted"}' in metrics
     assert 'mlwarden_relay_webhooks_received_total{outcome="unauthorized"} 0.0' in metrics

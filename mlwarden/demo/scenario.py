@@ -23,12 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from mlwarden.components import wait_until
 from mlwarden.demo.sinks import Received, Sink
-from mlwarden.demo.stack import HEARTBEAT_RULE, Stack, mlwarden_argv, wait_until
+from mlwarden.demo.stack import HEARTBEAT_RULE, Stack, mlwarden_argv
 
 OVERHEAT_ALERT = "GpuTemperatureHigh"
 OVERHEAT_GPU = 0
 OVERHEAT_CELSIUS = 80.0  # above the 75 C warning, below the 85 C critical: the escalation path
+POLL = 0.5  # seconds between checks: each step takes seconds, and every check queries the stack
 
 
 def slack_alerts(item: Received) -> list[str]:
@@ -135,7 +137,7 @@ def step_backup(stack: Stack, narrator: Narrator) -> str:
     run_job(stack, narrator, "cleanup", "--experiments-dir", str(stack.experiments_dir), "--yes", *common)
     wait_until(
         lambda: stack.query('mlwarden_job_success{job="mlwarden_backup"} == 1'),
-        30, "the backup's success in Prometheus (via the Pushgateway)",
+        30, "the backup's success in Prometheus (via the Pushgateway)", poll=POLL,
     )
     narrator.line("   Prometheus sees mlwarden_job_success{job=\"mlwarden_backup\"} = 1 from the Pushgateway")
     return "backup pushed and scraped"
@@ -146,14 +148,14 @@ def step_overheat(stack: Stack, narrator: Narrator) -> str:
     stack.inject(OVERHEAT_GPU, "overheat", celsius=OVERHEAT_CELSIUS)
     wait_until(
         lambda: alert_sections(stack.slack, OVERHEAT_ALERT, gpu=OVERHEAT_GPU),
-        60, f"{OVERHEAT_ALERT} for GPU {OVERHEAT_GPU} in Slack",
+        60, f"{OVERHEAT_ALERT} for GPU {OVERHEAT_GPU} in Slack", poll=POLL,
     )
     narrator.line(f"   {OVERHEAT_ALERT} reached Slack; Alertmanager keeps repeating it")
     narrator.line("   (other alerts you see are the real rules reacting to the demo's compressed time)")
     repeats = stack.timings.escalate_after_repeats
     wait_until(
         lambda: pagerduty_events(stack.pagerduty, OVERHEAT_ALERT, "trigger"),
-        60 + 5 * repeats * stack.timings.repeat_interval, f"escalation of {OVERHEAT_ALERT} to PagerDuty",
+        60 + 5 * repeats * stack.timings.repeat_interval, f"escalation of {OVERHEAT_ALERT} to PagerDuty", poll=POLL,
     )
     suppressed = stack.relay_metric("mlwarden_relay_notifications_suppressed_total", severity="warning")
     narrator.line(f"   escalated to PagerDuty after {repeats} sightings; {suppressed:.0f} repeat(s) suppressed by cooldown")
@@ -165,11 +167,11 @@ def step_cool(stack: Stack, narrator: Narrator) -> str:
     stack.inject(OVERHEAT_GPU, "cool")
     wait_until(
         lambda: alert_sections(stack.slack, OVERHEAT_ALERT, gpu=OVERHEAT_GPU, resolved=True),
-        60, f"the resolution of {OVERHEAT_ALERT} in Slack",
+        60, f"the resolution of {OVERHEAT_ALERT} in Slack", poll=POLL,
     )
     resolves = wait_until(
         lambda: pagerduty_events(stack.pagerduty, OVERHEAT_ALERT, "resolve"),
-        60, f"the PagerDuty resolve of {OVERHEAT_ALERT}",
+        60, f"the PagerDuty resolve of {OVERHEAT_ALERT}", poll=POLL,
     )
     narrator.line(f"   resolved in Slack and PagerDuty (dedup_key {resolves[0].get('dedup_key')})")
     return "resolved"
@@ -179,7 +181,7 @@ def step_heartbeat(stack: Stack, narrator: Narrator) -> str:
     narrator.step(4, f"no backup succeeds any more: the heartbeat goes stale (demo threshold {stack.timings.heartbeat_max_age:g}s, production 25h)")
     wait_until(
         lambda: alert_sections(stack.slack, HEARTBEAT_RULE),
-        stack.timings.heartbeat_max_age + 60, f"{HEARTBEAT_RULE} in Slack",
+        stack.timings.heartbeat_max_age + 60, f"{HEARTBEAT_RULE} in Slack", poll=POLL,
     )
     narrator.line(f"   {HEARTBEAT_RULE} fired and reached Slack")
     return "heartbeat alert fired"

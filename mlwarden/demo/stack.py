@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-import time
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
@@ -297,15 +296,3 @@ class Stack:
             if all(f'{k}="{v}"' in series for k, v in labels.items()):
                 total += float(value)
         return total
-
-
-def wait_until(condition: Any, timeout: float, what: str, poll: float = 0.5) -> Any:
-    """Poll ``condition()`` until it returns something truthy; TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll)
