@@ -16,47 +16,44 @@ from mlwarden import components
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def start_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., components.Component]]:
-    """Factory: ``start_prometheus(config_yaml_text, files={"rules.yml": text})`` -> running Prometheus.
+Launcher = Callable[[Path, Path, tuple[str, ...]], components.Component]
 
-    ``files`` are written next to the config file so the config can name them relatively.
+
+def _started_from_config(
+    tmp_path_factory: pytest.TempPathFactory, name: str, launch: Launcher
+) -> Iterator[Callable[..., components.Component]]:
+    """Yields ``start(config_yaml_text, files={"rules.yml": text}, extra_args=())`` -> a running ``name``.
+
+    Each start gets its own directory; ``files`` are written next to ``<name>.yml`` so the
+    config can name them relatively. Every component started is stopped afterwards.
     """
     started: list[components.Component] = []
 
     def start(config: str, files: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> components.Component:
-        workdir = tmp_path_factory.mktemp("prometheus")
-        for name, text in (files or {}).items():
-            (workdir / name).write_text(text)
-        config_file = workdir / "prometheus.yml"
+        workdir = tmp_path_factory.mktemp(name)
+        for file_name, text in (files or {}).items():
+            (workdir / file_name).write_text(text)
+        config_file = workdir / f"{name}.yml"
         config_file.write_text(config)
-        component = components.prometheus(config_file, workdir, extra_args).start()
+        component = launch(config_file, workdir, extra_args).start()
         started.append(component)
         return component
 
     yield start
     for component in started:
         component.stop()
+
+
+@pytest.fixture
+def start_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., components.Component]]:
+    """Factory: ``start_prometheus(config_yaml_text, files={"rules.yml": text})`` -> running Prometheus."""
+    yield from _started_from_config(tmp_path_factory, "prometheus", components.prometheus)
 
 
 @pytest.fixture
 def start_alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., components.Component]]:
     """Factory: ``start_alertmanager(config_yaml_text)`` -> running Alertmanager."""
-    started: list[components.Component] = []
-
-    def start(config: str, files: dict[str, str] | None = None) -> components.Component:
-        workdir = tmp_path_factory.mktemp("alertmanager")
-        for name, text in (files or {}).items():
-            (workdir / name).write_text(text)
-        config_file = workdir / "alertmanager.yml"
-        config_file.write_text(config)
-        component = components.alertmanager(config_file, workdir).start()
-        started.append(component)
-        return component
-
-    yield start
-    for component in started:
-        component.stop()
+    yield from _started_from_config(tmp_path_factory, "alertmanager", components.alertmanager)
 
 
 @pytest.fixture
