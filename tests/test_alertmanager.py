@@ -158,28 +158,19 @@ def test_real_alertmanager_reaches_the_real_relay(
         "watchdog": {"alertname": "Watchdog", "period": "1m", "grace": "5m", "destinations": ["ops"]},
     }))
     port = components.free_port()
-    relay_url = f"http://{components.LOOPBACK}:{port}"
     env = {**os.environ, "MLWARDEN_RELAY_TOKEN_FILE": str(token_file), "SLACK_WEBHOOK_URL": "http://127.0.0.1:9/unused"}
-    with open(tmp_path / "relay.log", "wb") as log:
-        relay = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlwarden")), "relay", "--config", str(tmp_path / "relay.yml"),
-             "--listen-address", f"{components.LOOPBACK}:{port}", "--state-url", f"sqlite:///{tmp_path / 'relay.db'}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-    try:
-        components.wait_until(lambda: components.http_ok(relay_url + "/readyz"), 20, "the relay to be ready")
-        text = CONFIG.read_text().replace(RELAY_WEBHOOK, relay_url + "/webhook/alertmanager")
+    argv = [str(Path(sys.executable).with_name("mlwarden")), "relay", "--config", str(tmp_path / "relay.yml"),
+            "--listen-address", f"{components.LOOPBACK}:{port}", "--state-url", f"sqlite:///{tmp_path / 'relay.db'}"]
+    with components.Component("relay", argv, port, tmp_path, components.http_ready("/readyz"), env=env) as relay:
+        text = CONFIG.read_text().replace(RELAY_WEBHOOK, relay.url + "/webhook/alertmanager")
         alertmanager = start_alertmanager(text.replace("/etc/mlwarden/relay-token", str(token_file)))
         _post_alerts(alertmanager, [{"labels": {"alertname": "Watchdog", "severity": "info"}}])
 
         def relay_metrics() -> str:
-            with urllib.request.urlopen(relay_url + "/metrics", timeout=5) as response:
+            with urllib.request.urlopen(relay.url + "/metrics", timeout=5) as response:
                 return response.read().decode()
 
         components.wait_until(lambda: 'mlwarden_relay_watchdog_state{state="up"} 1.0' in relay_metrics(), 20,
                               "the relay's watchdog to be up")
         assert 'mlwarden_relay_webhooks_received_total{outcome="accepted"} 1.0' in relay_metrics()
         assert 'mlwarden_relay_webhooks_received_total{outcome="unauthorized"} 0.0' in relay_metrics()
-    finally:
-        relay.terminate()
-        relay.wait(timeout=10)
