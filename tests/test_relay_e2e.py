@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -62,8 +61,10 @@ def sink() -> Iterator[Sink]:
 
 
 class RelayProcess:
+    """The relay as a real process (a components.Component) that a test may kill -9 and start again."""
+
     def __init__(self, tmp_path: Path, sink: Sink) -> None:
-        self.port = components.free_port()
+        port = components.free_port()
         config = {
             "destinations": {
                 "ops": {"type": "slack", "webhook_url_env": "SLACK_WEBHOOK_URL"},
@@ -76,32 +77,28 @@ class RelayProcess:
         }
         (tmp_path / "relay.yml").write_text(yaml.safe_dump(config))
         (tmp_path / "token").write_text(TOKEN + "\n")
-        self.argv = [MLWARDEN, "relay", "--config", str(tmp_path / "relay.yml"), "--listen-address",
-                     f"127.0.0.1:{self.port}", "--state-url", f"sqlite://{tmp_path}/state/relay.db"]
-        self.env = {**os.environ, "SLACK_WEBHOOK_URL": f"{sink.url}/slack", "PD_KEY": "pd-routing-key",
-                    "MLWARDEN_RELAY_TOKEN_FILE": str(tmp_path / "token")}
-        self.log = tmp_path / "relay.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        argv = [MLWARDEN, "relay", "--config", str(tmp_path / "relay.yml"), "--listen-address",
+                f"127.0.0.1:{port}", "--state-url", f"sqlite://{tmp_path}/state/relay.db"]
+        env = {**os.environ, "SLACK_WEBHOOK_URL": f"{sink.url}/slack", "PD_KEY": "pd-routing-key",
+               "MLWARDEN_RELAY_TOKEN_FILE": str(tmp_path / "token")}
+        self.component = components.Component("relay", argv, port, tmp_path, components.http_ready("/readyz"), env=env)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.component.url
 
     def start(self) -> RelayProcess:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        components.wait_until(lambda: components.http_ok(self.url + "/readyz"), 20, "relay ready: " + self.log.read_text()[-500:])
+        self.component.start()
         return self
 
     def kill9(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
+        assert self.component.process is not None
+        self.component.process.send_signal(signal.SIGKILL)
+        self.component.process.wait()
+        self.component.stop()  # the process is gone already: this only closes its log
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=15)
+        self.component.stop()
 
     def post(self, raw: bytes) -> int:
         request = urllib.request.Request(self.url + "/webhook/alertmanager", data=raw, method="POST",
