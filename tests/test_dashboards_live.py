@@ -162,35 +162,15 @@ def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> int:
         return error.code
 
 
-def _metrics_once_listening(url: str) -> bytes:
-    """``url``'s /metrics page, or nothing while the process is still starting (refusing connections)."""
-    try:
-        return _get(url + "/metrics")
-    except OSError:
-        return b""
-
-
-@contextlib.contextmanager
-def mlwarden_processes(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Starts ``mlwarden <args>`` in the background; stops every one afterwards."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(tmp_path / f"{args[0]}-{len(started)}.log", "wb")
-        process = subprocess.Popen([MLWARDEN, *args], stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
-        log.close()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.terminate()
+def _serving(metric: bytes) -> Callable[[components.Component], bool]:
+    """Readiness: the component's /metrics page has ``metric``; a refused connection means not yet."""
+    def ready(component: components.Component) -> bool:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            return metric in _get(component.url + "/metrics")
+        except OSError:
+            return False
+
+    return ready
 
 
 class _Slack(BaseHTTPRequestHandler):
@@ -219,7 +199,8 @@ def slack_sink() -> Iterator[tuple[str, list[bytes]]]:
     server.server_close()
 
 
-def start_exporter(start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path) -> str:
+def exporter_component(tmp_path: Path) -> components.Component:
+    """The exporter on simulated GPUs, over a real backup catalog; ready once it reports the backups."""
     models, backups, experiments = tmp_path / "models", tmp_path / "backups", tmp_path / "experiments"
     for directory in (models / "llm", backups, experiments / "run-1"):
         directory.mkdir(parents=True)
@@ -230,12 +211,10 @@ def start_exporter(start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
                             capture_output=True, text=True, timeout=60)
     assert backup.returncode == 0, backup.stderr
     port = components.free_port()
-    start("exporter", "--gpu-backend", "simulated", "--simulated-gpus", "3", "--listen-address", f"127.0.0.1:{port}",
-          "--interval", "0.5s", "--artifacts-interval", "1s", "--backup-dir", str(backups),
-          "--experiments-dir", str(experiments))
-    url = f"http://127.0.0.1:{port}"
-    components.wait_until(lambda: b"mlwarden_backups{" in _metrics_once_listening(url), 30, "the exporter")
-    return url
+    argv = [MLWARDEN, "exporter", "--gpu-backend", "simulated", "--simulated-gpus", "3",
+            "--listen-address", f"127.0.0.1:{port}", "--interval", "0.5s", "--artifacts-interval", "1s",
+            "--backup-dir", str(backups), "--experiments-dir", str(experiments)]
+    return components.Component("exporter", argv, port, tmp_path, _serving(b"mlwarden_backups{"))
 
 
 def inject_faults(exporter: str) -> None:
@@ -244,7 +223,8 @@ def inject_faults(exporter: str) -> None:
         assert _post(exporter + "/-/simulate", json.dumps(fault).encode()) == 200
 
 
-def start_relay(start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, slack_url: str) -> str:
+def relay_component(tmp_path: Path, slack_url: str) -> components.Component:
+    """The relay with SQLite state and Slack at ``slack_url``; ready once it exposes its outbox."""
     config = {
         "destinations": {"ops-slack": {"type": "slack", "webhook_url_env": "SLACK_WEBHOOK_URL"}},
         "escalation": {"after_repeats": 3, "within": "1h", "destinations": ["ops-slack"],
@@ -255,12 +235,10 @@ def start_relay(start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, s
     }
     (tmp_path / "relay.yml").write_text(yaml.safe_dump(config))
     port = components.free_port()
-    start("relay", "--config", str(tmp_path / "relay.yml"), "--listen-address", f"127.0.0.1:{port}",
-          "--state-url", f"sqlite:///{tmp_path / 'relay.db'}",
-          env={"MLWARDEN_RELAY_TOKEN": TOKEN, "SLACK_WEBHOOK_URL": slack_url})
-    url = f"http://127.0.0.1:{port}"
-    components.wait_until(lambda: b"mlwarden_relay_outbox_depth" in _metrics_once_listening(url), 30, "the relay")
-    return url
+    argv = [MLWARDEN, "relay", "--config", str(tmp_path / "relay.yml"), "--listen-address", f"127.0.0.1:{port}",
+            "--state-url", f"sqlite:///{tmp_path / 'relay.db'}"]
+    env = {**os.environ, "MLWARDEN_RELAY_TOKEN": TOKEN, "SLACK_WEBHOOK_URL": slack_url}
+    return components.Component("relay", argv, port, tmp_path, _serving(b"mlwarden_relay_outbox_depth"), env=env)
 
 
 def webhook(receiver: str, *alerts: dict[str, str]) -> bytes:
@@ -346,11 +324,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The whole stack, started once for this module's tests; yields Prometheus' URL."""
     tmp_path = tmp_path_factory.mktemp("stack")
     with contextlib.ExitStack() as stop:
-        start = stop.enter_context(mlwarden_processes(tmp_path))
         slack_url, slack_messages = stop.enter_context(slack_sink())
         pushgateway = stop.enter_context(components.pushgateway(tmp_path / "pushgateway"))
-        exporter = start_exporter(start, tmp_path)
-        relay = start_relay(start, tmp_path, slack_url)
+        exporter = stop.enter_context(exporter_component(tmp_path)).url
+        relay = stop.enter_context(relay_component(tmp_path, slack_url)).url
         push_job_metrics(pushgateway.url)
         config = tmp_path / "prometheus" / "prometheus.yml"
         config.parent.mkdir()
