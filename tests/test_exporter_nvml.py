@@ -353,9 +353,7 @@ def test_xid_events_from_the_nvml_event_set_count_every_repeat(fake: FakeNvml) -
     collector = XidCollector(supervisor, 1.0, 1.0)
     collector.start()
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and fake.xids:
-            time.sleep(0.02)
+        wait_until(lambda: not fake.xids, 10, "the collector to take every XID event", poll=0.02)
         time.sleep(0.1)
         found = samples(collector)
     finally:
