@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from pathlib import Path
@@ -79,8 +80,13 @@ def run(settings: RelaySettings) -> int:
     host, port = settings.listen_address
     log.info("relay listening on %s:%d, state %s, %d destination(s), %d route(s)",
              host, port, settings.state_url.split("@")[-1], len(config.destinations), len(config.routes))
+    app = create_app(relay)
+    # Everything imported and built so far lives as long as the process: moved out of the
+    # collector's sight, a full collection no longer rescans it (one took 15-60 ms, stalling
+    # every webhook in flight: the largest part of the acknowledgement p99 under load).
+    gc.freeze()
     try:
-        uvicorn.run(create_app(relay), host=host, port=port, log_config=None, access_log=False,
+        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=10)
     finally:
         store.close()

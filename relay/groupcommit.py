@@ -4,7 +4,8 @@ Every webhook is still answered only after its own payload, states and jobs are 
 Under load, the webhooks that were read while one commit ran go into the next commit
 together, so a commit's fixed cost (writing the WAL pages of the tables and indexes) is paid
 once per batch instead of once per webhook. One webhook at a time is a plain commit: nothing
-waits for a timer.
+waits for a timer. Under a backlog, a batch's webhooks are answered before the next batch
+is written: an answer waits for the commits before its own, never for the one after it.
 """
 
 from __future__ import annotations
@@ -36,16 +37,21 @@ class GroupCommit:
 
     def _commit(self) -> None:
         batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
-        self._scheduled = bool(self._waiting)
-        if self._waiting:
-            asyncio.get_running_loop().call_soon(self._commit)
         try:
             results = self._store.intake_batch([request for request, _ in batch])
         except Exception as exc:  # the whole batch failed together; each webhook gets the error
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            return
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
+        else:
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        # Scheduled after the answers: this batch's handlers answer before the next batch is written.
+        self._scheduled = bool(self._waiting)
+        if self._waiting:
+            asyncio.get_running_loop().call_soon(self._commit)

@@ -183,3 +183,28 @@ def test_a_failed_group_commit_fails_every_webhook_in_it(tmp_path: Path) -> None
                                       for i in range(3)), return_exceptions=True)
 
     assert all(isinstance(r, StoreError) for r in asyncio.run(main()))
+
+
+def test_a_backlog_is_answered_batch_by_batch_not_after_the_next_commit(tmp_path: Path) -> None:
+    config = make_config()
+    answered: list[int] = []
+    answered_before_each_batch: list[int] = []
+
+    class WatchingStore(SQLiteStore):
+        def intake_batch(self, requests: Any) -> Any:
+            answered_before_each_batch.append(len(answered))
+            return super().intake_batch(requests)
+
+    store = WatchingStore(tmp_path / "relay.db")
+
+    async def main() -> None:
+        commits = GroupCommit(store, max_batch=2)
+
+        async def send(raw: bytes) -> None:
+            await commits.submit(intake_request(config, raw, 100.0))
+            answered.append(1)
+
+        await asyncio.gather(*(send(body(alert(name=f"C{i}"))) for i in range(6)))
+
+    asyncio.run(main())
+    assert answered_before_each_batch == [0, 2, 4]

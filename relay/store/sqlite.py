@@ -1,8 +1,13 @@
 """The default store: one SQLite file in WAL mode, owned by one relay process.
 
 WAL with ``synchronous=NORMAL`` makes every commit survive a crash or ``kill -9`` of the
-relay (a power loss may lose the last commits; ``FULL`` would fsync each one and halve
-intake). All access is from the relay's event loop thread, so one connection suffices.
+relay: a commit is in the WAL file (the kernel's page cache) before the webhook is answered.
+A power loss or kernel crash may lose the commits since the WAL was last synced, which
+happens at every checkpoint (about once a second, see :class:`_Checkpointer`); the database
+itself stays consistent. Alertmanager repeats what is still firing (its repeat_interval),
+so such a loss delays a notification rather than dropping an alert for good. ``FULL``
+would fsync every commit and halve intake. All access is from the relay's event loop
+thread, so one connection suffices.
 Leases only matter within the process: a restart releases them all, so undelivered jobs go
 out at once instead of after a lease.
 """
