@@ -3,7 +3,10 @@
 The relay (SQLite store, every payload and its jobs committed before the 200) and a
 baseline (a bare FastAPI endpoint under uvicorn that only parses the JSON and answers 200)
 run the same way, one after the other in this run, as separate processes loaded by the
-same client. The relay's resident memory is sampled through the whole storm.
+same client (this process, on uvloop so that it leaves the server as much of the 2 cores as
+it can). Each server's own CPU time per request is read from /proc: unlike latency, it
+hardly moves when other people's work shares the machine. The relay's resident memory is
+sampled through the whole storm.
 
     python -m bench.run_all --only relay [--quick]
 """
@@ -11,6 +14,7 @@ same client. The relay's resident memory is sampled through the whole storm.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -19,9 +23,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+import uvloop
 
 from mlwarden import components
 
@@ -53,12 +60,17 @@ routes:
 """
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Result:
     requests: int
     seconds: float
     latencies_ms: list[float]
     failures: int
+    server_cpu_seconds: float = 0.0
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu_seconds * 1000 / self.requests
 
     @property
     def rps(self) -> float:
@@ -89,8 +101,9 @@ def payloads(count: int, offset: int) -> list[bytes]:
 
 async def load(port: int, bodies: list[bytes], rate: float | None = None) -> Result:
     """Send ``bodies`` from SENDERS connections: as fast as answers come (``rate`` None), or paced
-    to ``rate`` requests/s in total, timing each request from when it was due (so a slow server
-    cannot hide its queueing by slowing the senders down)."""
+    to ``rate`` requests/s in total on a fixed schedule, timing each request from when it was due
+    rather than from when it went out (as wrk2 does: a slow server cannot hide its queueing by
+    slowing the senders down, so the figures are those of an open-loop sender)."""
     latencies: list[float] = []
     failures = 0
     queue = list(reversed(bodies))
@@ -132,6 +145,19 @@ async def _response_status(reader: asyncio.StreamReader) -> int:
             length = int(line.split(b":")[1])
     await reader.readexactly(length)
     return status
+
+
+def drive(load_run: Coroutine[Any, Any, Result], pid: int) -> Result:
+    """Run one load phase, adding the CPU time the server process spent on it."""
+    before = cpu_seconds(pid)
+    result = uvloop.run(load_run)
+    return dataclasses.replace(result, server_cpu_seconds=cpu_seconds(pid) - before)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid``, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:
@@ -181,7 +207,7 @@ def serve(argv: list[str], env: dict[str, str], port: int) -> subprocess.Popen[b
     return process
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Measurement:
     throughput: Result  # senders as fast as answers come
     paced: Result  # senders paced to the target rate
@@ -191,11 +217,11 @@ class Measurement:
 def measure(argv: list[str], env: dict[str, str], port: int, fast: list[bytes], paced: list[bytes]) -> Measurement:
     process = serve(argv, env, port)
     try:
-        asyncio.run(load(port, payloads(200, 90_000_000)))  # warm-up
+        uvloop.run(load(port, payloads(200, 90_000_000)))  # warm-up
         sampler = MemorySampler(process.pid)
         sampler.start()
-        throughput = asyncio.run(load(port, fast))
-        at_target = asyncio.run(load(port, paced, rate=TARGET_RPS))
+        throughput = drive(load(port, fast), process.pid)
+        at_target = drive(load(port, paced, rate=TARGET_RPS), process.pid)
         sampler.running = False
         sampler.join()
         return Measurement(throughput, at_target, [*sampler.samples, rss_bytes(process.pid)])
@@ -207,6 +233,7 @@ def measure(argv: list[str], env: dict[str, str], port: int, fast: list[bytes], 
 def run(quick: bool) -> str:
     requests = 2_000 if quick else 5_000  # per phase; x 10 alerts, two phases: 40,000 / 100,000 alerts
     rounds = 1 if quick else 3  # alternated baseline/relay; best of the rounds for each (shared, noisy host)
+    load_before = os.getloadavg()[0]
     sink = start_sink()
     baselines: list[Measurement] = []
     relays: list[Measurement] = []
@@ -227,7 +254,8 @@ def run(quick: bool) -> str:
                 relays.append(measure(argv, env, port, fast, paced))
     finally:
         sink.shutdown()
-    return report(quick, requests, rounds, best(baselines), best(relays))
+    loads = (load_before, os.getloadavg()[0])
+    return report(quick, requests, rounds, best(baselines), best(relays), loads)
 
 
 def best(measurements: list[Measurement]) -> Measurement:
@@ -239,11 +267,14 @@ def best(measurements: list[Measurement]) -> Measurement:
     )
 
 
-def report(quick: bool, requests: int, rounds: int, baseline: Measurement, relay: Measurement) -> str:
+def report(
+    quick: bool, requests: int, rounds: int, baseline: Measurement, relay: Measurement, loads: tuple[float, float]
+) -> str:
     def row(name: str, m: Measurement) -> str:
         t, p = m.throughput, m.paced
         return (f"| {name} | {t.rps:,.0f} | {t.rps * ALERTS_PER_PAYLOAD:,.0f} | {t.percentile(0.99):.0f} | "
-                f"{p.percentile(0.5):.1f} | {p.percentile(0.99):.1f} | {t.failures + p.failures} |")
+                f"{t.cpu_ms_per_request:.2f} | {p.percentile(0.5):.1f} | {p.percentile(0.99):.1f} | "
+                f"{t.failures + p.failures} |")
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "n/a"
@@ -267,18 +298,23 @@ def report(quick: bool, requests: int, rounds: int, baseline: Measurement, relay
         "server the best throughput and the best p99 of its rounds are shown (other work on this shared host "
         "only ever slows a round down).",
         "",
-        "| server | requests/s | alerts/s | p99 (ms) at full load | p50 ack (ms) at 500 req/s | p99 ack (ms) at 500 req/s | non-200 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | requests/s | alerts/s | p99 (ms) at full load | server CPU per request (ms) | "
+        "p50 ack (ms) at 500 req/s | p99 ack (ms) at 500 req/s | non-200 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         row("baseline: bare FastAPI, parse JSON, 200", baseline),
         row("mlwarden relay, SQLite store", relay),
         f"| **relay / baseline** | **{ratio(relay.throughput.rps, baseline.throughput.rps)}** | | | "
+        f"{ratio(relay.throughput.cpu_ms_per_request, baseline.throughput.cpu_ms_per_request)} | "
         f"{ratio(relay.paced.percentile(0.5), baseline.paced.percentile(0.5))} | "
         f"{ratio(relay.paced.percentile(0.99), baseline.paced.percentile(0.99))} | |",
         "",
         f"Targets: >= {TARGET_RPS} requests/s: **{rps_ok}** ({relay.throughput.rps:,.0f}); p99 acknowledgement "
         f"<= {TARGET_P99_MS:.0f} ms at {TARGET_RPS} requests/s: **{p99_ok}** ({relay.paced.percentile(0.99):.1f} ms). "
         "The load generator runs on the same cores as the server (and as everyone else's work on this shared "
-        "machine), so the absolute figures are lower bounds; the ratio is the figure to compare.",
+        f"machine: 1-minute load average {loads[0]:.2f} before the run, {loads[1]:.2f} after), so the absolute "
+        "figures are lower bounds; the ratio, and the server CPU per request (measured in the full-load phase, "
+        "hardly moved by other work), are the figures to compare. Both servers run under uvicorn with uvloop "
+        "and httptools (`uvicorn[standard]`).",
         "",
         f"Relay memory (RSS) through the storm of {alerts:,} alerts: median of the first quarter "
         f"{early / mib:.0f} MiB, peak {max(memory) / mib:.0f} MiB, end {memory[-1] / mib:.0f} MiB "
