@@ -17,10 +17,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from mlwarden.components import Component
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES_PER_GPU = 10
@@ -57,38 +60,28 @@ def free_port() -> int:
     return free()
 
 
-def start_project(gpus: int, port: int, interval: str = "1s") -> subprocess.Popen[bytes]:
+def start_project(gpus: int, port: int, interval: str = "1s") -> Component:
     argv = [sys.executable, "-m", "mlwarden.cli", "exporter", "--gpu-backend", "simulated",
             "--simulated-gpus", str(gpus), "--simulated-processes", str(PROCESSES_PER_GPU),
             "--listen-address", f"127.0.0.1:{port}", "--interval", interval, "--log-level", "warning"]
-    return _spawn(argv, port)
+    return _spawn("mlwarden", argv, port)
 
 
-def start_baseline(gpus: int, port: int) -> subprocess.Popen[bytes]:
+def start_baseline(gpus: int, port: int) -> Component:
     argv = [sys.executable, "-m", "bench.bench_exporter", "baseline", "--gpus", str(gpus), "--port", str(port)]
-    return _spawn(argv, port)
+    return _spawn("baseline", argv, port)
 
 
-def _spawn(argv: list[str], port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if b"mlwarden_gpu_temperature_celsius{" in _scrape(http.client.HTTPConnection("127.0.0.1", port, timeout=5)):
-                return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"{argv[2:4]} did not start")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
+def _serves_gpus(component: Component) -> bool:
     try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        return b"mlwarden_gpu_temperature_celsius{" in _scrape(http.client.HTTPConnection("127.0.0.1", component.port, timeout=5))
+    except (OSError, RuntimeError):
+        return False
+
+
+def _spawn(name: str, argv: list[str], port: int) -> Component:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-exporter-{name}-"))
+    return Component(name, argv, port, workdir, _serves_gpus, env={**os.environ, "PYTHONPATH": str(ROOT)}).start()
 
 
 def _scrape(conn: http.client.HTTPConnection) -> bytes:
@@ -160,8 +153,8 @@ def latency_rows(quick: bool) -> list[str]:
                     f"| p99 <= {target_ms:.0f} ms {('(' + verdict + ')') if verdict else '(20 scrapers)'} |"
                 )
         finally:
-            _stop(project)
-            _stop(baseline)
+            project.stop()
+            baseline.stop()
     return rows
 
 
@@ -190,8 +183,8 @@ def cpu_rows(quick: bool) -> list[str]:
             f"| {loaded['baseline'] / max(loaded['project'], 1e-9):.1f}x | |"
         )
     finally:
-        _stop(project)
-        _stop(baseline)
+        project.stop()
+        baseline.stop()
     return rows
 
 
@@ -211,7 +204,7 @@ def memory_rows(quick: bool) -> tuple[list[str], int, float]:
                 time.sleep(0.5)
             samples.append((round((time.monotonic() - began) / 0.1), rss_mib(project.pid)))
     finally:
-        _stop(project)
+        project.stop()
     rows = [f"| {count} | {rss:.1f} |" for count, rss in samples]
     growth = samples[-1][1] - samples[0][1]
     return rows, collections, growth

@@ -117,6 +117,11 @@ class Component:
         return f"http://{LOOPBACK}:{self.port}"
 
     @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} not started"
+        return self.process.pid
+
+    @property
     def log_path(self) -> Path:
         return self.workdir / f"{self.name}.log"
 

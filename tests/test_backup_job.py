@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from test_backup_support import backup, forget_pushed, make_models, only_entry, 
 from jobs.backup.job import LOCK_FILE
 from mlwarden import components
 from mlwarden.catalog import Catalog
+from mlwarden.components import wait_until
 from mlwarden.lock import JobLock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,11 +168,12 @@ def test_kill_9_mid_backup_leaves_no_manifest_and_the_next_run_succeeds(tmp_path
     backups = tmp_path / "backups"
     argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups), "--compression", "gzip", "--level", "9"]
     process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not any(p.name.endswith(".tmp") for p in backups.rglob("*")):
+
+    def archive_being_written() -> bool:
         assert process.poll() is None, "the backup finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+        return any(p.name.endswith(".tmp") for p in backups.rglob("*"))
+
+    wait_until(archive_being_written, 60, "the archive's temporary file", poll=0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert Catalog(backups).entries() == []

@@ -52,23 +52,12 @@ def service() -> Iterator[str]:
 
 
 @pytest.fixture
-def exporter() -> Iterator[str]:
+def exporter(tmp_path: Path) -> Iterator[str]:
     """The real ``mlwarden exporter`` (simulated GPUs), once its /healthz answers."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlwarden.cli", "exporter", "--gpu-backend", "simulated", "--listen-address", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while not components.http_ok(url + "/healthz"):
-            assert process.poll() is None and time.monotonic() < deadline, "exporter did not become healthy"
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    argv = [sys.executable, "-m", "mlwarden.cli", "exporter", "--gpu-backend", "simulated", "--listen-address", f"127.0.0.1:{port}"]
+    with components.Component("exporter", argv, port, tmp_path / "exporter", components.http_ready("/healthz")) as process:
+        yield process.url
 
 
 def make_backup(root: Path, name: str, age_seconds: float, verified: bool | None) -> None:
