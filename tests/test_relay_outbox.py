@@ -51,11 +51,11 @@ def test_storm_for_one_slack_webhook_is_coalesced_rate_limited_and_complete(tmp_
         return httpx.Response(200, text="ok")
 
     respx.post(SLACK_URL).mock(side_effect=slack)
-    storm = 1000
+    storm = 10_000  # the storm size
 
     async def scenario(relay: Relay, outbox: Outbox) -> None:
         for i in range(0, storm, 10):  # distinct alerts arriving far faster than Slack may be sent to
-            alerts = [alert(name=f"Storm{n:04d}") for n in range(i, i + 10)]
+            alerts = [alert(name=f"Storm{n:05d}") for n in range(i, i + 10)]
             accept(relay.store, relay.config, body(*alerts, group_key=str(i)), clock())
             await outbox.run_once()
             clock.advance(0.01)
@@ -64,8 +64,8 @@ def test_storm_for_one_slack_webhook_is_coalesced_rate_limited_and_complete(tmp_
             await outbox.run_once()
 
     relay = with_outbox(tmp_path, clock, scenario)
-    names = sorted(text.split("Storm")[1][:4] for text in delivered)
-    assert names == [f"{i:04d}" for i in range(storm)]  # every alert, exactly once
+    names = sorted(text.split("Storm")[1][:5] for text in delivered)
+    assert names == [f"{i:05d}" for i in range(storm)]  # every alert, exactly once
     assert all(b - a >= 1.0 for a, b in zip(sent_at, sent_at[1:]))  # at most one message per second
     assert len(sent_at) <= storm // 20 + 1  # coalesced: 20 alerts per message once they queue up
     assert sample(relay, "mlwarden_relay_deliveries_total", destination="ops", integration="slack") == storm
