@@ -5,9 +5,11 @@ relay: a commit is in the WAL file (the kernel's page cache) before the webhook 
 A power loss or kernel crash may lose the commits since the WAL was last synced, which
 happens at every checkpoint (about once a second, see :class:`_Checkpointer`); the database
 itself stays consistent. Alertmanager repeats what is still firing (its repeat_interval),
-so such a loss delays a notification rather than dropping an alert for good. ``FULL``
-would fsync every commit and halve intake. All access is from the relay's event loop
-thread, so one connection suffices.
+so such a loss delays a firing notification; a lost resolution is not sent again. ``FULL``
+would close that window by an fsync in every commit: cheap on an idle SSD (measured: +0.3 ms
+for a lone webhook, +0.05 ms per webhook in a batch of 20), but on the event loop, where a
+disk busy with someone's backup would stall every webhook in flight for as long as the fsync
+takes. All access is from the relay's event loop thread, so one connection suffices.
 Leases only matter within the process: a restart releases them all, so undelivered jobs go
 out at once instead of after a lease.
 """
