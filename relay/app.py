@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -188,8 +189,8 @@ async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
     if notification.truncated_alerts:
         log.warning("Alertmanager left %d alert(s) out of group %s (its max_alerts); they were not seen",
                     notification.truncated_alerts, notification.group_key)
-    for alert in notification.alerts:
-        relay.metrics.alerts.labels(alert.status).inc()
+    for status, count in Counter(alert.status for alert in notification.alerts).items():
+        relay.metrics.alerts.labels(status).inc(count)
     for decision in result.decisions:
         if decision.action == "suppress":
             relay.metrics.suppressed.labels(decision.severity).inc()

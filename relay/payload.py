@@ -105,6 +105,8 @@ def _text(doc: Mapping[str, Any], key: str) -> str:
 
 def clean(text: str) -> str:
     """``text`` with lone UTF-16 surrogates (valid JSON, invalid UTF-8) replaced, so it can be stored."""
+    if text.isascii():  # constant time (CPython marks ASCII strings), and most labels are ASCII
+        return text
     try:
         text.encode("utf-8")
         return text
