@@ -113,9 +113,9 @@ def execute(plan: RootPlan, rate_limit: float = 0.0, progress: Progress | None =
 
 def _delete_files(plan: RootPlan, chain: _DirectoryChain, limit: _RateLimit, result: DeleteResult, progress: Progress | None) -> None:
     for item in plan.files:
-        parent, _, name = item.relative.rpartition("/")
+        name = item.name
         try:
-            dir_fd = chain.open(parent)
+            dir_fd = chain.open(item.directory)
             reason = _why_not(name, dir_fd, item.inode, plan)
             if reason is not None:
                 result.skipped[reason] += 1
