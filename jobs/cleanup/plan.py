@@ -202,7 +202,7 @@ class _Walker:
         kept = self.kept
         keep_young = planned = 0
         plan_file = self.candidates.append
-        lstat = os.lstat
+        lstat, regular = os.lstat, stat.S_IFREG
         for name in names:
             try:
                 st = lstat(name, dir_fd=dir_fd)  # lstat: a symlink is seen as one, never followed
@@ -211,7 +211,7 @@ class _Walker:
             kind = st.st_mode & _FILE_TYPE
             # An ordinary file on the root's filesystem; symlinks, other filesystems and
             # names a rule may keep fail this test and get their own branch below.
-            if kind == stat.S_IFREG and st.st_dev == device and name not in notable:
+            if kind == regular and st.st_dev == device and name not in notable:
                 mtime = st.st_mtime
                 if mtime < cutoff:
                     plan_file(_make_doomed(Doomed, (relative, name, st.st_size, mtime, st.st_ino, checkpoint)))
