@@ -174,7 +174,7 @@ async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
         return JSONResponse({"error": str(exc)}, status_code=400)
     request = IntakeRequest(
         notification_digest(notification), body, intake.keys_of(notification, relay.config), now,
-        relay.config.dedup_window, lambda states: intake.plan(notification, states, now, relay.config),
+        intake.dedup_window(notification, relay.config), lambda states: intake.plan(notification, states, now, relay.config),
     )
     try:
         result = await commits.submit(request)

@@ -19,6 +19,19 @@ def is_heartbeat(alert: Alert, config: RelayConfig) -> bool:
     return config.watchdog is not None and alert.labels.get("alertname") == config.watchdog.alertname
 
 
+def dedup_window(notification: Notification, config: RelayConfig) -> float:
+    """How long a repeat of this notification counts as an HA duplicate.
+
+    A heartbeat-only notification (the Watchdog route) is never a duplicate: Alertmanager
+    repeats it every minute or so, usually well inside the window, and each copy, from
+    whichever peer, is proof that the pipeline works. Dropping them would let the watchdog
+    go late while the pipeline is fine; storing them twice only refreshes last-seen.
+    """
+    if notification.alerts and all(is_heartbeat(alert, config) for alert in notification.alerts):
+        return 0.0
+    return config.dedup_window
+
+
 def keys_of(notification: Notification, config: RelayConfig) -> list[str]:
     """The keys whose state :func:`plan` needs."""
     keys = []

@@ -96,6 +96,17 @@ def test_watchdog_alert_is_a_heartbeat_not_a_notification(app: tuple[TestClient,
     assert 'mlwarden_relay_watchdog_state{state="up"} 1.0' in metrics
 
 
+def test_watchdog_repeats_inside_the_dedup_window_still_refresh_the_heartbeat(app: tuple[TestClient, Relay]) -> None:
+    # Alertmanager repeats the Watchdog every minute; the dedup window (5 min) must not eat those repeats.
+    client, relay = app
+    heartbeat = body(alert(name="Watchdog", severity="none"), group_key="watchdog")
+    assert client.post(WEBHOOK_PATH, content=heartbeat, headers=AUTH).json()["status"] == "accepted"
+    relay.clock.advance(60)  # type: ignore[attr-defined]
+    assert relay.config.dedup_window > 60
+    assert client.post(WEBHOOK_PATH, content=heartbeat, headers=AUTH).json()["status"] == "accepted"
+    assert relay.store.watchdog()[0] == relay.clock()
+
+
 def test_store_failure_answers_503_so_alertmanager_retries(tmp_path: Path) -> None:
     client, relay = start(tmp_path, BrokenStore)
     with client:
