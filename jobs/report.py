@@ -38,6 +38,9 @@ from mlwarden.fsutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 LAST_SUCCESS = "mlwarden_job_last_success_timestamp_seconds"
+# One variable every job reads (after its own MLWARDEN_<JOB>_PUSHGATEWAY), so that
+# `mlwarden maintain` and an environment file name the Pushgateway once.
+PUSHGATEWAY_ENV = "PUSHGATEWAY_URL"
 PUSH_ATTEMPTS = 3
 PUSH_TIMEOUT_SECONDS = 5.0
 

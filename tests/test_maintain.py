@@ -115,7 +115,7 @@ def test_the_real_tasks_each_push_under_their_own_name(tmp_path: Path, pushgatew
         "MLWARDEN_HEALTH_DISK_PATH": str(tmp_path),
         "MLWARDEN_HEALTH_DISK_CRITICAL": "1",
         "MLWARDEN_HEALTH_DISK_WARNING": "1",
-        **{f"MLWARDEN_{task}_PUSHGATEWAY": pushgateway.url for task in ("HEALTH", "BACKUP", "CLEANUP")},
+        "PUSHGATEWAY_URL": pushgateway.url,  # one variable for every job
     }
     started = time.time()
 

@@ -9,6 +9,7 @@ from jobs.backup.archive import LEVEL_RANGES
 from jobs.backup.job import run_backup, run_restore
 from jobs.backup.s3config import STORAGE_CLASSES, S3Location
 from jobs.backup.retention import Policy
+from jobs.report import PUSHGATEWAY_ENV
 from mlwarden.command import Command
 from mlwarden.settings import in_range, parse_duration, parse_size, parse_url, positive, setting
 
@@ -63,7 +64,7 @@ class BackupSettings(S3Settings, _BackupCore):
     keep_weekly: int | None = setting(None, help="keep the newest backup of each of the N newest ISO weeks that have backups", parse=_COUNT)
     keep_monthly: int | None = setting(None, help="keep the newest backup of each of the N newest months that have backups", parse=_COUNT)
     dry_run: bool = setting(False, help="say what would be backed up and deleted; touch nothing", env=("DRY_RUN",))
-    pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", parse=parse_url)
+    pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics here for node_exporter's textfile collector")
 
     def __post_init__(self) -> None:
@@ -93,7 +94,7 @@ class _RestoreCore:
 
 @dataclass(frozen=True, kw_only=True)
 class RestoreSettings(S3Settings, _RestoreCore):
-    pushgateway: str | None = setting(None, help="Pushgateway URL for the drill's metrics", parse=parse_url)
+    pushgateway: str | None = setting(None, help="Pushgateway URL for the drill's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the drill's metrics here for node_exporter's textfile collector")
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from jobs.cleanup import delete, fileops, plan, rules, safety
-from jobs.report import JobReport
+from jobs.report import PUSHGATEWAY_ENV, JobReport
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_size, parse_url, positive, setting
@@ -65,7 +65,7 @@ class CleanupSettings:
     dry_run: bool = setting(False, help="print the plan and change nothing", env=("DRY_RUN",))
     yes: bool = setting(False, help="do not ask for confirmation on a terminal")
     rate_limit: float = setting(0.0, help="delete at most this many files per second (0: no limit)", parse=parse_rate)
-    pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", parse=parse_url)
+    pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
 
     def __post_init__(self) -> None:
