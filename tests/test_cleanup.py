@@ -191,6 +191,19 @@ def test_dry_run_prints_the_plan_and_deletes_nothing(root: Path, capsys: pytest.
     assert f"delete {root}/run/old.bin\t123\t" in out and "new.bin" not in out
 
 
+def test_dry_run_prints_the_plan_when_a_breaker_trips(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The runbook's answer to a tripped breaker is to read the --dry-run plan.
+    for i in range(3):
+        make(root / "run" / f"old-{i}.bin", age_days=90)
+    before = existing(root)
+
+    assert run_cleanup(root, "--dry-run", "--max-files", "2") == ExitCode.BREAKER
+
+    assert existing(root) == before
+    out = capsys.readouterr().out
+    assert all(f"delete {root}/run/old-{i}.bin\t10\t" in out for i in range(3))
+
+
 @pytest.mark.parametrize("bad_root", ["/", "/home", "/etc", "/usr", "/var", "/root", "/tmp/../etc", "", "relative/dir", "HOME"])
 def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, capsys: pytest.CaptureFixture[str]) -> None:
     if bad_root == "HOME":

@@ -114,6 +114,8 @@ def _plan_and_delete(settings: CleanupSettings, gauges: dict[str, Gauge]) -> int
     gauges["planned_files"].set(files)
     gauges["planned_bytes"].set(size)
     _log_plan(plans, settings)
+    if settings.dry_run:  # before the breakers: a tripped breaker is when the plan is needed most
+        _print_plan(plans)
     if files > settings.max_files or size > settings.max_bytes:
         gauges["breaker_tripped"].set(1)
         log.error(
@@ -124,7 +126,6 @@ def _plan_and_delete(settings: CleanupSettings, gauges: dict[str, Gauge]) -> int
         )
         return ExitCode.BREAKER
     if settings.dry_run:
-        _print_plan(plans)
         log.info("dry run: nothing deleted")
         return ExitCode.OK
     if files == 0 and not any(p.directories for p in plans):
