@@ -10,8 +10,9 @@ The order of a restore is what makes it safe on a bad day:
 3. Only then is the temporary directory renamed to the target. A failed restore leaves the
    target as it was and removes the temporary directory.
 
-A drill restores into a temporary directory (inside the backup directory, so it has room and
-is on the same disk), verifies, times it, deletes it, and pushes
+A drill (``--drill``, run by :mod:`jobs.backup.job`) restores into a temporary directory
+inside the backup directory (so it has room and is on the same disk) or inside ``--to``,
+verifies, times it, deletes it, and pushes
 ``mlwarden_restore_drill_duration_seconds`` and ``mlwarden_restore_drill_verified_files``.
 """
 
