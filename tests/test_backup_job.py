@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_backup_support import backup, forget_pushed, make_models, only_entry, pushed, tree
+from test_backup_support import backup, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
 
 from jobs.backup.job import LOCK_FILE
 from mlwarden import components
@@ -233,3 +234,35 @@ def test_retention_days_from_the_old_scripts_means_keep_daily() -> None:
     assert loaded.dry_run is True
     flagged = settings.load(BackupSettings, "backup", ["--keep-daily", "3"], {"MODEL_DIR": "/m", "BACKUP_DIR": "/b", "RETENTION_DAYS": "14"})
     assert flagged.policy.keep_daily == 3  # the flag wins over the legacy variable
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("under_systemd", [False, True])
+def test_progress_is_a_bar_on_a_terminal_and_plain_log_lines_under_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, under_systemd: bool
+) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    if under_systemd:
+        monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")  # set by systemd for every unit
+    else:
+        monkeypatch.delenv("INVOCATION_ID", raising=False)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # stderr is a TTY in both cases
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups") == 0
+    assert mlwarden("restore", "--backup-dir", tmp_path / "backups", "--to", tmp_path / "restored") == 0
+
+    err = terminal.getvalue()
+    redraws = [line for line in err.split("\r\x1b[2K") if line.startswith(("backup models-", "restore models-"))]
+    if under_systemd:
+        assert redraws == [] and "\x1b" not in err
+        progress = [line for line in err.splitlines() if "INFO mlwarden.progress: " in line]
+        assert any("backup models-" in line and "100.0%" in line for line in progress)
+        assert len(progress) <= 4  # sparse (one a minute, plus the last): two per run here
+    else:
+        assert any(r.startswith("backup models-") and "100.0%" in r and "/s" in r for r in redraws)
+        assert any(r.startswith("restore models-") for r in redraws)
