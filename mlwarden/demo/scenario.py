@@ -69,7 +69,7 @@ def pagerduty_events(sink: Sink, alertname: str, action: str) -> list[dict[str, 
 
 @dataclass
 class Narrator:
-    """Prints the story; quiet=True keeps only the step lines (tests)."""
+    """Prints the story, one timestamped line at a time (the e2e test gives it a StringIO)."""
 
     out: TextIO
     started: float = field(default_factory=time.monotonic)

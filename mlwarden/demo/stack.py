@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from mlwarden import components
 from mlwarden.demo.sinks import Sink
@@ -278,21 +279,13 @@ class Stack:
         with urllib.request.urlopen(url, timeout=5) as response:
             return list(json.load(response)["data"]["result"])
 
-    def firing_alerts(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(self.alertmanager.url + "/api/v2/alerts?active=true&silenced=false&inhibited=false", timeout=5) as response:
-            return list(json.load(response))
-
     def relay_metric(self, name: str, **labels: str) -> float:
         """Sum of a relay metric's samples whose labels include ``labels``."""
         with urllib.request.urlopen(self.relay.url + "/metrics", timeout=5) as response:
             text = response.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if not line.startswith(name) or line.startswith("#"):
-                continue
-            series, _, value = line.rpartition(" ")
-            if series.split("{")[0] != name:
-                continue
-            if all(f'{k}="{v}"' in series for k, v in labels.items()):
-                total += float(value)
-        return total
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
