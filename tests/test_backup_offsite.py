@@ -51,10 +51,17 @@ def test_upload_stores_the_sha256_as_metadata_and_records_the_copy(
 
 
 def test_s3_down_keeps_the_verified_local_backup_exits_1_and_says_so(
-    tmp_path: Path, s3_server: components.S3Server, bucket: str, pushgateway: components.Component, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    s3_server: components.S3Server,
+    bucket: str,
+    pushgateway: components.Component,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     forget_pushed(pushgateway.url, "mlwarden_backup")
     models = make_models(tmp_path / "models")
+    secret = "wJalrXUtnFEMI-not-in-any-log"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     s3_server.stop()
     argv = s3_args(s3_server, bucket, "--s3-attempts", "2", "--pushgateway", pushgateway.url)
     assert backup(models, tmp_path / "backups", *argv) == 1
@@ -63,6 +70,7 @@ def test_s3_down_keeps_the_verified_local_backup_exits_1_and_says_so(
     assert entry.status.offsite is None
     err = capsys.readouterr().err
     assert "off-site copy FAILED" in err and "is kept" in err
+    assert secret not in err
     metrics = pushed(pushgateway.url, "mlwarden_backup")
     assert metrics["mlwarden_backup_offsite_success"] == 0
     assert metrics["mlwarden_backup_verified"] == 1
