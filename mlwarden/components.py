@@ -26,21 +26,15 @@ from typing import IO, Any
 
 LOOPBACK = "127.0.0.1"
 
-BINARIES = {
-    "prometheus": "prometheus",
-    "promtool": "prometheus",
-    "alertmanager": "prometheus-alertmanager",
-    "amtool": "prometheus-alertmanager",
-    "pushgateway": "prometheus-pushgateway",
-    "redis": "redis-server",
-}
-_EXECUTABLES = {
-    "prometheus": ("prometheus",),
-    "promtool": ("promtool",),
-    "alertmanager": ("prometheus-alertmanager", "alertmanager"),
-    "amtool": ("amtool",),
-    "pushgateway": ("prometheus-pushgateway", "pushgateway"),
-    "redis": ("redis-server",),
+# component -> (the Debian package that brings it, its executable names in lookup order;
+# upstream tarballs call Alertmanager and the Pushgateway by their short names).
+INSTALLS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "prometheus": ("prometheus", ("prometheus",)),
+    "promtool": ("prometheus", ("promtool",)),
+    "alertmanager": ("prometheus-alertmanager", ("prometheus-alertmanager", "alertmanager")),
+    "amtool": ("prometheus-alertmanager", ("amtool",)),
+    "pushgateway": ("prometheus-pushgateway", ("prometheus-pushgateway", "pushgateway")),
+    "redis": ("redis-server", ("redis-server",)),
 }
 
 
@@ -50,13 +44,14 @@ class ComponentError(RuntimeError):
 
 def find_binary(component: str) -> str:
     """Path of a component's executable, or a ComponentError naming the package to install."""
-    for name in _EXECUTABLES[component]:
+    package, executables = INSTALLS[component]
+    for name in executables:
         path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
         if path:
             return path
     raise ComponentError(
-        f"{_EXECUTABLES[component][0]} not found: install the Debian package "
-        f"'{BINARIES[component]}' (apt-get install -y --no-install-recommends {BINARIES[component]})"
+        f"{executables[0]} not found: install the Debian package "
+        f"'{package}' (apt-get install -y --no-install-recommends {package})"
     )
 
 

@@ -39,7 +39,7 @@ def test_s3_server_speaks_s3_over_http(s3_server) -> None:
 
 
 def test_missing_binary_names_the_debian_package(monkeypatch) -> None:
-    monkeypatch.setattr(components, "_EXECUTABLES", {**components._EXECUTABLES, "redis": ("no-such-redis",)})
+    monkeypatch.setitem(components.INSTALLS, "redis", ("redis-server", ("no-such-redis",)))
     try:
         components.find_binary("redis")
     except components.ComponentError as exc:
