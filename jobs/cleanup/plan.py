@@ -6,8 +6,9 @@ and does not descend into anything kept as a whole (protected, best, keep-marker
 locked directories). A file is planned for deletion when it is a regular file older than
 the retention (by mtime), matches no keep rule, and is not among the newest checkpoints of
 its run. Locked directories are kept whole here; locked files are found at the moment of
-deletion (:mod:`.delete`), where a lock taken after planning also counts. Directories that the plan empties (or that were already empty and
-are older than the retention) are removed afterwards; the root itself never is.
+deletion (:mod:`.delete`), where a lock taken after planning also counts. Directories that
+the plan empties (or that were already empty and are older than the retention) are removed
+afterwards; the root itself never is.
 """
 
 from __future__ import annotations

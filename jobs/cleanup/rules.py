@@ -9,8 +9,9 @@
   ``best_model/``) is kept, a directory with its whole tree.
 - **Checkpoints**: entries whose name matches :data:`CHECKPOINT_PATTERNS` (a file such as
   ``step_1000.pt``, or a directory such as Hugging Face's ``checkpoint-500/``, counted as one
-  checkpoint with everything in it; its age is that of its newest file). The newest N of each run (a run is a
-  directory directly below the root) are kept; N is ``--keep-last-checkpoints``.
+  checkpoint with everything in it; its age is that of its newest file). The newest N of
+  each run (a run is a directory directly below the root) are kept; N is
+  ``--keep-last-checkpoints``.
 """
 
 from __future__ import annotations
