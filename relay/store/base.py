@@ -115,8 +115,8 @@ class Store(ABC):
     def delivered(self, jobs: Sequence[Job]) -> None: ...
 
     @abstractmethod
-    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str, count_attempt: bool = True) -> None:
-        """Put claimed jobs back, due at ``due_at`` (a failed try, or a rate limit)."""
+    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
+        """Put claimed jobs back after a failed try, due at ``due_at``, with one more attempt counted."""
 
     @abstractmethod
     def dead_letter(self, jobs: Sequence[Job], error: str) -> None: ...

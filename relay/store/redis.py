@@ -128,11 +128,11 @@ class RedisStore(Store):
             pipe.delete(_job_key(job.id))
         self._call(pipe.execute)
 
-    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str, count_attempt: bool = True) -> None:
+    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         pipe = self._redis.pipeline()
         for job in jobs:
             updated = Job.from_dict({**job.to_dict(), "due_at": due_at, "last_error": error,
-                                     "attempts": job.attempts + int(count_attempt)})
+                                     "attempts": job.attempts + 1})
             pipe.set(_job_key(job.id), json.dumps(updated.to_dict()))
             pipe.zadd(_queue(job.destination), {job.id: due_at})
         self._call(pipe.execute)

@@ -155,11 +155,11 @@ class SQLiteStore(Store):
         with self._transaction() as db:
             db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in jobs])
 
-    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str, count_attempt: bool = True) -> None:
+    def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
             db.executemany(
-                "UPDATE jobs SET due_at = ?, leased_until = 0, attempts = attempts + ?, last_error = ? WHERE id = ?",
-                [(due_at, int(count_attempt), error, j.id) for j in jobs],
+                "UPDATE jobs SET due_at = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
+                [(due_at, error, j.id) for j in jobs],
             )
 
     def dead_letter(self, jobs: Sequence[Job], error: str) -> None:
