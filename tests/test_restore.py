@@ -149,6 +149,27 @@ def test_restore_from_s3_after_the_machine_lost_its_disk(tmp_path: Path, s3_env:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # the download was cleaned up
 
 
+def test_a_restore_from_s3_downloads_next_to_the_target_not_into_the_backup_dir(
+    tmp_path: Path, s3_env: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.backup import restore as restore_module
+
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups", *s3_env) == 0
+    made_in: list[Path] = []
+    mkdtemp = restore_module.tempfile.mkdtemp
+
+    def recording_mkdtemp(**kwargs: str | Path) -> str:
+        made_in.append(Path(kwargs["dir"]))
+        return mkdtemp(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore_module.tempfile, "mkdtemp", recording_mkdtemp)
+    target = tmp_path / "other-disk" / "models"
+    assert restore("latest", "--from-s3", *s3_env, "--backup-dir", tmp_path / "backups", "--to", target) == 0
+    assert tree(target) == tree(models)
+    assert made_in == [target.parent, target.parent]  # the download, then the staging directory
+
+
 def test_a_damaged_object_in_s3_is_refused(tmp_path: Path, s3_env: list[str], s3_server: components.S3Server, capsys: pytest.CaptureFixture[str]) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", *s3_env) == 0

@@ -313,8 +313,9 @@ def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> Restor
     location = settings.s3_location()
     if settings.from_s3:
         assert location is not None
-        near = settings.backup_dir or target.absolute().parent
-        with entry_from_s3(location, settings.name, near) as entry:
+        # The download goes next to the target, like the restore's staging directory: the
+        # disk the operator made room on (for a drill, its scratch directory).
+        with entry_from_s3(location, settings.name, target.absolute().parent) as entry:
             return restore_entry(entry, target, overwrite)
     assert settings.backup_dir is not None
     return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite)
