@@ -68,6 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection
     server: _Server
     timeout = _SOCKET_TIMEOUT_S
+    # A POST answered without reading its body (401, 404, too large) closes the connection:
+    # on keep-alive, the unread body would be parsed as the next request.
+    _body_unread = False
 
     def setup(self) -> None:
         super().setup()
@@ -91,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, b"not found\n")
 
     def do_POST(self) -> None:  # noqa: N802
+        self._body_unread = True
         if not self._authorized():
             return
         if self.path != "/-/simulate" or self.server.simulator is None:
@@ -126,12 +130,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, b"ok\n")
 
     def _simulate(self, simulator: SimulatedBackend) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= _MAX_BODY:
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or not 0 < int(length) <= _MAX_BODY:
             self._send(HTTPStatus.BAD_REQUEST, b"expected a JSON body of at most 4 KiB\n")
             return
+        body = self.rfile.read(int(length))
+        self._body_unread = False
         try:
-            request: Any = json.loads(self.rfile.read(length))
+            request: Any = json.loads(body)
             if not isinstance(request, dict):
                 raise ValueError("expected a JSON object")
             gpu, fault = request.get("gpu"), request.get("fault")
@@ -157,6 +163,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def end_headers(self) -> None:
+        if self._body_unread:
+            self.send_header("Connection", "close")
+        super().end_headers()
 
     do_HEAD = do_GET  # noqa: N815
 

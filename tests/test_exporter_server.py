@@ -176,6 +176,25 @@ def test_basic_auth_protects_metrics_but_not_healthz(start_exporter: Callable[..
     assert request(url + "/healthz")[0] == 200
 
 
+def test_a_refused_post_does_not_poison_the_keep_alive_connection(start_exporter: Callable[..., Exporter]) -> None:
+    exporter = start_exporter("--basic-auth-user", "prom",
+                              environ={"MLWARDEN_EXPORTER_BASIC_AUTH_PASSWORD": "s3cret-pass"})
+    credentials = {"Authorization": "Basic " + base64.b64encode(b"prom:s3cret-pass").decode()}
+    conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
+    try:
+        for path, headers in (("/-/simulate", {}), ("/-/elsewhere", credentials)):
+            conn.request("POST", path, body=json.dumps({"gpu": 0, "fault": "lose"}), headers=headers)
+            refused = conn.getresponse()
+            refused.read()
+            assert refused.status in (401, 404) and refused.getheader("Connection") == "close"
+            # the unread body must not be taken for the next request on the same connection
+            conn.request("GET", "/metrics", headers=credentials)
+            response = conn.getresponse()
+            assert response.status == 200 and b"mlwarden_nvml_up" in response.read()
+    finally:
+        conn.close()
+
+
 def test_scrapes_beyond_the_bound_get_503(start_exporter: Callable[..., Exporter]) -> None:
     exporter = start_exporter("--max-concurrent-scrapes", "2")
     exporter.server._server.queue_timeout = 0.1
