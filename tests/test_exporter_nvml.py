@@ -277,6 +277,22 @@ def test_not_supported_and_sentinels_omit_the_series_instead_of_reporting_zero(f
     assert value(found, "mlwarden_gpu_power_watts", gpu="1", uuid="GPU-fake-1") == 250
 
 
+def test_a_driver_without_v2_memory_info_falls_back_to_v1(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = fake.nvmlDeviceGetMemoryInfo
+
+    def old_driver(h: Handle, version: int | None = None) -> Any:
+        if version:
+            raise nvml_error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        return plain(h)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", old_driver)
+    found = samples(GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0))
+    gpu = {"gpu": "0", "uuid": "GPU-fake-0"}
+    assert value(found, "mlwarden_gpu_up", **gpu) == 1  # not taken for a lost GPU
+    assert value(found, "mlwarden_gpu_memory_total_bytes", **gpu) == 80_000 * MIB
+    assert value(found, "mlwarden_gpu_memory_reserved_bytes", **gpu) is None  # v1 has no reserved field
+
+
 @pytest.mark.parametrize("code", [pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_TIMEOUT])
 def test_a_lost_gpu_is_down_the_others_keep_reporting_and_nvml_is_reinitialised(fake: FakeNvml, code: int) -> None:
     fake.fail[("nvmlDeviceGetTemperature", 1)] = nvml_error(code)

@@ -38,6 +38,8 @@ _UNSUPPORTED = (
     pynvml.NVMLError_FunctionNotFound,
     pynvml.NVMLError_InvalidArgument,
     pynvml.NVMLError_NotFound,
+    # a driver older than the struct version asked for (nvmlMemory_v2 on an old driver)
+    pynvml.NVMLError_ArgumentVersionMismatch,
 )
 _U32_SENTINELS = {0xFFFFFFFF, 0xFFFFFFFE}
 # 2**64-1 is NVML's "not available"; values from 0x7FFFFFFFFFFFFFF0 up are the blank /
