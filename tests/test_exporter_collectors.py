@@ -168,6 +168,7 @@ def test_snapshot_freshness_and_staleness() -> None:
     assert store.stale_collectors() == []
     body = store.snapshot.body.decode()
     assert 'mlwarden_exporter_collector_success{collector="fixed"} 1.0' in body
+    assert 'mlwarden_exporter_collector_duration_seconds{collector="fixed"} 0.01' in body
     assert 'mlwarden_exporter_build_info{version="9.9"} 1.0' in body
     assert 'mlwarden_exporter_last_collection_timestamp_seconds{collector="fixed"} 1.0000001035e+09' in body
     store.mark_stale("fixed")

@@ -20,6 +20,7 @@ import pynvml
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import cli as exporter_cli
 from exporter.backends.base import GpuBackend
 from exporter.backends.nvml import NvmlBackend
 from exporter.backends.supervisor import Backoff, BackendSupervisor
@@ -30,7 +31,9 @@ from exporter.collectors.xid import XidCollector
 from exporter.loop import CollectionLoop
 from exporter.server import ExporterServer
 from exporter.snapshot import SnapshotStore, render
+from mlwarden import settings
 from mlwarden.components import free_port, wait_until
+from mlwarden.exitcodes import ExitCode
 
 MIB = 2**20
 
@@ -345,6 +348,14 @@ def test_without_nvml_library_it_serves_nvml_up_0_and_logs_once(fake: FakeNvml, 
     assert not ProcessesCollector(supervisor, 1.0, 1.0, 10).collect().success
 
 
+def test_with_gpu_backend_nvml_a_missing_library_exits_1(fake: FakeNvml, caplog: pytest.LogCaptureFixture) -> None:
+    fake.init_error = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+    loaded = settings.load(exporter_cli.ExporterSettings, "exporter", ["--gpu-backend", "nvml", "--listen-address", f"127.0.0.1:{free_port()}"], {})
+    with caplog.at_level(logging.ERROR):
+        assert exporter_cli.run(loaded) == ExitCode.FAILURE
+    assert "NVML is not available" in caplog.text and "--gpu-backend auto" in caplog.text
+
+
 def test_processes_merge_compute_and_graphics_cap_and_vanish(fake: FakeNvml) -> None:
     supervisor = supervisor_for(NvmlBackend())
     GpuCollector(supervisor, 1.0, 1.0).collect()  # learns the UUIDs
@@ -369,9 +380,10 @@ def test_xid_events_from_the_nvml_event_set_count_every_repeat(fake: FakeNvml) -
     collector = XidCollector(supervisor, 1.0, 1.0)
     collector.start()
     try:
-        wait_until(lambda: not fake.xids, 10, "the collector to take every XID event", poll=0.02)
-        time.sleep(0.1)
-        found = samples(collector)
+        # counted, not only taken off the fake's queue: the last one is recorded after it is popped
+        found = wait_until(lambda: (f := samples(collector)) and sum(
+            v for (name, _), v in f.items() if name == "mlwarden_gpu_xid_errors_total") == 4 and f,
+            10, "the collector to count every XID event", poll=0.02)
     finally:
         collector.stop()
     assert value(found, "mlwarden_gpu_xid_errors_total", gpu="1", uuid="GPU-fake-1", xid="79") == 3
