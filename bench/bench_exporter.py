@@ -4,7 +4,7 @@ The naive baseline is prometheus_client's own ``start_http_server`` serving a re
 whose collector builds the very same series (the same collector code, 8 or 64 simulated
 GPUs, 10 processes each) at scrape time, which is how most GPU exporters work. mlwarden
 builds them in the background and a scrape returns pre-rendered bytes. Both run as
-separate processes; scrapers are threads in this process with keep-alive connections.
+separate processes; the scrapers are curl's parallel transfers over keep-alive connections.
 
     python -m bench.run_all --only exporter [--quick]
 """
@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from mlwarden.components import Component
+from mlwarden.components import Component, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES_PER_GPU = 10
@@ -54,12 +54,6 @@ def serve_baseline(gpus: int, port: int) -> None:
 
 
 # Measuring -----------------------------------------------------------------------------------
-def free_port() -> int:
-    from mlwarden.components import free_port as free
-
-    return free()
-
-
 def start_project(gpus: int, port: int, interval: str = "1s") -> Component:
     argv = [sys.executable, "-m", "mlwarden.cli", "exporter", "--gpu-backend", "simulated",
             "--simulated-gpus", str(gpus), "--simulated-processes", str(PROCESSES_PER_GPU),
