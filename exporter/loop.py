@@ -28,6 +28,9 @@ class _Runner:
         self._stop = stop
         self.pass_started: float | None = None  # monotonic start of the pass in progress
         self.marked_stale = False
+        # Ending a pass and marking it stale exclude each other: otherwise the watchdog could
+        # read a start time, the pass publish fresh data, and the watchdog then drop it.
+        self._state = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"collector-{collector.name}", daemon=True)
 
     def _run(self) -> None:
@@ -36,11 +39,12 @@ class _Runner:
             self.pass_started = started
             collected = self._collect_once()
             duration = time.monotonic() - started
-            self.pass_started = None
-            if self.marked_stale:
-                log.info("collector %s answered again after %.1fs", self.collector.name, duration)
-                self.marked_stale = False
-            self._store.publish(self.collector.name, collected, duration)
+            with self._state:
+                self.pass_started = None
+                if self.marked_stale:
+                    log.info("collector %s answered again after %.1fs", self.collector.name, duration)
+                    self.marked_stale = False
+                self._store.publish(self.collector.name, collected, duration)
             # Fixed rate: the next pass starts one interval after this one started.
             self._stop.wait(max(0.0, self.collector.interval - duration))
 
@@ -52,11 +56,13 @@ class _Runner:
             return Collected(success=False)
 
     def check_overdue(self, now: float) -> None:
-        started = self.pass_started
-        if started is not None and not self.marked_stale and now - started > self.collector.timeout:
+        with self._state:
+            started = self.pass_started
+            if started is None or self.marked_stale or now - started <= self.collector.timeout:
+                return
             self.marked_stale = True
-            log.warning("collector %s has not finished after %.1fs; its data is stale", self.collector.name, now - started)
             self._store.mark_stale(self.collector.name)
+        log.warning("collector %s has not finished after %.1fs; its data is stale", self.collector.name, now - started)
 
 
 class CollectionLoop:
