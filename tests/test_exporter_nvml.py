@@ -21,7 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import cli as exporter_cli
-from exporter.backends.base import GpuBackend
+from exporter.backends import nvml as nvml_backend
+from exporter.backends.base import THROTTLE_REASONS, GpuBackend
 from exporter.backends.nvml import NvmlBackend
 from exporter.backends.supervisor import Backoff, BackendSupervisor
 from exporter.collectors.base import Collector
@@ -47,6 +48,10 @@ def test_nvml_error_codes_build_the_real_subclasses() -> None:
     assert type(nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)) is pynvml.NVMLError_GpuIsLost
     assert type(nvml_error(pynvml.NVML_ERROR_TIMEOUT)) is pynvml.NVMLError_Timeout
     assert type(nvml_error(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)) is pynvml.NVMLError_LibraryNotFound
+
+
+def test_every_throttle_reason_of_the_contract_has_its_nvml_bit() -> None:
+    assert tuple(nvml_backend._THROTTLE_BITS) == THROTTLE_REASONS
 
 
 @dataclass

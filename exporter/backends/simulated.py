@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from exporter.backends.base import (
+    ECC_COUNTERS,
+    ECC_ERROR_TYPES,
     THROTTLE_REASONS,
     GpuBackend,
     GpuIdentity,
@@ -63,7 +65,7 @@ class SimulatedBackend(GpuBackend):
                     name="Simulated H100 80GB HBM3",
                     pci_bus_id=f"00000000:{0x18 + i:02X}:00.0",
                 ),
-                ecc={(t, c): 0 for t in ("corrected", "uncorrected") for c in ("volatile", "aggregate")},
+                ecc={(t, c): 0 for t in ECC_ERROR_TYPES for c in ECC_COUNTERS},
             )
             for i in range(gpus)
         ]
@@ -109,7 +111,7 @@ class SimulatedBackend(GpuBackend):
             elif fault in ("lose", "recover"):
                 state.lost = fault == "lose"
             elif fault == "ecc":
-                for counter in ("volatile", "aggregate"):
+                for counter in ECC_COUNTERS:
                     state.ecc[("uncorrected", counter)] += count
                     state.ecc[("corrected", counter)] += count * 10
                 state.double_bit_pages += count
