@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from relay.config import Watchdog
 from relay.store.base import Store, StoreError
+from relay.watchdog import STATES, heartbeat_state
 
 
 class RelayMetrics:
@@ -62,8 +63,6 @@ class _StoreCollector(Collector):
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        from relay.watchdog import STATES, heartbeat_state  # watchdog imports the store, not metrics
-
         try:
             depth, oldest = self._store.outbox_stats()
             last_seen, _ = self._store.watchdog()
