@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.notice import Notice
-from relay.policy import KeyState
+from relay.policy import Decision, KeyState
 
 PENDING = "pending"
 DEAD = "dead"
@@ -64,7 +64,7 @@ class IntakeResult:
     states: Mapping[str, KeyState | None]
     jobs: Sequence[Job]
     heartbeat: bool = False
-    decisions: Sequence[Any] = ()  # the policy decisions, for metrics
+    decisions: Sequence[Decision] = ()  # the policy decisions, for metrics
 
 
 Planner = Callable[[Mapping[str, KeyState]], IntakeResult]
