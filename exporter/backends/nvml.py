@@ -9,7 +9,6 @@ Errors that say the GPU itself is in trouble (GPU is lost, timeout, unknown) rai
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -95,7 +94,6 @@ class NvmlBackend(GpuBackend):
     kind = "nvml"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._handles: dict[int, Any] = {}
         self._identities: dict[int, GpuIdentity] = {}
         self._driver = ""
@@ -110,10 +108,10 @@ class NvmlBackend(GpuBackend):
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
             raise BackendUnavailable(f"NVML is not available: {exc}") from None
-        with self._lock:
-            self._handles.clear()
-            self._identities.clear()
-            self._generation += 1
+        # start() runs before collection begins or under the supervisor's lock: no lock of its own.
+        self._handles.clear()
+        self._identities.clear()
+        self._generation += 1
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
