@@ -66,6 +66,16 @@ def test_an_unknown_backup_name_is_a_clear_failure(tmp_path: Path, capsys: pytes
     assert restore("--backup-dir", tmp_path / "backups") == 2  # no --to and no --drill
 
 
+def test_a_target_that_cannot_be_made_is_a_clear_failure_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    backup(make_models(tmp_path / "models"), tmp_path / "backups")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert restore("latest", "--backup-dir", tmp_path / "backups", "--to", blocker / "restored") == 1
+    err = capsys.readouterr().err
+    assert "restore FAILED" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a directory"
+
+
 def _crafted_backup(backup_dir: Path, members: list[tuple[tarfile.TarInfo, bytes]], listed: list[str]) -> Path:
     """A backup whose manifest vouches for the archive's hash, so only the member checks can refuse it."""
     buffer = io.BytesIO()

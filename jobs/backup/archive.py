@@ -29,12 +29,12 @@ from typing import BinaryIO, Protocol
 import zstandard
 
 from jobs.backup.overlap import Overlap
+from jobs.backup.tarstream import CHUNK_BYTES
 from mlwarden.catalog import CHECKSUMS, FileRecord
 from mlwarden.fsutil import atomic_write_text, atomic_writer
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 8 * 2**20  # large reads: fewer syscalls, and hashlib/zstd release the GIL per call
 EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
 # zstd level 1, not the CLI's 3: on float weights the higher levels only cost time (the
 # mantissa bytes are noise to any compressor); measured in bench/bench_backup.py.

@@ -306,6 +306,9 @@ def run_restore(settings: RestoreSettings) -> int:
     except (RestoreError, ArchiveError, CatalogError, OffsiteError) as exc:
         log.error("restore FAILED: %s. %s was not changed", exc, settings.to)
         return ExitCode.FAILURE
+    except OSError as exc:  # permissions, a full disk, a file where a directory goes: the message names the path
+        log.error("restore FAILED: %s", exc)
+        return ExitCode.FAILURE
     return ExitCode.OK
 
 
