@@ -132,6 +132,14 @@ class Outbox:
             self._failed(name, jobs, exc)
         except TimeoutError:
             self._failed(name, jobs, DeliveryError(f"{notifier.integration}: timed out", retryable=True))
+        except Exception as exc:
+            # Unclassified (a notifier bug, an httpx error outside timeout/transport): counted and
+            # retried, then dead-lettered, like any failure. Left to escape, it ended the task
+            # unseen and the jobs came back only after their lease, forever, uncounted, taking
+            # down every coalesced batch they joined. Only the type is kept: the text may hold
+            # the webhook URL.
+            log.error("delivery to %s raised %s", name, type(exc).__name__, exc_info=True)
+            self._failed(name, jobs, DeliveryError(f"{notifier.integration}: {type(exc).__name__}", retryable=True))
         else:
             self._store.delivered(jobs)
             self._metrics.deliveries.labels(name, notifier.integration).inc(len(jobs))

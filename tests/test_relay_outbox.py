@@ -151,6 +151,25 @@ def test_timeout_is_retried_not_lost(tmp_path: Path) -> None:
 
 
 @respx.mock
+def test_an_unforeseen_error_is_counted_and_retried_not_left_to_the_lease(tmp_path: Path) -> None:
+    # httpx.DecodingError is neither a timeout nor a transport error, so no notifier classifies it.
+    clock = FakeClock()
+    route = respx.post(SLACK_URL).mock(side_effect=[httpx.DecodingError("bad gzip"), httpx.Response(200, text="ok")])
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        accept(relay.store, relay.config, body(alert()), clock())
+        await outbox.run_once()
+        [job] = relay.store.jobs()
+        assert job.attempts == 1 and job.last_error == "slack: DecodingError"
+        clock.advance(1)  # the first backoff, not the 60 s lease
+        await outbox.run_once()
+
+    relay = with_outbox(tmp_path, clock, scenario)
+    assert route.call_count == 2 and relay.store.outbox_stats()[0] == 0
+    assert sample(relay, "mlwarden_relay_delivery_retries_total", destination="ops", integration="slack") == 1
+
+
+@respx.mock
 def test_pagerduty_rate_limit_spaces_events(tmp_path: Path) -> None:
     clock = FakeClock()
     sent_at: list[float] = []
