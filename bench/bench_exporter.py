@@ -152,8 +152,9 @@ def latency_rows(quick: bool) -> list[str]:
     return rows
 
 
-def cpu_rows(quick: bool) -> list[str]:
-    """CPU of each server over a window of one scrape per second (Prometheus at a 1 s interval)."""
+def cpu_rows(quick: bool) -> tuple[list[str], str]:
+    """CPU of each server over a window of one scrape per second (Prometheus at a 1 s interval),
+    and how the baseline's cost compares there ("a little less", "about the same", "more")."""
     window = 15.0 if quick else 60.0
     rows = []
     project_port, baseline_port = free_port(), free_port()
@@ -179,7 +180,8 @@ def cpu_rows(quick: bool) -> list[str]:
     finally:
         project.stop()
         baseline.stop()
-    return rows
+    ratio = loaded["baseline"] / max(loaded["project"], 1e-9)
+    return rows, "a little less" if ratio < 0.95 else "more" if ratio > 1.05 else "about the same"
 
 
 def memory_rows(quick: bool) -> tuple[list[str], int, float]:
@@ -206,7 +208,7 @@ def memory_rows(quick: bool) -> tuple[list[str], int, float]:
 
 def run(quick: bool) -> str:
     latency = latency_rows(quick)
-    cpu = cpu_rows(quick)
+    cpu, baseline_cost = cpu_rows(quick)
     memory, collections, growth = memory_rows(quick)
     mode = "Quick mode (fewer scrapes, shorter windows)" if quick else "full mode"
     return "\n".join([
@@ -231,7 +233,7 @@ def run(quick: bool) -> str:
         "| --- | --- | --- | --- | --- |",
         *cpu,
         "",
-        "Scraped once a second by one Prometheus, the naive exporter costs a little less: it does the same "
+        f"Scraped once a second by one Prometheus, the naive exporter costs {baseline_cost}: it does the same "
         "work once per scrape, mlwarden once per collection plus serving. mlwarden's cost does not grow with "
         "the number of scrapers (an HA pair, federation, a curious human), and a scrape never waits for NVML.",
         "",
