@@ -84,6 +84,18 @@ def test_slack_failures_say_whether_to_retry(response: httpx.Response, retryable
 
 
 @respx.mock
+def test_a_response_that_echoes_the_secret_does_not_carry_it_into_the_error() -> None:
+    # The error text is stored with the job and served by the queue view, where log masking does not reach.
+    respx.post(SLACK_URL).mock(return_value=httpx.Response(403, text=f"proxy denied {SLACK_URL}"))
+    respx.post(PD_URL).mock(return_value=httpx.Response(400, text='{"errors": ["bad key routing-key-0123"]}'))
+    for notifier in (slack, pagerduty):
+        with pytest.raises(DeliveryError) as caught:
+            send(lambda c: notifier(c).send([notice()]))
+        assert "HTTP 40" in str(caught.value)
+        assert SLACK_URL not in str(caught.value) and "routing-key-0123" not in str(caught.value)
+
+
+@respx.mock
 def test_slack_timeout_is_retryable() -> None:
     respx.post(SLACK_URL).mock(side_effect=httpx.ReadTimeout("slow"))
     with pytest.raises(DeliveryError) as caught:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from mlwarden import logs
 from relay.notice import Notice
 
 
@@ -44,7 +45,10 @@ async def post_json(client: httpx.AsyncClient, url: str, body: dict[str, object]
         raise DeliveryError(f"{service}: connection failed ({type(exc).__name__})", retryable=True) from None
     if response.is_success:
         return response
-    detail = response.text[:200].replace("\n", " ")
+    # A proxy's error page, or the service itself, may quote the URL or the routing key; the error is
+    # stored with the job and served by the queue view, beyond the reach of log masking. (A secret
+    # that starts in the first 200 characters ends well within the first 1,000.)
+    detail = logs.redact(response.text[:1000])[:200].replace("\n", " ")
     message = f"{service}: HTTP {response.status_code} {detail}".strip()
     if response.status_code == 429:
         raise DeliveryError(message, retryable=True, retry_after=retry_after(response.headers.get("retry-after")))
