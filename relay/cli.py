@@ -16,17 +16,11 @@ from mlwarden.settings import in_range, parse_duration, parse_listen_address, pa
 from relay import config as relay_config
 from relay.app import Relay, create_app
 from relay.auth import Credentials
-from relay.store import StoreError, open_store
+from relay.store import StoreError, check_url, open_store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_URL = "sqlite:///var/lib/mlwarden/relay.db"
-
-
-def _parse_state_url(text: str) -> str:
-    if not text.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
-        raise ValueError("expected sqlite:///path/relay.db or redis://host:port/db")
-    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +31,7 @@ class RelaySettings:
     )
     state_url: str = setting(
         DEFAULT_STATE_URL, help="state store: sqlite:///path/relay.db (one relay) or redis://host:port/db (replicas)",
-        parse=_parse_state_url,
+        parse=check_url,
     )
     token: str = setting("", help="bearer token Alertmanager must send", secret=True)
     basic_auth_user: str | None = setting(None, help="user name for HTTP basic authentication (instead of or besides the token)")
