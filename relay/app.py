@@ -216,4 +216,6 @@ async def _maintenance(relay: Relay) -> None:
                 last_prune = now
         except StoreError as exc:
             log.error("maintenance: %s", exc)
+        except Exception:  # noqa: BLE001 - a dead loop would silence the watchdog for good
+            log.exception("maintenance pass failed; trying again in %ss", WATCHDOG_TICK_SECONDS)
         await asyncio.sleep(WATCHDOG_TICK_SECONDS)

@@ -106,6 +106,8 @@ class Outbox:
                 self.dispatch()
             except StoreError as exc:
                 log.error("outbox: cannot claim jobs: %s", exc)
+            except Exception:  # noqa: BLE001 - a dead dispatcher would stop every delivery, silently
+                log.exception("outbox: dispatcher pass failed; trying again at the next tick")
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=tick)

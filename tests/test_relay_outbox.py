@@ -197,3 +197,32 @@ def test_sqlite_restart_releases_leases(tmp_path: Path) -> None:
     store.close()
     reopened = SQLiteStore(tmp_path / "relay.db")  # the process that held the lease is gone
     assert len(reopened.claim("ops", 102.0, 10, lease=600)) == 1
+
+
+@respx.mock
+def test_an_unexpected_error_in_a_dispatcher_pass_does_not_stop_deliveries(tmp_path: Path) -> None:
+    clock = FakeClock()
+    route = respx.post(SLACK_URL).mock(return_value=httpx.Response(200, text="ok"))
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        accept(relay.store, relay.config, body(alert()), clock())
+        real_claim = relay.store.claim
+        calls = {"n": 0}
+
+        def claim_once_broken(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise ValueError("corrupt job row")
+            return real_claim(*args, **kwargs)
+
+        relay.store.claim = claim_once_broken  # type: ignore[method-assign]
+        runner = asyncio.create_task(outbox.run(tick=0.01))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if route.called:
+                break
+        runner.cancel()
+        await outbox.drain()
+
+    with_outbox(tmp_path, clock, scenario)
+    assert route.called, "the dispatcher died on the first error and never delivered"
