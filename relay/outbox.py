@@ -23,6 +23,7 @@ from relay.notifiers.base import DeliveryError, Notifier
 from relay.store.base import Job, Store, StoreError
 
 log = logging.getLogger(__name__)
+MAX_RETRY_AFTER_SECONDS = 3600.0  # Slack and PagerDuty ask for seconds to minutes
 
 
 class RateLimit:
@@ -158,8 +159,10 @@ class Outbox:
             return
         delay = backoff(attempt, self._delivery, self._rand)
         if error.retry_after is not None:
-            delay = error.retry_after  # the service said when; sooner would only be refused again
-            self._limits[name].hold_until(now + error.retry_after)
+            # The service said when (sooner would only be refused again), but a Retry-After of
+            # a day must not hold a destination's pages for a day.
+            delay = min(error.retry_after, MAX_RETRY_AFTER_SECONDS)
+            self._limits[name].hold_until(now + delay)
         self._store.reschedule(jobs, now + delay, str(error))
         self._metrics.retries.labels(name, self._notifiers[name].integration).inc(len(jobs))
         log.warning("delivery to %s failed (attempt %d), retrying in %.1fs: %s", name, attempt, delay, error)

@@ -13,7 +13,7 @@ import respx
 
 from relay.app import Relay
 from relay.auth import Credentials
-from relay.outbox import Outbox
+from relay.outbox import MAX_RETRY_AFTER_SECONDS, Outbox
 from relay.store.sqlite import SQLiteStore
 from tests.test_relay_support import PD_URL, SLACK_URL, FakeClock, accept, alert, body, make_config
 
@@ -93,6 +93,27 @@ def test_429_retry_after_is_honoured_for_the_job_and_the_destination(tmp_path: P
     relay = with_outbox(tmp_path, clock, scenario)
     assert relay.store.outbox_stats()[0] == 0
     assert sample(relay, "mlwarden_relay_delivery_retries_total", destination="ops", integration="slack") == 1
+
+
+@respx.mock
+def test_a_retry_after_of_a_day_is_capped_at_an_hour(tmp_path: Path) -> None:
+    clock = FakeClock()
+    route = respx.post(SLACK_URL).mock(
+        side_effect=[httpx.Response(429, headers={"Retry-After": "86400"}), httpx.Response(200, text="ok")]
+    )
+
+    async def scenario(relay: Relay, outbox: Outbox) -> None:
+        accept(relay.store, relay.config, body(alert()), clock())
+        await outbox.run_once()
+        clock.advance(MAX_RETRY_AFTER_SECONDS - 1)
+        await outbox.run_once()
+        assert route.call_count == 1
+        clock.advance(1)
+        await outbox.run_once()
+        assert route.call_count == 2  # tried again after an hour, not after a day
+
+    relay = with_outbox(tmp_path, clock, scenario)
+    assert relay.store.outbox_stats()[0] == 0
 
 
 @respx.mock
