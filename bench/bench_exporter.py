@@ -210,7 +210,7 @@ def run(quick: bool) -> str:
     latency = latency_rows(quick)
     cpu, baseline_cost = cpu_rows(quick)
     memory, collections, growth = memory_rows(quick)
-    mode = "Quick mode (fewer scrapes, shorter windows)" if quick else "full mode"
+    mode = "Quick mode (fewer scrapes, shorter windows)" if quick else "Full mode"
     return "\n".join([
         "## GPU exporter",
         "",
