@@ -1,8 +1,11 @@
 """The exporter's HTTP server: ``/metrics``, ``/healthz``, and the simulator's fault endpoint.
 
-A scrape returns the bytes of the latest snapshot; nothing is computed per request. At
-most ``max_concurrent_scrapes`` scrapes are served at once; more wait up to a second and
-then get 503, so a scrape storm cannot take the machine's CPU from the training job.
+A scrape returns the bytes of the latest snapshot; nothing is computed per request. The
+server is one asyncio event loop (uvicorn with httptools and uvloop) in its own thread, so
+requests are answered in the order they arrive, a scrape storm uses at most one core, and
+an idle connection costs a few kilobytes instead of a thread. At most
+``max_concurrent_scrapes`` scrape bodies are being written at once (a slow client holds
+its slot until its body is sent); more wait up to a second and then get 503.
 Basic auth (compared in constant time against a hash; the password itself is not kept)
 and TLS are optional. ``/healthz`` needs no credentials: it says only whether collection
 is fresh.
@@ -14,6 +17,7 @@ is fresh.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -23,10 +27,13 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
 from exporter.snapshot import CONTENT_TYPE, SnapshotStore
@@ -34,11 +41,19 @@ from exporter.snapshot import CONTENT_TYPE, SnapshotStore
 log = logging.getLogger(__name__)
 
 _MAX_BODY = 4096
-_SOCKET_TIMEOUT_S = 10.0  # a client that stops talking cannot hold a thread forever
+_MAX_CONNECTIONS = 512  # beyond this, requests get 503: file descriptors stay well below the usual limit of 1024
+_PIECE_BYTES = 64 * 1024  # uvicorn's write buffer high-water mark
+_BACKLOG = 128  # the default of 5 drops SYNs when 20 scrapers connect at once
 _INDEX = b"""<html><head><title>mlwarden exporter</title></head><body>
 <h1>mlwarden exporter</h1><p><a href="/metrics">/metrics</a> <a href="/healthz">/healthz</a></p>
 </body></html>
 """
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class BasicAuth:
@@ -47,8 +62,8 @@ class BasicAuth:
     def __init__(self, user: str, password: str) -> None:
         self._expected = hashlib.sha256(f"{user}:{password}".encode()).digest()
 
-    def allows(self, header: str | None) -> bool:
-        if not header or not header.startswith("Basic "):
+    def allows(self, header: bytes | None) -> bool:
+        if not header or not header.startswith(b"Basic "):
             return False
         try:
             given = base64.b64decode(header[6:].strip(), validate=True)
@@ -64,78 +79,99 @@ def tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return context
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection
-    server: _Server
-    timeout = _SOCKET_TIMEOUT_S
-    # A POST answered without reading its body (401, 404, too large) closes the connection:
-    # on keep-alive, the unread body would be parsed as the next request.
-    _body_unread = False
+async def _respond(send: Send, status: HTTPStatus, body: bytes, content_type: str = _TEXT,
+                   headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Send a response; a large body goes in pieces, each waiting until the client took the last.
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body are separate writes; without this, Nagle plus the client's delayed
-        # ACK adds ~40 ms to every small response.
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()  # here, in this connection's thread, not in accept()
+    uvicorn waits for a slow client only between pieces: one large piece would be copied
+    whole into its send buffer at once, so every slow scraper would cost a body's worth
+    of memory and none would ever hold its scrape slot.
+    """
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body)), *headers],
+    })
+    rest = memoryview(body)
+    while len(rest) > _PIECE_BYTES:
+        await send({"type": "http.response.body", "body": rest[:_PIECE_BYTES], "more_body": True})
+        rest = rest[_PIECE_BYTES:]
+    await send({"type": "http.response.body", "body": rest})
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
-        path = self.path.split("?", 1)[0]
-        if path == "/healthz":
-            self._healthz()
-        elif not self._authorized():
+
+class _App:
+    """The ASGI application: routing, credentials, the scrape bound and fault injection."""
+
+    def __init__(self, store: SnapshotStore, max_concurrent_scrapes: int, queue_timeout: float,
+                 auth: BasicAuth | None, simulator: SimulatedBackend | None) -> None:
+        self.store = store
+        self.queue_timeout = queue_timeout
+        self.auth = auth
+        self.simulator = simulator
+        self.scrape_slots = asyncio.Semaphore(max_concurrent_scrapes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             return
+        method, path = scope["method"], scope["path"]
+        if method == "POST":
+            if not self._authorized(scope):
+                await self._refuse(send)
+            elif path != "/-/simulate" or self.simulator is None:
+                await _respond(send, HTTPStatus.NOT_FOUND, b"not found (fault injection needs --gpu-backend simulated)\n")
+            else:
+                await self._simulate(scope, receive, send, self.simulator)
+        elif method not in ("GET", "HEAD"):
+            await _respond(send, HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", headers=((b"allow", b"GET, HEAD, POST"),))
+        elif path == "/healthz":
+            await self._healthz(send)
+        elif not self._authorized(scope):
+            await self._refuse(send)
         elif path == "/metrics":
-            self._metrics()
+            await self._metrics(send)
         elif path == "/":
-            self._send(HTTPStatus.OK, _INDEX, "text/html; charset=utf-8")
+            await _respond(send, HTTPStatus.OK, _INDEX, "text/html; charset=utf-8")
         else:
-            self._send(HTTPStatus.NOT_FOUND, b"not found\n")
+            await _respond(send, HTTPStatus.NOT_FOUND, b"not found\n")
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._body_unread = True
-        if not self._authorized():
-            return
-        if self.path != "/-/simulate" or self.server.simulator is None:
-            self._send(HTTPStatus.NOT_FOUND, b"not found (fault injection needs --gpu-backend simulated)\n")
-            return
-        self._simulate(self.server.simulator)
-
-    def _authorized(self) -> bool:
-        auth = self.server.auth
-        if auth is None or auth.allows(self.headers.get("Authorization")):
+    def _authorized(self, scope: Scope) -> bool:
+        if self.auth is None:
             return True
-        self.send_response(HTTPStatus.UNAUTHORIZED)
-        self.send_header("WWW-Authenticate", 'Basic realm="mlwarden"')
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        return False
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        return self.auth.allows(header)
 
-    def _metrics(self) -> None:
-        slots = self.server.scrape_slots
-        if not slots.acquire(timeout=self.server.queue_timeout):
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"too many concurrent scrapes\n")
-            return
+    @staticmethod
+    async def _refuse(send: Send) -> None:
+        await _respond(send, HTTPStatus.UNAUTHORIZED, b"", headers=((b"www-authenticate", b'Basic realm="mlwarden"'),))
+
+    async def _metrics(self, send: Send) -> None:
+        slots = self.scrape_slots
+        if not slots.locked():
+            await slots.acquire()  # free: no waiting, and no timer task on the common path
+        else:
+            try:
+                await asyncio.wait_for(slots.acquire(), self.queue_timeout)
+            except TimeoutError:
+                await _respond(send, HTTPStatus.SERVICE_UNAVAILABLE, b"too many concurrent scrapes\n")
+                return
         try:
-            self._send(HTTPStatus.OK, self.server.store.snapshot.body, CONTENT_TYPE)
+            await _respond(send, HTTPStatus.OK, self.store.snapshot.body, CONTENT_TYPE)
         finally:
             slots.release()
 
-    def _healthz(self) -> None:
-        stale = self.server.store.stale_collectors()
+    async def _healthz(self, send: Send) -> None:
+        stale = self.store.stale_collectors()
         if stale:
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, ("stale: " + ", ".join(stale) + "\n").encode())
+            await _respond(send, HTTPStatus.SERVICE_UNAVAILABLE, ("stale: " + ", ".join(stale) + "\n").encode())
         else:
-            self._send(HTTPStatus.OK, b"ok\n")
+            await _respond(send, HTTPStatus.OK, b"ok\n")
 
-    def _simulate(self, simulator: SimulatedBackend) -> None:
-        length = self.headers.get("Content-Length", "")
+    async def _simulate(self, scope: Scope, receive: Receive, send: Send, simulator: SimulatedBackend) -> None:
+        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
         if not length.isdigit() or not 0 < int(length) <= _MAX_BODY:
-            self._send(HTTPStatus.BAD_REQUEST, b"expected a JSON body of at most 4 KiB\n")
+            await _respond(send, HTTPStatus.BAD_REQUEST, b"expected a JSON body of at most 4 KiB\n")
             return
-        body = self.rfile.read(int(length))
-        self._body_unread = False
+        body = await _read_body(receive)
         try:
             request: Any = json.loads(body)
             if not isinstance(request, dict):
@@ -151,44 +187,38 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError("fault must be a string")
             simulator.inject(gpu, fault, xid=xid, count=count, celsius=float(celsius))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            self._send(HTTPStatus.BAD_REQUEST, json.dumps({"error": str(exc)}).encode() + b"\n", "application/json")
+            await _respond(send, HTTPStatus.BAD_REQUEST, json.dumps({"error": str(exc)}).encode() + b"\n", _JSON)
             return
         log.info("simulated fault injected: %s", request)
-        self._send(HTTPStatus.OK, b'{"ok": true}\n', "application/json")
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def end_headers(self) -> None:
-        if self._body_unread:
-            self.send_header("Connection", "close")
-        super().end_headers()
-
-    do_HEAD = do_GET  # noqa: N815
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        log.debug("%s %s", self.address_string(), format % args)
+        await _respond(send, HTTPStatus.OK, b'{"ok": true}\n', _JSON)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # the default backlog of 5 drops SYNs when 20 scrapers connect at once
-    store: SnapshotStore
-    scrape_slots: threading.BoundedSemaphore
-    queue_timeout: float
-    auth: BasicAuth | None
-    simulator: SimulatedBackend | None
+async def _read_body(receive: Receive) -> bytes:
+    """The request body; Content-Length was checked, so it is small."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up, times out or speaks plain HTTP to TLS is its problem, not
-        # a crash worth a traceback on stderr.
-        log.debug("connection from %s failed", client_address[0], exc_info=True)
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, with the idle timeout also armed before the first request.
+
+    uvicorn starts the keep-alive timeout only after a response, so a client that connects
+    and never sends a request would hold its connection for ever.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
+def _listen(address: tuple[str, int]) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=_BACKLOG)
 
 
 class ExporterServer:
@@ -202,28 +232,28 @@ class ExporterServer:
         auth: BasicAuth | None = None,
         tls: ssl.SSLContext | None = None,
         simulator: SimulatedBackend | None = None,
+        idle_timeout: float = 10.0,  # a client that stops talking cannot hold a connection for ever
     ) -> None:
-        self._server = _Server(address, _Handler)
-        self._server.store = store
-        self._server.scrape_slots = threading.BoundedSemaphore(max_concurrent_scrapes)
-        self._server.queue_timeout = queue_timeout
-        self._server.auth = auth
-        self._server.simulator = simulator
-        if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self.app = _App(store, max_concurrent_scrapes, queue_timeout, auth, simulator)
+        self._socket = _listen(address)  # bound here, so that a taken port is an error of the constructor
+        config = uvicorn.Config(
+            self.app, http=_Protocol, lifespan="off", log_config=None, access_log=False, proxy_headers=False,
+            server_header=False, date_header=False, limit_concurrency=_MAX_CONNECTIONS, timeout_graceful_shutdown=2,
+            timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # a float is fine: it goes to call_later
+        )
+        config.load()
+        config.ssl = tls  # our context (TLS 1.2 at least), not one uvicorn builds from file names
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._uvicorn.run, args=([self._socket],), name="http", daemon=True)
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    @property
-    def scrape_slots(self) -> threading.BoundedSemaphore:
-        return self._server.scrape_slots
+        return int(self._socket.getsockname()[1])
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=5.0)
+        self._socket.close()
