@@ -307,3 +307,46 @@ def test_on_a_terminal_without_yes_it_asks_first(root: Path, monkeypatch: pytest
 
     assert questions == ["Delete 1 files (10 B)? [y/N] "]
     assert old.exists() is not deleted
+
+
+def test_workers_sharing_the_runs_plan_exactly_what_one_walker_plans(root: Path, tmp_path: Path) -> None:
+    for r in range(7):
+        run = root / f"run-{r}"
+        for step in (1, 2, 3):
+            make(run / "checkpoints" / f"step_{step}.pt", age_days=60 - step)
+            make(run / f"checkpoint-{step}" / "model.safetensors", age_days=60 - step)
+        make(run / "logs" / "old.log", age_days=90)
+        make(run / "logs" / "new.log", age_days=1)
+        make(run / "config.yaml", age_days=90)
+        make(run / "model_best.pth", age_days=90)
+        (run / "empty-old").mkdir()
+        os.utime(run / "empty-old", (time.time() - 90 * DAY,) * 2)
+        (run / "link").symlink_to(tmp_path)
+    make(root / "run-3" / ".mlwarden-keep", age_days=90)
+    for step in (1, 2):  # checkpoints in the root belong to the root's own run, whichever worker finds them
+        make(root / f"step_{step}.pt", age_days=60 - step)
+    make(root / "stray.bin", age_days=90)
+
+    def planned(workers: int) -> tuple[list[plan.Doomed], list[str], dict[str, int]]:
+        rules_ = plan.PlanRules(time.time() - 30 * DAY, 2, rules.Protection(["*.yaml"]))
+        result = plan.build(root, rules_, workers)
+        return sorted(result.files), result.directories, dict(result.kept)
+
+    files, directories, kept = planned(1)
+    # Each of the 6 unmarked runs loses old.log and 4 of its 6 checkpoints; the root's own run keeps both of its.
+    assert len(files) == 6 * 5 + 1 and "stray.bin" in {f.relative for f in files}
+    for workers in (2, 3, 8):
+        parallel_files, parallel_directories, parallel_kept = planned(workers)
+        assert parallel_files == files and parallel_kept == kept
+        assert sorted(parallel_directories) == sorted(directories)
+        for i, directory in enumerate(parallel_directories):  # still children before their parents
+            assert not any(d.startswith(directory + "/") for d in parallel_directories[i + 1:])
+
+
+def test_the_workers_setting(root: Path) -> None:
+    loaded = settings.load(cleanup_cli.CleanupSettings, "cleanup", ["--experiments-dir", str(root)], {})
+    assert loaded.walk_workers == cleanup_cli.automatic_workers() == min(len(os.sched_getaffinity(0)), 8)
+    loaded = settings.load(cleanup_cli.CleanupSettings, "cleanup", ["--experiments-dir", str(root), "--workers", "3"], {})
+    assert loaded.walk_workers == 3
+    with pytest.raises(settings.SettingsError, match="--workers"):
+        settings.load(cleanup_cli.CleanupSettings, "cleanup", ["--experiments-dir", str(root), "--workers", "-1"], {})

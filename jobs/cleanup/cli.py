@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 DAY_SECONDS = 86400
 
 
+def automatic_workers() -> int:
+    """One walk worker per CPU this process may use, at most 8: past a few, the walk waits
+    on the disk and on merging the findings, not on Python."""
+    return min(len(os.sched_getaffinity(0)), 8)
+
+
 def parse_rate(text: str) -> float:
     """``20``, ``20/s`` -> 20.0 files per second; 0 means no limit."""
     number = text.removesuffix("/s").strip()
@@ -65,6 +71,10 @@ class CleanupSettings:
     dry_run: bool = setting(False, help="print the plan and change nothing", env=("DRY_RUN",))
     yes: bool = setting(False, help="do not ask for confirmation on a terminal")
     rate_limit: float = setting(0.0, help="delete at most this many files per second (0: no limit)", parse=parse_rate)
+    workers: int = setting(
+        0, help="processes that walk the tree while planning, each taking a share of the runs "
+        "(0: one per CPU this process may use, at most 8)", parse=in_range(int, 0, 64),
+    )
     pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
 
@@ -77,6 +87,10 @@ class CleanupSettings:
                     raise ValueError(f"cleanup roots overlap: {a} is inside {b}")
         if not self.keep_marker or "/" in self.keep_marker:
             raise ValueError("--keep-marker must be a plain file name")
+
+    @property
+    def walk_workers(self) -> int:
+        return self.workers or automatic_workers()
 
 
 def run(settings: CleanupSettings) -> int:
@@ -155,7 +169,7 @@ def _plan(settings: CleanupSettings) -> list[plan.RootPlan]:
         protection=rules.Protection(settings.protect),
         keep_marker=settings.keep_marker,
     )
-    return [plan.build(root, plan_rules) for root in settings.experiments_dir]
+    return [plan.build(root, plan_rules, settings.walk_workers) for root in settings.experiments_dir]
 
 
 def _log_plan(plans: list[plan.RootPlan], settings: CleanupSettings) -> None:

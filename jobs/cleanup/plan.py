@@ -9,6 +9,10 @@ its run. Locked directories are kept whole here; locked files are found at the m
 deletion (:mod:`.delete`), where a lock taken after planning also counts. Directories that
 the plan empties (or that were already empty and are older than the retention) are removed
 afterwards; the root itself never is.
+
+The root's entries can be shared out among forked walk workers (:mod:`.forked`); each walks
+its runs with its own :class:`_Walker`, and their findings are merged before the rules that
+need the whole tree (the newest checkpoints, the emptied directories) are applied.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import repeat
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from jobs.cleanup import fileops, rules
+from jobs.cleanup import fileops, forked, rules
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +63,9 @@ class Doomed(NamedTuple):
         return f"{self.directory}/{self.name}" if self.directory else self.name
 
 
-# Doomed's generated __new__ is a Python function; calling tuple.__new__ directly builds
-# the same object at half the cost, which counts once per old file.
-_make_doomed = tuple.__new__
+# A named tuple's generated __new__ is a Python function; calling tuple.__new__ directly
+# builds the same object at half the cost, which counts once per old file.
+_new_named_tuple = tuple.__new__
 
 
 @dataclass
@@ -85,40 +91,100 @@ class PlanRules:
     keep_marker: str = rules.KEEP_MARKER
 
 
-@dataclass(frozen=True, slots=True)
-class _Directory:
+class _Directory(NamedTuple):
     relative: str
     entries: int
     mtime: float
 
 
-def build(root: Path, plan_rules: PlanRules) -> RootPlan:
-    """Walk ``root`` (already checked by :mod:`.safety`) and return what would be deleted."""
+def build(root: Path, plan_rules: PlanRules, workers: int = 1) -> RootPlan:
+    """Walk ``root`` (already checked by :mod:`.safety`) and return what would be deleted.
+
+    With ``workers`` above 1, the root's entries (the runs) are dealt out to that many
+    processes: this one and forked children (:mod:`.forked`), each walking its share.
+    """
     root_fd = fileops.open_directory(str(root))
     try:
         st = os.fstat(root_fd)
-        walker = _Walker(st.st_dev, plan_rules)
         with _cyclic_gc_paused():
-            walker.walk(root_fd, "", run="", checkpoint=None)
+            found = _walk_root(root_fd, st.st_dev, plan_rules, workers)
     finally:
         os.close(root_fd)
-    plan = RootPlan(root=root, device=st.st_dev, inode=st.st_ino, cutoff=plan_rules.cutoff, kept=walker.kept)
-    kept_checkpoints = walker.newest_checkpoints()
+    plan = RootPlan(root=root, device=st.st_dev, inode=st.st_ino, cutoff=plan_rules.cutoff, kept=found.kept)
+    kept_checkpoints = _newest_checkpoints(found.checkpoints, plan_rules.keep_last_checkpoints)
     if kept_checkpoints:
-        plan.files = _without_kept_checkpoints(walker, kept_checkpoints)
+        plan.files = _without_kept_checkpoints(found, kept_checkpoints)
     else:  # nothing to take back out of the plan
-        plan.files = walker.candidates
-    plan.directories = _emptied_directories(walker.planned_in, walker.directories, plan_rules.cutoff)
+        plan.files = found.candidates
+    plan.directories = _emptied_directories(found.planned_in, found.directories, plan_rules.cutoff)
     return plan
 
 
-def _without_kept_checkpoints(walker: _Walker, kept_checkpoints: set[str]) -> list[Doomed]:
-    """The candidates minus the files of the checkpoints kept; the walker's counts follow."""
+@dataclass
+class _Findings:
+    """What a walk found. The walks of separate parts of the tree merge into one."""
+
+    candidates: list[Doomed] = field(default_factory=list)
+    kept: Counter[str] = field(default_factory=Counter)
+    planned_in: Counter[str] = field(default_factory=Counter)  # directory -> candidates directly in it
+    directories: list[_Directory] = field(default_factory=list)  # post-order: children before parents
+    # run -> checkpoint -> newest mtime of the checkpoint's files
+    checkpoints: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+
+    def merge(self, other: _Findings) -> None:
+        self.candidates += other.candidates
+        self.kept.update(other.kept)
+        self.planned_in.update(other.planned_in)
+        self.directories += other.directories  # disjoint subtrees: still children before parents
+        for run, found in other.checkpoints.items():
+            self.checkpoints[run].update(found)
+
+    # A worker sends its findings pickled. Named tuples pickle through a Python method per
+    # entry, plain ones do not: several times faster for the many plan entries.
+    def __getstate__(self) -> tuple[object, ...]:
+        plain = [*map(tuple, self.candidates)], [*map(tuple, self.directories)]
+        return (*plain, self.kept, self.planned_in, dict(self.checkpoints))
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        candidates, directories, self.kept, self.planned_in, checkpoints = state
+        self.candidates = [*map(_new_named_tuple, repeat(Doomed), candidates)]
+        self.directories = [*map(_new_named_tuple, repeat(_Directory), directories)]
+        self.checkpoints = defaultdict(dict, checkpoints)
+
+
+def _walk_root(root_fd: int, device: int, plan_rules: PlanRules, workers: int) -> _Findings:
+    names = os.listdir(root_fd)
+    if plan_rules.keep_marker in names:
+        return _Findings(kept=Counter({KEPT_MARKER: len(names)}))
+    shares = [names[k::workers] for k in range(max(1, min(workers, len(names))))]
+    found, *others = forked.fork_map(partial(_walk_share, root_fd, device, plan_rules), shares)
+    for other in others:
+        found.merge(other)
+    return found
+
+
+def _walk_share(root_fd: int, device: int, plan_rules: PlanRules, names: list[str]) -> _Findings:
+    """Plan the given entries of the root (a worker's share) and everything below them."""
+    walker = _Walker(device, plan_rules)
+    walker.entries(root_fd, "", "", None, names)
+    return walker.found
+
+
+def _newest_checkpoints(checkpoints: dict[str, dict[str, float]], keep: int) -> set[str]:
+    newest: set[str] = set()
+    for found in checkpoints.values():
+        ordered = sorted(found.items(), key=lambda item: (item[1], item[0]), reverse=True)
+        newest.update(name for name, _ in ordered[:keep])
+    return newest
+
+
+def _without_kept_checkpoints(found: _Findings, kept_checkpoints: set[str]) -> list[Doomed]:
+    """The candidates minus the files of the checkpoints kept; the counts follow."""
     files = []
-    for candidate in walker.candidates:
+    for candidate in found.candidates:
         if candidate.checkpoint is not None and candidate.checkpoint in kept_checkpoints:
-            walker.kept[KEPT_CHECKPOINT] += 1
-            walker.planned_in[candidate.directory] -= 1
+            found.kept[KEPT_CHECKPOINT] += 1
+            found.planned_in[candidate.directory] -= 1
         else:
             files.append(candidate)
     return files
@@ -167,23 +233,18 @@ class _Walker:
         self.device = device
         self.rules = plan_rules
         self.screen = rules.NameScreen(plan_rules.protection)
-        self.kept: Counter[str] = Counter()
-        self.candidates: list[Doomed] = []
-        self.directories: list[_Directory] = []
-        self.planned_in: Counter[str] = Counter()  # directory -> candidates directly in it
-        # run -> checkpoint -> newest mtime of the checkpoint's files
-        self.checkpoints: defaultdict[str, dict[str, float]] = defaultdict(dict)
-
-    def newest_checkpoints(self) -> set[str]:
-        keep = self.rules.keep_last_checkpoints
-        newest: set[str] = set()
-        for found in self.checkpoints.values():
-            ordered = sorted(found.items(), key=lambda item: (item[1], item[0]), reverse=True)
-            newest.update(name for name, _ in ordered[:keep])
-        return newest
+        self.found = _Findings()
 
     def walk(self, dir_fd: int, relative: str, run: str, checkpoint: str | None) -> tuple[int, float]:
-        """Plan one directory; returns its number of entries and the newest file mtime below it.
+        """Plan one directory; returns its number of entries and the newest file mtime below it."""
+        names = os.listdir(dir_fd)
+        if self.rules.keep_marker in names:
+            self.found.kept[KEPT_MARKER] += len(names)
+            return len(names), 0.0
+        return len(names), self.entries(dir_fd, relative, run, checkpoint, names)
+
+    def entries(self, dir_fd: int, relative: str, run: str, checkpoint: str | None, names: list[str]) -> float:
+        """Plan these entries of one directory; returns the newest file mtime below them.
 
         This loop runs once per file in the tree, so the common case (an old or young
         regular file with an ordinary name) is tested first and takes as few steps as
@@ -191,18 +252,14 @@ class _Walker:
         come from ``listdir`` and are ``lstat``-ed one at a time relative to the directory
         fd: no ``DirEntry`` objects, and each stat result is freed as soon as it is used.
         """
-        names = os.listdir(dir_fd)
-        if self.rules.keep_marker in names:
-            self.kept[KEPT_MARKER] += len(names)
-            return len(names), 0.0
         newest = 0.0
         prefix = relative + "/" if relative else ""
         notable = self.screen.notable(names)
         cutoff = self.rules.cutoff
         device = self.device
-        kept = self.kept
+        kept = self.found.kept
         keep_young = planned = 0
-        plan_file = self.candidates.append
+        plan_file = self.found.candidates.append
         lstat, regular = os.lstat, stat.S_IFREG
         for name in names:
             try:
@@ -215,7 +272,7 @@ class _Walker:
             if kind == regular and st.st_dev == device and name not in notable:
                 mtime = st.st_mtime
                 if mtime < cutoff:
-                    plan_file(_make_doomed(Doomed, (relative, name, st.st_size, mtime, st.st_ino, checkpoint)))
+                    plan_file(_new_named_tuple(Doomed, (relative, name, st.st_size, mtime, st.st_ino, checkpoint)))
                     planned += 1
                 else:
                     keep_young += 1
@@ -238,14 +295,14 @@ class _Walker:
         if keep_young:
             kept[KEPT_NEW] += keep_young
         if planned:
-            self.planned_in[relative] += planned
-        return len(names), newest
+            self.found.planned_in[relative] += planned
+        return newest
 
     def _notable(self, dir_fd: int, name: str, child: str, st: os.stat_result, run: str | None, checkpoint: str | None) -> float:
         """An entry whose name or path matches a keep rule or the checkpoint patterns."""
         keep_reason = self._kept_by_name(name, child)
         if keep_reason is not None:
-            self.kept[keep_reason] += 1
+            self.found.kept[keep_reason] += 1
             return st.st_mtime
         is_dir = stat.S_ISDIR(st.st_mode)
         if run is None:  # directly in the root: a directory is a run, a file belongs to the root's own run
@@ -257,16 +314,16 @@ class _Walker:
         elif stat.S_ISREG(st.st_mode):
             newest = st.st_mtime
             if newest >= self.rules.cutoff:
-                self.kept[KEPT_NEW] += 1
+                self.found.kept[KEPT_NEW] += 1
             else:
                 directory = _parent(child)
-                self.candidates.append(Doomed(directory, name, st.st_size, newest, st.st_ino, checkpoint))
-                self.planned_in[directory] += 1
+                self.found.candidates.append(Doomed(directory, name, st.st_size, newest, st.st_ino, checkpoint))
+                self.found.planned_in[directory] += 1
         else:
-            self.kept[KEPT_SPECIAL] += 1
+            self.found.kept[KEPT_SPECIAL] += 1
             return 0.0
         if checkpoint == child:
-            self.checkpoints[run][child] = newest
+            self.found.checkpoints[run][child] = newest
         return newest
 
     def _kept_by_name(self, name: str, child: str) -> str | None:
@@ -281,14 +338,14 @@ class _Walker:
             fd = fileops.open_directory(name, dir_fd)
         except OSError as exc:
             log.warning("keeping %s: cannot open it: %s", child, exc.strerror)
-            self.kept[KEPT_UNREADABLE] += 1
+            self.found.kept[KEPT_UNREADABLE] += 1
             return 0.0
         try:
             if fileops.fd_is_locked(fd):
-                self.kept[KEPT_LOCKED] += 1
+                self.found.kept[KEPT_LOCKED] += 1
                 return mtime
             entries, newest = self.walk(fd, child, run, checkpoint)
         finally:
             os.close(fd)
-        self.directories.append(_Directory(child, entries, mtime))
+        self.found.directories.append(_Directory(child, entries, mtime))
         return newest
