@@ -76,10 +76,9 @@ class Exporter:
         supervisor = BackendSupervisor(backend)
         if settings.gpu_backend == "nvml":
             try:
-                backend.start()
+                supervisor.start()
             except BackendUnavailable as exc:
                 raise ExporterStartError(f"{exc} (use --gpu-backend auto to serve mlwarden_nvml_up 0 instead)") from None
-            supervisor.available = True
         tls = None
         if settings.tls_cert_file and settings.tls_key_file:
             try:

@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import cli as exporter_cli
 from exporter.backends import nvml as nvml_backend
-from exporter.backends.base import THROTTLE_REASONS, GpuBackend
+from exporter.app import Exporter
+from exporter.backends.base import THROTTLE_REASONS, BackendUnavailable, GpuBackend
 from exporter.backends.nvml import NvmlBackend
 from exporter.backends.supervisor import Backoff, BackendSupervisor
 from exporter.collectors.base import Collector
@@ -359,6 +360,33 @@ def test_with_gpu_backend_nvml_a_missing_library_exits_1(fake: FakeNvml, caplog:
     with caplog.at_level(logging.ERROR):
         assert exporter_cli.run(loaded) == ExitCode.FAILURE
     assert "NVML is not available" in caplog.text and "--gpu-backend auto" in caplog.text
+
+
+def test_with_gpu_backend_nvml_the_exporter_starts_nvml_once_through_the_supervisor(fake: FakeNvml) -> None:
+    loaded = settings.load(exporter_cli.ExporterSettings, "exporter",
+                           ["--gpu-backend", "nvml", "--listen-address", f"127.0.0.1:{free_port()}"], {})
+    exporter = Exporter.from_settings(loaded)
+    try:
+        assert exporter.supervisor.available
+        assert fake.inits == 1
+        assert exporter.supervisor.ensure()  # already usable: no second initialisation
+        assert fake.inits == 1
+        exporter.start()
+        assert fake.inits == 1  # the collectors find it started
+    finally:
+        exporter.stop()  # also releases the listening socket
+
+
+def test_supervisor_start_raises_and_stays_unavailable_without_a_driver(fake: FakeNvml) -> None:
+    fake.init_error = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+    supervisor = supervisor_for(NvmlBackend())
+    with pytest.raises(BackendUnavailable):
+        supervisor.start()
+    assert not supervisor.available
+    fake.init_error = None
+    supervisor.start()  # a driver loaded later
+    assert supervisor.available and supervisor.ensure()
+    assert fake.inits == 2
 
 
 def test_processes_merge_compute_and_graphics_cap_and_vanish(fake: FakeNvml) -> None:

@@ -50,6 +50,19 @@ class BackendSupervisor:
         self._warned_unavailable = False
         self._identities: dict[int, GpuIdentity] = {}
 
+    def start(self) -> None:
+        """Start the backend now and record it as usable; raises BackendUnavailable when it cannot.
+
+        For ``--gpu-backend nvml``, where a missing driver must stop the exporter at start
+        instead of being retried in the background.
+        """
+        with self._lock:
+            self.backend.start()
+            self.available = True
+            self._needs_recovery = False
+            self._warned_unavailable = False
+            self._backoff.reset()
+
     def ensure(self) -> bool:
         """Start or re-initialise the backend when it needs it and backoff allows; True when usable."""
         with self._lock:
