@@ -130,6 +130,49 @@ def test_xid_series_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert counted == {"13": 2, "31": 1, "43": 1}
 
 
+def _xid_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    lines = [r.getMessage() for r in caplog.records if r.name == xid_module.__name__]
+    caplog.clear()
+    return lines
+
+
+def test_an_xid_storm_logs_one_line_per_gpu_and_code_per_pass_and_counts_every_event(caplog: pytest.LogCaptureFixture) -> None:
+    backend = SimulatedBackend(gpus=2)
+    collector = XidCollector(BackendSupervisor(backend), 1.0, 1.0)
+
+    def deliver() -> None:  # what the listener thread does with each batch the backend hands over
+        for event in backend.wait_xid_events(0.01):
+            collector.record(event)
+
+    def xid_total(found: dict, gpu: str, xid: str) -> float:
+        return next(v for (name, lbl), v in found.items()
+                    if name == "mlwarden_gpu_xid_errors_total" and dict(lbl)["gpu"] == gpu and dict(lbl)["xid"] == xid)
+
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            backend.inject(1, "xid", xid=79, count=1000)
+            deliver()
+        backend.inject(0, "xid", xid=48, count=1)
+        deliver()
+        found = samples(collector)
+        assert _xid_lines(caplog) == [
+            "GPU 0 reported XID 48 (1 time since the last report)",
+            "GPU 1 reported XID 79 (3000 times since the last report)",
+        ]
+        assert xid_total(found, "1", "79") == 3000
+        assert xid_total(found, "0", "48") == 1
+
+        found = samples(collector)  # a pass without new events says nothing
+        assert _xid_lines(caplog) == []
+        assert xid_total(found, "1", "79") == 3000
+
+        backend.inject(1, "xid", xid=79, count=250)
+        deliver()
+        found = samples(collector)
+        assert _xid_lines(caplog) == ["GPU 1 reported XID 79 (250 times since the last report)"]
+        assert xid_total(found, "1", "79") == 3250
+
+
 def test_simulated_backend_moves_and_faults() -> None:
     now = [1000.0]
     backend = SimulatedBackend(gpus=2, processes_per_gpu=4, clock=lambda: now[0])

@@ -4,6 +4,9 @@ A listener thread waits on the backend's event stream (an NVML event set, or the
 backend's injected events) and counts every event, identical repeats included, so that
 ``increase(mlwarden_gpu_xid_errors_total[10m])`` sees the third XID 79 as well as the first.
 The number of (GPU, XID) pairs is capped, so memory cannot grow without bound.
+
+Logging is per collection pass, not per event: an XID storm (thousands a second) gives one
+line per (GPU, XID) and pass, with the count since the previous line, instead of a flood.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ _WAIT_S = 1.0  # how long one wait blocks; also how fast stop() takes effect
 class _Count:
     total: int
     last_seen: float
+    unlogged: int  # events since the last log line
 
 
 class XidCollector(Collector):
@@ -68,7 +72,6 @@ class XidCollector(Collector):
                 self.record(event)
 
     def record(self, event: XidEvent) -> None:
-        log.warning("GPU %d reported XID %d", event.gpu, event.xid)
         key = (event.gpu, event.xid)
         with self._lock:
             count = self._counts.get(key)
@@ -78,16 +81,25 @@ class XidCollector(Collector):
                         log.warning("more than %d distinct (GPU, XID) pairs; new pairs are not counted", MAX_SERIES)
                         self._warned_full = True
                     return
-                self._counts[key] = _Count(1, event.timestamp)
+                self._counts[key] = _Count(1, event.timestamp, unlogged=1)
             else:
                 count.total += 1
+                count.unlogged += 1
                 count.last_seen = max(count.last_seen, event.timestamp)
 
     def collect(self) -> Collected:
         total = CounterMetricFamily("mlwarden_gpu_xid_errors", "XID errors reported by the driver, every occurrence counted.", labels=[*GPU_LABELS, "xid"])
         last = GaugeMetricFamily("mlwarden_gpu_xid_last_timestamp_seconds", "When this XID was last reported (Unix time).", labels=[*GPU_LABELS, "xid"])
+        counts: list[tuple[int, int, int, float]] = []
+        unlogged: list[tuple[int, int, int]] = []
         with self._lock:
-            counts = [(gpu, xid, c.total, c.last_seen) for (gpu, xid), c in sorted(self._counts.items())]
+            for (gpu, xid), c in sorted(self._counts.items()):
+                counts.append((gpu, xid, c.total, c.last_seen))
+                if c.unlogged:
+                    unlogged.append((gpu, xid, c.unlogged))
+                    c.unlogged = 0
+        for gpu, xid, new in unlogged:
+            log.warning("GPU %d reported XID %d (%d time%s since the last report)", gpu, xid, new, "" if new == 1 else "s")
         for gpu, xid, count, seen in counts:
             labels = [str(gpu), self.supervisor.uuid(gpu), str(xid)]
             total.add_metric(labels, count)
