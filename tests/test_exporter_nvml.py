@@ -319,6 +319,37 @@ def test_a_lost_gpu_is_down_the_others_keep_reporting_and_nvml_is_reinitialised(
     assert value(found, "mlwarden_gpu_up", gpu="1", uuid="GPU-fake-1") == 1
 
 
+def test_a_gpu_gone_from_the_device_list_after_reinit_stays_reported_down(fake: FakeNvml, caplog: pytest.LogCaptureFixture) -> None:
+    fake.gpus = 3
+    collector = GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0)
+    assert {value(samples(collector), "mlwarden_gpu_up", gpu=str(i), uuid=f"GPU-fake-{i}") for i in range(3)} == {1}
+    fake.fail[("nvmlDeviceGetTemperature", 1)] = nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
+    assert value(samples(collector), "mlwarden_gpu_up", gpu="1", uuid="GPU-fake-1") == 0
+    # GPU 1 fell off the bus: after the re-init NVML lists two GPUs, and the old GPU 2 is now index 1
+    del fake.fail[("nvmlDeviceGetTemperature", 1)]
+    fake.gpus = 2
+    fake.fail[("nvmlDeviceGetUUID", 1)] = "GPU-fake-2"
+    with caplog.at_level(logging.WARNING):
+        for passes in (1, 2):
+            found = samples(collector)
+            assert fake.inits == 1 + passes  # it keeps re-initialising (with backoff): the GPU may come back
+            assert value(found, "mlwarden_gpu_up", gpu="1", uuid="GPU-fake-1") == 0
+            assert not any(("uuid", "GPU-fake-1") in labels for (name, labels) in found if name != "mlwarden_gpu_up")
+            assert value(found, "mlwarden_gpu_up", gpu="1", uuid="GPU-fake-2") == 1
+            assert value(found, "mlwarden_gpu_up", gpu="0", uuid="GPU-fake-0") == 1
+            assert not any(("gpu", "2") in labels for (_, labels) in found)  # moved, not gone
+            assert sorted(labels for (name, labels) in found if name == "mlwarden_gpu_up") == [
+                (("gpu", "0"), ("uuid", "GPU-fake-0")), (("gpu", "1"), ("uuid", "GPU-fake-1")), (("gpu", "1"), ("uuid", "GPU-fake-2"))]
+    gone = [r for r in caplog.records if "no longer among" in r.getMessage()]
+    assert len(gone) == 1 and "GPU-fake-1" in gone[0].getMessage()  # said once, not every pass
+    # the driver lists all three again
+    fake.gpus = 3
+    del fake.fail[("nvmlDeviceGetUUID", 1)]
+    found = samples(collector)
+    assert {labels: v for (name, labels), v in found.items() if name == "mlwarden_gpu_up"} == {
+        (("gpu", str(i)), ("uuid", f"GPU-fake-{i}")): 1 for i in range(3)}
+
+
 def test_reinitialisation_backs_off(fake: FakeNvml) -> None:
     now = [0.0]
     supervisor = BackendSupervisor(NvmlBackend(), Backoff(initial=10.0, maximum=60.0, clock=lambda: now[0]))

@@ -2,7 +2,10 @@
 clocks, throttle reasons, ECC, PCIe, retired pages and remapped rows, per GPU.
 
 A GPU that does not answer gets ``mlwarden_gpu_up 0`` and no other series; the other GPUs
-keep reporting. A field the GPU does not support is omitted, never reported as 0.
+keep reporting. So does a GPU that is no longer in the device list at all (after NVML was
+re-initialised, or the driver reloaded, with fewer GPUs): every GPU seen since start is
+remembered by index and UUID, so a vanished one reads 0 instead of silently losing its series.
+A field the GPU does not support is omitted, never reported as 0.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from exporter.backends.supervisor import BackendSupervisor
 from exporter.collectors.base import GPU_LABELS, Collected, Collector
 
 log = logging.getLogger(__name__)
+
+GpuLabels = tuple[int, str]  # (index, uuid) as in the series' labels; uuid "" when never read
 
 # (reading attribute, metric name, help): the plain per-GPU gauges.
 GAUGES = (
@@ -51,6 +56,8 @@ class GpuCollector(Collector):
         self.interval = interval
         self.timeout = timeout
         self._lost: set[int] = set()
+        self._seen: set[GpuLabels] = set()  # every GPU reported since start
+        self._vanished: set[GpuLabels] = set()  # seen, but no longer in the device list
 
     def collect(self) -> Collected:
         nvml_up = GaugeMetricFamily("mlwarden_nvml_up", "1 when the GPU library (NVML) is initialised and answering, else 0.")
@@ -81,18 +88,46 @@ class GpuCollector(Collector):
             self.supervisor.remember(reading.identity)
             readings.append(reading)
         self._lost = set(lost)
-        if lost:
+        down = self._down(readings, lost, count)
+        if down:
+            # re-initialise (with backoff) while a GPU is down or gone: it may come back
             self.supervisor.gpu_failed()
         else:
             self.supervisor.all_gpus_answered()
-        return Collected([nvml_up, *self._families(readings, lost, backend.driver_version(), backend.cuda_version())])
+        return Collected([nvml_up, *self._families(readings, down, backend.driver_version(), backend.cuda_version())])
 
-    def _families(self, readings: list[GpuReading], lost: list[int], driver: str, cuda: str) -> list[Metric]:
+    def _down(self, readings: list[GpuReading], lost: list[int], count: int) -> list[GpuLabels]:
+        """The GPUs to report as down: those that did not answer, and those seen before but now gone."""
+        answered = {(r.identity.index, r.identity.uuid) for r in readings}
+        answered_uuids = {uuid for _, uuid in answered}
+        not_answering = {(index, self._last_uuid(index, answered_uuids)) for index in lost}
+        now = answered | not_answering
+        uuids_now = {uuid for _, uuid in now if uuid}
+        named_indexes = {index for index, uuid in now if uuid}
+        # replaced, not vanished: a GPU listed at another index now, or an index whose UUID is known now
+        self._seen = {
+            (index, uuid) for index, uuid in self._seen
+            if (uuid and uuid not in uuids_now) or (not uuid and index not in named_indexes)
+        } | now
+        vanished = self._seen - now
+        for index, uuid in sorted(vanished - self._vanished):
+            log.warning("GPU %d (%s) is no longer among the %d GPUs NVML lists; reporting it down", index, uuid or "uuid unknown", count)
+        for index, uuid in sorted(self._vanished - vanished):
+            log.info("GPU %d (%s) is listed again", index, uuid or "uuid unknown")
+        self._vanished = vanished
+        return sorted(self._seen - answered)
+
+    def _last_uuid(self, index: int, answered_uuids: set[str]) -> str:
+        """The UUID last read at ``index``; "" when that GPU answers at another index now."""
+        uuid = self.supervisor.uuid(index)
+        return "" if uuid in answered_uuids else uuid
+
+    def _families(self, readings: list[GpuReading], down: list[GpuLabels], driver: str, cuda: str) -> list[Metric]:
         info = GaugeMetricFamily(
             "mlwarden_gpu_info", "GPU identity; the value is always 1.",
             labels=[*GPU_LABELS, "name", "pci_bus_id", "driver_version", "cuda_version"],
         )
-        up = GaugeMetricFamily("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung).", labels=GPU_LABELS)
+        up = GaugeMetricFamily("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung, no longer listed).", labels=GPU_LABELS)
         gauges = {attr: GaugeMetricFamily(name, text, labels=GPU_LABELS) for attr, name, text in GAUGES}
         energy = CounterMetricFamily("mlwarden_gpu_energy_joules", "Energy consumed since the driver was loaded, in joules.", labels=GPU_LABELS)
         clocks = GaugeMetricFamily("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=[*GPU_LABELS, "clock"])
@@ -100,8 +135,8 @@ class GpuCollector(Collector):
         ecc = CounterMetricFamily("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).", labels=[*GPU_LABELS, "error_type", "counter"])
         retired = GaugeMetricFamily("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=[*GPU_LABELS, "cause"])
         remapped = GaugeMetricFamily("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=[*GPU_LABELS, "state"])
-        for index in lost:
-            up.add_metric([str(index), self.supervisor.uuid(index)], 0)
+        for index, uuid in down:
+            up.add_metric([str(index), uuid], 0)
         for reading in readings:
             ident = reading.identity
             gpu = [str(ident.index), ident.uuid]
