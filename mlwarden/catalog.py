@@ -22,7 +22,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,20 +137,27 @@ class BackupEntry:
         return None if self.status.verification is None else self.status.verification.ok
 
 
+def _warn_unreadable(directory: Path, exc: Exception) -> None:
+    log.warning("skipping unreadable backup %s: %s", directory, exc)
+
+
 class Catalog:
     """Read and update the backups under one backup directory."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def entries(self) -> list[BackupEntry]:
-        """Committed backups, oldest first. Unreadable manifests are logged and skipped."""
+    def entries(self, on_unreadable: Callable[[Path, Exception], None] | None = None) -> list[BackupEntry]:
+        """Committed backups, oldest first. Unreadable manifests are skipped and handed to
+        ``on_unreadable`` (default: a warning; the exporter, which reads the catalog every
+        pass, passes its own so it can say it once)."""
+        report = on_unreadable or _warn_unreadable
         result = []
         for directory in self._candidate_dirs():
             try:
                 entry = self.read(directory)
             except (OSError, ValueError) as exc:
-                log.warning("skipping unreadable backup %s: %s", directory, exc)
+                report(directory, exc)
                 continue
             if entry is not None:
                 result.append(entry)

@@ -73,6 +73,37 @@ def test_backups_collector_reads_the_catalog(tmp_path: Path) -> None:
     assert found[("mlwarden_backup_newest_offsite", labels)] == 1
 
 
+def test_an_unreadable_manifest_is_counted_every_pass_and_logged_once_per_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "backups"
+    _backup(root, "models-20260101T000000Z", 1_767_225_600.0, 1000)
+    broken = _backup(root, "models-20260102T000000Z", 1_767_312_000.0, 3000)
+    good_manifest = (broken / "manifest.json").read_text()
+    labels = (("backup_dir", str(root)),)
+    collector = BackupsCollector(root, 60.0, 60.0)
+
+    def passes(n: int, incomplete: int, backups: int) -> int:
+        """Run ``n`` passes, check the counts of each, and return the warnings about the broken backup."""
+        caplog.clear()
+        for _ in range(n):
+            found = samples(collector)
+            assert found[("mlwarden_backup_incomplete", labels)] == incomplete
+            assert found[("mlwarden_backups", labels)] == backups
+        return len([r for r in caplog.records if str(broken) in r.getMessage()])
+
+    with caplog.at_level(logging.WARNING):
+        (broken / "manifest.json").write_text("{not json")
+        assert passes(3, incomplete=1, backups=1) == 1  # counted every pass, said once
+        (broken / "manifest.json").write_text('{"name": "truncated"}')
+        assert passes(3, incomplete=1, backups=1) == 1  # it changed: said again, once
+        (broken / "manifest.json").write_text(good_manifest)
+        assert passes(2, incomplete=0, backups=2) == 0
+        (broken / "manifest.json").write_text('{"name": "truncated"}')  # the same damage as before, but new
+        assert passes(2, incomplete=1, backups=1) == 1
+        stat = (broken / "manifest.json").stat()
+        os.utime(broken / "manifest.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten, same bytes
+        assert passes(2, incomplete=1, backups=1) == 1
+
+
 def test_backups_collector_on_a_missing_directory_reports_zero_backups(tmp_path: Path) -> None:
     root = tmp_path / "not-yet"
     found = samples(BackupsCollector(root, 60.0, 60.0))

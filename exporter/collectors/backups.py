@@ -2,16 +2,41 @@
 
 It reads :class:`mlwarden.catalog.Catalog` and never writes. A backup directory that does
 not exist yet reports zero backups (so "no backup" alerts fire on a fresh machine).
+
+A backup whose manifest (or status) cannot be read counts in ``mlwarden_backup_incomplete``
+on every pass, but is logged once: again only when its files change, or when it was readable
+in between and broke again. The catalog is read every ``--artifacts-interval``; a warning
+each time would bury the one that matters.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
 from exporter.collectors.base import Collected, Collector
-from mlwarden.catalog import Catalog
+from mlwarden.catalog import MANIFEST, STATUS, Catalog
+
+log = logging.getLogger(__name__)
+
+FileIdentity = tuple[int, int, int, int] | None  # inode, size, mtime, ctime; None when missing
+# What an unreadable backup looked like when it was logged: the error, and its manifest's and status's identity.
+Fingerprint = tuple[str, FileIdentity, FileIdentity]
+
+
+def _file_identity(path: Path) -> FileIdentity:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: a chmod that fixes (or breaks) it
+
+
+def _fingerprint(directory: Path, exc: Exception) -> Fingerprint:
+    return (str(exc), _file_identity(directory / MANIFEST), _file_identity(directory / STATUS))
 
 
 class BackupsCollector(Collector):
@@ -21,10 +46,13 @@ class BackupsCollector(Collector):
         self.backup_dir = backup_dir
         self.interval = interval
         self.timeout = timeout
+        self._logged_unreadable: dict[Path, Fingerprint] = {}
 
     def collect(self) -> Collected:
         catalog = Catalog(self.backup_dir)
-        entries = catalog.entries()
+        unreadable: dict[Path, Exception] = {}
+        entries = catalog.entries(on_unreadable=unreadable.__setitem__)
+        self._log_unreadable(unreadable)
         incomplete = catalog.incomplete()
         labels = [str(self.backup_dir)]
 
@@ -36,10 +64,10 @@ class BackupsCollector(Collector):
         size = gauge("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
         verified = gauge("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
         offsite = gauge("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
-        partial = gauge("mlwarden_backup_incomplete", "Backup directories without a manifest (interrupted runs).")
+        partial = gauge("mlwarden_backup_incomplete", "Backup directories without a readable manifest (interrupted runs, corrupt or unreadable catalog files).")
         count.add_metric(labels, len(entries))
         size.add_metric(labels, sum(e.manifest.archive_bytes for e in entries))
-        partial.add_metric(labels, len(incomplete))
+        partial.add_metric(labels, len(incomplete) + len(unreadable))
         if entries:
             latest = entries[-1]
             newest.add_metric(labels, latest.manifest.finished_at)
@@ -47,3 +75,11 @@ class BackupsCollector(Collector):
             if latest.verified is not None:
                 verified.add_metric(labels, 1 if latest.verified else 0)
         return Collected([count, newest, size, verified, offsite, partial])
+
+    def _log_unreadable(self, unreadable: dict[Path, Exception]) -> None:
+        """Warn about each unreadable backup once per distinct state; forget those readable (or gone) now."""
+        seen = {directory: _fingerprint(directory, exc) for directory, exc in unreadable.items()}
+        for directory, fingerprint in sorted(seen.items()):
+            if self._logged_unreadable.get(directory) != fingerprint:
+                log.warning("backup %s is unreadable (counted in mlwarden_backup_incomplete): %s", directory, unreadable[directory])
+        self._logged_unreadable = seen
