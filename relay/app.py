@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WEBHOOK_PATH = "/webhook/alertmanager"
 WATCHDOG_TICK_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 3600.0
+PRUNE_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -202,20 +203,36 @@ async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
 
 
 async def _maintenance(relay: Relay) -> None:
-    """Watch the heartbeat every second; prune old digests and payloads every hour."""
-    last_prune = 0.0
+    """Watch the heartbeat every second; prune old records every hour."""
+    await asyncio.gather(_watch_heartbeat(relay), _prune(relay))
+
+
+async def _watch_heartbeat(relay: Relay) -> None:
+    if relay.config.watchdog is None:
+        return
     while True:
-        now = relay.clock()
         try:
-            if relay.config.watchdog is not None:
-                watchdog.check(relay.store, relay.config.watchdog, now)
-                if relay.outbox is not None:
-                    relay.outbox.wake()
-            if now - last_prune >= PRUNE_EVERY_SECONDS:
-                relay.store.prune(now)
-                last_prune = now
+            watchdog.check(relay.store, relay.config.watchdog, relay.clock())
+            if relay.outbox is not None:
+                relay.outbox.wake()
         except StoreError as exc:
-            log.error("maintenance: %s", exc)
+            log.error("watchdog: %s", exc)
         except Exception:  # noqa: BLE001 - a dead loop would silence the watchdog for good
-            log.exception("maintenance pass failed; trying again in %ss", WATCHDOG_TICK_SECONDS)
+            log.exception("watchdog pass failed; trying again in %ss", WATCHDOG_TICK_SECONDS)
         await asyncio.sleep(WATCHDOG_TICK_SECONDS)
+
+
+async def _prune(relay: Relay) -> None:
+    """In a thread: the first prune after an upgrade or a long stop may delete a week of records,
+    and neither intake nor the watchdog may wait for it (the stores make that safe, see Store.prune)."""
+    while True:
+        pause = PRUNE_EVERY_SECONDS
+        try:
+            await asyncio.to_thread(relay.store.prune, relay.clock())
+        except StoreError as exc:
+            log.error("prune: %s; trying again in %ss", exc, PRUNE_RETRY_SECONDS)
+            pause = PRUNE_RETRY_SECONDS
+        except Exception:  # noqa: BLE001 - a dead loop would let the store grow for good
+            log.exception("prune failed; trying again in %ss", PRUNE_RETRY_SECONDS)
+            pause = PRUNE_RETRY_SECONDS
+        await asyncio.sleep(pause)

@@ -1,9 +1,12 @@
-"""The store contract against SQLite and a real redis-server; two Redis replicas never share a job."""
+"""The store contract against SQLite and a real redis-server; two Redis replicas never share a job;
+the prune keeps what is recent or live, with indexes, and out of the writer's way."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,11 @@ from relay.store import open_store
 from relay import intake, payload
 from relay.dedup import notification_digest
 from relay.groupcommit import GroupCommit
-from relay.store.base import IntakeRequest, Job, Store, StoreError
+from relay.store import redis as redis_store
+from relay.store import sqlite as sqlite_store
+from relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError
+from relay.store.redis import DEAD_JOBS, DEAD_PAYLOADS, RedisStore
+from relay.store.redis import PREFIX as REDIS_PREFIX
 from relay.store.sqlite import SQLiteStore
 from tests.test_relay_support import SLACK_URL, FakeClock, accept, alert, body, make_config
 
@@ -208,3 +215,113 @@ def test_a_backlog_is_answered_batch_by_batch_not_after_the_next_commit(tmp_path
 
     asyncio.run(main())
     assert answered_before_each_batch == [0, 2, 4]
+
+
+def dead_payload_bodies(store: Store) -> list[bytes]:
+    if isinstance(store, SQLiteStore):
+        return [bytes(r[0]) for r in store._read("SELECT body FROM dead_payloads ORDER BY id")]  # type: ignore[arg-type]
+    assert isinstance(store, RedisStore)
+    return [json.loads(e)["body"].encode() for e in store._redis.lrange(DEAD_PAYLOADS, 0, -1)]
+
+
+def job_records(store: Store) -> int:
+    """Jobs kept in any form (a pruned job must leave nothing behind)."""
+    if isinstance(store, SQLiteStore):
+        return int(store._read("SELECT count(*) FROM jobs")[0][0])  # type: ignore[arg-type]
+    assert isinstance(store, RedisStore)
+    return len(store._redis.keys(f"{REDIS_PREFIX}job:*")) + int(store._redis.zcard(DEAD_JOBS))
+
+
+@pytest.fixture
+def small_prune_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 2 records, so that a prune of 5 needs several."""
+    monkeypatch.setattr(sqlite_store, "PRUNE_BATCH_ROWS", 2)
+    monkeypatch.setattr(redis_store, "PRUNE_BATCH", 2)
+
+
+NOW = 10 * RETENTION_SECONDS
+OLD = NOW - RETENTION_SECONDS - 1
+PRUNE_INDEXES = ("seen_expires", "payloads_received", "dead_payloads_received", "jobs_dead")  # in _PRUNES order
+RECENT = NOW - RETENTION_SECONDS + 1
+
+
+@pytest.mark.usefixtures("small_prune_steps")
+def test_prune_forgets_old_dead_letters_and_keeps_recent_and_live_ones(store: Store) -> None:
+    notice = Notice(kind="firing", key="k", alertname="A", severity="warning")
+    old_dead = [Job("ops", notice, created_at=OLD - i, due_at=OLD) for i in range(5)]
+    recent_dead = Job("ops", notice, created_at=RECENT, due_at=RECENT)
+    old_pending = Job("pd", notice, created_at=OLD, due_at=NOW + 60)  # still being retried: live
+    store.enqueue([*old_dead, recent_dead, old_pending])
+    store.dead_letter([*old_dead, recent_dead], "HTTP 404")
+    for i in range(5):
+        store.dead_letter_payload(f"old{i}".encode(), "bad JSON", OLD - i)
+    store.dead_letter_payload(b"recent", "bad JSON", RECENT)
+
+    store.prune(NOW)
+
+    assert sorted(j.id for j in store.jobs()) == sorted([recent_dead.id, old_pending.id])
+    assert job_records(store) == (2 if isinstance(store, SQLiteStore) else 3)  # Redis: 2 jobs + 1 dead index entry
+    assert dead_payload_bodies(store) == [b"recent"]
+    assert store.outbox_stats() == (1, OLD)
+    store.prune(NOW)  # nothing left to prune is not an error
+    assert len(store.jobs()) == 2
+
+
+@pytest.mark.usefixtures("small_prune_steps")
+def test_sqlite_prune_forgets_expired_digests_and_old_payloads(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "relay.db")
+    config = make_config()
+    for i in range(5):
+        accept(store, config, body(alert(name=f"Old{i}")), OLD)
+    accept(store, config, body(alert(name="Recent")), RECENT)
+    accept(store, config, body(alert(name="Fresh")), NOW)
+    store.prune(NOW)
+    bodies = [json.loads(r[0])["alerts"][0]["labels"]["alertname"] for r in store._read("SELECT body FROM payloads")]  # type: ignore[arg-type]
+    assert bodies == ["Recent", "Fresh"]
+    assert store._read("SELECT count(*) FROM seen") == [(1,)]  # only Fresh is inside its dedup window
+    assert accept(store, config, body(alert(name="Recent")), NOW) is not None  # its digest expired: not a duplicate
+    store.close()
+
+
+def test_an_existing_database_gets_the_prune_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    SQLiteStore(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as a relay without the indexes left it
+        for name in PRUNE_INDEXES:
+            db.execute(f"DROP INDEX {name}")
+        db.execute("INSERT INTO payloads (received_at, body) VALUES (?, ?)", (OLD, b"{}"))
+        db.commit()
+    SQLiteStore(path).close()
+    store = SQLiteStore(path)  # a second start: the schema is idempotent
+    indexes = {r[0] for r in store._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert indexes >= set(PRUNE_INDEXES)
+    for (_, _, statement), index in zip(sqlite_store._PRUNES, PRUNE_INDEXES):
+        plan = " ".join(str(r[-1]) for r in store._read(f"EXPLAIN QUERY PLAN {statement}", (0.0, 1)))  # type: ignore[arg-type]
+        assert f"INDEX {index} " in plan, plan
+    store.prune(NOW)
+    assert store._read("SELECT count(*) FROM payloads") == [(0,)]
+    store.close()
+
+
+def test_a_prune_in_a_thread_keeps_out_of_the_writers_transactions(tmp_path: Path, small_prune_steps: None) -> None:
+    # The relay prunes in a thread while the event loop writes: on one shared connection the two
+    # would begin transactions inside each other's.
+    store = SQLiteStore(tmp_path / "relay.db")
+    config = make_config()
+    for i in range(200):
+        store.dead_letter_payload(b"old", "bad JSON", OLD - i)
+    errors: list[BaseException] = []
+
+    def prune() -> None:
+        try:
+            store.prune(NOW)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    pruner = threading.Thread(target=prune)
+    pruner.start()
+    accepted = [accept(store, config, body(alert(name=f"During{i}")), NOW) for i in range(50)]
+    pruner.join()
+    assert errors == [] and all(a is not None for a in accepted)
+    assert dead_payload_bodies(store) == [] and store.outbox_stats()[0] == 50
+    store.close()

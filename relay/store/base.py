@@ -22,7 +22,8 @@ from relay.policy import Decision, KeyState
 
 PENDING = "pending"
 DEAD = "dead"
-PAYLOAD_RETENTION_SECONDS = 7 * 86400
+# How long received payloads and dead letters (payloads and jobs) are kept for an operator to look at.
+RETENTION_SECONDS = 7 * 86400
 
 
 def new_job_id() -> str:
@@ -143,7 +144,10 @@ class Store(ABC):
 
     @abstractmethod
     def prune(self, now: float) -> None:
-        """Forget expired dedup digests and payloads older than the retention."""
+        """Forget expired dedup digests, and payloads, dead-lettered payloads and dead-lettered jobs
+        older than :data:`RETENTION_SECONDS` (a dead job's age counts from its creation: retries
+        end within hours of it). Safe to call from a thread other than the one making the other
+        calls, and in steps short enough that those calls wait for one step at most."""
 
     @abstractmethod
     def ping(self) -> None:

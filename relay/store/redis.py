@@ -6,7 +6,8 @@ EXEC; retried on a conflict), so two replicas receiving the same HA duplicate st
 Each destination's queue is a sorted set scored by "next time this job may be taken"; a
 Lua script claims jobs by pushing their score past the lease, atomically, so two replicas
 never take the same job. A replica that dies mid-delivery loses its lease and another
-replica delivers the job.
+replica delivers the job. Digests and payloads expire by themselves (TTL); dead letters are
+kept for the retention and pruned by whichever replica prunes (any number may, at once).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Any
 import redis
 
 from relay.policy import KeyState
-from relay.store.base import DEAD, PAYLOAD_RETENTION_SECONDS, IntakeResult, Job, Planner, Store, StoreError
+from relay.store.base import DEAD, RETENTION_SECONDS, IntakeResult, Job, Planner, Store, StoreError
 
 PREFIX = "mlwarden:relay:"
 PENDING_BY_AGE = PREFIX + "pending"  # every pending job, scored by creation time (depth, oldest age)
-DEAD_JOBS = PREFIX + "dead"
+DEAD_JOBS = PREFIX + "dead"  # dead job ids, scored by creation time
+DEAD_PAYLOADS = PREFIX + "dead_payloads"  # a list, oldest first
+PRUNE_BATCH = 1000  # dead letters per prune step: one step holds Redis (a script) or a replica only briefly
 STATE_INDEX = PREFIX + "keys"
 WATCHDOG = PREFIX + "watchdog"
 
@@ -33,6 +36,22 @@ for _, id in ipairs(ids) do
   redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), id)
 end
 return ids
+"""
+
+# KEYS[1]: the dead payload list. ARGV: cutoff, limit. Pops up to limit entries received before the
+# cutoff from the head, atomically (two replicas pruning never pop a fresh one). Replicas append
+# in arrival order give or take their clock skew; the first recent entry stops the pass.
+_PRUNE_DEAD_PAYLOADS = """
+local removed = 0
+while removed < tonumber(ARGV[2]) do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head or cjson.decode(head)['received_at'] >= tonumber(ARGV[1]) then
+    break
+  end
+  redis.call('LPOP', KEYS[1])
+  removed = removed + 1
+end
+return removed
 """
 
 
@@ -52,6 +71,7 @@ class RedisStore(Store):
     def __init__(self, url: str) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._claim = self._redis.register_script(_CLAIM)
+        self._prune_dead_payloads = self._redis.register_script(_PRUNE_DEAD_PAYLOADS)
 
     def _call(self, fn: Any, *args: Any) -> Any:
         try:
@@ -80,7 +100,7 @@ class RedisStore(Store):
                     result = plan(states)
                     pipe.multi()
                     pipe.set(seen_key, b"1", px=max(1, int(dedup_window * 1000)))
-                    pipe.set(f"{PREFIX}payload:{digest}", body, ex=PAYLOAD_RETENTION_SECONDS)
+                    pipe.set(f"{PREFIX}payload:{digest}", body, ex=RETENTION_SECONDS)
                     for key, state in result.states.items():
                         if state is None:
                             pipe.delete(_state_key(key))
@@ -105,7 +125,7 @@ class RedisStore(Store):
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         entry = json.dumps({"received_at": now, "reason": reason, "body": body.decode("utf-8", "replace")})
-        self._call(self._redis.rpush, PREFIX + "dead_payloads", entry)
+        self._call(self._redis.rpush, DEAD_PAYLOADS, entry)
 
     def enqueue(self, jobs: Sequence[Job]) -> None:
         pipe = self._redis.pipeline()
@@ -190,7 +210,21 @@ class RedisStore(Store):
         return int(count), (oldest[0][1] if oldest else None)
 
     def prune(self, now: float) -> None:
-        """Nothing to do: Redis expires digests and payloads by itself."""
+        cutoff = now - RETENTION_SECONDS
+        # A full step may have left more behind; other calls get Redis between steps.
+        while self._call(self._prune_dead_jobs, cutoff) == PRUNE_BATCH:
+            continue
+        while self._call(self._prune_dead_payloads, [DEAD_PAYLOADS], [repr(cutoff), PRUNE_BATCH]) == PRUNE_BATCH:
+            continue
+
+    def _prune_dead_jobs(self, cutoff: float) -> int:
+        ids = self._redis.zrangebyscore(DEAD_JOBS, "-inf", f"({cutoff!r}", start=0, num=PRUNE_BATCH)
+        if ids:
+            pipe = self._redis.pipeline()  # MULTI: a job and its index entry go together
+            pipe.delete(*[_job_key(i.decode()) for i in ids])
+            pipe.zrem(DEAD_JOBS, *ids)
+            pipe.execute()
+        return len(ids)
 
     def ping(self) -> None:
         self._call(self._redis.ping)

@@ -9,7 +9,8 @@ so such a loss delays a firing notification; a lost resolution is not sent again
 would close that window by an fsync in every commit: cheap on an idle SSD (measured: +0.3 ms
 for a lone webhook, +0.05 ms per webhook in a batch of 20), but on the event loop, where a
 disk busy with someone's backup would stall every webhook in flight for as long as the fsync
-takes. All access is from the relay's event loop thread, so one connection suffices.
+takes. All access is from the relay's event loop thread, so one connection suffices; only
+:meth:`SQLiteStore.prune`, which the relay runs in a thread, opens a connection of its own.
 Leases only matter within the process: a restart releases them all, so undelivered jobs go
 out at once instead of after a lease.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 from relay.notice import Notice
 from relay.policy import KeyState
 from relay.store.base import (
-    DEAD, PAYLOAD_RETENTION_SECONDS, PENDING, IntakeRequest, IntakeResult, Job, Planner, Store, StoreError,
+    DEAD, PENDING, RETENTION_SECONDS, IntakeRequest, IntakeResult, Job, Planner, Store, StoreError,
 )
 
 SCHEMA = """
@@ -42,22 +43,44 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL, last_error TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, status, due_at);
 CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- For the prune, which otherwise scans whole tables. Times grow with arrival, so intake appends
+-- at the indexes' ends; the partial index holds dead jobs only, so pending ones never touch it.
+CREATE INDEX IF NOT EXISTS payloads_received ON payloads (received_at);
+CREATE INDEX IF NOT EXISTS dead_payloads_received ON dead_payloads (received_at);
+CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires_at);
+CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (created_at) WHERE status = 'dead';
 """
 
 log = logging.getLogger(__name__)
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error"
+PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
+
+# (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
+# before :before); each uses an index of SCHEMA. A digest's time is already its expiry. status is
+# spelled out as a literal: SQLite uses a partial index only when the query repeats its WHERE.
+_PRUNES = (
+    ("digests", 0.0,
+     "DELETE FROM seen WHERE digest IN (SELECT digest FROM seen WHERE expires_at <= :before LIMIT :rows)"),
+    ("payloads", RETENTION_SECONDS,
+     "DELETE FROM payloads WHERE id IN (SELECT id FROM payloads WHERE received_at < :before LIMIT :rows)"),
+    ("dead payloads", RETENTION_SECONDS,
+     "DELETE FROM dead_payloads WHERE id IN (SELECT id FROM dead_payloads WHERE received_at < :before LIMIT :rows)"),
+    ("dead jobs", RETENTION_SECONDS,
+     f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status = '{DEAD}' AND created_at < :before LIMIT :rows)"),
+)
 
 
 class SQLiteStore(Store):
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._closing = threading.Event()
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = _connect(path)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
             # Checkpoints (copying the WAL into the database, with an fsync) run in a thread of their
             # own; in the writer they stalled intake for 10-40 ms every ~1,000 pages. The automatic
             # one stays as a safety net for a checkpointer that falls far behind.
@@ -70,21 +93,8 @@ class SQLiteStore(Store):
         self._checkpointer = _Checkpointer(path)
         self._checkpointer.start()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):  # the connection itself may be what failed
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-            raise StoreError(f"SQLite: {exc}") from None
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return _transaction(self._db)
 
     def intake(
         self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner
@@ -196,14 +206,35 @@ class SQLiteStore(Store):
         return int(count), oldest
 
     def prune(self, now: float) -> None:
-        with self._transaction() as db:
-            db.execute("DELETE FROM seen WHERE expires_at <= ?", (now,))
-            db.execute("DELETE FROM payloads WHERE received_at < ?", (now - PAYLOAD_RETENTION_SECONDS,))
+        # A connection of its own: the event loop goes on using self._db meanwhile, and two threads
+        # in one connection would share (and break) each other's transactions.
+        try:
+            db = _connect(self._path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from None
+        try:
+            for what, kept_for, statement in _PRUNES:
+                deleted = self._prune_in_batches(db, statement, now - kept_for)
+                if deleted:
+                    log.info("pruned %d %s", deleted, what)
+        finally:
+            db.close()
+
+    def _prune_in_batches(self, db: sqlite3.Connection, statement: str, before: float) -> int:
+        deleted = 0
+        while not self._closing.is_set():  # close() during a long first prune: the rest waits for the next start
+            with _transaction(db):
+                batch = db.execute(statement, {"before": before, "rows": PRUNE_BATCH_ROWS}).rowcount
+            deleted += batch
+            if batch < PRUNE_BATCH_ROWS:
+                break
+        return deleted
 
     def ping(self) -> None:
         self._read("SELECT 1")
 
     def close(self) -> None:
+        self._closing.set()
         self._checkpointer.stop()
         self._db.close()
 
@@ -248,6 +279,29 @@ class _Checkpointer(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
         self.join(timeout=5)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        with contextlib.suppress(sqlite3.Error):  # the connection itself may be what failed
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        raise StoreError(f"SQLite: {exc}") from None
 
 
 def _job(row: tuple[object, ...]) -> Job:
