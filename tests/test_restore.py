@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
+import logging
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
 
+from jobs.backup import job as job_module
+from jobs.backup import restore as restore_module
+from jobs.backup.job import LOCK_FILE
 from mlwarden import components
 from mlwarden.catalog import Catalog, FileRecord, Manifest
 
@@ -57,6 +68,81 @@ def test_a_non_empty_target_is_left_alone_unless_forced(tmp_path: Path, capsys: 
     assert restore("--backup-dir", tmp_path / "backups", "--to", target, "--force") == 0
     assert tree(target) == tree(models)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models", "serving"]
+
+
+@pytest.fixture
+def umask() -> Iterator[None]:
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
+
+def test_restored_files_keep_their_permission_bits_less_setuid_and_the_umask(tmp_path: Path, umask: None) -> None:
+    models = make_models(tmp_path / "models")
+    (models / "shared.json").write_text("{}")
+    (models / "shared.json").chmod(0o664)
+    (models / "tool").write_text("#!/bin/sh\n")
+    (models / "tool").chmod(0o4755)
+    assert (models / "tool").stat().st_mode & 0o7777 == 0o4755
+    assert backup(models, tmp_path / "backups") == 0
+    modes = {f.path: f.mode for f in only_entry(tmp_path / "backups").manifest.files}
+    assert (modes["shared.json"], modes["tool"]) == (0o664, 0o4755)  # the archive keeps them all
+
+    def restored_modes(target: Path, mask: int) -> tuple[int, int, int]:
+        os.umask(mask)
+        assert restore("--backup-dir", tmp_path / "backups", "--to", target) == 0
+        return tuple(p.stat().st_mode & 0o7777 for p in (target / "shared.json", target / "tool", target))  # type: ignore[return-value]
+
+    assert restored_modes(tmp_path / "group-writable", 0o002) == (0o664, 0o755, 0o775)
+    assert restored_modes(tmp_path / "private", 0o027) == (0o640, 0o750, 0o750)
+
+
+def _fail_renames(monkeypatch: pytest.MonkeyPatch, *fragments: str) -> None:
+    """Make os.rename fail for a source whose name contains one of ``fragments``; others pass."""
+    real_rename = os.rename
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        if any(fragment in Path(src).name for fragment in fragments):
+            raise OSError(errno.EIO, "simulated I/O error", str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(restore_module.os, "rename", rename)
+
+
+def test_force_puts_the_old_content_back_when_the_new_cannot_take_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert backup(make_models(tmp_path / "models"), tmp_path / "backups") == 0
+    target = tmp_path / "serving"
+    target.mkdir()
+    (target / "keep-me.txt").write_text("precious")
+    _fail_renames(monkeypatch, ".serving.restore-")  # the second rename: new content into place
+    assert restore("--backup-dir", tmp_path / "backups", "--to", target, "--force") == 1
+    assert "its previous content was put back" in capsys.readouterr().err
+    assert tree(target) == {"keep-me.txt": b"precious"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models", "serving"]
+
+
+def test_a_swap_that_cannot_be_undone_says_in_one_line_where_both_contents_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups") == 0
+    target = tmp_path / "serving"
+    target.mkdir()
+    (target / "keep-me.txt").write_text("precious")
+    _fail_renames(monkeypatch, ".serving.restore-", ".serving.replaced-")  # the swap, then its undo
+    assert restore("--backup-dir", tmp_path / "backups", "--to", target, "--force") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [old] = tmp_path.glob(".serving.replaced-*")
+    [staging] = tmp_path.glob(".serving.restore-*")
+    assert tree(old) == {"keep-me.txt": b"precious"}
+    assert tree(staging) == tree(models)  # the verified restore is kept, not cleaned up
+    assert not target.exists()
+    [line] = [line for line in err.splitlines() if "restore FAILED" in line]
+    assert str(old) in line and str(staging) in line and "by hand" in line
 
 
 def test_an_unknown_backup_name_is_a_clear_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,3 +320,90 @@ def test_glacier_copies_are_checked_by_metadata_and_a_restore_says_what_to_do(
     assert "restore-object" in err
     assert "attempt" not in err  # an archived object needs a restore request, not retries
     assert not (tmp_path / "restored").exists()
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(lock_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A real holder of the backup lock in its own process; it exits (dropping the lock) on a line to stdin."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from mlwarden.lock import JobLock
+            JobLock({str(lock_path)!r}).acquire()
+            print("held", flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_drill_fails_with_one_clear_line_while_a_backup_holds_the_lock_past_the_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backups = tmp_path / "backups"
+    assert backup(make_models(tmp_path / "models"), backups) == 0
+    (tmp_path / "metrics").mkdir()
+    with lock_held_by_another_process(backups / LOCK_FILE) as holder:
+        code = restore("--drill", "--backup-dir", backups, "--lock-wait", "0", "--textfile-dir", tmp_path / "metrics")
+    assert code == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "restore drill" in line]
+    assert "not started: another run holds" in line and f"pid {holder.pid}" in line and "--lock-wait" in line
+    assert "mlwarden_job_success 0" in (tmp_path / "metrics" / "mlwarden_restore_drill.prom").read_text()
+    assert [p.name for p in backups.iterdir() if p.name.startswith(".drill")] == []
+
+
+class _ReleaseWhenWaiting(logging.Handler):
+    """Lets the lock holder go only once the drill has said it is waiting for it."""
+
+    def __init__(self, holder: subprocess.Popen[str]) -> None:
+        super().__init__()
+        self.holder = holder
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "waiting" in record.getMessage() and not self.seen:
+            self.seen = True
+            assert self.holder.stdin is not None
+            self.holder.stdin.write("go\n")
+            self.holder.stdin.flush()
+
+
+def test_a_drill_waits_for_a_running_backup_then_checks_it(tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    assert backup(make_models(tmp_path / "models"), backups) == 0
+    with lock_held_by_another_process(backups / LOCK_FILE) as holder:
+        release = _ReleaseWhenWaiting(holder)
+        logging.getLogger(job_module.__name__).addHandler(release)
+        try:
+            assert restore("--drill", "--backup-dir", backups, "--lock-wait", "2m") == 0
+        finally:
+            logging.getLogger(job_module.__name__).removeHandler(release)
+        assert release.seen
+        assert holder.wait(timeout=10) == 0
+
+
+def test_a_backup_does_not_start_while_a_drill_holds_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = make_models(tmp_path / "models")
+    backups = tmp_path / "backups"
+    assert backup(models, backups, "--keep-last", "1") == 0
+    drilled = only_entry(backups).name
+    real_drill = job_module._drill
+    codes: list[int] = []
+
+    def drill_during_which_a_backup_with_retention_starts(*args: object) -> object:
+        codes.append(backup(models, backups, "--force", "--keep-last", "1"))
+        return real_drill(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(job_module, "_drill", drill_during_which_a_backup_with_retention_starts)
+    assert restore("--drill", "--backup-dir", backups) == 0
+    assert codes == [1]
+    assert "backup not started: another run holds" in capsys.readouterr().err
+    assert only_entry(backups).name == drilled  # retention did not run under the drill

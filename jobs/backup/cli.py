@@ -89,6 +89,7 @@ class _RestoreCore:
     backup_dir: Path | None = setting(None, help="directory that holds the backups (not needed with --from-s3)", env=("BACKUP_DIR",))
     from_s3: bool = setting(False, help="restore from the S3 copy instead of the local backup directory")
     drill: bool = setting(False, help="restore into a temporary directory, verify every file, time it, delete it and push the drill metrics")
+    lock_wait: float = setting(2 * 3600.0, help="how long a drill waits for a backup run that holds the backup lock (BACKUP_DIR/.mlwarden-backup.lock), e.g. 30m; after that it fails; 0 fails at once", parse=parse_duration)
     force: bool = setting(False, help="replace the content of a non-empty --to directory (after the new content is complete and verified)")
 
 

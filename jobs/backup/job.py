@@ -9,10 +9,16 @@ Backup, under the job lock in BACKUP_DIR:
 
 Exit 0 when everything asked for succeeded; 1 on any failure, including an S3 failure after a
 good local backup (the local backup is kept, and the log and the metrics say so).
+
+A restore drill takes the same lock, so that a backup's retention cannot delete the archive
+the drill is reading. A drill that finds a backup running waits for it (``--lock-wait``,
+default 2 h: then it checks the backup just made) and fails if it is still running by then;
+a backup that finds a drill running fails at once, like one that finds another backup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -20,13 +26,14 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs.backup import archive, retention
 from jobs.backup.s3config import OffsiteError, S3Location
-from jobs.backup.restore import RestoreError, RestoreResult, entry_from_s3, restore_entry
+from jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, entry_from_s3, restore_entry
 from jobs.backup.tarstream import ArchiveError
 from jobs.backup.verify import verify_and_record
 from jobs.report import JobReport
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".mlwarden-backup.lock"
+_LOCK_POLL_SECONDS = 1.0
 _BACKUP_NAME = re.compile(r"^.+-\d{8}T\d{6}Z$")
 
 
@@ -306,7 +314,7 @@ def run_restore(settings: RestoreSettings) -> int:
     except (RestoreError, ArchiveError, CatalogError, OffsiteError) as exc:
         log.error("restore FAILED: %s. %s was not changed", exc, settings.to)
         return ExitCode.FAILURE
-    except OSError as exc:  # permissions, a full disk, a file where a directory goes: the message names the path
+    except (OSError, RestoreStranded) as exc:  # the message names the paths
         log.error("restore FAILED: %s", exc)
         return ExitCode.FAILURE
     return ExitCode.OK
@@ -331,17 +339,61 @@ def _run_drill(settings: RestoreSettings) -> int:
     with JobReport("restore_drill", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
         duration = report.gauge("mlwarden_restore_drill_duration_seconds", "How long the last restore drill took to restore and verify.")
         verified = report.gauge("mlwarden_restore_drill_verified_files", "Files restored and checked against the manifest by the last drill.")
-        scratch = Path(tempfile.mkdtemp(dir=parent, prefix=".drill-"))
         try:
-            result = _restore(settings, scratch / "restored", overwrite=False)
+            with _backup_lock_for_drill(settings):
+                result = _drill(settings, parent)
+        except LockHeld as exc:
+            log.error("restore drill not started: %s", exc)
+            verified.set(0)
+            return ExitCode.FAILURE
         except (RestoreError, ArchiveError, CatalogError, OffsiteError, OSError) as exc:
             log.error("restore drill FAILED: %s", exc)
             verified.set(0)
             return ExitCode.FAILURE
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
         duration.set(result.seconds)
         verified.set(result.files)
         report.succeeded()
         log.info("restore drill passed: %s restored and verified (%d files) in %.1fs", result.name, result.files, result.seconds)
     return ExitCode.OK
+
+
+def _drill(settings: RestoreSettings, parent: Path) -> RestoreResult:
+    scratch = Path(tempfile.mkdtemp(dir=parent, prefix=".drill-"))
+    try:
+        return _restore(settings, scratch / "restored", overwrite=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _backup_lock_for_drill(settings: RestoreSettings) -> Iterator[None]:
+    """Hold the backup's lock for the whole drill, so that no backup run (and its retention)
+    changes the backup directory, or the S3 prefix, while the drill reads it."""
+    if settings.backup_dir is None:  # a drill from S3 into --to: no backup directory, no lock to share
+        log.info("restore drill without --backup-dir: it runs without the backup lock")
+        yield
+        return
+    lock = JobLock(settings.backup_dir / LOCK_FILE)
+    _acquire_waiting(lock, settings.lock_wait)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _acquire_waiting(lock: JobLock, wait_seconds: float) -> None:
+    """Take ``lock``, waiting up to ``wait_seconds`` for its holder; LockHeld if it is still held then."""
+    deadline = time.monotonic() + wait_seconds
+    waiting = False
+    while True:
+        try:
+            lock.acquire()
+            return
+        except LockHeld as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockHeld(f"{exc}; gave up after --lock-wait {wait_seconds:.0f}s") from None
+            if not waiting:
+                log.info("restore drill waiting up to %.0fs for the backup run to finish: %s", wait_seconds, exc)
+                waiting = True
+            time.sleep(min(_LOCK_POLL_SECONDS, remaining))

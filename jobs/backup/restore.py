@@ -8,7 +8,13 @@ The order of a restore is what makes it safe on a bad day:
    names, no ``..``, only names the manifest lists) into a temporary directory next to the
    target, each file hashed as it is written and checked against the manifest.
 3. Only then is the temporary directory renamed to the target. A failed restore leaves the
-   target as it was and removes the temporary directory.
+   target as it was and removes the temporary directory. With ``--force`` the old content
+   is renamed aside first; if the new content cannot then take its place, the old content
+   is put back, and if even that fails, one log line says where both are.
+
+Restored files get the archived permission bits without setuid/setgid/sticky, less the
+process umask (what GNU tar does for a user other than root); the restored directories get
+what ``mkdir`` gives under that umask.
 
 A drill (``--drill``, run by :mod:`jobs.backup.job`) restores into a temporary directory
 inside the backup directory (so it has room and is on the same disk) or inside ``--to``,
@@ -42,6 +48,11 @@ class RestoreError(RuntimeError):
     """The restore cannot go ahead (target in the way, no such backup); nothing was changed."""
 
 
+class RestoreStranded(RuntimeError):
+    """The swap into the target failed half-way and could not be undone; the message says
+    where the previous content and the verified restore are, so nothing may be deleted."""
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     name: str
@@ -63,8 +74,10 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restore-"))
     try:
-        files = _extract(entry, staging)
+        files = _extract(entry, staging, process_umask())
         _swap_into_place(staging, target, overwrite)
+    except RestoreStranded:
+        raise  # the staging directory holds the only verified copy of the restore: keep it
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -80,7 +93,22 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise RestoreError(f"{target} is not empty; choose an empty or new directory, or pass --force to replace it")
 
 
-def _extract(entry: BackupEntry, staging: Path) -> int:
+def process_umask() -> int:
+    """The umask, read without changing it: ``os.umask`` can only read by setting, which
+    would briefly change it for every thread of the process."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    raise OSError("no Umask line in /proc/self/status (Linux 4.7 or later is needed)")
+
+
+def restored_mode(archived: int, umask: int) -> int:
+    """Permission bits for a restored file: as archived, without setuid/setgid/sticky, less the umask."""
+    return archived & 0o777 & ~umask
+
+
+def _extract(entry: BackupEntry, staging: Path, umask: int) -> int:
     digest = ArchiveDigest()
     files = 0
     progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
@@ -98,32 +126,51 @@ def _extract(entry: BackupEntry, staging: Path) -> int:
                 os.fsync(out.fileno())
             if file_hash.hexdigest() != record.sha256:
                 raise ArchiveError(f"{record.path}: restored content does not match its SHA-256 in the manifest")
-            os.chmod(destination, record.mode & 0o755)  # no setuid/setgid/sticky, no world-writable
+            os.chmod(destination, restored_mode(record.mode, umask))
             os.utime(destination, (record.mtime, record.mtime))
             files += 1
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
         raise ArchiveError("the archive changed while it was being restored")
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0o700; it becomes the target
     for directory, _, _ in os.walk(staging):
         fsync_dir(Path(directory))
     return files
 
 
 def _swap_into_place(staging: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished restore onto ``target``; an old non-empty target goes only if allowed."""
+    """Rename the finished restore onto ``target``; an old non-empty target goes only if allowed.
+
+    An empty target directory is replaced by the rename itself (rename(2) allows that)."""
     old: Path | None = None
-    if target.is_dir():
-        if any(target.iterdir()):
-            assert overwrite
-            old = target.with_name(f".{target.name}.replaced-{int(time.time())}")
-            os.rename(target, old)
-        else:
-            target.rmdir()
-    os.rename(staging, target)
+    if target.is_dir() and any(target.iterdir()):
+        assert overwrite
+        old = target.with_name(f".{target.name}.replaced-{int(time.time())}")
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        if old is not None:
+            _put_back(old, target, staging, exc)
+        raise
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old)
         log.info("replaced the previous content of %s", target)
+
+
+def _put_back(old: Path, target: Path, staging: Path, cause: OSError) -> None:
+    """The new content could not take ``target``'s place: give the old content its name back."""
+    try:
+        os.rename(old, target)
+    except OSError as undo:
+        raise RestoreStranded(
+            f"could not move the verified restore into {target} ({cause}) nor put its previous content back ({undo}): "
+            f"{target} is missing; the previous content is in {old}, the verified restore in {staging}; "
+            f"rename one of them to {target} by hand"
+        ) from cause
+    fsync_dir(target.parent)
+    raise RestoreError(f"could not move the verified restore into {target} ({cause}); its previous content was put back") from cause
 
 
 @contextlib.contextmanager
