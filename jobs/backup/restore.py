@@ -74,7 +74,7 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restore-"))
     try:
-        files = _extract(entry, staging, process_umask())
+        files = _extract(entry, staging, _process_umask())
         _swap_into_place(staging, target, overwrite)
     except RestoreStranded:
         raise  # the staging directory holds the only verified copy of the restore: keep it
@@ -93,17 +93,17 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise RestoreError(f"{target} is not empty; choose an empty or new directory, or pass --force to replace it")
 
 
-def process_umask() -> int:
+def _process_umask() -> int:
     """The umask, read without changing it: ``os.umask`` can only read by setting, which
     would briefly change it for every thread of the process."""
-    with open("/proc/self/status", encoding="ascii") as status:
+    with open("/proc/self/status", encoding="utf-8", errors="replace") as status:
         for line in status:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     raise OSError("no Umask line in /proc/self/status (Linux 4.7 or later is needed)")
 
 
-def restored_mode(archived: int, umask: int) -> int:
+def _restored_mode(archived: int, umask: int) -> int:
     """Permission bits for a restored file: as archived, without setuid/setgid/sticky, less the umask."""
     return archived & 0o777 & ~umask
 
@@ -126,7 +126,7 @@ def _extract(entry: BackupEntry, staging: Path, umask: int) -> int:
                 os.fsync(out.fileno())
             if file_hash.hexdigest() != record.sha256:
                 raise ArchiveError(f"{record.path}: restored content does not match its SHA-256 in the manifest")
-            os.chmod(destination, restored_mode(record.mode, umask))
+            os.chmod(destination, _restored_mode(record.mode, umask))
             os.utime(destination, (record.mtime, record.mtime))
             files += 1
     progress.finish()
