@@ -212,7 +212,9 @@ async def _watch_heartbeat(relay: Relay) -> None:
         return
     while True:
         try:
-            watchdog.check(relay.store, relay.config.watchdog, relay.clock())
+            # In a thread, like the prune: a store that hangs (Redis, for its 5 s timeout) must not
+            # freeze the event loop every tick.
+            await asyncio.to_thread(watchdog.check, relay.store, relay.config.watchdog, relay.clock())
             if relay.outbox is not None:
                 relay.outbox.wake()
         except StoreError as exc:

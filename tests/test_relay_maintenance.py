@@ -1,8 +1,11 @@
-"""The relay's background prune runs off the event loop: a slow prune never stops it answering."""
+"""The relay's background prune and watchdog check run off the event loop: a slow store call there
+never stops the relay answering."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,54 +24,77 @@ from tests.test_relay_support import TOKEN, FakeClock, alert, body, make_config
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def held_prune(store_class: type[Store]) -> type[Store]:
-    """``store_class`` whose prune, once started, waits for ``release`` before it prunes."""
+def held(store_class: type[Store], method: str) -> type[Store]:
+    """``store_class`` whose ``method``, once called, waits for ``release`` before it runs."""
 
-    class HeldPrune(store_class):  # type: ignore[valid-type, misc]
+    class Held(store_class):  # type: ignore[valid-type, misc]
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
             self.started, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
 
-        def prune(self, now: float) -> None:
-            self.started.set()
-            self.release.wait()
-            super().prune(now)
-            self.finished.set()
+    def held_method(self: Any, *args: Any) -> Any:
+        self.started.set()
+        self.release.wait()
+        result = getattr(store_class, method)(self, *args)
+        self.finished.set()
+        return result
 
-    return HeldPrune
+    setattr(Held, method, held_method)
+    return Held
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def held_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        store = held_prune(SQLiteStore)(tmp_path / "relay.db")
+def open_held(kind: str, method: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    if kind == "sqlite":
+        store = held(SQLiteStore, method)(tmp_path / "relay.db")
     else:
         server: components.Component = request.getfixturevalue("redis_server")
-        store = held_prune(RedisStore)(f"redis://127.0.0.1:{server.port}/0")
-    yield store
-    store.close()
+        store = held(RedisStore, method)(f"redis://127.0.0.1:{server.port}/0")
+    request.addfinalizer(store.close)
+    return store
 
 
-def test_the_relay_answers_while_a_prune_is_running(held_store: Any) -> None:
-    clock = FakeClock()
-    held_store.dead_letter_payload(b"old", "bad JSON", clock() - RETENTION_SECONDS - 1)
-    relay = Relay(make_config(), held_store, Credentials(TOKEN), clock=clock)
-    # Only breaks a deadlock: a prune on the event loop would hold every answer until this fires,
-    # and then each answer would come after the prune finished, failing the test, not hanging it.
-    deadlock_breaker = threading.Timer(20, held_store.release.set)
+@contextlib.contextmanager
+def serving_while_held(store: Any, clock: FakeClock) -> Iterator[TestClient]:
+    """The app with its background tasks, once the held call has started; released on the way out."""
+    # Only breaks a deadlock: a held call on the event loop would hold every answer until this
+    # fires, and then each answer would come after the call finished, failing the test, not hanging it.
+    deadlock_breaker = threading.Timer(20, store.release.set)
     deadlock_breaker.start()
-    with TestClient(create_app(relay)) as client:  # background tasks on: the prune starts at once
+    relay = Relay(make_config(), store, Credentials(TOKEN), clock=clock)
+    with TestClient(create_app(relay)) as client:
         try:
-            assert held_store.started.wait(30)
-            assert client.get("/healthz").json() == {"status": "ok"}
-            assert client.get("/readyz").json() == {"status": "ready"}
-            heartbeat = body(alert(name="Watchdog", severity="none"))  # queues no delivery: nothing leaves the host
-            assert client.post(WEBHOOK_PATH, content=heartbeat, headers=AUTH).json() == {"status": "accepted", "jobs": 0}
-            assert client.get("/api/v1/outbox", headers=AUTH).json()["depth"] == 0
-            assert not held_store.finished.is_set(), "answered only after the prune"
-            assert dead_payload_bodies(held_store) == [b"old"]
+            assert store.started.wait(30)
+            yield client
         finally:
             deadlock_breaker.cancel()
-            held_store.release.set()
-        assert held_store.finished.wait(30)
-    assert dead_payload_bodies(held_store) == []
+            store.release.set()
+        assert store.finished.wait(30)
+
+
+def assert_answers(client: TestClient, store: Any) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    heartbeat = body(alert(name="Watchdog", severity="none"))  # queues no delivery: nothing leaves the host
+    assert client.post(WEBHOOK_PATH, content=heartbeat, headers=AUTH).json() == {"status": "accepted", "jobs": 0}
+    assert client.get("/api/v1/outbox", headers=AUTH).json()["depth"] == 0
+    assert not store.finished.is_set(), "answered only after the held call"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_relay_answers_while_a_prune_is_running(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store = open_held(kind, "prune", tmp_path, request)
+    clock = FakeClock()
+    store.dead_letter_payload(b"old", "bad JSON", clock() - RETENTION_SECONDS - 1)
+    with serving_while_held(store, clock) as client:  # the prune starts with the app
+        assert_answers(client, store)
+        assert dead_payload_bodies(store) == [b"old"]
+    assert dead_payload_bodies(store) == []
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_relay_answers_while_a_watchdog_check_waits_for_the_store(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    store = open_held(kind, "watchdog", tmp_path, request)
+    with serving_while_held(store, FakeClock()) as client:  # the first check starts with the app
+        assert_answers(client, store)

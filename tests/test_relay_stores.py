@@ -325,3 +325,31 @@ def test_a_prune_in_a_thread_keeps_out_of_the_writers_transactions(tmp_path: Pat
     assert errors == [] and all(a is not None for a in accepted)
     assert dead_payload_bodies(store) == [] and store.outbox_stats()[0] == 50
     store.close()
+
+
+def test_sqlite_calls_from_two_threads_keep_their_transactions_apart(tmp_path: Path) -> None:
+    # The relay checks the watchdog in a thread while the event loop takes webhooks on the same connection.
+    store = SQLiteStore(tmp_path / "relay.db")
+    config = make_config()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        states = ["new", "down"]
+        try:
+            while not done.is_set():
+                store.watchdog()
+                store.announce_watchdog(states[0], states[1], [])
+                states.reverse()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        accepted = [accept(store, config, body(alert(name=f"Busy{i}")), NOW) for i in range(200)]
+    finally:
+        done.set()
+        watcher.join()
+    assert errors == [] and all(a is not None for a in accepted) and store.outbox_stats()[0] == 200
+    store.close()

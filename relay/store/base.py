@@ -84,6 +84,9 @@ class IntakeRequest:
 
 
 class Store(ABC):
+    """Every method may be called from any thread (the relay checks the watchdog and prunes in
+    threads, so that a slow store holds up neither intake nor its own answers)."""
+
     @abstractmethod
     def intake(
         self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner
