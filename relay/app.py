@@ -54,6 +54,7 @@ class Relay:
     metrics: RelayMetrics = field(default_factory=RelayMetrics)
     http: httpx.AsyncClient | None = None
     outbox: Outbox | None = None
+    watching_since: float = 0.0  # when create_app started watching the Watchdog heartbeat
 
     def start_outbox(self) -> Outbox:
         self.http = httpx.AsyncClient(timeout=self.config.delivery.timeout)
@@ -70,7 +71,8 @@ class Relay:
 
 def create_app(relay: Relay, background: bool = True) -> FastAPI:
     """The ASGI app. ``background=False`` leaves the outbox and watchdog to the caller (tests)."""
-    relay.metrics.watch_store(relay.store, relay.config.watchdog, relay.clock)
+    relay.watching_since = relay.clock()
+    relay.metrics.watch_store(relay.store, relay.config.watchdog, relay.clock, relay.watching_since)
     commits = GroupCommit(relay.store)
 
     @contextlib.asynccontextmanager
@@ -214,7 +216,7 @@ async def _watch_heartbeat(relay: Relay) -> None:
         try:
             # In a thread, like the prune: a store that hangs (Redis, for its 5 s timeout) must not
             # freeze the event loop every tick.
-            await asyncio.to_thread(watchdog.check, relay.store, relay.config.watchdog, relay.clock())
+            await asyncio.to_thread(watchdog.check, relay.store, relay.config.watchdog, relay.clock(), relay.watching_since)
             if relay.outbox is not None:
                 relay.outbox.wake()
         except StoreError as exc:

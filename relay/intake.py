@@ -47,15 +47,18 @@ def plan(notification: Notification, states: Mapping[str, KeyState], now: float,
     changed: dict[str, KeyState | None] = {}
     jobs: list[Job] = []
     decisions: list[Decision] = []
-    heartbeat = False
-    for alert in notification.alerts:
-        if is_heartbeat(alert, config):
-            heartbeat = heartbeat or alert.status == "firing"
+    heartbeat = any(is_heartbeat(alert, config) and alert.status == "firing" for alert in notification.alerts)
+    keyed = [  # an alert that no route matches is dropped: nobody asked for it
+        (alert, route, alert_key(alert, route))
+        for alert in notification.alerts
+        if not is_heartbeat(alert, config) and (route := config.route_for(alert.labels)) is not None
+    ]
+    # With route key_labels, several alerts can share a key (one per job, or per disk path, on
+    # one machine): the key has ended only when none of them fires.
+    firing_keys = {key for alert, _, key in keyed if alert.status == "firing"}
+    for alert, route, key in keyed:
+        if alert.status == "resolved" and key in firing_keys:
             continue
-        route = config.route_for(alert.labels)
-        if route is None:
-            continue  # no route matches: nobody asked for it
-        key = alert_key(alert, route)
         decision = decide(current.get(key), alert, key, now, route, config.default_severity)
         current[key] = changed[key] = decision.state
         decisions.append(decision)

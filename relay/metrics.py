@@ -6,7 +6,6 @@ they are right for every replica sharing a Redis store.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
@@ -52,15 +51,17 @@ class RelayMetrics:
         for status in ("firing", "resolved"):
             self.alerts.labels(status)
 
-    def watch_store(self, store: Store, watchdog: Watchdog | None, clock: Callable[[], float] = time.time) -> None:
-        self.registry.register(_StoreCollector(store, watchdog, clock))
+    def watch_store(self, store: Store, watchdog: Watchdog | None, clock: Callable[[], float], since: float) -> None:
+        """Serve the store's gauges; ``since``: when the relay started watching the heartbeat."""
+        self.registry.register(_StoreCollector(store, watchdog, clock, since))
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: Store, watchdog: Watchdog | None, clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, watchdog: Watchdog | None, clock: Callable[[], float], since: float) -> None:
         self._store = store
         self._watchdog = watchdog
         self._clock = clock
+        self._since = since
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -76,7 +77,7 @@ class _StoreCollector(Collector):
         )
         if self._watchdog is None:
             return
-        current = heartbeat_state(last_seen, now, self._watchdog.period, self._watchdog.grace)
+        current = heartbeat_state(last_seen, now, self._watchdog.period, self._watchdog.grace, self._since)
         state = GaugeMetricFamily(
             "mlwarden_relay_watchdog_state", "Watchdog heartbeat state (1 for the current one).", labels=["state"]
         )

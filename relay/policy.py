@@ -86,7 +86,10 @@ def escalation_level(occurrences: int, firing_for: float, severity: str, escalat
 def decide(state: KeyState | None, alert: Alert, key: str, now: float, route: Route, default_severity: str) -> Decision:
     severity = severity_of(alert, default_severity)
     if alert.status == "resolved":
-        told = state.told if state is not None else route.destinations
+        # Only those told of the alert hear of its end. Without a state nobody was (it was
+        # never notified, or its resolution went out already: Alertmanager repeats resolved
+        # alerts in its group notifications for a while), so nothing is sent.
+        told = state.told if state is not None else ()
         return Decision("resolve", None, told, severity, state.level if state else 0, False)
 
     previous = state or KeyState(key=key, severity=severity, first_seen=now, last_seen=now)

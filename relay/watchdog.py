@@ -2,8 +2,10 @@
 
 Alertmanager's always-firing ``Watchdog`` alert proves that Prometheus, the rules,
 Alertmanager and the network all work. States: ``new`` (never seen), ``up`` (seen within
-``period``), ``late`` (within ``period + grace``), ``down`` (beyond). Going down, and coming
-back from down, is announced to the watchdog's destinations through the outbox.
+``period``), ``late`` (within ``period + grace``), ``down`` (beyond). A heartbeat that has
+never arrived is ``new`` only for ``period + grace`` after the relay started watching, then
+``down``: a pipeline that never delivered is as broken as one that stopped. Going down, and
+coming back from down, is announced to the watchdog's destinations through the outbox.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ STATES = (NEW, UP, LATE, DOWN)
 log = logging.getLogger(__name__)
 
 
-def heartbeat_state(last_seen: float | None, now: float, period: float, grace: float) -> str:
+def heartbeat_state(last_seen: float | None, now: float, period: float, grace: float, since: float) -> str:
+    """The state at ``now``; ``since`` is when this relay started watching."""
     if last_seen is None:
-        return NEW
+        return NEW if now - since <= period + grace else DOWN
     silence = now - last_seen
     if silence <= period:
         return UP
@@ -38,10 +41,10 @@ def announcement(previous: str, current: str) -> str | None:
     return None
 
 
-def check(store: Store, watchdog: Watchdog, now: float) -> str:
+def check(store: Store, watchdog: Watchdog, now: float, since: float) -> str:
     """Record the current state; enqueue the announcement of a transition (once, across replicas)."""
     last_seen, recorded = store.watchdog()
-    current = heartbeat_state(last_seen, now, watchdog.period, watchdog.grace)
+    current = heartbeat_state(last_seen, now, watchdog.period, watchdog.grace, since)
     if current != recorded:
         kind = announcement(recorded, current)
         jobs = []

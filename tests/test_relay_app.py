@@ -194,14 +194,35 @@ def test_watchdog_silence_announces_down_once_and_then_recovery(app: tuple[TestC
     heartbeat = alert(name="Watchdog", severity="none")
     assert relay.config.watchdog is not None
     client.post(WEBHOOK_PATH, content=body(heartbeat, group_key="1"), headers=AUTH)
-    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "up"
+    assert watchdog.check(relay.store, relay.config.watchdog, clock(), relay.watching_since) == "up"
     clock.advance(15)  # period 10s, grace 20s
-    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "late"
+    assert watchdog.check(relay.store, relay.config.watchdog, clock(), relay.watching_since) == "late"
     clock.advance(20)
-    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "down"
-    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "down"
+    assert watchdog.check(relay.store, relay.config.watchdog, clock(), relay.watching_since) == "down"
+    assert watchdog.check(relay.store, relay.config.watchdog, clock(), relay.watching_since) == "down"
     assert [j.notice.kind for j in relay.store.jobs()] == ["pipeline_down"]
     client.post(WEBHOOK_PATH, content=body(heartbeat, group_key="2"), headers=AUTH)
-    assert watchdog.check(relay.store, relay.config.watchdog, clock()) == "up"
+    assert watchdog.check(relay.store, relay.config.watchdog, clock(), relay.watching_since) == "up"
     assert [j.notice.kind for j in relay.store.jobs()] == ["pipeline_down", "pipeline_up"]
     assert 'mlwarden_relay_watchdog_state{state="up"} 1.0' in client.get("/metrics").text
+
+
+def test_a_heartbeat_that_never_arrives_is_announced_down(app: tuple[TestClient, Relay]) -> None:
+    client, relay = app
+    clock: FakeClock = relay.clock  # type: ignore[assignment]
+    assert relay.config.watchdog is not None
+
+    def check() -> str:
+        assert relay.config.watchdog is not None
+        return watchdog.check(relay.store, relay.config.watchdog, clock(), relay.watching_since)
+
+    assert check() == "new"
+    clock.advance(30)  # period 10s + grace 20s after the relay started watching: still new
+    assert check() == "new" and relay.store.jobs() == []
+    clock.advance(1)
+    assert check() == "down"
+    assert [j.notice.kind for j in relay.store.jobs()] == ["pipeline_down"]
+    assert 'mlwarden_relay_watchdog_state{state="down"} 1.0' in client.get("/metrics").text
+    client.post(WEBHOOK_PATH, content=body(alert(name="Watchdog", severity="none")), headers=AUTH)
+    assert check() == "up"
+    assert [j.notice.kind for j in relay.store.jobs()] == ["pipeline_down", "pipeline_up"]

@@ -9,9 +9,9 @@ import pytest
 from mlwarden import settings
 from relay import config as relay_config
 from relay.cli import RelaySettings
-from relay import payload, watchdog
+from relay import intake, payload, watchdog
 from relay.dedup import notification_digest
-from relay.policy import decide
+from relay.policy import KeyState, decide
 from tests.test_relay_support import ENV, FakeClock, alert, body, config_dict, make_config
 
 MIN, HOUR = 60.0, 3600.0
@@ -197,6 +197,43 @@ def test_resolve_clears_state_and_tells_everyone_who_was_told() -> None:
     assert again.action == "notify" and again.level == 0  # a new episode starts from scratch
 
 
+def test_a_resolution_nobody_was_told_of_is_not_sent() -> None:
+    route = make_config().routes[0]
+    clock = FakeClock()
+    fired = run(route, [(0, parsed())], clock)[0]
+    resolved = decide(fired.state, parsed(status="resolved"), "k", clock(), route, "warning")
+    assert resolved.destinations == ("ops",)
+    # Alertmanager repeats the resolved alert in its next group notifications: silence.
+    repeated = decide(resolved.state, parsed(status="resolved"), "k", clock() + 5, route, "warning")
+    assert repeated.action == "resolve" and repeated.destinations == ()
+
+
+def test_a_key_shared_by_several_alerts_ends_when_none_of_them_fires() -> None:
+    # The team=ml route keys on alertname, instance and gpu; escalation is out of the way.
+    config = make_config(escalation={"after_repeats": 10, "within": "1h", "destinations": ["pd"]})
+    clock = FakeClock()
+    states: dict[str, KeyState] = {}
+
+    def deliver(*alerts: dict[str, object]) -> list[tuple[str, str]]:
+        result = intake.plan(payload.parse(body(*alerts)), states, clock(), config)
+        for key, state in result.states.items():
+            if state is None:
+                states.pop(key, None)
+            else:
+                states[key] = state
+        return [(job.destination, job.notice.kind) for job in result.jobs]
+
+    disk = lambda path, status="firing": alert("DiskUsageHigh", status=status, path=path, team="ml")  # noqa: E731
+    assert deliver(disk("/a"), disk("/b")) == [("ops", "firing")]  # one key: one notification
+    clock.advance(60)
+    # /a recovers while /b still fires: the key stays, nothing resolves, the cooldown holds.
+    assert deliver(disk("/a", "resolved"), disk("/b")) == []
+    assert "alertname=DiskUsageHigh,instance=node1:9945,gpu=0" in states
+    clock.advance(60)
+    assert deliver(disk("/a", "resolved"), disk("/b", "resolved")) == [("ops", "resolved")]
+    assert deliver(disk("/a", "resolved"), disk("/b", "resolved")) == []  # Alertmanager's repeat
+
+
 def test_unknown_severity_uses_the_default() -> None:
     route = make_config().routes[0]
     decision = run(route, [(0, parsed(severity="bogus"))], FakeClock())[0]
@@ -207,10 +244,11 @@ def test_unknown_severity_uses_the_default() -> None:
 
 @pytest.mark.parametrize(
     ("last_seen", "now", "state"),
-    [(None, 100.0, "new"), (95.0, 100.0, "up"), (85.0, 100.0, "late"), (60.0, 100.0, "down")],
+    [(None, 100.0, "new"), (None, 131.0, "down"), (95.0, 100.0, "up"), (85.0, 100.0, "late"), (60.0, 100.0, "down")],
 )
 def test_heartbeat_states(last_seen: float | None, now: float, state: str) -> None:
-    assert watchdog.heartbeat_state(last_seen, now, period=10, grace=20) == state
+    # Watching since 100: a heartbeat never seen is new for period + grace (30 s), then down.
+    assert watchdog.heartbeat_state(last_seen, now, period=10, grace=20, since=100.0) == state
 
 
 @pytest.mark.parametrize(
