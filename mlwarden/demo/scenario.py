@@ -1,6 +1,7 @@
 """The demo's story, told against a running :class:`~mlwarden.demo.stack.Stack`.
 
-1. a backup job runs on generated model files and its metrics reach the Pushgateway;
+1. the jobs run (a backup of generated model files, a restore drill, cleanup, health) and
+   their metrics reach the Pushgateway;
 2. a simulated GPU overheats: the alert reaches Slack, repeats are suppressed, the key
    escalates to PagerDuty after the configured number of repeats;
 3. the GPU cools down: the resolution reaches Slack and PagerDuty (same dedup_key);
@@ -125,7 +126,7 @@ def run_job(stack: Stack, narrator: Narrator, *args: str) -> int:
 
 
 def step_backup(stack: Stack, narrator: Narrator) -> str:
-    narrator.step(1, "a backup job runs and its metrics reach the Pushgateway")
+    narrator.step(1, "the jobs run (backup, restore drill, cleanup, health) and their metrics reach the Pushgateway")
     write_models(stack.models_dir)
     common = ["--pushgateway", stack.pushgateway.url]
     code = run_job(
@@ -135,6 +136,8 @@ def step_backup(stack: Stack, narrator: Narrator) -> str:
         raise RuntimeError(f"mlwarden backup exited {code}")
     run_job(stack, narrator, "restore", "--drill", "--backup-dir", str(stack.backup_dir), *common)
     run_job(stack, narrator, "cleanup", "--experiments-dir", str(stack.experiments_dir), "--yes", *common)
+    run_job(stack, narrator, "health", "--disk-path", str(stack.workdir), "--exporter-url", stack.exporter.url,
+            "--backup-dir", str(stack.backup_dir), *common)
     wait_until(
         lambda: stack.query('mlwarden_job_success{job="mlwarden_backup"} == 1'),
         30, "the backup's success in Prometheus (via the Pushgateway)", poll=POLL,

@@ -5,7 +5,8 @@ PagerDuty sinks, a real Pushgateway, the relay (SQLite state), the exporter with
 GPUs, a real Alertmanager with the project's ``alerts/alertmanager.yml`` and a real
 Prometheus with the project's rules. The project's files are used as they are, except
 where time is compressed (see :class:`Timings`): rules' ``for:`` durations, the backup
-heartbeat's 25 h, Alertmanager's group timings and the relay's watchdog. Everything else
+heartbeat's 25 h, Prometheus' alert resend delay, Alertmanager's group timings and the
+relay's watchdog. Everything else
 (expressions, labels, routes, inhibitions, the relay's policy code) is the production one,
 so what the demo shows and the end-to-end test proves is the real chain.
 """
@@ -43,6 +44,10 @@ class Timings:
 
     scrape_interval: float = 1.0
     evaluation_interval: float = 1.0
+    # Prometheus resends a firing alert every minute. The Watchdog fires at the first
+    # evaluation, before Prometheus has discovered Alertmanager, so its first copy is dropped:
+    # without this, the heartbeat would first reach the relay a minute in, after its grace.
+    alert_resend_delay: float = 1.0
     exporter_interval: float = 1.0
     alert_for: float = 2.0  # every rule's `for:` becomes this
     heartbeat_max_age: float = 60.0  # BackupNotRecent's 25 h becomes this
@@ -252,7 +257,9 @@ class Stack:
         config.write_text(prometheus_config(
             self.exporter.url, self.relay.url, self.pushgateway.url, self.alertmanager.url, self.timings
         ))
-        return components.prometheus(config, workdir)
+        return components.prometheus(
+            config, workdir, [f"--rules.alert.resend-delay={_prom_duration(self.timings.alert_resend_delay)}"]
+        )
 
     def stop(self) -> None:
         self._exit.close()
