@@ -150,7 +150,10 @@ class _App:
             await slots.acquire()  # free: no waiting, and no timer task on the common path
         else:
             try:
-                await asyncio.wait_for(slots.acquire(), self.queue_timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for can lose a permit
+                # acquired just as the timeout fires, and with it one scrape slot for good.
+                async with asyncio.timeout(self.queue_timeout):
+                    await slots.acquire()
             except TimeoutError:
                 await _respond(send, HTTPStatus.SERVICE_UNAVAILABLE, b"too many concurrent scrapes\n")
                 return

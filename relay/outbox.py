@@ -110,8 +110,11 @@ class Outbox:
             except Exception:  # noqa: BLE001 - a dead dispatcher would stop every delivery, silently
                 log.exception("outbox: dispatcher pass failed; trying again at the next tick")
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancellation that
+            # arrives as the wake-up does, and this loop then outlives the shutdown waiting for it.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=tick)
+                async with asyncio.timeout(tick):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -130,7 +133,8 @@ class Outbox:
 
     async def _send(self, name: str, notifier: Notifier, jobs: Sequence[Job]) -> None:
         try:
-            await asyncio.wait_for(notifier.send([j.notice for j in jobs]), timeout=self._delivery.timeout)
+            async with asyncio.timeout(self._delivery.timeout):  # see run(): not wait_for
+                await notifier.send([j.notice for j in jobs])
         except DeliveryError as exc:
             self._failed(name, jobs, exc)
         except TimeoutError:
