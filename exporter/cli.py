@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -84,6 +85,10 @@ def run(settings: ExporterSettings) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # Everything made so far (modules, settings, the server) lives as long as the process.
+    # Frozen, the garbage collector's full passes no longer walk it: each took ~19 ms holding the
+    # GIL at 64 GPUs, and every scrape arriving meanwhile waited for it.
+    gc.freeze()
     exporter.start()
     host, port = settings.listen_address
     log.info("serving %s://%s:%d/metrics (%s backend)", exporter.scheme, host, exporter.port, settings.gpu_backend)

@@ -146,17 +146,14 @@ class _App:
 
     async def _metrics(self, send: Send) -> None:
         slots = self.scrape_slots
-        if not slots.locked():
-            await slots.acquire()  # free: no waiting, and no timer task on the common path
-        else:
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11, wait_for can lose a permit
-                # acquired just as the timeout fires, and with it one scrape slot for good.
-                async with asyncio.timeout(self.queue_timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                await _respond(send, HTTPStatus.SERVICE_UNAVAILABLE, b"too many concurrent scrapes\n")
-                return
+        try:
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for can lose a permit acquired
+            # just as the timeout fires, and with it one scrape slot for good.
+            async with asyncio.timeout(self.queue_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            await _respond(send, HTTPStatus.SERVICE_UNAVAILABLE, b"too many concurrent scrapes\n")
+            return
         try:
             await _respond(send, HTTPStatus.OK, self.store.snapshot.body, CONTENT_TYPE)
         finally:
