@@ -113,20 +113,22 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         try:
-            relay.store.ping()
+            await asyncio.to_thread(relay.store.ping)
         except StoreError as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # In a thread: the registry reads the store (outbox depth, watchdog) for its gauges.
+        text = await asyncio.to_thread(generate_latest, relay.metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/v1/state")
     async def state(request: Request) -> Response:
         if not relay.credentials.allows(request.headers.get("authorization")):
             return unauthorized()
-        return _view(lambda: {"keys": [s.to_dict() for s in relay.store.key_states()]})
+        return await _view(lambda: {"keys": [s.to_dict() for s in relay.store.key_states()]})
 
     @app.get("/api/v1/outbox")
     async def outbox(request: Request) -> Response:
@@ -137,14 +139,16 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
             depth, oldest = relay.store.outbox_stats()
             return {"depth": depth, "oldest_created_at": oldest, "jobs": [j.to_dict() for j in relay.store.jobs()]}
 
-        return _view(queue)
+        return await _view(queue)
 
     return app
 
 
-def _view(read: Callable[[], dict[str, object]]) -> JSONResponse:
+async def _view(read: Callable[[], dict[str, object]]) -> JSONResponse:
+    """``read`` runs in a thread, like every store call the handlers make: a store that stalls
+    must not stop the event loop."""
     try:
-        return JSONResponse(read())
+        return JSONResponse(await asyncio.to_thread(read))
     except StoreError as exc:
         return JSONResponse({"error": str(exc)}, status_code=503)
 
@@ -170,7 +174,7 @@ async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
         relay.metrics.webhooks.labels("invalid").inc()
         relay.metrics.dead_letters.labels("invalid_payload").inc()
         try:
-            relay.store.dead_letter_payload(body, str(exc), now)
+            await asyncio.to_thread(relay.store.dead_letter_payload, body, str(exc), now)
         except StoreError as store_exc:
             log.error("cannot keep an invalid payload: %s", store_exc)
         log.warning("rejected webhook payload: %s", exc)

@@ -78,14 +78,18 @@ class Outbox:
         """New jobs are queued: look now instead of at the next tick."""
         self._wake.set()
 
-    def dispatch(self) -> list[asyncio.Task[None]]:
-        """Start one delivery per destination that may send now and has due jobs."""
+    async def dispatch(self) -> list[asyncio.Task[None]]:
+        """Start one delivery per destination that may send now and has due jobs.
+
+        Store calls here and below run in a thread: a store that stalls (Redis, up to its
+        socket timeout) must not stop the event loop taking webhooks meanwhile.
+        """
         started = []
         now = self._clock()
         for name, notifier in self._notifiers.items():
             if name in self._in_flight or not self._limits[name].ready(now):
                 continue
-            jobs = self._store.claim(name, now, notifier.max_batch, self._lease)
+            jobs = await asyncio.to_thread(self._store.claim, name, now, notifier.max_batch, self._lease)
             if not jobs:
                 continue
             self._limits[name].spend(now)
@@ -97,14 +101,14 @@ class Outbox:
 
     async def run_once(self) -> int:
         """One dispatcher pass, waiting for its deliveries; returns how many messages were attempted."""
-        tasks = self.dispatch()
+        tasks = await self.dispatch()
         await asyncio.gather(*tasks)
         return len(tasks)
 
     async def run(self, tick: float = 0.2) -> None:
         while True:
             try:
-                self.dispatch()
+                await self.dispatch()
             except StoreError as exc:
                 log.error("outbox: cannot claim jobs: %s", exc)
             except Exception:  # noqa: BLE001 - a dead dispatcher would stop every delivery, silently
@@ -136,9 +140,9 @@ class Outbox:
             async with asyncio.timeout(self._delivery.timeout):  # see run(): not wait_for
                 await notifier.send([j.notice for j in jobs])
         except DeliveryError as exc:
-            self._failed(name, jobs, exc)
+            await self._failed(name, jobs, exc)
         except TimeoutError:
-            self._failed(name, jobs, DeliveryError(f"{notifier.integration}: timed out", retryable=True))
+            await self._failed(name, jobs, DeliveryError(f"{notifier.integration}: timed out", retryable=True))
         except Exception as exc:
             # Unclassified (a notifier bug, an httpx error outside timeout/transport): counted and
             # retried, then dead-lettered, like any failure. Left to escape, it ended the task
@@ -146,18 +150,18 @@ class Outbox:
             # down every coalesced batch they joined. Only the type is kept: the text may hold
             # the webhook URL.
             log.error("delivery to %s raised %s", name, type(exc).__name__, exc_info=True)
-            self._failed(name, jobs, DeliveryError(f"{notifier.integration}: {type(exc).__name__}", retryable=True))
+            await self._failed(name, jobs, DeliveryError(f"{notifier.integration}: {type(exc).__name__}", retryable=True))
         else:
-            self._store.delivered(jobs)
+            await asyncio.to_thread(self._store.delivered, jobs)
             self._metrics.deliveries.labels(name, notifier.integration).inc(len(jobs))
             log.info("delivered %d notice(s) to %s", len(jobs), name)
 
-    def _failed(self, name: str, jobs: Sequence[Job], error: DeliveryError) -> None:
+    async def _failed(self, name: str, jobs: Sequence[Job], error: DeliveryError) -> None:
         now = self._clock()
         attempt = max(j.attempts for j in jobs) + 1
         if not error.retryable or attempt >= self._delivery.max_attempts:
             reason = "permanent_failure" if not error.retryable else "retries_exhausted"
-            self._store.dead_letter(jobs, str(error))
+            await asyncio.to_thread(self._store.dead_letter, jobs, str(error))
             self._metrics.dead_letters.labels(reason).inc(len(jobs))
             log.error("dead-lettered %d notice(s) for %s after %d attempt(s): %s", len(jobs), name, attempt, error)
             return
@@ -167,6 +171,6 @@ class Outbox:
             # a day must not hold a destination's pages for a day.
             delay = min(error.retry_after, MAX_RETRY_AFTER_SECONDS)
             self._limits[name].hold_until(now + delay)
-        self._store.reschedule(jobs, now + delay, str(error))
+        await asyncio.to_thread(self._store.reschedule, jobs, now + delay, str(error))
         self._metrics.retries.labels(name, self._notifiers[name].integration).inc(len(jobs))
         log.warning("delivery to %s failed (attempt %d), retrying in %.1fs: %s", name, attempt, delay, error)

@@ -98,3 +98,27 @@ def test_the_relay_answers_while_a_watchdog_check_waits_for_the_store(
     store = open_held(kind, "watchdog", tmp_path, request)
     with serving_while_held(store, FakeClock()) as client:  # the first check starts with the app
         assert_answers(client, store)
+
+
+@pytest.mark.parametrize(("kind", "method"), [("sqlite", "intake_batch"), ("redis", "intake_batch"), ("sqlite", "claim")])
+def test_the_relay_answers_while_a_webhook_or_delivery_waits_for_the_store(
+    kind: str, method: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    store = open_held(kind, method, tmp_path, request)
+    deadlock_breaker = threading.Timer(20, store.release.set)  # as in serving_while_held
+    deadlock_breaker.start()
+    relay = Relay(make_config(), store, Credentials(TOKEN), clock=FakeClock())
+    answers: list[Any] = []
+    with TestClient(create_app(relay)) as client:
+        webhook = threading.Thread(target=lambda: answers.append(
+            client.post(WEBHOOK_PATH, content=body(alert(name="Held")), headers=AUTH).json()))
+        webhook.start()  # its commit (or, for claim, the delivery it queues) waits for the store
+        try:
+            assert store.started.wait(30)
+            assert client.get("/healthz").json() == {"status": "ok"}
+            assert not store.finished.is_set(), "answered only after the held call"
+        finally:
+            deadlock_breaker.cancel()
+            store.release.set()
+        webhook.join(30)
+    assert answers and answers[0]["status"] == "accepted"
