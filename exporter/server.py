@@ -237,7 +237,9 @@ class ExporterServer:
         self.app = _App(store, max_concurrent_scrapes, queue_timeout, auth, simulator)
         self._socket = _listen(address)  # bound here, so that a taken port is an error of the constructor
         config = uvicorn.Config(
-            self.app, http=_Protocol, lifespan="off", log_config=None, access_log=False, proxy_headers=False,
+            # uvicorn's own info lines ("Started server process") would only repeat the exporter's.
+            self.app, http=_Protocol, lifespan="off", log_config=None, log_level="warning", access_log=False,
+            proxy_headers=False,
             server_header=False, date_header=False, limit_concurrency=_MAX_CONNECTIONS, timeout_graceful_shutdown=2,
             timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # a float is fine: it goes to call_later
         )
