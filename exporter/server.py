@@ -203,7 +203,7 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-class _Protocol(HttpToolsProtocol):
+class _IdleTimeoutProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol, with the idle timeout also armed before the first request.
 
     uvicorn starts the keep-alive timeout only after a response, so a client that connects
@@ -238,7 +238,7 @@ class ExporterServer:
         self._socket = _listen(address)  # bound here, so that a taken port is an error of the constructor
         config = uvicorn.Config(
             # uvicorn's own info lines ("Started server process") would only repeat the exporter's.
-            self.app, http=_Protocol, lifespan="off", log_config=None, log_level="warning", access_log=False,
+            self.app, http=_IdleTimeoutProtocol, lifespan="off", log_config=None, log_level="warning", access_log=False,
             proxy_headers=False,
             server_header=False, date_header=False, limit_concurrency=_MAX_CONNECTIONS, timeout_graceful_shutdown=2,
             timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # a float is fine: it goes to call_later
@@ -256,6 +256,8 @@ class ExporterServer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop serving (open connections get up to 2 s); also fine if never started."""
         self._uvicorn.should_exit = True
-        self._thread.join(timeout=5.0)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
         self._socket.close()

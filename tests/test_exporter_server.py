@@ -225,6 +225,12 @@ def test_scrapes_beyond_the_bound_get_503(start_exporter: Callable[..., Exporter
         assert response.status == 200 and len(response.read()) == len(exporter.store.snapshot.body)
 
 
+def test_a_server_never_started_stops_and_frees_its_port() -> None:
+    port = free_port()
+    ExporterServer(SnapshotStore([], "test"), ("127.0.0.1", port)).stop()
+    ExporterServer(SnapshotStore([], "test"), ("127.0.0.1", port)).stop()  # the port is free again
+
+
 def test_a_silent_connection_is_closed_after_the_idle_timeout() -> None:
     server = ExporterServer(SnapshotStore([], "test"), ("127.0.0.1", free_port()), idle_timeout=0.5)
     server.start()

@@ -82,7 +82,7 @@ def _collect(pid: int, pipe: BinaryIO) -> Result:
     pipe.close()
     _, status = os.waitpid(pid, 0)
     if not payload:
-        raise WorkerFailed(f"a planning worker (pid {pid}) ended without a result: {_describe(status)}")
+        raise WorkerFailed(f"a worker (pid {pid}) ended without a result: {_describe(status)}")
     ok, value = pickle.loads(payload)
     if not ok:
         raise value
