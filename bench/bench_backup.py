@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs.backup.verify import verify_archive
+from mlwarden.jobs.backup.verify import verify_archive
 from mlwarden.catalog import Catalog
 
 ROOT = Path(__file__).resolve().parent.parent

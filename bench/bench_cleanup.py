@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs.cleanup import delete, plan, rules
-from jobs.cleanup.cli import automatic_workers
+from mlwarden.jobs.cleanup import delete, plan, rules
+from mlwarden.jobs.cleanup.cli import automatic_workers
 
 DAY = 86400
 RETENTION_DAYS = 30

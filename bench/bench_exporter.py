@@ -34,11 +34,11 @@ TICK = os.sysconf("SC_CLK_TCK")
 def serve_baseline(gpus: int, port: int) -> None:
     from prometheus_client import REGISTRY, start_http_server
 
-    from exporter.backends.simulated import SimulatedBackend
-    from exporter.backends.supervisor import BackendSupervisor
-    from exporter.collectors.gpu import GpuCollector
-    from exporter.collectors.processes import ProcessesCollector
-    from exporter.collectors.xid import XidCollector
+    from mlwarden.exporter.backends.simulated import SimulatedBackend
+    from mlwarden.exporter.backends.supervisor import BackendSupervisor
+    from mlwarden.exporter.collectors.gpu import GpuCollector
+    from mlwarden.exporter.collectors.processes import ProcessesCollector
+    from mlwarden.exporter.collectors.xid import XidCollector
 
     supervisor = BackendSupervisor(SimulatedBackend(gpus=gpus, processes_per_gpu=PROCESSES_PER_GPU))
     collectors = [GpuCollector(supervisor, 1, 1), ProcessesCollector(supervisor, 1, 1, 32), XidCollector(supervisor, 1, 1)]

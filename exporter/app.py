@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 import ssl
 
-from exporter.backends import open_backend
-from exporter.backends.base import BackendUnavailable
-from exporter.backends.simulated import SimulatedBackend
-from exporter.backends.supervisor import BackendSupervisor
-from exporter.cli import ExporterSettings
-from exporter.collectors.artifacts import ArtifactsCollector
-from exporter.collectors.backups import BackupsCollector
-from exporter.collectors.base import Collector
-from exporter.collectors.gpu import GpuCollector
-from exporter.collectors.processes import ProcessesCollector
-from exporter.collectors.xid import XidCollector
-from exporter.loop import CollectionLoop
-from exporter.server import BasicAuth, ExporterServer, tls_context
-from exporter.snapshot import SnapshotStore
+from mlwarden.exporter.backends import open_backend
+from mlwarden.exporter.backends.base import BackendUnavailable
+from mlwarden.exporter.backends.simulated import SimulatedBackend
+from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter.cli import ExporterSettings
+from mlwarden.exporter.collectors.artifacts import ArtifactsCollector
+from mlwarden.exporter.collectors.backups import BackupsCollector
+from mlwarden.exporter.collectors.base import Collector
+from mlwarden.exporter.collectors.gpu import GpuCollector
+from mlwarden.exporter.collectors.processes import ProcessesCollector
+from mlwarden.exporter.collectors.xid import XidCollector
+from mlwarden.exporter.loop import CollectionLoop
+from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
+from mlwarden.exporter.snapshot import SnapshotStore
 from mlwarden import __version__
 
 log = logging.getLogger(__name__)

@@ -75,7 +75,7 @@ class ExporterSettings:
 
 
 def run(settings: ExporterSettings) -> int:
-    from exporter.app import Exporter, ExporterStartError
+    from mlwarden.exporter.app import Exporter, ExporterStartError
 
     try:
         exporter = Exporter.from_settings(settings)

@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from exporter.collectors.base import Collected, Collector
-from exporter.snapshot import SnapshotStore
+from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
-from exporter.snapshot import CONTENT_TYPE, SnapshotStore
+from mlwarden.exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
+from mlwarden.exporter.snapshot import CONTENT_TYPE, SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
-from exporter.collectors.base import Collected
+from mlwarden.exporter.collectors.base import Collected
 
 # The classic text format (what Prometheus 2.x and promtool expect).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -21,13 +21,13 @@ from mlwarden.exitcodes import ExitCode
 # name -> ("module:attribute", one-line help). Keep the help here so that ``mlwarden --help``
 # imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "exporter": ("exporter.cli:COMMAND", "serve GPU, backup and artifact metrics for Prometheus"),
-    "relay": ("relay.cli:COMMAND", "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty"),
-    "backup": ("jobs.backup.cli:BACKUP", "archive, checksum, verify and copy models off-site; apply retention"),
-    "restore": ("jobs.backup.cli:RESTORE", "restore a backup (local or S3), or run a restore drill"),
-    "cleanup": ("jobs.cleanup.cli:COMMAND", "remove old experiment artifacts, behind safety breakers"),
-    "health": ("jobs.health.cli:COMMAND", "check disks, GPUs, services and backup freshness"),
-    "maintain": ("jobs.maintain:COMMAND", "run health, backup and cleanup in order, with one summary"),
+    "exporter": ("mlwarden.exporter.cli:COMMAND", "serve GPU, backup and artifact metrics for Prometheus"),
+    "relay": ("mlwarden.relay.cli:COMMAND", "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty"),
+    "backup": ("mlwarden.jobs.backup.cli:BACKUP", "archive, checksum, verify and copy models off-site; apply retention"),
+    "restore": ("mlwarden.jobs.backup.cli:RESTORE", "restore a backup (local or S3), or run a restore drill"),
+    "cleanup": ("mlwarden.jobs.cleanup.cli:COMMAND", "remove old experiment artifacts, behind safety breakers"),
+    "health": ("mlwarden.jobs.health.cli:COMMAND", "check disks, GPUs, services and backup freshness"),
+    "maintain": ("mlwarden.jobs.maintain:COMMAND", "run health, backup and cleanup in order, with one summary"),
     "demo": ("mlwarden.demo:COMMAND", "run the whole stack locally with simulated GPUs and tell the story"),
 }
 

@@ -22,16 +22,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import intake, payload, watchdog
-from relay.auth import Credentials
-from relay.config import RelayConfig
-from relay.dedup import notification_digest
-from relay.groupcommit import GroupCommit
-from relay.metrics import RelayMetrics
-from relay.notifiers import notifier_for
-from relay.notifiers.base import Notifier
-from relay.outbox import Outbox
-from relay.store.base import IntakeRequest, Store, StoreError
+from mlwarden.relay import intake, payload, watchdog
+from mlwarden.relay.auth import Credentials
+from mlwarden.relay.config import RelayConfig
+from mlwarden.relay.dedup import notification_digest
+from mlwarden.relay.groupcommit import GroupCommit
+from mlwarden.relay.metrics import RelayMetrics
+from mlwarden.relay.notifiers import notifier_for
+from mlwarden.relay.notifiers.base import Notifier
+from mlwarden.relay.outbox import Outbox
+from mlwarden.relay.store.base import IntakeRequest, Store, StoreError
 
 log = logging.getLogger(__name__)
 

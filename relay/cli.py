@@ -13,10 +13,10 @@ import uvicorn
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, parse_size, positive, setting
-from relay import config as relay_config
-from relay.app import Relay, create_app
-from relay.auth import Credentials
-from relay.store import StoreError, check_url, open_store
+from mlwarden.relay import config as relay_config
+from mlwarden.relay.app import Relay, create_app
+from mlwarden.relay.auth import Credentials
+from mlwarden.relay.store import StoreError, check_url, open_store
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from relay.payload import Notification
+from mlwarden.relay.payload import Notification
 
 
 def notification_digest(notification: Notification) -> str:

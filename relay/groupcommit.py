@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.store.base import IntakeRequest, IntakeResult, Store
+from mlwarden.relay.store.base import IntakeRequest, IntakeResult, Store
 
 MAX_BATCH = 64
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from relay.config import RelayConfig
-from relay.notice import FIRING, RESOLVED, Notice
-from relay.payload import Alert, Notification
-from relay.policy import Decision, KeyState, alert_key, decide
-from relay.store.base import IntakeResult, Job
+from mlwarden.relay.config import RelayConfig
+from mlwarden.relay.notice import FIRING, RESOLVED, Notice
+from mlwarden.relay.payload import Alert, Notification
+from mlwarden.relay.policy import Decision, KeyState, alert_key, decide
+from mlwarden.relay.store.base import IntakeResult, Job
 
 
 def is_heartbeat(alert: Alert, config: RelayConfig) -> bool:

@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from relay.config import Watchdog
-from relay.store.base import Store, StoreError
-from relay.watchdog import STATES, heartbeat_state
+from mlwarden.relay.config import Watchdog
+from mlwarden.relay.store.base import Store, StoreError
+from mlwarden.relay.watchdog import STATES, heartbeat_state
 
 
 class RelayMetrics:

@@ -17,10 +17,10 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from relay.config import Delivery, Destination
-from relay.metrics import RelayMetrics
-from relay.notifiers.base import DeliveryError, Notifier
-from relay.store.base import Job, Store, StoreError
+from mlwarden.relay.config import Delivery, Destination
+from mlwarden.relay.metrics import RelayMetrics
+from mlwarden.relay.notifiers.base import DeliveryError, Notifier
+from mlwarden.relay.store.base import Job, Store, StoreError
 
 log = logging.getLogger(__name__)
 MAX_RETRY_AFTER_SECONDS = 3600.0  # Slack and PagerDuty ask for seconds to minutes

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from relay.config import SEVERITIES, Escalation, Route
-from relay.payload import Alert
+from mlwarden.relay.config import SEVERITIES, Escalation, Route
+from mlwarden.relay.payload import Alert
 
 
 @dataclass(frozen=True, slots=True)

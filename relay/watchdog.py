@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 
-from relay.config import Watchdog
-from relay.notice import PIPELINE_DOWN, PIPELINE_UP, Notice
-from relay.store.base import Job, Store
+from mlwarden.relay.config import Watchdog
+from mlwarden.relay.notice import PIPELINE_DOWN, PIPELINE_UP, Notice
+from mlwarden.relay.store.base import Job, Store
 
 NEW, UP, LATE, DOWN = "new", "up", "late", "down"
 STATES = (NEW, UP, LATE, DOWN)

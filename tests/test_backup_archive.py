@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_backup_support import backup, flip_byte, make_models, only_entry, tree
 
-from jobs.backup import archive
-from jobs.backup.verify import verify_archive
+from mlwarden.jobs.backup import archive
+from mlwarden.jobs.backup.verify import verify_archive
 from mlwarden.catalog import Catalog
 
 

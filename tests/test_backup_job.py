@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_backup_support import backup, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
 
-from jobs.backup.job import LOCK_FILE
+from mlwarden.jobs.backup.job import LOCK_FILE
 from mlwarden import components
 from mlwarden.catalog import Catalog
 from mlwarden.components import wait_until
@@ -157,7 +157,7 @@ def test_disk_full_leaves_no_partial_archive_and_no_damaged_earlier_backup(
     assert Catalog(small_disk).incomplete() == []
     assert not any(p.name.endswith(".tmp") for p in small_disk.rglob("*"))
     assert tree(earlier.directory) == earlier_files
-    from jobs.backup.verify import verify_archive
+    from mlwarden.jobs.backup.verify import verify_archive
 
     assert verify_archive(earlier).ok
 
@@ -226,7 +226,7 @@ def test_textfile_metrics_pass_promtool(tmp_path: Path, promtool: str) -> None:
 
 
 def test_retention_days_from_the_old_scripts_means_keep_daily() -> None:
-    from jobs.backup.cli import BackupSettings
+    from mlwarden.jobs.backup.cli import BackupSettings
     from mlwarden import settings
 
     loaded = settings.load(BackupSettings, "backup", [], {"MODEL_DIR": "/m", "BACKUP_DIR": "/b", "RETENTION_DAYS": "14", "DRY_RUN": "1"})

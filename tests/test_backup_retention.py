@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from jobs.backup.retention import Candidate, Policy, decide
+from mlwarden.jobs.backup.retention import Candidate, Policy, decide
 
 
 def at(text: str) -> float:

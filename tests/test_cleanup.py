@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobs.cleanup import cli as cleanup_cli
-from jobs.cleanup import delete, plan, rules
+from mlwarden.jobs.cleanup import cli as cleanup_cli
+from mlwarden.jobs.cleanup import delete, plan, rules
 from mlwarden import cli, settings
 from mlwarden.exitcodes import ExitCode
 

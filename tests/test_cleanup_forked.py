@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cleanup.forked import WorkerFailed, fork_map
+from mlwarden.jobs.cleanup.forked import WorkerFailed, fork_map
 
 
 def _gone(pid: int) -> bool:

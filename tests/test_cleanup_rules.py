@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jobs.cleanup.rules import NameScreen, Protection, is_best, is_checkpoint
+from mlwarden.jobs.cleanup.rules import NameScreen, Protection, is_best, is_checkpoint
 
 # Fragments that make names near the rules' boundaries: prefixes, suffixes, 'best' in odd cases.
 FRAGMENTS = [

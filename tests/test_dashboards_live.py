@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs.report import JobReport
+from mlwarden.jobs.report import JobReport
 from mlwarden import components
 
 REPO = Path(__file__).resolve().parent.parent

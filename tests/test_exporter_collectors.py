@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import procinfo
-from exporter.backends.base import GpuLost, XidEvent
-from exporter.backends.simulated import SimulatedBackend
-from exporter.backends.supervisor import BackendSupervisor
-from exporter.collectors.artifacts import ArtifactsCollector
-from exporter.collectors.backups import BackupsCollector
-from exporter.collectors.base import Collected, Collector
-from exporter.collectors import xid as xid_module
-from exporter.collectors.xid import XidCollector
-from exporter.snapshot import SnapshotStore, render
+from mlwarden.exporter import procinfo
+from mlwarden.exporter.backends.base import GpuLost, XidEvent
+from mlwarden.exporter.backends.simulated import SimulatedBackend
+from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter.collectors.artifacts import ArtifactsCollector
+from mlwarden.exporter.collectors.backups import BackupsCollector
+from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.collectors import xid as xid_module
+from mlwarden.exporter.collectors.xid import XidCollector
+from mlwarden.exporter.snapshot import SnapshotStore, render
 from mlwarden.catalog import Catalog, FileRecord, Manifest, OffsiteCopy, Verification
 
 
@@ -250,7 +250,7 @@ def test_snapshot_freshness_and_staleness() -> None:
 
 
 def test_processes_collector_works_without_the_gpu_collector() -> None:
-    from exporter.collectors.processes import ProcessesCollector
+    from mlwarden.exporter.collectors.processes import ProcessesCollector
 
     supervisor = BackendSupervisor(SimulatedBackend(gpus=2, processes_per_gpu=2))  # nobody started it yet
     found = samples(ProcessesCollector(supervisor, 1.0, 1.0, max_processes=8))

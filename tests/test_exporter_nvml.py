@@ -20,19 +20,19 @@ import pynvml
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import cli as exporter_cli
-from exporter.backends import nvml as nvml_backend
-from exporter.app import Exporter
-from exporter.backends.base import THROTTLE_REASONS, BackendUnavailable, GpuBackend
-from exporter.backends.nvml import NvmlBackend
-from exporter.backends.supervisor import Backoff, BackendSupervisor
-from exporter.collectors.base import Collector
-from exporter.collectors.gpu import GpuCollector
-from exporter.collectors.processes import ProcessesCollector
-from exporter.collectors.xid import XidCollector
-from exporter.loop import CollectionLoop
-from exporter.server import ExporterServer
-from exporter.snapshot import SnapshotStore, render
+from mlwarden.exporter import cli as exporter_cli
+from mlwarden.exporter.backends import nvml as nvml_backend
+from mlwarden.exporter.app import Exporter
+from mlwarden.exporter.backends.base import THROTTLE_REASONS, BackendUnavailable, GpuBackend
+from mlwarden.exporter.backends.nvml import NvmlBackend
+from mlwarden.exporter.backends.supervisor import Backoff, BackendSupervisor
+from mlwarden.exporter.collectors.base import Collector
+from mlwarden.exporter.collectors.gpu import GpuCollector
+from mlwarden.exporter.collectors.processes import ProcessesCollector
+from mlwarden.exporter.collectors.xid import XidCollector
+from mlwarden.exporter.loop import CollectionLoop
+from mlwarden.exporter.server import ExporterServer
+from mlwarden.exporter.snapshot import SnapshotStore, render
 from mlwarden import settings
 from mlwarden.components import free_port, wait_until
 from mlwarden.exitcodes import ExitCode

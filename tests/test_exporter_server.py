@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import Exporter
-from exporter.cli import ExporterSettings
-from exporter.server import ExporterServer
-from exporter.snapshot import Snapshot, SnapshotStore
+from mlwarden.exporter.app import Exporter
+from mlwarden.exporter.cli import ExporterSettings
+from mlwarden.exporter.server import ExporterServer
+from mlwarden.exporter.snapshot import Snapshot, SnapshotStore
 from mlwarden import settings
 from mlwarden.components import free_port, wait_until
 

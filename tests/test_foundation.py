@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.report import JobReport
+from mlwarden.jobs.report import JobReport
 from mlwarden import catalog, fsutil, logs
 from mlwarden.lock import JobLock, LockHeld
 

@@ -16,9 +16,9 @@ import httpx
 import pynvml
 import pytest
 
-from jobs.health import cli as health_cli
-from jobs.health import disk, gpu, output
-from jobs.health.result import Result, Status
+from mlwarden.jobs.health import cli as health_cli
+from mlwarden.jobs.health import disk, gpu, output
+from mlwarden.jobs.health.result import Result, Status
 from mlwarden import components, settings
 from mlwarden.catalog import Catalog, Manifest, Verification
 from mlwarden.components import free_port

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobs import maintain
+from mlwarden.jobs import maintain
 from mlwarden.catalog import Catalog
 from mlwarden import cli, settings
 from mlwarden.command import Command

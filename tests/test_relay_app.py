@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from relay import watchdog
-from relay.app import WEBHOOK_PATH, Relay, create_app
-from relay.auth import Credentials
-from relay.store.base import StoreError
-from relay.store.sqlite import SQLiteStore
+from mlwarden.relay import watchdog
+from mlwarden.relay.app import WEBHOOK_PATH, Relay, create_app
+from mlwarden.relay.auth import Credentials
+from mlwarden.relay.store.base import StoreError
+from mlwarden.relay.store.sqlite import SQLiteStore
 from tests.test_relay_support import TOKEN, FakeClock, alert, body, make_config, payload
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

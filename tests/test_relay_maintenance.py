@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mlwarden import components
-from relay.app import WEBHOOK_PATH, Relay, create_app
-from relay.auth import Credentials
-from relay.store.base import RETENTION_SECONDS, Store
-from relay.store.redis import RedisStore
-from relay.store.sqlite import SQLiteStore
+from mlwarden.relay.app import WEBHOOK_PATH, Relay, create_app
+from mlwarden.relay.auth import Credentials
+from mlwarden.relay.store.base import RETENTION_SECONDS, Store
+from mlwarden.relay.store.redis import RedisStore
+from mlwarden.relay.store.sqlite import SQLiteStore
 from tests.test_relay_stores import dead_payload_bodies
 from tests.test_relay_support import TOKEN, FakeClock, alert, body, make_config
 

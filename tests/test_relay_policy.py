@@ -7,11 +7,11 @@ import json
 import pytest
 
 from mlwarden import settings
-from relay import config as relay_config
-from relay.cli import RelaySettings
-from relay import intake, payload, watchdog
-from relay.dedup import notification_digest
-from relay.policy import KeyState, decide
+from mlwarden.relay import config as relay_config
+from mlwarden.relay.cli import RelaySettings
+from mlwarden.relay import intake, payload, watchdog
+from mlwarden.relay.dedup import notification_digest
+from mlwarden.relay.policy import KeyState, decide
 from tests.test_relay_support import ENV, FakeClock, alert, body, config_dict, make_config
 
 MIN, HOUR = 60.0, 3600.0

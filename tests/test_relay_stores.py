@@ -17,19 +17,19 @@ import pytest
 import respx
 
 from mlwarden import components
-from relay.app import Relay
-from relay.auth import Credentials
-from relay.notice import Notice
-from relay.store import open_store
-from relay import intake, payload
-from relay.dedup import notification_digest
-from relay.groupcommit import GroupCommit
-from relay.store import redis as redis_store
-from relay.store import sqlite as sqlite_store
-from relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError
-from relay.store.redis import DEAD_JOBS, DEAD_PAYLOADS, RedisStore
-from relay.store.redis import PREFIX as REDIS_PREFIX
-from relay.store.sqlite import SQLiteStore
+from mlwarden.relay.app import Relay
+from mlwarden.relay.auth import Credentials
+from mlwarden.relay.notice import Notice
+from mlwarden.relay.store import open_store
+from mlwarden.relay import intake, payload
+from mlwarden.relay.dedup import notification_digest
+from mlwarden.relay.groupcommit import GroupCommit
+from mlwarden.relay.store import redis as redis_store
+from mlwarden.relay.store import sqlite as sqlite_store
+from mlwarden.relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError
+from mlwarden.relay.store.redis import DEAD_JOBS, DEAD_PAYLOADS, RedisStore
+from mlwarden.relay.store.redis import PREFIX as REDIS_PREFIX
+from mlwarden.relay.store.sqlite import SQLiteStore
 from tests.test_relay_support import SLACK_URL, FakeClock, accept, alert, body, make_config
 
 

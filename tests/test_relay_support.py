@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from relay import config as relay_config
+from mlwarden.relay import config as relay_config
 
 SLACK_URL = "https://hooks.slack.test/services/T000/B000/XXXX"
 ONCALL_URL = "https://hooks.slack.test/services/T000/B000/ONCALL"
@@ -76,8 +76,8 @@ def body(*alerts: dict[str, Any], **kw: Any) -> bytes:
 
 def accept(store: Any, config: relay_config.RelayConfig, raw: bytes, now: float) -> Any:
     """Run one webhook body through intake into ``store``, as the app does (None: duplicate)."""
-    from relay import intake, payload
-    from relay.dedup import notification_digest
+    from mlwarden.relay import intake, payload
+    from mlwarden.relay.dedup import notification_digest
 
     notification = payload.parse(raw)
     return store.intake(

@@ -22,9 +22,9 @@ import boto3
 import pytest
 from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
 
-from jobs.backup import job as job_module
-from jobs.backup import restore as restore_module
-from jobs.backup.job import LOCK_FILE
+from mlwarden.jobs.backup import job as job_module
+from mlwarden.jobs.backup import restore as restore_module
+from mlwarden.jobs.backup.job import LOCK_FILE
 from mlwarden import components
 from mlwarden.catalog import Catalog, FileRecord, Manifest
 
@@ -248,7 +248,7 @@ def test_restore_from_s3_after_the_machine_lost_its_disk(tmp_path: Path, s3_env:
 def test_a_restore_from_s3_downloads_next_to_the_target_not_into_the_backup_dir(
     tmp_path: Path, s3_env: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jobs.backup import restore as restore_module
+    from mlwarden.jobs.backup import restore as restore_module
 
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", *s3_env) == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exporter.backends.base import GpuBackend
+from mlwarden.exporter.backends.base import GpuBackend
 
 
 def open_backend(kind: str, simulated_gpus: int = 2, simulated_processes: int = 3) -> GpuBackend:
@@ -12,11 +12,11 @@ def open_backend(kind: str, simulated_gpus: int = 2, simulated_processes: int = 
     ``mlwarden_nvml_up 0`` rather than plausible numbers nobody measured.
     """
     if kind == "simulated":
-        from exporter.backends.simulated import SimulatedBackend
+        from mlwarden.exporter.backends.simulated import SimulatedBackend
 
         return SimulatedBackend(gpus=simulated_gpus, processes_per_gpu=simulated_processes)
     if kind in ("auto", "nvml"):
-        from exporter.backends.nvml import NvmlBackend
+        from mlwarden.exporter.backends.nvml import NvmlBackend
 
         return NvmlBackend()
     raise ValueError(f"unknown GPU backend {kind!r}")

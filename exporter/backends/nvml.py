@@ -15,7 +15,7 @@ from typing import Any
 
 import pynvml
 
-from exporter.backends.base import (
+from mlwarden.exporter.backends.base import (
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
     REMAPPED_ROW_STATES,

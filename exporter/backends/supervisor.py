@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from exporter.backends.base import BackendUnavailable, GpuBackend, GpuIdentity
+from mlwarden.exporter.backends.base import BackendUnavailable, GpuBackend, GpuIdentity
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
-from exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.collectors.base import Collected, Collector
 
 log = logging.getLogger(__name__)
 

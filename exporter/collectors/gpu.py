@@ -15,15 +15,15 @@ import logging
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.backends.base import (
+from mlwarden.exporter.backends.base import (
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
     BackendUnavailable,
     GpuLost,
     GpuReading,
 )
-from exporter.backends.supervisor import BackendSupervisor
-from exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
 
 log = logging.getLogger(__name__)
 

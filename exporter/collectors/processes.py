@@ -11,10 +11,10 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
-from exporter import procinfo
-from exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess
-from exporter.backends.supervisor import BackendSupervisor
-from exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter import procinfo
+from mlwarden.exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess
+from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
 
 
 class ProcessesCollector(Collector):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from exporter.backends.base import XidEvent
-from exporter.backends.supervisor import BackendSupervisor
-from exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.backends.base import XidEvent
+from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
-from jobs.backup.overlap import Overlap
-from jobs.backup.tarstream import CHUNK_BYTES
+from mlwarden.jobs.backup.overlap import Overlap
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
 from mlwarden.catalog import CHECKSUMS, FileRecord
 from mlwarden.fsutil import atomic_write_text, atomic_writer
 

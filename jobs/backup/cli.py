@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.backup.archive import LEVEL_RANGES
-from jobs.backup.job import run_backup, run_restore
-from jobs.backup.s3config import STORAGE_CLASSES, S3Location
-from jobs.backup.retention import Policy
-from jobs.report import PUSHGATEWAY_ENV
+from mlwarden.jobs.backup.archive import LEVEL_RANGES
+from mlwarden.jobs.backup.job import run_backup, run_restore
+from mlwarden.jobs.backup.s3config import STORAGE_CLASSES, S3Location
+from mlwarden.jobs.backup.retention import Policy
+from mlwarden.jobs.report import PUSHGATEWAY_ENV
 from mlwarden.command import Command
 from mlwarden.settings import in_range, parse_duration, parse_size, parse_url, positive, setting
 

@@ -31,19 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.backup import archive, retention
-from jobs.backup.s3config import OffsiteError, S3Location
-from jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, entry_from_s3, restore_entry
-from jobs.backup.tarstream import ArchiveError
-from jobs.backup.verify import verify_and_record
-from jobs.report import JobReport
+from mlwarden.jobs.backup import archive, retention
+from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
+from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, entry_from_s3, restore_entry
+from mlwarden.jobs.backup.tarstream import ArchiveError
+from mlwarden.jobs.backup.verify import verify_and_record
+from mlwarden.jobs.report import JobReport
 from mlwarden.catalog import MANIFEST, BackupEntry, Catalog, CatalogError, Manifest
 from mlwarden.exitcodes import ExitCode
 from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
 
 if TYPE_CHECKING:
-    from jobs.backup.cli import BackupSettings, RestoreSettings
+    from mlwarden.jobs.backup.cli import BackupSettings, RestoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry
     if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == location.key(entry.name, entry.manifest.archive):
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True
-    from jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
+    from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
 
     try:
         copy = OffsiteStore(location).upload(entry)
@@ -250,7 +250,7 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
         _delete_local(by_name[name])
     if location is None or not settings.s3_retention:
         return True
-    from jobs.backup.offsite import OffsiteStore
+    from mlwarden.jobs.backup.offsite import OffsiteStore
 
     try:
         store = OffsiteStore(location)

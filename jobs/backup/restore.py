@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.backup.s3config import S3Location
-from jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, hash_file, members
+from mlwarden.jobs.backup.s3config import S3Location
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, hash_file, members
 from mlwarden.catalog import BackupEntry, Catalog, Manifest
 from mlwarden.fsutil import fsync_dir
 from mlwarden.terminal import Progress
@@ -176,7 +176,7 @@ def _put_back(old: Path, target: Path, staging: Path, cause: OSError) -> None:
 @contextlib.contextmanager
 def entry_from_s3(location: S3Location, name: str, near: Path) -> Iterator[BackupEntry]:
     """Download backup ``name`` (or ``latest``) from S3 into a temporary directory next to ``near``."""
-    from jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
+    from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
 
     store = OffsiteStore(location)
     manifest: Manifest = store.manifest(name)

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from jobs.backup.overlap import Overlap
+from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.catalog import FileRecord, Manifest
 
 CHUNK_BYTES = 8 * 2**20  # large reads: fewer syscalls, and hashlib/zstd release the GIL per call

@@ -12,8 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from jobs.backup.overlap import Overlap
-from jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, members
+from mlwarden.jobs.backup.overlap import Overlap
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, members
 from mlwarden.catalog import BackupEntry, Catalog, Verification
 
 log = logging.getLogger(__name__)

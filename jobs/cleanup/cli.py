@@ -13,8 +13,8 @@ from pathlib import Path
 
 from prometheus_client import Gauge
 
-from jobs.cleanup import delete, fileops, plan, rules, safety
-from jobs.report import PUSHGATEWAY_ENV, JobReport
+from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_size, parse_url, positive, setting

@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from jobs.cleanup import fileops
-from jobs.cleanup.plan import RootPlan
+from mlwarden.jobs.cleanup import fileops
+from mlwarden.jobs.cleanup.plan import RootPlan
 from mlwarden.terminal import Progress
 
 log = logging.getLogger(__name__)

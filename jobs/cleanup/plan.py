@@ -30,7 +30,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jobs.cleanup import fileops, forked, rules
+from mlwarden.jobs.cleanup import fileops, forked, rules
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from jobs.health.result import Result, Status
+from mlwarden.jobs.health.result import Result, Status
 from mlwarden.catalog import Catalog
 
 

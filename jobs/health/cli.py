@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.health import backups, disk, gpu, output, services
-from jobs.health.result import Result, Status
-from jobs.report import PUSHGATEWAY_ENV, JobReport
+from mlwarden.jobs.health import backups, disk, gpu, output, services
+from mlwarden.jobs.health.result import Result, Status
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_url, positive, setting

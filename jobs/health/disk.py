@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from jobs.health.result import Result, Status
+from mlwarden.jobs.health.result import Result, Status
 from mlwarden.terminal import human_bytes
 
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import pynvml
 
-from jobs.health.result import Result, Status
+from mlwarden.jobs.health.result import Result, Status
 
 
 class GpuSettings(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from jobs.health.result import Result
+from mlwarden.jobs.health.result import Result
 
 
 def as_json(results: Sequence[Result]) -> str:

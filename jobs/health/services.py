@@ -6,7 +6,7 @@ from typing import Protocol
 
 import httpx
 
-from jobs.health.result import Result, Status
+from mlwarden.jobs.health.result import Result, Status
 
 
 class ServiceSettings(Protocol):

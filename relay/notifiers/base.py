@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import httpx
 
 from mlwarden import logs
-from relay.notice import Notice
+from mlwarden.relay.notice import Notice
 
 
 class DeliveryError(Exception):

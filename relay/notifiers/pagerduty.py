@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import httpx
 
-from relay.config import Destination
-from relay.notice import PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from relay.notifiers.base import Notifier, post_json, truncate
-from relay.notifiers.slack import headline
+from mlwarden.relay.config import Destination
+from mlwarden.relay.notice import PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
+from mlwarden.relay.notifiers.base import Notifier, post_json, truncate
+from mlwarden.relay.notifiers.slack import headline
 
 SUMMARY_LIMIT = 1024
 EVENT_LIMIT_BYTES = 512 * 1024

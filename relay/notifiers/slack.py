@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import httpx
 
-from relay.config import Destination
-from relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from relay.notifiers.base import Notifier, post_json, truncate
+from mlwarden.relay.config import Destination
+from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
+from mlwarden.relay.notifiers.base import Notifier, post_json, truncate
 
 SECTION_TEXT_LIMIT = 3000
 HEADER_TEXT_LIMIT = 150

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relay.store.base import Store, StoreError
+from mlwarden.relay.store.base import Store, StoreError
 
 
 SQLITE_SCHEME = "sqlite:///"
@@ -20,10 +20,10 @@ def check_url(url: str) -> str:
 
 def open_store(url: str) -> Store:
     if check_url(url).startswith(SQLITE_SCHEME):
-        from relay.store.sqlite import SQLiteStore
+        from mlwarden.relay.store.sqlite import SQLiteStore
 
         return SQLiteStore(Path(url.removeprefix("sqlite://")))
-    from relay.store.redis import RedisStore
+    from mlwarden.relay.store.redis import RedisStore
 
     return RedisStore(url)
 

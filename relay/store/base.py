@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.notice import Notice
-from relay.policy import Decision, KeyState
+from mlwarden.relay.notice import Notice
+from mlwarden.relay.policy import Decision, KeyState
 
 PENDING = "pending"
 DEAD = "dead"

@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
-from relay.policy import KeyState
-from relay.store.base import DEAD, RETENTION_SECONDS, IntakeResult, Job, Planner, Store, StoreError
+from mlwarden.relay.policy import KeyState
+from mlwarden.relay.store.base import DEAD, RETENTION_SECONDS, IntakeResult, Job, Planner, Store, StoreError
 
 PREFIX = "mlwarden:relay:"
 PENDING_BY_AGE = PREFIX + "pending"  # every pending job, scored by creation time (depth, oldest age)

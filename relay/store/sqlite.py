@@ -26,9 +26,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from relay.notice import Notice
-from relay.policy import KeyState
-from relay.store.base import (
+from mlwarden.relay.notice import Notice
+from mlwarden.relay.policy import KeyState
+from mlwarden.relay.store.base import (
     DEAD, PENDING, RETENTION_SECONDS, IntakeRequest, IntakeResult, Job, Planner, Store, StoreError,
 )
 
