@@ -10,7 +10,7 @@ demo: bootstrap
 test: bootstrap
 	.venv/bin/python -m pytest $(ARGS)
 
-# Regenerate the README's configuration tables from the settings classes.
+# Regenerate the configuration tables in README.md and docs/ from the settings classes.
 docs: bootstrap
 	.venv/bin/python -m mlwarden.docgen
 

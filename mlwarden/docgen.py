@@ -1,8 +1,8 @@
-"""Keep the README's configuration tables true: they are generated from the settings classes.
+"""Keep the documentation's configuration tables true: they are generated from the settings classes.
 
 ``python -m mlwarden.docgen`` rewrites every block between ``<!-- settings:NAME -->`` and
-``<!-- /settings:NAME -->`` in README.md; ``--check`` exits 1 if any is stale (the test
-suite runs it, so a new flag without documentation fails the build).
+``<!-- /settings:NAME -->`` in README.md and docs/*.md; ``--check`` exits 1 if any is stale
+or missing (the test suite runs it, so a new flag without documentation fails the build).
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from pathlib import Path
 
 from mlwarden import cli, settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def _default_text(opt: settings.Option) -> str:
@@ -71,28 +75,28 @@ def render(text: str, generated: dict[str, str]) -> str:
     return text
 
 
-def missing_blocks(text: str, generated: dict[str, str]) -> list[str]:
-    return [name for name in generated if f"<!-- settings:{name} -->" not in text]
+def missing_blocks(texts: list[str], generated: dict[str, str]) -> list[str]:
+    return [name for name in generated if not any(f"<!-- settings:{name} -->" in t for t in texts)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a table is stale or missing")
     args = parser.parse_args(argv)
     generated = blocks()
-    text = README.read_text(encoding="utf-8")
-    new = render(text, generated)
-    missing = missing_blocks(text, generated)
+    texts = {page: page.read_text(encoding="utf-8") for page in pages()}
+    stale = [page.name for page, text in texts.items() if render(text, generated) != text]
+    missing = missing_blocks(list(texts.values()), generated)
     if args.check:
-        if new != text or missing:
-            print("README.md configuration tables are stale or missing "
-                  f"({', '.join(missing) or 'content differs'}): run python -m mlwarden.docgen",
-                  file=sys.stderr)
+        if stale or missing:
+            print("configuration tables are stale or missing "
+                  f"({', '.join(stale + missing)}): run python -m mlwarden.docgen", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new, encoding="utf-8")
+    for page, text in texts.items():
+        page.write_text(render(text, generated), encoding="utf-8")
     if missing:
-        print("add markers to README.md for: " + ", ".join(missing), file=sys.stderr)
+        print("add markers to a page of docs/ for: " + ", ".join(missing), file=sys.stderr)
         return 1
     return 0
 
