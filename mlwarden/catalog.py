@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,34 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATUS = "status.json"
 CHECKSUMS = "SHA256SUMS"
+ARCHIVE_EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
+# <source slug>-<UTC start>: what ``backup_name`` makes. Its character set has no separator,
+# so a name that matches is one path component and never "." or "..".
+_BACKUP_NAME = re.compile(r"[A-Za-z0-9._-]+-\d{8}T\d{6}Z")
 
 log = logging.getLogger(__name__)
 
 
 class CatalogError(ValueError):
     """A manifest or status file exists but cannot be read as this format."""
+
+
+def check_backup_name(name: object) -> str:
+    """``name`` if it is a backup's name, else CatalogError: names come from manifests and
+    buckets that others can write, and become paths and keys."""
+    if not isinstance(name, str) or not _BACKUP_NAME.fullmatch(name):
+        raise CatalogError(f"not a backup name: {name!r} (expected <source>-<YYYYmmddTHHMMSSZ>)")
+    return name
+
+
+def _load_json(text: str | bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise CatalogError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CatalogError(f"{what} is not a JSON object")
+    return data
 
 
 @dataclass(frozen=True)
@@ -66,17 +89,29 @@ class Manifest:
     files: tuple[FileRecord, ...]
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        check_backup_name(self.name)
+        extension = ARCHIVE_EXTENSIONS.get(self.compression)
+        if extension is None:
+            raise CatalogError(f"manifest of {self.name}: unknown compression {self.compression!r}")
+        if self.archive != self.name + extension:
+            raise CatalogError(f"manifest of {self.name}: archive {self.archive!r} is not {self.name + extension!r}")
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_json(cls, text: str | bytes, what: str = "manifest") -> Manifest:
+        """Parse a manifest from a catalog or a bucket; anything unexpected is a CatalogError naming ``what``."""
+        data = _load_json(text, what)
         try:
             files = tuple(FileRecord(**f) for f in data["files"])
             fields = {f.name for f in dataclasses.fields(cls)} - {"files"}
             return cls(files=files, **{k: v for k, v in data.items() if k in fields})
         except (KeyError, TypeError) as exc:
-            raise CatalogError(f"manifest is missing or has wrong fields: {exc}") from None
+            raise CatalogError(f"{what} is missing or has wrong fields: {exc}") from None
+        except CatalogError as exc:
+            raise CatalogError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -105,7 +140,8 @@ class Status:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Status:
+    def from_json(cls, text: str | bytes, what: str = "status") -> Status:
+        data = _load_json(text, what)
         try:
             ver = data.get("verification")
             off = data.get("offsite")
@@ -114,7 +150,7 @@ class Status:
                 offsite=OffsiteCopy(**off) if off else None,
             )
         except TypeError as exc:
-            raise CatalogError(f"status has wrong fields: {exc}") from None
+            raise CatalogError(f"{what} has wrong fields: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -178,25 +214,29 @@ class Catalog:
             if entry is None:
                 raise CatalogError(f"no backups in {self.root}")
             return entry
-        if "/" in name or name in ("", ".", ".."):
-            raise CatalogError(f"not a backup name: {name!r}")
-        entry = self.read(self.root / name)
+        entry = self.read(self.root / check_backup_name(name))
         if entry is None:
             raise CatalogError(f"no backup named {name!r} in {self.root}")
         return entry
 
     @staticmethod
     def read(directory: Path) -> BackupEntry | None:
+        """The backup in ``directory``, None without a manifest; CatalogError (one line naming
+        the file) when its manifest or status cannot be read."""
         manifest_path = directory / MANIFEST
         try:
-            manifest_data = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest = Manifest.from_json(manifest_path.read_bytes(), str(manifest_path))
         except FileNotFoundError:
             return None
-        manifest = Manifest.from_dict(manifest_data)
+        except OSError as exc:
+            raise CatalogError(f"cannot read {manifest_path}: {exc.strerror}") from None
         status_path = directory / STATUS
-        status = Status()
-        if status_path.exists():
-            status = Status.from_dict(json.loads(status_path.read_text(encoding="utf-8")))
+        try:
+            status = Status.from_json(status_path.read_bytes(), str(status_path))
+        except FileNotFoundError:
+            status = Status()
+        except OSError as exc:
+            raise CatalogError(f"cannot read {status_path}: {exc.strerror}") from None
         return BackupEntry(directory=directory, manifest=manifest, status=status)
 
     @staticmethod

@@ -12,7 +12,7 @@ from test_backup_support import backup, flip_byte, make_models, only_entry, tree
 
 from mlwarden.jobs.backup import archive
 from mlwarden.jobs.backup.verify import verify_archive
-from mlwarden.catalog import Catalog
+from mlwarden.catalog import ARCHIVE_EXTENSIONS, Catalog
 
 
 @pytest.mark.parametrize(("compression", "tar_flag"), [("zstd", "--zstd"), ("gzip", "--gzip"), ("none", "")])
@@ -20,7 +20,7 @@ def test_real_tar_extracts_it_and_sha256sum_accepts_the_checksums(tmp_path: Path
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", "--compression", compression) == 0
     entry = only_entry(tmp_path / "backups")
-    assert entry.archive_path.name.endswith(archive.EXTENSIONS[compression])
+    assert entry.archive_path.name.endswith(ARCHIVE_EXTENSIONS[compression])
 
     subprocess.run(["sha256sum", "-c", "--strict", entry.archive_path.name + ".sha256"], cwd=entry.directory, check=True, capture_output=True)
     out = tmp_path / "extracted"

@@ -30,12 +30,11 @@ import zstandard
 
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
-from mlwarden.catalog import CHECKSUMS, FileRecord
+from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord
 from mlwarden.fsutil import atomic_write_text, atomic_writer
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
 # zstd level 1, not the CLI's 3: on float weights the higher levels only cost time (the
 # mantissa bytes are noise to any compressor); measured in bench/bench_backup.py.
 DEFAULT_LEVELS = {"zstd": 1, "gzip": 6, "none": None}
@@ -96,7 +95,7 @@ def scan(source: Path) -> list[SourceFile]:
 
 
 def archive_name(backup_name: str, compression: str) -> str:
-    return backup_name + EXTENSIONS[compression]
+    return backup_name + ARCHIVE_EXTENSIONS[compression]
 
 
 def write_archive(

@@ -14,7 +14,6 @@ whole copy, by :func:`with_retries` with jittered exponential backoff.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -29,7 +28,8 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
-from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy
+from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy, check_backup_name
+from mlwarden.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,11 @@ class OffsiteStore:
             raise OffsiteError(f"s3://{self.location.bucket}/{key} does not match the local archive (hash or size)")
 
     def manifests(self) -> list[Manifest]:
-        """The committed backups in the bucket (those whose manifest was uploaded), oldest first."""
+        """The committed backups in the bucket (those whose manifest was uploaded), oldest first.
+
+        A manifest that is not one of ours (bad JSON, a name that is not a backup's, an
+        archive name other than the backup's own, a name other than its key's) is logged
+        and left out: anyone who can write to the prefix can put one there."""
         loc = self.location
         prefix = loc.prefix.strip("/") + "/" if loc.prefix.strip("/") else ""
 
@@ -126,8 +130,10 @@ class OffsiteStore:
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/" + MANIFEST) and obj["Key"].count("/") == prefix.count("/") + 1:
-                        body = self._s3.get_object(Bucket=loc.bucket, Key=obj["Key"])["Body"].read()
-                        found.append(Manifest.from_dict(json.loads(body)))
+                        try:
+                            found.append(self._read_manifest(obj["Key"][len(prefix) : -len("/" + MANIFEST)]))
+                        except CatalogError as exc:
+                            log.error("ignoring s3://%s/%s: %s", loc.bucket, obj["Key"], exc)
             return sorted(found, key=lambda m: (m.started_at, m.name))
 
         return with_retries(f"listing of {loc.url}", loc.attempts, loc.retry_base_seconds, listing)
@@ -139,15 +145,23 @@ class OffsiteStore:
                 raise CatalogError(f"no backups in {self.location.url}")
             return found[-1]
         loc = self.location
+        check_backup_name(name)
+        return with_retries(f"download of the manifest of {name}", loc.attempts, loc.retry_base_seconds, lambda: self._read_manifest(name))
 
-        def fetch() -> Manifest:
-            body = self._s3.get_object(Bucket=loc.bucket, Key=loc.key(name, MANIFEST))["Body"].read()
-            return Manifest.from_dict(json.loads(body))
-
-        return with_retries(f"download of the manifest of {name}", loc.attempts, loc.retry_base_seconds, fetch)
+    def _read_manifest(self, name: str) -> Manifest:
+        """The manifest stored under backup ``name``'s key, validated (CatalogError otherwise)."""
+        key = self.location.key(check_backup_name(name), MANIFEST)
+        body = self._s3.get_object(Bucket=self.location.bucket, Key=key)["Body"].read()
+        manifest = Manifest.from_json(body, f"s3://{self.location.bucket}/{key}")
+        if manifest.name != name:
+            raise CatalogError(f"s3://{self.location.bucket}/{key} names another backup, {manifest.name!r}")
+        return manifest
 
     def download(self, manifest: Manifest, directory: Path) -> None:
-        """Download a backup's files into ``directory`` (archive, checksums, manifest)."""
+        """Download a backup's files into ``directory``, a private staging directory (archive,
+        checksums, and the manifest as already read and validated, not downloaded again).
+        Only names the manifest's own validation allows become paths; the archive's hash is
+        checked by the restore before anything is extracted."""
         loc = self.location
         archive_key = loc.key(manifest.name, manifest.archive)
 
@@ -159,8 +173,9 @@ class OffsiteStore:
                     "(aws s3api restore-object), wait for it, then run the restore again"
                 )
             self._s3.download_file(loc.bucket, archive_key, str(directory / manifest.archive), Config=self._transfer_config(manifest.archive_bytes))
-            for file_name in (manifest.archive + ".sha256", CHECKSUMS, MANIFEST):
+            for file_name in (manifest.archive + ".sha256", CHECKSUMS):
                 self._s3.download_file(loc.bucket, loc.key(manifest.name, file_name), str(directory / file_name))
+            atomic_write_text(directory / MANIFEST, manifest.to_json())
 
         with_retries(f"download of {manifest.name} from {loc.url}", loc.attempts, loc.retry_base_seconds, fetch)
 
