@@ -209,11 +209,15 @@ class Catalog:
         return entries[-1] if entries else None
 
     def get(self, name: str) -> BackupEntry:
+        """Backup ``name``; ``latest`` is the newest not marked failed by a verification."""
         if name == "latest":
-            entry = self.latest()
-            if entry is None:
-                raise CatalogError(f"no backups in {self.root}")
-            return entry
+            entries = self.entries()
+            for entry in reversed(entries):
+                verification = entry.status.verification
+                if verification is None or verification.ok:
+                    return entry
+                log.warning("skipping backup %s for latest: it failed verification (%s)", entry.name, verification.detail)
+            raise CatalogError(f"no backups in {self.root}" if not entries else f"no backup in {self.root} that did not fail verification")
         entry = self.read(self.root / check_backup_name(name))
         if entry is None:
             raise CatalogError(f"no backup named {name!r} in {self.root}")

@@ -84,16 +84,24 @@ def test_verify_catches_a_member_changed_inside_an_uncompressed_archive(tmp_path
     assert "config.json" in result.detail
 
 
-def test_a_damaged_backup_of_the_day_is_recorded_and_replaced_by_a_new_one(tmp_path: Path) -> None:
+def test_a_damaged_backup_of_the_day_is_recorded_replaced_and_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups") == 0
     damaged = only_entry(tmp_path / "backups")
     flip_byte(damaged.archive_path)
-    # Same day: the run verifies the existing backup, finds the damage and makes a new one.
-    assert backup(models, tmp_path / "backups") == 0
+    # Same day: the run verifies the existing backup, finds the damage, makes a new one, and
+    # still fails: a damaged backup is news, not a detail.
+    assert backup(models, tmp_path / "backups", "--textfile-dir", tmp_path) == 1
     old, new = Catalog(tmp_path / "backups").entries()
     assert old.name == damaged.name and old.verified is False
     assert new.verified is True
+    assert f"backup {damaged.name} is damaged" in capsys.readouterr().err
+    metrics = (tmp_path / "mlwarden_backup.prom").read_text()
+    assert "mlwarden_backup_damaged_found 1.0" in metrics and "mlwarden_job_success 0.0" in metrics
+    assert "mlwarden_backup_verified 1.0" in metrics  # the new one is good
+    # The next run checks the day's good backup: nothing newly damaged (the exporter keeps showing the old one).
+    assert backup(models, tmp_path / "backups", "--textfile-dir", tmp_path) == 0
+    assert "mlwarden_backup_damaged_found 0.0" in (tmp_path / "mlwarden_backup.prom").read_text()
 
 
 def test_symlinked_files_are_backed_up_by_content_and_link_loops_are_harmless(tmp_path: Path) -> None:

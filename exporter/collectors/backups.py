@@ -65,6 +65,13 @@ class BackupsCollector(Collector):
         verified = gauge("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
         offsite = gauge("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
         partial = gauge("mlwarden_backup_incomplete", "Backup directories without a readable manifest (interrupted runs, corrupt or unreadable catalog files).")
+        damaged = GaugeMetricFamily(
+            "mlwarden_backup_damaged", "1 for each backup whose last verification failed (kept for inspection; restore latest skips it).",
+            labels=["backup_dir", "backup"],
+        )
+        for entry in entries:
+            if entry.verified is False:
+                damaged.add_metric([*labels, entry.name], 1)
         count.add_metric(labels, len(entries))
         size.add_metric(labels, sum(e.manifest.archive_bytes for e in entries))
         partial.add_metric(labels, len(incomplete) + len(unreadable))
@@ -74,7 +81,7 @@ class BackupsCollector(Collector):
             offsite.add_metric(labels, 1 if latest.status.offsite is not None else 0)
             if latest.verified is not None:
                 verified.add_metric(labels, 1 if latest.verified else 0)
-        return Collected([count, newest, size, verified, offsite, partial])
+        return Collected([count, newest, size, verified, offsite, partial, damaged])
 
     def _log_unreadable(self, unreadable: dict[Path, Exception]) -> None:
         """Warn about each unreadable backup once per distinct state; forget those readable (or gone) now."""

@@ -27,7 +27,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +65,7 @@ class Outcome:
     files: int = 0
     verified: bool | None = None
     offsite_ok: bool | None = None  # None: no S3 configured
+    damaged: list[str] = field(default_factory=list)  # existing backups found damaged or unreadable
 
 
 def backup_name(source: Path, when: float) -> str:
@@ -109,6 +110,9 @@ def _report_outcome(report: JobReport, outcome: Outcome) -> None:
     report.gauge("mlwarden_backup_written_bytes", "Bytes of archive written by the last backup run.").set(outcome.written_bytes)
     report.gauge("mlwarden_backup_files", "Files in the backup made or checked by the last run.").set(outcome.files)
     report.gauge("mlwarden_backup_verified", "1 if the last run's backup passed verification, else 0.").set(1 if outcome.verified else 0)
+    report.gauge(
+        "mlwarden_backup_damaged_found", "Existing backups the last run found damaged or unreadable (the run fails while this is above 0)."
+    ).set(len(outcome.damaged))
     if outcome.offsite_ok is not None:
         report.gauge("mlwarden_backup_offsite_success", "1 if the last run's off-site copy succeeded, else 0.").set(1 if outcome.offsite_ok else 0)
 
@@ -116,14 +120,21 @@ def _report_outcome(report: JobReport, outcome: Outcome) -> None:
 def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> int:
     catalog = Catalog(settings.backup_dir)
     _remove_interrupted(catalog)
-    entry = None if settings.force else _existing_for_period(catalog, source, settings.period, time.time())
+
+    def unreadable(directory: Path, exc: Exception) -> None:
+        log.error("backup %s is unreadable (left as it is; this run fails): %s", directory, exc)
+        outcome.damaged.append(directory.name)
+
+    entries = catalog.entries(on_unreadable=unreadable)
+    entry = None if settings.force else _existing_for_period(entries, source, settings.period, time.time())
     if entry is not None:
         log.info("backup %s already exists for this %s; verifying it (use --force for a new one)", entry.name, settings.period)
         entry, result = verify_and_record(entry)
         if result.ok:
             outcome.files, outcome.verified = len(entry.manifest.files), True
         else:
-            log.warning("backup %s is damaged (kept for inspection); making a new one", entry.name)
+            log.error("backup %s is damaged (kept for inspection, marked failed); making a new one, and this run fails", entry.name)
+            outcome.damaged.append(entry.name)
             entry = None
     if entry is None:
         entry = _create(settings, source, outcome)
@@ -141,7 +152,7 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
         ok = ok and bool(outcome.offsite_ok)
     if not _apply_retention(settings, catalog, source, location):
         ok = False
-    return ExitCode.OK if ok else ExitCode.FAILURE
+    return ExitCode.OK if ok and not outcome.damaged else ExitCode.FAILURE
 
 
 def _remove_interrupted(catalog: Catalog) -> None:
@@ -151,11 +162,11 @@ def _remove_interrupted(catalog: Catalog) -> None:
             shutil.rmtree(directory)
 
 
-def _existing_for_period(catalog: Catalog, source: Path, period: str, now: float) -> BackupEntry | None:
+def _existing_for_period(entries: list[BackupEntry], source: Path, period: str, now: float) -> BackupEntry | None:
     key = _period_key(period, now)
     if key is None:
         return None
-    for entry in reversed(catalog.entries()):
+    for entry in reversed(entries):
         if entry.manifest.source == str(source) and _period_key(period, entry.manifest.started_at) == key:
             return entry
     return None
@@ -281,7 +292,7 @@ def _dry_run(settings: BackupSettings, source: Path) -> None:
     for directory in catalog.incomplete():
         if _BACKUP_NAME.match(directory.name):
             log.info("dry run: would remove %s (an interrupted backup run)", directory)
-    existing = None if settings.force else _existing_for_period(catalog, source, settings.period, now)
+    existing = None if settings.force else _existing_for_period(catalog.entries(), source, settings.period, now)
     if existing is not None:
         log.info("dry run: backup %s exists for this %s; would verify it and stop", existing.name, settings.period)
     else:
