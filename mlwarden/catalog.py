@@ -10,10 +10,16 @@ Layout under the backup directory::
         manifest.json              written last: the commit marker
         status.json                mutable: last verification, off-site copy (optional)
 
-A directory without ``manifest.json`` is not a backup (it is an interrupted run and is
-ignored, then cleaned up by the next run). ``manifest.json`` never changes once written;
-what happens to a backup later (verification, upload) goes to ``status.json``, which is
-rewritten atomically.
+A backup is written in a staging directory, ``.mlwarden-staging-<pid>-<name>``, and renamed
+to ``<name>`` once its manifest is written. Work directories are hidden and carry the pid of
+the run that made them: ``.drill-<pid>-*`` (a restore drill's scratch), ``.download-<pid>-*``
+(a download from S3, private: mode 0700) and, next to a restore's target,
+``.<target>.restore-<pid>-*``. Only such directories, once their process is gone, are ever
+removed as left over (:func:`stale_staging`). A visible directory without ``manifest.json``
+is not a backup, and is never removed: it is reported (an operator's directory, or a backup
+whose manifest was deleted, which is still restorable by hand). ``manifest.json`` never
+changes once written; what happens to a backup later (verification, upload) goes to
+``status.json``, which is rewritten atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +45,13 @@ ARCHIVE_EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
 # <source slug>-<UTC start>: what ``backup_name`` makes. Its character set has no separator,
 # so a name that matches is one path component and never "." or "..".
 _BACKUP_NAME = re.compile(r"[A-Za-z0-9._-]+-\d{8}T\d{6}Z")
+BACKUP_STAGING = ".mlwarden-staging-"
+DRILL_STAGING = ".drill-"
+DOWNLOAD_STAGING = ".download-"
+# What a run may leave in the backup directory when it is killed: a backup being written, a
+# drill's scratch, a download from S3 (for a drill).
+BACKUP_DIR_STAGING = (BACKUP_STAGING, DRILL_STAGING, DOWNLOAD_STAGING)
+_PID = re.compile(r"(\d{1,9})-")
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,46 @@ def check_backup_name(name: object) -> str:
     if not isinstance(name, str) or not _BACKUP_NAME.fullmatch(name):
         raise CatalogError(f"not a backup name: {name!r} (expected <source>-<YYYYmmddTHHMMSSZ>)")
     return name
+
+
+def staging_dir(parent: Path, prefix: str, name: str = "") -> Path:
+    """A new work directory ``<prefix><pid>-<name>`` in ``parent``; without ``name`` a random
+    one, private (0700). A named one gets the usual mode: a backup's becomes the backup."""
+    if name:
+        path = parent / f"{prefix}{os.getpid()}-{name}"
+        path.mkdir()
+        return path
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def stale_staging(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
+    """Work directories in ``parent`` named with one of ``prefixes`` whose process is gone
+    (or that carry no pid: made by a version before pids were in the name)."""
+    found = []
+    try:
+        with os.scandir(parent) as it:
+            for item in it:
+                prefix = next((p for p in prefixes if item.name.startswith(p)), None)
+                if prefix is None or not item.is_dir(follow_symlinks=False):
+                    continue
+                pid = _PID.match(item.name[len(prefix) :])
+                if pid is None or not _alive(int(pid.group(1))):
+                    found.append(Path(item.path))
+    except FileNotFoundError:
+        pass
+    return sorted(found)
 
 
 def _load_json(text: str | bytes, what: str) -> dict[str, Any]:
@@ -201,7 +255,7 @@ class Catalog:
         return result
 
     def incomplete(self) -> list[Path]:
-        """Backup directories without a manifest: interrupted runs."""
+        """Visible directories without a manifest: not backups, never removed, reported."""
         return [d for d in self._candidate_dirs() if not (d / MANIFEST).exists()]
 
     def latest(self) -> BackupEntry | None:

@@ -248,18 +248,18 @@ def test_restore_from_s3_after_the_machine_lost_its_disk(tmp_path: Path, s3_env:
 def test_a_restore_from_s3_downloads_next_to_the_target_not_into_the_backup_dir(
     tmp_path: Path, s3_env: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mlwarden.jobs.backup import restore as restore_module
+    from mlwarden import catalog
 
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", *s3_env) == 0
     made_in: list[Path] = []
-    mkdtemp = restore_module.tempfile.mkdtemp
+    mkdtemp = catalog.tempfile.mkdtemp
 
     def recording_mkdtemp(**kwargs: str | Path) -> str:
         made_in.append(Path(kwargs["dir"]))
         return mkdtemp(**kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(restore_module.tempfile, "mkdtemp", recording_mkdtemp)
+    monkeypatch.setattr(catalog.tempfile, "mkdtemp", recording_mkdtemp)
     target = tmp_path / "other-disk" / "models"
     assert restore("latest", "--from-s3", *s3_env, "--backup-dir", tmp_path / "backups", "--to", target) == 0
     assert tree(target) == tree(models)

@@ -2,7 +2,8 @@
 
 Backup, under the job lock in BACKUP_DIR:
 
-1. remove interrupted runs (backup directories without a manifest);
+1. remove what killed runs left (staging directories whose process is gone); report, and
+   leave alone, visible directories without a manifest;
 2. if a backup of this source exists for the current period (UTC day by default), verify it,
    make sure its off-site copy exists, apply retention and stop (unless ``--force``);
 3. otherwise archive in one pass, commit the manifest, verify, copy off-site, apply retention.
@@ -21,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,18 @@ from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStr
 from mlwarden.jobs.backup.tarstream import ArchiveError
 from mlwarden.jobs.backup.verify import verify_and_record
 from mlwarden.jobs.report import JobReport
-from mlwarden.catalog import MANIFEST, BackupEntry, Catalog, CatalogError, Manifest
+from mlwarden.catalog import (
+    BACKUP_DIR_STAGING,
+    BACKUP_STAGING,
+    DRILL_STAGING,
+    BackupEntry,
+    Catalog,
+    CatalogError,
+    Manifest,
+    stale_staging,
+    staging_dir,
+)
+from mlwarden.fsutil import fsync_dir
 from mlwarden.exitcodes import ExitCode
 from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
@@ -49,7 +61,6 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".mlwarden-backup.lock"
 _LOCK_POLL_SECONDS = 1.0
-_BACKUP_NAME = re.compile(r"^.+-\d{8}T\d{6}Z$")
 
 
 class BackupFailed(RuntimeError):
@@ -119,7 +130,8 @@ def _report_outcome(report: JobReport, outcome: Outcome) -> None:
 
 def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> int:
     catalog = Catalog(settings.backup_dir)
-    _remove_interrupted(catalog)
+    remove_stale_staging(settings.backup_dir)
+    _report_not_backups(catalog)
 
     def unreadable(directory: Path, exc: Exception) -> None:
         log.error("backup %s is unreadable (left as it is; this run fails): %s", directory, exc)
@@ -155,11 +167,19 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
     return ExitCode.OK if ok and not outcome.damaged else ExitCode.FAILURE
 
 
-def _remove_interrupted(catalog: Catalog) -> None:
+def remove_stale_staging(parent: Path, prefixes: tuple[str, ...] = BACKUP_DIR_STAGING) -> None:
+    """Remove the work directories that killed runs left in ``parent``: only ours, by name and dead pid."""
+    for directory in stale_staging(parent, prefixes):
+        log.warning("removing %s: left behind by a run that was killed", directory)
+        shutil.rmtree(directory)
+
+
+def _report_not_backups(catalog: Catalog) -> None:
     for directory in catalog.incomplete():
-        if _BACKUP_NAME.match(directory.name):  # never remove a directory we did not create
-            log.warning("removing %s: an interrupted backup run (no manifest)", directory)
-            shutil.rmtree(directory)
+        log.warning(
+            "%s has no manifest: not a backup, left alone (a backup whose manifest.json was deleted can still be "
+            "restored by hand with tar and SHA256SUMS; counted in the exporter's mlwarden_backup_incomplete)", directory,
+        )
 
 
 def _existing_for_period(entries: list[BackupEntry], source: Path, period: str, now: float) -> BackupEntry | None:
@@ -172,23 +192,21 @@ def _existing_for_period(entries: list[BackupEntry], source: Path, period: str, 
     return None
 
 
-def _new_backup_dir(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
-    """A fresh directory for a backup started now; names have one-second resolution, so a
+def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
+    """The staging directory of a backup started now; names have one-second resolution, so a
     second backup within the same second (``--force``) waits for the next one."""
     while True:
         started = time.time()
         name = backup_name(source, started)
-        try:
-            (backup_dir / name).mkdir()
-            return backup_dir / name, name, started
-        except FileExistsError:
-            time.sleep(1.0 - started % 1.0 + 0.01)
+        if not (backup_dir / name).exists():
+            return staging_dir(backup_dir, BACKUP_STAGING, name), name, started
+        time.sleep(1.0 - started % 1.0 + 0.01)
 
 
 def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupEntry:
     files = archive.scan(source)
     total = sum(f.size for f in files)
-    directory, name, started = _new_backup_dir(settings.backup_dir, source)
+    directory, name, started = _new_staging(settings.backup_dir, source)
     archive_path = directory / archive.archive_name(name, settings.compression)
     log.info("backing up %s (%d files, %s) to %s", source, len(files), human_bytes(total), archive_path)
     progress = Progress(f"backup {name}", total)
@@ -210,7 +228,11 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             total_bytes=result.read_bytes,
             files=result.files,
         )
-        entry = Catalog.commit(directory, manifest)
+        Catalog.commit(directory, manifest)
+        final = settings.backup_dir / name
+        os.rename(directory, final)  # the commit: from here on the backup exists
+        fsync_dir(settings.backup_dir)
+        entry = BackupEntry(directory=final, manifest=manifest)
     except (OSError, archive.SourceChanged) as exc:
         shutil.rmtree(directory, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -220,6 +242,9 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
                 f"{human_bytes(total)} before compression); the partial archive was removed and earlier backups are untouched"
             ) from None
         raise BackupFailed(f"{exc}; the partial archive was removed and earlier backups are untouched") from None
+    except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing half-made behind
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     seconds = max(manifest.finished_at - started, 1e-9)
     outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
     log.info(
@@ -278,10 +303,11 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
 
 
 def _delete_local(entry: BackupEntry) -> None:
-    # The manifest goes first: if the deletion is interrupted, what is left is an
-    # incomplete backup (cleaned up by the next run), never a backup with missing files.
-    (entry.directory / MANIFEST).unlink()
-    shutil.rmtree(entry.directory)
+    # Renamed to a staging name first: if the deletion is interrupted, what is left is a
+    # staging directory (removed by the next run), never a backup with missing files.
+    doomed = entry.directory.with_name(f"{BACKUP_STAGING}{os.getpid()}-{entry.directory.name}")
+    os.rename(entry.directory, doomed)
+    shutil.rmtree(doomed)
 
 
 def _dry_run(settings: BackupSettings, source: Path) -> None:
@@ -289,9 +315,10 @@ def _dry_run(settings: BackupSettings, source: Path) -> None:
     total = sum(f.size for f in files)
     catalog = Catalog(settings.backup_dir)
     now = time.time()
+    for directory in stale_staging(settings.backup_dir, BACKUP_DIR_STAGING):
+        log.info("dry run: would remove %s (left behind by a run that was killed)", directory)
     for directory in catalog.incomplete():
-        if _BACKUP_NAME.match(directory.name):
-            log.info("dry run: would remove %s (an interrupted backup run)", directory)
+        log.info("dry run: %s has no manifest: not a backup, would be left alone", directory)
     existing = None if settings.force else _existing_for_period(catalog.entries(), source, settings.period, now)
     if existing is not None:
         log.info("dry run: backup %s exists for this %s; would verify it and stop", existing.name, settings.period)
@@ -369,7 +396,8 @@ def _run_drill(settings: RestoreSettings) -> int:
 
 
 def _drill(settings: RestoreSettings, parent: Path) -> RestoreResult:
-    scratch = Path(tempfile.mkdtemp(dir=parent, prefix=".drill-"))
+    remove_stale_staging(parent)
+    scratch = staging_dir(parent, DRILL_STAGING)
     try:
         return _restore(settings, scratch / "restored", overwrite=False)
     finally:

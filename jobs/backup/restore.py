@@ -29,7 +29,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, hash_file, members
-from mlwarden.catalog import BackupEntry, Catalog, Manifest
+from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, Manifest, stale_staging, staging_dir
 from mlwarden.fsutil import fsync_dir
 from mlwarden.terminal import Progress
 
@@ -72,7 +71,10 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> 
     if actual != manifest.archive_sha256 or size != manifest.archive_bytes:
         raise ArchiveError(f"archive {entry.archive_path} does not match its manifest's SHA-256: it is damaged; nothing was extracted")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restore-"))
+    for stale in stale_staging(target.parent, (_restore_prefix(target),)):
+        log.warning("removing %s: left behind by a restore to %s that was killed", stale, target)
+        shutil.rmtree(stale)
+    staging = staging_dir(target.parent, _restore_prefix(target))
     try:
         files = _extract(entry, staging, _process_umask())
         _swap_into_place(staging, target, overwrite)
@@ -84,6 +86,10 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> 
     seconds = time.monotonic() - started
     log.info("restored %s (%d files) into %s in %.1fs; every file matches the manifest", entry.name, files, target, seconds)
     return RestoreResult(entry.name, target, files, manifest.total_bytes, seconds)
+
+
+def _restore_prefix(target: Path) -> str:
+    return f".{target.name}.restore-"
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -181,7 +187,7 @@ def entry_from_s3(location: S3Location, name: str, near: Path) -> Iterator[Backu
     store = OffsiteStore(location)
     manifest: Manifest = store.manifest(name)
     near.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(dir=near, prefix=".download-"))
+    directory = staging_dir(near, DOWNLOAD_STAGING)  # private: mode 0700
     try:
         log.info("downloading %s (%d bytes) from %s", manifest.name, manifest.archive_bytes, location.url)
         store.download(manifest, directory)
