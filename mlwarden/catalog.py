@@ -37,7 +37,7 @@ from typing import Any
 
 from mlwarden.fsutil import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: links, skipped, excludes, rewritten (1 still reads: they are empty)
 MANIFEST = "manifest.json"
 STATUS = "status.json"
 CHECKSUMS = "SHA256SUMS"
@@ -128,6 +128,22 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class LinkRecord:
+    """A symbolic link, stored as a link (never followed): restored as a link."""
+
+    path: str  # relative to the source directory, '/'-separated
+    target: str  # what the link points at, as read by readlink
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """Something in the source that a tar of model files does not hold: a FIFO, a socket, a device."""
+
+    path: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     source: str  # absolute path of the backed-up directory
@@ -141,6 +157,10 @@ class Manifest:
     archive_sha256: str
     total_bytes: int  # sum of the files' sizes before compression
     files: tuple[FileRecord, ...]
+    links: tuple[LinkRecord, ...] = ()
+    skipped: tuple[SkippedRecord, ...] = ()
+    excludes: tuple[str, ...] = ()  # the --exclude patterns of the run
+    rewritten: tuple[str, ...] = ()  # files stored twice: changed during the first read, the later copy counts
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -159,9 +179,15 @@ class Manifest:
         """Parse a manifest from a catalog or a bucket; anything unexpected is a CatalogError naming ``what``."""
         data = _load_json(text, what)
         try:
-            files = tuple(FileRecord(**f) for f in data["files"])
-            fields = {f.name for f in dataclasses.fields(cls)} - {"files"}
-            return cls(files=files, **{k: v for k, v in data.items() if k in fields})
+            records = {
+                "files": tuple(FileRecord(**f) for f in data["files"]),
+                "links": tuple(LinkRecord(**f) for f in data.get("links", ())),
+                "skipped": tuple(SkippedRecord(**f) for f in data.get("skipped", ())),
+                "excludes": tuple(str(p) for p in data.get("excludes", ())),
+                "rewritten": tuple(str(p) for p in data.get("rewritten", ())),
+            }
+            fields = {f.name for f in dataclasses.fields(cls)} - set(records)
+            return cls(**records, **{k: v for k, v in data.items() if k in fields})
         except (KeyError, TypeError) as exc:
             raise CatalogError(f"{what} is missing or has wrong fields: {exc}") from None
         except CatalogError as exc:

@@ -102,13 +102,3 @@ def test_a_damaged_backup_of_the_day_is_recorded_replaced_and_fails_the_run(tmp_
     # The next run checks the day's good backup: nothing newly damaged (the exporter keeps showing the old one).
     assert backup(models, tmp_path / "backups", "--textfile-dir", tmp_path) == 0
     assert "mlwarden_backup_damaged_found 0.0" in (tmp_path / "mlwarden_backup.prom").read_text()
-
-
-def test_symlinked_files_are_backed_up_by_content_and_link_loops_are_harmless(tmp_path: Path) -> None:
-    models = make_models(tmp_path / "models")
-    (models / "alias.json").symlink_to(models / "config.json")
-    (models / "loop").symlink_to(models, target_is_directory=True)
-    assert backup(models, tmp_path / "backups") == 0
-    paths = [f.path for f in only_entry(tmp_path / "backups").manifest.files]
-    assert "alias.json" in paths
-    assert not any(p.startswith("loop/") for p in paths)

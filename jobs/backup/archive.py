@@ -14,13 +14,15 @@ that GNU tar extracts (``tar --zstd -xf``).
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import gzip
 import hashlib
 import logging
 import os
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import zstandard
 
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
-from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord
+from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, LinkRecord, SkippedRecord
 from mlwarden.fsutil import atomic_write_text, atomic_writer
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ class SourceChanged(RuntimeError):
     """A file changed size while it was being archived (something is still writing it)."""
 
 
+class SourceUnreadable(RuntimeError):
+    """Files or directories under the source cannot be read: the backup would miss them."""
+
+
 @dataclass(frozen=True)
 class SourceFile:
     path: Path  # absolute
@@ -54,6 +60,15 @@ class SourceFile:
     size: int
     mtime: float
     mode: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a backup covers: regular files and symlinks (stored as links), plus what it cannot hold."""
+
+    files: list[SourceFile]
+    links: list[LinkRecord]
+    skipped: list[SkippedRecord]  # FIFOs, sockets, devices
 
 
 @dataclass(frozen=True)
@@ -69,29 +84,70 @@ class _Writable(Protocol):
     def write(self, data: bytes | memoryview, /) -> int: ...
 
 
-def scan(source: Path) -> list[SourceFile]:
-    """The regular files under ``source``, sorted by path.
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+_UNREADABLE_NAMED = 5  # paths named in the error; the log has them all
 
-    Symlinks to files are followed (the content is what must survive); symlinked
-    directories are not descended into, so a link loop cannot make the backup endless.
+
+def excluded(relative: str, patterns: Sequence[str]) -> bool:
+    """Whether ``--exclude`` patterns leave ``relative`` out: fnmatch on the relative path
+    (``*`` crosses ``/``), and on the base name for a pattern without ``/``."""
+    name = relative.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(relative, p) or ("/" not in p and fnmatch.fnmatchcase(name, p)) for p in patterns)
+
+
+def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
+    """Everything under ``source`` except what ``excludes`` leaves out, sorted by path.
+
+    Nothing is dropped silently: a file or directory that cannot be read raises
+    :class:`SourceUnreadable` naming it; symlinks (to files or directories) are kept as
+    links and never followed, so a link loop cannot make the backup endless; FIFOs, sockets
+    and devices are listed as skipped.
     """
-    found: list[SourceFile] = []
-    for root, dirs, names in os.walk(source):
-        dirs.sort()
-        for name in sorted(names):
-            path = Path(root) / name
+    files: list[SourceFile] = []
+    links: list[LinkRecord] = []
+    skipped: list[SkippedRecord] = []
+    unreadable: list[str] = []
+    pending = [""]
+    while pending:
+        relative_dir = pending.pop()
+        directory = source / relative_dir if relative_dir else source
+        try:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            unreadable.append(f"{directory} ({exc.strerror})")
+            continue
+        for child in children:
+            relative = f"{relative_dir}/{child.name}" if relative_dir else child.name
+            if excluded(relative, excludes):
+                continue
             try:
-                info = path.stat()
+                info = child.stat(follow_symlinks=False)
+                if stat.S_ISLNK(info.st_mode):
+                    links.append(LinkRecord(relative, os.readlink(child.path)))
+                elif stat.S_ISDIR(info.st_mode):
+                    pending.append(relative)
+                elif stat.S_ISREG(info.st_mode):
+                    if not os.access(child.path, os.R_OK):
+                        raise PermissionError(errno.EACCES, "Permission denied")
+                    files.append(SourceFile(Path(child.path), relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
+                else:
+                    kind = next(k for test, k in _SPECIAL_KINDS if test(info.st_mode))
+                    log.warning("not backing up %s: a %s (listed as skipped in the manifest)", child.path, kind)
+                    skipped.append(SkippedRecord(relative, kind))
             except FileNotFoundError:
-                log.warning("skipping %s: broken symlink or removed during the scan", path)
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                log.warning("skipping %s: not a regular file", path)
-                continue
-            relative = path.relative_to(source).as_posix()
-            found.append(SourceFile(path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
-    found.sort(key=lambda f: f.relative)
-    return found
+                log.warning("%s was removed during the scan: not backed up", child.path)
+            except OSError as exc:
+                unreadable.append(f"{child.path} ({exc.strerror})")
+    if unreadable:
+        for path in unreadable:
+            log.error("cannot read %s", path)
+        more = f" and {len(unreadable) - _UNREADABLE_NAMED} more" if len(unreadable) > _UNREADABLE_NAMED else ""
+        raise SourceUnreadable(
+            f"cannot read {', '.join(unreadable[:_UNREADABLE_NAMED])}{more}: fix the permissions, run as a user "
+            "who can read them, or leave them out on purpose with --exclude"
+        )
+    return Source(sorted(files, key=lambda f: f.relative), sorted(links, key=lambda link: link.path), skipped)
 
 
 def archive_name(backup_name: str, compression: str) -> str:
@@ -99,25 +155,27 @@ def archive_name(backup_name: str, compression: str) -> str:
 
 
 def write_archive(
-    files: list[SourceFile],
+    source: Source,
     destination: Path,
     compression: str,
     level: int | None,
     threads: int = 0,
     on_progress: Callable[[int], None] = lambda _: None,
 ) -> ArchiveResult:
-    """Archive ``files`` into ``destination`` (complete or absent, never partial)."""
+    """Archive ``source`` into ``destination`` (complete or absent, never partial)."""
     chosen_level = DEFAULT_LEVELS[compression] if level is None else level
     records: list[FileRecord] = []
     with atomic_writer(destination) as raw:
         sink = _HashingSink(raw)
         with _compressor(sink, compression, chosen_level or 0, threads) as out:
-            for source_file in files:
+            for source_file in source.files:
                 out.write(_header(source_file))
                 records.append(_copy_file(source_file, out, on_progress))
                 padding = -source_file.size % _BLOCK
                 if padding:
                     out.write(b"\0" * padding)
+            for link in source.links:
+                out.write(_link_header(link))
             out.write(_END_OF_ARCHIVE)
     return ArchiveResult(
         path=destination,
@@ -148,6 +206,15 @@ def _header(source_file: SourceFile) -> bytes:
     info.mtime = int(source_file.mtime)
     info.mode = source_file.mode
     info.type = tarfile.REGTYPE
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _link_header(link: LinkRecord) -> bytes:
+    info = tarfile.TarInfo(link.path)
+    info.type = tarfile.SYMTYPE
+    info.linkname = link.target
+    info.mode = 0o777
     info.uname = info.gname = ""
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 

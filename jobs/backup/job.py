@@ -74,6 +74,7 @@ class Outcome:
     read_bytes: int = 0
     written_bytes: int = 0
     files: int = 0
+    skipped: int = 0  # FIFOs, sockets, devices: listed in the manifest, not archived
     verified: bool | None = None
     offsite_ok: bool | None = None  # None: no S3 configured
     damaged: list[str] = field(default_factory=list)  # existing backups found damaged or unreadable
@@ -98,8 +99,7 @@ def run_backup(settings: BackupSettings) -> int:
         log.error("model directory %s does not exist or is not a directory", source)
         return ExitCode.USAGE
     if settings.dry_run:
-        _dry_run(settings, source)
-        return ExitCode.OK
+        return _dry_run(settings, source)
     outcome = Outcome()
     code = ExitCode.FAILURE
     with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
@@ -120,6 +120,9 @@ def _report_outcome(report: JobReport, outcome: Outcome) -> None:
     report.gauge("mlwarden_backup_read_bytes", "Bytes of model files read by the last backup run.").set(outcome.read_bytes)
     report.gauge("mlwarden_backup_written_bytes", "Bytes of archive written by the last backup run.").set(outcome.written_bytes)
     report.gauge("mlwarden_backup_files", "Files in the backup made or checked by the last run.").set(outcome.files)
+    report.gauge(
+        "mlwarden_backup_skipped_special_files", "FIFOs, sockets and devices in the model directory: listed in the manifest as skipped, not archived."
+    ).set(outcome.skipped)
     report.gauge("mlwarden_backup_verified", "1 if the last run's backup passed verification, else 0.").set(1 if outcome.verified else 0)
     report.gauge(
         "mlwarden_backup_damaged_found", "Existing backups the last run found damaged or unreadable (the run fails while this is above 0)."
@@ -143,7 +146,7 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
         log.info("backup %s already exists for this %s; verifying it (use --force for a new one)", entry.name, settings.period)
         entry, result = verify_and_record(entry)
         if result.ok:
-            outcome.files, outcome.verified = len(entry.manifest.files), True
+            outcome.files, outcome.skipped, outcome.verified = len(entry.manifest.files), len(entry.manifest.skipped), True
         else:
             log.error("backup %s is damaged (kept for inspection, marked failed); making a new one, and this run fails", entry.name)
             outcome.damaged.append(entry.name)
@@ -204,14 +207,17 @@ def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
 
 
 def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupEntry:
-    files = archive.scan(source)
-    total = sum(f.size for f in files)
+    try:
+        scanned = archive.scan(source, settings.exclude)
+    except archive.SourceUnreadable as exc:
+        raise BackupFailed(str(exc)) from None
+    total = sum(f.size for f in scanned.files)
     directory, name, started = _new_staging(settings.backup_dir, source)
     archive_path = directory / archive.archive_name(name, settings.compression)
-    log.info("backing up %s (%d files, %s) to %s", source, len(files), human_bytes(total), archive_path)
+    log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
     progress = Progress(f"backup {name}", total)
     try:
-        result = archive.write_archive(files, archive_path, settings.compression, settings.level, settings.threads, progress.advance)
+        result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance)
         progress.finish()
         archive.write_checksums(directory, result)
         manifest = Manifest(
@@ -227,6 +233,9 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             archive_sha256=result.sha256,
             total_bytes=result.read_bytes,
             files=result.files,
+            links=tuple(scanned.links),
+            skipped=tuple(scanned.skipped),
+            excludes=tuple(settings.exclude),
         )
         Catalog.commit(directory, manifest)
         final = settings.backup_dir / name
@@ -247,6 +256,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
         raise
     seconds = max(manifest.finished_at - started, 1e-9)
     outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
+    outcome.skipped = len(manifest.skipped)
     log.info(
         "backup %s written: %s -> %s (ratio %.3f) in %.1fs (%s/s)",
         name, human_bytes(result.read_bytes), human_bytes(result.archive_bytes),
@@ -310,8 +320,12 @@ def _delete_local(entry: BackupEntry) -> None:
     shutil.rmtree(doomed)
 
 
-def _dry_run(settings: BackupSettings, source: Path) -> None:
-    files = archive.scan(source)
+def _dry_run(settings: BackupSettings, source: Path) -> int:
+    try:
+        files = archive.scan(source, settings.exclude).files
+    except archive.SourceUnreadable as exc:
+        log.error("dry run: a backup would FAIL: %s", exc)
+        return ExitCode.FAILURE
     total = sum(f.size for f in files)
     catalog = Catalog(settings.backup_dir)
     now = time.time()
@@ -338,6 +352,7 @@ def _dry_run(settings: BackupSettings, source: Path) -> None:
         for name, reasons in decision.keep.items():
             log.info("dry run: retention keeps %s (%s)", name, ", ".join(reasons))
     log.info("dry run: nothing was changed")
+    return ExitCode.OK
 
 
 # --- restore ------------------------------------------------------------------------------
@@ -365,9 +380,9 @@ def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> Restor
         # The download goes next to the target, like the restore's staging directory: the
         # disk the operator made room on (for a drill, its scratch directory).
         with entry_from_s3(location, settings.name, target.absolute().parent) as entry:
-            return restore_entry(entry, target, overwrite)
+            return restore_entry(entry, target, overwrite, settings.restore_external_links)
     assert settings.backup_dir is not None
-    return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite)
+    return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite, settings.restore_external_links)
 
 
 def _run_drill(settings: RestoreSettings) -> int:

@@ -12,6 +12,10 @@ The order of a restore is what makes it safe on a bad day:
    is renamed aside first; if the new content cannot then take its place, the old content
    is put back, and if even that fails, one log line says where both are.
 
+Symlinks come back as symlinks, created after every file, and only where they resolve
+inside the target (an absolute target, or one that leads out, is listed in the log and
+left out, unless ``--restore-external-links``).
+
 Restored files get the archived permission bits without setuid/setgid/sticky, less the
 process umask (what GNU tar does for a user other than root); the restored directories get
 what ``mkdir`` gives under that umask.
@@ -36,7 +40,7 @@ from pathlib import Path
 
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, hash_file, members
-from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, Manifest, stale_staging, staging_dir
+from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, LinkRecord, Manifest, stale_staging, staging_dir
 from mlwarden.fsutil import fsync_dir
 from mlwarden.terminal import Progress
 
@@ -61,7 +65,7 @@ class RestoreResult:
     seconds: float
 
 
-def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> RestoreResult:
+def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False, external_links: bool = False) -> RestoreResult:
     """Restore one local backup into ``target`` (created; must be absent or empty unless ``overwrite``)."""
     started = time.monotonic()
     target = target.absolute()
@@ -76,7 +80,7 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> 
         shutil.rmtree(stale)
     staging = staging_dir(target.parent, _restore_prefix(target))
     try:
-        files = _extract(entry, staging, _process_umask())
+        files = _extract(entry, staging, _process_umask(), external_links)
         _swap_into_place(staging, target, overwrite)
     except RestoreStranded:
         raise  # the staging directory holds the only verified copy of the restore: keep it
@@ -114,12 +118,16 @@ def _restored_mode(archived: int, umask: int) -> int:
     return archived & 0o777 & ~umask
 
 
-def _extract(entry: BackupEntry, staging: Path, umask: int) -> int:
+def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool) -> int:
     digest = ArchiveDigest()
     files = 0
+    links: list[LinkRecord] = []
     progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
     with members(entry.archive_path, entry.manifest, digest) as found:
         for record, data in found:
+            if isinstance(record, LinkRecord) or data is None:
+                links.append(record)  # type: ignore[arg-type]
+                continue
             destination = staging / record.path
             destination.parent.mkdir(parents=True, exist_ok=True)
             file_hash = hashlib.sha256()
@@ -138,10 +146,36 @@ def _extract(entry: BackupEntry, staging: Path, umask: int) -> int:
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
         raise ArchiveError("the archive changed while it was being restored")
+    _make_links(staging, links, external_links)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0o700; it becomes the target
     for directory, _, _ in os.walk(staging):
         fsync_dir(Path(directory))
     return files
+
+
+def _make_links(staging: Path, links: list[LinkRecord], external_links: bool) -> None:
+    """Create the symlinks (after every file, so that no file is written through one); then,
+    unless ``external_links``, remove each that resolves outside ``staging`` (absolute, or up and
+    out, directly or through another link), until none does."""
+    for link in links:
+        path = staging / link.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(link.target, path)
+    if external_links:
+        return
+    root = os.path.realpath(staging)
+    remaining = list(links)
+    while True:
+        outside = [
+            link for link in remaining
+            if os.path.isabs(link.target) or os.path.commonpath([root, os.path.realpath(staging / link.path)]) != root
+        ]
+        if not outside:
+            return
+        for link in outside:
+            log.warning("not restoring symlink %s -> %s: it points outside the restore target (--restore-external-links restores it)", link.path, link.target)
+            os.unlink(staging / link.path)
+            remaining.remove(link)
 
 
 def _swap_into_place(staging: Path, target: Path, overwrite: bool) -> None:
