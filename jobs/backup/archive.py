@@ -46,7 +46,7 @@ _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 
 
 class SourceChanged(RuntimeError):
-    """A file changed size while it was being archived (something is still writing it)."""
+    """A file changed while it was being archived, and again when read once more (something is still writing it)."""
 
 
 class SourceUnreadable(RuntimeError):
@@ -78,6 +78,7 @@ class ArchiveResult:
     archive_bytes: int
     files: tuple[FileRecord, ...]
     read_bytes: int
+    rewritten: tuple[str, ...] = ()  # stored twice: changed during the first read
 
 
 class _Writable(Protocol):
@@ -162,18 +163,32 @@ def write_archive(
     threads: int = 0,
     on_progress: Callable[[int], None] = lambda _: None,
 ) -> ArchiveResult:
-    """Archive ``source`` into ``destination`` (complete or absent, never partial)."""
+    """Archive ``source`` into ``destination`` (complete or absent, never partial).
+
+    A file that changes while it is read (size, mtime_ns, ctime_ns or inode differ before and
+    after) is read once more and stored again under the same name: the archive is written
+    in one pass and cannot take the torn copy back, so the manifest lists the file in
+    ``rewritten`` and readers skip its first copy (GNU tar simply overwrites it with the
+    second). A second change raises :class:`SourceChanged` naming the file.
+    """
     chosen_level = DEFAULT_LEVELS[compression] if level is None else level
     records: list[FileRecord] = []
+    rewritten: list[str] = []
     with atomic_writer(destination) as raw:
         sink = _HashingSink(raw)
         with _compressor(sink, compression, chosen_level or 0, threads) as out:
             for source_file in source.files:
-                out.write(_header(source_file))
-                records.append(_copy_file(source_file, out, on_progress))
-                padding = -source_file.size % _BLOCK
-                if padding:
-                    out.write(b"\0" * padding)
+                record = _copy_file(source_file, out, on_progress)
+                if record is None:
+                    log.warning("%s changed while it was read; reading it once more", source_file.path)
+                    record = _copy_file(source_file, out, on_progress)
+                    if record is None:
+                        raise SourceChanged(
+                            f"{source_file.path} changed while it was being archived, twice: something is still "
+                            "writing it (schedule the backup after checkpoints are written, or --exclude it)"
+                        )
+                    rewritten.append(source_file.relative)
+                records.append(record)
             for link in source.links:
                 out.write(_link_header(link))
             out.write(_END_OF_ARCHIVE)
@@ -183,6 +198,7 @@ def write_archive(
         archive_bytes=sink.count,
         files=tuple(records),
         read_bytes=sum(r.size for r in records),
+        rewritten=tuple(rewritten),
     )
 
 
@@ -200,14 +216,19 @@ def write_checksums(directory: Path, result: ArchiveResult) -> None:
     atomic_write_text(directory / CHECKSUMS, "".join(sha256sum_line(r.sha256, r.path) for r in result.files))
 
 
-def _header(source_file: SourceFile) -> bytes:
-    info = tarfile.TarInfo(source_file.relative)
-    info.size = source_file.size
-    info.mtime = int(source_file.mtime)
-    info.mode = source_file.mode
-    info.type = tarfile.REGTYPE
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+def _header(relative: str, info: os.stat_result) -> bytes:
+    header = tarfile.TarInfo(relative)
+    header.size = info.st_size
+    header.mtime = int(info.st_mtime)
+    header.mode = stat.S_IMODE(info.st_mode)
+    header.type = tarfile.REGTYPE
+    header.uname = header.gname = ""
+    return header.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is written to, truncated, or replaced by a rename."""
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
 def _link_header(link: LinkRecord) -> bytes:
@@ -219,29 +240,35 @@ def _link_header(link: LinkRecord) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None]) -> FileRecord:
-    """Stream one file into the archive, hashing it on the way; exactly ``size`` bytes go in."""
+def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None]) -> FileRecord | None:
+    """Stream one file into the archive as one tar member, hashing it on the way; exactly the
+    size in its header goes in (zeros if it shrank). None if the file changed meanwhile: the
+    member is then a torn copy."""
     digest = hashlib.sha256()
-    remaining = source_file.size
     with open(source_file.path, "rb", buffering=0) as handle, Overlap() as overlap:
+        before = os.fstat(handle.fileno())
+        out.write(_header(source_file.relative, before))
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        remaining = before.st_size
         while remaining:
-            chunk = handle.read(min(CHUNK_BYTES, remaining))
-            if not chunk:
-                raise SourceChanged(f"{source_file.path} shrank while it was being archived")
+            chunk = handle.read(min(CHUNK_BYTES, remaining)) or b"\0" * min(CHUNK_BYTES, remaining)  # shrank: keep the tar valid
             # Hash in a worker thread while this thread compresses: both release the GIL.
             overlap.run(digest.update, chunk)
             out.write(chunk)
             remaining -= len(chunk)
             on_progress(len(chunk))
-    if os.stat(source_file.path).st_size != source_file.size:
-        raise SourceChanged(f"{source_file.path} changed size while it was being archived")
+        padding = -before.st_size % _BLOCK
+        if padding:
+            out.write(b"\0" * padding)
+        unchanged = _identity(os.fstat(handle.fileno())) == _identity(before) == _identity(os.stat(source_file.path))
+    if not unchanged:
+        return None
     return FileRecord(
         path=source_file.relative,
-        size=source_file.size,
+        size=before.st_size,
         sha256=digest.hexdigest(),
-        mtime=source_file.mtime,
-        mode=source_file.mode,
+        mtime=before.st_mtime,
+        mode=stat.S_IMODE(before.st_mode),
     )
 
 

@@ -236,6 +236,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             links=tuple(scanned.links),
             skipped=tuple(scanned.skipped),
             excludes=tuple(settings.exclude),
+            rewritten=result.rewritten,
         )
         Catalog.commit(directory, manifest)
         final = settings.backup_dir / name

@@ -134,6 +134,7 @@ def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterato
     _check_manifest_paths(manifest)
     expected: dict[str, FileRecord | LinkRecord] = {record.path: record for record in (*manifest.files, *manifest.links)}
     seen: set[str] = set()
+    torn = {path for path in manifest.rewritten if isinstance(expected.get(path), FileRecord)}  # first copies to skip
     with open(archive, "rb", buffering=0) as raw, Overlap() as overlap:
         reader = _HashingReader(raw, overlap)  # type: ignore[arg-type]
         try:
@@ -142,6 +143,9 @@ def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterato
 
                     def checked() -> Iterator[Member]:
                         for member in tar:
+                            if member.isfile() and member.name in torn:
+                                torn.discard(member.name)  # changed while it was archived; the next copy counts
+                                continue
                             record = _check_member(member, expected, seen)
                             if isinstance(record, LinkRecord):
                                 yield record, None
