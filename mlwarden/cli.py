@@ -17,6 +17,7 @@ from pathlib import Path
 from mlwarden import __version__, logs, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
+from mlwarden.signals import Terminated
 
 # name -> ("module:attribute", one-line help). Keep the help here so that ``mlwarden --help``
 # imports nothing.
@@ -101,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger(f"mlwarden.{command.name}")
     try:
         return int(command.run(chosen))
+    except Terminated:
+        log.warning("stopped by SIGTERM")
+        return ExitCode.TERMINATED
     except KeyboardInterrupt:
         log.warning("interrupted")
         return ExitCode.INTERRUPTED

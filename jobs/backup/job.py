@@ -9,7 +9,9 @@ Backup, under the job lock in BACKUP_DIR:
 3. otherwise archive in one pass, commit the manifest, verify, copy off-site, apply retention.
 
 Exit 0 when everything asked for succeeded; 1 on any failure, including an S3 failure after a
-good local backup (the local backup is kept, and the log and the metrics say so).
+good local backup (the local backup is kept, and the log and the metrics say so). SIGINT and
+SIGTERM stop a backup, a restore or a drill: partial work is removed, the failure is pushed,
+and ``mlwarden`` exits 130 (SIGINT) or 143 (SIGTERM).
 
 A restore drill takes the same lock, so that a backup's retention cannot delete the archive
 the drill is reading. A drill that finds a backup running waits for it (``--lock-wait``,
@@ -52,6 +54,7 @@ from mlwarden.catalog import (
 from mlwarden.fsutil import fsync_dir
 from mlwarden.exitcodes import ExitCode
 from mlwarden.lock import JobLock, LockHeld
+from mlwarden.signals import sigterm_interrupts
 from mlwarden.terminal import Progress, human_bytes
 
 if TYPE_CHECKING:
@@ -94,6 +97,11 @@ def _period_key(period: str, when: float) -> str | None:
 
 
 def run_backup(settings: BackupSettings) -> int:
+    with sigterm_interrupts():
+        return _run_backup(settings)
+
+
+def _run_backup(settings: BackupSettings) -> int:
     source = settings.model_dir.absolute()
     if not source.is_dir():
         log.error("model directory %s does not exist or is not a directory", source)
@@ -360,6 +368,11 @@ def _dry_run(settings: BackupSettings, source: Path) -> int:
 
 
 def run_restore(settings: RestoreSettings) -> int:
+    with sigterm_interrupts():
+        return _run_restore(settings)
+
+
+def _run_restore(settings: RestoreSettings) -> int:
     if settings.drill:
         return _run_drill(settings)
     assert settings.to is not None  # checked by the settings

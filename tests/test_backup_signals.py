@@ -1,0 +1,94 @@
+"""SIGTERM (systemd's stop) is handled like SIGINT by backup, restore and drill: partial work is
+removed, the failure is pushed, and the exit status says which signal it was. Real signals to
+the real `mlwarden` script."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_backup_support import backup, forget_pushed, pushed
+
+from mlwarden import components
+from mlwarden.components import wait_until
+
+MLWARDEN = Path(sys.executable).parent / "mlwarden"  # the venv's console script
+
+
+def _stop_when(argv: list[str | Path], ready: Callable[[], bool], sig: signal.Signals) -> tuple[int, str]:
+    """Start ``mlwarden ARGV``, send ``sig`` once ``ready()`` holds, return (exit status, stderr)."""
+    process = subprocess.Popen([str(MLWARDEN), *map(str, argv)], stderr=subprocess.PIPE, text=True)
+
+    def started() -> bool:
+        assert process.poll() is None, "the job finished before the signal could be sent"
+        return ready()
+
+    try:
+        wait_until(started, 120, "the job's partial work", poll=0.005)
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process.returncode, err
+
+
+def _big_models(path: Path, mib: int) -> Path:
+    path.mkdir()
+    with open(path / "weights.bin", "wb") as handle:
+        for _ in range(mib):
+            handle.write(os.urandom(2**20))
+    return path
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_archive_removes_the_partial_backup_and_pushes_the_failure(
+    tmp_path: Path, pushgateway: components.Component, sig: signal.Signals, status: int
+) -> None:
+    forget_pushed(pushgateway.url, "mlwarden_backup")
+    models = _big_models(tmp_path / "models", 48)
+    backups = tmp_path / "backups"
+
+    def archive_being_written() -> bool:
+        return any(p.name.endswith(".tmp") for p in backups.rglob("*"))
+
+    argv: list[str | Path] = ["backup", "--model-dir", models, "--backup-dir", backups, "--compression", "gzip", "--level", "9",
+                              "--pushgateway", pushgateway.url]
+    code, err = _stop_when(argv, archive_being_written, sig)
+    assert code == status
+    assert [p.name for p in backups.iterdir()] == [".mlwarden-backup.lock"]  # no staging, no partial archive
+    assert ("stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted") in err
+    metrics = pushed(pushgateway.url, "mlwarden_backup")
+    assert metrics["mlwarden_job_success"] == 0
+    assert "mlwarden_job_last_success_timestamp_seconds" not in metrics
+
+
+@pytest.mark.parametrize("drill", [True, False], ids=["drill", "restore"])
+def test_sigterm_mid_restore_removes_the_staging_and_pushes_the_drill_failure(
+    tmp_path: Path, pushgateway: components.Component, drill: bool
+) -> None:
+    forget_pushed(pushgateway.url, "mlwarden_restore_drill")
+    models = _big_models(tmp_path / "models", 160)
+    backups = tmp_path / "backups"
+    assert backup(models, backups, "--compression", "none", "--no-verify") == 0
+    target = tmp_path / "restored"
+    scratch = backups if drill else tmp_path
+
+    def extracting() -> bool:
+        return any(".restored.restore-" in p.name for p in scratch.rglob(".*"))
+
+    where: list[str | Path] = ["--drill"] if drill else ["--to", target]
+    code, err = _stop_when(["restore", "--backup-dir", backups, *where, "--pushgateway", pushgateway.url], extracting, signal.SIGTERM)
+    assert code == 143
+    assert "stopped by SIGTERM" in err
+    assert [p.name for p in backups.iterdir() if p.name.startswith(".")] == [".mlwarden-backup.lock"]
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models"]
+    if drill:
+        metrics = pushed(pushgateway.url, "mlwarden_restore_drill")
+        assert metrics["mlwarden_job_success"] == 0
+        assert "mlwarden_job_last_success_timestamp_seconds" not in metrics
