@@ -407,3 +407,21 @@ def test_a_backup_does_not_start_while_a_drill_holds_the_lock(
     assert codes == [1]
     assert "backup not started: another run holds" in capsys.readouterr().err
     assert only_entry(backups).name == drilled  # retention did not run under the drill
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_a_symlinked_target_is_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], force: bool
+) -> None:
+    assert backup(make_models(tmp_path / "models"), tmp_path / "backups") == 0
+    real = tmp_path / "serving-v3"
+    real.mkdir()
+    (real / "keep-me.txt").write_text("precious")
+    link = tmp_path / "serving"
+    link.symlink_to(real, target_is_directory=True)
+    assert restore("--backup-dir", tmp_path / "backups", "--to", link, *(["--force"] if force else [])) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "restore FAILED" in line]
+    assert f"{link} is a symbolic link (to {real})" in line and f"--to {real}" in line
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert tree(real) == {"keep-me.txt": b"precious"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models", "serving", "serving-v3"]  # nothing left behind

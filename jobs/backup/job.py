@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from mlwarden.jobs.backup import archive, retention
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
-from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, entry_from_s3, restore_entry
+from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.tarstream import ArchiveError
 from mlwarden.jobs.backup.verify import verify_and_record
 from mlwarden.jobs.report import JobReport
@@ -388,6 +388,7 @@ def _run_restore(settings: RestoreSettings) -> int:
 
 
 def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> RestoreResult:
+    check_target(target.absolute(), overwrite)
     location = settings.s3_location()
     if settings.from_s3:
         assert location is not None

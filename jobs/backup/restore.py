@@ -69,7 +69,7 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False, ext
     """Restore one local backup into ``target`` (created; must be absent or empty unless ``overwrite``)."""
     started = time.monotonic()
     target = target.absolute()
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     manifest = entry.manifest
     actual, size = hash_file(entry.archive_path)
     if actual != manifest.archive_sha256 or size != manifest.archive_bytes:
@@ -96,7 +96,15 @@ def _restore_prefix(target: Path) -> str:
     return f".{target.name}.restore-"
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse, before anything is read or downloaded, a target the restore cannot take over."""
+    if target.is_symlink():
+        # The restore renames its verified staging directory onto the target: that would
+        # replace the link itself (and with --force, set its directory aside as a link).
+        raise RestoreError(
+            f"{target} is a symbolic link (to {os.readlink(target)}); pass the directory itself, "
+            f"--to {target.resolve()}, or replace the link by a directory"
+        )
     if target.exists() and not target.is_dir():
         raise RestoreError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
