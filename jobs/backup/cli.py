@@ -53,7 +53,8 @@ class _BackupCore:
     force: bool = setting(False, help="make a new backup even if one exists for this period")
     exclude: list[str] = setting(
         help="leave out what matches this glob, on purpose (repeatable; recorded in the manifest): matched against the path "
-        "relative to --model-dir (* also matches /), and against the base name when it has no /, e.g. '*.tmp' or 'scratch/*'",
+        "relative to --model-dir (* also matches /), and against the base name when it has no /, e.g. '*.tmp' or 'scratch/*'; "
+        "the variable takes a comma-separated list",
         default_factory=list, metavar="GLOB",
     )
 
