@@ -5,25 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from pathlib import Path
 
 import boto3
 import pytest
-from test_backup_support import backup, make_models, mlwarden, only_entry
+from test_backup_support import backup, make_models, mlwarden, only_entry, s3_env  # noqa: F401 (s3_env: a fixture)
 
 from mlwarden import components
 from mlwarden.catalog import Catalog, CatalogError, Manifest, check_backup_name
-
-
-@pytest.fixture
-def s3_env(s3_server: components.S3Server, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"hostile-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket=bucket)
-    return ["--s3-bucket", bucket, "--s3-prefix", "fleet/node-7", "--s3-endpoint-url", s3_server.url, "--s3-retry-base", "0.05"]
 
 
 def _plant(s3_server: components.S3Server, bucket: str, name: str, archive: str) -> None:

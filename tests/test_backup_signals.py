@@ -49,6 +49,14 @@ def _big_models(path: Path, mib: int) -> Path:
     return path
 
 
+def _big_backup(tmp_path: Path) -> tuple[Path, Path]:
+    """A backup big enough (160 MiB, uncompressed) that its restore is still running when signalled."""
+    models = _big_models(tmp_path / "models", 160)
+    backups = tmp_path / "backups"
+    assert backup(models, backups, "--compression", "none", "--no-verify") == 0
+    return models, backups
+
+
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_archive_removes_the_partial_backup_and_pushes_the_failure(
     tmp_path: Path, pushgateway: components.Component, sig: signal.Signals, status: int
@@ -76,9 +84,7 @@ def test_sigterm_mid_restore_removes_the_staging_and_pushes_the_drill_failure(
     tmp_path: Path, pushgateway: components.Component, drill: bool
 ) -> None:
     forget_pushed(pushgateway.url, "mlwarden_restore_drill")
-    models = _big_models(tmp_path / "models", 160)
-    backups = tmp_path / "backups"
-    assert backup(models, backups, "--compression", "none", "--no-verify") == 0
+    models, backups = _big_backup(tmp_path)
     target = tmp_path / "restored"
     scratch = backups if drill else tmp_path
 
@@ -107,9 +113,7 @@ def _stale_bytes(backups: Path) -> float:
 def test_what_a_killed_drill_leaves_is_seen_by_the_exporter_and_removed_by_the_next_backup(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    models = _big_models(tmp_path / "models", 160)
-    backups = tmp_path / "backups"
-    assert backup(models, backups, "--compression", "none", "--no-verify") == 0
+    models, backups = _big_backup(tmp_path)
     assert _stale_bytes(backups) == 0
 
     def extracted_some_bytes() -> bool:
@@ -129,9 +133,7 @@ def test_what_a_killed_drill_leaves_is_seen_by_the_exporter_and_removed_by_the_n
 def test_what_a_killed_restore_leaves_is_removed_by_the_next_restore_to_the_same_target(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    models = _big_models(tmp_path / "models", 160)
-    backups = tmp_path / "backups"
-    assert backup(models, backups, "--compression", "none", "--no-verify") == 0
+    models, backups = _big_backup(tmp_path)
     target = tmp_path / "restored"
 
     def extracting() -> bool:

@@ -14,13 +14,12 @@ import sys
 import tarfile
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
+from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, s3_env, tree  # noqa: F401 (s3_env: a fixture)
 
 from mlwarden.jobs.backup import job as job_module
 from mlwarden.jobs.backup import restore as restore_module
@@ -222,16 +221,6 @@ def test_crafted_archives_are_refused_and_nothing_escapes(
     assert not (tmp_path / "area" / "restore" / "escaped.txt").exists()
     assert not (tmp_path / "area" / "escaped.txt").exists()
     assert sorted(p.name for p in (tmp_path / "area" / "restore").iterdir()) == []
-
-
-@pytest.fixture
-def s3_env(s3_server: components.S3Server, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"restore-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket=bucket)
-    return ["--s3-bucket", bucket, "--s3-prefix", "fleet/node-7", "--s3-endpoint-url", s3_server.url, "--s3-retry-base", "0.05"]
 
 
 def test_restore_from_s3_after_the_machine_lost_its_disk(tmp_path: Path, s3_env: list[str]) -> None:
