@@ -179,15 +179,16 @@ class Manifest:
         """Parse a manifest from a catalog or a bucket; anything unexpected is a CatalogError naming ``what``."""
         data = _load_json(text, what)
         try:
-            records = {
-                "files": tuple(FileRecord(**f) for f in data["files"]),
-                "links": tuple(LinkRecord(**f) for f in data.get("links", ())),
-                "skipped": tuple(SkippedRecord(**f) for f in data.get("skipped", ())),
-                "excludes": tuple(str(p) for p in data.get("excludes", ())),
-                "rewritten": tuple(str(p) for p in data.get("rewritten", ())),
-            }
+            records = ("files", "links", "skipped", "excludes", "rewritten")
             fields = {f.name for f in dataclasses.fields(cls)} - set(records)
-            return cls(**records, **{k: v for k, v in data.items() if k in fields})
+            return cls(
+                files=tuple(FileRecord(**f) for f in data["files"]),
+                links=tuple(LinkRecord(**f) for f in data.get("links", ())),
+                skipped=tuple(SkippedRecord(**f) for f in data.get("skipped", ())),
+                excludes=tuple(str(p) for p in data.get("excludes", ())),
+                rewritten=tuple(str(p) for p in data.get("rewritten", ())),
+                **{k: v for k, v in data.items() if k in fields},
+            )
         except (KeyError, TypeError) as exc:
             raise CatalogError(f"{what} is missing or has wrong fields: {exc}") from None
         except CatalogError as exc:
@@ -298,10 +299,10 @@ class Catalog:
                     return entry
                 log.warning("skipping backup %s for latest: it failed verification (%s)", entry.name, verification.detail)
             raise CatalogError(f"no backups in {self.root}" if not entries else f"no backup in {self.root} that did not fail verification")
-        entry = self.read(self.root / check_backup_name(name))
-        if entry is None:
+        named = self.read(self.root / check_backup_name(name))
+        if named is None:
             raise CatalogError(f"no backup named {name!r} in {self.root}")
-        return entry
+        return named
 
     @staticmethod
     def read(directory: Path) -> BackupEntry | None:

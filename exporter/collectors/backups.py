@@ -65,8 +65,15 @@ class BackupsCollector(Collector):
         size = gauge("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
         verified = gauge("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
         offsite = gauge("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
-        partial = gauge("mlwarden_backup_incomplete", "Directories in the backup directory without a readable manifest (never removed by mlwarden: someone's directory, a deleted manifest, corrupt or unreadable catalog files).")
-        stale = gauge("mlwarden_backup_stale_staging_bytes", "Bytes in work directories that killed backups, drills or downloads left behind (the next backup or drill removes them).")
+        partial = gauge(
+            "mlwarden_backup_incomplete",
+            "Directories in the backup directory without a readable manifest (never removed by mlwarden: someone's "
+            "directory, a deleted manifest, corrupt or unreadable catalog files).",
+        )
+        stale = gauge(
+            "mlwarden_backup_stale_staging_bytes",
+            "Bytes in work directories that killed backups, drills or downloads left behind (the next backup or drill removes them).",
+        )
         stale.add_metric(labels, sum(tree_usage(directory)[0] for directory in stale_staging(self.backup_dir, BACKUP_DIR_STAGING)))
         damaged = GaugeMetricFamily(
             "mlwarden_backup_damaged", "1 for each backup whose last verification failed (kept for inspection; restore latest skips it).",
