@@ -130,6 +130,9 @@ def test_symlinks_are_stored_as_links_and_restored_only_inside_the_target(
     (models / "external").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (models / "shards" / "escape").symlink_to("../../elsewhere/big.bin")
     assert backup(models, tmp_path / "backups") == 0
+    warnings = capsys.readouterr().err
+    assert f"{models / 'external'} is a symlink to {tmp_path / 'elsewhere'}, outside {models}: stored as a link, its target is NOT" in warnings
+    assert f"{models / 'alias.json'} is a symlink" not in warnings
     entry = only_entry(tmp_path / "backups")
     assert set(entry.manifest.links) == {
         LinkRecord("alias.json", "config.json"), LinkRecord("current", "shards"), LinkRecord("loop", "."),
@@ -195,3 +198,21 @@ def test_a_backup_in_the_format_before_links_still_restores(tmp_path: Path) -> N
     assert tree(tmp_path / "restored") == tree(models)
     assert backup(models, tmp_path / "backups") == 0  # and the next run verifies it as the day's backup
     assert only_entry(tmp_path / "backups").verified is True
+
+
+def test_a_manifest_that_puts_a_file_under_a_symlink_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A crafted backup (hash vouched for) with a link `d -> /etc` and a file `d/passwd`: writing
+    the file would follow the link, so nothing is extracted at all."""
+    models = tmp_path / "models"
+    (models / "d").mkdir(parents=True)
+    (models / "d" / "passwd").write_text("root::0:0::/:/bin/sh\n")
+    assert backup(models, tmp_path / "backups", "--compression", "none") == 0
+    entry = only_entry(tmp_path / "backups")
+    manifest = json.loads((entry.directory / "manifest.json").read_text())
+    manifest["links"] = [{"path": "d", "target": str(tmp_path / "victim")}]
+    (entry.directory / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "victim").mkdir()
+    assert mlwarden("restore", "--backup-dir", tmp_path / "backups", "--to", tmp_path / "restored", "--restore-external-links") == 1
+    assert "refusing 'd/passwd': it lies under a symlink of the manifest" in capsys.readouterr().err
+    assert list((tmp_path / "victim").iterdir()) == []
+    assert not (tmp_path / "restored").exists()

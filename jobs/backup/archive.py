@@ -148,7 +148,18 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
             f"cannot read {', '.join(unreadable[:_UNREADABLE_NAMED])}{more}: fix the permissions, run as a user "
             "who can read them, or leave them out on purpose with --exclude"
         )
+    _warn_links_out(source, links)
     return Source(sorted(files, key=lambda f: f.relative), sorted(links, key=lambda link: link.path), skipped)
+
+
+def _warn_links_out(source: Path, links: list[LinkRecord]) -> None:
+    """A link is stored as a link: what it points to outside the source is not in the backup
+    (a Hugging Face cache snapshot, whose files link to ../../blobs, is the usual case)."""
+    root = os.path.realpath(source)
+    for link in links:
+        resolved = os.path.realpath(source / link.path)
+        if os.path.commonpath([root, resolved]) != root:
+            log.warning("%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source)
 
 
 def archive_name(backup_name: str, compression: str) -> str:
