@@ -48,11 +48,13 @@ def test_the_exporter_names_each_damaged_backup(tmp_path: Path) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, backups) == 0
     collector = BackupsCollector(backups, 60.0, 60.0)
-    assert _metric(collector, "mlwarden_backup_damaged") == {}
     [entry] = Catalog(backups).entries()
+    key = (("backup", entry.name), ("backup_dir", str(backups)))
+    assert _metric(collector, "mlwarden_backup_damaged") == {key: 0.0}
     flip_byte(entry.archive_path)
     assert backup(models, backups) == 1
-    assert _metric(collector, "mlwarden_backup_damaged") == {(("backup", entry.name), ("backup_dir", str(backups))): 1.0}
+    [_, new] = Catalog(backups).entries()
+    assert _metric(collector, "mlwarden_backup_damaged") == {key: 1.0, (("backup", new.name), ("backup_dir", str(backups))): 0.0}
 
 
 @pytest.mark.parametrize("broken", ["manifest.json", "status.json"])

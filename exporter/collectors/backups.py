@@ -76,12 +76,11 @@ class BackupsCollector(Collector):
         )
         stale.add_metric(labels, sum(tree_usage(directory)[0] for directory in stale_staging(self.backup_dir, BACKUP_DIR_STAGING)))
         damaged = GaugeMetricFamily(
-            "mlwarden_backup_damaged", "1 for each backup whose last verification failed (kept for inspection; restore latest skips it).",
+            "mlwarden_backup_damaged", "1 for a backup whose last verification failed (kept for inspection; restore latest skips it), else 0.",
             labels=["backup_dir", "backup"],
         )
         for entry in entries:
-            if entry.verified is False:
-                damaged.add_metric([*labels, entry.name], 1)
+            damaged.add_metric([*labels, entry.name], 1 if entry.verified is False else 0)
         count.add_metric(labels, len(entries))
         size.add_metric(labels, sum(e.manifest.archive_bytes for e in entries))
         partial.add_metric(labels, len(incomplete) + len(unreadable))

@@ -133,9 +133,10 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
     progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
     with members(entry.archive_path, entry.manifest, digest) as found:
         for record, data in found:
-            if isinstance(record, LinkRecord) or data is None:
-                links.append(record)  # type: ignore[arg-type]
+            if isinstance(record, LinkRecord):
+                links.append(record)
                 continue
+            assert data is not None  # a file's data
             destination = staging / record.path
             destination.parent.mkdir(parents=True, exist_ok=True)
             file_hash = hashlib.sha256()
@@ -215,7 +216,7 @@ def _put_back(old: Path, target: Path, staging: Path, cause: OSError) -> None:
         raise RestoreStranded(
             f"could not move the verified restore into {target} ({cause}) nor put its previous content back ({undo}): "
             f"{target} is missing; the previous content is in {old}, the verified restore in {staging}; "
-            f"rename one of them to {target} by hand"
+            f"rename one of them to {target} by hand (a new restore to {target} would remove the verified restore)"
         ) from cause
     fsync_dir(target.parent)
     raise RestoreError(f"could not move the verified restore into {target} ({cause}); its previous content was put back") from cause

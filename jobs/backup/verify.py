@@ -35,8 +35,9 @@ def verify_archive(entry: BackupEntry) -> VerifyResult:
     try:
         with members(entry.archive_path, manifest, digest) as found:
             for record, data in found:
-                if isinstance(record, LinkRecord) or data is None:
+                if isinstance(record, LinkRecord):
                     continue  # a symlink: its target was checked against the manifest
+                assert data is not None  # a file's data
                 member_hash = hashlib.sha256()
                 with Overlap() as overlap:
                     while chunk := data.read(CHUNK_BYTES):
