@@ -35,6 +35,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mlwarden import logs
 from mlwarden.exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
 from mlwarden.exporter.snapshot import CONTENT_TYPE, SnapshotStore
 
@@ -237,8 +238,7 @@ class ExporterServer:
         self.app = _App(store, max_concurrent_scrapes, queue_timeout, auth, simulator)
         self._socket = _listen(address)  # bound here, so that a taken port is an error of the constructor
         config = uvicorn.Config(
-            # uvicorn's own info lines ("Started server process") would only repeat the exporter's.
-            self.app, http=_IdleTimeoutProtocol, lifespan="off", log_config=None, log_level="warning", access_log=False,
+            self.app, http=_IdleTimeoutProtocol, lifespan="off", **logs.uvicorn_options(),
             proxy_headers=False,
             server_header=False, date_header=False, limit_concurrency=_MAX_CONNECTIONS, timeout_graceful_shutdown=2,
             timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # a float is fine: it goes to call_later

@@ -38,9 +38,13 @@ class CommonSettings:
     log_file: Path | None = settings.setting(
         None, help="also log to this file; reopened when logrotate moves it"
     )
+    log_format: str = settings.setting(
+        "text", help="log line format: text for people, logfmt or json for log pipelines; timestamps are UTC",
+        choices=logs.FORMATS,
+    )
 
 
-COMMON_PREFIX = ""  # MLWARDEN_LOG_LEVEL, MLWARDEN_LOG_FILE
+COMMON_PREFIX = ""  # MLWARDEN_LOG_LEVEL, MLWARDEN_LOG_FILE, MLWARDEN_LOG_FORMAT
 
 
 def load_command(name: str) -> Command:
@@ -94,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlwarden {command.name}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     try:
-        logs.setup(common.log_level, common.log_file)
+        logs.setup(common.log_level, common.log_file, common.log_format)
     except OSError as exc:
         print(f"mlwarden {command.name}: cannot open log file: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -17,12 +17,14 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from mlwarden.logs import RepeatFilter
 from mlwarden.relay.config import Delivery, Destination
 from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers.base import DeliveryError, Notifier
 from mlwarden.relay.store.base import Job, Store, StoreError
 
 log = logging.getLogger(__name__)
+log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error
 MAX_RETRY_AFTER_SECONDS = 3600.0  # Slack and PagerDuty ask for seconds to minutes
 
 
