@@ -26,14 +26,8 @@ def _default_text(opt: settings.Option) -> str:
         return "(secret: env or `_FILE` only)"
     if opt.required:
         return "required"
-    value = opt.default
-    if value is None or value == []:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
-        return f"`{value[0]}:{value[1]}`"
-    return f"`{value}`"
+    shown = opt.shown_default
+    return shown if not shown or isinstance(opt.default, bool) else f"`{shown}`"
 
 
 def table(settings_cls: type, command: str) -> str:

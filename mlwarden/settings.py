@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -108,6 +109,18 @@ class Option:
     def required(self) -> bool:
         return self.default is dataclasses.MISSING
 
+    @property
+    def shown_default(self) -> str:
+        """The default as an operator would write it; empty when there is none."""
+        value = self.default
+        if value is None or value == [] or value is dataclasses.MISSING:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+            return f"{value[0]}:{value[1]}"  # a listen address
+        return str(value)
+
 
 def options_of(cls: type, command: str) -> list[Option]:
     """The options of a settings dataclass, with their flag and environment variable names."""
@@ -145,18 +158,75 @@ def env_prefix(command: str) -> str:
     return f"MLWARDEN_{slug}_" if slug else "MLWARDEN_"
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str) -> None:
-    """Add one argparse argument per non-secret option. Values stay text until :func:`resolve`."""
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are exceptions, so that the caller prints one line.
+
+    argparse would print the whole usage block and exit; an operator who mistyped one flag
+    needs the one line that says which, and exit status 2 from the caller.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise SettingsError(message)
+
+
+def suggestion(word: str, candidates: Sequence[str]) -> str:
+    """`` (did you mean --compression?)`` for a near miss among ``candidates``, else empty."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def flags_of(cls: type, command: str) -> list[str]:
+    """Every flag a settings class accepts, ``--no-`` forms included."""
+    result = []
     for opt in options_of(cls, command):
-        if opt.spec.secret:
+        if opt.flag is None:
             continue
-        help_text = f"{opt.spec.help} [env {opt.env_names[0]}]"
+        result.append(opt.flag)
+        if opt.is_bool:
+            result.append("--no-" + opt.flag[2:])
+    return result
+
+
+def unrecognized(unknown: Sequence[str], flags: Sequence[str]) -> SettingsError:
+    """The error for arguments no setting takes, with a suggestion for the first mistyped flag."""
+    hints = (suggestion(token.split("=")[0], flags) for token in unknown if token.startswith("-"))
+    hint = next((h for h in hints if h), "")
+    return SettingsError("unrecognized arguments: " + " ".join(unknown) + hint)
+
+
+def _help_text(opt: Option) -> str:
+    parts = [opt.spec.help]
+    if opt.required:
+        parts.append("(required)")
+    elif opt.shown_default:
+        parts.append(f"(default: {opt.shown_default})")
+    parts.append("[env " + " or ".join(opt.env_names) + "]")
+    # argparse %-formats help strings: a literal % in a default or help must be doubled.
+    return " ".join(parts).replace("%", "%%")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str, title: str | None = None) -> None:
+    """Add one argparse argument per non-secret option. Values stay text until :func:`resolve`.
+
+    Required options go into their own group so that help shows them apart (argparse's
+    ``required=True`` would refuse a value that comes from the environment); the others go
+    into a group named ``title``, or the parser's default one.
+    """
+    opts = [opt for opt in options_of(cls, command) if not opt.spec.secret]
+    required = parser.add_argument_group("required (as a flag or in the environment)") if any(
+        opt.required and not opt.spec.positional for opt in opts) else None
+    optional = parser.add_argument_group(title) if title else parser
+    for opt in opts:
+        help_text = _help_text(opt)
+        target = required if required is not None and opt.required and not opt.spec.positional else optional
+        # With choices and no metavar, argparse shows them: {zstd,gzip,none}.
+        metavar = opt.spec.metavar or (None if opt.spec.choices else opt.name.upper())
         if opt.spec.positional:
-            parser.add_argument(
+            target.add_argument(
                 opt.name, nargs="?", default=None, help=help_text, metavar=opt.spec.metavar
             )
         elif opt.is_bool:
-            parser.add_argument(
+            target.add_argument(
                 opt.flag,
                 dest=opt.name,
                 action=argparse.BooleanOptionalAction,
@@ -164,23 +234,34 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str) -> N
                 help=help_text,
             )
         elif opt.is_list:
-            parser.add_argument(
+            target.add_argument(
                 opt.flag,
                 dest=opt.name,
                 action="append",
                 default=None,
                 help=help_text + " (repeatable)",
-                metavar=opt.spec.metavar or opt.name.upper(),
+                metavar=metavar,
             )
         else:
-            parser.add_argument(
+            target.add_argument(
                 opt.flag,
                 dest=opt.name,
                 default=None,
                 help=help_text,
-                metavar=opt.spec.metavar or opt.name.upper(),
+                metavar=metavar,
                 choices=opt.spec.choices,
             )
+
+
+def secrets_help(cls: type, command: str) -> str:
+    """The help section that names the environment variables holding secrets (never flags)."""
+    lines = [
+        f"  {opt.env_names[0]} or {opt.env_names[0]}_FILE: {opt.spec.help}" + (" (required)" if opt.required else "")
+        for opt in options_of(cls, command) if opt.spec.secret
+    ]
+    if not lines:
+        return ""
+    return "secrets (from the environment only, never flags; *_FILE names a file that holds the value):\n" + "\n".join(lines)
 
 
 def resolve(
@@ -217,14 +298,14 @@ def resolve(
 
 def load(cls: type[T], command: str, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> T:
     """Parse ``argv`` (flags only) and the environment into settings; for jobs run in-process."""
-    parser = argparse.ArgumentParser(prog=f"mlwarden {command}", exit_on_error=False)
+    parser = Parser(prog=f"mlwarden {command}", exit_on_error=False)
     add_arguments(parser, cls, command)
     try:
         args, unknown = parser.parse_known_args(list(argv))
     except argparse.ArgumentError as exc:
         raise SettingsError(str(exc)) from None
     if unknown:
-        raise SettingsError("unrecognized arguments: " + " ".join(unknown))
+        raise unrecognized(unknown, flags_of(cls, command))
     return resolve(cls, command, args, environ)
 
 
@@ -268,7 +349,7 @@ def _convert(opt: Option, raw: str | list[str]) -> Any:
 
 def _convert_one(opt: Option, text: str) -> Any:
     if opt.spec.choices and text not in opt.spec.choices:
-        raise ValueError("expected one of " + ", ".join(opt.spec.choices))
+        raise ValueError("expected one of " + ", ".join(opt.spec.choices) + suggestion(text, opt.spec.choices))
     if opt.spec.parse is not None:
         return opt.spec.parse(text)
     return parse_as(_base_type(opt.annotation), text)
