@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlwarden import logs
+from mlwarden.secrets import SecretError, read_secret
 
 T = TypeVar("T")
 
@@ -288,8 +288,6 @@ def resolve(
         except ValueError as exc:
             shown = "(secret value not shown)" if opt.spec.secret else repr(raw)
             raise SettingsError(f"invalid {source}={shown}: {exc}") from None
-        if opt.spec.secret and values[opt.name]:
-            logs.register_secret(values[opt.name])
     try:
         return cls(**values)
     except ValueError as exc:  # cross-field checks in __post_init__
@@ -319,19 +317,17 @@ def _raw_value(
                 value = "true" if value else "false"
             return value, opt.flag or opt.name
     for name in opt.env_names:
-        if name in environ:
+        if opt.spec.secret:
+            try:
+                secret = read_secret(name, environ)
+            except SecretError as exc:
+                raise SettingsError(str(exc)) from None
+            if secret is not None:
+                return secret, name
+        elif name in environ:
             value = environ[name]
             return (_split_list(value) if opt.is_list else value), name
-        if opt.spec.secret and f"{name}_FILE" in environ:
-            return _read_secret_file(environ[f"{name}_FILE"], name), f"{name}_FILE"
     return None, ""
-
-
-def _read_secret_file(path: str, name: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise SettingsError(f"cannot read {name}_FILE={path!r}: {exc.strerror}") from None
 
 
 def _split_list(value: str) -> list[str]:

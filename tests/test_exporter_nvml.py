@@ -25,7 +25,8 @@ from mlwarden.exporter.backends import nvml as nvml_backend
 from mlwarden.exporter.app import Exporter
 from mlwarden.exporter.backends.base import THROTTLE_REASONS, BackendUnavailable, GpuBackend
 from mlwarden.exporter.backends.nvml import NvmlBackend
-from mlwarden.exporter.backends.supervisor import Backoff, BackendSupervisor
+from mlwarden.backoff import Backoff, RetrySchedule
+from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
@@ -210,7 +211,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
 
 
 def supervisor_for(backend: GpuBackend) -> BackendSupervisor:
-    return BackendSupervisor(backend, Backoff(initial=0.0, maximum=0.0))  # retry at once: tests need no waiting
+    return BackendSupervisor(backend, RetrySchedule(Backoff(initial=0.0, maximum=0.0)))  # retry at once: tests need no waiting
 
 
 def samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -352,7 +353,7 @@ def test_a_gpu_gone_from_the_device_list_after_reinit_stays_reported_down(fake: 
 
 def test_reinitialisation_backs_off(fake: FakeNvml) -> None:
     now = [0.0]
-    supervisor = BackendSupervisor(NvmlBackend(), Backoff(initial=10.0, maximum=60.0, clock=lambda: now[0]))
+    supervisor = BackendSupervisor(NvmlBackend(), RetrySchedule(Backoff(10.0, 60.0, rand=lambda: 1.0), clock=lambda: now[0]))  # no jitter
     fake.fail[("nvmlDeviceGetHandleByIndex", 0)] = nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
     collector = GpuCollector(supervisor, 1.0, 1.0)
     samples(collector)
