@@ -28,7 +28,7 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """The longest wait after failure number ``attempt`` (1 for the first)."""
-        return min(self.maximum, self.initial * 2 ** min(max(attempt - 1, 0), _MAX_EXPONENT))
+        return min(self.maximum, self.initial * 2.0 ** min(max(attempt - 1, 0), _MAX_EXPONENT))
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failure number ``attempt`` before the next try."""

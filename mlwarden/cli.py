@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mlwarden import __version__, logs, settings
 from mlwarden.command import Command
@@ -48,7 +49,7 @@ class CommonSettings:
 COMMON_PREFIX = ""  # MLWARDEN_LOG_LEVEL, MLWARDEN_LOG_FILE, MLWARDEN_LOG_FORMAT
 
 
-def load_command(name: str) -> Command:
+def load_command(name: str) -> Command[Any]:
     target, _ = COMMANDS[name]
     module_name, attribute = target.split(":")
     command = getattr(importlib.import_module(module_name), attribute)
@@ -56,7 +57,7 @@ def load_command(name: str) -> Command:
     return command
 
 
-def build_parser(chosen: Command | None) -> settings.Parser:
+def build_parser(chosen: Command[Any] | None) -> settings.Parser:
     parser = settings.Parser(
         prog="mlwarden",
         description="Keeps GPU machines healthy and their models safe.",
@@ -93,7 +94,7 @@ def _chosen_name(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _parse(argv: list[str]) -> tuple[Command, argparse.Namespace]:
+def _parse(argv: list[str]) -> tuple[Command[Any], argparse.Namespace]:
     """The chosen command and its parsed flags; SettingsError for any usage error."""
     name = _chosen_name(argv)
     command = load_command(name) if name else None

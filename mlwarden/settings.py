@@ -137,8 +137,8 @@ def options_of(cls: type, command: str) -> list[Option]:
         else:
             flag = spec.flag or "--" + field.name.replace("_", "-")
         default: Any = field.default
-        if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = field.default_factory()  # type: ignore[misc]
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
         result.append(
             Option(
                 name=field.name,
@@ -218,14 +218,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str, titl
     optional = parser.add_argument_group(title) if title else parser
     for opt in opts:
         help_text = _help_text(opt)
-        target = required if required is not None and opt.required and not opt.spec.positional else optional
+        if opt.spec.positional:
+            optional.add_argument(opt.name, nargs="?", default=None, help=help_text, metavar=opt.spec.metavar)
+            continue
+        assert opt.flag is not None  # only positionals and secrets have none
+        target = required if required is not None and opt.required else optional
         # With choices and no metavar, argparse shows them: {zstd,gzip,none}.
         metavar = opt.spec.metavar or (None if opt.spec.choices else opt.name.upper())
-        if opt.spec.positional:
-            target.add_argument(
-                opt.name, nargs="?", default=None, help=help_text, metavar=opt.spec.metavar
-            )
-        elif opt.is_bool:
+        if opt.is_bool:
             target.add_argument(
                 opt.flag,
                 dest=opt.name,
@@ -332,7 +332,7 @@ def _raw_value(
 
 def _split_list(value: str) -> list[str]:
     # Lists in environment variables are separated by commas or the OS path separator.
-    return [part for part in re.split(r"[,%s]" % re.escape(os.pathsep), value) if part.strip()]
+    return [part for part in re.split(f"[,{re.escape(os.pathsep)}]", value) if part.strip()]
 
 
 def _convert(opt: Option, raw: str | list[str]) -> Any:
@@ -426,7 +426,7 @@ def parse_duration(text: str) -> float:
 def _parser(parse: Callable[[str], T]) -> Callable[[str], T]:
     # int and float as parsers would leak Python's "invalid literal" wording to operators.
     if parse in (int, float):
-        return lambda text: parse_as(parse, text)  # type: ignore[return-value]
+        return lambda text: parse_as(parse, text)
     return parse
 
 
@@ -436,7 +436,7 @@ def positive(parse: Callable[[str], T]) -> Callable[[str], T]:
 
     def checked(text: str) -> T:
         value = parse(text)
-        if value <= 0:  # type: ignore[operator]
+        if value <= 0:  # type: ignore[operator]  # T is a number: only numeric parsers are wrapped
             raise ValueError("must be greater than zero")
         return value
 
@@ -449,7 +449,7 @@ def in_range(parse: Callable[[str], T], low: Any, high: Any) -> Callable[[str], 
 
     def checked(text: str) -> T:
         value = parse(text)
-        if not low <= value <= high:  # type: ignore[operator]
+        if not low <= value <= high:
             raise ValueError(f"must be from {low} to {high}")
         return value
 
