@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -80,6 +80,8 @@ class _StructuredFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             result["exc"] = record.exc_text
+        if record.stack_info:
+            result["stack"] = record.stack_info
         return result
 
 
@@ -91,7 +93,7 @@ class TextFormatter(_StructuredFormatter):
         line = f"{f['level'].upper()} {f['logger']}: {f['msg']}"
         if "ts" in f:
             line = f"{f['ts']} {line}"
-        return f"{line}\n{f['exc']}" if "exc" in f else line
+        return "\n".join([line, *(f[key] for key in ("exc", "stack") if key in f)])
 
 
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
@@ -112,7 +114,7 @@ class LogfmtFormatter(_StructuredFormatter):
 
 
 class JsonFormatter(_StructuredFormatter):
-    """One JSON object per line with the keys ``ts``, ``level``, ``logger``, ``msg`` and ``exc``."""
+    """One JSON object per line with the keys ``ts``, ``level``, ``logger``, ``msg``, ``exc`` and ``stack``."""
 
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(self.fields(record), ensure_ascii=False)
@@ -123,7 +125,7 @@ _FORMATTERS: dict[str, type[_StructuredFormatter]] = {
 }
 
 
-def under_journald(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
+def under_journald(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
     """True when ``stream`` is the journal connection systemd names in ``JOURNAL_STREAM`` (``dev:inode``).
 
     Comparing the descriptor, not only the variable's presence, matters: a child process
