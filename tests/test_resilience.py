@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from mlwarden import logs
 from mlwarden.backoff import Backoff, RetrySchedule
 from mlwarden.components import free_port
+from mlwarden import fsutil
 from mlwarden.fsutil import disk_space
 from mlwarden.jobs import report
 from mlwarden.jobs.backup import offsite
@@ -145,11 +145,13 @@ def test_the_relay_config_reads_secrets_with_the_shared_reader(tmp_path: Path) -
     assert loaded.destinations["pd"].routing_key == "routing-key-from-file"
 
 
-def test_disk_space_counts_as_df_does(tmp_path: Path) -> None:
+def test_disk_space_counts_as_df_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = disk_space(tmp_path)
+    assert 0 < real.available <= real.size and 0.0 <= real.used_ratio <= 1.0
+    # df on a 1000-block filesystem (4 KiB fragments) with 600 free, 50 of them reserved for root
+    fake = os.statvfs_result((4096, 4096, 1000, 600, 550, 0, 0, 0, 0, 255))
+    monkeypatch.setattr(fsutil.os, "statvfs", lambda path: fake)
     space = disk_space(tmp_path)
-    usage = shutil.disk_usage(tmp_path)
-    st = os.statvfs(tmp_path)
-    assert space.size == usage.total and space.available == usage.free
-    assert space.used == (st.f_blocks - st.f_bfree) * st.f_frsize
-    assert disk.used_ratio(tmp_path) == (space.used_ratio, space.available)
-    assert 0.0 <= space.used_ratio <= 1.0
+    assert (space.size, space.used, space.available) == (1000 * 4096, 400 * 4096, 550 * 4096)
+    assert space.used_ratio == 400 / 950  # df's Use%: reserved blocks are not the user's
+    assert disk.used_ratio(tmp_path) == (400 / 950, 550 * 4096)
