@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from mlwarden.command import Command
+from mlwarden.exporter.podresources import DEFAULT_SOCKET
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, positive, setting
 
@@ -47,6 +48,14 @@ class ExporterSettings:
         help="how often the backups and artifacts collectors run (walking big trees is slow)",
     )
     max_processes: int = setting(32, parse=in_range(int, 0, 10000), help="most processes exported per GPU (the largest memory users); bounds series count")
+    pod_resources_socket: Path = setting(
+        DEFAULT_SOCKET, metavar="PATH",
+        help="kubelet pod-resources socket that maps GPUs to pods (needs `mlwarden[kubernetes]`); off while absent",
+    )
+    hpc_job_mapping_dir: Path | None = setting(
+        None, metavar="DIR",
+        help="Slurm job-mapping directory in dcgm-exporter's format (a file per GPU index holding its job ids)",
+    )
     collector_gpu: bool = setting(True, help="enable the gpu collector")
     collector_processes: bool = setting(True, help="enable the processes collector")
     collector_xid: bool = setting(True, help="enable the xid collector")

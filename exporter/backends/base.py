@@ -9,6 +9,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from mlwarden.exporter.procinfo import ProcessInfo
+
 THROTTLE_REASONS = (
     "gpu_idle",
     "applications_clocks_setting",
@@ -71,9 +73,9 @@ class GpuReading:
 class GpuProcess:
     pid: int
     used_memory_bytes: int | None
-    name: str = ""  # empty: look it up in /proc
-    user: str = ""
-    container: str = ""
+    info: ProcessInfo | None = None  # None: look it up in /proc
+    sm_utilization_ratio: float | None = None
+    memory_utilization_ratio: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlwarden.exporter.procinfo import ProcessInfo
 from mlwarden.exporter.backends.base import (
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
@@ -46,6 +47,14 @@ class _SimulatedGpu:
     double_bit_pages: int = 0
     energy_joules: float = 0.0
     last_read: float | None = None
+
+
+def _workload(gpu: int, k: int) -> ProcessInfo:
+    """Even GPUs run a Kubernetes pod each, odd GPUs a Slurm job each: the demo shows both kinds."""
+    if gpu % 2 == 0:
+        return ProcessInfo(name=f"train_worker_{k}", user="ml", container_id=f"{0xc0de00000000 + gpu:012x}",
+                           namespace=("research", "vision")[gpu // 2 % 2], pod=f"train-{gpu // 2}-0", container="trainer")
+    return ProcessInfo(name=f"train_worker_{k}", user=("alice", "bob")[gpu // 2 % 2], slurm_job=str(4200 + gpu))
 
 
 class SimulatedBackend(GpuBackend):
@@ -173,13 +182,15 @@ class SimulatedBackend(GpuBackend):
         with self._lock:
             if self._gpus[index].lost:
                 raise GpuLost(f"GPU {index} has fallen off the bus (simulated)")
+        load = self._load(index, now)
+        share = 1.0 / max(1, self._processes_per_gpu)
         return [
             GpuProcess(
                 pid=200_000 + index * 1000 + k,
                 used_memory_bytes=int(_GIB * (2 + 1.5 * math.sin(now / 50.0 + k))),
-                name=f"train_worker_{k}",
-                user="mlwarden-sim",
-                container="",
+                info=_workload(index, k),
+                sm_utilization_ratio=round(load * share, 3),
+                memory_utilization_ratio=round(load * 0.7 * share, 3),
             )
             for k in range(self._processes_per_gpu)
         ]
