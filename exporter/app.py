@@ -15,6 +15,7 @@ from mlwarden.exporter.collectors.artifacts import ArtifactsCollector
 from mlwarden.exporter.collectors.backups import BackupsCollector
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
+from mlwarden.exporter.collectors.process import ProcessCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.collectors.xid import XidCollector
 from mlwarden.exporter.loop import CollectionLoop
@@ -40,6 +41,8 @@ def collectors_for(settings: ExporterSettings, supervisor: BackendSupervisor) ->
         chosen.append(ProcessesCollector(supervisor, settings.interval, timeout, settings.max_processes, attributor=attributor))
     if settings.collector_xid:
         chosen.append(XidCollector(supervisor, settings.interval, timeout))
+    if settings.collector_process:
+        chosen.append(ProcessCollector(settings.interval, timeout))
     slow = settings.artifacts_interval
     if settings.collector_backups and settings.backup_dir is not None:
         chosen.append(BackupsCollector(settings.backup_dir, slow, slow))

@@ -59,6 +59,7 @@ class ExporterSettings:
     collector_gpu: bool = setting(True, help="enable the gpu collector")
     collector_processes: bool = setting(True, help="enable the processes collector")
     collector_xid: bool = setting(True, help="enable the xid collector")
+    collector_process: bool = setting(True, help="enable the process collector (the exporter's own process_* metrics)")
     collector_backups: bool = setting(True, help="enable the backups collector (runs when --backup-dir is set)")
     collector_artifacts: bool = setting(True, help="enable the artifacts collector (runs when --experiments-dir is set)")
     max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")
