@@ -109,9 +109,15 @@ class RestoreSettings(S3Settings, _RestoreCore):
             raise ValueError("a drill from S3 needs --backup-dir or --to: somewhere with room for the download")
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "backup", "attribute": "BACKUP", "help": "archive, checksum, verify and copy models off-site; apply retention",
+     "maintain": {"order": 20, "env": "RUN_BACKUP"}},
+    {"name": "restore", "attribute": "RESTORE", "help": "restore a backup (local or S3), or run a restore drill"},
+)
+
 BACKUP = Command(
     "backup",
-    "archive, checksum, verify and copy models off-site; apply retention",
     settings=BackupSettings,
     run=run_backup,
     description=(
@@ -122,7 +128,6 @@ BACKUP = Command(
 
 RESTORE = Command(
     "restore",
-    "restore a backup (local or S3), or run a restore drill",
     settings=RestoreSettings,
     run=run_restore,
     description=(

@@ -226,9 +226,14 @@ def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict
     return ExitCode.FAILURE if total.errors else ExitCode.OK
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "cleanup", "attribute": "COMMAND", "help": "remove old experiment artifacts, behind safety breakers",
+     "maintain": {"order": 30, "env": "RUN_CLEANUP"}},
+)
+
 COMMAND = Command(
     name="cleanup",
-    help="remove old experiment artifacts, behind safety breakers",
     settings=CleanupSettings,
     run=run,
     description=(

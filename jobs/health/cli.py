@@ -89,9 +89,14 @@ def _show(results: list[Result], as_json: bool) -> None:
             log.log(levels[result.status], "%s: %s: %s", result.check, result.status.value, result.summary)
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "health", "attribute": "COMMAND", "help": "check disks, GPUs, services and backup freshness",
+     "maintain": {"order": 10, "setting": "run_health_check", "env": "RUN_HEALTH_CHECK"}},
+)
+
 COMMAND = Command(
     name="health",
-    help="check disks, GPUs, services and backup freshness",
     settings=HealthSettings,
     run=run,
     description="Check disk usage, GPUs (NVML), the mlwarden services and backup freshness; exit 0 when healthy, 1 when not.",
