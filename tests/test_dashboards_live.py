@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mlwarden.jobs.report import JobReport
+from mlwarden.jobs.report import JobReport, Schedule
 from mlwarden import components
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,10 +57,8 @@ ALLOWED_EMPTY = {
     "alert:MlwardenExporterDataStale": "collections are fresh",
     "alert:MlwardenCollectorFailing": "every collector works",
     "alert:MlwardenNvmlDown": "the simulated backend is always available",
-    "alert:BackupNotRecent": "the only success is seconds old",
-    "alert:MlwardenJobNeverSucceeded": "every job has succeeded on the healthy machine",
-    "alert:RestoreDrillNotRecent": "the only success is seconds old",
-    "alert:CleanupNotRecent": "the only success is seconds old",
+    "alert:JobLate": "the only successes are seconds old",
+    "alert:JobRunningTooLong": "every run has finished",
     "alert:PushgatewayPushFailing": "no push was rejected",
     "alert:DiskUsageHigh": "the test's disks are not full",
     "alert:DiskUsageCritical": "the test's disks are not full",
@@ -272,7 +270,7 @@ def feed_relay(relay: str, slack_messages: list[bytes]) -> None:
 def push_job_metrics(pushgateway: str) -> None:
     """What the four jobs push (jobs/report.py), for a healthy machine and a failing one."""
     for instance, ok in (("node-good", True), ("node-bad", False)):
-        with JobReport("backup", pushgateway=pushgateway, instance=instance) as report:
+        with JobReport("backup", pushgateway=pushgateway, instance=instance, schedule=Schedule(86400, 3600, 21600, "critical")) as report:
             report.gauge("mlwarden_backup_read_bytes", "Bytes read.").set(1_000_000)
             report.gauge("mlwarden_backup_written_bytes", "Bytes written.").set(400_000)
             report.gauge("mlwarden_backup_files", "Files archived.").set(12)
@@ -281,7 +279,7 @@ def push_job_metrics(pushgateway: str) -> None:
             report.succeeded(ok)
         with JobReport("restore_drill", pushgateway=pushgateway, instance=instance) as report:
             report.gauge("mlwarden_restore_drill_duration_seconds", "Restore time.").set(42.0)
-            report.gauge("mlwarden_restore_drill_verified_files", "Files verified.").set(12)
+            report.gauge("mlwarden_restore_drill_verified_files", "Files verified.").set(12 if ok else 0)
             report.succeeded(ok)
         with JobReport("cleanup", pushgateway=pushgateway, instance=instance) as report:
             report.gauge("mlwarden_cleanup_deleted_files", "Deleted.").set(3 if ok else 0)
@@ -379,6 +377,6 @@ def test_prometheus_evaluates_every_rule_without_error(stack: str) -> None:
     assert not broken, broken
     firing = {r["name"] for r in rules if r["type"] == "alerting" and r["state"] == "firing"}
     # alerts without a `for:` that the stack provokes
-    assert {"Watchdog", "GpuUncorrectedEccErrors", "GpuXidCriticalError", "BackupFailed", "RestoreDrillFailed",
+    assert {"Watchdog", "GpuUncorrectedEccErrors", "GpuXidCriticalError", "JobFailed", "JobNeverSucceeded", "RestoreDrillFailed",
             "CleanupBreakerTripped", "HealthCheckFailing", "BackupOffsiteCopyMissing",
             "BackupVerificationFailed", "RelayDeadLetters"} <= firing
