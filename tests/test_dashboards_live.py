@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mlwarden.jobs import pause
 from mlwarden.jobs.report import JobReport, Schedule
 from mlwarden import components
 
@@ -294,6 +295,8 @@ def push_job_metrics(pushgateway: str) -> None:
             checks.labels("gpu").set(1)
             report.gauge("mlwarden_health_disk_used_ratio", "Disk used.", ("path",)).labels("/").set(0.4 if ok else 0.97)
             report.succeeded(ok)
+    # a maintenance pause (mlwarden pause), so the heartbeat rules' pause selector has a series
+    assert pause.pause(pause.PauseSettings(job="cleanup", instance="node-good", pushgateway=pushgateway, duration=3600)) == 0
 
 
 def prometheus_config(exporter: str, relay: str, pushgateway: str) -> str:
