@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -146,3 +147,37 @@ def test_no_source_file_lists_the_commands() -> None:
                 if len(strings & names) >= 2:
                     offenders.append(f"{path.relative_to(REPO)}:{line}: {sorted(strings & names)}")
     assert offenders == []
+
+
+def test_the_contributing_recipe_for_a_job_is_what_the_registry_reads(extra_root: Path) -> None:
+    """CONTRIBUTING.md's snippets, filled in, make a job the dispatcher, plan and heartbeat know."""
+    section = (REPO / "CONTRIBUTING.md").read_text().split("## Add a job", 1)[1].split("\n## ", 1)[0]
+    schedule, table = (
+        "\n".join(line.strip() for line in block.strip("\n").splitlines())
+        for block in re.findall(r"```python\n(.*?)```", section, re.S)
+    )
+    source = (
+        "from dataclasses import dataclass\n"
+        "from pathlib import Path\n"
+        "from mlwarden.command import Command\n"
+        "from mlwarden.jobs.report import (PUSHGATEWAY_ENV, JobReport, expected_interval_setting, grace_setting,\n"
+        "    late_severity_setting, schedule_of, timeout_setting)\n"
+        "from mlwarden.settings import setting\n"
+        "@dataclass(frozen=True)\nclass CompactSettings:\n"
+        "    pushgateway: str | None = setting(None, help='p', env=(PUSHGATEWAY_ENV,))\n"
+        "    textfile_dir: Path | None = setting(None, help='t')\n"
+        + "".join(f"    {line}\n" for line in schedule.splitlines())
+        + "def run(settings):\n"
+        "    with JobReport('compact', textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:\n"
+        "        report.succeeded()\n"
+        "    return 0\n"
+        + table.replace("<name>", "compact").replace("<Name>", "Compact").replace('"..."', '"compacts"')
+    )
+    (extra_root / "compact.py").write_text(source)
+    assert [entry.name for entry in registry.maintain_plan()] == ["health", "backup", "compact", "cleanup"]
+    textfiles = extra_root / "textfiles"
+    textfiles.mkdir()
+    assert cli.main(["compact", "--textfile-dir", str(textfiles)]) == ExitCode.OK
+    text = (textfiles / "mlwarden_compact.prom").read_text()
+    assert 'mlwarden_job_expected_interval_seconds{severity="warning"} 86400.0' in text
+    assert "mlwarden_job_last_success_timestamp_seconds " in text
