@@ -5,6 +5,8 @@ alerts/rules/jobs.yml do not call the job late, stuck or failed on this machine.
 metric, ``mlwarden_job_paused_until_timestamp_seconds``, pushed into the job's own group
 (the same Pushgateway group or textfile as its runs), so it ends by itself when the time
 is up and a forgotten pause cannot silence a job for good; ``resume`` ends it early.
+With ``--textfile-dir`` the pause is merged into the job's textfile; a pause written in the
+same instant as the job rewrites that file can be lost, so pause before the maintenance starts.
 """
 
 from __future__ import annotations
