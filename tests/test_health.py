@@ -19,7 +19,7 @@ import pytest
 from mlwarden.jobs.health import cli as health_cli
 from mlwarden.jobs.health import disk, gpu, output
 # The exporter's fake pynvml: the health check reads NVML through the exporter's backend.
-from test_exporter_nvml import FakeNvml, nvml_error
+from tests.test_exporter_nvml import FakeNvml, nvml_error
 from mlwarden.jobs.health.result import Result, Status
 from mlwarden import components, settings
 from mlwarden.catalog import Catalog, Manifest, Verification
