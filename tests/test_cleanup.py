@@ -191,6 +191,37 @@ def test_dry_run_prints_the_plan_and_deletes_nothing(root: Path, capsys: pytest.
     assert f"delete {root}/run/old.bin\t123\t" in out and "new.bin" not in out
 
 
+def pushed_or_none(pushgateway_url: str, metric: str) -> float | None:
+    try:
+        return pushed_value(pushgateway_url, metric)
+    except AssertionError:
+        return None
+
+
+def test_a_dry_run_pushes_no_success_and_cannot_hide_a_failed_cleanup(root: Path, tmp_path: Path, pushgateway) -> None:
+    # A failed real run (another process holds the root), then a dry run: CleanupNotRecent
+    # reads the last success, so the dry run must leave the failure standing.
+    make(root / "run" / "old.bin", age_days=90)
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert run_cleanup(root, "--pushgateway", pushgateway.url, "--textfile-dir", str(textfiles)) == ExitCode.FAILURE
+    finally:
+        os.close(fd)
+    failed_at = pushed_value(pushgateway.url, "mlwarden_job_last_run_timestamp_seconds")
+    failed_textfile = (textfiles / "mlwarden_cleanup.prom").read_text()
+
+    assert run_cleanup(root, "--dry-run", "--pushgateway", pushgateway.url, "--textfile-dir", str(textfiles)) == ExitCode.OK
+
+    assert (root / "run" / "old.bin").exists()
+    assert pushed_value(pushgateway.url, "mlwarden_job_success") == 0
+    assert pushed_or_none(pushgateway.url, "mlwarden_job_last_success_timestamp_seconds") is None
+    assert pushed_value(pushgateway.url, "mlwarden_job_last_run_timestamp_seconds") == failed_at
+    assert (textfiles / "mlwarden_cleanup.prom").read_text() == failed_textfile
+
+
 def test_dry_run_prints_the_plan_when_a_breaker_trips(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The runbook's answer to a tripped breaker is to read the --dry-run plan.
     for i in range(3):

@@ -94,9 +94,18 @@ class CleanupSettings:
 
 
 def run(settings: CleanupSettings) -> int:
-    with JobReport("cleanup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    # A dry run publishes nothing: its success would reset the last-success time that
+    # CleanupNotRecent reads, and its plan gauges would overwrite those of the last real run.
+    publish = not settings.dry_run
+    with JobReport(
+        "cleanup",
+        pushgateway=settings.pushgateway if publish else None,
+        textfile_dir=settings.textfile_dir if publish else None,
+    ) as report:
         code = _run(settings, report)
         report.succeeded(code == ExitCode.OK)
+    if not publish and (settings.pushgateway or settings.textfile_dir):
+        log.info("dry run: no metrics pushed or written")
     return code
 
 
