@@ -8,13 +8,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mlwarden.jobs.cleanup import cli as cleanup_cli
-from mlwarden.jobs.cleanup import delete, plan, rules
+from mlwarden.jobs.cleanup import delete, fileops, plan, rules
 from mlwarden import cli, settings
 from mlwarden.exitcodes import ExitCode
 
@@ -100,6 +101,46 @@ def test_a_nested_filesystem_is_not_entered(root: Path, nested_tmpfs: Path) -> N
 
     assert (nested_tmpfs / "old.bin").exists()
     assert not (root / "run" / "old.log").exists()
+
+
+@contextmanager
+def bind_mounted(source: Path, mount_point: Path) -> Iterator[Path]:
+    mount_point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("where", ["shared", "run/shared"])
+def test_a_bind_mount_on_the_same_filesystem_is_not_entered(root: Path, tmp_path: Path, where: str) -> None:
+    # Same device number as the root: only the mount ID tells that it leads outside.
+    outside = tmp_path / "outside"
+    precious = [make(outside / "old.bin", age_days=90), make(outside / "deep" / "old.bin", age_days=90)]
+    make(root / "run" / "old.log", age_days=90)
+    with bind_mounted(outside, root / where) as mount_point:
+        assert os.stat(mount_point).st_dev == os.stat(root).st_dev
+        for workers in ("1", "2"):
+            assert run_cleanup(root, "--workers", workers) == ExitCode.OK
+            assert all(p.exists() for p in precious)
+            assert (mount_point / "old.bin").exists() and (mount_point / "deep").is_dir()
+    assert not (root / "run" / "old.log").exists()
+
+
+def test_mount_ids_come_from_statx_and_match_proc(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    with bind_mounted(tmp_path / "outside", root / "bound") as mount_point:
+        fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in (root, mount_point)]
+        try:
+            ids = [fileops.mount_id(fd) for fd in fds]
+            assert ids == [fileops.fdinfo_mount_id(fd) for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+    assert ids[0] != ids[1]
+    mountinfo_ids = {int(line.split()[0]) for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    assert ids[0] in mountinfo_ids
 
 
 def test_protected_globs_keep_markers_and_best_are_kept(root: Path) -> None:
