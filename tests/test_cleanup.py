@@ -128,6 +128,26 @@ def test_a_bind_mount_on_the_same_filesystem_is_not_entered(root: Path, tmp_path
     assert not (root / "run" / "old.log").exists()
 
 
+def test_a_file_bind_mounted_into_the_root_is_kept_not_an_error(root: Path, tmp_path: Path) -> None:
+    precious = make(tmp_path / "outside" / "weights.bin", age_days=90)
+    make(root / "run" / "weights.bin", age_days=1)
+    make(root / "run" / "old.log", age_days=90)
+    mount_point = root / "run" / "weights.bin"
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    subprocess.run(["mount", "--bind", str(precious), str(mount_point)], check=True)
+    try:
+        assert run_cleanup(root, "--textfile-dir", str(textfiles)) == ExitCode.OK
+        assert mount_point.exists()
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    assert precious.exists() and mount_point.exists()
+    assert not (root / "run" / "old.log").exists()
+    metrics = (textfiles / "mlwarden_cleanup.prom").read_text()
+    assert 'mlwarden_cleanup_skipped_files{reason="a mount point"} 1.0' in metrics
+    assert 'mlwarden_cleanup_skipped_files{reason="directory moved"} 0.0' in metrics
+
+
 def test_mount_ids_come_from_statx_and_match_proc(root: Path, tmp_path: Path) -> None:
     (tmp_path / "outside").mkdir()
     with bind_mounted(tmp_path / "outside", root / "bound") as mount_point:
@@ -334,6 +354,47 @@ def test_a_file_replaced_or_touched_after_planning_is_kept(root: Path) -> None:
 
     assert replaced.exists() and touched.exists()
     assert result.skipped == {"replaced": 1, "modified": 1}
+
+
+class MoveOutAfterFirstDeletion:
+    """A progress sink that moves a directory out of the root once a file in it is gone:
+    the operator rescuing a run while the cleanup is busy in it."""
+
+    def __init__(self, directory: Path, destination: Path) -> None:
+        self.directory, self.destination = directory, destination
+        self.files = sum(1 for p in directory.rglob("*") if p.is_file())
+        self.moved_after = 0
+
+    def advance(self, amount: float) -> None:
+        if not self.moved_after and self.directory.exists():
+            left = sum(1 for p in self.directory.rglob("*") if p.is_file())
+            if left < self.files:
+                self.directory.rename(self.destination)
+                self.moved_after = self.files - left
+
+
+def test_a_directory_moved_out_of_the_root_during_deletion_is_no_longer_touched(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    for i in range(20):
+        make(root / "run" / "logs" / f"{i:02d}.log", age_days=90)
+    for i in range(5):
+        make(root / "run" / "logs" / "deep" / f"{i}.json", age_days=90)
+    for i in range(5):
+        make(root / "run" / "other" / f"{i}.log", age_days=90)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    assert len(planned.files) == 30
+    safe = tmp_path / "rescued"
+    hook = MoveOutAfterFirstDeletion(root / "run" / "logs", safe)
+
+    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]
+
+    assert hook.moved_after == 1
+    survivors = sum(1 for p in safe.rglob("*") if p.is_file())
+    assert survivors == 25 - 1  # everything but the file deleted before the move
+    assert result.skipped == {delete.SKIPPED_MOVED: 24} and result.errors == 0
+    assert result.files == 1 + 5 and not (root / "run" / "other").exists()
+    assert f"{root}/run/logs is no longer where the plan found it" in caplog.text
 
 
 def test_two_cleanups_of_one_root_never_overlap(root: Path) -> None:

@@ -122,6 +122,13 @@ def _run(settings: CleanupSettings, report: JobReport) -> int:
     }
     for gauge in gauges.values():
         gauge.set(0)
+    gauges["skipped_files"] = report.gauge(
+        "mlwarden_cleanup_skipped_files",
+        "Planned files the last cleanup run kept at the moment of deletion (changed, locked, moved out of the root), by reason.",
+        ("reason",),
+    )
+    for reason in delete.SKIP_REASONS:
+        gauges["skipped_files"].labels(reason).set(0)
     with ExitStack() as stack:
         for root in settings.experiments_dir:
             if not _lock_root(root, stack):
@@ -227,6 +234,8 @@ def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict
     progress.finish()
     gauges["deleted_files"].set(total.files)
     gauges["freed_bytes"].set(total.bytes)
+    for reason, count in total.skipped.items():
+        gauges["skipped_files"].labels(reason).set(count)
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(total.skipped.items())) or "none"
     log.info(
         "deleted %d files, freed %s, removed %d directories; skipped at deletion: %s; errors: %d",
