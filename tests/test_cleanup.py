@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +17,7 @@ import httpx
 import pytest
 
 from mlwarden.jobs.cleanup import cli as cleanup_cli
-from mlwarden.jobs.cleanup import delete, fileops, plan, rules
+from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
 from mlwarden import cli, settings
 from mlwarden.exitcodes import ExitCode
 
@@ -296,12 +298,72 @@ def test_dry_run_prints_the_plan_when_a_breaker_trips(root: Path, capsys: pytest
     assert all(f"delete {root}/run/old-{i}.bin\t10\t" in out for i in range(3))
 
 
-@pytest.mark.parametrize("bad_root", ["/", "/home", "/etc", "/usr", "/var", "/root", "/tmp/../etc", "", "relative/dir", "HOME"])
+@pytest.fixture
+def walking_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a refusal ever regress, the test fails before a system directory is walked or
+    anything in it deleted (pytest.fail is a BaseException: the command's handler lets it through)."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("a root that must be refused was walked")
+
+    monkeypatch.setattr(plan, "build", refuse)
+    monkeypatch.setattr(delete, "execute", refuse)
+
+
+@pytest.mark.usefixtures("walking_fails")
+@pytest.mark.parametrize(
+    "bad_root",
+    ["/", "/home", "/etc", "/usr", "/var", "/root", "/opt", "/tmp/../etc", "", "relative/dir", "HOME",
+     "/etc/ssl", "/etc/systemd", "/usr/share", "/usr/local", "/var/lib/apt", "/var/lib/dpkg", "/var/cache", "/dev/shm",
+     "/var/cache/apt/archives", "/boot", "/proc/self", "/sys/fs", "/run/lock", "/lib", "/lib64", "/usr/lib/x86_64-linux-gnu"],
+)
 def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, capsys: pytest.CaptureFixture[str]) -> None:
     if bad_root == "HOME":
         bad_root = os.environ["HOME"]
     assert cli.main(["cleanup", "--experiments-dir", bad_root, "--yes"]) == ExitCode.USAGE
     assert "experiments-dir" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("walking_fails")
+@pytest.mark.parametrize("system_dir", ["/etc/ssl", "/etc/systemd", "/usr/share", "/usr/local", "/var/lib/apt", "/var/lib/dpkg", "/var/cache"])
+def test_system_subdirectories_are_refused_before_anything_is_read(system_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(os.listdir(system_dir))
+
+    assert cli.main(["cleanup", "--experiments-dir", system_dir, "--yes", "--retention-days", "0.0001", "--max-files", "1000000000"]) == ExitCode.USAGE
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"refusing to clean {system_dir}: " in err[0] and "a system directory" in err[0]
+    assert sorted(os.listdir(system_dir)) == before
+
+
+def test_a_root_in_dev_shm_is_refused_and_nothing_goes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Our own directory in /dev/shm: should the refusal regress, only the test's file is lost.
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        old = make(shm / "run" / "old.bin", age_days=90)
+        (tmp_path / "link").symlink_to(shm)
+        for root in (shm, tmp_path / "link"):
+            assert cli.main(["cleanup", "--experiments-dir", str(root), "--yes"]) == ExitCode.USAGE
+            assert f"refusing to clean {shm}" in capsys.readouterr().err
+            assert old.exists()
+    finally:
+        shutil.rmtree(shm)
+
+
+@pytest.mark.usefixtures("walking_fails")
+def test_a_symlink_into_a_system_tree_is_resolved_and_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "link").symlink_to("/etc/systemd")
+    assert cli.main(["cleanup", "--experiments-dir", str(tmp_path / "link"), "--yes"]) == ExitCode.USAGE
+    assert f"refusing to clean /etc/systemd (from {tmp_path}/link): it lies under /etc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("path", "refused"),
+    [("/opt", True), ("/opt/experiments", False), ("/home/alice", True), ("/home/alice/experiments", False),
+     ("/root", True), ("/root/experiments", False), ("/srv", True), ("/srv/experiments", False), ("/data/runs", False),
+     ("/var/lib/mlwarden/experiments", True), ("/libx32", True), ("/var/log", True)],
+)
+def test_what_is_refused_and_what_is_fine(path: str, refused: bool) -> None:
+    assert (safety.refusal(Path(path)) is not None) is refused
 
 
 def test_shell_variable_names_are_honoured(root: Path) -> None:
