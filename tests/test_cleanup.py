@@ -5,8 +5,10 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -476,6 +478,39 @@ def test_the_rate_limit_spaces_deletions(root: Path) -> None:
     assert cleanup_cli.parse_rate("20/s") == 20.0
     assert run_cleanup(root, "--rate-limit", "200/s") == ExitCode.OK
     assert not (root / "run").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_deletion_pushes_the_failure_and_exits_130(root: Path, tmp_path: Path, pushgateway, signum: int) -> None:
+    # systemd stops a unit with SIGTERM: it must end the run as Ctrl-C does, not kill it unreported.
+    files = 300
+    for i in range(files):
+        make(root / "run" / f"old-{i:03d}.bin", age_days=90)
+    log_path = tmp_path / "cleanup.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlwarden.cli", "cleanup", "--experiments-dir", str(root), "--yes",
+             "--rate-limit", "100/s", "--pushgateway", pushgateway.url],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while len(os.listdir(root / "run")) == files and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.send_signal(signum)
+            assert process.wait(timeout=60) == ExitCode.INTERRUPTED
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    deleted = files - len(os.listdir(root / "run"))
+    assert 0 < deleted < files
+    assert "interrupted" in log_path.read_text()
+    assert pushed_value(pushgateway.url, "mlwarden_job_success") == 0
+    assert pushed_or_none(pushgateway.url, "mlwarden_job_last_success_timestamp_seconds") is None
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_deleted_files") == deleted
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_planned_files") == files
 
 
 def test_the_exposed_metrics_pass_promtool(root: Path, tmp_path: Path, promtool: str) -> None:

@@ -17,6 +17,7 @@ from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
 from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
+from mlwarden.interrupts import sigterm_interrupts
 from mlwarden.settings import in_range, parse_size, parse_url, positive, setting
 from mlwarden.terminal import Progress, human_bytes, interactive
 
@@ -97,7 +98,7 @@ def run(settings: CleanupSettings) -> int:
     # A dry run publishes nothing: its success would reset the last-success time that
     # CleanupNotRecent reads, and its plan gauges would overwrite those of the last real run.
     publish = not settings.dry_run
-    with JobReport(
+    with sigterm_interrupts(), JobReport(
         "cleanup",
         pushgateway=settings.pushgateway if publish else None,
         textfile_dir=settings.textfile_dir if publish else None,
@@ -219,19 +220,20 @@ def _confirm(files: int, size: int) -> bool:
 def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict[str, Gauge]) -> int:
     total = delete.DeleteResult()
     progress = Progress("cleanup", sum(p.bytes for p in plans))
-    for p in plans:
-        try:
-            result = delete.execute(p, settings.rate_limit, progress)
-        except (OSError, delete.RootChanged) as exc:
-            log.error("cleanup of %s stopped: %s", p.root, exc)
-            total.errors += 1
-            continue
-        total.files += result.files
-        total.bytes += result.bytes
-        total.directories += result.directories
-        total.skipped.update(result.skipped)
-        total.errors += result.errors
-    progress.finish()
+    try:
+        for p in plans:
+            try:
+                delete.execute(p, settings.rate_limit, progress, total)
+            except (OSError, delete.RootChanged) as exc:
+                log.error("cleanup of %s stopped: %s", p.root, exc)
+                total.errors += 1
+    finally:  # also when interrupted (SIGINT, SIGTERM): the metrics say what is gone
+        progress.finish()
+        _report_deleted(total, gauges)
+    return ExitCode.FAILURE if total.errors else ExitCode.OK
+
+
+def _report_deleted(total: delete.DeleteResult, gauges: dict[str, Gauge]) -> None:
     gauges["deleted_files"].set(total.files)
     gauges["freed_bytes"].set(total.bytes)
     for reason, count in total.skipped.items():
@@ -241,7 +243,6 @@ def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict
         "deleted %d files, freed %s, removed %d directories; skipped at deletion: %s; errors: %d",
         total.files, human_bytes(total.bytes), total.directories, skipped, total.errors,
     )
-    return ExitCode.FAILURE if total.errors else ExitCode.OK
 
 
 COMMAND = Command(

@@ -169,8 +169,12 @@ class _Moved:
         return any(path.startswith(prefix) for prefix in self.prefixes)
 
 
-def execute(plan: RootPlan, rate_limit: float = 0.0, progress: Progress | None = None) -> DeleteResult:
-    result = DeleteResult()
+def execute(
+    plan: RootPlan, rate_limit: float = 0.0, progress: Progress | None = None, result: DeleteResult | None = None,
+) -> DeleteResult:
+    """Delete what ``plan`` lists, counting into ``result`` (a new one by default) as it
+    goes, so that an interrupted run still reports what it removed."""
+    result = DeleteResult() if result is None else result
     root_fd = fileops.open_directory(str(plan.root))
     try:
         st = os.fstat(root_fd)
