@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
@@ -165,6 +166,22 @@ def test_mount_ids_come_from_statx_and_match_proc(root: Path, tmp_path: Path) ->
     assert ids[0] != ids[1]
     mountinfo_ids = {int(line.split()[0]) for line in Path("/proc/self/mountinfo").read_text().splitlines()}
     assert ids[0] in mountinfo_ids
+
+
+def _statx_without_mount_ids(fd: int, path: bytes, flags: int, mask: int, buffer: object) -> int:
+    ctypes.memset(buffer, 0, fileops._STATX_SIZE)  # an older kernel: success, but STATX_MNT_ID not in the mask
+    return 0
+
+
+@pytest.mark.parametrize("statx", [None, _statx_without_mount_ids], ids=["no libc statx", "kernel without STATX_MNT_ID"])
+def test_without_statx_mount_ids_the_fallback_still_fences_bind_mounts(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, statx: object,
+) -> None:
+    monkeypatch.setattr(fileops, "_statx", statx)
+    precious = make(tmp_path / "outside" / "old.bin", age_days=90)
+    with bind_mounted(tmp_path / "outside", root / "run" / "shared"):
+        assert run_cleanup(root, "--workers", "1") == ExitCode.OK
+        assert precious.exists()
 
 
 def test_protected_globs_keep_markers_and_best_are_kept(root: Path) -> None:
