@@ -454,27 +454,32 @@ class MoveOutAfterFirstDeletion:
                 self.moved_after = self.files - left
 
 
+@pytest.mark.parametrize(("rate_limit", "lost_after_move"), [(0.0, delete.VERIFY_EVERY - 1), (1e6, 0)], ids=["batches", "rate-limited"])
 def test_a_directory_moved_out_of_the_root_during_deletion_is_no_longer_touched(
-    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, rate_limit: float, lost_after_move: int,
 ) -> None:
-    for i in range(20):
+    # The chain is re-checked before each batch (VERIFY_EVERY files, or each file under a
+    # rate limit): at most one batch goes after the move, never the rest of the directory.
+    for i in range(40):
         make(root / "run" / "logs" / f"{i:02d}.log", age_days=90)
     for i in range(5):
         make(root / "run" / "logs" / "deep" / f"{i}.json", age_days=90)
     for i in range(5):
         make(root / "run" / "other" / f"{i}.log", age_days=90)
     planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
-    assert len(planned.files) == 30
+    assert len(planned.files) == 50
     safe = tmp_path / "rescued"
     hook = MoveOutAfterFirstDeletion(root / "run" / "logs", safe)
 
-    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]
+    result = delete.execute(planned, rate_limit, progress=hook)  # type: ignore[arg-type]
 
     assert hook.moved_after == 1
     survivors = sum(1 for p in safe.rglob("*") if p.is_file())
-    assert survivors == 25 - 1  # everything but the file deleted before the move
-    assert result.skipped == {delete.SKIPPED_MOVED: 24} and result.errors == 0
-    assert result.files == 1 + 5 and not (root / "run" / "other").exists()
+    assert 45 - 1 - lost_after_move <= survivors < 45
+    if not lost_after_move:
+        assert survivors == 44  # everything but the file deleted before the move
+    assert result.skipped == {delete.SKIPPED_MOVED: survivors} and result.errors == 0
+    assert result.files == 45 - survivors + 5 and not (root / "run" / "other").exists()
     assert f"{root}/run/logs is no longer where the plan found it" in caplog.text
 
 
