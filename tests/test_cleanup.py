@@ -483,6 +483,20 @@ def test_a_directory_moved_out_of_the_root_during_deletion_is_no_longer_touched(
     assert f"{root}/run/logs is no longer where the plan found it" in caplog.text
 
 
+def test_a_root_moved_away_during_deletion_stops_its_cleanup(root: Path, tmp_path: Path) -> None:
+    for run in ("run-a", "run-b"):
+        for i in range(3):
+            make(root / run / f"{i}.log", age_days=90)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    hook = MoveOutAfterFirstDeletion(root, tmp_path / "moved-root")
+
+    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]
+
+    # The rest of the first run's batch may go; the next directory is never entered.
+    assert result.errors == 1 and result.files <= 3
+    assert sum(1 for p in (tmp_path / "moved-root").rglob("*") if p.is_file()) == 6 - result.files
+
+
 def test_two_cleanups_of_one_root_never_overlap(root: Path) -> None:
     make(root / "run" / "old.bin", age_days=90)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
