@@ -23,6 +23,7 @@ from mlwarden.jobs.cleanup import cli as cleanup_cli
 from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
 from mlwarden import cli, settings
 from mlwarden.exitcodes import ExitCode
+from mlwarden.interrupts import sigterm_interrupts
 
 DAY = 86400
 
@@ -547,6 +548,32 @@ def test_a_signal_stops_deletion_pushes_the_failure_and_exits_130(root: Path, tm
     assert pushed_or_none(pushgateway.url, "mlwarden_job_last_success_timestamp_seconds") is None
     assert pushed_value(pushgateway.url, "mlwarden_cleanup_deleted_files") == deleted
     assert pushed_value(pushgateway.url, "mlwarden_cleanup_planned_files") == files
+
+
+def test_a_signal_right_after_an_unlink_still_counts_that_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The signal lands between the unlink and its count, the window a KeyboardInterrupt
+    # raised on the spot would leave uncounted.
+    for i in range(10):
+        make(root / "run" / f"old-{i}.bin", age_days=90, size=100)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    real_unlink = os.unlink
+    calls = 0
+
+    def unlink_then_signal(name: str, *, dir_fd: int | None = None) -> None:
+        nonlocal calls
+        real_unlink(name, dir_fd=dir_fd)
+        calls += 1
+        if calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "unlink", unlink_then_signal)
+    result = delete.DeleteResult()
+    with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        delete.execute(planned, result=result)
+    monkeypatch.undo()
+
+    assert len(os.listdir(root / "run")) == 7
+    assert (result.files, result.bytes) == (3, 300)
 
 
 def test_the_exposed_metrics_pass_promtool(root: Path, tmp_path: Path, promtool: str) -> None:

@@ -25,8 +25,10 @@ import os
 import stat
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlwarden.interrupts import deferred_interrupts
 from mlwarden.jobs.cleanup import fileops
 from mlwarden.jobs.cleanup.plan import RootPlan
 from mlwarden.terminal import Progress
@@ -199,9 +201,12 @@ def execute(
             raise RootChanged(f"{plan.root} is no longer the directory that was planned")
         chain = _DirectoryChain(plan, root_fd, 1 if rate_limit > 0 else VERIFY_EVERY)
         moved = _Moved(plan)
+        # SIGINT and SIGTERM stop the run between two deletions, never between an unlink
+        # and its count: the metrics then say exactly what is gone.
         try:
-            _delete_files(plan, chain, moved, _RateLimit(rate_limit), result, progress)
-            _remove_directories(plan, chain, moved, result)
+            with deferred_interrupts() as stop_point:
+                _delete_files(plan, chain, moved, _RateLimit(rate_limit), result, progress, stop_point)
+                _remove_directories(plan, chain, moved, result, stop_point)
         except RootChanged as exc:  # during the run: keep the counts of what was done before
             log.error("cleanup of %s stopped: %s", plan.root, exc)
             result.errors += 1
@@ -214,8 +219,10 @@ def execute(
 
 def _delete_files(
     plan: RootPlan, chain: _DirectoryChain, moved: _Moved, limit: _RateLimit, result: DeleteResult, progress: Progress | None,
+    stop_point: Callable[[], None],
 ) -> None:
     for item in plan.files:
+        stop_point()
         name = item.name
         if moved.prefixes and moved.holds(item.directory):
             result.skipped[SKIPPED_MOVED] += 1
@@ -267,8 +274,11 @@ def _why_not(name: str, dir_fd: int, inode: int, plan: RootPlan) -> str | None:
     return None
 
 
-def _remove_directories(plan: RootPlan, chain: _DirectoryChain, moved: _Moved, result: DeleteResult) -> None:
+def _remove_directories(
+    plan: RootPlan, chain: _DirectoryChain, moved: _Moved, result: DeleteResult, stop_point: Callable[[], None],
+) -> None:
     for relative in plan.directories:  # children before parents
+        stop_point()
         parent, _, name = relative.rpartition("/")
         if moved.holds(relative):
             continue
