@@ -282,7 +282,7 @@ def pushed_or_none(pushgateway_url: str, metric: str) -> float | None:
 
 
 def test_a_dry_run_pushes_no_success_and_cannot_hide_a_failed_cleanup(root: Path, tmp_path: Path, pushgateway) -> None:
-    # A failed real run (another process holds the root), then a dry run: CleanupNotRecent
+    # A failed real run (another process holds the root), then a dry run: JobLate
     # reads the last success, so the dry run must leave the failure standing.
     make(root / "run" / "old.bin", age_days=90)
     textfiles = tmp_path / "textfiles"

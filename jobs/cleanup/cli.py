@@ -14,7 +14,8 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport, schedule_of
+from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.interrupts import sigterm_interrupts
@@ -78,6 +79,10 @@ class CleanupSettings:
     )
     pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
+    expected_interval: float = expected_interval_setting("1d")
+    grace: float = grace_setting("1d")
+    timeout: float = timeout_setting("2h")
+    late_severity: str = late_severity_setting("warning")
 
     def __post_init__(self) -> None:
         if not self.experiments_dir:
@@ -95,13 +100,15 @@ class CleanupSettings:
 
 
 def run(settings: CleanupSettings) -> int:
-    # A dry run publishes nothing: its success would reset the last-success time that
-    # CleanupNotRecent reads, and its plan gauges would overwrite those of the last real run.
+    # A dry run publishes nothing (no start, no finish): its success would reset the
+    # last-success time that JobLate reads, and its plan gauges would overwrite those of
+    # the last real run.
     publish = not settings.dry_run
     with sigterm_interrupts(), JobReport(
         "cleanup",
         pushgateway=settings.pushgateway if publish else None,
         textfile_dir=settings.textfile_dir if publish else None,
+        schedule=schedule_of(settings),
     ) as report:
         code = _run(settings, report)
         report.succeeded(code == ExitCode.OK)
@@ -245,9 +252,14 @@ def _report_deleted(total: delete.DeleteResult, gauges: dict[str, Gauge]) -> Non
     )
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "cleanup", "attribute": "COMMAND", "help": "remove old experiment artifacts, behind safety breakers",
+     "maintain": {"order": 30, "env": "RUN_CLEANUP"}},
+)
+
 COMMAND = Command(
     name="cleanup",
-    help="remove old experiment artifacts, behind safety breakers",
     settings=CleanupSettings,
     run=run,
     description=(
