@@ -20,7 +20,7 @@ from typing import Any
 from mlwarden import __version__, logs, registry, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
-from mlwarden.signals import Terminated
+from mlwarden.interrupts import Terminated
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 systemd stops a unit (``systemctl stop``, ``TimeoutStartSec``) with SIGTERM, whose default
 action kills the process on the spot: no ``finally`` runs, nothing is pushed. Within
-:func:`sigterm_interrupts`, SIGTERM raises :class:`KeyboardInterrupt` instead, so a job
-stops, its clean-up code runs, its failure is pushed and ``mlwarden`` exits with the
-interrupted status (130), exactly as after SIGINT.
+:func:`sigterm_interrupts`, SIGTERM raises :class:`Terminated`, a ``KeyboardInterrupt``, so
+every clean-up that handles Ctrl-C runs for it too; ``mlwarden`` then exits 143 (128 +
+SIGTERM) instead of 130 (128 + SIGINT). Further SIGTERMs are ignored so that they cannot cut
+the clean-up short; a SIGKILL can.
 
 A KeyboardInterrupt can still land between two lines that belong together (a file removed,
 then counted). Within :func:`deferred_interrupts`, SIGINT and SIGTERM are only noted, and the
@@ -21,13 +22,24 @@ from types import FrameType
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived."""
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    name = signal.Signals(signum).name
+    return Terminated(name) if signum == signal.SIGTERM else KeyboardInterrupt(name)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _interruption(signum)
 
 
 @contextmanager
 def sigterm_interrupts() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
@@ -37,16 +49,16 @@ def sigterm_interrupts() -> Iterator[None]:
 @contextmanager
 def deferred_interrupts() -> Iterator[Callable[[], None]]:
     """Yields ``stop_point``: call it where stopping leaves nothing half done; it raises
-    KeyboardInterrupt there if SIGINT or SIGTERM came since. A signal still pending at the
-    end of the block is raised on leaving it."""
-    received: list[str] = []
+    KeyboardInterrupt (:class:`Terminated` for SIGTERM) there if SIGINT or SIGTERM came since.
+    A signal still pending at the end of the block is raised on leaving it."""
+    received: list[int] = []
 
     def note(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
+        received.append(signum)
 
     def stop_point() -> None:
         if received:
-            raise KeyboardInterrupt(received[0])
+            raise _interruption(received[0])
 
     previous = {signum: signal.signal(signum, note) for signum in _STOP_SIGNALS}
     try:

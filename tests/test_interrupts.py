@@ -7,12 +7,12 @@ import signal
 
 import pytest
 
-from mlwarden.interrupts import deferred_interrupts, sigterm_interrupts
+from mlwarden.interrupts import Terminated, deferred_interrupts, sigterm_interrupts
 
 
 def test_sigterm_raises_keyboard_interrupt_and_the_handler_is_put_back() -> None:
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), sigterm_interrupts():
+    with pytest.raises(Terminated, match="SIGTERM"), sigterm_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == handler
 

@@ -54,7 +54,7 @@ from mlwarden.catalog import (
 from mlwarden.exitcodes import ExitCode
 from mlwarden.fsutil import disk_space, fsync_dir
 from mlwarden.lock import JobLock, LockHeld
-from mlwarden.signals import sigterm_interrupts
+from mlwarden.interrupts import sigterm_interrupts
 from mlwarden.terminal import Progress, human_bytes
 
 if TYPE_CHECKING:
