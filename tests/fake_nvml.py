@@ -37,8 +37,10 @@ def nvml_error(code: int) -> pynvml.NVMLError:
     return pynvml.NVMLError(code)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Handle:
+    """Hashable, as pynvml's handles (ctypes pointers) are."""
+
     index: int
 
 

@@ -15,10 +15,9 @@ import logging
 import os
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
-
-from mlwarden.exporter.collectors.base import Collected, Collector
 from mlwarden.catalog import MANIFEST, STATUS, Catalog
+from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.exposition import Family, gauge
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,15 @@ class BackupsCollector(Collector):
         incomplete = catalog.incomplete()
         labels = [str(self.backup_dir)]
 
-        def gauge(name: str, text: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, text, labels=["backup_dir"])
+        def family(name: str, text: str) -> Family:
+            return gauge(name, text, labels=["backup_dir"])
 
-        count = gauge("mlwarden_backups", "Committed backups in the backup directory.")
-        newest = gauge("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
-        size = gauge("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
-        verified = gauge("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
-        offsite = gauge("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
-        partial = gauge("mlwarden_backup_incomplete", "Backup directories without a readable manifest (interrupted runs, corrupt or unreadable catalog files).")
+        count = family("mlwarden_backups", "Committed backups in the backup directory.")
+        newest = family("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
+        size = family("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
+        verified = family("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
+        offsite = family("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
+        partial = family("mlwarden_backup_incomplete", "Backup directories without a readable manifest (interrupted runs, corrupt or unreadable catalog files).")
         count.add_metric(labels, len(entries))
         size.add_metric(labels, sum(e.manifest.archive_bytes for e in entries))
         partial.add_metric(labels, len(incomplete) + len(unreadable))
