@@ -8,17 +8,14 @@ previous pass, so a steady series costs a dictionary lookup and the formatting o
 Only the series of the last pass are remembered, so the cache cannot grow with churn (exited
 processes, replaced GPUs).
 
-Families from prometheus_client itself (the process collector's) are rendered by
-``generate_latest``; the output is the same either way (tests compare the two).
+The output is what ``generate_latest`` writes for the same samples (tests compare the two), without
+importing prometheus_client at all: the exporter's process does not load it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-
-from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
 
 _VALUES_KEPT = 4096  # formatted values remembered (0, 1, limits, sizes recur every pass)
 
@@ -108,15 +105,12 @@ class Renderer:
     def __init__(self) -> None:
         self._prefixes: dict[tuple[str, tuple[str, ...]], str] = {}
 
-    def render(self, families: Iterable[Family | Metric]) -> bytes:
+    def render(self, families: Iterable[Family]) -> bytes:
         previous = self._prefixes
         current: dict[tuple[str, tuple[str, ...]], str] = {}
         out: list[str] = []
         for family in families:
             if not family.samples:
-                continue
-            if not isinstance(family, Family):
-                out.append(generate_latest(_One(family)).decode())
                 continue
             layout = _layout(family)
             out.append(layout.header)
@@ -138,16 +132,6 @@ class Renderer:
         return "".join(out).encode()
 
 
-class _One:
-    """One prometheus_client family, shaped as the registry ``generate_latest`` expects."""
-
-    def __init__(self, family: Metric) -> None:
-        self._family = family
-
-    def collect(self) -> Iterable[Metric]:
-        return [self._family]
-
-
-def render(families: Iterable[Family | Metric]) -> bytes:
+def render(families: Iterable[Family]) -> bytes:
     """The exposition text of ``families`` (empty families left out), without a cache."""
     return Renderer().render(families)

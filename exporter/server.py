@@ -261,6 +261,7 @@ class ExporterServer:
         self._socket = _listen(address)  # bound here, so that a taken port is an error of the constructor
         config = uvicorn.Config(
             self.app, http=_IdleTimeoutProtocol, lifespan="off", **logs.uvicorn_options(),
+            ws="none",  # no WebSocket routes: "auto" would import the websockets library (2 MiB) for nothing
             proxy_headers=False,
             server_header=False, date_header=False, limit_concurrency=_MAX_CONNECTIONS, timeout_graceful_shutdown=2,
             timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # a float is fine: it goes to call_later

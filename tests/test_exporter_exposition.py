@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 
 import pytest
 from mlwarden.exporter.backends.base import XidEvent
@@ -15,6 +16,7 @@ from mlwarden.exporter.collectors.process import ProcessCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.collectors.xid import XidCollector
 from mlwarden.exporter.exposition import Family, Renderer, counter, format_value, gauge
+from prometheus_client import ProcessCollector as PrometheusProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
@@ -104,14 +106,27 @@ def test_awkward_label_values_help_texts_and_numbers_render_as_prometheus_client
         ["3.0", "1e+09", "0.1", "1.8446744073709552e+19", "1e-05", "+Inf", "1.0"]
 
 
-def test_prometheus_client_families_among_them_are_rendered_by_prometheus_client() -> None:
-    process = ProcessCollector(1.0, 1.0).collect().families
-    mine = gauge("a_up", "Mine.")
-    mine.add_metric([], 1)
-    text = Renderer().render([mine, *process])
-    assert text.startswith(b"# HELP a_up Mine.\n# TYPE a_up gauge\na_up 1.0\n")
-    assert text.endswith(generate_latest(_Registry(process)))  # type: ignore[arg-type]
-    assert b"process_resident_memory_bytes " in text
+def test_the_process_collector_serves_what_prometheus_client_s_process_collector_serves() -> None:
+    ours = parsed(Renderer().render(ProcessCollector(1.0, 1.0).collect().families))
+    theirs = parsed(generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))))  # type: ignore[arg-type]
+    assert ours.keys() == theirs.keys()
+    assert {name for name, _ in ours} >= {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"}
+    for same in ("process_start_time_seconds", "process_max_fds"):
+        assert ours[(same, ())] == theirs[(same, ())]
+    for close in ("process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds"):
+        assert abs(ours[(close, ())] - theirs[(close, ())]) <= 0.1 * theirs[(close, ())], close
+    ours_text = Renderer().render(ProcessCollector(1.0, 1.0).collect().families).decode()
+    theirs_text = generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))).decode()  # type: ignore[arg-type]
+    assert [line for line in ours_text.splitlines() if line.startswith("#")] == \
+        [line for line in theirs_text.splitlines() if line.startswith("#")]  # same HELP and TYPE lines
+
+
+def test_the_exporter_does_not_load_prometheus_client() -> None:
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mlwarden.exporter.app; print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_the_label_cache_holds_only_the_series_of_the_last_pass() -> None:

@@ -1,17 +1,15 @@
 """The one small interface every collector implements (the shape of node_exporter's collectors).
 
 A collector reads one thing (GPUs, processes, XID events, the backup catalog, artifact
-directories) and returns metric families (:mod:`mlwarden.exporter.exposition`). It does not know about HTTP or scrapes: the
-collection loop calls it on its own schedule and publishes the result; the loop also
-adds each collector's success, duration and freshness series.
+directories) and returns metric families (:mod:`mlwarden.exporter.exposition`). It does not
+know about HTTP or scrapes: the collection loop calls it on its own schedule and publishes the
+result; the loop also adds each collector's success, duration and freshness series.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-
-from prometheus_client.metrics_core import Metric
 
 from mlwarden.exporter.exposition import Family
 
@@ -20,7 +18,7 @@ GPU_LABELS = ("gpu", "uuid")
 
 @dataclass(frozen=True)
 class Collected:
-    families: list[Family | Metric] = field(default_factory=list)  # Metric: prometheus_client's own (process_*)
+    families: list[Family] = field(default_factory=list)
     success: bool = True
 
 
