@@ -40,13 +40,13 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 # The baseline: a naive exporter (run as ``python -m bench.bench_exporter baseline``) ----------
 def serve_baseline(gpus: int, port: int) -> None:
-    from prometheus_client import REGISTRY, start_http_server
-
     from mlwarden.exporter.backends.simulated import SimulatedBackend
     from mlwarden.exporter.backends.supervisor import BackendSupervisor
     from mlwarden.exporter.collectors.gpu import GpuCollector
     from mlwarden.exporter.collectors.processes import ProcessesCollector
     from mlwarden.exporter.collectors.xid import XidCollector
+    from mlwarden.exporter.exposition import to_prometheus_client
+    from prometheus_client import REGISTRY, start_http_server
 
     supervisor = BackendSupervisor(SimulatedBackend(gpus=gpus, processes_per_gpu=PROCESSES_PER_GPU))
     collectors = [GpuCollector(supervisor, 1, 1), ProcessesCollector(supervisor, 1, 1, 32), XidCollector(supervisor, 1, 1)]
@@ -54,7 +54,7 @@ def serve_baseline(gpus: int, port: int) -> None:
     class AtScrapeTime:
         def collect(self) -> Iterable:
             for collector in collectors:
-                yield from collector.collect().families
+                yield from (to_prometheus_client(family) for family in collector.collect().families)
 
     REGISTRY.register(AtScrapeTime())
     start_http_server(port, addr="127.0.0.1")
@@ -242,7 +242,12 @@ def latency_rows(quick: bool) -> list[str]:
     rows = []
     for gpus, target_ms in ((8, 5.0), (64, 20.0)):
         project_port, baseline_port = free_port(), free_port()
-        project, baseline = start_project(gpus, project_port), start_baseline(gpus, baseline_port)
+        project = start_project(gpus, project_port)
+        try:
+            baseline = start_baseline(gpus, baseline_port)
+        except Exception:
+            project.stop()
+            raise
         try:
             size = len(_scrape(http.client.HTTPConnection("127.0.0.1", project_port, timeout=10)))
             for scrapers in (1, 20):

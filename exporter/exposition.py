@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 _VALUES_KEPT = 4096  # formatted values remembered (0, 1, limits, sizes recur every pass)
 
@@ -130,6 +134,17 @@ class Renderer:
                 out.append(prefix + format_value(value) + "\n")
         self._prefixes = current
         return "".join(out).encode()
+
+
+def to_prometheus_client(family: Family) -> Metric:
+    """The same samples as one of prometheus_client's families (for the benchmark's naive baseline and the tests)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    kind = CounterMetricFamily if family.type == "counter" else GaugeMetricFamily
+    theirs = kind(family.name, family.documentation, labels=list(family.labels))
+    for values, value in family.samples:
+        theirs.add_metric(list(values), value)
+    return theirs
 
 
 def render(families: Iterable[Family]) -> bytes:

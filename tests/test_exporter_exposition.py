@@ -15,9 +15,8 @@ from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.process import ProcessCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.collectors.xid import XidCollector
-from mlwarden.exporter.exposition import Family, Renderer, counter, format_value, gauge
+from mlwarden.exporter.exposition import Family, Renderer, counter, format_value, gauge, to_prometheus_client
 from prometheus_client import ProcessCollector as PrometheusProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,16 +34,7 @@ class _Registry:
 
 def reference(families: list[Family]) -> bytes:
     """The same samples through prometheus_client's own families and renderer."""
-    converted: list[Metric] = []
-    for family in families:
-        if not family.samples:
-            continue
-        kind = CounterMetricFamily if family.type == "counter" else GaugeMetricFamily
-        theirs = kind(family.name, family.documentation, labels=list(family.labels))
-        for values, number in family.samples:
-            theirs.add_metric(list(values), number)
-        converted.append(theirs)
-    return generate_latest(_Registry(converted))  # type: ignore[arg-type]
+    return generate_latest(_Registry([to_prometheus_client(f) for f in families if f.samples]))  # type: ignore[arg-type]
 
 
 def parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
