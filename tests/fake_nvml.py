@@ -37,10 +37,8 @@ def nvml_error(code: int) -> pynvml.NVMLError:
     return pynvml.NVMLError(code)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Handle:
-    """Hashable, as pynvml's handles (ctypes pointers) are."""
-
     index: int
 
 

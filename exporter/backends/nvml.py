@@ -150,7 +150,8 @@ class NvmlBackend(GpuBackend):
         self._event_generation = -1
         self._gpm = GpmReader(self._call)
         self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
-        self._unsupported: set[tuple[Any, ...]] = set()  # (function, *arguments) that answered a _PERMANENT error
+        self._unsupported: set[tuple[Any, ...]] = set()  # calls (see _key) that answered a _PERMANENT error
+        self._handle_indexes: dict[int, int] = {}  # id(handle) -> GPU index, for _key
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
 
     # lifecycle -------------------------------------------------------------------------
@@ -164,6 +165,7 @@ class NvmlBackend(GpuBackend):
         self._identities.clear()
         self._nvlinks.clear()
         self._unsupported.clear()
+        self._handle_indexes.clear()
         self._utilization_seen.clear()
         self._generation += 1
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
@@ -351,6 +353,7 @@ class NvmlBackend(GpuBackend):
             if handle is None:
                 raise GpuLost(f"GPU {index}: no handle")
             self._handles[index] = handle
+            self._handle_indexes[id(handle)] = index
         return handle
 
     @staticmethod
@@ -362,12 +365,9 @@ class NvmlBackend(GpuBackend):
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; None when NVML says the field is unsupported; GpuLost when the GPU is in trouble."""
-        key = (fn, *args)
-        try:
-            if key in self._unsupported:
-                return None
-        except TypeError:  # a list among the arguments (field ids): asked every time
-            key = ()
+        key = self._key(fn, args)
+        if key in self._unsupported:
+            return None
         try:
             return fn(*args)
         except _UNSUPPORTED as exc:
@@ -376,6 +376,20 @@ class NvmlBackend(GpuBackend):
             return None
         except pynvml.NVMLError as exc:
             raise GpuLost(f"{fn.__name__}: {exc}") from None
+
+    def _key(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """What identifies a call across passes: a GPU's handle (a ctypes pointer, unhashable) stands
+        as its index; () for a call with another unhashable argument (a list of field ids), never remembered."""
+        parts: list[Any] = [fn]
+        for arg in args:
+            index = self._handle_indexes.get(id(arg))
+            parts.append(("gpu", index) if index is not None and self._handles.get(index) is arg else arg)
+        key = tuple(parts)
+        try:
+            hash(key)
+        except TypeError:
+            return ()
+        return key
 
     def _field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
         """(field id, scope) -> the raw value, for the fields NVML answered."""
