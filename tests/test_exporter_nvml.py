@@ -11,6 +11,7 @@ import logging
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +26,7 @@ from mlwarden.exporter.backends.base import THROTTLE_REASONS, BackendUnavailable
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.backoff import Backoff, RetrySchedule
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter import procinfo
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
@@ -387,8 +389,6 @@ def test_a_pass_reads_every_field_value_of_a_gpu_in_one_call(fake: FakeNvml, mon
 
 
 def test_a_process_on_several_gpus_is_read_from_proc_once_a_pass(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from mlwarden.exporter import procinfo
-
     fake.processes = {0: [(4242, 3 * MIB)], 1: [(4242, 5 * MIB)]}
     read: list[int] = []
     real = procinfo.describe
