@@ -11,6 +11,7 @@ import logging
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +26,7 @@ from mlwarden.exporter.backends.base import THROTTLE_REASONS, BackendUnavailable
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.backoff import Backoff, RetrySchedule
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter import procinfo
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
@@ -340,3 +342,60 @@ def test_a_hung_nvml_call_marks_data_stale_and_scrapes_still_answer(fake: FakeNv
         release.set()
         server.stop()
         loop.stop()
+
+
+def _counting(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple]:
+    """Record the arguments of every call of one fake NVML function."""
+    calls: list[tuple] = []
+    real = getattr(fake, name)
+
+    def counted(*args: object) -> object:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(pynvml, name, counted)
+    return calls
+
+
+def test_an_answer_of_not_supported_is_remembered_until_nvml_is_reinitialised(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.fail[("nvmlDeviceGetFanSpeed", 0)] = nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)  # permanent: no fan
+    fake.fail[("nvmlDeviceGetPowerUsage", 0)] = nvml_error(pynvml.NVML_ERROR_NO_PERMISSION)  # may change: asked again
+    fans = _counting(fake, monkeypatch, "nvmlDeviceGetFanSpeed")
+    power = _counting(fake, monkeypatch, "nvmlDeviceGetPowerUsage")
+    backend = NvmlBackend()
+    collector = GpuCollector(supervisor_for(backend), 1.0, 1.0)
+    for _ in range(3):
+        found = samples(collector)
+        assert value(found, "mlwarden_gpu_fan_speed_ratio", gpu="0", uuid="GPU-fake-0") is None  # omitted, as before
+        assert value(found, "mlwarden_gpu_fan_speed_ratio", gpu="1", uuid="GPU-fake-1") == 0.4
+    assert [args[0].index for args in fans] == [0, 1, 1, 1]  # GPU 0 once, GPU 1 every pass
+    assert [args[0].index for args in power].count(0) == 3
+    backend.recover()  # a driver reload may bring the field: asked again
+    del fake.fail[("nvmlDeviceGetFanSpeed", 0)]
+    assert value(samples(collector), "mlwarden_gpu_fan_speed_ratio", gpu="0", uuid="GPU-fake-0") == 0.4
+
+
+def test_a_pass_reads_every_field_value_of_a_gpu_in_one_call(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting(fake, monkeypatch, "nvmlDeviceGetFieldValues")
+    collector = GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0)
+    samples(collector)  # the first pass also finds which NVLinks exist
+    calls.clear()
+    found = samples(collector)
+    assert [args[0].index for args in calls] == [0, 1]
+    gpu0 = {"gpu": "0", "uuid": "GPU-fake-0"}
+    assert value(found, "mlwarden_gpu_memory_temperature_celsius", **gpu0) == 70
+    assert value(found, "mlwarden_gpu_pcie_bytes_total", **gpu0, direction="rx") == 2 * 10**9
+    assert value(found, "mlwarden_gpu_nvlink_bytes_total", **gpu0, link="1", direction="tx") == 2000 * 1024
+
+
+def test_a_process_on_several_gpus_is_read_from_proc_once_a_pass(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.processes = {0: [(4242, 3 * MIB)], 1: [(4242, 5 * MIB)]}
+    read: list[int] = []
+    real = procinfo.describe
+    monkeypatch.setattr(procinfo, "describe", lambda pid, proc: read.append(pid) or real(pid, proc))
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=tmp_path)
+    found = samples(collector)
+    assert read == [4242]
+    assert {dict(labels)["gpu"] for name, labels in found if name == "mlwarden_gpu_process_memory_used_bytes"} == {"0", "1"}
+    samples(collector)
+    assert read == [4242, 4242]  # not kept across passes: a PID may be reused

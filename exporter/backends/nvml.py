@@ -44,6 +44,10 @@ _UNSUPPORTED = (
     # a driver older than the struct version asked for (nvmlMemory_v2 on an old driver)
     pynvml.NVMLError_ArgumentVersionMismatch,
 )
+# Of those, the answers that hold until the driver is reloaded: the call is not made again until
+# NVML is re-initialised (an old GPU answers NOT_SUPPORTED to dozens of calls every pass otherwise,
+# and each answer costs a Python exception).
+_PERMANENT = (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_ArgumentVersionMismatch)
 _U32_SENTINELS = {0xFFFFFFFF, 0xFFFFFFFE}
 # 2**64-1 is NVML's "not available"; values from 0x7FFFFFFFFFFFFFF0 up are the blank /
 # not-supported markers (e.g. 9223372036854775794) that DCGM-based tools leak.
@@ -118,6 +122,16 @@ def _flag(value: Any) -> bool | None:
     return None if value is None else value == pynvml.NVML_FEATURE_ENABLED
 
 
+def _counters(fields: dict[tuple[int, int], int], wanted: tuple[tuple[str, int], ...], scope: int, scale: int) -> dict[str, int]:
+    """direction -> counter from the field values read, NVML's sentinels left out."""
+    result = {}
+    for key, field in wanted:
+        counted = u64(fields.get((field, scope)))
+        if counted is not None:
+            result[key] = counted * scale
+    return result
+
+
 def _engine_ratio(answer: Any) -> float | None:
     """nvmlDeviceGet{En,De}coderUtilization answers [percent, sampling period in us]."""
     return _scaled(u32(answer[0]), 0.01) if answer else None
@@ -136,6 +150,8 @@ class NvmlBackend(GpuBackend):
         self._event_generation = -1
         self._gpm = GpmReader(self._call)
         self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
+        self._unsupported: set[tuple[Any, ...]] = set()  # calls (see _key) that answered a _PERMANENT error
+        self._handle_indexes: dict[int, int] = {}  # id(handle) -> GPU index, for _key
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
 
     # lifecycle -------------------------------------------------------------------------
@@ -148,6 +164,8 @@ class NvmlBackend(GpuBackend):
         self._handles.clear()
         self._identities.clear()
         self._nvlinks.clear()
+        self._unsupported.clear()
+        self._handle_indexes.clear()
         self._utilization_seen.clear()
         self._generation += 1
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
@@ -203,10 +221,16 @@ class NvmlBackend(GpuBackend):
         )
         pstate = u32(call(pynvml.nvmlDeviceGetPerformanceState, handle))
         profile = self._gpm.read(index, handle)
+        links = self._links(index, handle)
+        # every field-value reading of this GPU in one call: memory temperature, PCIe and NVLink bytes
+        fields = self._field_values(handle, [
+            (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0), *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
+            *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS),
+        ])
         return GpuReading(
             identity=self.identity(index),
             temperature_celsius=u32(call(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
-            memory_temperature_celsius=self._field_value(handle, pynvml.NVML_FI_DEV_MEMORY_TEMP),
+            memory_temperature_celsius=u32(fields.get((pynvml.NVML_FI_DEV_MEMORY_TEMP, 0))),
             utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
             memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
             memory_used_bytes=u64(getattr(memory, "used", None)),
@@ -229,10 +253,10 @@ class NvmlBackend(GpuBackend):
             retired_pages_pending=_flag(call(pynvml.nvmlDeviceGetRetiredPagesPendingStatus, handle)),
             profiling=profile.ratios,
             pcie_throughput_bytes_per_second=self._pcie_throughput(handle, profile.bandwidth),
-            pcie_bytes=self._field_counters(handle, _PCIE_BYTES_FIELDS, 1),
+            pcie_bytes=_counters(fields, _PCIE_BYTES_FIELDS, 0, 1),
             pcie_replays=u32(call(pynvml.nvmlDeviceGetPcieReplayCounter, handle)),
             nvlink_throughput_bytes_per_second={d: v for (bus, d), v in profile.bandwidth.items() if bus == "nvlink"},
-            nvlinks=self._nvlink_readings(index, handle),
+            nvlinks=self._nvlink_readings(handle, links, fields),
             encoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetEncoderUtilization, handle)),
             decoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetDecoderUtilization, handle)),
             violation_seconds=self._violations(handle),
@@ -329,6 +353,7 @@ class NvmlBackend(GpuBackend):
             if handle is None:
                 raise GpuLost(f"GPU {index}: no handle")
             self._handles[index] = handle
+            self._handle_indexes[id(handle)] = index
         return handle
 
     @staticmethod
@@ -338,22 +363,43 @@ class NvmlBackend(GpuBackend):
         except pynvml.NVMLError:
             return None
 
-    @staticmethod
-    def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; None when NVML says the field is unsupported; GpuLost when the GPU is in trouble."""
+        key = self._key(fn, args)
+        if key in self._unsupported:
+            return None
         try:
             return fn(*args)
-        except _UNSUPPORTED:
+        except _UNSUPPORTED as exc:
+            if key and isinstance(exc, _PERMANENT):
+                self._unsupported.add(key)
             return None
         except pynvml.NVMLError as exc:
             raise GpuLost(f"{fn.__name__}: {exc}") from None
 
-    def _field_value(self, handle: Any, field_id: int) -> float | None:
-        values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, [field_id])
-        if not values or values[0].nvmlReturn != pynvml.NVML_SUCCESS:
-            return None
-        attr = _FIELD_VALUE_ATTR.get(values[0].valueType)
-        return None if attr is None else u32(getattr(values[0].value, attr))
+    def _key(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """What identifies a call across passes: a GPU's handle (a ctypes pointer, unhashable) stands
+        as its index; () for a call with another unhashable argument (a list of field ids), never remembered."""
+        parts: list[Any] = [fn]
+        for arg in args:
+            index = self._handle_indexes.get(id(arg))
+            parts.append(("gpu", index) if index is not None and self._handles.get(index) is arg else arg)
+        key = tuple(parts)
+        try:
+            hash(key)
+        except TypeError:
+            return ()
+        return key
+
+    def _field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        """(field id, scope) -> the raw value, for the fields NVML answered."""
+        values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
+        result = {}
+        for key, value in zip(ids, values):
+            attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
+            if attr is not None:
+                result[key] = getattr(value.value, attr)
+        return result
 
     def _throttle_reasons(self, handle: Any) -> dict[str, bool] | None:
         mask = self._call(pynvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
@@ -392,26 +438,16 @@ class NvmlBackend(GpuBackend):
                 measured[direction] = float(value * _KIB)
         return measured
 
-    def _field_counters(self, handle: Any, wanted: tuple[tuple[str, int], ...], scale: int, scope: int | None = None) -> dict[str, int]:
-        ids = [field_id if scope is None else (field_id, scope) for _, field_id in wanted]
-        values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
-        result = {}
-        for (key, _), value in zip(wanted, values):
-            if value.nvmlReturn != pynvml.NVML_SUCCESS:
-                continue
-            attr = _FIELD_VALUE_ATTR.get(value.valueType)
-            counted = None if attr is None else u64(getattr(value.value, attr))
-            if counted is not None:
-                result[key] = counted * scale
-        return result
-
-    def _nvlink_readings(self, index: int, handle: Any) -> tuple[NvLinkReading, ...]:
+    def _links(self, index: int, handle: Any) -> list[int]:
         links = self._nvlinks.get(index)
         if links is None:
             # links that do not exist answer NOT_SUPPORTED or INVALID_ARGUMENT: ask once, not every pass
             links = [link for link in range(pynvml.NVML_NVLINK_MAX_LINKS)
                      if self._call(pynvml.nvmlDeviceGetNvLinkState, handle, link) is not None]
             self._nvlinks[index] = links
+        return links
+
+    def _nvlink_readings(self, handle: Any, links: list[int], fields: dict[tuple[int, int], int]) -> tuple[NvLinkReading, ...]:
         readings = []
         for link in links:
             state = self._call(pynvml.nvmlDeviceGetNvLinkState, handle, link)
@@ -424,7 +460,7 @@ class NvmlBackend(GpuBackend):
                     errors[name] = count
             readings.append(NvLinkReading(
                 link=link, up=state == pynvml.NVML_FEATURE_ENABLED,
-                bytes=self._field_counters(handle, _NVLINK_BYTES_FIELDS, _KIB, scope=link), errors=errors,
+                bytes=_counters(fields, _NVLINK_BYTES_FIELDS, link, _KIB), errors=errors,
             ))
         return tuple(readings)
 

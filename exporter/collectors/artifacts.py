@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
-
 from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.exposition import gauge
+
 from mlwarden.fsutil import disk_space
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,10 @@ class ArtifactsCollector(Collector):
 
     def collect(self) -> Collected:
         labels = ["directory"]
-        size = GaugeMetricFamily("mlwarden_artifacts_size_bytes", "Bytes of regular files under the directory (symlinks not followed).", labels=labels)
-        files = GaugeMetricFamily("mlwarden_artifacts_files", "Regular files under the directory.", labels=labels)
-        free = GaugeMetricFamily("mlwarden_artifacts_filesystem_free_bytes", "Bytes available to unprivileged users on the directory's filesystem.", labels=labels)
-        fs_size = GaugeMetricFamily("mlwarden_artifacts_filesystem_size_bytes", "Size of the directory's filesystem, in bytes.", labels=labels)
+        size = gauge("mlwarden_artifacts_size_bytes", "Bytes of regular files under the directory (symlinks not followed).", labels=labels)
+        files = gauge("mlwarden_artifacts_files", "Regular files under the directory.", labels=labels)
+        free = gauge("mlwarden_artifacts_filesystem_free_bytes", "Bytes available to unprivileged users on the directory's filesystem.", labels=labels)
+        fs_size = gauge("mlwarden_artifacts_filesystem_size_bytes", "Size of the directory's filesystem, in bytes.", labels=labels)
         success = True
         for directory in self.directories:
             try:

@@ -15,11 +15,10 @@ import logging
 import os
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
-
+from mlwarden.catalog import BACKUP_DIR_STAGING, MANIFEST, STATUS, Catalog, stale_staging
 from mlwarden.exporter.collectors.artifacts import tree_usage
 from mlwarden.exporter.collectors.base import Collected, Collector
-from mlwarden.catalog import BACKUP_DIR_STAGING, MANIFEST, STATUS, Catalog, stale_staging
+from mlwarden.exporter.exposition import Family, gauge
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +56,25 @@ class BackupsCollector(Collector):
         incomplete = catalog.incomplete()
         labels = [str(self.backup_dir)]
 
-        def gauge(name: str, text: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, text, labels=["backup_dir"])
+        def family(name: str, text: str) -> Family:
+            return gauge(name, text, labels=["backup_dir"])
 
-        count = gauge("mlwarden_backups", "Committed backups in the backup directory.")
-        newest = gauge("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
-        size = gauge("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
-        verified = gauge("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
-        offsite = gauge("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
-        partial = gauge(
+        count = family("mlwarden_backups", "Committed backups in the backup directory.")
+        newest = family("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
+        size = family("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
+        verified = family("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
+        offsite = family("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
+        partial = family(
             "mlwarden_backup_incomplete",
             "Directories in the backup directory without a readable manifest (never removed by mlwarden: someone's "
             "directory, a deleted manifest, corrupt or unreadable catalog files).",
         )
-        stale = gauge(
+        stale = family(
             "mlwarden_backup_stale_staging_bytes",
             "Bytes in work directories that killed backups, drills or downloads left behind (the next backup or drill removes them).",
         )
         stale.add_metric(labels, sum(tree_usage(directory)[0] for directory in stale_staging(self.backup_dir, BACKUP_DIR_STAGING)))
-        damaged = GaugeMetricFamily(
+        damaged = gauge(
             "mlwarden_backup_damaged", "1 for a backup whose last verification failed (kept for inspection; restore latest skips it), else 0.",
             labels=["backup_dir", "backup"],
         )

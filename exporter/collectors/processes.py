@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
-
 from mlwarden.exporter import procinfo
 from mlwarden.exporter.attribution import WORKLOAD_LABELS, Allocations, Attributor, workload_of
 from mlwarden.exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.exposition import gauge
 
 PROCESS_LABELS = (*GPU_LABELS, "pid", "process", *WORKLOAD_LABELS)
 
@@ -43,17 +42,17 @@ class ProcessesCollector(Collector):
         if not self.supervisor.ensure():
             return Collected(success=False)
         backend = self.supervisor.backend
-        count = GaugeMetricFamily("mlwarden_gpu_processes", "Processes using the GPU (all of them, before the export cap).", labels=GPU_LABELS)
-        memory = GaugeMetricFamily("mlwarden_gpu_process_memory_used_bytes", "GPU memory used by one process, in bytes.", labels=PROCESS_LABELS)
-        sm = GaugeMetricFamily(
+        count = gauge("mlwarden_gpu_processes", "Processes using the GPU (all of them, before the export cap).", labels=GPU_LABELS)
+        memory = gauge("mlwarden_gpu_process_memory_used_bytes", "GPU memory used by one process, in bytes.", labels=PROCESS_LABELS)
+        sm = gauge(
             "mlwarden_gpu_process_sm_utilization_ratio",
             "Fraction of the last sample period in which the process ran on the GPU's SMs (0..1).", labels=PROCESS_LABELS,
         )
-        mem_util = GaugeMetricFamily(
+        mem_util = gauge(
             "mlwarden_gpu_process_memory_utilization_ratio",
             "Fraction of the last sample period in which the process read or wrote GPU memory (0..1).", labels=PROCESS_LABELS,
         )
-        allocation = GaugeMetricFamily(
+        allocation = gauge(
             "mlwarden_gpu_allocation_info",
             "One series per GPU and workload holding it (pod container, Slurm job, container, user); the value is always 1.",
             labels=[*GPU_LABELS, *WORKLOAD_LABELS],
@@ -63,6 +62,7 @@ class ProcessesCollector(Collector):
         except BackendUnavailable:
             return Collected(success=False)
         allocations = self.attributor.allocations()
+        described: dict[int, procinfo.ProcessInfo] = {}  # a process on several GPUs is read from /proc once a pass
         for index in range(gpus):
             try:
                 identity = backend.identity(index)
@@ -74,7 +74,7 @@ class ProcessesCollector(Collector):
             count.add_metric(gpu, len(processes))
             infos = []
             for process in self._largest(processes):
-                info = self._describe(process, allocations, index, identity.uuid)
+                info = self._describe(process, allocations, index, identity.uuid, described)
                 infos.append(info)
                 labels = [*gpu, str(process.pid), info.name, *workload_of(info).labels()]
                 if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
@@ -93,7 +93,10 @@ class ProcessesCollector(Collector):
     def _largest(self, processes: list[GpuProcess]) -> list[GpuProcess]:
         return sorted(processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[: self.max_processes]
 
-    def _describe(self, process: GpuProcess, allocations: Allocations, index: int, uuid: str) -> procinfo.ProcessInfo:
+    def _describe(self, process: GpuProcess, allocations: Allocations, index: int, uuid: str,
+                  described: dict[int, procinfo.ProcessInfo]) -> procinfo.ProcessInfo:
         # the backend may already know (simulated processes have no /proc entry)
-        info = process.info or procinfo.describe(process.pid, self.proc)
+        info = process.info or described.get(process.pid)
+        if info is None:
+            info = described[process.pid] = procinfo.describe(process.pid, self.proc)
         return allocations.complete(info, index, uuid)
