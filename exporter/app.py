@@ -5,21 +5,13 @@ from __future__ import annotations
 import logging
 import ssl
 
-from mlwarden.exporter.attribution import Attributor
 from mlwarden.exporter.backends import open_backend
 from mlwarden.exporter.backends.base import BackendUnavailable
 from mlwarden.exporter.backends.simulated import SimulatedBackend
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.cli import ExporterSettings
-from mlwarden.exporter.collectors.artifacts import ArtifactsCollector
-from mlwarden.exporter.collectors.backups import BackupsCollector
-from mlwarden.exporter.collectors.base import Collector
-from mlwarden.exporter.collectors.gpu import GpuCollector
-from mlwarden.exporter.collectors.process import ProcessCollector
-from mlwarden.exporter.collectors.processes import ProcessesCollector
-from mlwarden.exporter.collectors.xid import XidCollector
+from mlwarden.exporter.collectors.base import Collector, CollectorContext, registered
 from mlwarden.exporter.loop import CollectionLoop
-from mlwarden.exporter.podresources import PodResourcesClient
 from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
 from mlwarden import __version__
@@ -32,23 +24,9 @@ class ExporterStartError(RuntimeError):
 
 
 def collectors_for(settings: ExporterSettings, supervisor: BackendSupervisor) -> list[Collector]:
-    timeout = settings.effective_timeout
-    chosen: list[Collector] = []
-    if settings.collector_gpu:
-        chosen.append(GpuCollector(supervisor, settings.interval, timeout))
-    if settings.collector_processes:
-        attributor = Attributor(PodResourcesClient(settings.pod_resources_socket), settings.hpc_job_mapping_dir)
-        chosen.append(ProcessesCollector(supervisor, settings.interval, timeout, settings.max_processes, attributor=attributor))
-    if settings.collector_xid:
-        chosen.append(XidCollector(supervisor, settings.interval, timeout))
-    if settings.collector_process:
-        chosen.append(ProcessCollector(settings.interval, timeout))
-    slow = settings.artifacts_interval
-    if settings.collector_backups and settings.backup_dir is not None:
-        chosen.append(BackupsCollector(settings.backup_dir, slow, slow))
-    if settings.collector_artifacts and settings.experiments_dir:
-        chosen.append(ArtifactsCollector(list(settings.experiments_dir), slow, slow))
-    return chosen
+    context = CollectorContext(supervisor, settings.interval, settings.effective_timeout, settings.artifacts_interval)
+    built = (spec.build(settings, context) for spec in registered())
+    return [collector for collector in built if collector is not None]
 
 
 class Exporter:

@@ -7,10 +7,11 @@ import gc
 import logging
 import signal
 import threading
+import typing
 from pathlib import Path
 
 from mlwarden.command import Command
-from mlwarden.exporter.podresources import DEFAULT_SOCKET
+from mlwarden.exporter.collectors.base import with_collector_settings
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, positive, setting
 
@@ -38,30 +39,10 @@ class ExporterSettings:
         None, parse=positive(parse_duration), metavar="DURATION",
         help="a GPU pass running longer than this is stale: its series are dropped until it returns (default: the interval)",
     )
-    backup_dir: Path | None = setting(None, env=("BACKUP_DIR",), help="backup directory whose catalog the backups collector reads")
-    experiments_dir: list[Path] = setting(
-        default_factory=list, env=("EXPERIMENTS_DIR",), metavar="DIR",
-        help="experiments/artifact directory measured by the artifacts collector",
-    )
     artifacts_interval: float = setting(
         60.0, parse=in_range(parse_duration, 0.1, 86400), metavar="DURATION",
         help="how often the backups and artifacts collectors run (walking big trees is slow)",
     )
-    max_processes: int = setting(32, parse=in_range(int, 0, 10000), help="most processes exported per GPU (the largest memory users); bounds series count")
-    pod_resources_socket: Path = setting(
-        DEFAULT_SOCKET, metavar="PATH",
-        help="kubelet pod-resources socket that maps GPUs to pods (needs `mlwarden[kubernetes]`); off while absent",
-    )
-    hpc_job_mapping_dir: Path | None = setting(
-        None, metavar="DIR",
-        help="Slurm job-mapping directory in dcgm-exporter's format (a file per GPU index holding its job ids)",
-    )
-    collector_gpu: bool = setting(True, help="enable the gpu collector")
-    collector_processes: bool = setting(True, help="enable the processes collector")
-    collector_xid: bool = setting(True, help="enable the xid collector")
-    collector_process: bool = setting(True, help="enable the process collector (the exporter's own process_* metrics)")
-    collector_backups: bool = setting(True, help="enable the backups collector (runs when --backup-dir is set)")
-    collector_artifacts: bool = setting(True, help="enable the artifacts collector (runs when --experiments-dir is set)")
     max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")
     tls_cert_file: Path | None = setting(None, help="serve HTTPS with this certificate (PEM); needs --tls-key-file")
     tls_key_file: Path | None = setting(None, help="private key (PEM) for --tls-cert-file")
@@ -82,6 +63,12 @@ class ExporterSettings:
     @property
     def effective_timeout(self) -> float:
         return self.collection_timeout or self.interval
+
+
+if not typing.TYPE_CHECKING:
+    # Each collector's switch (--collector-NAME) and own settings join from its registration
+    # (mlwarden.exporter.collectors.base); typed code sees them through the registry only.
+    ExporterSettings = with_collector_settings(ExporterSettings)
 
 
 def run(settings: ExporterSettings) -> int:

@@ -8,6 +8,7 @@ or missing (the test suite runs it, so a new flag without documentation fails th
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from collections.abc import Callable
@@ -53,7 +54,9 @@ def table(settings_cls: type, command: str) -> str:
 
 
 def blocks() -> dict[str, str]:
-    result = {"common": table(cli.CommonSettings, cli.COMMON_PREFIX)}
+    # By name, as the registry loads commands: the exporter's folder is outside the typed package.
+    collectors: str = importlib.import_module("mlwarden.exporter.collectors.base").collectors_table()
+    result = {"common": table(cli.CommonSettings, cli.COMMON_PREFIX), "exporter-collectors": collectors}
     for name, entry in registry.entries().items():
         result[name] = table(entry.load().settings, name)
     return result

@@ -12,11 +12,9 @@ import pytest
 from mlwarden.exporter.backends.base import XidEvent
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.gpu import GpuCollector
-from mlwarden.exporter.collectors.process import ProcessCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.collectors.xid import XidCollector
 from mlwarden.exporter.exposition import Family, Renderer, counter, format_value, gauge, to_prometheus_client
-from prometheus_client import ProcessCollector as PrometheusProcessCollector
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -94,21 +92,6 @@ def test_awkward_label_values_help_texts_and_numbers_render_as_prometheus_client
     assert b"nothing" not in Renderer().render(families)
     assert [format_value(v) for v in (3, 1e9, 0.1, 2**64, 1e-5, math.inf, True)] == \
         ["3.0", "1e+09", "0.1", "1.8446744073709552e+19", "1e-05", "+Inf", "1.0"]
-
-
-def test_the_process_collector_serves_what_prometheus_client_s_process_collector_serves() -> None:
-    ours = parsed(Renderer().render(ProcessCollector(1.0, 1.0).collect().families))
-    theirs = parsed(generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))))  # type: ignore[arg-type]
-    assert ours.keys() == theirs.keys()
-    assert {name for name, _ in ours} >= {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"}
-    for same in ("process_start_time_seconds", "process_max_fds"):
-        assert ours[(same, ())] == theirs[(same, ())]
-    for close in ("process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds"):
-        assert abs(ours[(close, ())] - theirs[(close, ())]) <= 0.1 * theirs[(close, ())], close
-    ours_text = Renderer().render(ProcessCollector(1.0, 1.0).collect().families).decode()
-    theirs_text = generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))).decode()  # type: ignore[arg-type]
-    assert [line for line in ours_text.splitlines() if line.startswith("#")] == \
-        [line for line in theirs_text.splitlines() if line.startswith("#")]  # same HELP and TYPE lines
 
 
 def test_the_exporter_does_not_load_prometheus_client() -> None:

@@ -355,16 +355,3 @@ def test_the_snapshot_compresses_once_and_faithfully() -> None:
     snapshot = Snapshot(b"# HELP x y\n# TYPE x gauge\nx 1.0\n" * 100)
     assert gzip.decompress(snapshot.gzipped) == snapshot.body
     assert snapshot.gzipped is snapshot.gzipped  # made once, shared by every scrape of this snapshot
-
-
-def test_the_exporter_reports_its_own_process_metrics(start_exporter: Callable[..., Exporter]) -> None:
-    url = url_of(start_exporter())
-    body = wait_until(lambda: (b := request(url + "/metrics")[1]) and "process_resident_memory_bytes" in b and b,
-                      10, "the process collector's first pass")
-    assert sample(body, "process_resident_memory_bytes") > 10 * 2**20
-    assert sample(body, "process_open_fds") >= 3
-    assert sample(body, "mlwarden_exporter_collector_success", collector="process") == 1
-    off = url_of(start_exporter("--no-collector-process"))
-    body = wait_until(lambda: (b := request(off + "/metrics")[1]) and "mlwarden_gpu_temperature_celsius{" in b and b,
-                      10, "the first GPU sample")
-    assert "process_resident_memory_bytes" not in body

@@ -8,14 +8,16 @@ a scrape only ever sees the last finished walk. Symlinks are not followed (a lin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
 
-from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import gauge
 
 from mlwarden.fsutil import disk_space
+from mlwarden.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +76,23 @@ class ArtifactsCollector(Collector):
             free.add_metric(label, space.available)
             fs_size.add_metric(label, space.size)
         return Collected([size, files, free, fs_size], success=success)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactsSettings:
+    experiments_dir: list[Path] = setting(
+        default_factory=list, env=("EXPERIMENTS_DIR",), metavar="DIR",
+        help="experiments/artifact directory measured by the artifacts collector",
+    )
+
+
+def _build(settings: ArtifactsSettings, context: CollectorContext) -> Collector | None:
+    if not settings.experiments_dir:
+        return None
+    return ArtifactsCollector(list(settings.experiments_dir), context.slow_interval, context.slow_interval)
+
+
+register(CollectorSpec(
+    "artifacts", "the size of each experiments directory and its filesystem (runs when --experiments-dir is set)",
+    _build, ArtifactsSettings,
+))

@@ -11,14 +11,16 @@ each time would bury the one that matters.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
 
 from mlwarden.catalog import BACKUP_DIR_STAGING, MANIFEST, STATUS, Catalog, stale_staging
 from mlwarden.exporter.collectors.artifacts import tree_usage
-from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import Family, gauge
+from mlwarden.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +100,19 @@ class BackupsCollector(Collector):
             if self._logged_unreadable.get(directory) != fingerprint:
                 log.warning("backup %s is unreadable (counted in mlwarden_backup_incomplete): %s", directory, unreadable[directory])
         self._logged_unreadable = seen
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupsSettings:
+    backup_dir: Path | None = setting(None, env=("BACKUP_DIR",), help="backup directory whose catalog the backups collector reads")
+
+
+def _build(settings: BackupsSettings, context: CollectorContext) -> Collector | None:
+    if settings.backup_dir is None:
+        return None
+    return BackupsCollector(settings.backup_dir, context.slow_interval, context.slow_interval)
+
+
+register(CollectorSpec(
+    "backups", "the backup catalog's state, damage and staging (runs when --backup-dir is set)", _build, BackupsSettings,
+))

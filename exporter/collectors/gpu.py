@@ -23,7 +23,7 @@ from mlwarden.exporter.backends.base import (
     GpuReading,
 )
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
-from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector, CollectorContext, CollectorSpec, NoSettings, register
 from mlwarden.exporter.exposition import Family, counter, gauge
 
 log = logging.getLogger(__name__)
@@ -225,3 +225,10 @@ class GpuCollector(Collector):
             replays.add_metric(gpu, reading.pcie_replays)
         for reason, seconds in reading.violation_seconds.items():
             violations.add_metric([*gpu, reason], seconds)
+
+
+def _build(_: NoSettings, context: CollectorContext) -> Collector:
+    return GpuCollector(context.supervisor, context.interval, context.timeout)
+
+
+register(CollectorSpec("gpu", "each GPU's health, use, memory, power and clocks from NVML (mlwarden_gpu_*)", _build, NoSettings))

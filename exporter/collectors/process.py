@@ -11,7 +11,7 @@ import os
 import resource
 from pathlib import Path
 
-from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, NoSettings, register
 from mlwarden.exporter.exposition import Family, counter, gauge
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -50,3 +50,13 @@ class ProcessCollector(Collector):
             family.add_metric([], value)
             families.append(family)
         return Collected(families)
+
+
+def _build(_: NoSettings, context: CollectorContext) -> Collector:
+    return ProcessCollector(context.interval, context.timeout)
+
+
+register(CollectorSpec(
+    "process", "the exporter's own process_* metrics (CPU, memory, file descriptors, start time) from /proc/self",
+    _build, NoSettings,
+))

@@ -12,14 +12,18 @@ Slurm job, a container, a user), from the exported processes and from the alloca
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from mlwarden.exporter import procinfo
 from mlwarden.exporter.attribution import WORKLOAD_LABELS, Allocations, Attributor, workload_of
 from mlwarden.exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
-from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import gauge
+from mlwarden.exporter.podresources import DEFAULT_SOCKET, PodResourcesClient
+
+from mlwarden.settings import in_range, setting
 
 PROCESS_LABELS = (*GPU_LABELS, "pid", "process", *WORKLOAD_LABELS)
 
@@ -100,3 +104,29 @@ class ProcessesCollector(Collector):
         if info is None:
             info = described[process.pid] = procinfo.describe(process.pid, self.proc)
         return allocations.complete(info, index, uuid)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessesSettings:
+    max_processes: int = setting(
+        32, parse=in_range(int, 0, 10000), help="most processes exported per GPU (the largest memory users); bounds series count",
+    )
+    pod_resources_socket: Path = setting(
+        DEFAULT_SOCKET, metavar="PATH",
+        help="kubelet pod-resources socket that maps GPUs to pods (needs `mlwarden[kubernetes]`); off while absent",
+    )
+    hpc_job_mapping_dir: Path | None = setting(
+        None, metavar="DIR",
+        help="Slurm job-mapping directory in dcgm-exporter's format (a file per GPU index holding its job ids)",
+    )
+
+
+def _build(settings: ProcessesSettings, context: CollectorContext) -> Collector:
+    attributor = Attributor(PodResourcesClient(settings.pod_resources_socket), settings.hpc_job_mapping_dir)
+    return ProcessesCollector(context.supervisor, context.interval, context.timeout, settings.max_processes, attributor=attributor)
+
+
+register(CollectorSpec(
+    "processes", "GPU memory per process and the workload (pod, Slurm job, container, user) holding each GPU",
+    _build, ProcessesSettings,
+))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from mlwarden.exporter.backends.base import XidEvent
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
-from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector, CollectorContext, CollectorSpec, NoSettings, register
 from mlwarden.exporter.exposition import counter, gauge
 
 log = logging.getLogger(__name__)
@@ -104,3 +104,10 @@ class XidCollector(Collector):
             total.add_metric(labels, count)
             last.add_metric(labels, seen)
         return Collected([total, last], success=self.supervisor.available)
+
+
+def _build(_: NoSettings, context: CollectorContext) -> Collector:
+    return XidCollector(context.supervisor, context.interval, context.timeout)
+
+
+register(CollectorSpec("xid", "XID error events counted per GPU and code, from NVML's event stream", _build, NoSettings))
