@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "health": ("mlwarden.jobs.health.cli:COMMAND", "check disks, GPUs, services and backup freshness"),
     "maintain": ("mlwarden.jobs.maintain:COMMAND", "run health, backup and cleanup in order, with one summary"),
     "demo": ("mlwarden.demo:COMMAND", "run the whole stack locally with simulated GPUs and tell the story"),
+    "assets": ("mlwarden.assets.cli:COMMAND", "export the rules, dashboards, systemd units and Kubernetes manifests"),
 }
 
 

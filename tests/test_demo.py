@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlwarden import assets
 from mlwarden.demo import stack
 from mlwarden.demo.stack import Timings
 
@@ -17,7 +18,7 @@ def _rules(text: str) -> list[dict]:
 
 def test_compress_rules_shortens_for_and_the_heartbeat_only() -> None:
     timings = Timings(alert_for=2.0, heartbeat_max_age=40.0)
-    original = (stack.ALERTS / "rules" / "jobs.yml").read_text()
+    original = assets.folder("alerts").joinpath("rules", "jobs.yml").read_text()
     compressed = _rules(stack.compress_rules(original, timings))
     before = {r.get("alert") or r.get("record"): r for r in _rules(original)}
     for rule in compressed:
@@ -44,7 +45,7 @@ def test_alertmanager_config_points_every_receiver_at_the_relay(tmp_path: Path) 
     assert hooks and all(hook["url"] == "http://127.0.0.1:1234/webhook/alertmanager" for hook in hooks)
     assert all(hook["http_config"]["authorization"]["credentials_file"] == str(token) for hook in hooks)
     assert document["route"]["repeat_interval"] == "3000ms"
-    assert document["inhibit_rules"] == yaml.safe_load((stack.ALERTS / "alertmanager.yml").read_text())["inhibit_rules"]
+    assert document["inhibit_rules"] == yaml.safe_load(assets.folder("alerts").joinpath("alertmanager.yml").read_text())["inhibit_rules"]
 
 
 def test_relay_dedup_window_stays_below_alertmanagers_repeat_interval() -> None:
