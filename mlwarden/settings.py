@@ -48,6 +48,7 @@ class SettingSpec:
     positional: bool = False
     metavar: str | None = None
     flag: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
 def setting(
@@ -61,6 +62,7 @@ def setting(
     positional: bool = False,
     metavar: str | None = None,
     flag: str | None = None,
+    aliases: Sequence[str] = (),
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """Declare one setting of a settings dataclass.
@@ -68,7 +70,8 @@ def setting(
     ``env`` lists extra (legacy) environment variable names, tried after the primary name.
     ``parse`` turns the text into a value and raises ``ValueError`` with a short reason;
     without it the field's annotation decides (str, int, float, bool, Path, list[...]).
-    ``flag`` overrides the generated ``--kebab-name``.
+    ``flag`` overrides the generated ``--kebab-name``; ``aliases`` are further flags for it
+    (the names other tools use, e.g. node_exporter's ``--web.listen-address``).
     """
     spec = SettingSpec(
         help=help,
@@ -79,6 +82,7 @@ def setting(
         positional=positional,
         metavar=metavar,
         flag=flag,
+        aliases=tuple(aliases),
     )
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata={_META_KEY: spec})
@@ -158,6 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str) -> N
         elif opt.is_bool:
             parser.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
@@ -166,6 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str) -> N
         elif opt.is_list:
             parser.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 action="append",
                 default=None,
@@ -175,6 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str) -> N
         else:
             parser.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 default=None,
                 help=help_text,
