@@ -80,7 +80,9 @@ def test_wheel_carries_every_asset_of_the_checkout(wheel: Path) -> None:
                 assert archive.read(inside) == resource.read_bytes(), inside
     assert expected - names == set()
     for must in ("alerts/rules/gpu.yml", "alerts/tests/gpu.test.yml", "alerts/alertmanager.yml",
-                 "alerts/prometheus.yml", "dashboards/gpu-fleet.json", "deploy/systemd/mlwarden-exporter.service"):
+                 "alerts/prometheus.yml", "dashboards/gpu-fleet.json", "deploy/systemd/mlwarden-exporter.service",
+                 "deploy/kubernetes/base/kustomization.yaml", "deploy/kubernetes/base/prometheusrule.yaml",
+                 "deploy/kubernetes/base/relay.yml", "deploy/kubernetes/overlays/host-pid/kustomization.yaml"):
         assert f"mlwarden/assets/{must}" in names
     assert "mlwarden/relay/relay.example.yml" in names
 
