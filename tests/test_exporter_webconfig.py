@@ -10,7 +10,7 @@ import ipaddress
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from mlwarden import cli, settings
 from mlwarden.components import free_port, wait_until
 from mlwarden.exporter.app import Exporter, ExporterStartError
 from mlwarden.exporter.cli import ExporterSettings
+from test_exporter_server import start_exporter  # noqa: F401  (the fixture that starts a simulated exporter)
 
 REFUSED = (ssl.SSLError, ConnectionError, urllib.error.URLError, http.client.HTTPException)
 
@@ -83,22 +84,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
-    started: list[Exporter] = []
-
-    def run(web_config: str, *argv: str) -> Exporter:
+def start(start_exporter: Callable[..., Exporter], tmp_path: Path) -> Callable[..., Exporter]:
+    def run(web_config: str) -> Exporter:
         path = tmp_path / "web.yml"
         path.write_text(web_config)
-        exporter = Exporter.from_settings(settings.load(ExporterSettings, "exporter", [
-            "--gpu-backend", "simulated", "--web.listen-address", f"127.0.0.1:{free_port()}",
-            "--interval", "0.2", "--web.config.file", str(path), *argv], {}))
-        exporter.start()
-        started.append(exporter)
-        return exporter
+        return start_exporter("--web.config.file", str(path))
 
-    yield run
-    for exporter in started:
-        exporter.stop()
+    return run
 
 
 def _client(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
