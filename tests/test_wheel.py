@@ -19,17 +19,18 @@ from pathlib import Path
 
 import pytest
 
+import fresh_clone
 import mlwarden
 from mlwarden import assets
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
+    source = fresh_clone.copy_to(tmp_path_factory.mktemp("clone"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(dist), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(dist), str(source)],
         check=True, cwd=dist,
     )
     (built,) = dist.glob("mlwarden-*.whl")
