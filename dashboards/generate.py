@@ -262,6 +262,23 @@ GPU = 'job=~"$job", instance=~"$instance", gpu=~"$gpu"'
 GPU_EXPORTER = 'job=~"$job", instance=~"$instance"'
 GPU_LEGEND = "{{instance}} GPU {{gpu}}"
 TEMPERATURE = steps(("orange", 75), ("red", 85))  # the GpuTemperatureHigh / Critical thresholds
+GPU_KEY = "on (instance, gpu, uuid)"
+# SM activity (GPM) where a GPU has it, NVML utilization only where it has not: GpuAllocatedButIdle's measure.
+ACTIVITY = (f"(mlwarden_gpu_sm_activity_ratio{{{GPU}}} or (mlwarden_gpu_utilization_ratio{{{GPU}}} "
+            f"unless {GPU_KEY} mlwarden_gpu_sm_activity_ratio{{{GPU}}}))")
+IDLE_BELOW = 0.05  # GpuAllocatedButIdle's threshold
+# 1 for each workload on an idle GPU, 0 on a busy one.
+IDLE_ALLOCATED = f"(mlwarden_gpu_allocation_info{{{GPU}}} * {GPU_KEY} group_left () ({ACTIVITY} < bool {IDLE_BELOW}))"
+# Sampled once per Grafana interval over the range: samples x interval = idle time, in hours.
+IDLE_HOURS = f"sum_over_time({IDLE_ALLOCATED}[$__range:$__interval]) * $__interval_ms / 3600000"
+
+
+def idle_hours_by(label: str) -> str:
+    return f"sort_desc(sum by ({label}) ({IDLE_HOURS}))"
+
+
+def per_workload(expr: str) -> str:
+    return f"mlwarden_gpu_allocation_info{{{GPU}}} * {GPU_KEY} group_left () {expr}"
 
 
 def gpu_fleet() -> Json:
@@ -387,6 +404,58 @@ def gpu_fleet() -> Json:
               columns={"mem": "GPU memory"}, units={"GPU memory": "bytes"}, hide=("uuid",), height=10),
     ])
 
+    profiling = Row("Profiling and interconnect", [
+        timeseries("SM activity (GPM)", Target(f"mlwarden_gpu_sm_activity_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1,
+                   description="Share of SMs busy over each collection interval (Hopper and later). Unlike utilization, "
+                               "one tiny kernel in a loop does not read 100 %."),
+        timeseries("Tensor core activity (GPM)", Target(f"mlwarden_gpu_tensor_activity_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1),
+        timeseries("DRAM bandwidth used (GPM)",
+                   Target(f"mlwarden_gpu_dram_bandwidth_utilization_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1),
+        timeseries("PCIe throughput",
+                   Target(f"mlwarden_gpu_pcie_throughput_bytes_per_second{{{GPU}}}", GPU_LEGEND + " {{direction}}"),
+                   unit="Bps"),
+        timeseries("Clock violation time (share of time throttled)",
+                   Target(f"rate(mlwarden_gpu_clock_violation_seconds_total{{{GPU}}}[$__rate_interval]) > 0",
+                          GPU_LEGEND + " {{reason}}"),
+                   unit="percentunit", minimum=0,
+                   description="How much of the time the clocks were held below target, by reason; only non-zero "
+                               "reasons are drawn."),
+        timeseries("SM occupancy (GPM)", Target(f"mlwarden_gpu_sm_occupancy_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1),
+    ])
+
+    waste = Row("Waste: allocated but idle GPUs", [
+        stat("Workloads on idle GPUs now", Target(f"sum({IDLE_ALLOCATED}) or vector(0)"),
+             thresholds=steps(("orange", 1)), width=6,
+             description=f"Workloads holding a GPU whose SM activity (or utilization, without GPM) is under "
+                         f"{IDLE_BELOW:.0%}. GpuAllocatedButIdle fires after 30 minutes with over 1 GiB held."),
+        bargauge("Idle GPU-hours by namespace", Target(idle_hours_by("namespace"), "{{namespace}}", instant=True), unit="h",
+                 width=6, description="Over the dashboard's time range; Slurm and bare-metal work shows as an "
+                                      "empty namespace. A GPU shared by several workloads counts for each."),
+        bargauge("Idle GPU-hours by Slurm job", Target(idle_hours_by("slurm_job"), "{{slurm_job}}", instant=True), unit="h",
+                 width=6),
+        bargauge("Idle GPU-hours by user", Target(idle_hours_by("user"), "{{user}}", instant=True), unit="h", width=6),
+        table("Per workload",
+              Target(f"mlwarden_gpu_allocation_info{{{GPU}}}"),
+              Target(per_workload(ACTIVITY)),
+              Target(per_workload(f"mlwarden_gpu_memory_used_bytes{{{GPU}}}")),
+              Target(IDLE_HOURS),
+              columns={"info": "info", "activity": "GPU activity", "memory": "GPU memory used",
+                       "idle": "Idle GPU-hours"},
+              hide=("info", "uuid"),
+              units={"GPU activity": "percentunit", "GPU memory used": "bytes", "Idle GPU-hours": "h"},
+              overrides=[{"matcher": {"id": "byName", "options": "GPU activity"},
+                          "properties": [{"id": "thresholds", "value": {"mode": "absolute", "steps": [
+                              {"color": "orange", "value": None}, {"color": "green", "value": IDLE_BELOW}]}},
+                                         {"id": "custom.cellOptions", "value": {"type": "color-background"}}]}],
+              height=10,
+              description="One row per GPU and workload (pod container, Slurm job, container, user): what it "
+                          "holds and how busy its GPU is (SM activity, or utilization without GPM)."),
+    ])
+
     exporter = Row("Exporter", [
         stat("Exporter targets", Target(f"up{{{GPU_EXPORTER}}}", "{{instance}}"),
              mappings=UP_DOWN, thresholds=steps(), text_mode="value_and_name", width=6, height=8),
@@ -413,7 +482,7 @@ def gpu_fleet() -> Json:
         [query_variable(*EXPORTER_JOB_VARIABLE),
          query_variable("instance", "Machine", 'label_values(mlwarden_gpu_info{job=~"$job"}, instance)'),
          query_variable("gpu", "GPU", 'label_values(mlwarden_gpu_info{job=~"$job", instance=~"$instance"}, gpu)')],
-        [fleet, heat_power, load, errors, processes, exporter],
+        [fleet, heat_power, load, profiling, errors, processes, waste, exporter],
     )
 
 

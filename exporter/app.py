@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 
+from mlwarden.exporter.attribution import Attributor
 from mlwarden.exporter.backends import open_backend
 from mlwarden.exporter.backends.base import BackendUnavailable
 from mlwarden.exporter.backends.simulated import SimulatedBackend
@@ -14,9 +15,11 @@ from mlwarden.exporter.collectors.artifacts import ArtifactsCollector
 from mlwarden.exporter.collectors.backups import BackupsCollector
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
+from mlwarden.exporter.collectors.process import ProcessCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.collectors.xid import XidCollector
 from mlwarden.exporter.loop import CollectionLoop
+from mlwarden.exporter.podresources import PodResourcesClient
 from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
 from mlwarden.exporter import webconfig
@@ -36,9 +39,12 @@ def collectors_for(settings: ExporterSettings, supervisor: BackendSupervisor) ->
     if settings.collector_gpu:
         chosen.append(GpuCollector(supervisor, settings.interval, timeout))
     if settings.collector_processes:
-        chosen.append(ProcessesCollector(supervisor, settings.interval, timeout, settings.max_processes))
+        attributor = Attributor(PodResourcesClient(settings.pod_resources_socket), settings.hpc_job_mapping_dir)
+        chosen.append(ProcessesCollector(supervisor, settings.interval, timeout, settings.max_processes, attributor=attributor))
     if settings.collector_xid:
         chosen.append(XidCollector(supervisor, settings.interval, timeout))
+    if settings.collector_process:
+        chosen.append(ProcessCollector(settings.interval, timeout))
     slow = settings.artifacts_interval
     if settings.collector_backups and settings.backup_dir is not None:
         chosen.append(BackupsCollector(settings.backup_dir, slow, slow))

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from mlwarden.command import Command
+from mlwarden.exporter.podresources import DEFAULT_SOCKET
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, positive, setting
 
@@ -47,9 +48,18 @@ class ExporterSettings:
         help="how often the backups and artifacts collectors run (walking big trees is slow)",
     )
     max_processes: int = setting(32, parse=in_range(int, 0, 10000), help="most processes exported per GPU (the largest memory users); bounds series count")
+    pod_resources_socket: Path = setting(
+        DEFAULT_SOCKET, metavar="PATH",
+        help="kubelet pod-resources socket that maps GPUs to pods (needs `mlwarden[kubernetes]`); off while absent",
+    )
+    hpc_job_mapping_dir: Path | None = setting(
+        None, metavar="DIR",
+        help="Slurm job-mapping directory in dcgm-exporter's format (a file per GPU index holding its job ids)",
+    )
     collector_gpu: bool = setting(True, help="enable the gpu collector")
     collector_processes: bool = setting(True, help="enable the processes collector")
     collector_xid: bool = setting(True, help="enable the xid collector")
+    collector_process: bool = setting(True, help="enable the process collector (the exporter's own process_* metrics)")
     collector_backups: bool = setting(True, help="enable the backups collector (runs when --backup-dir is set)")
     collector_artifacts: bool = setting(True, help="enable the artifacts collector (runs when --experiments-dir is set)")
     max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")

@@ -8,6 +8,8 @@ locks, no NVML, no formatting on the scrape path.
 
 from __future__ import annotations
 
+import functools
+import gzip
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +53,11 @@ class CollectorState:
 @dataclass(frozen=True)
 class Snapshot:
     body: bytes
+
+    @functools.cached_property
+    def gzipped(self) -> bytes:
+        """The body gzip-compressed, made at the first scrape that asks and then shared by all."""
+        return gzip.compress(self.body, compresslevel=6, mtime=0)
 
 
 class SnapshotStore:

@@ -23,7 +23,6 @@ plus whatever the job adds with :meth:`JobReport.gauge`.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import socket
 import time
@@ -33,6 +32,7 @@ from types import TracebackType
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import pushadd_to_gateway
 
+from mlwarden.backoff import Backoff
 from mlwarden.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ LAST_SUCCESS = "mlwarden_job_last_success_timestamp_seconds"
 # `mlwarden maintain` and an environment file name the Pushgateway once.
 PUSHGATEWAY_ENV = "PUSHGATEWAY_URL"
 PUSH_ATTEMPTS = 3
+PUSH_BACKOFF = Backoff(initial=1.0, maximum=4.0)
 PUSH_TIMEOUT_SECONDS = 5.0
 
 
@@ -127,7 +128,7 @@ class JobReport:
                 if attempt == PUSH_ATTEMPTS:
                     log.warning("could not push %s metrics to the Pushgateway after %d tries: %s", self.job, attempt, exc)
                     return
-                time.sleep(min(4.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))
+                time.sleep(PUSH_BACKOFF.delay(attempt))
 
     def _write_textfile(self) -> None:
         assert self.textfile_dir is not None

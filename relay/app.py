@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mlwarden.logs import RepeatFilter
 from mlwarden.relay import intake, payload, watchdog
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.config import RelayConfig
@@ -34,6 +35,7 @@ from mlwarden.relay.outbox import Outbox
 from mlwarden.relay.store.base import IntakeRequest, Store, StoreError
 
 log = logging.getLogger(__name__)
+log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error
 
 WEBHOOK_PATH = "/webhook/alertmanager"
 WATCHDOG_TICK_SECONDS = 1.0

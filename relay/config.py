@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mlwarden import logs
+from mlwarden.secrets import SecretError, read_secret
 from mlwarden.settings import parse_duration, parse_url
 
 SEVERITIES = ("info", "warning", "critical", "emergency")
@@ -168,16 +168,12 @@ def _destination(node: _Node, environ: Mapping[str, str]) -> Destination:
 
 def _secret(node: _Node, environ: Mapping[str, str]) -> str:
     variable = node.text(None)
-    if variable in environ and environ[variable].strip():
-        value = environ[variable].strip()
-    elif f"{variable}_FILE" in environ:
-        try:
-            value = Path(environ[f"{variable}_FILE"]).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{node.path}: cannot read {variable}_FILE: {exc.strerror}") from None
-    else:
+    try:
+        value = read_secret(variable, environ)
+    except SecretError as exc:
+        raise ConfigError(f"{node.path}: {exc}") from None
+    if not value:
         raise ConfigError(f"{node.path}: environment variable {variable} (or {variable}_FILE) is not set")
-    logs.register_secret(value)
     return value
 
 

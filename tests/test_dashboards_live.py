@@ -73,7 +73,7 @@ ALLOWED_EMPTY = {
 }
 
 # Dashboard template variables, as Grafana would expand them for "All" and a short range.
-VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s"}
+VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval_ms": "15000", "$__interval": "15s"}
 ALL = ".*"
 
 
@@ -219,7 +219,9 @@ def exporter_component(tmp_path: Path) -> components.Component:
 
 def inject_faults(exporter: str) -> None:
     for fault in ({"gpu": 0, "fault": "overheat"}, {"gpu": 0, "fault": "ecc", "count": 5},
-                  {"gpu": 1, "fault": "xid", "xid": 79}, {"gpu": 2, "fault": "lose"}):
+                  {"gpu": 1, "fault": "xid", "xid": 79}, {"gpu": 2, "fault": "lose"},
+                  # allocated but idle: GPU 0 holds a pod, GPU 1 a Slurm job (the waste panels need both)
+                  {"gpu": 0, "fault": "idle"}, {"gpu": 1, "fault": "idle"}):
         assert _post(exporter + "/-/simulate", json.dumps(fault).encode()) == 200
 
 
@@ -351,6 +353,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         components.wait_until(lambda: query(
             prometheus, 'ALERTS{alertname="GpuXidCriticalError", alertstate="firing"} and on () mlwarden_gpu_up == 0'
         )["data"]["result"], 30, "the rules to see the XID and the lost GPU", poll=QUERY_POLL)
+        # idle GPU-hours are sampled at the dashboard's interval (15 s here): wait for one sample since the faults
+        components.wait_until(lambda: query(
+            prometheus, 'sum_over_time((mlwarden_gpu_sm_activity_ratio < 0.05)[1h:15s])')["data"]["result"],
+            30, "a subquery step with an idle GPU", poll=QUERY_POLL)
         yield prometheus
 
 

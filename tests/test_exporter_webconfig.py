@@ -212,3 +212,8 @@ def test_web_config_and_the_old_flags_are_one_or_the_other(tmp_path: Path, capsy
 def test_web_listen_address_is_the_listen_address() -> None:
     loaded = settings.load(ExporterSettings, "exporter", ["--web.listen-address", ":19945"], {})
     assert loaded.listen_address == settings.load(ExporterSettings, "exporter", ["--listen-address", ":19945"], {}).listen_address
+
+
+def test_a_mistyped_web_flag_gets_a_suggestion() -> None:
+    with pytest.raises(settings.SettingsError, match="did you mean --web.listen-address"):
+        settings.load(ExporterSettings, "exporter", ["--web.listen-adress", ":19945"], {})

@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 
 from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.fsutil import disk_space
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class ArtifactsCollector(Collector):
         success = True
         for directory in self.directories:
             try:
-                stats = os.statvfs(directory)
+                space = disk_space(directory)
             except OSError as exc:
                 if directory not in self._unreadable:
                     log.warning("artifacts directory %s: %s", directory, exc.strerror)
@@ -70,6 +71,6 @@ class ArtifactsCollector(Collector):
             label = [str(directory)]
             size.add_metric(label, used)
             files.add_metric(label, count)
-            free.add_metric(label, stats.f_bavail * stats.f_frsize)
-            fs_size.add_metric(label, stats.f_blocks * stats.f_frsize)
+            free.add_metric(label, space.available)
+            fs_size.add_metric(label, space.size)
         return Collected([size, files, free, fs_size], success=success)

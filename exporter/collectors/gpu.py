@@ -1,5 +1,6 @@
 """The ``gpu`` collector: identity, temperatures, utilization, memory, power, energy,
-clocks, throttle reasons, ECC, PCIe, retired pages and remapped rows, per GPU.
+clocks, throttle reasons and violation time, ECC, PCIe, NVLink, video engines, retired pages and
+remapped rows, profiling (GPM) and MIG instances, per GPU.
 
 A GPU that does not answer gets ``mlwarden_gpu_up 0`` and no other series; the other GPUs
 keep reporting. So does a GPU that is no longer in the device list at all (after NVML was
@@ -16,8 +17,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from mlwarden.exporter.backends.base import (
+    DIRECTIONS,
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
+    NVLINK_ERRORS,
     BackendUnavailable,
     GpuLost,
     GpuReading,
@@ -45,7 +48,18 @@ GAUGES = (
     ("performance_state", "mlwarden_gpu_performance_state", "Performance state: 0 (P0, maximum) to 15 (P15, minimum)."),
     ("pcie_link_generation", "mlwarden_gpu_pcie_link_generation", "Current PCIe link generation."),
     ("pcie_link_width", "mlwarden_gpu_pcie_link_width", "Current PCIe link width (lanes)."),
+    ("encoder_utilization_ratio", "mlwarden_gpu_encoder_utilization_ratio", "Fraction of the last sample period in which the video encoder (NVENC) was busy (0..1)."),
+    ("decoder_utilization_ratio", "mlwarden_gpu_decoder_utilization_ratio", "Fraction of the last sample period in which the video decoder (NVDEC) was busy (0..1)."),
 )
+# GPM profiling ratios (Hopper and later): key in GpuReading.profiling -> (metric name, help).
+PROFILING = {
+    "graphics_engine_activity": ("mlwarden_gpu_graphics_engine_activity_ratio", "Fraction of the collection interval in which the graphics or compute engine was active (GPM)."),
+    "sm_activity": ("mlwarden_gpu_sm_activity_ratio", "Fraction of SMs busy, averaged over the collection interval (GPM): real use, unlike utilization."),
+    "sm_occupancy": ("mlwarden_gpu_sm_occupancy_ratio", "Resident warps as a fraction of the SMs' maximum, averaged over the collection interval (GPM)."),
+    "tensor_activity": ("mlwarden_gpu_tensor_activity_ratio", "Fraction of the collection interval the SMs spent on tensor-core instructions of any kind (GPM)."),
+    "dram_bandwidth_utilization": ("mlwarden_gpu_dram_bandwidth_utilization_ratio", "DRAM bandwidth used as a fraction of the theoretical maximum, over the collection interval (GPM)."),
+}
+PIPES = {"fp16_activity": "fp16", "fp32_activity": "fp32", "fp64_activity": "fp64"}
 
 
 class GpuCollector(Collector):
@@ -135,6 +149,20 @@ class GpuCollector(Collector):
         ecc = CounterMetricFamily("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).", labels=[*GPU_LABELS, "error_type", "counter"])
         retired = GaugeMetricFamily("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=[*GPU_LABELS, "cause"])
         remapped = GaugeMetricFamily("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=[*GPU_LABELS, "state"])
+        pending = GaugeMetricFamily("mlwarden_gpu_retired_pages_pending", "1 when retired pages await a GPU reset or driver reload to take effect, else 0.", labels=GPU_LABELS)
+        profiling = {key: GaugeMetricFamily(name, text, labels=GPU_LABELS) for key, (name, text) in PROFILING.items()}
+        pipes = GaugeMetricFamily("mlwarden_gpu_pipe_activity_ratio", "Fraction of the collection interval the SMs spent on non-tensor math of this precision (GPM).", labels=[*GPU_LABELS, "pipe"])
+        pcie_rate = GaugeMetricFamily("mlwarden_gpu_pcie_throughput_bytes_per_second", "PCIe traffic in bytes per second (GPM: averaged over the collection interval; else NVML's 20 ms sample).", labels=[*GPU_LABELS, "direction"])
+        pcie_bytes = CounterMetricFamily("mlwarden_gpu_pcie_bytes", "PCIe bytes transferred since the driver was loaded.", labels=[*GPU_LABELS, "direction"])
+        replays = CounterMetricFamily("mlwarden_gpu_pcie_replays", "PCIe replays (retransmissions after link errors) since the driver was loaded.", labels=GPU_LABELS)
+        nvlink_rate = GaugeMetricFamily("mlwarden_gpu_nvlink_throughput_bytes_per_second", "NVLink traffic over all links in bytes per second, averaged over the collection interval (GPM).", labels=[*GPU_LABELS, "direction"])
+        nvlink_up = GaugeMetricFamily("mlwarden_gpu_nvlink_up", "1 when the NVLink link is active, else 0.", labels=[*GPU_LABELS, "link"])
+        nvlink_bytes = CounterMetricFamily("mlwarden_gpu_nvlink_bytes", "NVLink data bytes transferred on the link since the driver was loaded.", labels=[*GPU_LABELS, "link", "direction"])
+        nvlink_errors = CounterMetricFamily("mlwarden_gpu_nvlink_errors", "NVLink data-link errors on the link since the driver was loaded.", labels=[*GPU_LABELS, "link", "error"])
+        violations = CounterMetricFamily("mlwarden_gpu_clock_violation_seconds", "Time the clocks were held below their target for this reason, since the driver was loaded.", labels=[*GPU_LABELS, "reason"])
+        mig_labels = [*GPU_LABELS, "gpu_instance", "compute_instance", "profile"]
+        mig_used = GaugeMetricFamily("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=mig_labels)
+        mig_total = GaugeMetricFamily("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=mig_labels)
         for index, uuid in down:
             up.add_metric([str(index), uuid], 0)
         for reading in readings:
@@ -162,4 +190,40 @@ class GpuCollector(Collector):
                 retired.add_metric([*gpu, cause], pages)
             for state, rows in (reading.remapped_rows or {}).items():
                 remapped.add_metric([*gpu, state], rows)
-        return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped]
+            self._add_signals(reading, gpu, pending, profiling, pipes, replays, violations)
+            for family, by_direction in ((pcie_rate, reading.pcie_throughput_bytes_per_second), (pcie_bytes, reading.pcie_bytes),
+                                         (nvlink_rate, reading.nvlink_throughput_bytes_per_second)):
+                for direction in DIRECTIONS:
+                    if direction in by_direction:
+                        family.add_metric([*gpu, direction], by_direction[direction])
+            for link in reading.nvlinks:
+                nvlink_up.add_metric([*gpu, str(link.link)], 1 if link.up else 0)
+                for direction, count in link.bytes.items():
+                    nvlink_bytes.add_metric([*gpu, str(link.link), direction], count)
+                for error in NVLINK_ERRORS:
+                    if error in link.errors:
+                        nvlink_errors.add_metric([*gpu, str(link.link), error], link.errors[error])
+            for mig in reading.mig:
+                labels = [*gpu, str(mig.gpu_instance), str(mig.compute_instance), mig.profile]
+                if mig.memory_used_bytes is not None:
+                    mig_used.add_metric(labels, mig.memory_used_bytes)
+                if mig.memory_total_bytes is not None:
+                    mig_total.add_metric(labels, mig.memory_total_bytes)
+        return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
+                pipes, pcie_rate, pcie_bytes, replays, nvlink_rate, nvlink_up, nvlink_bytes, nvlink_errors, violations,
+                mig_used, mig_total]
+
+    @staticmethod
+    def _add_signals(reading: GpuReading, gpu: list[str], pending: GaugeMetricFamily, profiling: dict[str, GaugeMetricFamily],
+                     pipes: GaugeMetricFamily, replays: CounterMetricFamily, violations: CounterMetricFamily) -> None:
+        if reading.retired_pages_pending is not None:
+            pending.add_metric(gpu, 1 if reading.retired_pages_pending else 0)
+        for key, value in reading.profiling.items():
+            if key in profiling:
+                profiling[key].add_metric(gpu, value)
+            elif key in PIPES:
+                pipes.add_metric([*gpu, PIPES[key]], value)
+        if reading.pcie_replays is not None:
+            replays.add_metric(gpu, reading.pcie_replays)
+        for reason, seconds in reading.violation_seconds.items():
+            violations.add_metric([*gpu, reason], seconds)

@@ -21,8 +21,8 @@ class S3Settings:
     s3_bucket: str | None = setting(None, help="S3 bucket for the off-site copy (credentials: the standard AWS environment, config files or instance role)", env=("S3_BUCKET",))
     s3_prefix: str = setting("", help="key prefix inside the bucket, e.g. backups/gpu-node-1")
     s3_endpoint_url: str | None = setting(None, help="endpoint of an S3-compatible store (MinIO, Ceph, R2...); default AWS", parse=parse_url)
-    s3_attempts: int = setting(3, help="attempts for each S3 copy or listing, with jittered exponential backoff between them", parse=positive(int))
-    s3_retry_base: float = setting(2.0, help="first backoff between S3 attempts (doubles each time)", parse=parse_duration)
+    s3_attempts: int = setting(3, help="attempts for each S3 request (botocore's standard retry mode, with its jittered backoff)", parse=positive(int))
+    s3_retry_base: float = setting(2.0, help="first backoff before a whole copy is tried again after its check failed (doubles each time, full jitter)", parse=parse_duration)
 
     def s3_location(self, storage_class: str = "STANDARD", chunk_size: int = 64 * 2**20, concurrency: int = 8) -> S3Location | None:
         if not self.s3_bucket:

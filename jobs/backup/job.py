@@ -39,6 +39,7 @@ from mlwarden.jobs.backup.verify import verify_and_record
 from mlwarden.jobs.report import JobReport
 from mlwarden.catalog import MANIFEST, BackupEntry, Catalog, CatalogError, Manifest
 from mlwarden.exitcodes import ExitCode
+from mlwarden.fsutil import disk_space
 from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
 
@@ -203,7 +204,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
     except (OSError, archive.SourceChanged) as exc:
         shutil.rmtree(directory, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            free = shutil.disk_usage(settings.backup_dir).free
+            free = disk_space(settings.backup_dir).available
             raise BackupFailed(
                 f"no space left on the device of {settings.backup_dir} ({human_bytes(free)} free, the models are "
                 f"{human_bytes(total)} before compression); the partial archive was removed and earlier backups are untouched"

@@ -8,15 +8,15 @@ must show that hash and the archive's size, which works the same for GLACIER and
 DEEP_ARCHIVE objects, where a download to check would take hours and cost money.
 
 Credentials come the standard boto3 way (environment, shared config, instance role), never
-from flags. Transient failures are retried by botocore (standard mode) and then, for the
-whole copy, by :func:`with_retries` with jittered exponential backoff.
+from flags. Retries are counted once: botocore (standard mode) tries each request up to
+``attempts`` times; :func:`with_retries` tries the whole operation again only when its
+own check failed (a hash or size that does not match), which no request retry can mend.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +28,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from mlwarden.backoff import Backoff
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
 from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy
 
@@ -35,20 +36,28 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
+MAX_RETRY_SECONDS = 300.0
 _S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error)
 
 
 def with_retries(what: str, attempts: int, base_seconds: float, action: Callable[[], T]) -> T:
-    """Run ``action``; on an S3 error retry with jittered exponential backoff, then raise OffsiteError."""
+    """Run ``action``; after a failed check (OffsiteError) run it again, with backoff; S3 errors raise at once.
+
+    An S3 error arrives here after botocore has already tried the request ``attempts``
+    times: trying the whole operation again would multiply the attempts.
+    """
+    policy = Backoff(initial=base_seconds, maximum=MAX_RETRY_SECONDS)
     for attempt in range(1, attempts + 1):
         try:
             return action()
         except ObjectArchived:
             raise
-        except (*_S3_ERRORS, OffsiteError) as exc:
+        except _S3_ERRORS as exc:
+            raise OffsiteError(f"{what} failed: {exc}") from None
+        except OffsiteError as exc:
             if attempt == attempts:
                 raise OffsiteError(f"{what} failed after {attempts} attempt(s): {exc}") from None
-            delay = base_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            delay = policy.delay(attempt)
             log.warning("%s failed (attempt %d of %d): %s; retrying in %.1fs", what, attempt, attempts, exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -58,7 +67,8 @@ class OffsiteStore:
     def __init__(self, location: S3Location) -> None:
         self.location = location
         config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": 3},
+            # total_max_attempts counts the first try; botocore's "max_attempts" counts only retries.
+            retries={"mode": "standard", "total_max_attempts": location.attempts},
             connect_timeout=10,
             read_timeout=60,
             max_pool_connections=max(10, location.concurrency),
