@@ -118,9 +118,13 @@ def run(settings: ExporterSettings) -> int:
     return ExitCode.OK
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "exporter", "attribute": "COMMAND", "help": "serve GPU, backup and artifact metrics for Prometheus"},
+)
+
 COMMAND = Command(
     "exporter",
-    "serve GPU, backup and artifact metrics for Prometheus",
     settings=ExporterSettings,
     run=run,
     description="Serve GPU health (NVML), backup catalog state and artifact directory sizes on /metrics. "

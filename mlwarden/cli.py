@@ -1,14 +1,15 @@
 """The ``mlwarden`` command: one entry point, one subcommand per part.
 
-Only the chosen subcommand's module is imported, so ``mlwarden cleanup`` does not pay
-for FastAPI or boto3 and a broken optional dependency of one part cannot stop another.
+The subcommands come from :mod:`mlwarden.registry`, which reads each command's table where
+the command is defined without importing it. Only the chosen subcommand's module is
+imported, so ``mlwarden cleanup`` does not pay for FastAPI or boto3 and a broken optional
+dependency of one part cannot stop another.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import sys
 import textwrap
@@ -16,23 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlwarden import __version__, logs, settings
+from mlwarden import __version__, logs, registry, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
-
-# name -> ("module:attribute", one-line help). Keep the help here so that ``mlwarden --help``
-# imports nothing.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "exporter": ("mlwarden.exporter.cli:COMMAND", "serve GPU, backup and artifact metrics for Prometheus"),
-    "relay": ("mlwarden.relay.cli:COMMAND", "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty"),
-    "backup": ("mlwarden.jobs.backup.cli:BACKUP", "archive, checksum, verify and copy models off-site; apply retention"),
-    "restore": ("mlwarden.jobs.backup.cli:RESTORE", "restore a backup (local or S3), or run a restore drill"),
-    "cleanup": ("mlwarden.jobs.cleanup.cli:COMMAND", "remove old experiment artifacts, behind safety breakers"),
-    "health": ("mlwarden.jobs.health.cli:COMMAND", "check disks, GPUs, services and backup freshness"),
-    "maintain": ("mlwarden.jobs.maintain:COMMAND", "run health, backup and cleanup in order, with one summary"),
-    "demo": ("mlwarden.demo:COMMAND", "run the whole stack locally with simulated GPUs and tell the story"),
-    "assets": ("mlwarden.assets.cli:COMMAND", "export the rules, dashboards, systemd units and Kubernetes manifests"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +38,7 @@ COMMON_PREFIX = ""  # MLWARDEN_LOG_LEVEL, MLWARDEN_LOG_FILE, MLWARDEN_LOG_FORMAT
 
 
 def load_command(name: str) -> Command[Any]:
-    target, _ = COMMANDS[name]
-    module_name, attribute = target.split(":")
-    command = getattr(importlib.import_module(module_name), attribute)
-    assert isinstance(command, Command), target
-    return command
+    return registry.entries()[name].load()
 
 
 def build_parser(chosen: Command[Any] | None) -> settings.Parser:
@@ -66,7 +49,8 @@ def build_parser(chosen: Command[Any] | None) -> settings.Parser:
     )
     parser.add_argument("--version", action="version", version=f"mlwarden {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, entry in registry.entries().items():
+        help_text = entry.help
         if chosen is not None and chosen.name == name:
             sub = subparsers.add_parser(
                 name,
@@ -84,12 +68,13 @@ def build_parser(chosen: Command[Any] | None) -> settings.Parser:
 
 def _chosen_name(argv: Sequence[str]) -> str | None:
     """The command named in ``argv``; a usage error for an unknown one, with a suggestion."""
+    commands = list(registry.entries())
     for token in argv:
         if not token.startswith("-"):
-            if token not in COMMANDS:
+            if token not in commands:
                 raise settings.SettingsError(
-                    f"unknown command {token!r}{settings.suggestion(token, list(COMMANDS))}; "
-                    f"commands: {', '.join(COMMANDS)}"
+                    f"unknown command {token!r}{settings.suggestion(token, commands)}; "
+                    f"commands: {', '.join(commands)}"
                 )
             return token
     return None
@@ -101,7 +86,7 @@ def _parse(argv: list[str]) -> tuple[Command[Any], argparse.Namespace]:
     command = load_command(name) if name else None
     args, unknown = build_parser(command).parse_known_args(argv)
     if command is None:
-        raise settings.SettingsError(f"a command is required: {', '.join(COMMANDS)} (see mlwarden --help)")
+        raise settings.SettingsError(f"a command is required: {', '.join(registry.entries())} (see mlwarden --help)")
     if unknown:
         flags = settings.flags_of(command.settings, command.name) + settings.flags_of(CommonSettings, COMMON_PREFIX)
         raise settings.unrecognized(unknown, flags)
@@ -113,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command, args = _parse(argv)
     except settings.SettingsError as exc:
-        name = next((t for t in argv if t in COMMANDS), None)
+        name = next((t for t in argv if t in registry.entries()), None)
         print(f"mlwarden {name}: {exc}" if name else f"mlwarden: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     try:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mlwarden import cli, settings
+from mlwarden import cli, registry, settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,12 +54,8 @@ def table(settings_cls: type, command: str) -> str:
 
 def blocks() -> dict[str, str]:
     result = {"common": table(cli.CommonSettings, cli.COMMON_PREFIX)}
-    for name in cli.COMMANDS:
-        try:
-            command = cli.load_command(name)
-        except ImportError:
-            continue  # a part not written yet has no table yet
-        result[name] = table(command.settings, name)
+    for name, entry in registry.entries().items():
+        result[name] = table(entry.load().settings, name)
     return result
 
 

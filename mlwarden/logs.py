@@ -40,7 +40,9 @@ def register_secret(value: str) -> None:
 
 def redact(text: str) -> str:
     """``text`` with every registered secret replaced by ``***``."""
-    for secret in _secrets:
+    # Longest first: a secret that contains a shorter one must be masked whole, not left with
+    # its tail showing after the shorter one's mask.
+    for secret in sorted(_secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, MASK)
     return text

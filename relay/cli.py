@@ -87,9 +87,14 @@ def run(settings: RelaySettings) -> int:
     return ExitCode.OK
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "relay", "attribute": "COMMAND",
+     "help": "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty"},
+)
+
 COMMAND = Command(
     "relay",
-    "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty",
     settings=RelaySettings,
     run=run,
     description=(

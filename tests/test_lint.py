@@ -40,7 +40,7 @@ def test_a_command_whose_run_takes_other_settings_is_a_type_error(tmp_path: Path
         "@dataclass(frozen=True)\nclass A:\n    x: int = 0\n"
         "@dataclass(frozen=True)\nclass B:\n    y: str = ''\n"
         "def run(settings: B) -> int:\n    return len(settings.y)\n"
-        "COMMAND = Command('sample', 'a sample', settings=A, run=run)\n"
+        "COMMAND = Command('sample', settings=A, run=run)\n"
     )
     result = subprocess.run(
         [str(BIN / "mypy"), "--strict", "--cache-dir", str(tmp_path / "cache"), str(sample)],

@@ -84,6 +84,14 @@ def test_formats_keep_secrets_masked(root_logging: None, capsys: pytest.CaptureF
 SCRIPT = "import logging; from mlwarden import logs; logs.setup('info', None, '{fmt}'); logging.getLogger('t').warning('hi there')"
 
 
+def test_a_secret_containing_another_is_masked_whole() -> None:
+    """A relay token "from-a-file" must not leave "-secret" of "from-a-file-secret" in a log line."""
+    longest = "overlap-secret-0123456789"
+    for length in range(4, len(longest) + 1):  # every prefix is a secret too, registered in any order
+        logs.register_secret(longest[:length])
+    assert logs.redact(f"x {longest} y") == "x *** y"
+
+
 @pytest.mark.parametrize("fmt", logs.FORMATS)
 def test_no_timestamp_when_stderr_is_the_journal_stream(tmp_path: Path, fmt: str) -> None:
     err_path = tmp_path / "stderr"

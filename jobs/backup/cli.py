@@ -10,6 +10,7 @@ from mlwarden.jobs.backup.job import run_backup, run_restore
 from mlwarden.jobs.backup.s3config import STORAGE_CLASSES, S3Location
 from mlwarden.jobs.backup.retention import Policy
 from mlwarden.jobs.report import PUSHGATEWAY_ENV
+from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
 from mlwarden.command import Command
 from mlwarden.settings import in_range, parse_duration, parse_size, parse_url, positive, setting
 
@@ -66,6 +67,10 @@ class BackupSettings(S3Settings, _BackupCore):
     dry_run: bool = setting(False, help="say what would be backed up and deleted; touch nothing", env=("DRY_RUN",))
     pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics here for node_exporter's textfile collector")
+    expected_interval: float = expected_interval_setting("1d")
+    grace: float = grace_setting("1h")
+    timeout: float = timeout_setting("6h")
+    late_severity: str = late_severity_setting("critical")
 
     def __post_init__(self) -> None:
         if self.level is not None and self.compression in LEVEL_RANGES:
@@ -97,6 +102,11 @@ class _RestoreCore:
 class RestoreSettings(S3Settings, _RestoreCore):
     pushgateway: str | None = setting(None, help="Pushgateway URL for the drill's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the drill's metrics here for node_exporter's textfile collector")
+    # The heartbeat is the drill's: a plain restore pushes nothing.
+    expected_interval: float = expected_interval_setting("7d")
+    grace: float = grace_setting("1d")
+    timeout: float = timeout_setting("6h")
+    late_severity: str = late_severity_setting("warning")
 
     def __post_init__(self) -> None:
         if not self.drill and self.to is None:
@@ -109,9 +119,15 @@ class RestoreSettings(S3Settings, _RestoreCore):
             raise ValueError("a drill from S3 needs --backup-dir or --to: somewhere with room for the download")
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "backup", "attribute": "BACKUP", "help": "archive, checksum, verify and copy models off-site; apply retention",
+     "maintain": {"order": 20, "env": "RUN_BACKUP"}},
+    {"name": "restore", "attribute": "RESTORE", "help": "restore a backup (local or S3), or run a restore drill"},
+)
+
 BACKUP = Command(
     "backup",
-    "archive, checksum, verify and copy models off-site; apply retention",
     settings=BackupSettings,
     run=run_backup,
     description=(
@@ -122,7 +138,6 @@ BACKUP = Command(
 
 RESTORE = Command(
     "restore",
-    "restore a backup (local or S3), or run a restore drill",
     settings=RestoreSettings,
     run=run_restore,
     description=(

@@ -36,7 +36,7 @@ from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.tarstream import ArchiveError
 from mlwarden.jobs.backup.verify import verify_and_record
-from mlwarden.jobs.report import JobReport
+from mlwarden.jobs.report import JobReport, schedule_of
 from mlwarden.catalog import MANIFEST, BackupEntry, Catalog, CatalogError, Manifest
 from mlwarden.exitcodes import ExitCode
 from mlwarden.fsutil import disk_space
@@ -91,7 +91,7 @@ def run_backup(settings: BackupSettings) -> int:
         return ExitCode.OK
     outcome = Outcome()
     code = ExitCode.FAILURE
-    with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         try:
             with JobLock(settings.backup_dir / LOCK_FILE):  # creates the backup directory if needed
                 code = _backup_locked(settings, source, outcome)
@@ -337,7 +337,7 @@ def _run_drill(settings: RestoreSettings) -> int:
     parent = settings.to or settings.backup_dir
     assert parent is not None  # checked by the settings
     parent.mkdir(parents=True, exist_ok=True)
-    with JobReport("restore_drill", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    with JobReport("restore_drill", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         duration = report.gauge("mlwarden_restore_drill_duration_seconds", "How long the last restore drill took to restore and verify.")
         verified = report.gauge("mlwarden_restore_drill_verified_files", "Files restored and checked against the manifest by the last drill.")
         try:

@@ -14,7 +14,8 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport, schedule_of
+from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_size, parse_url, positive, setting
@@ -77,6 +78,10 @@ class CleanupSettings:
     )
     pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
+    expected_interval: float = expected_interval_setting("1d")
+    grace: float = grace_setting("1d")
+    timeout: float = timeout_setting("2h")
+    late_severity: str = late_severity_setting("warning")
 
     def __post_init__(self) -> None:
         if not self.experiments_dir:
@@ -94,7 +99,7 @@ class CleanupSettings:
 
 
 def run(settings: CleanupSettings) -> int:
-    with JobReport("cleanup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    with JobReport("cleanup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         code = _run(settings, report)
         report.succeeded(code == ExitCode.OK)
     return code
@@ -226,9 +231,14 @@ def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict
     return ExitCode.FAILURE if total.errors else ExitCode.OK
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "cleanup", "attribute": "COMMAND", "help": "remove old experiment artifacts, behind safety breakers",
+     "maintain": {"order": 30, "env": "RUN_CLEANUP"}},
+)
+
 COMMAND = Command(
     name="cleanup",
-    help="remove old experiment artifacts, behind safety breakers",
     settings=CleanupSettings,
     run=run,
     description=(

@@ -63,9 +63,13 @@ def run(settings: AssetsSettings) -> int:
     return ExitCode.OK
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "assets", "attribute": "COMMAND", "help": "export the rules, dashboards, systemd units and Kubernetes manifests"},
+)
+
 COMMAND = Command(
     "assets",
-    "export the rules, dashboards, systemd units and Kubernetes manifests",
     settings=AssetsSettings,
     run=run,
     description="The files a checkout has, for an installation from a wheel: Prometheus rules and their "
