@@ -20,6 +20,7 @@ from typing import Any
 from mlwarden import __version__, logs, registry, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
+from mlwarden.interrupts import Terminated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger(f"mlwarden.{command.name}")
     try:
         return int(command.run(chosen))
+    except Terminated:
+        log.warning("stopped by SIGTERM")
+        return ExitCode.TERMINATED
     except KeyboardInterrupt:
         log.warning("interrupted")
         return ExitCode.INTERRUPTED

@@ -61,6 +61,7 @@ ALLOWED_EMPTY = {
     "alert:JobLate": "the only successes are seconds old",
     "alert:JobRunningTooLong": "every run has finished",
     "alert:PushgatewayPushFailing": "no push was rejected",
+    "alert:BackupStaleStaging": "no killed run left a staging directory",
     "alert:DiskUsageHigh": "the test's disks are not full",
     "alert:DiskUsageCritical": "the test's disks are not full",
     "alert:DiskWillFillIn24Hours": "the test's disks are not filling",
@@ -279,6 +280,7 @@ def push_job_metrics(pushgateway: str) -> None:
             report.gauge("mlwarden_backup_files", "Files archived.").set(12)
             report.gauge("mlwarden_backup_verified", "Verified.").set(1 if ok else 0)
             report.gauge("mlwarden_backup_offsite_success", "Off-site copy.").set(1 if ok else 0)
+            report.gauge("mlwarden_backup_damaged_found", "Damaged backups found.").set(0 if ok else 1)
             report.succeeded(ok)
         with JobReport("restore_drill", pushgateway=pushgateway, instance=instance) as report:
             report.gauge("mlwarden_restore_drill_duration_seconds", "Restore time.").set(42.0)

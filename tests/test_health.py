@@ -177,10 +177,10 @@ def test_nvml_that_cannot_count_gpus_is_critical(monkeypatch: pytest.MonkeyPatch
 
 
 def test_backup_freshness_and_verification(tmp_path: Path) -> None:
-    make_backup(tmp_path / "fresh", "models-1", 3600, verified=True)
-    make_backup(tmp_path / "stale", "models-1", 30 * 3600, verified=True)
-    make_backup(tmp_path / "corrupt", "models-1", 3600, verified=False)
-    make_backup(tmp_path / "unverified", "models-1", 3600, verified=None)
+    make_backup(tmp_path / "fresh", "models-20200101T000000Z", 3600, verified=True)
+    make_backup(tmp_path / "stale", "models-20200101T000000Z", 30 * 3600, verified=True)
+    make_backup(tmp_path / "corrupt", "models-20200101T000000Z", 3600, verified=False)
+    make_backup(tmp_path / "unverified", "models-20200101T000000Z", 3600, verified=None)
     (tmp_path / "empty").mkdir()
     names = ["fresh", "stale", "corrupt", "unverified", "empty"]
     env = {"BACKUP_DIR": ",".join(str(tmp_path / n) for n in names)}

@@ -52,6 +52,12 @@ class _BackupCore:
     verify: bool = setting(True, help="re-read the new archive and check it against the manifest", env=("VERIFY_BACKUP",))
     period: str = setting("day", help="one backup per UTC day or hour: a second run in the same period verifies the existing backup and stops; 'run' backs up every run", choices=("day", "hour", "run"))
     force: bool = setting(False, help="make a new backup even if one exists for this period")
+    exclude: list[str] = setting(
+        help="leave out what matches this glob, on purpose (repeatable; recorded in the manifest): matched against the path "
+        "relative to --model-dir (* also matches /), and against the base name when it has no /, e.g. '*.tmp' or 'scratch/*'; "
+        "the variable takes a comma-separated list",
+        default_factory=list, metavar="GLOB",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +102,7 @@ class _RestoreCore:
     drill: bool = setting(False, help="restore into a temporary directory, verify every file, time it, delete it and push the drill metrics")
     lock_wait: float = setting(2 * 3600.0, help="how long a drill waits for a backup run that holds the backup lock (BACKUP_DIR/.mlwarden-backup.lock), e.g. 30m; after that it fails; 0 fails at once", parse=parse_duration)
     force: bool = setting(False, help="replace the content of a non-empty --to directory (after the new content is complete and verified)")
+    restore_external_links: bool = setting(False, help="also restore symlinks that point outside --to (absolute, or up out of it); by default they are listed in the log and left out")
 
 
 @dataclass(frozen=True, kw_only=True)
