@@ -251,7 +251,11 @@ def dashboard(uid: str, title: str, description: str, variables: list[Json], row
 
 # GPU fleet ----------------------------------------------------------------------------------
 
-GPU = 'instance=~"$instance", gpu=~"$gpu"'
+# Panels select the exporter by its metrics and the `job` variable (the scrape jobs that serve
+# mlwarden_exporter_build_info), never by a job name: systemd and Kubernetes set-ups differ.
+EXPORTER_JOB_VARIABLE = ("job", "Exporter job", "label_values(mlwarden_exporter_build_info, job)")
+GPU = 'job=~"$job", instance=~"$instance", gpu=~"$gpu"'
+GPU_EXPORTER = 'job=~"$job", instance=~"$instance"'
 GPU_LEGEND = "{{instance}} GPU {{gpu}}"
 TEMPERATURE = steps(("orange", 75), ("red", 85))  # the GpuTemperatureHigh / Critical thresholds
 GPU_KEY = "on (instance, gpu, uuid)"
@@ -449,21 +453,21 @@ def gpu_fleet() -> Json:
     ])
 
     exporter = Row("Exporter", [
-        stat("Exporter targets", Target('up{job="mlwarden_exporter", instance=~"$instance"}', "{{instance}}"),
+        stat("Exporter targets", Target(f"up{{{GPU_EXPORTER}}}", "{{instance}}"),
              mappings=UP_DOWN, thresholds=steps(), text_mode="value_and_name", width=6, height=8),
-        stat("NVML", Target('mlwarden_nvml_up{instance=~"$instance"}', "{{instance}}"), mappings=UP_DOWN,
+        stat("NVML", Target(f"mlwarden_nvml_up{{{GPU_EXPORTER}}}", "{{instance}}"), mappings=UP_DOWN,
              thresholds=steps(), text_mode="value_and_name", width=6, height=8),
         bargauge("Data age by collector",
-                 Target('time() - mlwarden_exporter_last_collection_timestamp_seconds{instance=~"$instance"}',
+                 Target(f"time() - mlwarden_exporter_last_collection_timestamp_seconds{{{GPU_EXPORTER}}}",
                         "{{instance}} {{collector}}"),
                  unit="s", thresholds=steps(("orange", 60), ("red", 300)), width=12, height=8),
         timeseries("Collection duration",
-                   Target('mlwarden_exporter_collector_duration_seconds{instance=~"$instance"}',
+                   Target(f"mlwarden_exporter_collector_duration_seconds{{{GPU_EXPORTER}}}",
                           "{{instance}} {{collector}}"), unit="s"),
         state_timeline("Collector success",
-                       Target('mlwarden_exporter_collector_success{instance=~"$instance"}', "{{instance}} {{collector}}"),
+                       Target(f"mlwarden_exporter_collector_success{{{GPU_EXPORTER}}}", "{{instance}} {{collector}}"),
                        mappings=OK_FAILED, thresholds=steps(), width=8),
-        table("Exporter versions", Target('mlwarden_exporter_build_info{instance=~"$instance"}'),
+        table("Exporter versions", Target(f"mlwarden_exporter_build_info{{{GPU_EXPORTER}}}"),
               columns={"v": "info"}, hide=("info",), width=8),
     ])
 
@@ -471,8 +475,9 @@ def gpu_fleet() -> Json:
         "mlwarden-gpu-fleet", "mlwarden / GPU fleet",
         "Per machine and GPU: temperature, utilization, memory, power against the limit, throttling, ECC and XID "
         "errors, the processes holding memory, and the exporter's own health.",
-        [query_variable("instance", "Machine", "label_values(mlwarden_gpu_info, instance)"),
-         query_variable("gpu", "GPU", 'label_values(mlwarden_gpu_info{instance=~"$instance"}, gpu)')],
+        [query_variable(*EXPORTER_JOB_VARIABLE),
+         query_variable("instance", "Machine", 'label_values(mlwarden_gpu_info{job=~"$job"}, instance)'),
+         query_variable("gpu", "GPU", 'label_values(mlwarden_gpu_info{job=~"$job", instance=~"$instance"}, gpu)')],
         [fleet, heat_power, load, profiling, errors, processes, waste, exporter],
     )
 
@@ -602,13 +607,14 @@ def jobs() -> Json:
 
 # Relay ----------------------------------------------------------------------------------------
 
-RELAY = 'instance=~"$instance"'
+# The relay's scrape jobs are the ones serving its watchdog state (always present), whatever their name.
+RELAY = 'job=~"$job", instance=~"$instance"'
 WATCHDOG_COLORS = {"new": "blue", "up": "green", "late": "orange", "down": "red"}
 
 
 def relay() -> Json:
     health = Row("Relay and watchdog", [
-        stat("Relay", Target(f'up{{job="mlwarden_relay", {RELAY}}}', "{{instance}}"), mappings=UP_DOWN,
+        stat("Relay", Target(f"up{{{RELAY}}}", "{{instance}}"), mappings=UP_DOWN,
              thresholds=steps(), text_mode="value_and_name", width=6),
         stat("Watchdog state", Target(f"mlwarden_relay_watchdog_state{{{RELAY}}} == 1", "{{state}}"),
              text_mode="name", overrides=by_name_color(WATCHDOG_COLORS),
@@ -673,7 +679,8 @@ def relay() -> Json:
     return dashboard(
         "mlwarden-relay", "mlwarden / Alert relay",
         "What the relay received, suppressed, escalated and delivered; its outbox; the Watchdog heartbeat.",
-        [query_variable("instance", "Relay", 'label_values(up{job="mlwarden_relay"}, instance)')],
+        [query_variable("job", "Relay job", "label_values(mlwarden_relay_watchdog_state, job)"),
+         query_variable("instance", "Relay", 'label_values(up{job=~"$job"}, instance)')],
         [health, intake, delivery],
     )
 

@@ -14,6 +14,8 @@ from mlwarden.exporter.collectors.base import Collector, CollectorContext, regis
 from mlwarden.exporter.loop import CollectionLoop
 from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
+from mlwarden.exporter import webconfig
+from mlwarden.exporter.webconfig import BcryptUsers, WebConfigError
 from mlwarden import __version__
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class Exporter:
         address: tuple[str, int],
         *,
         max_concurrent_scrapes: int = 10,
-        auth: BasicAuth | None = None,
+        auth: BasicAuth | BcryptUsers | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.supervisor = supervisor
@@ -63,13 +65,19 @@ class Exporter:
                 supervisor.start()
             except BackendUnavailable as exc:
                 raise ExporterStartError(f"{exc} (use --gpu-backend auto to serve mlwarden_nvml_up 0 instead)") from None
-        tls = None
+        tls: ssl.SSLContext | None = None
+        auth: BasicAuth | BcryptUsers | None = None
+        if settings.web_config_file is not None:
+            try:
+                web = webconfig.load(settings.web_config_file)
+            except WebConfigError as exc:
+                raise ExporterStartError(str(exc)) from None
+            tls, auth = web.tls, web.auth
         if settings.tls_cert_file and settings.tls_key_file:
             try:
                 tls = tls_context(settings.tls_cert_file, settings.tls_key_file)
             except (OSError, ssl.SSLError) as exc:
                 raise ExporterStartError(f"cannot load the TLS certificate or key: {exc}") from None
-        auth = None
         if settings.basic_auth_user and settings.basic_auth_password:
             auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_password)
         return cls(

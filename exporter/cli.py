@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class ExporterSettings:
     listen_address: tuple[str, int] = setting(
-        ("127.0.0.1", 9945), parse=parse_listen_address, metavar="HOST:PORT",
+        ("127.0.0.1", 9945), parse=parse_listen_address, metavar="HOST:PORT", aliases=("--web.listen-address",),
         help="address to serve /metrics and /healthz on (`:9945` for every interface)",
     )
     gpu_backend: str = setting(
@@ -48,6 +48,11 @@ class ExporterSettings:
     tls_key_file: Path | None = setting(None, help="private key (PEM) for --tls-cert-file")
     basic_auth_user: str | None = setting(None, help="require HTTP basic auth with this user name for /metrics and /-/simulate")
     basic_auth_password: str | None = setting(None, secret=True, help="password for --basic-auth-user")
+    web_config_file: Path | None = setting(
+        None, flag="--web.config.file", metavar="FILE",
+        help="exporter-toolkit web configuration (TLS, mTLS client CA, bcrypt basic_auth_users), as node_exporter "
+        "reads it; replaces the --tls-* and --basic-auth-* settings",
+    )
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -59,6 +64,11 @@ class ExporterSettings:
         for path in (self.tls_cert_file, self.tls_key_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.web_config_file is not None:
+            if self.tls_cert_file or self.basic_auth_user:
+                raise ValueError("--web.config.file replaces --tls-cert-file/--tls-key-file and --basic-auth-user: use one or the other")
+            if not self.web_config_file.is_file():
+                raise ValueError(f"web config file {self.web_config_file} does not exist")
 
     @property
     def effective_timeout(self) -> float:

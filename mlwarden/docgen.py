@@ -40,9 +40,9 @@ def table(settings_cls: type, command: str) -> str:
         elif opt.spec.positional:
             flag = f"`{opt.spec.metavar or opt.name.upper()}` (argument)"
         elif opt.is_bool and opt.flag:
-            flag = f"`{opt.flag}` / `--no-{opt.flag[2:]}`"
+            flag = ", ".join(f"`{name}` / `--no-{name[2:]}`" for name in (opt.flag, *opt.spec.aliases))
         else:
-            flag = f"`{opt.flag}`"
+            flag = ", ".join(f"`{name}`" for name in (opt.flag, *opt.spec.aliases))
         env = ", ".join(f"`{n}`" for n in opt.env_names)
         if opt.spec.secret:
             env += f", `{opt.env_names[0]}_FILE`"

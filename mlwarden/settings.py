@@ -49,6 +49,7 @@ class SettingSpec:
     positional: bool = False
     metavar: str | None = None
     flag: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
 def setting(
@@ -62,6 +63,7 @@ def setting(
     positional: bool = False,
     metavar: str | None = None,
     flag: str | None = None,
+    aliases: Sequence[str] = (),
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """Declare one setting of a settings dataclass.
@@ -69,7 +71,8 @@ def setting(
     ``env`` lists extra (legacy) environment variable names, tried after the primary name.
     ``parse`` turns the text into a value and raises ``ValueError`` with a short reason;
     without it the field's annotation decides (str, int, float, bool, Path, list[...]).
-    ``flag`` overrides the generated ``--kebab-name``.
+    ``flag`` overrides the generated ``--kebab-name``; ``aliases`` are further flags for it
+    (the names other tools use, e.g. node_exporter's ``--web.listen-address``).
     """
     spec = SettingSpec(
         help=help,
@@ -80,6 +83,7 @@ def setting(
         positional=positional,
         metavar=metavar,
         flag=flag,
+        aliases=tuple(aliases),
     )
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata={_META_KEY: spec})
@@ -181,9 +185,9 @@ def flags_of(cls: type, command: str) -> list[str]:
     for opt in options_of(cls, command):
         if opt.flag is None:
             continue
-        result.append(opt.flag)
+        result += [opt.flag, *opt.spec.aliases]
         if opt.is_bool:
-            result.append("--no-" + opt.flag[2:])
+            result += ["--no-" + name[2:] for name in (opt.flag, *opt.spec.aliases)]
     return result
 
 
@@ -228,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str, titl
         if opt.is_bool:
             target.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
@@ -236,6 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str, titl
         elif opt.is_list:
             target.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 action="append",
                 default=None,
@@ -245,6 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str, titl
         else:
             target.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 default=None,
                 help=help_text,

@@ -151,6 +151,12 @@ def test_example_prometheus_config_is_valid(promtool: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = {job["job_name"]: job for job in yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())["scrape_configs"]}
     assert jobs["pushgateway"]["honor_labels"] is True  # the jobs' own job/instance labels must survive
+    # The up-based rules' documented job selectors match the example's scrape jobs (and only
+    # their own: the exporter's selector does not take the relay for an exporter).
     rule_text = "".join(path.read_text() for path in RULES)
-    assert 'job="mlwarden_exporter"' in rule_text and 'job="mlwarden_relay"' in rule_text
+    patterns = re.findall(r'up\{job=~"([^"]+)"\}', rule_text)
+    assert len(patterns) == 2
+    exporter, relay = sorted(patterns)
+    assert re.fullmatch(exporter, "mlwarden_exporter") and not re.fullmatch(exporter, "mlwarden_relay")
+    assert re.fullmatch(relay, "mlwarden_relay") and not re.fullmatch(relay, "mlwarden_exporter")
     assert {"mlwarden_exporter", "mlwarden_relay"} <= set(jobs)

@@ -96,7 +96,7 @@ def rule_queries() -> list[Query]:
 def substitute(expr: str) -> str:
     for variable, value in VARIABLES.items():
         expr = expr.replace(variable, value)
-    return re.sub(r"\$\{?(instance|gpu|exporter)\}?", ALL, expr)
+    return re.sub(r"\$\{?(instance|gpu|exporter|job)\}?", ALL, expr)
 
 
 def dashboard_queries() -> list[Query]:

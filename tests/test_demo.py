@@ -7,15 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlwarden import assets
 from mlwarden.demo import stack
 from mlwarden.demo.stack import Timings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _rules(text: str) -> list[dict]:
     return [rule for group in yaml.safe_load(text)["groups"] for rule in group["rules"]]
 
 
-@pytest.mark.parametrize("path", sorted((stack.ALERTS / "rules").glob("*.yml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "alerts" / "rules").glob("*.yml")), ids=lambda p: p.name)
 def test_compress_rules_shortens_for_only(path: Path) -> None:
     timings = Timings(alert_for=2.0)
     original = path.read_text()
@@ -38,7 +41,7 @@ def test_the_demo_backup_is_due_every_heartbeat_max_age_through_its_own_flags() 
     argv = ["--model-dir", "/m", "--backup-dir", "/b", *stack.backup_heartbeat_args(Timings(heartbeat_max_age=40.0))]
     schedule = schedule_of(settings.load(BackupSettings, "backup", argv, {}))
     assert (schedule.expected_interval, schedule.grace) == (40.0, 0.0)
-    rules = _rules((stack.ALERTS / "rules" / "jobs.yml").read_text())
+    rules = _rules(assets.folder("alerts").joinpath("rules", "jobs.yml").read_text())
     assert stack.HEARTBEAT_RULE in {rule.get("alert") for rule in rules}
 
 
@@ -49,7 +52,7 @@ def test_alertmanager_config_points_every_receiver_at_the_relay(tmp_path: Path) 
     assert hooks and all(hook["url"] == "http://127.0.0.1:1234/webhook/alertmanager" for hook in hooks)
     assert all(hook["http_config"]["authorization"]["credentials_file"] == str(token) for hook in hooks)
     assert document["route"]["repeat_interval"] == "3000ms"
-    assert document["inhibit_rules"] == yaml.safe_load((stack.ALERTS / "alertmanager.yml").read_text())["inhibit_rules"]
+    assert document["inhibit_rules"] == yaml.safe_load(assets.folder("alerts").joinpath("alertmanager.yml").read_text())["inhibit_rules"]
 
 
 def test_relay_dedup_window_stays_below_alertmanagers_repeat_interval() -> None:

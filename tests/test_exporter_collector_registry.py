@@ -58,6 +58,14 @@ def test_the_dispatcher_builds_what_the_switches_and_settings_ask_for(tmp_path: 
         left = built(f"--no-collector-{name}", "--backup-dir", str(tmp_path), "--experiments-dir", str(tmp_path))
         assert left == EXPECTED - {name}, name
     assert built(environ={"MLWARDEN_EXPORTER_COLLECTOR_GPU": "false"}) == {"process", "processes", "xid"}
+    # node_exporter's spelling works too, and wins over the environment like any flag.
+    assert built("--no-collector.gpu", "--no-collector.xid") == {"process", "processes"}
+    assert built("--collector.gpu", environ={"MLWARDEN_EXPORTER_COLLECTOR_GPU": "false"}) == {"gpu", "process", "processes", "xid"}
+
+
+def test_a_mistyped_switch_gets_a_suggestion() -> None:
+    with pytest.raises(SettingsError, match=r"did you mean --no-collector\.xid\?"):
+        load(ExporterSettings, "exporter", ["--no-collector.xdi"], {})
 
 
 def _spec(name: str, settings: type = NoSettings) -> CollectorSpec[object]:

@@ -126,7 +126,8 @@ def with_collector_settings(base: type[T]) -> type[T]:
     taken = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]  # base is a dataclass
     added: list[tuple[str, Any, Any]] = []
     for spec in registered():
-        switch = setting(spec.default, help=f"enable the {spec.name} collector: {spec.help}")
+        # --collector.NAME and --no-collector.NAME as node_exporter spells them, next to today's names.
+        switch = setting(spec.default, aliases=(f"--collector.{spec.name}",), help=f"enable the {spec.name} collector: {spec.help}")
         hints = typing.get_type_hints(spec.settings)
         own: list[tuple[str, Any, Any]] = [(spec.switch, bool, switch)]
         own += [(f.name, hints[f.name], _copy(f)) for f in dataclasses.fields(spec.settings)]  # type: ignore[arg-type]  # settings is a dataclass
@@ -150,6 +151,6 @@ def collectors_table() -> str:
     """The docs' table of collectors (``<!-- settings:exporter-collectors -->`` in docs/exporter.md)."""
     rows = ["| collector | default | switch | what it reads |", "| --- | --- | --- | --- |"]
     for spec in registered():
-        flag = "--" + spec.switch.replace("_", "-")
-        rows.append(f"| `{spec.name}` | {'on' if spec.default else 'off'} | `{flag}` / `--no-{flag[2:]}` | {spec.help} |")
+        flags = ", ".join(f"`{flag}` / `--no-{flag[2:]}`" for flag in ("--" + spec.switch.replace("_", "-"), f"--collector.{spec.name}"))
+        rows.append(f"| `{spec.name}` | {'on' if spec.default else 'off'} | {flags} | {spec.help} |")
     return "\n".join(rows)

@@ -27,11 +27,9 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlwarden import components
+from mlwarden import assets, components
 from mlwarden.demo.sinks import Sink
 
-REPO = Path(__file__).resolve().parents[2]
-ALERTS = REPO / "alerts"
 RELAY_TOKEN = "demo-relay-token-not-secret"
 PAGERDUTY_ROUTING_KEY = "demo-routing-key-0123456789abcdef"
 HEARTBEAT_RULE = "JobLate"
@@ -76,7 +74,7 @@ def compress_rules(text: str, timings: Timings) -> str:
 
 def alertmanager_config(relay_url: str, token_file: Path, timings: Timings) -> str:
     """The project's alertmanager.yml pointed at this relay, with compressed group timings."""
-    document = yaml.safe_load((ALERTS / "alertmanager.yml").read_text())
+    document = yaml.safe_load(assets.folder("alerts").joinpath("alertmanager.yml").read_text())
     routes = [document["route"], *document["route"].get("routes", [])]
     for route in routes:
         for key, value in (
@@ -250,8 +248,9 @@ class Stack:
         workdir = self._dir("prometheus")
         rules = workdir / "rules"
         rules.mkdir(exist_ok=True)
-        for rule_file in sorted((ALERTS / "rules").glob("*.yml")):
-            (rules / rule_file.name).write_text(compress_rules(rule_file.read_text(), self.timings))
+        for rule_file in assets.folder("alerts").joinpath("rules").iterdir():
+            if rule_file.name.endswith(".yml"):
+                (rules / rule_file.name).write_text(compress_rules(rule_file.read_text(), self.timings))
         config = workdir / "prometheus.yml"
         config.write_text(prometheus_config(
             self.exporter.url, self.relay.url, self.pushgateway.url, self.alertmanager.url, self.timings
