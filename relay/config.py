@@ -85,6 +85,12 @@ class Delivery:
     backoff_max: float = 600.0
     timeout: float = 10.0
     max_alerts_per_message: int = 20  # Slack coalescing; capped by Slack's 50 blocks
+    lease: float | None = None  # how long a claimed job stays claimed; None: 3 x timeout + 30 s
+
+    @property
+    def claim_seconds(self) -> float:
+        """A claim outlasts the delivery's own timeout, so only a dead worker's jobs come back."""
+        return self.lease if self.lease is not None else self.timeout * 3 + 30
 
 
 @dataclass(frozen=True)
@@ -244,15 +250,21 @@ def _watchdog(node: _Node) -> Watchdog:
 
 
 def _delivery(node: _Node) -> Delivery:
-    node.only("max_attempts", "backoff_initial", "backoff_max", "timeout", "max_alerts_per_message")
+    node.only("max_attempts", "backoff_initial", "backoff_max", "timeout", "max_alerts_per_message", "lease")
     per_message = node.child("max_alerts_per_message").integer(20)
     if per_message > 48:
         raise ConfigError(f"{node.child('max_alerts_per_message').path}: at most 48 (Slack allows 50 blocks)")
+    timeout = node.child("timeout").duration(10.0)
+    lease_node = node.child("lease")
+    lease = lease_node.duration(None) if lease_node.value is not None else None
+    if lease is not None and lease <= timeout:
+        raise ConfigError(f"{lease_node.path}: must be longer than delivery.timeout, or a slow delivery is sent twice")
     return Delivery(
+        lease=lease,
         max_attempts=node.child("max_attempts").integer(12),
         backoff_initial=node.child("backoff_initial").duration(1.0),
         backoff_max=node.child("backoff_max").duration(600.0),
-        timeout=node.child("timeout").duration(10.0),
+        timeout=timeout,
         max_alerts_per_message=per_message,
     )
 

@@ -62,12 +62,12 @@ def plan(notification: Notification, states: Mapping[str, KeyState], now: float,
         decision = decide(current.get(key), alert, key, now, route, config.default_severity)
         current[key] = changed[key] = decision.state
         decisions.append(decision)
-        notice = _notice(alert, key, decision, notification.notification_reason)
+        notice = _notice(alert, key, decision, notification)
         jobs += [Job(destination, notice, created_at=now, due_at=now) for destination in decision.destinations]
     return IntakeResult(states=changed, jobs=jobs, heartbeat=heartbeat, decisions=decisions)
 
 
-def _notice(alert: Alert, key: str, decision: Decision, reason: str) -> Notice:
+def _notice(alert: Alert, key: str, decision: Decision, notification: Notification) -> Notice:
     return Notice(
         kind=RESOLVED if decision.action == "resolve" else FIRING,
         key=key,
@@ -79,5 +79,6 @@ def _notice(alert: Alert, key: str, decision: Decision, reason: str) -> Notice:
         starts_at=alert.starts_at,
         generator_url=alert.generator_url,
         occurrences=len(decision.state.occurrences) if decision.state else 0,
-        reason=reason,
+        reason=notification.notification_reason,
+        group=notification.group_key,
     )

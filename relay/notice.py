@@ -29,6 +29,7 @@ class Notice:
     generator_url: str = ""
     occurrences: int = 0
     reason: str = ""  # Alertmanager's notification_reason, when it sends one
+    group: str = ""  # Alertmanager's group key: a digest folds a flood per group
 
     @property
     def instance(self) -> str:
@@ -48,7 +49,7 @@ class Notice:
             "kind": self.kind, "key": self.key, "alertname": self.alertname, "severity": self.severity,
             "level": self.level, "labels": dict(self.labels), "annotations": dict(self.annotations),
             "starts_at": self.starts_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
-            "reason": self.reason,
+            "reason": self.reason, "group": self.group,
         }
 
     @classmethod

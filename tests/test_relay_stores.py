@@ -45,8 +45,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def jobs_for(destination: str, count: int, now: float) -> list[Job]:
-    notice = Notice(kind="firing", key="k", alertname="A", severity="warning")
-    return [Job(destination, notice, created_at=now + i, due_at=now) for i in range(count)]
+    """``count`` jobs of as many keys (one key's jobs go out one at a time, in order)."""
+    return [Job(destination, Notice(kind="firing", key=f"k{i}", alertname="A", severity="warning"),
+                created_at=now + i, due_at=now) for i in range(count)]
 
 
 def test_intake_stores_state_and_jobs_and_dedups(store: Store) -> None:

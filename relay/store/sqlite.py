@@ -29,7 +29,8 @@ from pathlib import Path
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
-    DEAD, PENDING, RETENTION_SECONDS, IntakeRequest, IntakeResult, Job, Planner, Store, StoreError,
+    CLOSES, DEAD, OPENS, PENDING, RETENTION_SECONDS, TRIGGER_UNDELIVERED, IntakeRequest, IntakeResult, Job, Planner,
+    Store, StoreError, severity_rank,
 )
 
 SCHEMA = """
@@ -44,6 +45,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL, last_error TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, status, due_at);
 CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- (destination, key) pairs that were delivered a trigger not yet followed by a delivered resolve.
+CREATE TABLE IF NOT EXISTS told (destination TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (destination, key))
+    WITHOUT ROWID;
 -- For the prune, which otherwise scans whole tables. Times grow with arrival, so intake appends
 -- at the indexes' ends; the partial index holds dead jobs only, so pending ones never touch it.
 CREATE INDEX IF NOT EXISTS payloads_received ON payloads (received_at);
@@ -51,11 +55,15 @@ CREATE INDEX IF NOT EXISTS dead_payloads_received ON dead_payloads (received_at)
 CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires_at);
 CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (created_at) WHERE status = 'dead';
 """
+# Added with per-key order; a store written by an older relay gets them on open (see _migrate).
+_ORDER_COLUMNS = (("key", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER NOT NULL DEFAULT 0"),
+                  ("rank", "INTEGER NOT NULL DEFAULT 1"))
+_ORDER_INDEX = f"CREATE INDEX IF NOT EXISTS jobs_line ON jobs (destination, key, seq) WHERE status = '{PENDING}'"
 
 log = logging.getLogger(__name__)
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
-_JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error"
+_JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -89,6 +97,9 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA wal_autocheckpoint=100000")
             self._db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
             self._db.executescript(SCHEMA)
+            with _transaction(self._db) as db:
+                _migrate(db)
+            self._db.execute(_ORDER_INDEX)
             self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from None
@@ -137,13 +148,18 @@ class SQLiteStore(Store):
                 states[key] = KeyState.from_dict(json.loads(state))
         return states
 
-    def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+    @staticmethod
+    def _insert_jobs(db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+        """Store ``jobs`` numbered in their order, after every job stored before (see base)."""
+        if not jobs:
+            return
+        first = _next_seq(db, len(jobs))
         db.executemany(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (j.id, j.destination, json.dumps(j.notice.to_dict()), j.created_at, j.due_at, j.attempts,
-                 j.status, j.last_error)
-                for j in jobs
+                 j.status, j.last_error, first + i, j.notice.key, j.rank)
+                for i, j in enumerate(jobs)
             ],
         )
 
@@ -157,10 +173,13 @@ class SQLiteStore(Store):
 
     def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
         with self._transaction() as db:
+            # A job that waits (for its retry, or leased) keeps the later jobs of its key waiting.
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND status = ? AND due_at <= ?"
-                " AND leased_until <= ? ORDER BY due_at, created_at LIMIT ?",
-                (destination, PENDING, now, now, limit),
+                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE destination = ? AND status = '{PENDING}'"
+                " AND due_at <= ? AND leased_until <= ? AND NOT EXISTS (SELECT 1 FROM jobs AS e"
+                f" WHERE e.destination = j.destination AND e.key = j.key AND e.status = '{PENDING}'"
+                " AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?",
+                (destination, now, now, limit),
             ).fetchall()
             db.executemany("UPDATE jobs SET leased_until = ? WHERE id = ?", [(now + lease, r[0]) for r in rows])
         return [_job(row) for row in rows]
@@ -168,6 +187,10 @@ class SQLiteStore(Store):
     def delivered(self, jobs: Sequence[Job]) -> None:
         with self._transaction() as db:
             db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in jobs])
+            db.executemany("INSERT OR IGNORE INTO told VALUES (?, ?)",
+                           [(j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS])
+            db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
+                           [(j.destination, j.notice.key) for j in jobs if j.notice.kind in CLOSES])
 
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
@@ -176,12 +199,29 @@ class SQLiteStore(Store):
                 [(due_at, error, j.id) for j in jobs],
             )
 
-    def dead_letter(self, jobs: Sequence[Job], error: str) -> None:
+    def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
         with self._transaction() as db:
             db.executemany(
                 "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(DEAD, error, j.id) for j in jobs],
             )
+            return sum(self._drop_orphan_closes(db, j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS)
+
+    @staticmethod
+    def _drop_orphan_closes(db: sqlite3.Connection, destination: str, key: str) -> int:
+        """Dead-letter the closing notices now heading ``key``'s line if nothing they close was delivered."""
+        if db.execute("SELECT 1 FROM told WHERE destination = ? AND key = ?", (destination, key)).fetchone():
+            return 0
+        dropped = 0
+        while True:
+            row = db.execute(
+                f"SELECT id, notice FROM jobs WHERE destination = ? AND key = ? AND status = '{PENDING}'"
+                " ORDER BY seq LIMIT 1", (destination, key),
+            ).fetchone()
+            if row is None or json.loads(row[1])["kind"] not in CLOSES:
+                return dropped
+            db.execute("UPDATE jobs SET status = ?, last_error = ? WHERE id = ?", (DEAD, TRIGGER_UNDELIVERED, row[0]))
+            dropped += 1
 
     def announce_watchdog(self, previous: str, current: str, jobs: Sequence[Job]) -> bool:
         with self._transaction() as db:
@@ -202,7 +242,7 @@ class SQLiteStore(Store):
         return [KeyState.from_dict(json.loads(r[0])) for r in rows]
 
     def jobs(self, limit: int = 1000) -> list[Job]:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at LIMIT ?", (limit,))
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq LIMIT ?", (limit,))
         return [_job(r) for r in rows]
 
     def outbox_stats(self) -> tuple[int, float | None]:
@@ -287,6 +327,31 @@ class _Checkpointer(threading.Thread):
         self.join(timeout=5)
 
 
+def _next_seq(db: sqlite3.Connection, count: int) -> int:
+    """Reserve ``count`` sequence numbers (inside the caller's transaction); returns the first."""
+    row = db.execute("SELECT value FROM kv WHERE name = 'job_seq'").fetchone()
+    first = int(row[0]) + 1 if row else 1
+    db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(first + count - 1),))
+    return first
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Give a store written before per-key order its order columns; its jobs keep their old order."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    missing = [(name, kind) for name, kind in _ORDER_COLUMNS if name not in present]
+    if not missing:
+        return
+    for name, kind in missing:
+        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+    ordered = db.execute("SELECT id, notice FROM jobs ORDER BY created_at, id").fetchall()
+    db.executemany(
+        "UPDATE jobs SET key = ?, seq = ?, rank = ? WHERE id = ?",
+        [(json.loads(notice)["key"], i + 1, severity_rank(json.loads(notice)["severity"]), job_id)
+         for i, (job_id, notice) in enumerate(ordered)],
+    )
+    db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(len(ordered)),))
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA busy_timeout=5000")
@@ -311,9 +376,9 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def _job(row: tuple[object, ...]) -> Job:
-    job_id, destination, notice, created_at, due_at, attempts, status, last_error = row
+    job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row
     return Job(
         id=str(job_id), destination=str(destination), notice=Notice.from_dict(json.loads(str(notice))),
         created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),  # type: ignore[arg-type]
-        status=str(status), last_error=str(last_error),
+        status=str(status), last_error=str(last_error), seq=int(seq),  # type: ignore[arg-type]
     )
