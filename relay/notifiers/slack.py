@@ -6,6 +6,7 @@ per message, header text at most 150 characters. The webhook URL is the secret.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import httpx
@@ -17,6 +18,8 @@ from mlwarden.relay.notifiers.base import Notifier, post_json, truncate
 SECTION_TEXT_LIMIT = 3000
 HEADER_TEXT_LIMIT = 150
 MAX_BLOCKS = 50
+DIGEST_BATCH = 5000  # notices one digest may fold; the claim for it takes about 10 ms on SQLite
+DIGEST_NAMES_SHOWN = 5  # alert names and machines listed per group
 _ICON = {FIRING: ":rotating_light:", RESOLVED: ":white_check_mark:", PIPELINE_DOWN: ":warning:", PIPELINE_UP: ":white_check_mark:"}
 
 
@@ -27,9 +30,11 @@ class SlackNotifier(Notifier):
         self._url = destination.url
         self._client = client
         self.max_batch = min(max_alerts_per_message, MAX_BLOCKS - 2)  # room for header and footer
+        self.digest_batch = DIGEST_BATCH
 
     async def send(self, notices: Sequence[Notice]) -> None:
-        await post_json(self._client, self._url, message(notices), "Slack")
+        body = message(notices) if len(notices) <= self.max_batch else digest(notices)
+        await post_json(self._client, self._url, body, "Slack")
 
 
 def message(notices: Sequence[Notice]) -> dict[str, object]:
@@ -44,6 +49,54 @@ def message(notices: Sequence[Notice]) -> dict[str, object]:
     ]
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": "sent by mlwarden relay"}]})
     return {"text": truncate(title, SECTION_TEXT_LIMIT), "blocks": blocks}
+
+
+def digest(notices: Sequence[Notice]) -> dict[str, object]:
+    """One message for a flood: anything urgent that joined it in full, then one section per
+    Alertmanager group saying how many notices of which alerts on which machines it holds."""
+    urgent = [n for n in notices if n.severity in ("critical", "emergency")]
+    groups: dict[str, list[Notice]] = {}
+    for notice in notices:
+        if notice.severity not in ("critical", "emergency"):
+            groups.setdefault(notice.group, []).append(notice)
+    folded = len(notices) - len(urgent)
+    title = f"Digest: {folded:,} notices in {len(groups):,} group(s)" + (f", {len(urgent)} urgent" if urgent else "")
+    room = MAX_BLOCKS - 2
+    sections = [section_text(n) for n in urgent[: room - 1]]
+    listed = list(groups.items())[: max(0, room - len(sections) - 1)]
+    sections += [_group_text(group, members) for group, members in listed]
+    left = list(groups.values())[len(listed):]
+    if left:
+        sections.append(f"… and {len(left):,} more group(s) with {sum(map(len, left)):,} notices")
+    blocks: list[dict[str, object]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": truncate(title, HEADER_TEXT_LIMIT)}}
+    ]
+    blocks += [{"type": "section", "text": {"type": "mrkdwn", "text": truncate(t, SECTION_TEXT_LIMIT)}} for t in sections]
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": "digest sent by mlwarden relay"}]})
+    return {"text": truncate(title, SECTION_TEXT_LIMIT), "blocks": blocks}
+
+
+def _group_text(group: str, members: Sequence[Notice]) -> str:
+    kinds = Counter(n.kind for n in members)
+    severities = Counter(n.severity for n in members)
+    names = Counter(n.alertname for n in members)
+    machines = list(dict.fromkeys(n.instance for n in members if n.instance))
+    state = ", ".join(f"{count:,} {kind}" for kind, count in kinds.most_common())
+    lines = [
+        f":bell: *{len(members):,} notices* ({state}; "
+        + ", ".join(f"{count:,} {severity}" for severity, count in severities.most_common()) + ")",
+        "*Alerts:* " + _listing([f"{name} ×{count:,}" for name, count in names.most_common()]),
+    ]
+    if machines:
+        lines.append("*Machines:* " + _listing(machines))
+    if group:
+        lines.append(f"*Group:* `{_escape(truncate(group, 300))}`")
+    return "\n".join(lines)
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(_escape(item) for item in items[:DIGEST_NAMES_SHOWN])
+    return shown + (f" (+{len(items) - DIGEST_NAMES_SHOWN:,} more)" if len(items) > DIGEST_NAMES_SHOWN else "")
 
 
 def headline(notice: Notice) -> str:
