@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mlwarden.relay import intake, payload, watchdog
+from mlwarden.relay import intake, payload, statepage, watchdog
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.config import RelayConfig
 from mlwarden.relay.dedup import notification_digest
@@ -36,6 +38,8 @@ from mlwarden.relay.store.base import IntakeRequest, Store, StoreError
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhook/alertmanager"
+STATE_PAGE_PATH = "/state"
+ACK_BODY_LIMIT = 16 * 1024
 WATCHDOG_TICK_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 3600.0
 PRUNE_RETRY_SECONDS = 60.0
@@ -129,6 +133,45 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
         if not relay.credentials.allows(request.headers.get("authorization")):
             return unauthorized()
         return await _view(lambda: {"keys": [s.to_dict() for s in relay.store.key_states()]})
+
+    @app.post("/api/v1/keys/{key}/ack")
+    async def ack(key: str, request: Request) -> Response:
+        """Stop the escalation of ``key`` until it resolves. JSON ``{"by": ..., "comment": ...}``,
+        or the state page's form (answered with a redirect back to it)."""
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        form = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+        raw = await _read_body(request, ACK_BODY_LIMIT)
+        try:
+            # The form is parsed here: Starlette's own form parser needs python-multipart.
+            fields = {k: v[0] for k, v in parse_qs(raw.decode()).items()} if form and raw else json.loads(raw or b"")
+        except (ValueError, AttributeError):
+            fields = None
+        if not isinstance(fields, dict):
+            return JSONResponse({"error": "expected a JSON object or a form with by and comment"}, status_code=400)
+        by, comment = str(fields.get("by") or "").strip()[:200], str(fields.get("comment") or "").strip()[:1000]
+        if not by:
+            return JSONResponse({"error": "'by' (who acknowledges) is required"}, status_code=400)
+        try:
+            state = await asyncio.to_thread(relay.store.acknowledge, key, by, comment, relay.clock())
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        if state is None:
+            return JSONResponse({"error": "no such key firing (it resolved, or never fired)"}, status_code=404)
+        log.info("key %s acknowledged by %s: escalation stopped at level %d", key, by, state.level)
+        if form:
+            return RedirectResponse(STATE_PAGE_PATH, status_code=303)
+        return JSONResponse(state.to_dict())
+
+    @app.get(STATE_PAGE_PATH)
+    async def state_page(request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        try:
+            states = await asyncio.to_thread(relay.store.key_states)
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return HTMLResponse(statepage.render(states, relay.clock()))
 
     @app.get("/api/v1/outbox")
     async def outbox(request: Request) -> Response:

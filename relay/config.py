@@ -46,12 +46,25 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class EscalationLevel:
+    """One step of an escalation chain: reached after ``after_repeats`` notifications within the
+    chain's window, or after firing for ``after_firing`` (whichever comes first)."""
+
+    destinations: tuple[str, ...]
+    after_repeats: int | None = None
+    after_firing: float | None = None
+
+
+@dataclass(frozen=True)
 class Escalation:
-    after_repeats: int = 5  # seen this many times within `within` -> escalate
-    within: float = 3600.0
-    after_firing: float | None = None  # firing longer than this -> escalate
-    destinations: tuple[str, ...] = ()
-    page_immediately: tuple[str, ...] = ("critical", "emergency")
+    levels: tuple[EscalationLevel, ...] = (EscalationLevel((), after_repeats=5),)
+    within: float = 3600.0  # the fixed window after_repeats counts in
+    page_immediately: tuple[str, ...] = ("critical", "emergency")  # these start at the top level
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """Every destination of every level, in chain order."""
+        return tuple(dict.fromkeys(d for level in self.levels for d in level.destinations))
 
 
 @dataclass(frozen=True)
@@ -220,20 +233,43 @@ def _durations(node: _Node) -> tuple[float, ...]:
 
 
 def _escalation(node: _Node, defaults: Escalation) -> Escalation:
+    """``levels: [...]`` (a chain), or the one-level shorthand: after_repeats, after_firing and
+    destinations at the top, each defaulting to the first level of ``defaults``."""
     if node.value is None:
         return defaults
-    node.only("after_repeats", "within", "after_firing", "destinations", "page_immediately")
-    after_firing = node.child("after_firing")
+    node.only("levels", "after_repeats", "within", "after_firing", "destinations", "page_immediately")
     immediately = node.child("page_immediately")
     for severity in immediately.list():
         severity.choice(SEVERITIES, None)
+    levels_node = node.child("levels")
+    if levels_node.value is not None:
+        for shorthand in ("after_repeats", "after_firing", "destinations"):
+            if node.child(shorthand).value is not None:
+                raise ConfigError(f"{node.path}.{shorthand}: give it in each of levels, not beside them")
+        levels = tuple(_level(level, None) for level in levels_node.list())
+        if not levels:
+            raise ConfigError(f"{levels_node.path}: at least one level is required")
+    else:
+        levels = (_level(node, defaults.levels[0]),)
     return Escalation(
-        after_repeats=node.child("after_repeats").integer(defaults.after_repeats),
+        levels=levels,
         within=node.child("within").duration(defaults.within),
-        after_firing=after_firing.duration(None) if after_firing.value is not None else defaults.after_firing,
-        destinations=node.child("destinations").strings() or defaults.destinations,
         page_immediately=immediately.strings() if immediately.value is not None else defaults.page_immediately,
     )
+
+
+def _level(node: _Node, defaults: EscalationLevel | None) -> EscalationLevel:
+    if defaults is None:
+        node.only("after_repeats", "after_firing", "destinations")
+    repeats, firing = node.child("after_repeats"), node.child("after_firing")
+    level = EscalationLevel(
+        destinations=node.child("destinations").strings() or (defaults.destinations if defaults else ()),
+        after_repeats=repeats.integer(1) if repeats.value is not None else (defaults.after_repeats if defaults else None),
+        after_firing=firing.duration(None) if firing.value is not None else (defaults.after_firing if defaults else None),
+    )
+    if defaults is None and (level.after_repeats is None and level.after_firing is None or not level.destinations):
+        raise ConfigError(f"{node.path}: a level needs destinations and after_repeats or after_firing")
+    return level
 
 
 def _watchdog(node: _Node) -> Watchdog:

@@ -30,6 +30,8 @@ class Notice:
     occurrences: int = 0
     reason: str = ""  # Alertmanager's notification_reason, when it sends one
     group: str = ""  # Alertmanager's group key: a digest folds a flood per group
+    alerts: int = 1  # the notification's alerts of this key (and status) that this notice stands for
+    members: tuple[Mapping[str, str], ...] = ()  # with several: each one's labels that tell them apart
 
     @property
     def instance(self) -> str:
@@ -49,9 +51,10 @@ class Notice:
             "kind": self.kind, "key": self.key, "alertname": self.alertname, "severity": self.severity,
             "level": self.level, "labels": dict(self.labels), "annotations": dict(self.annotations),
             "starts_at": self.starts_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
-            "reason": self.reason, "group": self.group,
+            "reason": self.reason, "group": self.group, "alerts": self.alerts,
+            "members": [dict(m) for m in self.members],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Notice:
-        return cls(**data)
+        return cls(**{**data, "members": tuple(data.get("members", ()))})

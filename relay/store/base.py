@@ -28,7 +28,7 @@ from typing import Any
 
 from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from mlwarden.relay.policy import Decision, KeyState
+from mlwarden.relay.policy import Decision, KeyState, acknowledge
 
 PENDING = "pending"
 DEAD = "dead"
@@ -127,6 +127,10 @@ class Store(ABC):
         as a duplicate, so nothing is lost or processed twice."""
         return [self.intake(r.digest, r.body, r.keys, r.now, r.dedup_window, r.plan) for r in requests]
 
+    @staticmethod
+    def _acknowledged(state: KeyState | None, by: str, comment: str, now: float) -> KeyState | None:
+        return acknowledge(state, by, comment, now) if state is not None else None
+
     @abstractmethod
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         """Keep a payload that could not be parsed, for an operator to look at."""
@@ -163,6 +167,11 @@ class Store(ABC):
 
     @abstractmethod
     def key_states(self, limit: int = 1000) -> list[KeyState]: ...
+
+    @abstractmethod
+    def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
+        """Atomically mark ``key``'s current episode acknowledged (see policy.acknowledge);
+        None when the key has no state (never fired, or resolved)."""
 
     @abstractmethod
     def jobs(self, limit: int = 1000) -> list[Job]:

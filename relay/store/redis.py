@@ -314,6 +314,25 @@ class RedisStore(Store):
         raw = self._call(self._redis.mget, [_state_key(k) for k in keys]) if keys else []
         return [KeyState.from_dict(json.loads(r)) for r in raw if r]
 
+    def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
+        return self._call(self._acknowledge, key, by, comment, now)  # type: ignore[no-any-return]
+
+    def _acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(_state_key(key))
+                    raw = pipe.get(_state_key(key))
+                    state = self._acknowledged(KeyState.from_dict(json.loads(raw)) if raw else None, by, comment, now)
+                    if state is None:
+                        return None
+                    pipe.multi()
+                    pipe.set(_state_key(key), json.dumps(state.to_dict()))
+                    pipe.execute()
+                    return state
+                except redis.WatchError:
+                    continue  # a webhook changed the state meanwhile: acknowledge what it left
+
     def jobs(self, limit: int = 1000) -> list[Job]:
         pending = [i.decode() for i in self._call(self._redis.zrange, PENDING_BY_AGE, 0, limit - 1)]
         dead = [i.decode() for i in self._call(self._redis.zrange, DEAD_JOBS, 0, limit - 1)]

@@ -241,6 +241,13 @@ class SQLiteStore(Store):
         rows = self._read("SELECT state FROM key_state ORDER BY key LIMIT ?", (limit,))
         return [KeyState.from_dict(json.loads(r[0])) for r in rows]
 
+    def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
+        with self._transaction() as db:
+            state = self._acknowledged(self._states(db, [key]).get(key), by, comment, now)
+            if state is not None:
+                db.execute("UPDATE key_state SET state = ? WHERE key = ?", (json.dumps(state.to_dict()), key))
+            return state
+
     def jobs(self, limit: int = 1000) -> list[Job]:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq LIMIT ?", (limit,))
         return [_job(r) for r in rows]
