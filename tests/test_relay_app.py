@@ -51,7 +51,8 @@ def test_accepted_webhook_is_stored_with_its_jobs_before_the_answer(app: tuple[T
     outbox = client.get("/api/v1/outbox", headers=AUTH).json()
     assert outbox["depth"] == 2 and {j["destination"] for j in outbox["jobs"]} == {"ops", "pd"}
     [state] = client.get("/api/v1/state", headers=AUTH).json()["keys"]
-    assert state["key"] == "alertname=GpuTemperatureHigh,instance=node1:9945,gpu=0" and state["level"] == 1
+    assert state["labels"] == {"alertname": "GpuTemperatureHigh", "instance": "node1:9945", "gpu": "0"}
+    assert state["level"] == 1
 
 
 def test_basic_auth_is_accepted(app: tuple[TestClient, Relay]) -> None:

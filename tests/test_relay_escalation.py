@@ -134,3 +134,17 @@ def test_ack_over_http_and_the_state_page_form(tmp_path: Path) -> None:
         assert state["acked_by"] == "alice" and state["ack_comment"] == "on it"
         page = client.get("/state", headers=AUTH).text
         assert "by alice at" in page and "on it" in page and "<form" not in page
+
+
+def test_label_sets_that_joined_alike_get_different_keys(store: Store) -> None:  # noqa: F811
+    # The pair: "instance=n1,gpu=3" + ",gpu=" and "instance=n1" + ",gpu=3,gpu=" were one key.
+    config = relay_config.parse(config_dict(routes=[{"key_labels": ["instance", "gpu"], "destinations": ["ops"]}]), ENV)
+    first = alert(name="A", instance="n1,gpu=3")
+    del first["labels"]["gpu"]
+    second = alert(name="A", instance="n1", gpu="3,gpu=")
+    accept(store, config, body(first, group_key="1"), 100.0)
+    result = accept(store, config, body(second, group_key="2"), 101.0)
+    assert [j.destination for j in result.jobs] == ["ops"]  # its own key: notified, not in the other's cooldown
+    states = store.key_states()
+    assert len({s.key for s in states}) == 2
+    assert sorted(s.labels["instance"] for s in states) == ["n1", "n1,gpu=3"]
