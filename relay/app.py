@@ -2,8 +2,8 @@
 
 ``POST /webhook/alertmanager`` answers 200 only after the payload, its state changes and its
 delivery jobs are committed; 503 when the store cannot commit (Alertmanager retries 5xx
-only); 400 for a payload it cannot use (kept in a dead-letter table); 401 and 413 for a
-bad token and an oversized body. Background tasks drain the outbox, watch the heartbeat
+only); 400 for a payload it cannot use (kept in a dead-letter table); 401 for a bad token.
+A body over the limit keeps the alerts that fit (see oversize); 413 only when none does. Background tasks drain the outbox, watch the heartbeat
 and prune old records.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mlwarden.relay import intake, payload, statepage, watchdog
+from mlwarden.relay import intake, oversize, payload, statepage, watchdog
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.config import RelayConfig
 from mlwarden.relay.dedup import notification_digest
@@ -38,6 +39,7 @@ from mlwarden.relay.store.base import IntakeRequest, Store, StoreError
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhook/alertmanager"
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # about 30,000 alerts of a usual size
 STATE_PAGE_PATH = "/state"
 ACK_BODY_LIMIT = 16 * 1024
 WATCHDOG_TICK_SECONDS = 1.0
@@ -52,7 +54,7 @@ class Relay:
     config: RelayConfig
     store: Store
     credentials: Credentials
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     workers: int = 4
     clock: Callable[[], float] = time.time
     metrics: RelayMetrics = field(default_factory=RelayMetrics)
@@ -104,11 +106,11 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
         if not relay.credentials.allows(request.headers.get("authorization")):
             relay.metrics.webhooks.labels("unauthorized").inc()
             return unauthorized()
-        body = await _read_body(request, relay.max_body_bytes)
-        if body is None:
+        trimmed = await oversize.read_webhook(request.stream(), relay.max_body_bytes)
+        if trimmed is None:
             relay.metrics.webhooks.labels("too_large").inc()
-            return JSONResponse({"error": f"body larger than {relay.max_body_bytes} bytes"}, status_code=413)
-        return await _accept(relay, commits, body)
+            return JSONResponse({"error": f"not even one alert fits in {relay.max_body_bytes} bytes"}, status_code=413)
+        return await _accept(relay, commits, trimmed)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -209,8 +211,9 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
+async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed) -> Response:
     now = relay.clock()
+    body = trimmed.body
     try:
         notification = payload.parse(body)
     except payload.PayloadError as exc:
@@ -222,6 +225,13 @@ async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
             log.error("cannot keep an invalid payload: %s", store_exc)
         log.warning("rejected webhook payload: %s", exc)
         return JSONResponse({"error": str(exc)}, status_code=400)
+    if trimmed.omitted_alerts:
+        # Kept what fits rather than answer 413: Alertmanager never retries a 4xx.
+        notification = dataclasses.replace(notification, omitted_alerts=trimmed.omitted_alerts)
+        relay.metrics.omitted.inc(trimmed.omitted_alerts)
+        log.warning("webhook over %d bytes: kept %d alert(s) of group %s, left out %d (%d bytes)",
+                    relay.max_body_bytes, len(notification.alerts), notification.group_key,
+                    trimmed.omitted_alerts, trimmed.dropped_bytes)
     request = IntakeRequest(
         notification_digest(notification), body, intake.keys_of(notification, relay.config), now,
         intake.dedup_window(notification, relay.config), lambda states: intake.plan(notification, states, now, relay.config),

@@ -14,7 +14,7 @@ from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, parse_size, positive, setting
 from mlwarden.relay import config as relay_config
-from mlwarden.relay.app import Relay, create_app
+from mlwarden.relay.app import DEFAULT_MAX_BODY_BYTES, Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store import StoreError, check_url, open_store
 
@@ -36,7 +36,10 @@ class RelaySettings:
     token: str = setting("", help="bearer token Alertmanager must send", secret=True)
     basic_auth_user: str | None = setting(None, help="user name for HTTP basic authentication (instead of or besides the token)")
     basic_auth_password: str = setting("", help="password for HTTP basic authentication", secret=True)
-    max_body_bytes: int = setting(1024 * 1024, help="largest webhook body accepted (413 above)", parse=positive(parse_size))
+    max_body_bytes: int = setting(
+        DEFAULT_MAX_BODY_BYTES, help="largest webhook body kept; above it, the alerts that fit are kept and the rest counted",
+        parse=positive(parse_size),
+    )
     workers: int = setting(4, help="deliveries in flight at once", parse=in_range(int, 1, 64))
     alert_cooldown: float | None = setting(
         None, help="cooldown for every severity, replacing the built-in defaults (routes may still override)",

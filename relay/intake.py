@@ -101,4 +101,5 @@ def _notice(alert: Alert, alerts: list[Alert], key: str, decision: Decision, not
         group=notification.group_key,
         alerts=len(alerts),
         members=distinguishing(alerts),
+        omitted=notification.omitted_alerts,
     )

@@ -46,6 +46,10 @@ class RelayMetrics:
             "mlwarden_relay_dead_letters", "Payloads or notices moved to a dead-letter state, by reason.",
             ["reason"], registry=r,
         )
+        self.omitted = Counter(
+            "mlwarden_relay_alerts_omitted", "Alerts left out of webhooks over the body limit (the rest was kept).",
+            registry=r,
+        )
         for outcome in ("accepted", "duplicate", "invalid", "unauthorized", "too_large", "unavailable"):
             self.webhooks.labels(outcome)
         for status in ("firing", "resolved"):

@@ -32,6 +32,7 @@ class Notice:
     group: str = ""  # Alertmanager's group key: a digest folds a flood per group
     alerts: int = 1  # the notification's alerts of this key (and status) that this notice stands for
     members: tuple[Mapping[str, str], ...] = ()  # with several: each one's labels that tell them apart
+    omitted: int = 0  # alerts of the same notification left out to fit the relay's body limit
 
     @property
     def instance(self) -> str:
@@ -52,7 +53,7 @@ class Notice:
             "level": self.level, "labels": dict(self.labels), "annotations": dict(self.annotations),
             "starts_at": self.starts_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
             "reason": self.reason, "group": self.group, "alerts": self.alerts,
-            "members": [dict(m) for m in self.members],
+            "members": [dict(m) for m in self.members], "omitted": self.omitted,
         }
 
     @classmethod

@@ -54,6 +54,8 @@ def event(notice: Notice, routing_key: str) -> dict[str, object]:
         "labels": dict(notice.labels),
         "annotations": dict(notice.annotations),
     }
+    if notice.omitted:
+        details["omitted_alerts"] = notice.omitted  # of the same notification, over the relay's body limit
     payload: dict[str, object] = {
         "summary": truncate(f"{headline(notice)}: {notice.summary}" if notice.kind != PIPELINE_DOWN else headline(notice), SUMMARY_LIMIT),
         "source": notice.instance or "mlwarden-relay",

@@ -130,6 +130,8 @@ def section_text(notice: Notice) -> str:
             lines.append(_escape(truncate(notice.annotations["description"], 1200)))
         if notice.generator_url.startswith(("http://", "https://")):
             lines.append(f"<{_escape(notice.generator_url)}|source>")
+        if notice.omitted:
+            lines.append(f"_{notice.omitted:,} more alert(s) of this group did not fit the relay's body limit_")
     return "\n".join(lines)
 
 
