@@ -34,7 +34,7 @@ from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers import notifier_for
 from mlwarden.relay.notifiers.base import Notifier
 from mlwarden.relay.outbox import Outbox
-from mlwarden.relay.store.base import IntakeRequest, Store, StoreError
+from mlwarden.relay.store.base import DEAD, IntakeRequest, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ WEBHOOK_PATH = "/webhook/alertmanager"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # about 30,000 alerts of a usual size
 STATE_PAGE_PATH = "/state"
 ACK_BODY_LIMIT = 16 * 1024
+DEAD_BODY_SHOWN = 64 * 1024  # of each dead payload, in the dead-letter view
 WATCHDOG_TICK_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 3600.0
 PRUNE_RETRY_SECONDS = 60.0
@@ -174,6 +175,34 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
         except StoreError as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         return HTMLResponse(statepage.render(states, relay.clock()))
+
+    @app.get("/api/v1/dead-letters")
+    async def dead_letters(request: Request) -> Response:
+        """Payloads that could not be used and deliveries that failed for good, each with its reason."""
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+
+        def read() -> dict[str, object]:
+            deliveries = [{**j.to_dict(), "reason": j.last_error} for j in relay.store.jobs() if j.status == DEAD]
+            payloads = [p.to_dict(DEAD_BODY_SHOWN) for p in relay.store.dead_payloads()]
+            return {"payloads": payloads, "deliveries": deliveries}
+
+        return await _view(read)
+
+    @app.post("/api/v1/dead-letters/{job_id}/retry")
+    async def retry_dead_letter(job_id: str, request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        try:
+            job = await asyncio.to_thread(relay.store.retry_dead, job_id, relay.clock())
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        if job is None:
+            return JSONResponse({"error": "no dead-lettered delivery with that id"}, status_code=404)
+        log.info("dead-lettered delivery %s to %s queued again by an operator", job_id, job.destination)
+        if relay.outbox is not None:
+            relay.outbox.wake()
+        return JSONResponse(job.to_dict())
 
     @app.get("/api/v1/outbox")
     async def outbox(request: Request) -> Response:

@@ -81,6 +81,21 @@ class Job:
         return cls(**{**data, "notice": Notice.from_dict(data["notice"])})
 
 
+@dataclass(frozen=True, slots=True)
+class DeadPayload:
+    """A webhook body that could not be used, kept for an operator."""
+
+    id: str
+    received_at: float
+    reason: str
+    body: bytes
+
+    def to_dict(self, body_limit: int) -> dict[str, Any]:
+        text = self.body[:body_limit].decode("utf-8", "replace")
+        return {"id": self.id, "received_at": self.received_at, "reason": self.reason, "body": text,
+                "body_bytes": len(self.body), "body_truncated": len(self.body) > body_limit}
+
+
 @dataclass(frozen=True)
 class IntakeResult:
     """What one webhook changes: key states (None clears a key), new jobs, a watchdog heartbeat."""
@@ -176,6 +191,16 @@ class Store(ABC):
     @abstractmethod
     def jobs(self, limit: int = 1000) -> list[Job]:
         """Pending and dead-lettered jobs, oldest first (the queue view)."""
+
+    @abstractmethod
+    def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
+        """The newest dead-lettered payloads, newest first."""
+
+    @abstractmethod
+    def retry_dead(self, job_id: str, now: float) -> Job | None:
+        """Put a dead-lettered job back in the outbox, due now, with its attempts counted from
+        zero, at the end of its key's line (behind what its key has queued since); None when
+        ``job_id`` is not a dead job."""
 
     @abstractmethod
     def outbox_stats(self) -> tuple[int, float | None]:

@@ -22,7 +22,8 @@ import redis
 from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
-    CLOSES, DEAD, OPENS, RETENTION_SECONDS, TRIGGER_UNDELIVERED, IntakeResult, Job, Planner, Store, StoreError,
+    CLOSES, DEAD, OPENS, PENDING, RETENTION_SECONDS, TRIGGER_UNDELIVERED, DeadPayload, IntakeResult, Job, Planner,
+    Store, StoreError, new_job_id,
 )
 
 PREFIX = "mlwarden:relay:"
@@ -237,7 +238,8 @@ class RedisStore(Store):
         self._enqueue(keys=[], args=args, client=pipe)
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
-        entry = json.dumps({"received_at": now, "reason": reason, "body": body.decode("utf-8", "replace")})
+        entry = json.dumps({"id": new_job_id(), "received_at": now, "reason": reason,
+                            "body": body.decode("utf-8", "replace")})
         self._call(self._redis.rpush, DEAD_PAYLOADS, entry)
 
     def enqueue(self, jobs: Sequence[Job]) -> None:
@@ -344,6 +346,30 @@ class RedisStore(Store):
         jobs = [_load(r, int(seq or 0)) for r, seq in zip(raw, seqs) if r]
         jobs += [_load(r, dead=True) for r in raw[len(pending):] if r]
         return sorted(jobs, key=lambda j: (j.created_at, j.seq))[:limit]
+
+    def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
+        entries = [json.loads(e) for e in self._call(self._redis.lrange, DEAD_PAYLOADS, -limit, -1)]
+        return [DeadPayload(e.get("id", ""), e["received_at"], e["reason"], e["body"].encode()) for e in reversed(entries)]
+
+    def retry_dead(self, job_id: str, now: float) -> Job | None:
+        return self._call(self._retry_dead, job_id, now)  # type: ignore[no-any-return]
+
+    def _retry_dead(self, job_id: str, now: float) -> Job | None:
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(DEAD_JOBS, _job_key(job_id))
+                    raw = pipe.get(_job_key(job_id))
+                    if raw is None or pipe.zscore(DEAD_JOBS, job_id) is None:
+                        return None
+                    job = replace(_load(raw), status=PENDING, due_at=now, attempts=0)
+                    pipe.multi()
+                    pipe.zrem(DEAD_JOBS, job_id)
+                    self._add_jobs(pipe, [job])
+                    pipe.execute()
+                    return job
+                except redis.WatchError:
+                    continue  # a prune or another retry changed the dead set: look again
 
     def outbox_stats(self) -> tuple[int, float | None]:
         pipe = self._redis.pipeline()

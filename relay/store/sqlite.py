@@ -29,7 +29,7 @@ from pathlib import Path
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
-    CLOSES, DEAD, OPENS, PENDING, RETENTION_SECONDS, TRIGGER_UNDELIVERED, IntakeRequest, IntakeResult, Job, Planner,
+    CLOSES, DEAD, OPENS, PENDING, RETENTION_SECONDS, TRIGGER_UNDELIVERED, DeadPayload, IntakeRequest, IntakeResult, Job, Planner,
     Store, StoreError, severity_rank,
 )
 
@@ -251,6 +251,20 @@ class SQLiteStore(Store):
     def jobs(self, limit: int = 1000) -> list[Job]:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq LIMIT ?", (limit,))
         return [_job(r) for r in rows]
+
+    def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
+        rows = self._read("SELECT id, received_at, reason, body FROM dead_payloads ORDER BY id DESC LIMIT ?", (limit,))
+        return [DeadPayload(str(i), float(at), str(reason), bytes(body)) for i, at, reason, body in rows]  # type: ignore[arg-type]
+
+    def retry_dead(self, job_id: str, now: float) -> Job | None:
+        with self._transaction() as db:
+            if not db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND status = '{DEAD}'", (job_id,)).fetchone():
+                return None
+            db.execute(
+                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ? WHERE id = ?",
+                (now, _next_seq(db, 1), job_id),
+            )
+            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def outbox_stats(self) -> tuple[int, float | None]:
         count, oldest = self._read("SELECT count(*), min(created_at) FROM jobs WHERE status = ?", (PENDING,))[0]
