@@ -66,7 +66,7 @@ class Relay:
     def start_outbox(self) -> Outbox:
         self.http = httpx.AsyncClient(timeout=self.config.delivery.timeout)
         notifiers: dict[str, Notifier] = {
-            name: notifier_for(d, self.http, self.config.delivery.max_alerts_per_message)
+            name: notifier_for(d, self.http, self.config.delivery.max_alerts_per_message, self.config.templates)
             for name, d in self.config.destinations.items()
         }
         self.outbox = Outbox(

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mlwarden import logs
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, TemplateError, Templates
 from mlwarden.settings import parse_duration, parse_url
 
 SEVERITIES = ("info", "warning", "critical", "emergency")
@@ -114,6 +115,7 @@ class RelayConfig:
     delivery: Delivery = Delivery()
     dedup_window: float = 300.0
     default_severity: str = "warning"
+    templates: Templates = DEFAULT_TEMPLATES
 
     def route_for(self, labels: Mapping[str, str]) -> Route | None:
         return next((r for r in self.routes if r.matches(labels)), None)
@@ -133,7 +135,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None, default_cooldown:
 def parse(raw: Any, environ: Mapping[str, str], default_cooldown: float | None = None) -> RelayConfig:
     doc = _Node(raw, "")
     doc.only("destinations", "routes", "watchdog", "delivery", "dedup_window", "default_severity",
-             "cooldown", "escalating_cooldown", "escalation")
+             "cooldown", "escalating_cooldown", "escalation", "templates")
     destinations = {
         name: _destination(node, environ) for name, node in doc.child("destinations").items()
     }
@@ -159,6 +161,7 @@ def parse(raw: Any, environ: Mapping[str, str], default_cooldown: float | None =
         delivery=_delivery(doc.child("delivery")),
         dedup_window=doc.child("dedup_window").duration(300.0),
         default_severity=doc.child("default_severity").choice(SEVERITIES, "warning"),
+        templates=_templates(doc.child("templates")),
     )
     _check_references(config)
     return config
@@ -270,6 +273,15 @@ def _level(node: _Node, defaults: EscalationLevel | None) -> EscalationLevel:
     if defaults is None and (level.after_repeats is None and level.after_firing is None or not level.destinations):
         raise ConfigError(f"{node.path}: a level needs destinations and after_repeats or after_firing")
     return level
+
+
+def _templates(node: _Node) -> Templates:
+    if node.value is None:
+        return DEFAULT_TEMPLATES
+    try:
+        return Templates({name: source.text(None) for name, source in node.items()})
+    except TemplateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _watchdog(node: _Node) -> Watchdog:

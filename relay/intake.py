@@ -95,6 +95,7 @@ def _notice(alert: Alert, alerts: list[Alert], key: str, decision: Decision, not
         labels=alert.labels,
         annotations=alert.annotations,
         starts_at=min((a.starts_at for a in alerts if a.starts_at), default=alert.starts_at),
+        ends_at=max((a.ends_at for a in alerts), default=alert.ends_at),
         generator_url=alert.generator_url,
         occurrences=decision.state.seen if decision.state else 0,
         reason=notification.notification_reason,

@@ -24,5 +24,8 @@ def key_labels(alert: Alert, route: Route) -> dict[str, str]:
 
 
 def alert_key(alert: Alert, route: Route) -> str:
+    """The alert's fingerprint (Alertmanager's hash of all its labels) without key_labels."""
+    if not route.key_labels:
+        return alert.fingerprint
     canonical = json.dumps(sorted(key_labels(alert, route).items()), ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]

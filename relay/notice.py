@@ -26,6 +26,7 @@ class Notice:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     starts_at: str = ""
+    ends_at: str = ""
     generator_url: str = ""
     occurrences: int = 0
     reason: str = ""  # Alertmanager's notification_reason, when it sends one
@@ -51,7 +52,7 @@ class Notice:
         return {
             "kind": self.kind, "key": self.key, "alertname": self.alertname, "severity": self.severity,
             "level": self.level, "labels": dict(self.labels), "annotations": dict(self.annotations),
-            "starts_at": self.starts_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
+            "starts_at": self.starts_at, "ends_at": self.ends_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
             "reason": self.reason, "group": self.group, "alerts": self.alerts,
             "members": [dict(m) for m in self.members], "omitted": self.omitted,
         }
