@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mlwarden.relay import intake, oversize, payload, statepage, watchdog
 from mlwarden.relay.auth import Credentials
-from mlwarden.relay.config import RelayConfig
+from mlwarden.relay.config import ConfigError, RelayConfig
 from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.groupcommit import GroupCommit
 from mlwarden.relay.metrics import RelayMetrics
@@ -62,29 +63,46 @@ class Relay:
     http: httpx.AsyncClient | None = None
     outbox: Outbox | None = None
     watching_since: float = 0.0  # when create_app started watching the Watchdog heartbeat
+    load_config: Callable[[], RelayConfig] | None = None  # reads relay.yml again (SIGHUP, POST /-/reload)
 
     def start_outbox(self) -> Outbox:
         self.http = httpx.AsyncClient(timeout=self.config.delivery.timeout)
-        notifiers: dict[str, Notifier] = {
-            name: notifier_for(d, self.http, self.config.delivery.max_alerts_per_message, self.config.templates)
-            for name, d in self.config.destinations.items()
-        }
         self.outbox = Outbox(
-            self.store, self.config.destinations, notifiers, self.config.delivery, self.metrics,
+            self.store, self.config.destinations, self._notifiers(self.config), self.config.delivery, self.metrics,
             clock=self.clock, workers=self.workers,
         )
         return self.outbox
+
+    def _notifiers(self, config: RelayConfig) -> dict[str, Notifier]:
+        assert self.http is not None
+        return {name: notifier_for(d, self.http, config.delivery.max_alerts_per_message, config.templates)
+                for name, d in config.destinations.items()}
+
+    def reload(self) -> RelayConfig:
+        """Read relay.yml again and use it from the next webhook and delivery on; raises
+        ConfigError (the running config stays) when it does not validate."""
+        if self.load_config is None:
+            raise ConfigError("this relay was not started from a config file")
+        config = self.load_config()
+        if self.outbox is not None:
+            self.outbox.reconfigure(config.destinations, self._notifiers(config), config.delivery)
+        self.config = config
+        log.info("relay config reloaded: %d destination(s), %d route(s)", len(config.destinations), len(config.routes))
+        return config
 
 
 def create_app(relay: Relay, background: bool = True) -> FastAPI:
     """The ASGI app. ``background=False`` leaves the outbox and watchdog to the caller (tests)."""
     relay.watching_since = relay.clock()
-    relay.metrics.watch_store(relay.store, relay.config.watchdog, relay.clock, relay.watching_since)
+    relay.metrics.watch_store(relay.store, lambda: relay.config.watchdog, relay.clock, relay.watching_since)
     commits = GroupCommit(relay.store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         outbox = relay.start_outbox()
+        if relay.load_config is not None:
+            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):  # not the main thread
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_logged, relay)
         tasks = []
         if background:
             tasks = [asyncio.create_task(outbox.run()), asyncio.create_task(_maintenance(relay))]
@@ -112,6 +130,17 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
             relay.metrics.webhooks.labels("too_large").inc()
             return JSONResponse({"error": f"not even one alert fits in {relay.max_body_bytes} bytes"}, status_code=413)
         return await _accept(relay, commits, trimmed)
+
+    @app.post("/-/reload")
+    async def reload(request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        try:
+            config = await asyncio.to_thread(relay.reload)
+        except ConfigError as exc:
+            log.error("relay config not reloaded, the running one stays: %s", exc)
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"status": "reloaded", "destinations": len(config.destinations), "routes": len(config.routes)})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -290,21 +319,28 @@ async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed)
     return JSONResponse({"status": "accepted", "jobs": len(result.jobs)})
 
 
+def _reload_logged(relay: Relay) -> None:
+    try:
+        relay.reload()
+    except ConfigError as exc:
+        log.error("SIGHUP: relay config not reloaded, the running one stays: %s", exc)
+
+
 async def _maintenance(relay: Relay) -> None:
     """Watch the heartbeat every second; prune old records every hour."""
     await asyncio.gather(_watch_heartbeat(relay), _prune(relay))
 
 
 async def _watch_heartbeat(relay: Relay) -> None:
-    if relay.config.watchdog is None:
-        return
     while True:
         try:
-            # In a thread, like the prune: a store that hangs (Redis, for its 5 s timeout) must not
-            # freeze the event loop every tick.
-            await asyncio.to_thread(watchdog.check, relay.store, relay.config.watchdog, relay.clock(), relay.watching_since)
-            if relay.outbox is not None:
-                relay.outbox.wake()
+            config = relay.config.watchdog  # read at every tick: a reload may add or drop it
+            if config is not None:
+                # In a thread, like the prune: a store that hangs (Redis, for its 5 s timeout) must
+                # not freeze the event loop every tick.
+                await asyncio.to_thread(watchdog.check, relay.store, config, relay.clock(), relay.watching_since)
+                if relay.outbox is not None:
+                    relay.outbox.wake()
         except StoreError as exc:
             log.error("watchdog: %s", exc)
         except Exception:  # noqa: BLE001 - a dead loop would silence the watchdog for good

@@ -78,6 +78,19 @@ class Outbox:
         self._wake = asyncio.Event()
         self._lease = delivery.claim_seconds
 
+    def reconfigure(self, destinations: Mapping[str, Destination], notifiers: Mapping[str, Notifier],
+                    delivery: Delivery) -> None:
+        """Use a reloaded config from the next pass on; deliveries in flight finish as they began.
+        A destination that keeps its rate keeps its limiter, so a reload cannot let a burst through."""
+        self._limits = {
+            name: self._limits[name] if name in self._limits and self._limits[name].interval == 1.0 / d.rate_per_second
+            else RateLimit(d.rate_per_second)
+            for name, d in destinations.items()
+        }
+        self._notifiers = notifiers
+        self._delivery = delivery
+        self._lease = delivery.claim_seconds
+
     def wake(self) -> None:
         """New jobs are queued: look now instead of at the next tick."""
         self._wake.set()

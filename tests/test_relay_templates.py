@@ -122,7 +122,7 @@ def test_templates_from_relay_yml_shape_the_messages(am_payload: bytes) -> None:
 
 @pytest.mark.parametrize(("templates", "message_part"), [
     ({"slack_text": "{% if %}"}, "templates.slack_text: line 1:"),
-    ({"slack_title": "x"}, "unknown template 'slack_title'"),
+    ({"slack_title": "x"}, "templates: unknown key 'slack_title'"),
     ({"pagerduty_summary": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}, "rendering a sample notice failed"),
 ])
 def test_a_bad_or_unsafe_template_is_a_config_error(templates: dict[str, str], message_part: str) -> None:
