@@ -3,7 +3,7 @@
 WAL with ``synchronous=NORMAL`` makes every commit survive a crash or ``kill -9`` of the
 relay: a commit is in the WAL file (the kernel's page cache) before the webhook is answered.
 A power loss or kernel crash may lose the commits since the WAL was last synced, which
-happens at every checkpoint (about once a second, see :class:`_Checkpointer`); the database
+happens at every checkpoint (several times a second, see :class:`_Checkpointer`); the database
 itself stays consistent. Alertmanager repeats what is still firing (its repeat_interval),
 so such a loss delays a firing notification; a lost resolution is not sent again. ``FULL``
 would close that window by an fsync in every commit: cheap on an idle SSD (measured: +0.3 ms
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
+WAL_FORCE_BYTES = 256 * 1024 * 1024  # a WAL this large means passive checkpoints cannot keep up
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -92,9 +93,8 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints (copying the WAL into the database, with an fsync) run in a thread of their
-            # own; in the writer they stalled intake for 10-40 ms every ~1,000 pages. The automatic
-            # one stays as a safety net for a checkpointer that falls far behind.
-            self._db.execute("PRAGMA wal_autocheckpoint=100000")
+            # own, never in a commit (see _Checkpointer).
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
             self._db.executescript(SCHEMA)
             with _transaction(self._db) as db:
@@ -313,33 +313,40 @@ class SQLiteStore(Store):
 
 
 class _Checkpointer(threading.Thread):
-    """Copies committed WAL frames into the database every second, off the event loop, and has
-    the WAL start over so that it stays small.
+    """Copies committed WAL frames into the database, off the event loop, with PASSIVE
+    checkpoints only: they never take the write lock, so no commit ever waits for one.
 
-    SQLite writes the WAL from its start again only once every frame in it is copied. Under
-    steady intake a PASSIVE checkpoint never gets there (commits go on while it copies), so the
-    WAL grew to wal_autocheckpoint (400 MB) and the commit that reached it checkpointed and
-    truncated the file on the event loop: 70-130 ms without an answer. Two PASSIVE passes copy
-    nearly everything without holding a commit back; a RESTART then copies the last few frames
-    while commits wait (measured 2-10 ms once a second at 500 webhooks/s) and lets the next
-    commit start the WAL over.
+    The writer's automatic checkpoint is off (``wal_autocheckpoint=0``): in the writer, a
+    checkpoint stalled intake for 10-40 ms every ~1,000 pages; a RESTART from this thread,
+    which the previous design ran every second so that the WAL could start over, made every
+    commit wait 2-10 ms for it and, on a busy disk, 50-90 ms (the stalls the steady-load
+    benchmark showed about once a second). A pass runs every ``every`` seconds, so each has
+    little to copy and often copies everything before the next commit lands; the first
+    commit after such a complete pass starts the WAL from its beginning (and
+    ``journal_size_limit`` trims the file). Should passes never complete (a disk slower than
+    the commits), the WAL grows; past ``force_bytes`` one RESTART brings it back, logged.
     """
 
-    def __init__(self, path: Path, every: float = 1.0) -> None:
+    def __init__(self, path: Path, every: float = 0.2, force_bytes: int = WAL_FORCE_BYTES) -> None:
         super().__init__(name="sqlite-checkpoint", daemon=True)
         self._path = path
         self._every = every
+        self._force_bytes = force_bytes
         self._stopping = threading.Event()
 
     def run(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db = _connect(self._path)
+        wal = Path(f"{self._path}-wal")
         try:
             while not self._stopping.wait(self._every):
                 try:
-                    for mode in ("PASSIVE", "PASSIVE", "RESTART"):
-                        db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if wal.exists() and wal.stat().st_size > self._force_bytes:
+                        log.warning("SQLite WAL over %d MiB: passive checkpoints fell behind; one RESTART "
+                                    "(commits wait for it)", self._force_bytes >> 20)
+                        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 except sqlite3.Error as exc:
-                    log.warning("SQLite checkpoint failed (the writer's own checkpoint takes over): %s", exc)
+                    log.warning("SQLite checkpoint failed (trying again in %ss): %s", self._every, exc)
         finally:
             db.close()
 
