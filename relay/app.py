@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 from fastapi import FastAPI, Request
@@ -173,6 +173,10 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
         if not relay.credentials.allows(request.headers.get("authorization")):
             return unauthorized()
         form = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+        origin = request.headers.get("origin")
+        if form and origin and urlparse(origin).netloc != request.headers.get("host"):
+            # A browser sends basic credentials with any site's form: only the state page's own may ack.
+            return JSONResponse({"error": "cross-site form refused"}, status_code=403)
         raw = await _read_body(request, ACK_BODY_LIMIT)
         try:
             # The form is parsed here: Starlette's own form parser needs python-multipart.
@@ -198,6 +202,9 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
     @app.get(STATE_PAGE_PATH)
     async def state_page(request: Request) -> Response:
         if not relay.credentials.allows(request.headers.get("authorization")):
+            if relay.credentials.password:  # let a browser ask for the basic credentials
+                return JSONResponse({"error": "missing or wrong credentials"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Basic realm="mlwarden-relay"'})
             return unauthorized()
         try:
             states = await asyncio.to_thread(relay.store.key_states)
@@ -271,6 +278,7 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed) -> Response:
     now = relay.clock()
+    config = relay.config  # one config for the whole webhook, should a reload land meanwhile
     body = trimmed.body
     try:
         notification = payload.parse(body)
@@ -291,8 +299,8 @@ async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed)
                     relay.max_body_bytes, len(notification.alerts), notification.group_key,
                     trimmed.omitted_alerts, trimmed.dropped_bytes)
     request = IntakeRequest(
-        notification_digest(notification), body, intake.keys_of(notification, relay.config), now,
-        intake.dedup_window(notification, relay.config), lambda states: intake.plan(notification, states, now, relay.config),
+        notification_digest(notification), body, intake.keys_of(notification, config), now,
+        intake.dedup_window(notification, config), lambda states: intake.plan(notification, states, now, config),
     )
     try:
         result = await commits.submit(request)
@@ -334,11 +342,11 @@ async def _maintenance(relay: Relay) -> None:
 async def _watch_heartbeat(relay: Relay) -> None:
     while True:
         try:
-            config = relay.config.watchdog  # read at every tick: a reload may add or drop it
-            if config is not None:
+            heartbeat = relay.config.watchdog  # read at every tick: a reload may add or drop it
+            if heartbeat is not None:
                 # In a thread, like the prune: a store that hangs (Redis, for its 5 s timeout) must
                 # not freeze the event loop every tick.
-                await asyncio.to_thread(watchdog.check, relay.store, config, relay.clock(), relay.watching_since)
+                await asyncio.to_thread(watchdog.check, relay.store, heartbeat, relay.clock(), relay.watching_since)
                 if relay.outbox is not None:
                     relay.outbox.wake()
         except StoreError as exc:

@@ -28,6 +28,7 @@ from mlwarden.relay.store.base import Job, Store, StoreError, severity_rank
 
 log = logging.getLogger(__name__)
 DIGEST_RANK = severity_rank("warning")  # warnings and info may be folded into a digest
+CLAIM_STEP = 200  # jobs per claim transaction while gathering a digest
 MAX_RETRY_AFTER_SECONDS = 3600.0  # Slack and PagerDuty ask for seconds to minutes
 
 
@@ -113,14 +114,24 @@ class Outbox:
                 # A flood of warnings (claims come highest priority first, so nothing urgent waits):
                 # one digest instead of a message per max_batch, which at Slack's 1 message/s
                 # would hold the destination for minutes.
-                jobs += await asyncio.to_thread(
-                    self._store.claim, name, now, notifier.digest_batch - len(jobs), self._lease)
+                jobs += await self._claim_more(name, now, notifier.digest_batch - len(jobs))
             self._limits[name].spend(now)
             task = asyncio.create_task(self._deliver(name, notifier, jobs))
             self._in_flight[name] = task
             task.add_done_callback(lambda _, name=name: self._in_flight.pop(name, None))
             started.append(task)
         return started
+
+    async def _claim_more(self, name: str, now: float, count: int) -> list[Job]:
+        """Up to ``count`` more jobs, claimed in steps: each step is a short transaction, so
+        webhooks are taken between them instead of waiting for one long claim."""
+        claimed: list[Job] = []
+        while len(claimed) < count:
+            step = await asyncio.to_thread(self._store.claim, name, now, min(CLAIM_STEP, count - len(claimed)), self._lease)
+            claimed += step
+            if len(step) < CLAIM_STEP:
+                break
+        return claimed
 
     async def run_once(self) -> int:
         """One dispatcher pass, waiting for its deliveries; returns how many messages were attempted."""

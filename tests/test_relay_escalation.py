@@ -132,6 +132,9 @@ def test_ack_over_http_and_the_state_page_form(tmp_path: Path) -> None:
         assert form.status_code == 303 and form.headers["location"] == "/state"
         [state] = client.get("/api/v1/state", headers=AUTH).json()["keys"]
         assert state["acked_by"] == "alice" and state["ack_comment"] == "on it"
+        forged = client.post(f"/api/v1/keys/{key}/ack", content="by=mallory", headers={
+            **AUTH, "Content-Type": "application/x-www-form-urlencoded", "Origin": "https://evil.example"})
+        assert forged.status_code == 403  # another site's form, riding on the browser's credentials
         page = client.get("/state", headers=AUTH).text
         assert "by alice at" in page and "on it" in page and "<form" not in page
 

@@ -58,6 +58,9 @@ def event(notice: Notice, routing_key: str, templates: Templates = DEFAULT_TEMPL
         "labels": dict(notice.labels),
         "annotations": dict(notice.annotations),
     }
+    if notice.members:  # the key's several alerts, by what tells them apart
+        details["alerts"] = notice.alerts
+        details["members"] = [dict(m) for m in notice.members]
     if notice.omitted:
         details["omitted_alerts"] = notice.omitted  # of the same notification, over the relay's body limit
     payload: dict[str, object] = {

@@ -58,12 +58,17 @@ CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (created_at) WHERE status = 'dead';
 # Added with per-key order; a store written by an older relay gets them on open (see _migrate).
 _ORDER_COLUMNS = (("key", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER NOT NULL DEFAULT 0"),
                   ("rank", "INTEGER NOT NULL DEFAULT 1"))
-_ORDER_INDEX = f"CREATE INDEX IF NOT EXISTS jobs_line ON jobs (destination, key, seq) WHERE status = '{PENDING}'"
+_ORDER_INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS jobs_line ON jobs (destination, key, seq) WHERE status = '{PENDING}'",
+    # In claim order, so that a claim reads its LIMIT rows and stops, however long the backlog.
+    f"CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, rank DESC, seq) WHERE status = '{PENDING}'",
+)
 
 log = logging.getLogger(__name__)
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
+STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_FORCE_BYTES = 256 * 1024 * 1024  # a WAL this large means passive checkpoints cannot keep up
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
@@ -99,7 +104,8 @@ class SQLiteStore(Store):
             self._db.executescript(SCHEMA)
             with _transaction(self._db) as db:
                 _migrate(db)
-            self._db.execute(_ORDER_INDEX)
+            for index in _ORDER_INDEXES:
+                self._db.execute(index)
             self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from None
@@ -175,7 +181,7 @@ class SQLiteStore(Store):
         with self._transaction() as db:
             # A job that waits (for its retry, or leased) keeps the later jobs of its key waiting.
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE destination = ? AND status = '{PENDING}'"
+                f"SELECT {_JOB_COLUMNS} FROM jobs AS j INDEXED BY jobs_claim WHERE destination = ? AND status = '{PENDING}'"
                 " AND due_at <= ? AND leased_until <= ? AND NOT EXISTS (SELECT 1 FROM jobs AS e"
                 f" WHERE e.destination = j.destination AND e.key = j.key AND e.status = '{PENDING}'"
                 " AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?",
@@ -185,12 +191,15 @@ class SQLiteStore(Store):
         return [_job(row) for row in rows]
 
     def delivered(self, jobs: Sequence[Job]) -> None:
-        with self._transaction() as db:
-            db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in jobs])
-            db.executemany("INSERT OR IGNORE INTO told VALUES (?, ?)",
-                           [(j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS])
-            db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
-                           [(j.destination, j.notice.key) for j in jobs if j.notice.kind in CLOSES])
+        # In steps: a digest's thousands of jobs must not hold intake up for one long transaction.
+        for start in range(0, len(jobs), STEP_ROWS):
+            step = jobs[start : start + STEP_ROWS]
+            with self._transaction() as db:
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in step])
+                db.executemany("INSERT OR IGNORE INTO told VALUES (?, ?)",
+                               [(j.destination, j.notice.key) for j in step if j.notice.kind in OPENS])
+                db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
+                               [(j.destination, j.notice.key) for j in step if j.notice.kind in CLOSES])
 
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
