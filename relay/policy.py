@@ -123,8 +123,8 @@ def decide(
     level = previous.level if previous.acked_at is not None else max(previous.level, computed)
     escalated = state is not None and level > state.level
     destinations = destinations_at(level, route)
-    sighted = replace(previous, last_seen=now, seen=previous.seen + 1, window_start=window_start,
-                      window_count=window_count, level=level)
+    sighting = {"last_seen": now, "seen": previous.seen + 1, "window_start": window_start,
+                "window_count": window_count, "level": level}
     due = (
         state is None
         or state.last_notified is None
@@ -133,9 +133,10 @@ def decide(
         or now - state.last_notified >= cooldown_for(state, severity, route)
     )
     if not due:
-        return Decision("suppress", sighted, (), severity, level, False)
-    notified = replace(
-        sighted,
+        return Decision("suppress", replace(previous, **sighting), (), severity, level, False)
+    notified = replace(  # one replace per decision: this runs for every key of every webhook
+        previous,
+        **sighting,
         severity=severity,
         last_notified=now,
         notifications=previous.notifications + 1,

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, destination TEXT NOT NULL, notice TEXT NOT NULL, created_at REAL NOT NULL,
     due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL,
     status TEXT NOT NULL, last_error TEXT NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, status, due_at);
+-- jobs_due (destination, status, due_at) served claims before per-key order; jobs_claim does now.
+DROP INDEX IF EXISTS jobs_due;
 CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- (destination, key) pairs that were delivered a trigger not yet followed by a delivered resolve.
 CREATE TABLE IF NOT EXISTS told (destination TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (destination, key))
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
-WAL_FORCE_BYTES = 256 * 1024 * 1024  # a WAL this large means passive checkpoints cannot keep up
+WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -326,33 +327,34 @@ class _Checkpointer(threading.Thread):
     checkpoints only: they never take the write lock, so no commit ever waits for one.
 
     The writer's automatic checkpoint is off (``wal_autocheckpoint=0``): in the writer, a
-    checkpoint stalled intake for 10-40 ms every ~1,000 pages; a RESTART from this thread,
-    which the previous design ran every second so that the WAL could start over, made every
-    commit wait 2-10 ms for it and, on a busy disk, 50-90 ms (the stalls the steady-load
-    benchmark showed about once a second). A pass runs every ``every`` seconds, so each has
-    little to copy and often copies everything before the next commit lands; the first
-    commit after such a complete pass starts the WAL from its beginning (and
-    ``journal_size_limit`` trims the file). Should passes never complete (a disk slower than
-    the commits), the WAL grows; past ``force_bytes`` one RESTART brings it back, logged.
+    checkpoint stalled intake for 10-40 ms every ~1,000 pages. The previous design ran a
+    RESTART from this thread every second, waiting (busy timeout 5 s) for readers and writers
+    while new commits waited for it: 2-10 ms, and 50-90 ms on a busy disk, about once a second.
+    Now a PASSIVE pass runs every ``every`` seconds; the first commit after a pass that copied
+    everything starts the WAL from its beginning. Under steady intake a pass rarely copies
+    everything (commits land while it copies: about 120 KB of WAL per webhook of 10 alerts), and
+    a WAL that grows makes every read slower, so past ``restart_bytes`` a RESTART follows the
+    pass: it has only the frames of the last few milliseconds left to copy, and with no busy
+    wait it gives up at once (SQLITE_BUSY, tried again at the next pass) instead of holding
+    commits while it waits for one.
     """
 
-    def __init__(self, path: Path, every: float = 0.2, force_bytes: int = WAL_FORCE_BYTES) -> None:
+    def __init__(self, path: Path, every: float = 0.2, restart_bytes: int = WAL_RESTART_BYTES) -> None:
         super().__init__(name="sqlite-checkpoint", daemon=True)
         self._path = path
         self._every = every
-        self._force_bytes = force_bytes
+        self._restart_bytes = restart_bytes
         self._stopping = threading.Event()
 
     def run(self) -> None:
         db = _connect(self._path)
-        wal = Path(f"{self._path}-wal")
+        db.execute("PRAGMA busy_timeout=0")  # never wait for a writer or reader: try again next pass
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
         try:
             while not self._stopping.wait(self._every):
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    if wal.exists() and wal.stat().st_size > self._force_bytes:
-                        log.warning("SQLite WAL over %d MiB: passive checkpoints fell behind; one RESTART "
-                                    "(commits wait for it)", self._force_bytes >> 20)
+                    _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames * page_size > self._restart_bytes:  # frames in use, not the file's size
                         db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 except sqlite3.Error as exc:
                     log.warning("SQLite checkpoint failed (trying again in %ss): %s", self._every, exc)
