@@ -26,8 +26,9 @@ from mlwarden.relay.notice import FIRING, RESOLVED, Notice
 
 log = logging.getLogger(__name__)
 
-# Labels every message shows elsewhere (the title); the others are what tells alerts apart.
-SHOWN_IN_TITLE = ("alertname", "severity")
+# Labels the default messages show on their own (title, machine, GPU); the others are listed,
+# since they are what tells alerts apart.
+SHOWN_ON_THEIR_OWN = ("alertname", "severity", "instance", "gpu")
 TEXT_PART_LIMIT = 1200  # characters of a summary or a description (a Slack section holds 3,000)
 _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _FRACTION = re.compile(r"(\.\d{6})\d+")  # Alertmanager writes nanoseconds; Python reads microseconds
@@ -39,7 +40,7 @@ DEFAULTS: Mapping[str, str] = {
         "{% if alerts > 1 %} ({{ alerts }} alerts){% endif %}"
     ),
     "slack_text": """{{ icon }} *{{ title }}*
-*Severity:* {{ severity }}  *Escalation level:* {{ level }}{% if occurrences > 1 %}  *Seen:* {{ occurrences }}x{% endif %}{% if reason %}  *Reason:* {{ reason }}{% endif %}
+*Severity:* {{ severity }}  *Escalation level:* {{ level }}{% if machine %}  *Machine:* {{ machine }}{% endif %}{% if gpu %}  *GPU:* {{ gpu }}{% endif %}{% if occurrences > 1 %}  *Seen:* {{ occurrences }}x{% endif %}{% if reason %}  *Reason:* {{ reason }}{% endif %}
 {% if firing_for %}{% if resolved %}*Resolved* after {{ firing_for }}{% else %}*Firing for* {{ firing_for }}{% endif %} (since {{ since }}){% endif %}
 {{ summary }}
 {% if description %}{{ description }}{% endif %}
@@ -139,7 +140,7 @@ class Templates:
         """What a template sees of ``notice``, every text escaped by ``escape``."""
         started = parse_time(notice.starts_at)
         ended = parse_time(notice.ends_at) if notice.kind == RESOLVED else None
-        labels = [(escape(k), escape(v)) for k, v in sorted(notice.labels.items()) if k not in SHOWN_IN_TITLE]
+        labels = [(escape(k), escape(v)) for k, v in sorted(notice.labels.items()) if k not in SHOWN_ON_THEIR_OWN]
         where = " ".join(p for p in (notice.instance, f"GPU {notice.gpu}" if notice.gpu else "") if p)
         context: dict[str, Any] = {
             "state": "RESOLVED" if notice.kind == RESOLVED else notice.severity.upper(),
@@ -151,6 +152,8 @@ class Templates:
             "occurrences": notice.occurrences,
             "reason": escape(notice.reason),
             "where": escape(where),
+            "machine": escape(notice.instance),
+            "gpu": escape(notice.gpu),
             # Each cut on its own, so a huge summary cannot push the description out of a message.
             "summary": escape(truncate(notice.summary, TEXT_PART_LIMIT)),
             "description": escape(truncate(notice.annotations.get("description", ""), TEXT_PART_LIMIT))

@@ -88,7 +88,7 @@ def test_the_default_slack_message_shows_what_tells_alerts_apart(am_payload: byt
     text = json.dumps(sent, ensure_ascii=False)
     section = sent["blocks"][1]["text"]["text"]  # type: ignore[index]
     assert "`mountpoint=/data1`" in section and "`mountpoint=/data2`" in section
-    assert "`job=node`" in section  # every label but those in the title
+    assert "`job=node`" in section and "*Machine:* node7:9100" in section  # every label, some on their own
     assert "<https://runbooks.example/disk?x=1&amp;y=2|Runbook>" in section
     assert "*Firing for* 3h 12m (since " in section and " UTC)" in section
     assert RLO not in text and "nvme0n1p0" in text
