@@ -6,12 +6,18 @@ GPUs, 10 processes each) at scrape time, which is how most GPU exporters work. m
 builds them in the background and a scrape returns pre-rendered bytes. Both run as
 separate processes; the scrapers are curl's parallel transfers over keep-alive connections.
 
+It also runs mlwarden's exporter and nvitop-exporter side by side on the same GPUs: a C
+stand-in for ``libnvidia-ml.so.1`` (bench/fake_libnvidia_ml.c, built here with gcc) that both
+load through pynvml's normal library search, so neither pays for a fake written in Python.
+nvitop-exporter lives in a venv of its own under ~/.cache/mlwarden-bench, never in the project's.
+
     python -m bench.run_all --only exporter [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import os
 import statistics
@@ -20,25 +26,27 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mlwarden.components import Component, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES_PER_GPU = 10
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlwarden-bench"
+NVITOP_EXPORTER = "nvitop-exporter==1.7.2"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 # The baseline: a naive exporter (run as ``python -m bench.bench_exporter baseline``) ----------
 def serve_baseline(gpus: int, port: int) -> None:
-    from prometheus_client import REGISTRY, start_http_server
-
     from mlwarden.exporter.backends.simulated import SimulatedBackend
     from mlwarden.exporter.backends.supervisor import BackendSupervisor
     from mlwarden.exporter.collectors.gpu import GpuCollector
     from mlwarden.exporter.collectors.processes import ProcessesCollector
     from mlwarden.exporter.collectors.xid import XidCollector
+    from mlwarden.exporter.exposition import to_prometheus_client
+    from prometheus_client import REGISTRY, start_http_server
 
     supervisor = BackendSupervisor(SimulatedBackend(gpus=gpus, processes_per_gpu=PROCESSES_PER_GPU))
     collectors = [GpuCollector(supervisor, 1, 1), ProcessesCollector(supervisor, 1, 1, 32), XidCollector(supervisor, 1, 1)]
@@ -46,7 +54,7 @@ def serve_baseline(gpus: int, port: int) -> None:
     class AtScrapeTime:
         def collect(self) -> Iterable:
             for collector in collectors:
-                yield from collector.collect().families
+                yield from (to_prometheus_client(family) for family in collector.collect().families)
 
     REGISTRY.register(AtScrapeTime())
     start_http_server(port, addr="127.0.0.1")
@@ -66,16 +74,110 @@ def start_baseline(gpus: int, port: int) -> Component:
     return _spawn("baseline", argv, port)
 
 
-def _serves_gpus(component: Component) -> bool:
-    try:
-        return b"mlwarden_gpu_temperature_celsius{" in _scrape(http.client.HTTPConnection("127.0.0.1", component.port, timeout=5))
-    except (OSError, RuntimeError):
-        return False
+def _serves(marker: bytes) -> Callable[[Component], bool]:
+    def ready(component: Component) -> bool:
+        try:
+            return marker in _scrape(http.client.HTTPConnection("127.0.0.1", component.port, timeout=5))
+        except (OSError, RuntimeError):
+            return False
+    return ready
 
 
-def _spawn(name: str, argv: list[str], port: int) -> Component:
+def _spawn(name: str, argv: list[str], port: int, env: dict[str, str] | None = None,
+           marker: bytes = b"mlwarden_gpu_temperature_celsius{") -> Component:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-exporter-{name}-"))
-    return Component(name, argv, port, workdir, _serves_gpus, env={**os.environ, "PYTHONPATH": str(ROOT)}).start()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return Component(name, argv, port, workdir, _serves(marker), env=env).start()
+
+
+# Side by side with nvitop-exporter on the C stand-in for NVML ---------------------------------
+def build_fake_nvml(into: Path) -> Path:
+    """Compile bench/fake_libnvidia_ml.c into ``into``/libnvidia-ml.so.1; returns ``into``."""
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(into / "libnvidia-ml.so.1"),
+                    str(ROOT / "bench" / "fake_libnvidia_ml.c")], check=True)
+    return into
+
+
+def nvitop_python() -> Path:
+    """The interpreter of a venv holding nvitop-exporter (made on first use; not a project dependency)."""
+    venv = CACHE / "nvitop-venv"
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "nvitop-exporter").exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", NVITOP_EXPORTER], check=True)
+    return python
+
+
+def _version(python: Path, distribution: str) -> str:
+    return subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def side_by_side(quick: bool) -> list[str]:
+    """Idle CPU and RSS of mlwarden's exporter and nvitop-exporter, both on the C stand-in, in one window.
+
+    8 GPUs, each listing the same ``PROCESSES_PER_GPU`` live processes (sleepers started here, so
+    that both exporters read real /proc entries for them); both collect every second; nothing
+    scrapes them during the window. Both run at once, so that the machine's noise hits both.
+    """
+    window = 15.0 if quick else 60.0
+    gpus = 8
+    sleepers = [subprocess.Popen(["sleep", "3600"]) for _ in range(PROCESSES_PER_GPU)]
+    libdir = build_fake_nvml(Path(tempfile.mkdtemp(prefix="bench-fake-nvml-")))
+    env = {"LD_LIBRARY_PATH": str(libdir), "MLWARDEN_FAKE_NVML_GPUS": str(gpus),
+           "MLWARDEN_FAKE_NVML_PIDS": ",".join(str(s.pid) for s in sleepers)}
+    nvitop = nvitop_python()
+    ours_port, theirs_port = free_port(), free_port()
+    ours = _spawn("mlwarden-nvml", [sys.executable, "-m", "mlwarden.cli", "exporter", "--gpu-backend", "nvml",
+                                    "--listen-address", f"127.0.0.1:{ours_port}", "--interval", "1s",
+                                    "--log-level", "warning"], ours_port, env)
+    theirs = _spawn("nvitop-exporter", [str(nvitop), "-m", "nvitop_exporter", "--bind-address", "127.0.0.1",
+                                        "--port", str(theirs_port), "--interval", "1"], theirs_port, env,
+                    marker=b"gpu_utilization_Percentage{")
+    try:
+        time.sleep(5.0)  # past start-up: imports, first passes, GPM's first sample
+        before = {p.name: cpu_seconds(p.pid) for p in (ours, theirs)}
+        began = time.monotonic()
+        time.sleep(window)
+        elapsed = time.monotonic() - began
+        cpu = {p.name: (cpu_seconds(p.pid) - before[p.name]) / elapsed for p in (ours, theirs)}
+        rss = {p.name: rss_mib(p.pid) for p in (ours, theirs)}
+        bodies = {p.name: _scrape(http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)) for p in (ours, theirs)}
+    finally:
+        ours.stop()
+        theirs.stop()
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+    rows = []
+    for name, label, targets in (("mlwarden-nvml", "mlwarden (all collectors)", (0.0035, 30.0)),
+                                 ("nvitop-exporter", f"nvitop-exporter {_version(nvitop, 'nvitop-exporter')}", None)):
+        body = bodies[name]
+        samples = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        verdict = ""
+        if targets:
+            met = cpu[name] <= targets[0] and rss[name] <= targets[1]
+            verdict = f"<= {targets[0] * 100:.2f} %, <= {targets[1]:.0f} MiB ({'meets' if met else 'misses'})"
+        rows.append(f"| {label} | {cpu[name] * 100:.2f} % | {rss[name]:.1f} MiB | {samples} "
+                    f"| {len(body) / 1024:.0f} KiB, {len(gzip.compress(body)) / 1024:.1f} KiB gzipped | {verdict} |")
+    ratio_cpu = cpu["nvitop-exporter"] / max(cpu["mlwarden-nvml"], 1e-9)
+    ratio_rss = rss["nvitop-exporter"] / rss["mlwarden-nvml"]
+    return [
+        f"Idle cost next to nvitop-exporter: {gpus} GPUs x {PROCESSES_PER_GPU} live processes on the C stand-in "
+        f"for `libnvidia-ml.so.1` (`bench/fake_libnvidia_ml.c`, built with gcc at bench time and loaded by both "
+        f"through `LD_LIBRARY_PATH`), both collecting every 1 s, not scraped, CPU over the same {window:.0f} s "
+        f"window (both running at once), RSS at its end:",
+        "",
+        "| exporter | CPU, % of one core | RSS | samples | /metrics | target |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+        *rows,
+        "",
+        f"nvitop-exporter / mlwarden: CPU {ratio_cpu:.1f}x, RSS {ratio_rss:.2f}x. mlwarden serves more "
+        f"(GPM profiling, NVLink, PCIe, ECC, violations, per-process attribution) and nvitop-exporter serves "
+        f"host metrics mlwarden leaves to node_exporter; its series have no `nvitop_` prefix (`gpu_*`, `host_*`, "
+        f"`process_*`, the unit appended), only `nvitop_info` does.",
+    ]
 
 
 def _scrape(conn: http.client.HTTPConnection) -> bytes:
@@ -140,7 +242,12 @@ def latency_rows(quick: bool) -> list[str]:
     rows = []
     for gpus, target_ms in ((8, 5.0), (64, 20.0)):
         project_port, baseline_port = free_port(), free_port()
-        project, baseline = start_project(gpus, project_port), start_baseline(gpus, baseline_port)
+        project = start_project(gpus, project_port)
+        try:
+            baseline = start_baseline(gpus, baseline_port)
+        except Exception:
+            project.stop()
+            raise
         try:
             size = len(_scrape(http.client.HTTPConnection("127.0.0.1", project_port, timeout=10)))
             for scrapers in (1, 20):
@@ -218,6 +325,7 @@ def memory_rows(quick: bool) -> tuple[list[str], int, float]:
 
 
 def run(quick: bool) -> str:
+    versus_nvitop = side_by_side(quick)
     latency = latency_rows(quick)
     cpu, baseline_cost = cpu_rows(quick)
     memory, collections, growth = memory_rows(quick)
@@ -232,6 +340,8 @@ def run(quick: bool) -> str:
         f"curl's parallel transfers over keep-alive connections (transfers that connected are left out; "
         f"prometheus_client's server closes every connection, so its figures include a loopback connect). "
         f"The machine is shared with other work, so the ratios matter more than the absolute figures. {mode}.",
+        "",
+        *versus_nvitop,
         "",
         "Scrape latency, milliseconds (median / p99):",
         "",

@@ -192,10 +192,6 @@ def dashed(regex: str) -> Json:
                            {"id": "custom.fillOpacity", "value": 0}]}
 
 
-def thresholds_for(regex: str, thresholds: Json) -> Json:
-    return {"matcher": {"id": "byRegexp", "options": regex}, "properties": [{"id": "thresholds", "value": thresholds}]}
-
-
 # Dashboard assembly -----------------------------------------------------------------------
 
 def datasource_variable() -> Json:
@@ -255,9 +251,30 @@ def dashboard(uid: str, title: str, description: str, variables: list[Json], row
 
 # GPU fleet ----------------------------------------------------------------------------------
 
-GPU = 'instance=~"$instance", gpu=~"$gpu"'
+# Panels select the exporter by its metrics and the `job` variable (the scrape jobs that serve
+# mlwarden_exporter_build_info), never by a job name: systemd and Kubernetes set-ups differ.
+EXPORTER_JOB_VARIABLE = ("job", "Exporter job", "label_values(mlwarden_exporter_build_info, job)")
+GPU = 'job=~"$job", instance=~"$instance", gpu=~"$gpu"'
+GPU_EXPORTER = 'job=~"$job", instance=~"$instance"'
 GPU_LEGEND = "{{instance}} GPU {{gpu}}"
 TEMPERATURE = steps(("orange", 75), ("red", 85))  # the GpuTemperatureHigh / Critical thresholds
+GPU_KEY = "on (instance, gpu, uuid)"
+# SM activity (GPM) where a GPU has it, NVML utilization only where it has not: GpuAllocatedButIdle's measure.
+ACTIVITY = (f"(mlwarden_gpu_sm_activity_ratio{{{GPU}}} or (mlwarden_gpu_utilization_ratio{{{GPU}}} "
+            f"unless {GPU_KEY} mlwarden_gpu_sm_activity_ratio{{{GPU}}}))")
+IDLE_BELOW = 0.05  # GpuAllocatedButIdle's threshold
+# 1 for each workload on an idle GPU, 0 on a busy one.
+IDLE_ALLOCATED = f"(mlwarden_gpu_allocation_info{{{GPU}}} * {GPU_KEY} group_left () ({ACTIVITY} < bool {IDLE_BELOW}))"
+# Sampled once per Grafana interval over the range: samples x interval = idle time, in hours.
+IDLE_HOURS = f"sum_over_time({IDLE_ALLOCATED}[$__range:$__interval]) * $__interval_ms / 3600000"
+
+
+def idle_hours_by(label: str) -> str:
+    return f"sort_desc(sum by ({label}) ({IDLE_HOURS}))"
+
+
+def per_workload(expr: str) -> str:
+    return f"mlwarden_gpu_allocation_info{{{GPU}}} * {GPU_KEY} group_left () {expr}"
 
 
 def gpu_fleet() -> Json:
@@ -383,22 +400,74 @@ def gpu_fleet() -> Json:
               columns={"mem": "GPU memory"}, units={"GPU memory": "bytes"}, hide=("uuid",), height=10),
     ])
 
+    profiling = Row("Profiling and interconnect", [
+        timeseries("SM activity (GPM)", Target(f"mlwarden_gpu_sm_activity_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1,
+                   description="Share of SMs busy over each collection interval (Hopper and later). Unlike utilization, "
+                               "one tiny kernel in a loop does not read 100 %."),
+        timeseries("Tensor core activity (GPM)", Target(f"mlwarden_gpu_tensor_activity_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1),
+        timeseries("DRAM bandwidth used (GPM)",
+                   Target(f"mlwarden_gpu_dram_bandwidth_utilization_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1),
+        timeseries("PCIe throughput",
+                   Target(f"mlwarden_gpu_pcie_throughput_bytes_per_second{{{GPU}}}", GPU_LEGEND + " {{direction}}"),
+                   unit="Bps"),
+        timeseries("Clock violation time (share of time throttled)",
+                   Target(f"rate(mlwarden_gpu_clock_violation_seconds_total{{{GPU}}}[$__rate_interval]) > 0",
+                          GPU_LEGEND + " {{reason}}"),
+                   unit="percentunit", minimum=0,
+                   description="How much of the time the clocks were held below target, by reason; only non-zero "
+                               "reasons are drawn."),
+        timeseries("SM occupancy (GPM)", Target(f"mlwarden_gpu_sm_occupancy_ratio{{{GPU}}}", GPU_LEGEND),
+                   unit="percentunit", minimum=0, maximum=1),
+    ])
+
+    waste = Row("Waste: allocated but idle GPUs", [
+        stat("Workloads on idle GPUs now", Target(f"sum({IDLE_ALLOCATED}) or vector(0)"),
+             thresholds=steps(("orange", 1)), width=6,
+             description=f"Workloads holding a GPU whose SM activity (or utilization, without GPM) is under "
+                         f"{IDLE_BELOW:.0%}. GpuAllocatedButIdle fires after 30 minutes with over 1 GiB held."),
+        bargauge("Idle GPU-hours by namespace", Target(idle_hours_by("namespace"), "{{namespace}}", instant=True), unit="h",
+                 width=6, description="Over the dashboard's time range; Slurm and bare-metal work shows as an "
+                                      "empty namespace. A GPU shared by several workloads counts for each."),
+        bargauge("Idle GPU-hours by Slurm job", Target(idle_hours_by("slurm_job"), "{{slurm_job}}", instant=True), unit="h",
+                 width=6),
+        bargauge("Idle GPU-hours by user", Target(idle_hours_by("user"), "{{user}}", instant=True), unit="h", width=6),
+        table("Per workload",
+              Target(f"mlwarden_gpu_allocation_info{{{GPU}}}"),
+              Target(per_workload(ACTIVITY)),
+              Target(per_workload(f"mlwarden_gpu_memory_used_bytes{{{GPU}}}")),
+              Target(IDLE_HOURS),
+              columns={"info": "info", "activity": "GPU activity", "memory": "GPU memory used",
+                       "idle": "Idle GPU-hours"},
+              hide=("info", "uuid"),
+              units={"GPU activity": "percentunit", "GPU memory used": "bytes", "Idle GPU-hours": "h"},
+              overrides=[{"matcher": {"id": "byName", "options": "GPU activity"},
+                          "properties": [{"id": "thresholds", "value": {"mode": "absolute", "steps": [
+                              {"color": "orange", "value": None}, {"color": "green", "value": IDLE_BELOW}]}},
+                                         {"id": "custom.cellOptions", "value": {"type": "color-background"}}]}],
+              height=10,
+              description="One row per GPU and workload (pod container, Slurm job, container, user): what it "
+                          "holds and how busy its GPU is (SM activity, or utilization without GPM)."),
+    ])
+
     exporter = Row("Exporter", [
-        stat("Exporter targets", Target('up{job="mlwarden_exporter", instance=~"$instance"}', "{{instance}}"),
+        stat("Exporter targets", Target(f"up{{{GPU_EXPORTER}}}", "{{instance}}"),
              mappings=UP_DOWN, thresholds=steps(), text_mode="value_and_name", width=6, height=8),
-        stat("NVML", Target('mlwarden_nvml_up{instance=~"$instance"}', "{{instance}}"), mappings=UP_DOWN,
+        stat("NVML", Target(f"mlwarden_nvml_up{{{GPU_EXPORTER}}}", "{{instance}}"), mappings=UP_DOWN,
              thresholds=steps(), text_mode="value_and_name", width=6, height=8),
         bargauge("Data age by collector",
-                 Target('time() - mlwarden_exporter_last_collection_timestamp_seconds{instance=~"$instance"}',
+                 Target(f"time() - mlwarden_exporter_last_collection_timestamp_seconds{{{GPU_EXPORTER}}}",
                         "{{instance}} {{collector}}"),
                  unit="s", thresholds=steps(("orange", 60), ("red", 300)), width=12, height=8),
         timeseries("Collection duration",
-                   Target('mlwarden_exporter_collector_duration_seconds{instance=~"$instance"}',
+                   Target(f"mlwarden_exporter_collector_duration_seconds{{{GPU_EXPORTER}}}",
                           "{{instance}} {{collector}}"), unit="s"),
         state_timeline("Collector success",
-                       Target('mlwarden_exporter_collector_success{instance=~"$instance"}', "{{instance}} {{collector}}"),
+                       Target(f"mlwarden_exporter_collector_success{{{GPU_EXPORTER}}}", "{{instance}} {{collector}}"),
                        mappings=OK_FAILED, thresholds=steps(), width=8),
-        table("Exporter versions", Target('mlwarden_exporter_build_info{instance=~"$instance"}'),
+        table("Exporter versions", Target(f"mlwarden_exporter_build_info{{{GPU_EXPORTER}}}"),
               columns={"v": "info"}, hide=("info",), width=8),
     ])
 
@@ -406,9 +475,10 @@ def gpu_fleet() -> Json:
         "mlwarden-gpu-fleet", "mlwarden / GPU fleet",
         "Per machine and GPU: temperature, utilization, memory, power against the limit, throttling, ECC and XID "
         "errors, the processes holding memory, and the exporter's own health.",
-        [query_variable("instance", "Machine", "label_values(mlwarden_gpu_info, instance)"),
-         query_variable("gpu", "GPU", 'label_values(mlwarden_gpu_info{instance=~"$instance"}, gpu)')],
-        [fleet, heat_power, load, errors, processes, exporter],
+        [query_variable(*EXPORTER_JOB_VARIABLE),
+         query_variable("instance", "Machine", 'label_values(mlwarden_gpu_info{job=~"$job"}, instance)'),
+         query_variable("gpu", "GPU", 'label_values(mlwarden_gpu_info{job=~"$job", instance=~"$instance"}, gpu)')],
+        [fleet, heat_power, load, profiling, errors, processes, waste, exporter],
     )
 
 
@@ -424,15 +494,14 @@ DAY = 24 * HOUR
 def jobs() -> Json:
     heartbeats = Row("Heartbeats", [
         bargauge(
-            "Time since last success",
-            Target(f'time() - mlwarden_job_last_success_timestamp_seconds{{{JOB}, job=~"mlwarden_.*"}}', JOB_LEGEND),
-            unit="s", width=12, height=8, thresholds=steps(("orange", 23 * HOUR), ("red", 25 * HOUR)),
-            overrides=[
-                thresholds_for("mlwarden_restore_drill.*", steps(("orange", 7 * DAY), ("red", 8 * DAY))),
-                thresholds_for("mlwarden_cleanup.*", steps(("orange", DAY), ("red", 2 * DAY))),
-                thresholds_for("mlwarden_health.*", steps(("orange", DAY), ("red", 2 * DAY))),
-            ],
-            description="Red at the alert thresholds: backup 25 h, restore drill 8 days, cleanup 2 days.",
+            "Time since last success, of interval + grace",
+            # Each job pushes its own schedule (jobs/report.py): the share is generic, like JobLate.
+            Target(f'(time() - mlwarden_job_last_success_timestamp_seconds{{{JOB}, job=~"mlwarden_.*"}})'
+                   f' / on(job, instance) group_left() (mlwarden_job_expected_interval_seconds{{{JOB}}}'
+                   f' + mlwarden_job_grace_seconds{{{JOB}}})', JOB_LEGEND),
+            unit="percentunit", width=12, height=8, thresholds=steps(("orange", 0.9), ("red", 1.0)),
+            description="Time since each job's last success as a share of its own expected interval plus grace "
+            "(--expected-interval, --grace): red at 100 %, where JobLate fires.",
         ),
         stat("Last run", Target(f'mlwarden_job_success{{{JOB}, job=~"mlwarden_.*"}}', JOB_LEGEND),
              mappings=OK_FAILED, thresholds=steps(), text_mode="value_and_name", width=12, height=8),
@@ -538,13 +607,14 @@ def jobs() -> Json:
 
 # Relay ----------------------------------------------------------------------------------------
 
-RELAY = 'instance=~"$instance"'
+# The relay's scrape jobs are the ones serving its watchdog state (always present), whatever their name.
+RELAY = 'job=~"$job", instance=~"$instance"'
 WATCHDOG_COLORS = {"new": "blue", "up": "green", "late": "orange", "down": "red"}
 
 
 def relay() -> Json:
     health = Row("Relay and watchdog", [
-        stat("Relay", Target(f'up{{job="mlwarden_relay", {RELAY}}}', "{{instance}}"), mappings=UP_DOWN,
+        stat("Relay", Target(f"up{{{RELAY}}}", "{{instance}}"), mappings=UP_DOWN,
              thresholds=steps(), text_mode="value_and_name", width=6),
         stat("Watchdog state", Target(f"mlwarden_relay_watchdog_state{{{RELAY}}} == 1", "{{state}}"),
              text_mode="name", overrides=by_name_color(WATCHDOG_COLORS),
@@ -609,7 +679,8 @@ def relay() -> Json:
     return dashboard(
         "mlwarden-relay", "mlwarden / Alert relay",
         "What the relay received, suppressed, escalated and delivered; its outbox; the Watchdog heartbeat.",
-        [query_variable("instance", "Relay", 'label_values(up{job="mlwarden_relay"}, instance)')],
+        [query_variable("job", "Relay job", "label_values(mlwarden_relay_watchdog_state, job)"),
+         query_variable("instance", "Relay", 'label_values(up{job=~"$job"}, instance)')],
         [health, intake, delivery],
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 
+from mlwarden.exporter.attribution import Attributor
 from mlwarden.exporter.backends import open_backend
 from mlwarden.exporter.backends.base import BackendUnavailable
 from mlwarden.exporter.backends.simulated import SimulatedBackend
@@ -14,11 +15,15 @@ from mlwarden.exporter.collectors.artifacts import ArtifactsCollector
 from mlwarden.exporter.collectors.backups import BackupsCollector
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
+from mlwarden.exporter.collectors.process import ProcessCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.collectors.xid import XidCollector
 from mlwarden.exporter.loop import CollectionLoop
+from mlwarden.exporter.podresources import PodResourcesClient
 from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
+from mlwarden.exporter import webconfig
+from mlwarden.exporter.webconfig import BcryptUsers, WebConfigError
 from mlwarden import __version__
 
 log = logging.getLogger(__name__)
@@ -34,9 +39,12 @@ def collectors_for(settings: ExporterSettings, supervisor: BackendSupervisor) ->
     if settings.collector_gpu:
         chosen.append(GpuCollector(supervisor, settings.interval, timeout))
     if settings.collector_processes:
-        chosen.append(ProcessesCollector(supervisor, settings.interval, timeout, settings.max_processes))
+        attributor = Attributor(PodResourcesClient(settings.pod_resources_socket), settings.hpc_job_mapping_dir)
+        chosen.append(ProcessesCollector(supervisor, settings.interval, timeout, settings.max_processes, attributor=attributor))
     if settings.collector_xid:
         chosen.append(XidCollector(supervisor, settings.interval, timeout))
+    if settings.collector_process:
+        chosen.append(ProcessCollector(settings.interval, timeout))
     slow = settings.artifacts_interval
     if settings.collector_backups and settings.backup_dir is not None:
         chosen.append(BackupsCollector(settings.backup_dir, slow, slow))
@@ -53,7 +61,7 @@ class Exporter:
         address: tuple[str, int],
         *,
         max_concurrent_scrapes: int = 10,
-        auth: BasicAuth | None = None,
+        auth: BasicAuth | BcryptUsers | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.supervisor = supervisor
@@ -79,13 +87,19 @@ class Exporter:
                 supervisor.start()
             except BackendUnavailable as exc:
                 raise ExporterStartError(f"{exc} (use --gpu-backend auto to serve mlwarden_nvml_up 0 instead)") from None
-        tls = None
+        tls: ssl.SSLContext | None = None
+        auth: BasicAuth | BcryptUsers | None = None
+        if settings.web_config_file is not None:
+            try:
+                web = webconfig.load(settings.web_config_file)
+            except WebConfigError as exc:
+                raise ExporterStartError(str(exc)) from None
+            tls, auth = web.tls, web.auth
         if settings.tls_cert_file and settings.tls_key_file:
             try:
                 tls = tls_context(settings.tls_cert_file, settings.tls_key_file)
             except (OSError, ssl.SSLError) as exc:
                 raise ExporterStartError(f"cannot load the TLS certificate or key: {exc}") from None
-        auth = None
         if settings.basic_auth_user and settings.basic_auth_password:
             auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_password)
         return cls(

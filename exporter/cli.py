@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from mlwarden.command import Command
+from mlwarden.exporter.podresources import DEFAULT_SOCKET
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, positive, setting
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class ExporterSettings:
     listen_address: tuple[str, int] = setting(
-        ("127.0.0.1", 9945), parse=parse_listen_address, metavar="HOST:PORT",
+        ("127.0.0.1", 9945), parse=parse_listen_address, metavar="HOST:PORT", aliases=("--web.listen-address",),
         help="address to serve /metrics and /healthz on (`:9945` for every interface)",
     )
     gpu_backend: str = setting(
@@ -47,9 +48,18 @@ class ExporterSettings:
         help="how often the backups and artifacts collectors run (walking big trees is slow)",
     )
     max_processes: int = setting(32, parse=in_range(int, 0, 10000), help="most processes exported per GPU (the largest memory users); bounds series count")
+    pod_resources_socket: Path = setting(
+        DEFAULT_SOCKET, metavar="PATH",
+        help="kubelet pod-resources socket that maps GPUs to pods (needs `mlwarden[kubernetes]`); off while absent",
+    )
+    hpc_job_mapping_dir: Path | None = setting(
+        None, metavar="DIR",
+        help="Slurm job-mapping directory in dcgm-exporter's format (a file per GPU index holding its job ids)",
+    )
     collector_gpu: bool = setting(True, help="enable the gpu collector")
     collector_processes: bool = setting(True, help="enable the processes collector")
     collector_xid: bool = setting(True, help="enable the xid collector")
+    collector_process: bool = setting(True, help="enable the process collector (the exporter's own process_* metrics)")
     collector_backups: bool = setting(True, help="enable the backups collector (runs when --backup-dir is set)")
     collector_artifacts: bool = setting(True, help="enable the artifacts collector (runs when --experiments-dir is set)")
     max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")
@@ -57,6 +67,11 @@ class ExporterSettings:
     tls_key_file: Path | None = setting(None, help="private key (PEM) for --tls-cert-file")
     basic_auth_user: str | None = setting(None, help="require HTTP basic auth with this user name for /metrics and /-/simulate")
     basic_auth_password: str | None = setting(None, secret=True, help="password for --basic-auth-user")
+    web_config_file: Path | None = setting(
+        None, flag="--web.config.file", metavar="FILE",
+        help="exporter-toolkit web configuration (TLS, mTLS client CA, bcrypt basic_auth_users), as node_exporter "
+        "reads it; replaces the --tls-* and --basic-auth-* settings",
+    )
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -68,6 +83,11 @@ class ExporterSettings:
         for path in (self.tls_cert_file, self.tls_key_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.web_config_file is not None:
+            if self.tls_cert_file or self.basic_auth_user:
+                raise ValueError("--web.config.file replaces --tls-cert-file/--tls-key-file and --basic-auth-user: use one or the other")
+            if not self.web_config_file.is_file():
+                raise ValueError(f"web config file {self.web_config_file} does not exist")
 
     @property
     def effective_timeout(self) -> float:
@@ -98,9 +118,13 @@ def run(settings: ExporterSettings) -> int:
     return ExitCode.OK
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "exporter", "attribute": "COMMAND", "help": "serve GPU, backup and artifact metrics for Prometheus"},
+)
+
 COMMAND = Command(
     "exporter",
-    "serve GPU, backup and artifact metrics for Prometheus",
     settings=ExporterSettings,
     run=run,
     description="Serve GPU health (NVML), backup catalog state and artifact directory sizes on /metrics. "

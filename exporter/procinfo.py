@@ -1,4 +1,4 @@
-"""Who a GPU process is: its name, its user and its container, from ``/proc``.
+"""Who a GPU process is: its name, user, container and Slurm job, from ``/proc``.
 
 NVML gives only a PID. A process that exited between NVML's answer and our read (or
 that lives in another PID namespace) gets empty labels rather than an error.
@@ -17,12 +17,22 @@ from pathlib import Path
 # adds the pod UID (with '_' instead of '-' under the systemd cgroup driver).
 _CONTAINER_ID = re.compile(r"([0-9a-f]{64})")
 _POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+# slurmd's cgroup plugins: v1 ``/slurm/uid_1000/job_42/step_0/task_0``, v2
+# ``/system.slice/slurmstepd.scope/job_42/step_0/user/task_0``.
+_SLURM_JOB = re.compile(r"/slurm[^/\n]*/(?:uid_\d+/)?job_(\d+)(?:/|$)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
 class ProcessInfo:
+    """A GPU process's identity. ``namespace``/``pod``/``container`` come from the kubelet,
+    not from /proc: :mod:`mlwarden.exporter.attribution` fills them in."""
+
     name: str = ""
     user: str = ""
+    container_id: str = ""
+    slurm_job: str = ""
+    namespace: str = ""
+    pod: str = ""
     container: str = ""
 
 
@@ -34,7 +44,7 @@ def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
         cgroup = (base / "cgroup").read_text()
     except OSError:
         return ProcessInfo()
-    return ProcessInfo(name=name, user=user_name(uid), container=container_of(cgroup))
+    return ProcessInfo(name=name, user=user_name(uid), container_id=container_of(cgroup), slurm_job=slurm_job_of(cgroup))
 
 
 @functools.lru_cache(maxsize=256)
@@ -52,3 +62,9 @@ def container_of(cgroup_text: str) -> str:
         return match.group(1)[:12]
     match = _POD_UID.search(cgroup_text)
     return "pod" + match.group(1).replace("_", "-") if match else ""
+
+
+def slurm_job_of(cgroup_text: str) -> str:
+    """The Slurm job id from a slurmd cgroup path, else empty."""
+    match = _SLURM_JOB.search(cgroup_text)
+    return match.group(1) if match else ""

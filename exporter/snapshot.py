@@ -8,34 +8,21 @@ locks, no NVML, no formatting on the scrape path.
 
 from __future__ import annotations
 
+import functools
+import gzip
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
-
 from mlwarden.exporter.collectors.base import Collected
+from mlwarden.exporter.exposition import Renderer, gauge, render
 
 # The classic text format (what Prometheus 2.x and promtool expect).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STALE_AFTER_INTERVALS = 3
 
-
-class _Families:
-    """Adapts a list of families to what ``generate_latest`` expects of a registry."""
-
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = [f for f in families if f.samples]
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
-
-
-def render(families: Iterable[Metric]) -> bytes:
-    return generate_latest(_Families(families))  # type: ignore[arg-type]
+__all__ = ["CONTENT_TYPE", "Snapshot", "SnapshotStore", "render"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +39,11 @@ class CollectorState:
 class Snapshot:
     body: bytes
 
+    @functools.cached_property
+    def gzipped(self) -> bytes:
+        """The body gzip-compressed, made at the first scrape that asks and then shared by all."""
+        return gzip.compress(self.body, compresslevel=6, mtime=0)
+
 
 class SnapshotStore:
     def __init__(
@@ -66,14 +58,16 @@ class SnapshotStore:
         self._started = monotonic()
         self._lock = threading.Lock()
         self._states = {name: CollectorState(interval=interval) for name, interval in collectors}
-        build = GaugeMetricFamily("mlwarden_exporter_build_info", "The exporter's version; the value is always 1.", labels=["version"])
+        self._renderers = {name: Renderer() for name in self._states}
+        self._own = Renderer()  # the success, duration and freshness families; used under the lock
+        build = gauge("mlwarden_exporter_build_info", "The exporter's version; the value is always 1.", labels=["version"])
         build.add_metric([version], 1)
         self._build_info = render([build])
         self.snapshot = Snapshot(self._assemble())
 
     def publish(self, name: str, collected: Collected, duration: float) -> None:
         """A collector finished a pass: render its families once and rebuild the snapshot."""
-        body = render(collected.families)
+        body = self._renderers[name].render(collected.families)  # only this collector's thread renders with it
         with self._lock:
             state = self._states[name]
             if collected.success:
@@ -98,9 +92,9 @@ class SnapshotStore:
         return stale
 
     def _assemble(self) -> bytes:
-        success = GaugeMetricFamily("mlwarden_exporter_collector_success", "1 when the collector's last pass succeeded, else 0.", labels=["collector"])
-        duration = GaugeMetricFamily("mlwarden_exporter_collector_duration_seconds", "How long the collector's last pass took, in seconds.", labels=["collector"])
-        last = GaugeMetricFamily(
+        success = gauge("mlwarden_exporter_collector_success", "1 when the collector's last pass succeeded, else 0.", labels=["collector"])
+        duration = gauge("mlwarden_exporter_collector_duration_seconds", "How long the collector's last pass took, in seconds.", labels=["collector"])
+        last = gauge(
             "mlwarden_exporter_last_collection_timestamp_seconds",
             "When the collector last completed a successful pass (Unix time).", labels=["collector"],
         )
@@ -110,4 +104,4 @@ class SnapshotStore:
             if state.last_success is not None:
                 last.add_metric([name], state.last_success)
         parts = [state.body for state in self._states.values()]
-        return b"".join([*parts, render([success, duration, last]), self._build_info])
+        return b"".join([*parts, self._own.render([success, duration, last]), self._build_info])

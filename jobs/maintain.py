@@ -1,4 +1,7 @@
-"""``mlwarden maintain``: health, backup and cleanup in that order, with one summary.
+"""``mlwarden maintain``: the jobs of the maintain plan in order, with one summary.
+
+The plan is every command whose ``MLWARDEN_COMMANDS`` row has a ``maintain`` entry (see
+:mod:`mlwarden.registry`), sorted by its order; each gets an on/off setting here.
 
 Each task is the same command an operator would run alone, with its settings read from
 the environment exactly as that command reads them (``MLWARDEN_<TASK>_*`` and the shell
@@ -9,13 +12,15 @@ or being misconfigured does not stop the others; the exit status is 1 if any fai
 from __future__ import annotations
 
 import logging
+import dataclasses
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mlwarden import cli as mlwarden_cli
-from mlwarden import settings
+from mlwarden import registry, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import setting
@@ -23,11 +28,20 @@ from mlwarden.settings import setting
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class MaintainSettings:
-    run_health_check: bool = setting(True, help="run mlwarden health first", env=("RUN_HEALTH_CHECK",))
-    run_backup: bool = setting(True, help="run mlwarden backup second", env=("RUN_BACKUP",))
-    run_cleanup: bool = setting(True, help="run mlwarden cleanup last", env=("RUN_CLEANUP",))
+def _plan_settings() -> type:
+    """One on/off setting per step of the plan, made from the registry."""
+    plan = registry.maintain_plan()
+    fields: list[tuple[str, type, Any]] = []
+    for position, entry in enumerate(plan, 1):
+        assert entry.maintain is not None
+        help_text = f"run mlwarden {entry.name} (step {position} of {len(plan)})"
+        fields.append((entry.maintain.setting, bool, setting(True, help=help_text, env=entry.maintain.env)))
+    cls = dataclasses.make_dataclass("MaintainSettings", fields, frozen=True)
+    cls.__module__ = __name__
+    return cls
+
+
+MaintainSettings = _plan_settings()
 
 
 @dataclass(frozen=True)
@@ -82,13 +96,13 @@ def summary(outcomes: list[Outcome]) -> list[str]:
     return lines
 
 
-def run(maintain: MaintainSettings, environ: Mapping[str, str] | None = None) -> int:
+def run(maintain: Any, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
-    plan = (("health", maintain.run_health_check), ("backup", maintain.run_backup), ("cleanup", maintain.run_cleanup))
-    outcomes = [
-        run_task(name, environ) if enabled else Outcome(name, "skipped", None, 0.0, "disabled")
-        for name, enabled in plan
-    ]
+    outcomes = []
+    for entry in registry.maintain_plan():
+        assert entry.maintain is not None
+        enabled = getattr(maintain, entry.maintain.setting)
+        outcomes.append(run_task(entry.name, environ) if enabled else Outcome(entry.name, "skipped", None, 0.0, "disabled"))
     for line in summary(outcomes):
         log.info("summary: %s", line)
     failures = [o.task for o in outcomes if o.state == "failed"]
@@ -99,13 +113,17 @@ def run(maintain: MaintainSettings, environ: Mapping[str, str] | None = None) ->
     return ExitCode.OK
 
 
-COMMAND = Command(
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "maintain", "attribute": "COMMAND", "help": "run the jobs of the maintain plan in order, with one summary"},
+)
+
+COMMAND: Command[Any] = Command(
     name="maintain",
-    help="run health, backup and cleanup in order, with one summary",
     settings=MaintainSettings,
     run=run,
     description=(
-        "Run mlwarden health, backup and cleanup in that order (each configured by its own "
+        f"Run mlwarden {', '.join(e.name for e in registry.maintain_plan())} in that order (each configured by its own "
         "environment variables); a failing task does not stop the others; exit 1 if any failed."
     ),
 )

@@ -1,4 +1,9 @@
-"""Completion metrics every job pushes, so that a missing success is an alert.
+"""Heartbeat and completion metrics every job pushes, so that a late or stuck job is an alert.
+
+The model is healthchecks.io's: a job pings when it starts and when it finishes, and says
+how often it is expected (``--expected-interval``), how late it may be (``--grace``), how
+long one run may take (``--timeout``) and how loud lateness is (``--late-severity``). The
+rules in alerts/rules/jobs.yml read only these series, so they name no job and no interval.
 
 Each run pushes to the Pushgateway under a stable grouping key, ``job="mlwarden_<task>"``
 and ``instance="<host>"`` (never a pid, which would leave one group per run behind). The
@@ -11,29 +16,39 @@ never turn a good run into a failed one. ``--textfile-dir`` writes the same metr
 node_exporter's textfile collector instead (atomically, keeping the last success across a
 failed run the same way).
 
-Metrics common to every job:
+Metrics common to every job, pushed when it starts:
+
+- ``mlwarden_job_last_start_timestamp_seconds``
+- ``mlwarden_job_expected_interval_seconds``, ``mlwarden_job_grace_seconds`` and
+  ``mlwarden_job_timeout_seconds``, labelled ``severity`` (the severity of lateness)
+
+and when it finishes:
 
 - ``mlwarden_job_last_success_timestamp_seconds`` (only on success)
 - ``mlwarden_job_last_run_timestamp_seconds``
 - ``mlwarden_job_duration_seconds``
 - ``mlwarden_job_success`` (1 or 0)
-plus whatever the job adds with :meth:`JobReport.gauge`.
+plus whatever the job adds with :meth:`JobReport.gauge`. ``mlwarden pause`` pushes
+``mlwarden_job_paused_until_timestamp_seconds`` (see :mod:`mlwarden.jobs.pause`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import re
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import pushadd_to_gateway
 
+from mlwarden.backoff import Backoff
 from mlwarden.fsutil import atomic_write_text
+from mlwarden.settings import parse_duration, positive, setting
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +57,47 @@ LAST_SUCCESS = "mlwarden_job_last_success_timestamp_seconds"
 # `mlwarden maintain` and an environment file name the Pushgateway once.
 PUSHGATEWAY_ENV = "PUSHGATEWAY_URL"
 PUSH_ATTEMPTS = 3
+PUSH_BACKOFF = Backoff(initial=1.0, maximum=4.0)
 PUSH_TIMEOUT_SECONDS = 5.0
+SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a job is due and how long it may run, as the job itself reports it."""
+
+    expected_interval: float
+    grace: float
+    timeout: float
+    late_severity: str = "warning"
+
+
+class ScheduledSettings(Protocol):
+    expected_interval: float
+    grace: float
+    timeout: float
+    late_severity: str
+
+
+def schedule_of(settings: ScheduledSettings) -> Schedule:
+    return Schedule(settings.expected_interval, settings.grace, settings.timeout, settings.late_severity)
+
+
+# Each job's settings class declares these four fields with its own defaults (its timer's period).
+def expected_interval_setting(default: str) -> Any:
+    return setting(parse_duration(default), help=f"how often the job is expected to succeed (match its timer; default {default}, shown in seconds); later than this plus --grace is an alert", parse=positive(parse_duration))
+
+
+def grace_setting(default: str) -> Any:
+    return setting(parse_duration(default), help=f"how late a success may be before the job counts as late (default {default}, shown in seconds)", parse=parse_duration)
+
+
+def timeout_setting(default: str) -> Any:
+    return setting(parse_duration(default), help=f"a run still going after this long is an alert: running too long (default {default}, shown in seconds)", parse=positive(parse_duration))
+
+
+def late_severity_setting(default: str) -> Any:
+    return setting(default, help="severity of the alert when the job is late", choices=SEVERITIES)
 
 
 class JobReport:
@@ -58,12 +113,14 @@ class JobReport:
         pushgateway: str | None = None,
         textfile_dir: Path | None = None,
         instance: str | None = None,
+        schedule: Schedule | None = None,
     ) -> None:
         self.task = task
-        self.job = f"mlwarden_{task}"
+        self.job = job_name(task)
         self.pushgateway = pushgateway
         self.textfile_dir = Path(textfile_dir) if textfile_dir else None
         self.instance = instance or socket.gethostname()
+        self.schedule = schedule
         self.registry = CollectorRegistry()
         self._success = False
         self._started = time.time()
@@ -87,7 +144,21 @@ class JobReport:
 
     def __enter__(self) -> JobReport:
         self._started = time.time()
+        self._publish(self._start_registry())
         return self
+
+    def _start_registry(self) -> CollectorRegistry:
+        """The "started" ping: sent alone, so that a run in progress leaves the last outcome in place."""
+        registry = CollectorRegistry()
+        Gauge("mlwarden_job_last_start_timestamp_seconds", "When the job last started (unix seconds).", registry=registry).set(self._started)
+        if self.schedule is not None:
+            for name, documentation, value in (
+                ("mlwarden_job_expected_interval_seconds", "How often the job is expected to succeed.", self.schedule.expected_interval),
+                ("mlwarden_job_grace_seconds", "How late a success may be before the job counts as late.", self.schedule.grace),
+                ("mlwarden_job_timeout_seconds", "How long one run may take before it counts as running too long.", self.schedule.timeout),
+            ):
+                Gauge(name, documentation, ("severity",), registry=registry).labels(self.schedule.late_severity).set(value)
+        return registry
 
     def __exit__(
         self,
@@ -106,46 +177,71 @@ class JobReport:
         self._success_gauge.set(1 if self._success else 0)
         if self._success:
             self.gauge(LAST_SUCCESS, "When the job last succeeded (unix seconds).").set(now)
-        if self.pushgateway:
-            self._push()
-        if self.textfile_dir:
-            self._write_textfile()
+        self._publish(self.registry)
 
-    def _push(self) -> None:
-        grouping = {"instance": self.instance}
-        for attempt in range(1, PUSH_ATTEMPTS + 1):
-            try:
-                pushadd_to_gateway(
-                    self.pushgateway,
-                    job=self.job,
-                    registry=self.registry,
-                    grouping_key=grouping,
-                    timeout=PUSH_TIMEOUT_SECONDS,
-                )
-                return
-            except OSError as exc:  # URLError and socket errors are OSErrors
-                if attempt == PUSH_ATTEMPTS:
-                    log.warning("could not push %s metrics to the Pushgateway after %d tries: %s", self.job, attempt, exc)
-                    return
-                time.sleep(min(4.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))
+    def _publish(self, registry: CollectorRegistry) -> None:
+        publish(registry, self.job, self.instance, self.pushgateway, self.textfile_dir)
 
-    def _write_textfile(self) -> None:
-        assert self.textfile_dir is not None
-        path = self.textfile_dir / f"{self.job}.prom"
-        text = generate_latest(self.registry).decode()
-        if not self._success:
-            text += _previous_last_success(path)
+
+def job_name(task: str) -> str:
+    """The Pushgateway ``job`` label of a task's metrics."""
+    return f"mlwarden_{task}"
+
+
+def publish(
+    registry: CollectorRegistry, job: str, instance: str, pushgateway: str | None, textfile_dir: Path | None
+) -> bool:
+    """Send ``registry``'s metrics, replacing only the metric names it holds; False if any target failed.
+
+    The Pushgateway's POST (``pushadd``) keeps the group's other metric names; the textfile
+    is merged the same way, so both keep the last success across a failed run, the schedule
+    across a finish and a pause across both.
+    """
+    ok = True
+    if pushgateway:
+        ok = _push(registry, job, instance, pushgateway)
+    if textfile_dir:
+        ok = _write_textfile(registry, Path(textfile_dir) / f"{job}.prom") and ok
+    return ok
+
+
+def _push(registry: CollectorRegistry, job: str, instance: str, pushgateway: str) -> bool:
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
         try:
-            atomic_write_text(path, text)
-        except OSError as exc:
-            log.warning("could not write %s: %s", path, exc)
+            pushadd_to_gateway(
+                pushgateway, job=job, registry=registry, grouping_key={"instance": instance}, timeout=PUSH_TIMEOUT_SECONDS
+            )
+            return True
+        except OSError as exc:  # URLError and socket errors are OSErrors
+            if attempt == PUSH_ATTEMPTS:
+                log.warning("could not push %s metrics to the Pushgateway after %d tries: %s", job, attempt, exc)
+                return False
+            time.sleep(PUSH_BACKOFF.delay(attempt))
+    return False
 
 
-def _previous_last_success(path: Path) -> str:
-    """The last-success lines of an earlier textfile, so a failed run keeps them."""
+def _write_textfile(registry: CollectorRegistry, path: Path) -> bool:
+    text = generate_latest(registry).decode()
+    try:
+        atomic_write_text(path, text + _other_families(path, _family_names(text)))
+    except OSError as exc:
+        log.warning("could not write %s: %s", path, exc)
+        return False
+    return True
+
+
+_FAMILY = re.compile(r"^(?:# (?:HELP|TYPE) )?([a-zA-Z_:][a-zA-Z0-9_:]*)")
+
+
+def _family_names(text: str) -> set[str]:
+    return {match.group(1) for line in text.splitlines() if (match := _FAMILY.match(line))}
+
+
+def _other_families(path: Path, replaced: set[str]) -> str:
+    """The lines of an earlier textfile whose metric is not being replaced."""
     try:
         previous = path.read_text(encoding="utf-8")
     except OSError:
         return ""
-    lines = [line for line in previous.splitlines() if re.match(rf"^(# (HELP|TYPE) )?{LAST_SUCCESS}\b", line)]
-    return "".join(line + "\n" for line in lines)
+    kept = [line for line in previous.splitlines() if (m := _FAMILY.match(line)) and m.group(1) not in replaced]
+    return "".join(line + "\n" for line in kept)

@@ -1,35 +1,26 @@
 """The ``mlwarden`` command: one entry point, one subcommand per part.
 
-Only the chosen subcommand's module is imported, so ``mlwarden cleanup`` does not pay
-for FastAPI or boto3 and a broken optional dependency of one part cannot stop another.
+The subcommands come from :mod:`mlwarden.registry`, which reads each command's table where
+the command is defined without importing it. Only the chosen subcommand's module is
+imported, so ``mlwarden cleanup`` does not pay for FastAPI or boto3 and a broken optional
+dependency of one part cannot stop another.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from mlwarden import __version__, logs, settings
+from mlwarden import __version__, logs, registry, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
-
-# name -> ("module:attribute", one-line help). Keep the help here so that ``mlwarden --help``
-# imports nothing.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "exporter": ("mlwarden.exporter.cli:COMMAND", "serve GPU, backup and artifact metrics for Prometheus"),
-    "relay": ("mlwarden.relay.cli:COMMAND", "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty"),
-    "backup": ("mlwarden.jobs.backup.cli:BACKUP", "archive, checksum, verify and copy models off-site; apply retention"),
-    "restore": ("mlwarden.jobs.backup.cli:RESTORE", "restore a backup (local or S3), or run a restore drill"),
-    "cleanup": ("mlwarden.jobs.cleanup.cli:COMMAND", "remove old experiment artifacts, behind safety breakers"),
-    "health": ("mlwarden.jobs.health.cli:COMMAND", "check disks, GPUs, services and backup freshness"),
-    "maintain": ("mlwarden.jobs.maintain:COMMAND", "run health, backup and cleanup in order, with one summary"),
-    "demo": ("mlwarden.demo:COMMAND", "run the whole stack locally with simulated GPUs and tell the story"),
-}
+from mlwarden.interrupts import Terminated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,54 +29,78 @@ class CommonSettings:
     log_file: Path | None = settings.setting(
         None, help="also log to this file; reopened when logrotate moves it"
     )
+    log_format: str = settings.setting(
+        "text", help="log line format: text for people, logfmt or json for log pipelines; timestamps are UTC",
+        choices=logs.FORMATS,
+    )
 
 
-COMMON_PREFIX = ""  # MLWARDEN_LOG_LEVEL, MLWARDEN_LOG_FILE
+COMMON_PREFIX = ""  # MLWARDEN_LOG_LEVEL, MLWARDEN_LOG_FILE, MLWARDEN_LOG_FORMAT
 
 
-def load_command(name: str) -> Command:
-    target, _ = COMMANDS[name]
-    module_name, attribute = target.split(":")
-    command = getattr(importlib.import_module(module_name), attribute)
-    assert isinstance(command, Command), target
-    return command
+def load_command(name: str) -> Command[Any]:
+    return registry.entries()[name].load()
 
 
-def build_parser(chosen: Command | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(chosen: Command[Any] | None) -> settings.Parser:
+    parser = settings.Parser(
         prog="mlwarden",
         description="Keeps GPU machines healthy and their models safe.",
-        epilog="Every option is also an environment variable; see README.md.",
+        epilog="Every option is also an environment variable; see mlwarden COMMAND --help.",
     )
     parser.add_argument("--version", action="version", version=f"mlwarden {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, entry in registry.entries().items():
+        help_text = entry.help
         if chosen is not None and chosen.name == name:
             sub = subparsers.add_parser(
-                name, help=help_text, description=chosen.description or help_text
+                name,
+                help=help_text,
+                description=textwrap.fill(chosen.description or help_text, 88),
+                epilog=settings.secrets_help(chosen.settings, name) or None,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
             )
-            settings.add_arguments(sub, chosen.settings, name)
-            settings.add_arguments(sub, CommonSettings, COMMON_PREFIX)
+            settings.add_arguments(sub, chosen.settings, name, title=f"{name} options")
+            settings.add_arguments(sub, CommonSettings, COMMON_PREFIX, title="options of every command")
         else:
             subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def _chosen_name(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv``; a usage error for an unknown one, with a suggestion."""
+    commands = list(registry.entries())
     for token in argv:
         if not token.startswith("-"):
-            return token if token in COMMANDS else None
+            if token not in commands:
+                raise settings.SettingsError(
+                    f"unknown command {token!r}{settings.suggestion(token, commands)}; "
+                    f"commands: {', '.join(commands)}"
+                )
+            return token
     return None
+
+
+def _parse(argv: list[str]) -> tuple[Command[Any], argparse.Namespace]:
+    """The chosen command and its parsed flags; SettingsError for any usage error."""
+    name = _chosen_name(argv)
+    command = load_command(name) if name else None
+    args, unknown = build_parser(command).parse_known_args(argv)
+    if command is None:
+        raise settings.SettingsError(f"a command is required: {', '.join(registry.entries())} (see mlwarden --help)")
+    if unknown:
+        flags = settings.flags_of(command.settings, command.name) + settings.flags_of(CommonSettings, COMMON_PREFIX)
+        raise settings.unrecognized(unknown, flags)
+    return command, args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = _chosen_name(argv)
-    command = load_command(name) if name else None
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if command is None:
-        parser.print_help(sys.stderr)
+    try:
+        command, args = _parse(argv)
+    except settings.SettingsError as exc:
+        name = next((t for t in argv if t in registry.entries()), None)
+        print(f"mlwarden {name}: {exc}" if name else f"mlwarden: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     try:
         common = settings.resolve(CommonSettings, COMMON_PREFIX, args)
@@ -94,13 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlwarden {command.name}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     try:
-        logs.setup(common.log_level, common.log_file)
+        logs.setup(common.log_level, common.log_file, common.log_format)
     except OSError as exc:
         print(f"mlwarden {command.name}: cannot open log file: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     log = logging.getLogger(f"mlwarden.{command.name}")
     try:
         return int(command.run(chosen))
+    except Terminated:
+        log.warning("stopped by SIGTERM")
+        return ExitCode.TERMINATED
     except KeyboardInterrupt:
         log.warning("interrupted")
         return ExitCode.INTERRUPTED

@@ -64,7 +64,7 @@ def free_port() -> int:
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return 200 <= response.status < 300
+            return bool(200 <= response.status < 300)
     except (urllib.error.URLError, OSError):
         return False
 
@@ -122,7 +122,7 @@ class Component:
 
     def start(self) -> Component:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open while the process runs; stop() closes it
         self.process = subprocess.Popen(
             self.argv,
             stdout=self._log,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from mlwarden import cli, settings
+from mlwarden import cli, registry, settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,14 +27,8 @@ def _default_text(opt: settings.Option) -> str:
         return "(secret: env or `_FILE` only)"
     if opt.required:
         return "required"
-    value = opt.default
-    if value is None or value == []:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
-        return f"`{value[0]}:{value[1]}`"
-    return f"`{value}`"
+    shown = opt.shown_default
+    return shown if not shown or isinstance(opt.default, bool) else f"`{shown}`"
 
 
 def table(settings_cls: type, command: str) -> str:
@@ -43,10 +38,10 @@ def table(settings_cls: type, command: str) -> str:
             flag = "—"
         elif opt.spec.positional:
             flag = f"`{opt.spec.metavar or opt.name.upper()}` (argument)"
-        elif opt.is_bool:
+        elif opt.is_bool and opt.flag:
             flag = f"`{opt.flag}` / `--no-{opt.flag[2:]}`"
         else:
-            flag = f"`{opt.flag}`"
+            flag = ", ".join(f"`{name}`" for name in (opt.flag, *opt.spec.aliases))
         env = ", ".join(f"`{n}`" for n in opt.env_names)
         if opt.spec.secret:
             env += f", `{opt.env_names[0]}_FILE`"
@@ -59,20 +54,21 @@ def table(settings_cls: type, command: str) -> str:
 
 def blocks() -> dict[str, str]:
     result = {"common": table(cli.CommonSettings, cli.COMMON_PREFIX)}
-    for name in cli.COMMANDS:
-        try:
-            command = cli.load_command(name)
-        except ImportError:
-            continue  # a part not written yet has no table yet
-        result[name] = table(command.settings, name)
+    for name, entry in registry.entries().items():
+        result[name] = table(entry.load().settings, name)
     return result
 
 
 def render(text: str, generated: dict[str, str]) -> str:
     for name, body in generated.items():
         pattern = re.compile(rf"(<!-- settings:{name} -->\n).*?(<!-- /settings:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        text = pattern.sub(_block_filler(body), text)
     return text
+
+
+def _block_filler(body: str) -> Callable[[re.Match[str]], str]:
+    # A function, not the text: re.sub would read backslashes in a table as escapes.
+    return lambda match: match.group(1) + body + "\n" + match.group(2)
 
 
 def missing_blocks(texts: list[str], generated: dict[str, str]) -> list[str]:

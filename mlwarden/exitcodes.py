@@ -8,4 +8,5 @@ class ExitCode(IntEnum):
     FAILURE = 1
     USAGE = 2  # bad usage or configuration, stopped before anything was touched
     BREAKER = 3  # a safety breaker stopped the job; nothing was changed
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # SIGINT (Ctrl-C)
+    TERMINATED = 143  # SIGTERM (systemctl stop, a unit's timeout), for the jobs that handle it

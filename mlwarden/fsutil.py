@@ -1,4 +1,4 @@
-"""Crash-safe file writing: a complete file or none, never a half-written one.
+"""Crash-safe file writing (a complete file or none, never a half-written one), and free space.
 
 The pattern is the classic one: write to a temporary name in the same directory, fsync
 the file, rename it over the final name, fsync the directory so the rename survives a
@@ -11,6 +11,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,3 +55,28 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """A filesystem's space in bytes, counted as ``df`` counts it."""
+
+    size: int  # every block, the root-reserved ones included
+    used: int
+    available: int  # to unprivileged users: the reserved blocks are not theirs
+
+    @property
+    def used_ratio(self) -> float:
+        """Used share of what users can have (``df``'s Use%): 1.0 when only reserved blocks are left."""
+        usable = self.used + self.available
+        return self.used / usable if usable else 0.0
+
+
+def disk_space(path: Path) -> DiskSpace:
+    """The space of the filesystem that holds ``path``; OSError when it cannot be read."""
+    st = os.statvfs(path)
+    return DiskSpace(
+        size=st.f_blocks * st.f_frsize,
+        used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+        available=st.f_bavail * st.f_frsize,
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -24,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlwarden import logs
+from mlwarden.secrets import SecretError, read_secret
 
 T = TypeVar("T")
 
@@ -48,6 +49,7 @@ class SettingSpec:
     positional: bool = False
     metavar: str | None = None
     flag: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
 def setting(
@@ -61,6 +63,7 @@ def setting(
     positional: bool = False,
     metavar: str | None = None,
     flag: str | None = None,
+    aliases: Sequence[str] = (),
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """Declare one setting of a settings dataclass.
@@ -68,7 +71,8 @@ def setting(
     ``env`` lists extra (legacy) environment variable names, tried after the primary name.
     ``parse`` turns the text into a value and raises ``ValueError`` with a short reason;
     without it the field's annotation decides (str, int, float, bool, Path, list[...]).
-    ``flag`` overrides the generated ``--kebab-name``.
+    ``flag`` overrides the generated ``--kebab-name``; ``aliases`` are further flags for it
+    (the names other tools use, e.g. node_exporter's ``--web.listen-address``).
     """
     spec = SettingSpec(
         help=help,
@@ -79,6 +83,7 @@ def setting(
         positional=positional,
         metavar=metavar,
         flag=flag,
+        aliases=tuple(aliases),
     )
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata={_META_KEY: spec})
@@ -108,6 +113,18 @@ class Option:
     def required(self) -> bool:
         return self.default is dataclasses.MISSING
 
+    @property
+    def shown_default(self) -> str:
+        """The default as an operator would write it; empty when there is none."""
+        value = self.default
+        if value is None or value == [] or value is dataclasses.MISSING:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+            return f"{value[0]}:{value[1]}"  # a listen address
+        return str(value)
+
 
 def options_of(cls: type, command: str) -> list[Option]:
     """The options of a settings dataclass, with their flag and environment variable names."""
@@ -124,8 +141,8 @@ def options_of(cls: type, command: str) -> list[Option]:
         else:
             flag = spec.flag or "--" + field.name.replace("_", "-")
         default: Any = field.default
-        if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = field.default_factory()  # type: ignore[misc]
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
         result.append(
             Option(
                 name=field.name,
@@ -145,42 +162,113 @@ def env_prefix(command: str) -> str:
     return f"MLWARDEN_{slug}_" if slug else "MLWARDEN_"
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str) -> None:
-    """Add one argparse argument per non-secret option. Values stay text until :func:`resolve`."""
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are exceptions, so that the caller prints one line.
+
+    argparse would print the whole usage block and exit; an operator who mistyped one flag
+    needs the one line that says which, and exit status 2 from the caller.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise SettingsError(message)
+
+
+def suggestion(word: str, candidates: Sequence[str]) -> str:
+    """`` (did you mean --compression?)`` for a near miss among ``candidates``, else empty."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def flags_of(cls: type, command: str) -> list[str]:
+    """Every flag a settings class accepts, ``--no-`` forms included."""
+    result = []
     for opt in options_of(cls, command):
-        if opt.spec.secret:
+        if opt.flag is None:
             continue
-        help_text = f"{opt.spec.help} [env {opt.env_names[0]}]"
+        result += [opt.flag, *opt.spec.aliases]
+        if opt.is_bool:
+            result.append("--no-" + opt.flag[2:])
+    return result
+
+
+def unrecognized(unknown: Sequence[str], flags: Sequence[str]) -> SettingsError:
+    """The error for arguments no setting takes, with a suggestion for the first mistyped flag."""
+    hints = (suggestion(token.split("=")[0], flags) for token in unknown if token.startswith("-"))
+    hint = next((h for h in hints if h), "")
+    return SettingsError("unrecognized arguments: " + " ".join(unknown) + hint)
+
+
+def _help_text(opt: Option) -> str:
+    parts = [opt.spec.help]
+    if opt.required:
+        parts.append("(required)")
+    elif opt.shown_default:
+        parts.append(f"(default: {opt.shown_default})")
+    parts.append("[env " + " or ".join(opt.env_names) + "]")
+    # argparse %-formats help strings: a literal % in a default or help must be doubled.
+    return " ".join(parts).replace("%", "%%")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, command: str, title: str | None = None) -> None:
+    """Add one argparse argument per non-secret option. Values stay text until :func:`resolve`.
+
+    Required options go into their own group so that help shows them apart (argparse's
+    ``required=True`` would refuse a value that comes from the environment); the others go
+    into a group named ``title``, or the parser's default one.
+    """
+    opts = [opt for opt in options_of(cls, command) if not opt.spec.secret]
+    required = parser.add_argument_group("required (as a flag or in the environment)") if any(
+        opt.required and not opt.spec.positional for opt in opts) else None
+    optional = parser.add_argument_group(title) if title else parser
+    for opt in opts:
+        help_text = _help_text(opt)
         if opt.spec.positional:
-            parser.add_argument(
-                opt.name, nargs="?", default=None, help=help_text, metavar=opt.spec.metavar
-            )
-        elif opt.is_bool:
-            parser.add_argument(
+            optional.add_argument(opt.name, nargs="?", default=None, help=help_text, metavar=opt.spec.metavar)
+            continue
+        assert opt.flag is not None  # only positionals and secrets have none
+        target = required if required is not None and opt.required else optional
+        # With choices and no metavar, argparse shows them: {zstd,gzip,none}.
+        metavar = opt.spec.metavar or (None if opt.spec.choices else opt.name.upper())
+        if opt.is_bool:
+            target.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=help_text,
             )
         elif opt.is_list:
-            parser.add_argument(
+            target.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 action="append",
                 default=None,
                 help=help_text + " (repeatable)",
-                metavar=opt.spec.metavar or opt.name.upper(),
+                metavar=metavar,
             )
         else:
-            parser.add_argument(
+            target.add_argument(
                 opt.flag,
+                *opt.spec.aliases,
                 dest=opt.name,
                 default=None,
                 help=help_text,
-                metavar=opt.spec.metavar or opt.name.upper(),
+                metavar=metavar,
                 choices=opt.spec.choices,
             )
+
+
+def secrets_help(cls: type, command: str) -> str:
+    """The help section that names the environment variables holding secrets (never flags)."""
+    lines = [
+        f"  {opt.env_names[0]} or {opt.env_names[0]}_FILE: {opt.spec.help}" + (" (required)" if opt.required else "")
+        for opt in options_of(cls, command) if opt.spec.secret
+    ]
+    if not lines:
+        return ""
+    return "secrets (from the environment only, never flags; *_FILE names a file that holds the value):\n" + "\n".join(lines)
 
 
 def resolve(
@@ -207,8 +295,6 @@ def resolve(
         except ValueError as exc:
             shown = "(secret value not shown)" if opt.spec.secret else repr(raw)
             raise SettingsError(f"invalid {source}={shown}: {exc}") from None
-        if opt.spec.secret and values[opt.name]:
-            logs.register_secret(values[opt.name])
     try:
         return cls(**values)
     except ValueError as exc:  # cross-field checks in __post_init__
@@ -217,14 +303,14 @@ def resolve(
 
 def load(cls: type[T], command: str, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> T:
     """Parse ``argv`` (flags only) and the environment into settings; for jobs run in-process."""
-    parser = argparse.ArgumentParser(prog=f"mlwarden {command}", exit_on_error=False)
+    parser = Parser(prog=f"mlwarden {command}", exit_on_error=False)
     add_arguments(parser, cls, command)
     try:
         args, unknown = parser.parse_known_args(list(argv))
     except argparse.ArgumentError as exc:
         raise SettingsError(str(exc)) from None
     if unknown:
-        raise SettingsError("unrecognized arguments: " + " ".join(unknown))
+        raise unrecognized(unknown, flags_of(cls, command))
     return resolve(cls, command, args, environ)
 
 
@@ -238,24 +324,22 @@ def _raw_value(
                 value = "true" if value else "false"
             return value, opt.flag or opt.name
     for name in opt.env_names:
-        if name in environ:
+        if opt.spec.secret:
+            try:
+                secret = read_secret(name, environ)
+            except SecretError as exc:
+                raise SettingsError(str(exc)) from None
+            if secret is not None:
+                return secret, name
+        elif name in environ:
             value = environ[name]
             return (_split_list(value) if opt.is_list else value), name
-        if opt.spec.secret and f"{name}_FILE" in environ:
-            return _read_secret_file(environ[f"{name}_FILE"], name), f"{name}_FILE"
     return None, ""
-
-
-def _read_secret_file(path: str, name: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise SettingsError(f"cannot read {name}_FILE={path!r}: {exc.strerror}") from None
 
 
 def _split_list(value: str) -> list[str]:
     # Lists in environment variables are separated by commas or the OS path separator.
-    return [part for part in re.split(r"[,%s]" % re.escape(os.pathsep), value) if part.strip()]
+    return [part for part in re.split(f"[,{re.escape(os.pathsep)}]", value) if part.strip()]
 
 
 def _convert(opt: Option, raw: str | list[str]) -> Any:
@@ -268,7 +352,7 @@ def _convert(opt: Option, raw: str | list[str]) -> Any:
 
 def _convert_one(opt: Option, text: str) -> Any:
     if opt.spec.choices and text not in opt.spec.choices:
-        raise ValueError("expected one of " + ", ".join(opt.spec.choices))
+        raise ValueError("expected one of " + ", ".join(opt.spec.choices) + suggestion(text, opt.spec.choices))
     if opt.spec.parse is not None:
         return opt.spec.parse(text)
     return parse_as(_base_type(opt.annotation), text)
@@ -349,7 +433,7 @@ def parse_duration(text: str) -> float:
 def _parser(parse: Callable[[str], T]) -> Callable[[str], T]:
     # int and float as parsers would leak Python's "invalid literal" wording to operators.
     if parse in (int, float):
-        return lambda text: parse_as(parse, text)  # type: ignore[return-value]
+        return lambda text: parse_as(parse, text)
     return parse
 
 
@@ -359,7 +443,7 @@ def positive(parse: Callable[[str], T]) -> Callable[[str], T]:
 
     def checked(text: str) -> T:
         value = parse(text)
-        if value <= 0:  # type: ignore[operator]
+        if value <= 0:  # type: ignore[operator]  # T is a number: only numeric parsers are wrapped
             raise ValueError("must be greater than zero")
         return value
 
@@ -372,7 +456,7 @@ def in_range(parse: Callable[[str], T], low: Any, high: Any) -> Callable[[str], 
 
     def checked(text: str) -> T:
         value = parse(text)
-        if not low <= value <= high:  # type: ignore[operator]
+        if not low <= value <= high:
             raise ValueError(f"must be from {low} to {high}")
         return value
 

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mlwarden.logs import RepeatFilter
 from mlwarden.relay import intake, oversize, payload, statepage, watchdog
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.config import ConfigError, RelayConfig
@@ -38,6 +39,7 @@ from mlwarden.relay.outbox import Outbox
 from mlwarden.relay.store.base import DEAD, IntakeRequest, Store, StoreError
 
 log = logging.getLogger(__name__)
+log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error
 
 WEBHOOK_PATH = "/webhook/alertmanager"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # about 30,000 alerts of a usual size

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
+from mlwarden import logs
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, parse_size, positive, setting
@@ -115,16 +116,20 @@ def run(settings: RelaySettings) -> int:
     # every webhook in flight: the largest part of the acknowledgement p99 under load).
     gc.freeze()
     try:
-        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
-                    timeout_graceful_shutdown=10)
+        uvicorn.run(app, host=host, port=port, **logs.uvicorn_options(), timeout_graceful_shutdown=10)
     finally:
         store.close()
     return ExitCode.OK
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "relay", "attribute": "COMMAND",
+     "help": "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty"},
+)
+
 COMMAND = Command(
     "relay",
-    "receive Alertmanager webhooks; cooldown, escalate, fan out to Slack and PagerDuty",
     settings=RelaySettings,
     run=run,
     description=(

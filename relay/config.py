@@ -21,9 +21,9 @@ from typing import Any
 import pydantic
 import yaml
 
-from mlwarden import logs
 from mlwarden.relay import schema as schema_doc
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, TemplateError, Templates
+from mlwarden.secrets import SecretError, read_secret
 from mlwarden.settings import parse_url
 
 SEVERITIES = ("info", "warning", "critical", "emergency")
@@ -267,16 +267,12 @@ def _only(doc: schema_doc.DestinationDoc, where: str, *allowed: str) -> None:
 def _secret(variable: str | None, where: str, environ: Mapping[str, str]) -> str:
     if variable is None:
         raise ConfigError(f"{where}: required")
-    if variable in environ and environ[variable].strip():
-        value = environ[variable].strip()
-    elif f"{variable}_FILE" in environ:
-        try:
-            value = Path(environ[f"{variable}_FILE"]).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read {variable}_FILE: {exc.strerror}") from None
-    else:
+    try:
+        value = read_secret(variable, environ)
+    except SecretError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not value:
         raise ConfigError(f"{where}: environment variable {variable} (or {variable}_FILE) is not set")
-    logs.register_secret(value)
     return value
 
 

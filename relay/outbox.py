@@ -21,12 +21,15 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from mlwarden.backoff import Backoff
+from mlwarden.logs import RepeatFilter
 from mlwarden.relay.config import Delivery, Destination
 from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers.base import DeliveryError, Notifier
 from mlwarden.relay.store.base import Job, Store, StoreError, severity_rank
 
 log = logging.getLogger(__name__)
+log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error
 DIGEST_RANK = severity_rank("warning")  # warnings and info may be folded into a digest
 CLAIM_STEP = 200  # jobs per claim transaction while gathering a digest
 MAX_RETRY_AFTER_SECONDS = 3600.0  # Slack and PagerDuty ask for seconds to minutes
@@ -47,12 +50,6 @@ class RateLimit:
 
     def hold_until(self, when: float) -> None:
         self.next_at = max(self.next_at, when)
-
-
-def backoff(attempt: int, delivery: Delivery, rand: Callable[[], float]) -> float:
-    """Delay before try ``attempt + 1``: doubling from backoff_initial, capped, with "equal jitter"."""
-    delay = min(delivery.backoff_max, delivery.backoff_initial * 2 ** (attempt - 1))
-    return delay / 2 + rand() * delay / 2
 
 
 class Outbox:
@@ -202,7 +199,7 @@ class Outbox:
                 self._metrics.dead_letters.labels("trigger_undelivered").inc(orphans)
                 log.warning("%d resolve notice(s) for %s not sent: their trigger never reached it", orphans, name)
             return
-        delay = backoff(attempt, self._delivery, self._rand)
+        delay = Backoff(self._delivery.backoff_initial, self._delivery.backoff_max, self._rand).delay(attempt)
         if error.retry_after is not None:
             # The service said when (sooner would only be refused again), but a Retry-After of
             # a day must not hold a destination's pages for a day.

@@ -12,7 +12,7 @@ from test_backup_support import backup, flip_byte, make_models, only_entry, tree
 
 from mlwarden.jobs.backup import archive
 from mlwarden.jobs.backup.verify import verify_archive
-from mlwarden.catalog import Catalog
+from mlwarden.catalog import ARCHIVE_EXTENSIONS, Catalog
 
 
 @pytest.mark.parametrize(("compression", "tar_flag"), [("zstd", "--zstd"), ("gzip", "--gzip"), ("none", "")])
@@ -20,7 +20,7 @@ def test_real_tar_extracts_it_and_sha256sum_accepts_the_checksums(tmp_path: Path
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", "--compression", compression) == 0
     entry = only_entry(tmp_path / "backups")
-    assert entry.archive_path.name.endswith(archive.EXTENSIONS[compression])
+    assert entry.archive_path.name.endswith(ARCHIVE_EXTENSIONS[compression])
 
     subprocess.run(["sha256sum", "-c", "--strict", entry.archive_path.name + ".sha256"], cwd=entry.directory, check=True, capture_output=True)
     out = tmp_path / "extracted"
@@ -84,23 +84,21 @@ def test_verify_catches_a_member_changed_inside_an_uncompressed_archive(tmp_path
     assert "config.json" in result.detail
 
 
-def test_a_damaged_backup_of_the_day_is_recorded_and_replaced_by_a_new_one(tmp_path: Path) -> None:
+def test_a_damaged_backup_of_the_day_is_recorded_replaced_and_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups") == 0
     damaged = only_entry(tmp_path / "backups")
     flip_byte(damaged.archive_path)
-    # Same day: the run verifies the existing backup, finds the damage and makes a new one.
-    assert backup(models, tmp_path / "backups") == 0
+    # Same day: the run verifies the existing backup, finds the damage, makes a new one, and
+    # still fails: a damaged backup is news, not a detail.
+    assert backup(models, tmp_path / "backups", "--textfile-dir", tmp_path) == 1
     old, new = Catalog(tmp_path / "backups").entries()
     assert old.name == damaged.name and old.verified is False
     assert new.verified is True
-
-
-def test_symlinked_files_are_backed_up_by_content_and_link_loops_are_harmless(tmp_path: Path) -> None:
-    models = make_models(tmp_path / "models")
-    (models / "alias.json").symlink_to(models / "config.json")
-    (models / "loop").symlink_to(models, target_is_directory=True)
-    assert backup(models, tmp_path / "backups") == 0
-    paths = [f.path for f in only_entry(tmp_path / "backups").manifest.files]
-    assert "alias.json" in paths
-    assert not any(p.startswith("loop/") for p in paths)
+    assert f"backup {damaged.name} is damaged" in capsys.readouterr().err
+    metrics = (tmp_path / "mlwarden_backup.prom").read_text()
+    assert "mlwarden_backup_damaged_found 1.0" in metrics and "mlwarden_job_success 0.0" in metrics
+    assert "mlwarden_backup_verified 1.0" in metrics  # the new one is good
+    # The next run checks the day's good backup: nothing newly damaged (the exporter keeps showing the old one).
+    assert backup(models, tmp_path / "backups", "--textfile-dir", tmp_path) == 0
+    assert "mlwarden_backup_damaged_found 0.0" in (tmp_path / "mlwarden_backup.prom").read_text()

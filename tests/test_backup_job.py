@@ -15,7 +15,7 @@ from test_backup_support import backup, forget_pushed, make_models, mlwarden, on
 
 from mlwarden.jobs.backup.job import LOCK_FILE
 from mlwarden import components
-from mlwarden.catalog import Catalog
+from mlwarden.catalog import BACKUP_DIR_STAGING, Catalog, stale_staging
 from mlwarden.components import wait_until
 from mlwarden.lock import JobLock
 
@@ -49,13 +49,15 @@ def test_dry_run_touches_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "would back up 4 files" in err and "nothing was changed" in err
 
     assert backup(models, backups) == 0
-    interrupted = backups / "models-20200101T000000Z"
+    interrupted = backups / ".mlwarden-staging-999999999-models-20200101T000000Z"
     interrupted.mkdir()
+    (backups / "models-20200102T000000Z").mkdir()
     before = {p: p.stat().st_mtime_ns for p in backups.rglob("*")}
     assert backup(models, backups, "--dry-run", "--force", "--keep-last", "1") == 0
     assert {p: p.stat().st_mtime_ns for p in backups.rglob("*")} == before
     err = capsys.readouterr().err
-    assert "would remove" in err and "retention keeps" in err
+    assert f"would remove {interrupted}" in err and "retention keeps" in err
+    assert "models-20200102T000000Z has no manifest: not a backup, would be left alone" in err
 
 
 def test_legacy_environment_names_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,18 +107,29 @@ def test_the_lock_prevents_overlapping_runs(tmp_path: Path, capsys: pytest.Captu
     assert backup(models, tmp_path / "backups") == 0
 
 
-def test_an_interrupted_run_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+def test_only_staging_directories_of_dead_runs_are_removed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     models = make_models(tmp_path / "models")
     backups = tmp_path / "backups"
-    interrupted = backups / "models-20200101T000000Z"
+    interrupted = backups / ".mlwarden-staging-999999999-models-20200101T000000Z"  # no such pid
     interrupted.mkdir(parents=True)
     (interrupted / ".models-20200101T000000Z.tar.zst.abc.tmp").write_bytes(b"partial")
+    legacy_drill = backups / ".drill-k2j4h5g6"  # made before pids were in the names
+    legacy_drill.mkdir()
+    live = backups / f".drill-{os.getpid()}-abcdefgh"  # a live process's: not ours to remove
+    live.mkdir()
     not_ours = backups / "holiday-photos"
     not_ours.mkdir()
+    looks_like_a_backup = backups / "models-20200102T000000Z"  # e.g. its manifest was deleted
+    (looks_like_a_backup / "models-20200102T000000Z.tar.zst").parent.mkdir()
+    (looks_like_a_backup / "models-20200102T000000Z.tar.zst").write_bytes(b"a complete archive")
     assert backup(models, backups) == 0
-    assert not interrupted.exists()
-    assert not_ours.exists()  # a directory we did not name is never removed
+    assert not interrupted.exists() and not legacy_drill.exists()
+    assert live.exists() and not_ours.exists()
+    assert (looks_like_a_backup / "models-20200102T000000Z.tar.zst").read_bytes() == b"a complete archive"
     assert len(Catalog(backups).entries()) == 1
+    err = capsys.readouterr().err
+    assert f"removing {interrupted}: left behind by a run that was killed" in err
+    assert f"{looks_like_a_backup} has no manifest: not a backup, left alone" in err
 
 
 def test_retention_deletes_old_backups_and_keeps_the_rules(tmp_path: Path) -> None:
@@ -178,11 +191,14 @@ def test_kill_9_mid_backup_leaves_no_manifest_and_the_next_run_succeeds(tmp_path
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert Catalog(backups).entries() == []
-    assert len(Catalog(backups).incomplete()) == 1
+    [left] = stale_staging(backups, BACKUP_DIR_STAGING)
+    assert left.name.startswith(f".mlwarden-staging-{process.pid}-models-")
+    assert Catalog(backups).incomplete() == []  # a staging directory is not mistaken for anything else
     assert not any(p.name == "manifest.json" for p in backups.rglob("*"))
 
     assert backup(models, backups) == 0
     assert only_entry(backups).verified is True
+    assert stale_staging(backups, BACKUP_DIR_STAGING) == []
     assert Catalog(backups).incomplete() == []
 
 

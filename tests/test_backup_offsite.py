@@ -1,8 +1,15 @@
-"""The off-site copy against moto's S3 server over real HTTP: upload, hash check, S3 down, retention in S3."""
+"""The off-site copy against moto's S3 server over real HTTP: upload, S3's checksums checked (through a
+corrupting proxy), S3 down, retention in S3."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import random
+import threading
+import urllib.parse
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -10,6 +17,7 @@ import pytest
 from test_backup_support import backup, forget_pushed, make_models, only_entry, pushed
 
 from mlwarden import components
+from mlwarden.jobs.backup.offsite import object_checksums
 
 
 @pytest.fixture
@@ -106,3 +114,91 @@ def test_retention_in_s3_applies_the_same_rules(tmp_path: Path, s3_server: compo
     from mlwarden.catalog import Catalog
 
     assert remaining == {e.name for e in Catalog(tmp_path / "backups").entries()}
+
+
+class _CorruptingProxy(http.server.ThreadingHTTPServer):
+    """An HTTP proxy between boto3 and the S3 server that flips one byte in the body of every
+    uploaded part (a bad NIC, a broken middlebox), when ``corrupt`` is set."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, corrupt: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.corrupt = corrupt
+        self.flipped = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive as boto3 expects, and answers Expect: 100-continue
+    server: _CorruptingProxy
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.server.corrupt and self.command == "PUT" and "partNumber=" in self.path and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0x01]) + body[middle + 1 :]
+            self.server.flipped += 1
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=30)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            payload = response.read()
+        finally:
+            upstream.close()
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                self.send_header(key, value)
+        # A HEAD answer says the object's length, with no body.
+        self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy(s3_server: components.S3Server, request: pytest.FixtureRequest) -> Iterator[_CorruptingProxy]:
+    server = _CorruptingProxy(s3_server.url, corrupt=request.param)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("proxy", [False, True], indirect=True, ids=["clean", "corrupting"])
+def test_a_byte_flipped_on_the_way_to_s3_fails_the_upload(
+    tmp_path: Path, s3_server: components.S3Server, bucket: str, proxy: _CorruptingProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "weights.bin").write_bytes(random.Random(7).randbytes(12 * 2**20))  # three 5 MiB parts
+    argv = ["--s3-bucket", bucket, "--s3-prefix", "node-1", "--s3-endpoint-url", proxy.url, "--s3-attempts", "1",
+            "--s3-chunk-size", "5MiB", "--compression", "none", "--textfile-dir", tmp_path]
+    code = backup(models, tmp_path / "backups", *argv)
+    metrics = (tmp_path / "mlwarden_backup.prom").read_text()
+    entry = only_entry(tmp_path / "backups")
+    archive_key = f"node-1/{entry.name}/{entry.manifest.archive}"
+    head = boto3.client("s3", endpoint_url=s3_server.url).head_object(Bucket=bucket, Key=archive_key, ChecksumMode="ENABLED")
+    assert head["ETag"].endswith('-3"')  # multipart: the parts' checksums are what is compared
+    if not proxy.corrupt:
+        assert code == 0 and "mlwarden_backup_offsite_success 1.0" in metrics
+        local = object_checksums(entry.archive_path, 5 * 2**20)
+        assert head["ChecksumSHA256"].split("-")[0] == local.sha256 and head["ETag"] == f'"{local.etag}"'
+        return
+    assert proxy.flipped == 3
+    assert code == 1
+    assert "mlwarden_backup_offsite_success 0.0" in metrics
+    assert f"s3://{bucket}/{archive_key} is damaged: " in capsys.readouterr().err
+    assert f"node-1/{entry.name}/manifest.json" not in keys(s3_server, bucket)  # never committed in S3
+    assert entry.status.offsite is None

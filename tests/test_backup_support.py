@@ -1,4 +1,5 @@
-"""Helpers shared by the backup and restore tests (no tests here): small model-like data and the CLI."""
+"""Helpers shared by the backup and restore tests (no tests here): small model-like data, the CLI,
+and the ``s3_env`` fixture (import it where it is used)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import os
 import re
 import socket
 import urllib.request
+import uuid
 from pathlib import Path
 
-from mlwarden import cli
+import boto3
+import pytest
+
+from mlwarden import cli, components
 from mlwarden.catalog import Catalog
 
 
@@ -74,3 +79,14 @@ def pushed(pushgateway_url: str, job: str) -> dict[str, float]:
         if match and f'job="{job}"' in labels and f'instance="{socket.gethostname()}"' in labels:
             found[match.group(1)] = float(match.group(3))
     return found
+
+
+@pytest.fixture
+def s3_env(s3_server: components.S3Server, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A fresh bucket on the S3 server, and the restore/backup flags that point at it."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"restore-{uuid.uuid4().hex[:12]}"  # moto keeps buckets across servers in one process
+    boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket=bucket)
+    return ["--s3-bucket", bucket, "--s3-prefix", "fleet/node-7", "--s3-endpoint-url", s3_server.url, "--s3-retry-base", "0.05"]

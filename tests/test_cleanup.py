@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mlwarden.jobs.cleanup import cli as cleanup_cli
-from mlwarden.jobs.cleanup import delete, plan, rules
+from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
 from mlwarden import cli, settings
 from mlwarden.exitcodes import ExitCode
+from mlwarden.interrupts import sigterm_interrupts
 
 DAY = 86400
 
@@ -100,6 +107,82 @@ def test_a_nested_filesystem_is_not_entered(root: Path, nested_tmpfs: Path) -> N
 
     assert (nested_tmpfs / "old.bin").exists()
     assert not (root / "run" / "old.log").exists()
+
+
+@contextmanager
+def bind_mounted(source: Path, mount_point: Path) -> Iterator[Path]:
+    mount_point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("where", ["shared", "run/shared"])
+def test_a_bind_mount_on_the_same_filesystem_is_not_entered(root: Path, tmp_path: Path, where: str) -> None:
+    # Same device number as the root: only the mount ID tells that it leads outside.
+    outside = tmp_path / "outside"
+    precious = [make(outside / "old.bin", age_days=90), make(outside / "deep" / "old.bin", age_days=90)]
+    make(root / "run" / "old.log", age_days=90)
+    with bind_mounted(outside, root / where) as mount_point:
+        assert os.stat(mount_point).st_dev == os.stat(root).st_dev
+        for workers in ("1", "2"):
+            assert run_cleanup(root, "--workers", workers) == ExitCode.OK
+            assert all(p.exists() for p in precious)
+            assert (mount_point / "old.bin").exists() and (mount_point / "deep").is_dir()
+    assert not (root / "run" / "old.log").exists()
+
+
+def test_a_file_bind_mounted_into_the_root_is_kept_not_an_error(root: Path, tmp_path: Path) -> None:
+    precious = make(tmp_path / "outside" / "weights.bin", age_days=90)
+    make(root / "run" / "weights.bin", age_days=1)
+    make(root / "run" / "old.log", age_days=90)
+    mount_point = root / "run" / "weights.bin"
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    subprocess.run(["mount", "--bind", str(precious), str(mount_point)], check=True)
+    try:
+        assert run_cleanup(root, "--textfile-dir", str(textfiles)) == ExitCode.OK
+        assert mount_point.exists()
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    assert precious.exists() and mount_point.exists()
+    assert not (root / "run" / "old.log").exists()
+    metrics = (textfiles / "mlwarden_cleanup.prom").read_text()
+    assert 'mlwarden_cleanup_skipped_files{reason="a mount point"} 1.0' in metrics
+    assert 'mlwarden_cleanup_skipped_files{reason="directory moved"} 0.0' in metrics
+
+
+def test_mount_ids_come_from_statx_and_match_proc(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    with bind_mounted(tmp_path / "outside", root / "bound") as mount_point:
+        fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in (root, mount_point)]
+        try:
+            ids = [fileops.mount_id(fd) for fd in fds]
+            assert ids == [fileops.fdinfo_mount_id(fd) for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+    assert ids[0] != ids[1]
+    mountinfo_ids = {int(line.split()[0]) for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    assert ids[0] in mountinfo_ids
+
+
+def _statx_without_mount_ids(fd: int, path: bytes, flags: int, mask: int, buffer: object) -> int:
+    ctypes.memset(buffer, 0, fileops._STATX_SIZE)  # an older kernel: success, but STATX_MNT_ID not in the mask
+    return 0
+
+
+@pytest.mark.parametrize("statx", [None, _statx_without_mount_ids], ids=["no libc statx", "kernel without STATX_MNT_ID"])
+def test_without_statx_mount_ids_the_fallback_still_fences_bind_mounts(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, statx: object,
+) -> None:
+    monkeypatch.setattr(fileops, "_statx", statx)
+    precious = make(tmp_path / "outside" / "old.bin", age_days=90)
+    with bind_mounted(tmp_path / "outside", root / "run" / "shared"):
+        assert run_cleanup(root, "--workers", "1") == ExitCode.OK
+        assert precious.exists()
 
 
 def test_protected_globs_keep_markers_and_best_are_kept(root: Path) -> None:
@@ -191,6 +274,37 @@ def test_dry_run_prints_the_plan_and_deletes_nothing(root: Path, capsys: pytest.
     assert f"delete {root}/run/old.bin\t123\t" in out and "new.bin" not in out
 
 
+def pushed_or_none(pushgateway_url: str, metric: str) -> float | None:
+    try:
+        return pushed_value(pushgateway_url, metric)
+    except AssertionError:
+        return None
+
+
+def test_a_dry_run_pushes_no_success_and_cannot_hide_a_failed_cleanup(root: Path, tmp_path: Path, pushgateway) -> None:
+    # A failed real run (another process holds the root), then a dry run: JobLate
+    # reads the last success, so the dry run must leave the failure standing.
+    make(root / "run" / "old.bin", age_days=90)
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert run_cleanup(root, "--pushgateway", pushgateway.url, "--textfile-dir", str(textfiles)) == ExitCode.FAILURE
+    finally:
+        os.close(fd)
+    failed_at = pushed_value(pushgateway.url, "mlwarden_job_last_run_timestamp_seconds")
+    failed_textfile = (textfiles / "mlwarden_cleanup.prom").read_text()
+
+    assert run_cleanup(root, "--dry-run", "--pushgateway", pushgateway.url, "--textfile-dir", str(textfiles)) == ExitCode.OK
+
+    assert (root / "run" / "old.bin").exists()
+    assert pushed_value(pushgateway.url, "mlwarden_job_success") == 0
+    assert pushed_or_none(pushgateway.url, "mlwarden_job_last_success_timestamp_seconds") is None
+    assert pushed_value(pushgateway.url, "mlwarden_job_last_run_timestamp_seconds") == failed_at
+    assert (textfiles / "mlwarden_cleanup.prom").read_text() == failed_textfile
+
+
 def test_dry_run_prints_the_plan_when_a_breaker_trips(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The runbook's answer to a tripped breaker is to read the --dry-run plan.
     for i in range(3):
@@ -204,12 +318,72 @@ def test_dry_run_prints_the_plan_when_a_breaker_trips(root: Path, capsys: pytest
     assert all(f"delete {root}/run/old-{i}.bin\t10\t" in out for i in range(3))
 
 
-@pytest.mark.parametrize("bad_root", ["/", "/home", "/etc", "/usr", "/var", "/root", "/tmp/../etc", "", "relative/dir", "HOME"])
+@pytest.fixture
+def walking_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a refusal ever regress, the test fails before a system directory is walked or
+    anything in it deleted (pytest.fail is a BaseException: the command's handler lets it through)."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("a root that must be refused was walked")
+
+    monkeypatch.setattr(plan, "build", refuse)
+    monkeypatch.setattr(delete, "execute", refuse)
+
+
+@pytest.mark.usefixtures("walking_fails")
+@pytest.mark.parametrize(
+    "bad_root",
+    ["/", "/home", "/etc", "/usr", "/var", "/root", "/opt", "/tmp/../etc", "", "relative/dir", "HOME",
+     "/etc/ssl", "/etc/systemd", "/usr/share", "/usr/local", "/var/lib/apt", "/var/lib/dpkg", "/var/cache", "/dev/shm",
+     "/var/cache/apt/archives", "/boot", "/proc/self", "/sys/fs", "/run/lock", "/lib", "/lib64", "/usr/lib/x86_64-linux-gnu"],
+)
 def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, capsys: pytest.CaptureFixture[str]) -> None:
     if bad_root == "HOME":
         bad_root = os.environ["HOME"]
     assert cli.main(["cleanup", "--experiments-dir", bad_root, "--yes"]) == ExitCode.USAGE
     assert "experiments-dir" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("walking_fails")
+@pytest.mark.parametrize("system_dir", ["/etc/ssl", "/etc/systemd", "/usr/share", "/usr/local", "/var/lib/apt", "/var/lib/dpkg", "/var/cache"])
+def test_system_subdirectories_are_refused_before_anything_is_read(system_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(os.listdir(system_dir))
+
+    assert cli.main(["cleanup", "--experiments-dir", system_dir, "--yes", "--retention-days", "0.0001", "--max-files", "1000000000"]) == ExitCode.USAGE
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"refusing to clean {system_dir}: " in err[0] and "a system directory" in err[0]
+    assert sorted(os.listdir(system_dir)) == before
+
+
+def test_a_root_in_dev_shm_is_refused_and_nothing_goes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Our own directory in /dev/shm: should the refusal regress, only the test's file is lost.
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        old = make(shm / "run" / "old.bin", age_days=90)
+        (tmp_path / "link").symlink_to(shm)
+        for root in (shm, tmp_path / "link"):
+            assert cli.main(["cleanup", "--experiments-dir", str(root), "--yes"]) == ExitCode.USAGE
+            assert f"refusing to clean {shm}" in capsys.readouterr().err
+            assert old.exists()
+    finally:
+        shutil.rmtree(shm)
+
+
+@pytest.mark.usefixtures("walking_fails")
+def test_a_symlink_into_a_system_tree_is_resolved_and_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "link").symlink_to("/etc/systemd")
+    assert cli.main(["cleanup", "--experiments-dir", str(tmp_path / "link"), "--yes"]) == ExitCode.USAGE
+    assert f"refusing to clean /etc/systemd (from {tmp_path}/link): it lies under /etc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("path", "refused"),
+    [("/opt", True), ("/opt/experiments", False), ("/home/alice", True), ("/home/alice/experiments", False),
+     ("/root", True), ("/root/experiments", False), ("/srv", True), ("/srv/experiments", False), ("/data/runs", False),
+     ("/var/lib/mlwarden/experiments", True), ("/libx32", True), ("/var/log", True)],
+)
+def test_what_is_refused_and_what_is_fine(path: str, refused: bool) -> None:
+    assert (safety.refusal(Path(path)) is not None) is refused
 
 
 def test_shell_variable_names_are_honoured(root: Path) -> None:
@@ -264,6 +438,66 @@ def test_a_file_replaced_or_touched_after_planning_is_kept(root: Path) -> None:
     assert result.skipped == {"replaced": 1, "modified": 1}
 
 
+class MoveOutAfterFirstDeletion:
+    """A progress sink that moves a directory out of the root once a file in it is gone:
+    the operator rescuing a run while the cleanup is busy in it."""
+
+    def __init__(self, directory: Path, destination: Path) -> None:
+        self.directory, self.destination = directory, destination
+        self.files = sum(1 for p in directory.rglob("*") if p.is_file())
+        self.moved_after = 0
+
+    def advance(self, amount: float) -> None:
+        if not self.moved_after and self.directory.exists():
+            left = sum(1 for p in self.directory.rglob("*") if p.is_file())
+            if left < self.files:
+                self.directory.rename(self.destination)
+                self.moved_after = self.files - left
+
+
+@pytest.mark.parametrize(("rate_limit", "lost_after_move"), [(0.0, delete.VERIFY_EVERY - 1), (1e6, 0)], ids=["batches", "rate-limited"])
+def test_a_directory_moved_out_of_the_root_during_deletion_is_no_longer_touched(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, rate_limit: float, lost_after_move: int,
+) -> None:
+    # The chain is re-checked before each batch (VERIFY_EVERY files, or each file under a
+    # rate limit): at most one batch goes after the move, never the rest of the directory.
+    for i in range(40):
+        make(root / "run" / "logs" / f"{i:02d}.log", age_days=90)
+    for i in range(5):
+        make(root / "run" / "logs" / "deep" / f"{i}.json", age_days=90)
+    for i in range(5):
+        make(root / "run" / "other" / f"{i}.log", age_days=90)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    assert len(planned.files) == 50
+    safe = tmp_path / "rescued"
+    hook = MoveOutAfterFirstDeletion(root / "run" / "logs", safe)
+
+    result = delete.execute(planned, rate_limit, progress=hook)  # type: ignore[arg-type]
+
+    assert hook.moved_after == 1
+    survivors = sum(1 for p in safe.rglob("*") if p.is_file())
+    assert 45 - 1 - lost_after_move <= survivors < 45
+    if not lost_after_move:
+        assert survivors == 44  # everything but the file deleted before the move
+    assert result.skipped == {delete.SKIPPED_MOVED: survivors} and result.errors == 0
+    assert result.files == 45 - survivors + 5 and not (root / "run" / "other").exists()
+    assert f"{root}/run/logs is no longer where the plan found it" in caplog.text
+
+
+def test_a_root_moved_away_during_deletion_stops_its_cleanup(root: Path, tmp_path: Path) -> None:
+    for run in ("run-a", "run-b"):
+        for i in range(3):
+            make(root / run / f"{i}.log", age_days=90)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    hook = MoveOutAfterFirstDeletion(root, tmp_path / "moved-root")
+
+    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]
+
+    # The rest of the first run's batch may go; the next directory is never entered.
+    assert result.errors == 1 and result.files <= 3
+    assert sum(1 for p in (tmp_path / "moved-root").rglob("*") if p.is_file()) == 6 - result.files
+
+
 def test_two_cleanups_of_one_root_never_overlap(root: Path) -> None:
     make(root / "run" / "old.bin", age_days=90)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -281,6 +515,67 @@ def test_the_rate_limit_spaces_deletions(root: Path) -> None:
     assert cleanup_cli.parse_rate("20/s") == 20.0
     assert run_cleanup(root, "--rate-limit", "200/s") == ExitCode.OK
     assert not (root / "run").exists()
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, ExitCode.TERMINATED), (signal.SIGINT, ExitCode.INTERRUPTED)])
+def test_a_signal_stops_deletion_pushes_the_failure_and_exits_128_plus_it(
+    root: Path, tmp_path: Path, pushgateway, signum: int, status: int
+) -> None:
+    # systemd stops a unit with SIGTERM: it must end the run as Ctrl-C does, not kill it unreported.
+    files = 300
+    for i in range(files):
+        make(root / "run" / f"old-{i:03d}.bin", age_days=90)
+    log_path = tmp_path / "cleanup.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlwarden.cli", "cleanup", "--experiments-dir", str(root), "--yes",
+             "--rate-limit", "100/s", "--pushgateway", pushgateway.url],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while len(os.listdir(root / "run")) == files and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.send_signal(signum)
+            assert process.wait(timeout=60) == status
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    deleted = files - len(os.listdir(root / "run"))
+    assert 0 < deleted < files
+    assert ("stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted") in log_path.read_text()
+    assert pushed_value(pushgateway.url, "mlwarden_job_success") == 0
+    assert pushed_or_none(pushgateway.url, "mlwarden_job_last_success_timestamp_seconds") is None
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_deleted_files") == deleted
+    assert pushed_value(pushgateway.url, "mlwarden_cleanup_planned_files") == files
+
+
+def test_a_signal_right_after_an_unlink_still_counts_that_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The signal lands between the unlink and its count, the window a KeyboardInterrupt
+    # raised on the spot would leave uncounted.
+    for i in range(10):
+        make(root / "run" / f"old-{i}.bin", age_days=90, size=100)
+    planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
+    real_unlink = os.unlink
+    calls = 0
+
+    def unlink_then_signal(name: str, *, dir_fd: int | None = None) -> None:
+        nonlocal calls
+        real_unlink(name, dir_fd=dir_fd)
+        calls += 1
+        if calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "unlink", unlink_then_signal)
+    result = delete.DeleteResult()
+    with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        delete.execute(planned, result=result)
+    monkeypatch.undo()
+
+    assert len(os.listdir(root / "run")) == 7
+    assert (result.files, result.bytes) == (3, 300)
 
 
 def test_the_exposed_metrics_pass_promtool(root: Path, tmp_path: Path, promtool: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mlwarden.interrupts import sigterm_interrupts
 from mlwarden.jobs.cleanup.forked import WorkerFailed, fork_map
 
 
@@ -77,4 +78,25 @@ def test_when_this_process_fails_first_the_children_are_killed(tmp_path: Path) -
 
     with pytest.raises(KeyError):
         fork_map(work, [0, 1, 2])
+    assert all(_gone(int(p.name)) for p in tmp_path.iterdir())
+
+
+def test_sigterm_to_the_whole_group_stops_the_walk_and_leaves_no_worker(tmp_path: Path) -> None:
+    # systemd's stop signals every process of the unit: the workers and this one.
+    def work(n: int) -> int:
+        if n == 0:
+            while len(list(tmp_path.iterdir())) < 2:
+                time.sleep(0.01)
+            for p in tmp_path.iterdir():
+                os.kill(int(p.name), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(600)  # interrupted by the signal
+        (tmp_path / str(os.getpid())).touch()
+        time.sleep(600)
+        return n
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with sigterm_interrupts(), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        fork_map(work, [0, 1, 2])
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
     assert all(_gone(int(p.name)) for p in tmp_path.iterdir())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlwarden import cli, logs, settings
+from mlwarden import logs, registry, settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -83,7 +83,7 @@ def test_jobs_are_limited_hardened_and_report_failures() -> None:
             assert service["User"] == "mlwarden", path.name
         command = service["ExecStart"].split()
         if command[0] == INSTALLED_BINARY:
-            assert command[1] in cli.COMMANDS, path.name
+            assert command[1] in registry.entries(), path.name
 
 
 def test_the_dedicated_user_is_declared_for_sysusers() -> None:
@@ -93,11 +93,8 @@ def test_the_dedicated_user_is_declared_for_sysusers() -> None:
 
 def known_variables() -> set[str]:
     names: set[str] = set()
-    for name in cli.COMMANDS:
-        try:
-            command = cli.load_command(name)
-        except (ImportError, AttributeError):  # a part still being written
-            continue
+    for name, entry in registry.entries().items():
+        command = entry.load()
         for opt in settings.options_of(command.settings, name):
             names.update(opt.env_names)
             if opt.spec.secret:
@@ -133,7 +130,7 @@ def test_the_crontab_runs_each_job_under_flock_nice_and_ionice() -> None:
         command = fields[6]
         assert "flock -n" in command and "nice -n 10" in command and "ionice -c 3" in command
         subcommand = command.split("$MLWARDEN ", 1)[1].split()[0]
-        assert subcommand in cli.COMMANDS
+        assert subcommand in registry.entries()
         subprocess.run(["sh", "-n", "-c", command], check=True)
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,7 +24,9 @@ from mlwarden.exporter.backends import nvml as nvml_backend
 from mlwarden.exporter.app import Exporter
 from mlwarden.exporter.backends.base import THROTTLE_REASONS, BackendUnavailable, GpuBackend
 from mlwarden.exporter.backends.nvml import NvmlBackend
-from mlwarden.exporter.backends.supervisor import Backoff, BackendSupervisor
+from mlwarden.backoff import Backoff, RetrySchedule
+from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter import procinfo
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
@@ -36,13 +37,9 @@ from mlwarden.exporter.snapshot import SnapshotStore, render
 from mlwarden import settings
 from mlwarden.components import free_port, wait_until
 from mlwarden.exitcodes import ExitCode
+from tests.fake_nvml import MIB, FakeNvml, Handle, nvml_error
 
-MIB = 2**20
-
-
-def nvml_error(code: int) -> pynvml.NVMLError:
-    return pynvml.NVMLError(code)
-
+__all__ = ["MIB", "FakeNvml", "Handle", "nvml_error", "samples", "supervisor_for", "value"]
 
 def test_nvml_error_codes_build_the_real_subclasses() -> None:
     assert type(nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)) is pynvml.NVMLError_NotSupported
@@ -55,153 +52,6 @@ def test_every_throttle_reason_of_the_contract_has_its_nvml_bit() -> None:
     assert tuple(nvml_backend._THROTTLE_BITS) == THROTTLE_REASONS
 
 
-@dataclass
-class Handle:
-    index: int
-
-
-@dataclass
-class FakeNvml:
-    """Two healthy GPUs by default; ``fail[(function, gpu)]`` overrides one answer."""
-
-    gpus: int = 2
-    fail: dict[tuple[str, int], Any] = field(default_factory=dict)
-    init_error: int | None = None
-    inits: int = 0
-    processes: dict[int, list[tuple[int, int | None]]] = field(default_factory=dict)
-    xids: list[tuple[int, int]] = field(default_factory=list)
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        for name in dir(self):
-            if name.startswith("nvml"):
-                monkeypatch.setattr(pynvml, name, getattr(self, name))
-
-    def _answer(self, name: str, handle: Handle, value: Any) -> Any:
-        override = self.fail.get((name, handle.index))
-        if isinstance(override, BaseException):
-            raise override
-        if callable(override):
-            return override()
-        return value if override is None else override
-
-    # system
-    def nvmlInit(self) -> None:  # noqa: N802 - pynvml's names
-        self.inits += 1
-        if self.init_error is not None:
-            raise nvml_error(self.init_error)
-
-    def nvmlShutdown(self) -> None:  # noqa: N802
-        pass
-
-    def nvmlSystemGetDriverVersion(self) -> str:  # noqa: N802
-        return "550.54.15"
-
-    def nvmlSystemGetCudaDriverVersion(self) -> int:  # noqa: N802
-        return 12040
-
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
-        return self.gpus
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> Handle:  # noqa: N802
-        return self._answer("nvmlDeviceGetHandleByIndex", Handle(index), Handle(index))
-
-    def nvmlDeviceGetIndex(self, handle: Handle) -> int:  # noqa: N802
-        return handle.index
-
-    # identity
-    def nvmlDeviceGetUUID(self, h: Handle) -> str:  # noqa: N802
-        return self._answer("nvmlDeviceGetUUID", h, f"GPU-fake-{h.index}")
-
-    def nvmlDeviceGetName(self, h: Handle) -> bytes:  # noqa: N802
-        return self._answer("nvmlDeviceGetName", h, b"NVIDIA H100 80GB HBM3")
-
-    def nvmlDeviceGetPciInfo(self, h: Handle) -> Any:  # noqa: N802
-        return self._answer("nvmlDeviceGetPciInfo", h, SimpleNamespace(busId=f"00000000:{h.index + 0x18:02X}:00.0".encode()))
-
-    # readings (NVML's units: mW, mJ, MHz, percent)
-    def nvmlDeviceGetTemperature(self, h: Handle, sensor: int) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetTemperature", h, 60 + h.index)
-
-    def nvmlDeviceGetFieldValues(self, h: Handle, ids: list[int]) -> Any:  # noqa: N802
-        value = SimpleNamespace(nvmlReturn=pynvml.NVML_SUCCESS, valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, value=SimpleNamespace(uiVal=70))
-        return self._answer("nvmlDeviceGetFieldValues", h, [value])
-
-    def nvmlDeviceGetUtilizationRates(self, h: Handle) -> Any:  # noqa: N802
-        return self._answer("nvmlDeviceGetUtilizationRates", h, SimpleNamespace(gpu=50, memory=25))
-
-    def nvmlDeviceGetMemoryInfo(self, h: Handle, version: int | None = None) -> Any:  # noqa: N802
-        memory = SimpleNamespace(total=80_000 * MIB, used=30_000 * MIB, free=49_500 * MIB)
-        if version:
-            memory.reserved = 500 * MIB
-        return self._answer("nvmlDeviceGetMemoryInfo", h, memory)
-
-    def nvmlDeviceGetPowerUsage(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetPowerUsage", h, 250_000)
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetEnforcedPowerLimit", h, 700_000)
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetTotalEnergyConsumption", h, 1_500_000)
-
-    def nvmlDeviceGetFanSpeed(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetFanSpeed", h, 40)
-
-    def nvmlDeviceGetPerformanceState(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetPerformanceState", h, 0)
-
-    def nvmlDeviceGetClockInfo(self, h: Handle, clock: int) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetClockInfo", h, 1980 if clock == pynvml.NVML_CLOCK_SM else 2619)
-
-    def nvmlDeviceGetCurrentClocksEventReasons(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetCurrentClocksEventReasons", h, 0x40 | 0x4)
-
-    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetCurrentClocksThrottleReasons", h, 0x1)
-
-    def nvmlDeviceGetTotalEccErrors(self, h: Handle, error_type: int, counter: int) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetTotalEccErrors", h, 3 if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else 0)
-
-    def nvmlDeviceGetCurrPcieLinkGeneration(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetCurrPcieLinkGeneration", h, 5)
-
-    def nvmlDeviceGetCurrPcieLinkWidth(self, h: Handle) -> int:  # noqa: N802
-        return self._answer("nvmlDeviceGetCurrPcieLinkWidth", h, 16)
-
-    def nvmlDeviceGetRetiredPages(self, h: Handle, cause: int) -> list[int]:  # noqa: N802
-        return self._answer("nvmlDeviceGetRetiredPages", h, [])
-
-    def nvmlDeviceGetRemappedRows(self, h: Handle) -> tuple[int, int, int, int]:  # noqa: N802
-        return self._answer("nvmlDeviceGetRemappedRows", h, (2, 0, 0, 0))
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802
-        procs = [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.get(h.index, [])]
-        return self._answer("nvmlDeviceGetComputeRunningProcesses", h, procs)
-
-    def nvmlDeviceGetGraphicsRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802
-        return self._answer("nvmlDeviceGetGraphicsRunningProcesses", h, [])
-
-    # events
-    def nvmlEventSetCreate(self) -> str:  # noqa: N802
-        return "event-set"
-
-    def nvmlDeviceGetSupportedEventTypes(self, h: Handle) -> int:  # noqa: N802
-        return pynvml.nvmlEventTypeXidCriticalError
-
-    def nvmlDeviceRegisterEvents(self, h: Handle, types: int, event_set: str) -> None:  # noqa: N802
-        pass
-
-    def nvmlEventSetWait(self, event_set: str, timeout_ms: int) -> Any:  # noqa: N802
-        if not self.xids:
-            time.sleep(0.01)
-            raise nvml_error(pynvml.NVML_ERROR_TIMEOUT)
-        gpu, xid = self.xids.pop(0)
-        return SimpleNamespace(device=Handle(gpu), eventType=pynvml.nvmlEventTypeXidCriticalError, eventData=xid)
-
-    def nvmlEventSetFree(self, event_set: str) -> None:  # noqa: N802
-        pass
-
-
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
     nvml = FakeNvml()
@@ -210,7 +60,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
 
 
 def supervisor_for(backend: GpuBackend) -> BackendSupervisor:
-    return BackendSupervisor(backend, Backoff(initial=0.0, maximum=0.0))  # retry at once: tests need no waiting
+    return BackendSupervisor(backend, RetrySchedule(Backoff(initial=0.0, maximum=0.0)))  # retry at once: tests need no waiting
 
 
 def samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -352,7 +202,7 @@ def test_a_gpu_gone_from_the_device_list_after_reinit_stays_reported_down(fake: 
 
 def test_reinitialisation_backs_off(fake: FakeNvml) -> None:
     now = [0.0]
-    supervisor = BackendSupervisor(NvmlBackend(), Backoff(initial=10.0, maximum=60.0, clock=lambda: now[0]))
+    supervisor = BackendSupervisor(NvmlBackend(), RetrySchedule(Backoff(10.0, 60.0, rand=lambda: 1.0), clock=lambda: now[0]))  # no jitter
     fake.fail[("nvmlDeviceGetHandleByIndex", 0)] = nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
     collector = GpuCollector(supervisor, 1.0, 1.0)
     samples(collector)
@@ -492,3 +342,60 @@ def test_a_hung_nvml_call_marks_data_stale_and_scrapes_still_answer(fake: FakeNv
         release.set()
         server.stop()
         loop.stop()
+
+
+def _counting(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple]:
+    """Record the arguments of every call of one fake NVML function."""
+    calls: list[tuple] = []
+    real = getattr(fake, name)
+
+    def counted(*args: object) -> object:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(pynvml, name, counted)
+    return calls
+
+
+def test_an_answer_of_not_supported_is_remembered_until_nvml_is_reinitialised(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.fail[("nvmlDeviceGetFanSpeed", 0)] = nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)  # permanent: no fan
+    fake.fail[("nvmlDeviceGetPowerUsage", 0)] = nvml_error(pynvml.NVML_ERROR_NO_PERMISSION)  # may change: asked again
+    fans = _counting(fake, monkeypatch, "nvmlDeviceGetFanSpeed")
+    power = _counting(fake, monkeypatch, "nvmlDeviceGetPowerUsage")
+    backend = NvmlBackend()
+    collector = GpuCollector(supervisor_for(backend), 1.0, 1.0)
+    for _ in range(3):
+        found = samples(collector)
+        assert value(found, "mlwarden_gpu_fan_speed_ratio", gpu="0", uuid="GPU-fake-0") is None  # omitted, as before
+        assert value(found, "mlwarden_gpu_fan_speed_ratio", gpu="1", uuid="GPU-fake-1") == 0.4
+    assert [args[0].index for args in fans] == [0, 1, 1, 1]  # GPU 0 once, GPU 1 every pass
+    assert [args[0].index for args in power].count(0) == 3
+    backend.recover()  # a driver reload may bring the field: asked again
+    del fake.fail[("nvmlDeviceGetFanSpeed", 0)]
+    assert value(samples(collector), "mlwarden_gpu_fan_speed_ratio", gpu="0", uuid="GPU-fake-0") == 0.4
+
+
+def test_a_pass_reads_every_field_value_of_a_gpu_in_one_call(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting(fake, monkeypatch, "nvmlDeviceGetFieldValues")
+    collector = GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0)
+    samples(collector)  # the first pass also finds which NVLinks exist
+    calls.clear()
+    found = samples(collector)
+    assert [args[0].index for args in calls] == [0, 1]
+    gpu0 = {"gpu": "0", "uuid": "GPU-fake-0"}
+    assert value(found, "mlwarden_gpu_memory_temperature_celsius", **gpu0) == 70
+    assert value(found, "mlwarden_gpu_pcie_bytes_total", **gpu0, direction="rx") == 2 * 10**9
+    assert value(found, "mlwarden_gpu_nvlink_bytes_total", **gpu0, link="1", direction="tx") == 2000 * 1024
+
+
+def test_a_process_on_several_gpus_is_read_from_proc_once_a_pass(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.processes = {0: [(4242, 3 * MIB)], 1: [(4242, 5 * MIB)]}
+    read: list[int] = []
+    real = procinfo.describe
+    monkeypatch.setattr(procinfo, "describe", lambda pid, proc: read.append(pid) or real(pid, proc))
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=tmp_path)
+    found = samples(collector)
+    assert read == [4242]
+    assert {dict(labels)["gpu"] for name, labels in found if name == "mlwarden_gpu_process_memory_used_bytes"} == {"0", "1"}
+    samples(collector)
+    assert read == [4242, 4242]  # not kept across passes: a PID may be reused

@@ -321,3 +321,50 @@ def test_the_command_refuses_bad_settings_with_exit_2() -> None:
     )
     assert result.returncode == 2
     assert "--listen-address" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _raw_scrape(url: str, accept_encoding: str | None) -> tuple[dict[str, str], bytes]:
+    headers = {"Accept-Encoding": accept_encoding} if accept_encoding is not None else {}
+    with urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers), timeout=10) as response:
+        return {k.lower(): v for k, v in response.headers.items()}, response.read()
+
+
+def test_scrapes_are_gzipped_when_the_scraper_accepts_it(start_exporter: Callable[..., Exporter], promtool: str) -> None:
+    import gzip
+
+    url = url_of(start_exporter("--simulated-gpus", "4"))
+    wait_until(lambda: "mlwarden_gpu_temperature_celsius{" in request(url + "/metrics")[1], 10, "the first GPU sample")
+    # what Prometheus sends
+    headers, body = _raw_scrape(url, "gzip")
+    assert headers["content-encoding"] == "gzip" and headers["vary"] == "accept-encoding"
+    assert int(headers["content-length"]) == len(body)
+    text = gzip.decompress(body)
+    assert b"mlwarden_gpu_temperature_celsius{" in text and len(body) * 4 < len(text)
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr.decode()
+    for refused in (None, "identity", "gzip;q=0", "br"):
+        headers, body = _raw_scrape(url, refused)
+        assert "content-encoding" not in headers, refused
+        assert body.startswith(b"# HELP"), refused
+    assert _raw_scrape(url, "br, gzip;q=0.5")[0]["content-encoding"] == "gzip"
+
+
+def test_the_snapshot_compresses_once_and_faithfully() -> None:
+    import gzip
+
+    snapshot = Snapshot(b"# HELP x y\n# TYPE x gauge\nx 1.0\n" * 100)
+    assert gzip.decompress(snapshot.gzipped) == snapshot.body
+    assert snapshot.gzipped is snapshot.gzipped  # made once, shared by every scrape of this snapshot
+
+
+def test_the_exporter_reports_its_own_process_metrics(start_exporter: Callable[..., Exporter]) -> None:
+    url = url_of(start_exporter())
+    body = wait_until(lambda: (b := request(url + "/metrics")[1]) and "process_resident_memory_bytes" in b and b,
+                      10, "the process collector's first pass")
+    assert sample(body, "process_resident_memory_bytes") > 10 * 2**20
+    assert sample(body, "process_open_fds") >= 3
+    assert sample(body, "mlwarden_exporter_collector_success", collector="process") == 1
+    off = url_of(start_exporter("--no-collector-process"))
+    body = wait_until(lambda: (b := request(off + "/metrics")[1]) and "mlwarden_gpu_temperature_celsius{" in b and b,
+                      10, "the first GPU sample")
+    assert "process_resident_memory_bytes" not in body

@@ -82,17 +82,17 @@ def _manifest(name: str, started: float) -> catalog.Manifest:
 
 
 def test_catalog_ignores_uncommitted_backups_and_orders_by_time(tmp_path: Path) -> None:
-    for name, started in (("m-2", 2000.0), ("m-1", 1000.0)):
+    for name, started in (("m-20200102T000000Z", 2000.0), ("m-20200101T000000Z", 1000.0)):
         (tmp_path / name).mkdir()
         catalog.Catalog.commit(tmp_path / name, _manifest(name, started))
     (tmp_path / "m-3").mkdir()  # interrupted: no manifest
     cat = catalog.Catalog(tmp_path)
-    assert [e.name for e in cat.entries()] == ["m-1", "m-2"]
+    assert [e.name for e in cat.entries()] == ["m-20200101T000000Z", "m-20200102T000000Z"]
     assert cat.incomplete() == [tmp_path / "m-3"]
     latest = cat.get("latest")
     assert latest.verified is None
     updated = cat.update_status(latest, verification=catalog.Verification(checked_at=3000.0, ok=False, detail="hash"))
-    assert cat.get("m-2").verified is False and updated.verified is False
+    assert cat.get("m-20200102T000000Z").verified is False and updated.verified is False
     with pytest.raises(catalog.CatalogError):
         cat.get("../etc")
 

@@ -18,6 +18,8 @@ import pytest
 
 from mlwarden.jobs.health import cli as health_cli
 from mlwarden.jobs.health import disk, gpu, output
+# The exporter's fake pynvml: the health check reads NVML through the exporter's backend.
+from tests.test_exporter_nvml import FakeNvml, nvml_error
 from mlwarden.jobs.health.result import Result, Status
 from mlwarden import components, settings
 from mlwarden.catalog import Catalog, Manifest, Verification
@@ -139,30 +141,46 @@ def test_no_nvml_is_reported_and_fails_only_when_a_gpu_is_required(monkeypatch: 
 
 
 def test_gpu_temperature_above_threshold_is_a_warning_and_a_lost_gpu_critical(monkeypatch: pytest.MonkeyPatch) -> None:
-    temperatures = {0: 60, 1: 91}
-    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
-    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 3)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
-
-    def temperature(handle: int, sensor: int) -> int:
-        assert sensor == pynvml.NVML_TEMPERATURE_GPU
-        if handle == 2:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
-        return temperatures[handle]
-
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetTemperature", temperature)
+    """Read through the exporter's NVML backend, against the exporter tests' fake at the pynvml boundary."""
+    fake = FakeNvml(gpus=3, fail={
+        ("nvmlDeviceGetTemperature", 0): 60,
+        ("nvmlDeviceGetTemperature", 1): 91,
+        ("nvmlDeviceGetTemperature", 2): nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST),
+    })
+    fake.install(monkeypatch)
     results = gpu.check(load(env={"TEMP_THRESHOLD": "85"}))
     assert [(r.check, r.status) for r in results] == [
         ("gpu:0", Status.OK), ("gpu:1", Status.WARNING), ("gpu:2", Status.CRITICAL),
     ]
+    assert results[1].summary == "91 °C, above 85 °C"
+
+
+@pytest.mark.parametrize("answer", [0xFFFFFFFF, nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)], ids=["sentinel", "not-supported"])
+def test_a_temperature_nvml_cannot_give_is_missing_not_compared(monkeypatch: pytest.MonkeyPatch, answer: object) -> None:
+    """NVML's "not available" value (2**32-1) is the exporter backend's sentinel: never 4294967295 °C."""
+    FakeNvml(gpus=1, fail={("nvmlDeviceGetTemperature", 0): answer}).install(monkeypatch)
+    [result] = gpu.check(load(env={"TEMP_THRESHOLD": "85"}))
+    assert result.status is Status.OK and result.summary == "answers; temperature not reported by NVML"
+    assert "temperature_celsius" not in result.data
+
+
+def test_nvml_that_cannot_count_gpus_is_critical(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeNvml(gpus=1)
+    fake.install(monkeypatch)
+
+    def uninitialised() -> int:
+        raise nvml_error(pynvml.NVML_ERROR_UNINITIALIZED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", uninitialised)
+    [result] = gpu.check(load())
+    assert result.status is Status.CRITICAL and result.summary.startswith("NVML stopped answering")
 
 
 def test_backup_freshness_and_verification(tmp_path: Path) -> None:
-    make_backup(tmp_path / "fresh", "models-1", 3600, verified=True)
-    make_backup(tmp_path / "stale", "models-1", 30 * 3600, verified=True)
-    make_backup(tmp_path / "corrupt", "models-1", 3600, verified=False)
-    make_backup(tmp_path / "unverified", "models-1", 3600, verified=None)
+    make_backup(tmp_path / "fresh", "models-20200101T000000Z", 3600, verified=True)
+    make_backup(tmp_path / "stale", "models-20200101T000000Z", 30 * 3600, verified=True)
+    make_backup(tmp_path / "corrupt", "models-20200101T000000Z", 3600, verified=False)
+    make_backup(tmp_path / "unverified", "models-20200101T000000Z", 3600, verified=None)
     (tmp_path / "empty").mkdir()
     names = ["fresh", "stale", "corrupt", "unverified", "empty"]
     env = {"BACKUP_DIR": ",".join(str(tmp_path / n) for n in names)}

@@ -39,7 +39,7 @@ def stand_in_registry(monkeypatch: pytest.MonkeyPatch) -> list[str]:
                 raise RuntimeError("boom")
             return ExitCode.FAILURE if task_settings.fail else ExitCode.OK
 
-        return Command(name, "stand-in", _StandInSettings, run)
+        return Command(name, _StandInSettings, run)
 
     monkeypatch.setattr(cli, "load_command", load_command)
     return ran

@@ -14,13 +14,12 @@ import sys
 import tarfile
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
+from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, s3_env, tree  # noqa: F401 (s3_env: a fixture)
 
 from mlwarden.jobs.backup import job as job_module
 from mlwarden.jobs.backup import restore as restore_module
@@ -224,16 +223,6 @@ def test_crafted_archives_are_refused_and_nothing_escapes(
     assert sorted(p.name for p in (tmp_path / "area" / "restore").iterdir()) == []
 
 
-@pytest.fixture
-def s3_env(s3_server: components.S3Server, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"restore-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket=bucket)
-    return ["--s3-bucket", bucket, "--s3-prefix", "fleet/node-7", "--s3-endpoint-url", s3_server.url, "--s3-retry-base", "0.05"]
-
-
 def test_restore_from_s3_after_the_machine_lost_its_disk(tmp_path: Path, s3_env: list[str]) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", *s3_env) == 0
@@ -248,18 +237,18 @@ def test_restore_from_s3_after_the_machine_lost_its_disk(tmp_path: Path, s3_env:
 def test_a_restore_from_s3_downloads_next_to_the_target_not_into_the_backup_dir(
     tmp_path: Path, s3_env: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mlwarden.jobs.backup import restore as restore_module
+    from mlwarden import catalog
 
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", *s3_env) == 0
     made_in: list[Path] = []
-    mkdtemp = restore_module.tempfile.mkdtemp
+    mkdtemp = catalog.tempfile.mkdtemp
 
     def recording_mkdtemp(**kwargs: str | Path) -> str:
         made_in.append(Path(kwargs["dir"]))
         return mkdtemp(**kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(restore_module.tempfile, "mkdtemp", recording_mkdtemp)
+    monkeypatch.setattr(catalog.tempfile, "mkdtemp", recording_mkdtemp)
     target = tmp_path / "other-disk" / "models"
     assert restore("latest", "--from-s3", *s3_env, "--backup-dir", tmp_path / "backups", "--to", target) == 0
     assert tree(target) == tree(models)
@@ -407,3 +396,21 @@ def test_a_backup_does_not_start_while_a_drill_holds_the_lock(
     assert codes == [1]
     assert "backup not started: another run holds" in capsys.readouterr().err
     assert only_entry(backups).name == drilled  # retention did not run under the drill
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_a_symlinked_target_is_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], force: bool
+) -> None:
+    assert backup(make_models(tmp_path / "models"), tmp_path / "backups") == 0
+    real = tmp_path / "serving-v3"
+    real.mkdir()
+    (real / "keep-me.txt").write_text("precious")
+    link = tmp_path / "serving"
+    link.symlink_to(real, target_is_directory=True)
+    assert restore("--backup-dir", tmp_path / "backups", "--to", link, *(["--force"] if force else [])) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "restore FAILED" in line]
+    assert f"{link} is a symbolic link (to {real})" in line and f"--to {real}" in line
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert tree(real) == {"keep-me.txt": b"precious"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models", "serving", "serving-v3"]  # nothing left behind

@@ -9,6 +9,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from mlwarden.exporter.procinfo import ProcessInfo
+
 THROTTLE_REASONS = (
     "gpu_idle",
     "applications_clocks_setting",
@@ -23,6 +25,17 @@ THROTTLE_REASONS = (
 ECC_ERROR_TYPES = ("corrected", "uncorrected")
 ECC_COUNTERS = ("volatile", "aggregate")
 REMAPPED_ROW_STATES = ("correctable", "uncorrectable", "pending", "failure")
+# GPU Performance Monitoring (Hopper and later), as ratios 0..1 over the collection interval.
+PROFILING_RATIOS = (
+    "graphics_engine_activity", "sm_activity", "sm_occupancy", "tensor_activity",
+    "dram_bandwidth_utilization", "fp16_activity", "fp32_activity", "fp64_activity",
+)
+DIRECTIONS = ("tx", "rx")
+NVLINK_ERRORS = ("replay", "recovery", "crc_flit", "crc_data", "ecc_data")
+VIOLATION_REASONS = (
+    "power", "thermal", "sync_boost", "board_limit", "low_utilization", "reliability",
+    "total_app_clocks", "total_base_clocks",
+)
 
 
 class BackendUnavailable(RuntimeError):
@@ -39,6 +52,23 @@ class GpuIdentity:
     uuid: str
     name: str
     pci_bus_id: str
+
+
+@dataclass(frozen=True)
+class NvLinkReading:
+    link: int
+    up: bool
+    bytes: dict[str, int] = field(default_factory=dict)  # direction -> data bytes since the driver loaded
+    errors: dict[str, int] = field(default_factory=dict)  # NVLINK_ERRORS -> count
+
+
+@dataclass(frozen=True)
+class MigReading:
+    gpu_instance: int
+    compute_instance: int
+    profile: str  # "1g.10gb"
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,15 +95,26 @@ class GpuReading:
     pcie_link_width: int | None = None
     retired_pages: dict[str, int] | None = None  # cause -> pages
     remapped_rows: dict[str, int] | None = None  # state -> rows
+    retired_pages_pending: bool | None = None
+    profiling: dict[str, float] = field(default_factory=dict)  # PROFILING_RATIOS -> 0..1; empty without GPM
+    pcie_throughput_bytes_per_second: dict[str, float] = field(default_factory=dict)  # direction -> B/s
+    pcie_bytes: dict[str, int] = field(default_factory=dict)  # direction -> bytes since the driver loaded
+    pcie_replays: int | None = None
+    nvlink_throughput_bytes_per_second: dict[str, float] = field(default_factory=dict)  # all links, GPM
+    nvlinks: tuple[NvLinkReading, ...] = ()
+    encoder_utilization_ratio: float | None = None
+    decoder_utilization_ratio: float | None = None
+    violation_seconds: dict[str, float] = field(default_factory=dict)  # VIOLATION_REASONS -> seconds throttled
+    mig: tuple[MigReading, ...] = ()
 
 
 @dataclass(frozen=True)
 class GpuProcess:
     pid: int
     used_memory_bytes: int | None
-    name: str = ""  # empty: look it up in /proc
-    user: str = ""
-    container: str = ""
+    info: ProcessInfo | None = None  # None: look it up in /proc
+    sm_utilization_ratio: float | None = None
+    memory_utilization_ratio: float | None = None
 
 
 @dataclass(frozen=True)

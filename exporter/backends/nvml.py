@@ -18,6 +18,7 @@ import pynvml
 from mlwarden.exporter.backends.base import (
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
+    NVLINK_ERRORS,
     REMAPPED_ROW_STATES,
     BackendUnavailable,
     GpuBackend,
@@ -25,8 +26,11 @@ from mlwarden.exporter.backends.base import (
     GpuLost,
     GpuProcess,
     GpuReading,
+    MigReading,
+    NvLinkReading,
     XidEvent,
 )
+from mlwarden.exporter.backends.gpm import GpmReader
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,10 @@ _UNSUPPORTED = (
     # a driver older than the struct version asked for (nvmlMemory_v2 on an old driver)
     pynvml.NVMLError_ArgumentVersionMismatch,
 )
+# Of those, the answers that hold until the driver is reloaded: the call is not made again until
+# NVML is re-initialised (an old GPU answers NOT_SUPPORTED to dozens of calls every pass otherwise,
+# and each answer costs a Python exception).
+_PERMANENT = (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_ArgumentVersionMismatch)
 _U32_SENTINELS = {0xFFFFFFFF, 0xFFFFFFFE}
 # 2**64-1 is NVML's "not available"; values from 0x7FFFFFFFFFFFFFF0 up are the blank /
 # not-supported markers (e.g. 9223372036854775794) that DCGM-based tools leak.
@@ -63,6 +71,25 @@ _RETIREMENT_CAUSE = {
     "single_bit_ecc": pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
     "double_bit_ecc": pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
 }
+_VIOLATION_POLICY = {
+    "power": pynvml.NVML_PERF_POLICY_POWER,
+    "thermal": pynvml.NVML_PERF_POLICY_THERMAL,
+    "sync_boost": pynvml.NVML_PERF_POLICY_SYNC_BOOST,
+    "board_limit": pynvml.NVML_PERF_POLICY_BOARD_LIMIT,
+    "low_utilization": pynvml.NVML_PERF_POLICY_LOW_UTILIZATION,
+    "reliability": pynvml.NVML_PERF_POLICY_RELIABILITY,
+    "total_app_clocks": pynvml.NVML_PERF_POLICY_TOTAL_APP_CLOCKS,
+    "total_base_clocks": pynvml.NVML_PERF_POLICY_TOTAL_BASE_CLOCKS,
+}
+_NVLINK_ERROR_COUNTER = dict(zip(NVLINK_ERRORS, (
+    pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY, pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
+    pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA, pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA,
+)))
+# NVML's PCIe throughput is in KB/s (1024 bytes), its NVLink data counters in KiB.
+_KIB = 1024
+_PCIE_UTIL = {"tx": pynvml.NVML_PCIE_UTIL_TX_BYTES, "rx": pynvml.NVML_PCIE_UTIL_RX_BYTES}
+_PCIE_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES), ("rx", pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES))
+_NVLINK_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX), ("rx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX))
 _FIELD_VALUE_ATTR = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
 
@@ -90,6 +117,26 @@ def _scaled(value: int | None, factor: float) -> float | None:
     return None if value is None else value * factor
 
 
+def _flag(value: Any) -> bool | None:
+    value = u32(value)
+    return None if value is None else value == pynvml.NVML_FEATURE_ENABLED
+
+
+def _counters(fields: dict[tuple[int, int], int], wanted: tuple[tuple[str, int], ...], scope: int, scale: int) -> dict[str, int]:
+    """direction -> counter from the field values read, NVML's sentinels left out."""
+    result = {}
+    for key, field in wanted:
+        counted = u64(fields.get((field, scope)))
+        if counted is not None:
+            result[key] = counted * scale
+    return result
+
+
+def _engine_ratio(answer: Any) -> float | None:
+    """nvmlDeviceGet{En,De}coderUtilization answers [percent, sampling period in us]."""
+    return _scaled(u32(answer[0]), 0.01) if answer else None
+
+
 class NvmlBackend(GpuBackend):
     kind = "nvml"
 
@@ -101,6 +148,11 @@ class NvmlBackend(GpuBackend):
         self._generation = 0  # bumped by every (re)initialisation; the XID listener follows it
         self._event_set: Any = None
         self._event_generation = -1
+        self._gpm = GpmReader(self._call)
+        self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
+        self._unsupported: set[tuple[Any, ...]] = set()  # calls (see _key) that answered a _PERMANENT error
+        self._handle_indexes: dict[int, int] = {}  # id(handle) -> GPU index, for _key
+        self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
 
     # lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,12 +163,17 @@ class NvmlBackend(GpuBackend):
         # start() runs before collection begins or under the supervisor's lock: no lock of its own.
         self._handles.clear()
         self._identities.clear()
+        self._nvlinks.clear()
+        self._unsupported.clear()
+        self._handle_indexes.clear()
+        self._utilization_seen.clear()
         self._generation += 1
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
 
     def close(self) -> None:
+        self._gpm.reset()
         try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
@@ -163,10 +220,17 @@ class NvmlBackend(GpuBackend):
             pynvml.nvmlDeviceGetMemoryInfo, handle
         )
         pstate = u32(call(pynvml.nvmlDeviceGetPerformanceState, handle))
+        profile = self._gpm.read(index, handle)
+        links = self._links(index, handle)
+        # every field-value reading of this GPU in one call: memory temperature, PCIe and NVLink bytes
+        fields = self._field_values(handle, [
+            (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0), *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
+            *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS),
+        ])
         return GpuReading(
             identity=self.identity(index),
             temperature_celsius=u32(call(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
-            memory_temperature_celsius=self._field_value(handle, pynvml.NVML_FI_DEV_MEMORY_TEMP),
+            memory_temperature_celsius=u32(fields.get((pynvml.NVML_FI_DEV_MEMORY_TEMP, 0))),
             utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
             memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
             memory_used_bytes=u64(getattr(memory, "used", None)),
@@ -186,6 +250,17 @@ class NvmlBackend(GpuBackend):
             pcie_link_width=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle)),
             retired_pages=self._retired_pages(handle),
             remapped_rows=self._remapped_rows(handle),
+            retired_pages_pending=_flag(call(pynvml.nvmlDeviceGetRetiredPagesPendingStatus, handle)),
+            profiling=profile.ratios,
+            pcie_throughput_bytes_per_second=self._pcie_throughput(handle, profile.bandwidth),
+            pcie_bytes=_counters(fields, _PCIE_BYTES_FIELDS, 0, 1),
+            pcie_replays=u32(call(pynvml.nvmlDeviceGetPcieReplayCounter, handle)),
+            nvlink_throughput_bytes_per_second={d: v for (bus, d), v in profile.bandwidth.items() if bus == "nvlink"},
+            nvlinks=self._nvlink_readings(handle, links, fields),
+            encoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetEncoderUtilization, handle)),
+            decoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetDecoderUtilization, handle)),
+            violation_seconds=self._violations(handle),
+            mig=self._mig(handle),
         )
 
     def processes(self, index: int) -> list[GpuProcess]:
@@ -196,7 +271,24 @@ class NvmlBackend(GpuBackend):
                 used = u64(proc.usedGpuMemory)
                 previous = memory.get(proc.pid)
                 memory[proc.pid] = used if previous is None else max(previous, used or 0)
-        return [GpuProcess(pid=pid, used_memory_bytes=used) for pid, used in memory.items()]
+        utilization = self._process_utilization(index, handle) if memory else {}
+        return [
+            GpuProcess(pid=pid, used_memory_bytes=used, sm_utilization_ratio=utilization.get(pid, (None, None))[0],
+                       memory_utilization_ratio=utilization.get(pid, (None, None))[1])
+            for pid, used in memory.items()
+        ]
+
+    def _process_utilization(self, index: int, handle: Any) -> dict[int, tuple[float | None, float | None]]:
+        """PID -> (SM, memory) ratios from the samples NVML took since the last pass."""
+        since = self._utilization_seen.get(index, 0)
+        samples = self._call(pynvml.nvmlDeviceGetProcessUtilization, handle, since) or []
+        newest: dict[int, Any] = {}
+        for sample in samples:
+            if sample.timeStamp > since and (sample.pid not in newest or sample.timeStamp > newest[sample.pid].timeStamp):
+                newest[sample.pid] = sample
+        if newest:
+            self._utilization_seen[index] = max(sample.timeStamp for sample in newest.values())
+        return {pid: (_scaled(u32(s.smUtil), 0.01), _scaled(u32(s.memUtil), 0.01)) for pid, s in newest.items()}
 
     # XID events ------------------------------------------------------------------------
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
@@ -261,6 +353,7 @@ class NvmlBackend(GpuBackend):
             if handle is None:
                 raise GpuLost(f"GPU {index}: no handle")
             self._handles[index] = handle
+            self._handle_indexes[id(handle)] = index
         return handle
 
     @staticmethod
@@ -270,22 +363,43 @@ class NvmlBackend(GpuBackend):
         except pynvml.NVMLError:
             return None
 
-    @staticmethod
-    def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; None when NVML says the field is unsupported; GpuLost when the GPU is in trouble."""
+        key = self._key(fn, args)
+        if key in self._unsupported:
+            return None
         try:
             return fn(*args)
-        except _UNSUPPORTED:
+        except _UNSUPPORTED as exc:
+            if key and isinstance(exc, _PERMANENT):
+                self._unsupported.add(key)
             return None
         except pynvml.NVMLError as exc:
             raise GpuLost(f"{fn.__name__}: {exc}") from None
 
-    def _field_value(self, handle: Any, field_id: int) -> float | None:
-        values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, [field_id])
-        if not values or values[0].nvmlReturn != pynvml.NVML_SUCCESS:
-            return None
-        attr = _FIELD_VALUE_ATTR.get(values[0].valueType)
-        return None if attr is None else u32(getattr(values[0].value, attr))
+    def _key(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """What identifies a call across passes: a GPU's handle (a ctypes pointer, unhashable) stands
+        as its index; () for a call with another unhashable argument (a list of field ids), never remembered."""
+        parts: list[Any] = [fn]
+        for arg in args:
+            index = self._handle_indexes.get(id(arg))
+            parts.append(("gpu", index) if index is not None and self._handles.get(index) is arg else arg)
+        key = tuple(parts)
+        try:
+            hash(key)
+        except TypeError:
+            return ()
+        return key
+
+    def _field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        """(field id, scope) -> the raw value, for the fields NVML answered."""
+        values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
+        result = {}
+        for key, value in zip(ids, values):
+            attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
+            if attr is not None:
+                result[key] = getattr(value.value, attr)
+        return result
 
     def _throttle_reasons(self, handle: Any) -> dict[str, bool] | None:
         mask = self._call(pynvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
@@ -312,6 +426,75 @@ class NvmlBackend(GpuBackend):
             if pages is not None:
                 result[cause] = len(pages)
         return result or None
+
+    def _pcie_throughput(self, handle: Any, gpm: dict[tuple[str, str], float]) -> dict[str, float]:
+        """GPM's average over the interval where it exists, else NVML's 20 ms sample."""
+        measured = {direction: value for (bus, direction), value in gpm.items() if bus == "pcie"}
+        if measured:
+            return measured
+        for direction, counter in _PCIE_UTIL.items():
+            value = u32(self._call(pynvml.nvmlDeviceGetPcieThroughput, handle, counter))
+            if value is not None:
+                measured[direction] = float(value * _KIB)
+        return measured
+
+    def _links(self, index: int, handle: Any) -> list[int]:
+        links = self._nvlinks.get(index)
+        if links is None:
+            # links that do not exist answer NOT_SUPPORTED or INVALID_ARGUMENT: ask once, not every pass
+            links = [link for link in range(pynvml.NVML_NVLINK_MAX_LINKS)
+                     if self._call(pynvml.nvmlDeviceGetNvLinkState, handle, link) is not None]
+            self._nvlinks[index] = links
+        return links
+
+    def _nvlink_readings(self, handle: Any, links: list[int], fields: dict[tuple[int, int], int]) -> tuple[NvLinkReading, ...]:
+        readings = []
+        for link in links:
+            state = self._call(pynvml.nvmlDeviceGetNvLinkState, handle, link)
+            if state is None:
+                continue
+            errors = {}
+            for name, counter in _NVLINK_ERROR_COUNTER.items():
+                count = u64(self._call(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, counter))
+                if count is not None:
+                    errors[name] = count
+            readings.append(NvLinkReading(
+                link=link, up=state == pynvml.NVML_FEATURE_ENABLED,
+                bytes=_counters(fields, _NVLINK_BYTES_FIELDS, link, _KIB), errors=errors,
+            ))
+        return tuple(readings)
+
+    def _violations(self, handle: Any) -> dict[str, float]:
+        result = {}
+        for reason, policy in _VIOLATION_POLICY.items():
+            status = self._call(pynvml.nvmlDeviceGetViolationStatus, handle, policy)
+            nanoseconds = None if status is None else u64(status.violationTime)
+            if nanoseconds is not None:
+                result[reason] = nanoseconds / 1e9
+        return result
+
+    def _mig(self, handle: Any) -> tuple[MigReading, ...]:
+        mode = self._call(pynvml.nvmlDeviceGetMigMode, handle)
+        if not mode or mode[0] != pynvml.NVML_DEVICE_MIG_ENABLE:
+            return ()
+        instances = []
+        for slot in range(u32(self._call(pynvml.nvmlDeviceGetMaxMigDeviceCount, handle)) or 0):
+            mig = self._call(pynvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot)
+            if mig is None:
+                continue  # an empty slot answers NOT_FOUND
+            gpu_instance = u32(self._call(pynvml.nvmlDeviceGetGpuInstanceId, mig))
+            compute_instance = u32(self._call(pynvml.nvmlDeviceGetComputeInstanceId, mig))
+            if gpu_instance is None or compute_instance is None:
+                continue
+            memory = self._call(pynvml.nvmlDeviceGetMemoryInfo, mig)
+            name = _text(self._call(pynvml.nvmlDeviceGetName, mig) or "")
+            instances.append(MigReading(
+                gpu_instance=gpu_instance, compute_instance=compute_instance,
+                profile=name.rsplit("MIG ", 1)[1] if "MIG " in name else "",
+                memory_used_bytes=u64(getattr(memory, "used", None)),
+                memory_total_bytes=u64(getattr(memory, "total", None)),
+            ))
+        return tuple(instances)
 
     def _remapped_rows(self, handle: Any) -> dict[str, int] | None:
         rows = self._call(pynvml.nvmlDeviceGetRemappedRows, handle)

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlwarden.exporter.procinfo import ProcessInfo
 from mlwarden.exporter.backends.base import (
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
@@ -28,7 +29,8 @@ from mlwarden.exporter.backends.base import (
     XidEvent,
 )
 
-FAULTS = ("overheat", "cool", "lose", "recover", "ecc", "xid")
+FAULTS = ("overheat", "cool", "lose", "recover", "ecc", "xid", "idle", "busy")
+_IDLE_LOAD = 0.02  # a job that holds its memory and waits: what GpuAllocatedButIdle looks for
 OVERHEAT_CELSIUS = 94.0  # above the critical threshold unless the injector names a temperature
 _GIB = 2**30
 _MEMORY_TOTAL = 80 * _GIB
@@ -46,6 +48,17 @@ class _SimulatedGpu:
     double_bit_pages: int = 0
     energy_joules: float = 0.0
     last_read: float | None = None
+    idle: bool = False
+    thermal_violation_seconds: float = 0.0
+    pcie_bytes: float = 0.0
+
+
+def _workload(gpu: int, k: int) -> ProcessInfo:
+    """Even GPUs run a Kubernetes pod each, odd GPUs a Slurm job each: the demo shows both kinds."""
+    if gpu % 2 == 0:
+        return ProcessInfo(name=f"train_worker_{k}", user="ml", container_id=f"{0xc0de00000000 + gpu:012x}",
+                           namespace=("research", "vision")[gpu // 2 % 2], pod=f"train-{gpu // 2}-0", container="trainer")
+    return ProcessInfo(name=f"train_worker_{k}", user=("alice", "bob")[gpu // 2 % 2], slurm_job=str(4200 + gpu))
 
 
 class SimulatedBackend(GpuBackend):
@@ -110,6 +123,8 @@ class SimulatedBackend(GpuBackend):
                 state.overheat_celsius = celsius if fault == "overheat" else None
             elif fault in ("lose", "recover"):
                 state.lost = fault == "lose"
+            elif fault in ("idle", "busy"):
+                state.idle = fault == "idle"
             elif fault == "ecc":
                 for counter in ECC_COUNTERS:
                     state.ecc[("uncorrected", counter)] += count
@@ -125,6 +140,8 @@ class SimulatedBackend(GpuBackend):
         return self._gpus[index].identity
 
     def _load(self, index: int, now: float) -> float:
+        if self._gpus[index].idle:
+            return _IDLE_LOAD
         return 0.55 + 0.4 * math.sin(now / 40.0 + index * 1.3)
 
     def read(self, index: int) -> GpuReading:
@@ -135,8 +152,13 @@ class SimulatedBackend(GpuBackend):
                 raise GpuLost(f"GPU {index} has fallen off the bus (simulated)")
             load = self._load(index, now)
             power = 90.0 + 560.0 * load
+            pcie_rate = 2e9 * load
             if state.last_read is not None:
-                state.energy_joules += power * max(0.0, now - state.last_read)
+                elapsed = max(0.0, now - state.last_read)
+                state.energy_joules += power * elapsed
+                state.pcie_bytes += pcie_rate * elapsed
+                if state.overheat_celsius is not None:
+                    state.thermal_violation_seconds += elapsed
             state.last_read = now
             hot = state.overheat_celsius is not None
             used = int(_MEMORY_TOTAL * (0.2 + 0.6 * load))
@@ -166,6 +188,23 @@ class SimulatedBackend(GpuBackend):
                 pcie_link_width=16,
                 retired_pages={"single_bit_ecc": 0, "double_bit_ecc": state.double_bit_pages},
                 remapped_rows={"correctable": 0, "uncorrectable": state.double_bit_pages, "pending": 0, "failure": 0},
+                retired_pages_pending=False,
+                profiling={
+                    "graphics_engine_activity": round(min(1.0, load * 1.05), 3),
+                    "sm_activity": round(load * 0.8, 3),
+                    "sm_occupancy": round(load * 0.45, 3),
+                    "tensor_activity": round(load * 0.6, 3),
+                    "dram_bandwidth_utilization": round(load * 0.5, 3),
+                    "fp16_activity": round(load * 0.3, 3),
+                    "fp32_activity": round(load * 0.1, 3),
+                    "fp64_activity": 0.0,
+                },
+                pcie_throughput_bytes_per_second={"tx": round(pcie_rate * 0.4), "rx": round(pcie_rate * 0.6)},
+                pcie_bytes={"tx": int(state.pcie_bytes * 0.4), "rx": int(state.pcie_bytes * 0.6)},
+                pcie_replays=0,
+                encoder_utilization_ratio=0.0,
+                decoder_utilization_ratio=0.0,
+                violation_seconds={"power": 0.0, "thermal": round(state.thermal_violation_seconds, 3)},
             )
 
     def processes(self, index: int) -> list[GpuProcess]:
@@ -173,13 +212,15 @@ class SimulatedBackend(GpuBackend):
         with self._lock:
             if self._gpus[index].lost:
                 raise GpuLost(f"GPU {index} has fallen off the bus (simulated)")
+        load = self._load(index, now)
+        share = 1.0 / max(1, self._processes_per_gpu)
         return [
             GpuProcess(
                 pid=200_000 + index * 1000 + k,
                 used_memory_bytes=int(_GIB * (2 + 1.5 * math.sin(now / 50.0 + k))),
-                name=f"train_worker_{k}",
-                user="mlwarden-sim",
-                container="",
+                info=_workload(index, k),
+                sm_utilization_ratio=round(load * share, 3),
+                memory_utilization_ratio=round(load * 0.7 * share, 3),
             )
             for k in range(self._processes_per_gpu)
         ]

@@ -10,42 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 
+from mlwarden.backoff import Backoff, RetrySchedule
 from mlwarden.exporter.backends.base import BackendUnavailable, GpuBackend, GpuIdentity
 
 log = logging.getLogger(__name__)
 
 
-class Backoff:
-    """Exponential delay between attempts: ``initial``, doubling, at most ``maximum`` seconds."""
-
-    def __init__(self, initial: float = 1.0, maximum: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._clock = clock
-        self._delay = 0.0
-        self._next = 0.0
-
-    def ready(self) -> bool:
-        return self._clock() >= self._next
-
-    def failed(self) -> None:
-        self._delay = min(self._maximum, max(self._initial, self._delay * 2))
-        self._next = self._clock() + self._delay
-
-    def reset(self) -> None:
-        self._delay = 0.0
-        self._next = 0.0
-
-
 class BackendSupervisor:
-    def __init__(self, backend: GpuBackend, backoff: Backoff | None = None) -> None:
+    def __init__(self, backend: GpuBackend, backoff: RetrySchedule | None = None) -> None:
         self.backend = backend
         self.available = False
         self._needs_recovery = False
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or RetrySchedule(Backoff(initial=1.0, maximum=300.0))
         self._lock = threading.Lock()
         self._warned_unavailable = False
         self._identities: dict[int, GpuIdentity] = {}

@@ -12,9 +12,10 @@ import logging
 import os
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
-
 from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.exposition import gauge
+
+from mlwarden.fsutil import disk_space
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,14 @@ class ArtifactsCollector(Collector):
 
     def collect(self) -> Collected:
         labels = ["directory"]
-        size = GaugeMetricFamily("mlwarden_artifacts_size_bytes", "Bytes of regular files under the directory (symlinks not followed).", labels=labels)
-        files = GaugeMetricFamily("mlwarden_artifacts_files", "Regular files under the directory.", labels=labels)
-        free = GaugeMetricFamily("mlwarden_artifacts_filesystem_free_bytes", "Bytes available to unprivileged users on the directory's filesystem.", labels=labels)
-        fs_size = GaugeMetricFamily("mlwarden_artifacts_filesystem_size_bytes", "Size of the directory's filesystem, in bytes.", labels=labels)
+        size = gauge("mlwarden_artifacts_size_bytes", "Bytes of regular files under the directory (symlinks not followed).", labels=labels)
+        files = gauge("mlwarden_artifacts_files", "Regular files under the directory.", labels=labels)
+        free = gauge("mlwarden_artifacts_filesystem_free_bytes", "Bytes available to unprivileged users on the directory's filesystem.", labels=labels)
+        fs_size = gauge("mlwarden_artifacts_filesystem_size_bytes", "Size of the directory's filesystem, in bytes.", labels=labels)
         success = True
         for directory in self.directories:
             try:
-                stats = os.statvfs(directory)
+                space = disk_space(directory)
             except OSError as exc:
                 if directory not in self._unreadable:
                     log.warning("artifacts directory %s: %s", directory, exc.strerror)
@@ -70,6 +71,6 @@ class ArtifactsCollector(Collector):
             label = [str(directory)]
             size.add_metric(label, used)
             files.add_metric(label, count)
-            free.add_metric(label, stats.f_bavail * stats.f_frsize)
-            fs_size.add_metric(label, stats.f_blocks * stats.f_frsize)
+            free.add_metric(label, space.available)
+            fs_size.add_metric(label, space.size)
         return Collected([size, files, free, fs_size], success=success)

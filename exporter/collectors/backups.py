@@ -15,10 +15,10 @@ import logging
 import os
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
-
+from mlwarden.catalog import BACKUP_DIR_STAGING, MANIFEST, STATUS, Catalog, stale_staging
+from mlwarden.exporter.collectors.artifacts import tree_usage
 from mlwarden.exporter.collectors.base import Collected, Collector
-from mlwarden.catalog import MANIFEST, STATUS, Catalog
+from mlwarden.exporter.exposition import Family, gauge
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,30 @@ class BackupsCollector(Collector):
         incomplete = catalog.incomplete()
         labels = [str(self.backup_dir)]
 
-        def gauge(name: str, text: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, text, labels=["backup_dir"])
+        def family(name: str, text: str) -> Family:
+            return gauge(name, text, labels=["backup_dir"])
 
-        count = gauge("mlwarden_backups", "Committed backups in the backup directory.")
-        newest = gauge("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
-        size = gauge("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
-        verified = gauge("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
-        offsite = gauge("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
-        partial = gauge("mlwarden_backup_incomplete", "Backup directories without a readable manifest (interrupted runs, corrupt or unreadable catalog files).")
+        count = family("mlwarden_backups", "Committed backups in the backup directory.")
+        newest = family("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
+        size = family("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
+        verified = family("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
+        offsite = family("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
+        partial = family(
+            "mlwarden_backup_incomplete",
+            "Directories in the backup directory without a readable manifest (never removed by mlwarden: someone's "
+            "directory, a deleted manifest, corrupt or unreadable catalog files).",
+        )
+        stale = family(
+            "mlwarden_backup_stale_staging_bytes",
+            "Bytes in work directories that killed backups, drills or downloads left behind (the next backup or drill removes them).",
+        )
+        stale.add_metric(labels, sum(tree_usage(directory)[0] for directory in stale_staging(self.backup_dir, BACKUP_DIR_STAGING)))
+        damaged = gauge(
+            "mlwarden_backup_damaged", "1 for a backup whose last verification failed (kept for inspection; restore latest skips it), else 0.",
+            labels=["backup_dir", "backup"],
+        )
+        for entry in entries:
+            damaged.add_metric([*labels, entry.name], 1 if entry.verified is False else 0)
         count.add_metric(labels, len(entries))
         size.add_metric(labels, sum(e.manifest.archive_bytes for e in entries))
         partial.add_metric(labels, len(incomplete) + len(unreadable))
@@ -74,7 +89,7 @@ class BackupsCollector(Collector):
             offsite.add_metric(labels, 1 if latest.status.offsite is not None else 0)
             if latest.verified is not None:
                 verified.add_metric(labels, 1 if latest.verified else 0)
-        return Collected([count, newest, size, verified, offsite, partial])
+        return Collected([count, newest, size, verified, offsite, partial, damaged, stale])
 
     def _log_unreadable(self, unreadable: dict[Path, Exception]) -> None:
         """Warn about each unreadable backup once per distinct state; forget those readable (or gone) now."""

@@ -1,9 +1,9 @@
 """The one small interface every collector implements (the shape of node_exporter's collectors).
 
 A collector reads one thing (GPUs, processes, XID events, the backup catalog, artifact
-directories) and returns metric families. It does not know about HTTP or scrapes: the
-collection loop calls it on its own schedule and publishes the result; the loop also
-adds each collector's success, duration and freshness series.
+directories) and returns metric families (:mod:`mlwarden.exporter.exposition`). It does not
+know about HTTP or scrapes: the collection loop calls it on its own schedule and publishes the
+result; the loop also adds each collector's success, duration and freshness series.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-from prometheus_client.metrics_core import Metric
+from mlwarden.exporter.exposition import Family
 
 GPU_LABELS = ("gpu", "uuid")
 
 
 @dataclass(frozen=True)
 class Collected:
-    families: list[Metric] = field(default_factory=list)
+    families: list[Family] = field(default_factory=list)
     success: bool = True
 
 

@@ -1,5 +1,6 @@
 """The ``gpu`` collector: identity, temperatures, utilization, memory, power, energy,
-clocks, throttle reasons, ECC, PCIe, retired pages and remapped rows, per GPU.
+clocks, throttle reasons and violation time, ECC, PCIe, NVLink, video engines, retired pages and
+remapped rows, profiling (GPM) and MIG instances, per GPU.
 
 A GPU that does not answer gets ``mlwarden_gpu_up 0`` and no other series; the other GPUs
 keep reporting. So does a GPU that is no longer in the device list at all (after NVML was
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-
 from mlwarden.exporter.backends.base import (
+    DIRECTIONS,
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
+    NVLINK_ERRORS,
     BackendUnavailable,
     GpuLost,
     GpuReading,
 )
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.exposition import Family, counter, gauge
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,18 @@ GAUGES = (
     ("performance_state", "mlwarden_gpu_performance_state", "Performance state: 0 (P0, maximum) to 15 (P15, minimum)."),
     ("pcie_link_generation", "mlwarden_gpu_pcie_link_generation", "Current PCIe link generation."),
     ("pcie_link_width", "mlwarden_gpu_pcie_link_width", "Current PCIe link width (lanes)."),
+    ("encoder_utilization_ratio", "mlwarden_gpu_encoder_utilization_ratio", "Fraction of the last sample period in which the video encoder (NVENC) was busy (0..1)."),
+    ("decoder_utilization_ratio", "mlwarden_gpu_decoder_utilization_ratio", "Fraction of the last sample period in which the video decoder (NVDEC) was busy (0..1)."),
 )
+# GPM profiling ratios (Hopper and later): key in GpuReading.profiling -> (metric name, help).
+PROFILING = {
+    "graphics_engine_activity": ("mlwarden_gpu_graphics_engine_activity_ratio", "Fraction of the collection interval in which the graphics or compute engine was active (GPM)."),
+    "sm_activity": ("mlwarden_gpu_sm_activity_ratio", "Fraction of SMs busy, averaged over the collection interval (GPM): real use, unlike utilization."),
+    "sm_occupancy": ("mlwarden_gpu_sm_occupancy_ratio", "Resident warps as a fraction of the SMs' maximum, averaged over the collection interval (GPM)."),
+    "tensor_activity": ("mlwarden_gpu_tensor_activity_ratio", "Fraction of the collection interval the SMs spent on tensor-core instructions of any kind (GPM)."),
+    "dram_bandwidth_utilization": ("mlwarden_gpu_dram_bandwidth_utilization_ratio", "DRAM bandwidth used as a fraction of the theoretical maximum, over the collection interval (GPM)."),
+}
+PIPES = {"fp16_activity": "fp16", "fp32_activity": "fp32", "fp64_activity": "fp64"}
 
 
 class GpuCollector(Collector):
@@ -60,7 +72,7 @@ class GpuCollector(Collector):
         self._vanished: set[GpuLabels] = set()  # seen, but no longer in the device list
 
     def collect(self) -> Collected:
-        nvml_up = GaugeMetricFamily("mlwarden_nvml_up", "1 when the GPU library (NVML) is initialised and answering, else 0.")
+        nvml_up = gauge("mlwarden_nvml_up", "1 when the GPU library (NVML) is initialised and answering, else 0.")
         if not self.supervisor.ensure():
             nvml_up.add_metric([], 0)
             return Collected([nvml_up], success=False)
@@ -122,19 +134,33 @@ class GpuCollector(Collector):
         uuid = self.supervisor.uuid(index)
         return "" if uuid in answered_uuids else uuid
 
-    def _families(self, readings: list[GpuReading], down: list[GpuLabels], driver: str, cuda: str) -> list[Metric]:
-        info = GaugeMetricFamily(
+    def _families(self, readings: list[GpuReading], down: list[GpuLabels], driver: str, cuda: str) -> list[Family]:
+        info = gauge(
             "mlwarden_gpu_info", "GPU identity; the value is always 1.",
             labels=[*GPU_LABELS, "name", "pci_bus_id", "driver_version", "cuda_version"],
         )
-        up = GaugeMetricFamily("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung, no longer listed).", labels=GPU_LABELS)
-        gauges = {attr: GaugeMetricFamily(name, text, labels=GPU_LABELS) for attr, name, text in GAUGES}
-        energy = CounterMetricFamily("mlwarden_gpu_energy_joules", "Energy consumed since the driver was loaded, in joules.", labels=GPU_LABELS)
-        clocks = GaugeMetricFamily("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=[*GPU_LABELS, "clock"])
-        throttle = GaugeMetricFamily("mlwarden_gpu_throttle_reason_active", "1 when this clock throttle (event) reason is active, else 0.", labels=[*GPU_LABELS, "reason"])
-        ecc = CounterMetricFamily("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).", labels=[*GPU_LABELS, "error_type", "counter"])
-        retired = GaugeMetricFamily("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=[*GPU_LABELS, "cause"])
-        remapped = GaugeMetricFamily("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=[*GPU_LABELS, "state"])
+        up = gauge("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung, no longer listed).", labels=GPU_LABELS)
+        gauges = {attr: gauge(name, text, labels=GPU_LABELS) for attr, name, text in GAUGES}
+        energy = counter("mlwarden_gpu_energy_joules", "Energy consumed since the driver was loaded, in joules.", labels=GPU_LABELS)
+        clocks = gauge("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=[*GPU_LABELS, "clock"])
+        throttle = gauge("mlwarden_gpu_throttle_reason_active", "1 when this clock throttle (event) reason is active, else 0.", labels=[*GPU_LABELS, "reason"])
+        ecc = counter("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).", labels=[*GPU_LABELS, "error_type", "counter"])
+        retired = gauge("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=[*GPU_LABELS, "cause"])
+        remapped = gauge("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=[*GPU_LABELS, "state"])
+        pending = gauge("mlwarden_gpu_retired_pages_pending", "1 when retired pages await a GPU reset or driver reload to take effect, else 0.", labels=GPU_LABELS)
+        profiling = {key: gauge(name, text, labels=GPU_LABELS) for key, (name, text) in PROFILING.items()}
+        pipes = gauge("mlwarden_gpu_pipe_activity_ratio", "Fraction of the collection interval the SMs spent on non-tensor math of this precision (GPM).", labels=[*GPU_LABELS, "pipe"])
+        pcie_rate = gauge("mlwarden_gpu_pcie_throughput_bytes_per_second", "PCIe traffic in bytes per second (GPM: averaged over the collection interval; else NVML's 20 ms sample).", labels=[*GPU_LABELS, "direction"])
+        pcie_bytes = counter("mlwarden_gpu_pcie_bytes", "PCIe bytes transferred since the driver was loaded.", labels=[*GPU_LABELS, "direction"])
+        replays = counter("mlwarden_gpu_pcie_replays", "PCIe replays (retransmissions after link errors) since the driver was loaded.", labels=GPU_LABELS)
+        nvlink_rate = gauge("mlwarden_gpu_nvlink_throughput_bytes_per_second", "NVLink traffic over all links in bytes per second, averaged over the collection interval (GPM).", labels=[*GPU_LABELS, "direction"])
+        nvlink_up = gauge("mlwarden_gpu_nvlink_up", "1 when the NVLink link is active, else 0.", labels=[*GPU_LABELS, "link"])
+        nvlink_bytes = counter("mlwarden_gpu_nvlink_bytes", "NVLink data bytes transferred on the link since the driver was loaded.", labels=[*GPU_LABELS, "link", "direction"])
+        nvlink_errors = counter("mlwarden_gpu_nvlink_errors", "NVLink data-link errors on the link since the driver was loaded.", labels=[*GPU_LABELS, "link", "error"])
+        violations = counter("mlwarden_gpu_clock_violation_seconds", "Time the clocks were held below their target for this reason, since the driver was loaded.", labels=[*GPU_LABELS, "reason"])
+        mig_labels = [*GPU_LABELS, "gpu_instance", "compute_instance", "profile"]
+        mig_used = gauge("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=mig_labels)
+        mig_total = gauge("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=mig_labels)
         for index, uuid in down:
             up.add_metric([str(index), uuid], 0)
         for reading in readings:
@@ -154,12 +180,48 @@ class GpuCollector(Collector):
             for reason, active in (reading.throttle_reasons or {}).items():
                 throttle.add_metric([*gpu, reason], 1 if active else 0)
             for error_type in ECC_ERROR_TYPES:
-                for counter in ECC_COUNTERS:
-                    value = reading.ecc_errors.get((error_type, counter))
+                for ecc_counter in ECC_COUNTERS:
+                    value = reading.ecc_errors.get((error_type, ecc_counter))
                     if value is not None:
-                        ecc.add_metric([*gpu, error_type, counter], value)
+                        ecc.add_metric([*gpu, error_type, ecc_counter], value)
             for cause, pages in (reading.retired_pages or {}).items():
                 retired.add_metric([*gpu, cause], pages)
             for state, rows in (reading.remapped_rows or {}).items():
                 remapped.add_metric([*gpu, state], rows)
-        return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped]
+            self._add_signals(reading, gpu, pending, profiling, pipes, replays, violations)
+            for family, by_direction in ((pcie_rate, reading.pcie_throughput_bytes_per_second), (pcie_bytes, reading.pcie_bytes),
+                                         (nvlink_rate, reading.nvlink_throughput_bytes_per_second)):
+                for direction in DIRECTIONS:
+                    if direction in by_direction:
+                        family.add_metric([*gpu, direction], by_direction[direction])
+            for link in reading.nvlinks:
+                nvlink_up.add_metric([*gpu, str(link.link)], 1 if link.up else 0)
+                for direction, count in link.bytes.items():
+                    nvlink_bytes.add_metric([*gpu, str(link.link), direction], count)
+                for error in NVLINK_ERRORS:
+                    if error in link.errors:
+                        nvlink_errors.add_metric([*gpu, str(link.link), error], link.errors[error])
+            for mig in reading.mig:
+                labels = [*gpu, str(mig.gpu_instance), str(mig.compute_instance), mig.profile]
+                if mig.memory_used_bytes is not None:
+                    mig_used.add_metric(labels, mig.memory_used_bytes)
+                if mig.memory_total_bytes is not None:
+                    mig_total.add_metric(labels, mig.memory_total_bytes)
+        return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
+                pipes, pcie_rate, pcie_bytes, replays, nvlink_rate, nvlink_up, nvlink_bytes, nvlink_errors, violations,
+                mig_used, mig_total]
+
+    @staticmethod
+    def _add_signals(reading: GpuReading, gpu: list[str], pending: Family, profiling: dict[str, Family],
+                     pipes: Family, replays: Family, violations: Family) -> None:
+        if reading.retired_pages_pending is not None:
+            pending.add_metric(gpu, 1 if reading.retired_pages_pending else 0)
+        for key, value in reading.profiling.items():
+            if key in profiling:
+                profiling[key].add_metric(gpu, value)
+            elif key in PIPES:
+                pipes.add_metric([*gpu, PIPES[key]], value)
+        if reading.pcie_replays is not None:
+            replays.add_metric(gpu, reading.pcie_replays)
+        for reason, seconds in reading.violation_seconds.items():
+            violations.add_metric([*gpu, reason], seconds)

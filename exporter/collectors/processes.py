@@ -1,47 +1,68 @@
-"""The ``processes`` collector: GPU memory per running process.
+"""The ``processes`` collector: GPU memory per running process, and who holds each GPU.
 
 Series are rebuilt from scratch on every pass, so a process that exited is gone at the
 next collection. At most ``max_processes`` per GPU are exported (the largest users of
 memory), which bounds the number of series; ``mlwarden_gpu_processes`` counts them all.
+
+``mlwarden_gpu_allocation_info`` has one series per GPU and workload (a pod's container, a
+Slurm job, a container, a user), from the exported processes and from the allocation sources
+(:mod:`mlwarden.exporter.attribution`), so that any per-GPU series can be joined to its workload:
+``... * on(instance, gpu, uuid) group_right mlwarden_gpu_allocation_info``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
-
 from mlwarden.exporter import procinfo
+from mlwarden.exporter.attribution import WORKLOAD_LABELS, Allocations, Attributor, workload_of
 from mlwarden.exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.exposition import gauge
+
+PROCESS_LABELS = (*GPU_LABELS, "pid", "process", *WORKLOAD_LABELS)
 
 
 class ProcessesCollector(Collector):
     name = "processes"
 
     def __init__(
-        self, supervisor: BackendSupervisor, interval: float, timeout: float, max_processes: int, proc: Path = Path("/proc")
+        self, supervisor: BackendSupervisor, interval: float, timeout: float, max_processes: int,
+        proc: Path = Path("/proc"), attributor: Attributor | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.interval = interval
         self.timeout = timeout
         self.max_processes = max_processes
         self.proc = proc
+        self.attributor = attributor or Attributor()
 
     def collect(self) -> Collected:
         if not self.supervisor.ensure():
             return Collected(success=False)
         backend = self.supervisor.backend
-        count = GaugeMetricFamily("mlwarden_gpu_processes", "Processes using the GPU (all of them, before the export cap).", labels=GPU_LABELS)
-        memory = GaugeMetricFamily(
-            "mlwarden_gpu_process_memory_used_bytes", "GPU memory used by one process, in bytes.",
-            labels=[*GPU_LABELS, "pid", "process", "user", "container"],
+        count = gauge("mlwarden_gpu_processes", "Processes using the GPU (all of them, before the export cap).", labels=GPU_LABELS)
+        memory = gauge("mlwarden_gpu_process_memory_used_bytes", "GPU memory used by one process, in bytes.", labels=PROCESS_LABELS)
+        sm = gauge(
+            "mlwarden_gpu_process_sm_utilization_ratio",
+            "Fraction of the last sample period in which the process ran on the GPU's SMs (0..1).", labels=PROCESS_LABELS,
+        )
+        mem_util = gauge(
+            "mlwarden_gpu_process_memory_utilization_ratio",
+            "Fraction of the last sample period in which the process read or wrote GPU memory (0..1).", labels=PROCESS_LABELS,
+        )
+        allocation = gauge(
+            "mlwarden_gpu_allocation_info",
+            "One series per GPU and workload holding it (pod container, Slurm job, container, user); the value is always 1.",
+            labels=[*GPU_LABELS, *WORKLOAD_LABELS],
         )
         try:
             gpus = backend.device_count()
         except BackendUnavailable:
             return Collected(success=False)
+        allocations = self.attributor.allocations()
+        described: dict[int, procinfo.ProcessInfo] = {}  # a process on several GPUs is read from /proc once a pass
         for index in range(gpus):
             try:
                 identity = backend.identity(index)
@@ -51,17 +72,31 @@ class ProcessesCollector(Collector):
             self.supervisor.remember(identity)
             gpu = [str(index), identity.uuid]
             count.add_metric(gpu, len(processes))
+            infos = []
             for process in self._largest(processes):
-                if process.used_memory_bytes is None:
-                    continue  # NVML cannot say (e.g. no permission): omit, never 0
-                info = self._describe(process)
-                memory.add_metric([*gpu, str(process.pid), info.name, info.user, info.container], process.used_memory_bytes)
-        return Collected([count, memory])
+                info = self._describe(process, allocations, index, identity.uuid, described)
+                infos.append(info)
+                labels = [*gpu, str(process.pid), info.name, *workload_of(info).labels()]
+                if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
+                    memory.add_metric(labels, process.used_memory_bytes)
+                if process.sm_utilization_ratio is not None:
+                    sm.add_metric(labels, process.sm_utilization_ratio)
+                if process.memory_utilization_ratio is not None:
+                    mem_util.add_metric(labels, process.memory_utilization_ratio)
+            for workload in allocations.workloads(index, identity.uuid, infos):
+                allocation.add_metric([*gpu, *workload.labels()], 1)
+        return Collected([count, memory, sm, mem_util, allocation])
+
+    def stop(self) -> None:
+        self.attributor.close()
 
     def _largest(self, processes: list[GpuProcess]) -> list[GpuProcess]:
         return sorted(processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[: self.max_processes]
 
-    def _describe(self, process: GpuProcess) -> procinfo.ProcessInfo:
-        if process.name:  # the backend already knows (simulated processes have no /proc entry)
-            return procinfo.ProcessInfo(process.name, process.user, process.container)
-        return procinfo.describe(process.pid, self.proc)
+    def _describe(self, process: GpuProcess, allocations: Allocations, index: int, uuid: str,
+                  described: dict[int, procinfo.ProcessInfo]) -> procinfo.ProcessInfo:
+        # the backend may already know (simulated processes have no /proc entry)
+        info = process.info or described.get(process.pid)
+        if info is None:
+            info = described[process.pid] = procinfo.describe(process.pid, self.proc)
+        return allocations.complete(info, index, uuid)

@@ -15,11 +15,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from mlwarden.exporter.backends.base import XidEvent
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector
+from mlwarden.exporter.exposition import counter, gauge
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +87,8 @@ class XidCollector(Collector):
                 count.last_seen = max(count.last_seen, event.timestamp)
 
     def collect(self) -> Collected:
-        total = CounterMetricFamily("mlwarden_gpu_xid_errors", "XID errors reported by the driver, every occurrence counted.", labels=[*GPU_LABELS, "xid"])
-        last = GaugeMetricFamily("mlwarden_gpu_xid_last_timestamp_seconds", "When this XID was last reported (Unix time).", labels=[*GPU_LABELS, "xid"])
+        total = counter("mlwarden_gpu_xid_errors", "XID errors reported by the driver, every occurrence counted.", labels=[*GPU_LABELS, "xid"])
+        last = gauge("mlwarden_gpu_xid_last_timestamp_seconds", "When this XID was last reported (Unix time).", labels=[*GPU_LABELS, "xid"])
         counts: list[tuple[int, int, int, float]] = []
         unlogged: list[tuple[int, int, int]] = []
         with self._lock:

@@ -14,13 +14,15 @@ that GNU tar extracts (``tar --zstd -xf``).
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import gzip
 import hashlib
 import logging
 import os
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +32,11 @@ import zstandard
 
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
-from mlwarden.catalog import CHECKSUMS, FileRecord
+from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, LinkRecord, SkippedRecord
 from mlwarden.fsutil import atomic_write_text, atomic_writer
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
 # zstd level 1, not the CLI's 3: on float weights the higher levels only cost time (the
 # mantissa bytes are noise to any compressor); measured in bench/bench_backup.py.
 DEFAULT_LEVELS = {"zstd": 1, "gzip": 6, "none": None}
@@ -45,7 +46,11 @@ _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 
 
 class SourceChanged(RuntimeError):
-    """A file changed size while it was being archived (something is still writing it)."""
+    """A file changed while it was being archived, and again when read once more (something is still writing it)."""
+
+
+class SourceUnreadable(RuntimeError):
+    """Files or directories under the source cannot be read: the backup would miss them."""
 
 
 @dataclass(frozen=True)
@@ -58,67 +63,145 @@ class SourceFile:
 
 
 @dataclass(frozen=True)
+class Source:
+    """What a backup covers: regular files and symlinks (stored as links), plus what it cannot hold."""
+
+    files: list[SourceFile]
+    links: list[LinkRecord]
+    skipped: list[SkippedRecord]  # FIFOs, sockets, devices
+
+
+@dataclass(frozen=True)
 class ArchiveResult:
     path: Path
     sha256: str
     archive_bytes: int
     files: tuple[FileRecord, ...]
     read_bytes: int
+    rewritten: tuple[str, ...] = ()  # stored twice: changed during the first read
 
 
 class _Writable(Protocol):
     def write(self, data: bytes | memoryview, /) -> int: ...
 
 
-def scan(source: Path) -> list[SourceFile]:
-    """The regular files under ``source``, sorted by path.
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+_UNREADABLE_NAMED = 5  # paths named in the error; the log has them all
 
-    Symlinks to files are followed (the content is what must survive); symlinked
-    directories are not descended into, so a link loop cannot make the backup endless.
+
+def excluded(relative: str, patterns: Sequence[str]) -> bool:
+    """Whether ``--exclude`` patterns leave ``relative`` out: fnmatch on the relative path
+    (``*`` crosses ``/``), and on the base name for a pattern without ``/``."""
+    name = relative.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(relative, p) or ("/" not in p and fnmatch.fnmatchcase(name, p)) for p in patterns)
+
+
+def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
+    """Everything under ``source`` except what ``excludes`` leaves out, sorted by path.
+
+    Nothing is dropped silently: a file or directory that cannot be read raises
+    :class:`SourceUnreadable` naming it; symlinks (to files or directories) are kept as
+    links and never followed, so a link loop cannot make the backup endless; FIFOs, sockets
+    and devices are listed as skipped.
     """
-    found: list[SourceFile] = []
-    for root, dirs, names in os.walk(source):
-        dirs.sort()
-        for name in sorted(names):
-            path = Path(root) / name
+    files: list[SourceFile] = []
+    links: list[LinkRecord] = []
+    skipped: list[SkippedRecord] = []
+    unreadable: list[str] = []
+    pending = [""]
+    while pending:
+        relative_dir = pending.pop()
+        directory = source / relative_dir if relative_dir else source
+        try:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            unreadable.append(f"{directory} ({exc.strerror})")
+            continue
+        for child in children:
+            relative = f"{relative_dir}/{child.name}" if relative_dir else child.name
+            if excluded(relative, excludes):
+                continue
             try:
-                info = path.stat()
+                info = child.stat(follow_symlinks=False)
+                if stat.S_ISLNK(info.st_mode):
+                    links.append(LinkRecord(relative, os.readlink(child.path)))
+                elif stat.S_ISDIR(info.st_mode):
+                    pending.append(relative)
+                elif stat.S_ISREG(info.st_mode):
+                    if not os.access(child.path, os.R_OK):
+                        raise PermissionError(errno.EACCES, "Permission denied")
+                    files.append(SourceFile(Path(child.path), relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
+                else:
+                    kind = next(k for test, k in _SPECIAL_KINDS if test(info.st_mode))
+                    log.warning("not backing up %s: a %s (listed as skipped in the manifest)", child.path, kind)
+                    skipped.append(SkippedRecord(relative, kind))
             except FileNotFoundError:
-                log.warning("skipping %s: broken symlink or removed during the scan", path)
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                log.warning("skipping %s: not a regular file", path)
-                continue
-            relative = path.relative_to(source).as_posix()
-            found.append(SourceFile(path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
-    found.sort(key=lambda f: f.relative)
-    return found
+                log.warning("%s was removed during the scan: not backed up", child.path)
+            except OSError as exc:
+                unreadable.append(f"{child.path} ({exc.strerror})")
+    if unreadable:
+        for path in unreadable:
+            log.error("cannot read %s", path)
+        more = f" and {len(unreadable) - _UNREADABLE_NAMED} more" if len(unreadable) > _UNREADABLE_NAMED else ""
+        raise SourceUnreadable(
+            f"cannot read {', '.join(unreadable[:_UNREADABLE_NAMED])}{more}: fix the permissions, run as a user "
+            "who can read them, or leave them out on purpose with --exclude"
+        )
+    _warn_links_out(source, links)
+    return Source(sorted(files, key=lambda f: f.relative), sorted(links, key=lambda link: link.path), skipped)
+
+
+def _warn_links_out(source: Path, links: list[LinkRecord]) -> None:
+    """A link is stored as a link: what it points to outside the source is not in the backup
+    (a Hugging Face cache snapshot, whose files link to ../../blobs, is the usual case)."""
+    root = os.path.realpath(source)
+    for link in links:
+        resolved = os.path.realpath(source / link.path)
+        if os.path.commonpath([root, resolved]) != root:
+            log.warning("%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source)
 
 
 def archive_name(backup_name: str, compression: str) -> str:
-    return backup_name + EXTENSIONS[compression]
+    return backup_name + ARCHIVE_EXTENSIONS[compression]
 
 
 def write_archive(
-    files: list[SourceFile],
+    source: Source,
     destination: Path,
     compression: str,
     level: int | None,
     threads: int = 0,
     on_progress: Callable[[int], None] = lambda _: None,
 ) -> ArchiveResult:
-    """Archive ``files`` into ``destination`` (complete or absent, never partial)."""
+    """Archive ``source`` into ``destination`` (complete or absent, never partial).
+
+    A file that changes while it is read (size, mtime_ns, ctime_ns or inode differ before and
+    after) is read once more and stored again under the same name: the archive is written
+    in one pass and cannot take the torn copy back, so the manifest lists the file in
+    ``rewritten`` and readers skip its first copy (GNU tar simply overwrites it with the
+    second). A second change raises :class:`SourceChanged` naming the file.
+    """
     chosen_level = DEFAULT_LEVELS[compression] if level is None else level
     records: list[FileRecord] = []
+    rewritten: list[str] = []
     with atomic_writer(destination) as raw:
         sink = _HashingSink(raw)
         with _compressor(sink, compression, chosen_level or 0, threads) as out:
-            for source_file in files:
-                out.write(_header(source_file))
-                records.append(_copy_file(source_file, out, on_progress))
-                padding = -source_file.size % _BLOCK
-                if padding:
-                    out.write(b"\0" * padding)
+            for source_file in source.files:
+                record = _copy_file(source_file, out, on_progress)
+                if record is None:
+                    log.warning("%s changed while it was read; reading it once more", source_file.path)
+                    record = _copy_file(source_file, out, on_progress)
+                    if record is None:
+                        raise SourceChanged(
+                            f"{source_file.path} changed while it was being archived, twice: something is still "
+                            "writing it (schedule the backup after checkpoints are written, or --exclude it)"
+                        )
+                    rewritten.append(source_file.relative)
+                records.append(record)
+            for link in source.links:
+                out.write(_link_header(link))
             out.write(_END_OF_ARCHIVE)
     return ArchiveResult(
         path=destination,
@@ -126,6 +209,7 @@ def write_archive(
         archive_bytes=sink.count,
         files=tuple(records),
         read_bytes=sum(r.size for r in records),
+        rewritten=tuple(rewritten),
     )
 
 
@@ -143,39 +227,59 @@ def write_checksums(directory: Path, result: ArchiveResult) -> None:
     atomic_write_text(directory / CHECKSUMS, "".join(sha256sum_line(r.sha256, r.path) for r in result.files))
 
 
-def _header(source_file: SourceFile) -> bytes:
-    info = tarfile.TarInfo(source_file.relative)
-    info.size = source_file.size
-    info.mtime = int(source_file.mtime)
-    info.mode = source_file.mode
-    info.type = tarfile.REGTYPE
+def _header(relative: str, info: os.stat_result) -> bytes:
+    header = tarfile.TarInfo(relative)
+    header.size = info.st_size
+    header.mtime = int(info.st_mtime)
+    header.mode = stat.S_IMODE(info.st_mode)
+    header.type = tarfile.REGTYPE
+    header.uname = header.gname = ""
+    return header.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is written to, truncated, or replaced by a rename."""
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
+def _link_header(link: LinkRecord) -> bytes:
+    info = tarfile.TarInfo(link.path)
+    info.type = tarfile.SYMTYPE
+    info.linkname = link.target
+    info.mode = 0o777
     info.uname = info.gname = ""
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None]) -> FileRecord:
-    """Stream one file into the archive, hashing it on the way; exactly ``size`` bytes go in."""
+def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None]) -> FileRecord | None:
+    """Stream one file into the archive as one tar member, hashing it on the way; exactly the
+    size in its header goes in (zeros if it shrank). None if the file changed meanwhile: the
+    member is then a torn copy."""
     digest = hashlib.sha256()
-    remaining = source_file.size
     with open(source_file.path, "rb", buffering=0) as handle, Overlap() as overlap:
+        before = os.fstat(handle.fileno())
+        out.write(_header(source_file.relative, before))
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        remaining = before.st_size
         while remaining:
-            chunk = handle.read(min(CHUNK_BYTES, remaining))
-            if not chunk:
-                raise SourceChanged(f"{source_file.path} shrank while it was being archived")
+            chunk = handle.read(min(CHUNK_BYTES, remaining)) or b"\0" * min(CHUNK_BYTES, remaining)  # shrank: keep the tar valid
             # Hash in a worker thread while this thread compresses: both release the GIL.
             overlap.run(digest.update, chunk)
             out.write(chunk)
             remaining -= len(chunk)
             on_progress(len(chunk))
-    if os.stat(source_file.path).st_size != source_file.size:
-        raise SourceChanged(f"{source_file.path} changed size while it was being archived")
+        padding = -before.st_size % _BLOCK
+        if padding:
+            out.write(b"\0" * padding)
+        unchanged = _identity(os.fstat(handle.fileno())) == _identity(before) == _identity(os.stat(source_file.path))
+    if not unchanged:
+        return None
     return FileRecord(
         path=source_file.relative,
-        size=source_file.size,
+        size=before.st_size,
         sha256=digest.hexdigest(),
-        mtime=source_file.mtime,
-        mode=source_file.mode,
+        mtime=before.st_mtime,
+        mode=stat.S_IMODE(before.st_mode),
     )
 
 

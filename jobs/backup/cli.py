@@ -10,6 +10,7 @@ from mlwarden.jobs.backup.job import run_backup, run_restore
 from mlwarden.jobs.backup.s3config import STORAGE_CLASSES, S3Location
 from mlwarden.jobs.backup.retention import Policy
 from mlwarden.jobs.report import PUSHGATEWAY_ENV
+from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
 from mlwarden.command import Command
 from mlwarden.settings import in_range, parse_duration, parse_size, parse_url, positive, setting
 
@@ -21,8 +22,8 @@ class S3Settings:
     s3_bucket: str | None = setting(None, help="S3 bucket for the off-site copy (credentials: the standard AWS environment, config files or instance role)", env=("S3_BUCKET",))
     s3_prefix: str = setting("", help="key prefix inside the bucket, e.g. backups/gpu-node-1")
     s3_endpoint_url: str | None = setting(None, help="endpoint of an S3-compatible store (MinIO, Ceph, R2...); default AWS", parse=parse_url)
-    s3_attempts: int = setting(3, help="attempts for each S3 copy or listing, with jittered exponential backoff between them", parse=positive(int))
-    s3_retry_base: float = setting(2.0, help="first backoff between S3 attempts (doubles each time)", parse=parse_duration)
+    s3_attempts: int = setting(3, help="attempts for each S3 request (botocore's standard retry mode, with its jittered backoff)", parse=positive(int))
+    s3_retry_base: float = setting(2.0, help="first backoff before a whole copy is tried again after its check failed (doubles each time, full jitter)", parse=parse_duration)
 
     def s3_location(self, storage_class: str = "STANDARD", chunk_size: int = 64 * 2**20, concurrency: int = 8) -> S3Location | None:
         if not self.s3_bucket:
@@ -51,6 +52,12 @@ class _BackupCore:
     verify: bool = setting(True, help="re-read the new archive and check it against the manifest", env=("VERIFY_BACKUP",))
     period: str = setting("day", help="one backup per UTC day or hour: a second run in the same period verifies the existing backup and stops; 'run' backs up every run", choices=("day", "hour", "run"))
     force: bool = setting(False, help="make a new backup even if one exists for this period")
+    exclude: list[str] = setting(
+        help="leave out what matches this glob, on purpose (repeatable; recorded in the manifest): matched against the path "
+        "relative to --model-dir (* also matches /), and against the base name when it has no /, e.g. '*.tmp' or 'scratch/*'; "
+        "the variable takes a comma-separated list",
+        default_factory=list, metavar="GLOB",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +73,10 @@ class BackupSettings(S3Settings, _BackupCore):
     dry_run: bool = setting(False, help="say what would be backed up and deleted; touch nothing", env=("DRY_RUN",))
     pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics here for node_exporter's textfile collector")
+    expected_interval: float = expected_interval_setting("1d")
+    grace: float = grace_setting("1h")
+    timeout: float = timeout_setting("6h")
+    late_severity: str = late_severity_setting("critical")
 
     def __post_init__(self) -> None:
         if self.level is not None and self.compression in LEVEL_RANGES:
@@ -91,12 +102,18 @@ class _RestoreCore:
     drill: bool = setting(False, help="restore into a temporary directory, verify every file, time it, delete it and push the drill metrics")
     lock_wait: float = setting(2 * 3600.0, help="how long a drill waits for a backup run that holds the backup lock (BACKUP_DIR/.mlwarden-backup.lock), e.g. 30m; after that it fails; 0 fails at once", parse=parse_duration)
     force: bool = setting(False, help="replace the content of a non-empty --to directory (after the new content is complete and verified)")
+    restore_external_links: bool = setting(False, help="also restore symlinks that point outside --to (absolute, or up out of it); by default they are listed in the log and left out")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RestoreSettings(S3Settings, _RestoreCore):
     pushgateway: str | None = setting(None, help="Pushgateway URL for the drill's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the drill's metrics here for node_exporter's textfile collector")
+    # The heartbeat is the drill's: a plain restore pushes nothing.
+    expected_interval: float = expected_interval_setting("7d")
+    grace: float = grace_setting("1d")
+    timeout: float = timeout_setting("6h")
+    late_severity: str = late_severity_setting("warning")
 
     def __post_init__(self) -> None:
         if not self.drill and self.to is None:
@@ -109,9 +126,15 @@ class RestoreSettings(S3Settings, _RestoreCore):
             raise ValueError("a drill from S3 needs --backup-dir or --to: somewhere with room for the download")
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "backup", "attribute": "BACKUP", "help": "archive, checksum, verify and copy models off-site; apply retention",
+     "maintain": {"order": 20, "env": "RUN_BACKUP"}},
+    {"name": "restore", "attribute": "RESTORE", "help": "restore a backup (local or S3), or run a restore drill"},
+)
+
 BACKUP = Command(
     "backup",
-    "archive, checksum, verify and copy models off-site; apply retention",
     settings=BackupSettings,
     run=run_backup,
     description=(
@@ -122,7 +145,6 @@ BACKUP = Command(
 
 RESTORE = Command(
     "restore",
-    "restore a backup (local or S3), or run a restore drill",
     settings=RestoreSettings,
     run=run_restore,
     description=(

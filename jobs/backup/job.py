@@ -2,13 +2,16 @@
 
 Backup, under the job lock in BACKUP_DIR:
 
-1. remove interrupted runs (backup directories without a manifest);
+1. remove what killed runs left (staging directories whose process is gone); report, and
+   leave alone, visible directories without a manifest;
 2. if a backup of this source exists for the current period (UTC day by default), verify it,
    make sure its off-site copy exists, apply retention and stop (unless ``--force``);
 3. otherwise archive in one pass, commit the manifest, verify, copy off-site, apply retention.
 
 Exit 0 when everything asked for succeeded; 1 on any failure, including an S3 failure after a
-good local backup (the local backup is kept, and the log and the metrics say so).
+good local backup (the local backup is kept, and the log and the metrics say so). SIGINT and
+SIGTERM stop a backup, a restore or a drill: partial work is removed, the failure is pushed,
+and ``mlwarden`` exits 130 (SIGINT) or 143 (SIGTERM).
 
 A restore drill takes the same lock, so that a backup's retention cannot delete the archive
 the drill is reading. A drill that finds a backup running waits for it (``--lock-wait``,
@@ -21,25 +24,37 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlwarden.jobs.backup import archive, retention
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
-from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, entry_from_s3, restore_entry
+from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.tarstream import ArchiveError
 from mlwarden.jobs.backup.verify import verify_and_record
-from mlwarden.jobs.report import JobReport
-from mlwarden.catalog import MANIFEST, BackupEntry, Catalog, CatalogError, Manifest
+from mlwarden.jobs.report import JobReport, schedule_of
+from mlwarden.catalog import (
+    BACKUP_DIR_STAGING,
+    BACKUP_STAGING,
+    DRILL_STAGING,
+    BackupEntry,
+    Catalog,
+    CatalogError,
+    Manifest,
+    stale_staging,
+    staging_dir,
+)
 from mlwarden.exitcodes import ExitCode
+from mlwarden.fsutil import disk_space, fsync_dir
 from mlwarden.lock import JobLock, LockHeld
+from mlwarden.interrupts import sigterm_interrupts
 from mlwarden.terminal import Progress, human_bytes
 
 if TYPE_CHECKING:
@@ -49,7 +64,6 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".mlwarden-backup.lock"
 _LOCK_POLL_SECONDS = 1.0
-_BACKUP_NAME = re.compile(r"^.+-\d{8}T\d{6}Z$")
 
 
 class BackupFailed(RuntimeError):
@@ -63,8 +77,10 @@ class Outcome:
     read_bytes: int = 0
     written_bytes: int = 0
     files: int = 0
+    skipped: int = 0  # FIFOs, sockets, devices: listed in the manifest, not archived
     verified: bool | None = None
     offsite_ok: bool | None = None  # None: no S3 configured
+    damaged: list[str] = field(default_factory=list)  # existing backups found damaged or unreadable
 
 
 def backup_name(source: Path, when: float) -> str:
@@ -81,16 +97,20 @@ def _period_key(period: str, when: float) -> str | None:
 
 
 def run_backup(settings: BackupSettings) -> int:
+    with sigterm_interrupts():
+        return _run_backup(settings)
+
+
+def _run_backup(settings: BackupSettings) -> int:
     source = settings.model_dir.absolute()
     if not source.is_dir():
         log.error("model directory %s does not exist or is not a directory", source)
         return ExitCode.USAGE
     if settings.dry_run:
-        _dry_run(settings, source)
-        return ExitCode.OK
+        return _dry_run(settings, source)
     outcome = Outcome()
     code = ExitCode.FAILURE
-    with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         try:
             with JobLock(settings.backup_dir / LOCK_FILE):  # creates the backup directory if needed
                 code = _backup_locked(settings, source, outcome)
@@ -108,22 +128,36 @@ def _report_outcome(report: JobReport, outcome: Outcome) -> None:
     report.gauge("mlwarden_backup_read_bytes", "Bytes of model files read by the last backup run.").set(outcome.read_bytes)
     report.gauge("mlwarden_backup_written_bytes", "Bytes of archive written by the last backup run.").set(outcome.written_bytes)
     report.gauge("mlwarden_backup_files", "Files in the backup made or checked by the last run.").set(outcome.files)
+    report.gauge(
+        "mlwarden_backup_skipped_special_files", "FIFOs, sockets and devices in the model directory: listed in the manifest as skipped, not archived."
+    ).set(outcome.skipped)
     report.gauge("mlwarden_backup_verified", "1 if the last run's backup passed verification, else 0.").set(1 if outcome.verified else 0)
+    report.gauge(
+        "mlwarden_backup_damaged_found", "Existing backups the last run found damaged or unreadable (the run fails while this is above 0)."
+    ).set(len(outcome.damaged))
     if outcome.offsite_ok is not None:
         report.gauge("mlwarden_backup_offsite_success", "1 if the last run's off-site copy succeeded, else 0.").set(1 if outcome.offsite_ok else 0)
 
 
 def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> int:
     catalog = Catalog(settings.backup_dir)
-    _remove_interrupted(catalog)
-    entry = None if settings.force else _existing_for_period(catalog, source, settings.period, time.time())
+    remove_stale_staging(settings.backup_dir)
+    _report_not_backups(catalog)
+
+    def unreadable(directory: Path, exc: Exception) -> None:
+        log.error("backup %s is unreadable (left as it is; this run fails): %s", directory, exc)
+        outcome.damaged.append(directory.name)
+
+    entries = catalog.entries(on_unreadable=unreadable)
+    entry = None if settings.force else _existing_for_period(entries, source, settings.period, time.time())
     if entry is not None:
         log.info("backup %s already exists for this %s; verifying it (use --force for a new one)", entry.name, settings.period)
         entry, result = verify_and_record(entry)
         if result.ok:
-            outcome.files, outcome.verified = len(entry.manifest.files), True
+            outcome.files, outcome.skipped, outcome.verified = len(entry.manifest.files), len(entry.manifest.skipped), True
         else:
-            log.warning("backup %s is damaged (kept for inspection); making a new one", entry.name)
+            log.error("backup %s is damaged (kept for inspection, marked failed); making a new one, and this run fails", entry.name)
+            outcome.damaged.append(entry.name)
             entry = None
     if entry is None:
         entry = _create(settings, source, outcome)
@@ -141,48 +175,57 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
         ok = ok and bool(outcome.offsite_ok)
     if not _apply_retention(settings, catalog, source, location):
         ok = False
-    return ExitCode.OK if ok else ExitCode.FAILURE
+    return ExitCode.OK if ok and not outcome.damaged else ExitCode.FAILURE
 
 
-def _remove_interrupted(catalog: Catalog) -> None:
+def remove_stale_staging(parent: Path, prefixes: tuple[str, ...] = BACKUP_DIR_STAGING) -> None:
+    """Remove the work directories that killed runs left in ``parent``: only ours, by name and dead pid."""
+    for directory in stale_staging(parent, prefixes):
+        log.warning("removing %s: left behind by a run that was killed", directory)
+        shutil.rmtree(directory)
+
+
+def _report_not_backups(catalog: Catalog) -> None:
     for directory in catalog.incomplete():
-        if _BACKUP_NAME.match(directory.name):  # never remove a directory we did not create
-            log.warning("removing %s: an interrupted backup run (no manifest)", directory)
-            shutil.rmtree(directory)
+        log.warning(
+            "%s has no manifest: not a backup, left alone (a backup whose manifest.json was deleted can still be "
+            "restored by hand with tar and SHA256SUMS; counted in the exporter's mlwarden_backup_incomplete)", directory,
+        )
 
 
-def _existing_for_period(catalog: Catalog, source: Path, period: str, now: float) -> BackupEntry | None:
+def _existing_for_period(entries: list[BackupEntry], source: Path, period: str, now: float) -> BackupEntry | None:
     key = _period_key(period, now)
     if key is None:
         return None
-    for entry in reversed(catalog.entries()):
+    for entry in reversed(entries):
         if entry.manifest.source == str(source) and _period_key(period, entry.manifest.started_at) == key:
             return entry
     return None
 
 
-def _new_backup_dir(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
-    """A fresh directory for a backup started now; names have one-second resolution, so a
+def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
+    """The staging directory of a backup started now; names have one-second resolution, so a
     second backup within the same second (``--force``) waits for the next one."""
     while True:
         started = time.time()
         name = backup_name(source, started)
-        try:
-            (backup_dir / name).mkdir()
-            return backup_dir / name, name, started
-        except FileExistsError:
-            time.sleep(1.0 - started % 1.0 + 0.01)
+        if not (backup_dir / name).exists():
+            return staging_dir(backup_dir, BACKUP_STAGING, name), name, started
+        time.sleep(1.0 - started % 1.0 + 0.01)
 
 
 def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupEntry:
-    files = archive.scan(source)
-    total = sum(f.size for f in files)
-    directory, name, started = _new_backup_dir(settings.backup_dir, source)
+    try:
+        scanned = archive.scan(source, settings.exclude)
+    except archive.SourceUnreadable as exc:
+        raise BackupFailed(str(exc)) from None
+    total = sum(f.size for f in scanned.files)
+    directory, name, started = _new_staging(settings.backup_dir, source)
     archive_path = directory / archive.archive_name(name, settings.compression)
-    log.info("backing up %s (%d files, %s) to %s", source, len(files), human_bytes(total), archive_path)
+    log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
     progress = Progress(f"backup {name}", total)
     try:
-        result = archive.write_archive(files, archive_path, settings.compression, settings.level, settings.threads, progress.advance)
+        result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance)
         progress.finish()
         archive.write_checksums(directory, result)
         manifest = Manifest(
@@ -198,19 +241,31 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             archive_sha256=result.sha256,
             total_bytes=result.read_bytes,
             files=result.files,
+            links=tuple(scanned.links),
+            skipped=tuple(scanned.skipped),
+            excludes=tuple(settings.exclude),
+            rewritten=result.rewritten,
         )
-        entry = Catalog.commit(directory, manifest)
+        Catalog.commit(directory, manifest)
+        final = settings.backup_dir / name
+        os.rename(directory, final)  # the commit: from here on the backup exists
+        fsync_dir(settings.backup_dir)
+        entry = BackupEntry(directory=final, manifest=manifest)
     except (OSError, archive.SourceChanged) as exc:
         shutil.rmtree(directory, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            free = shutil.disk_usage(settings.backup_dir).free
+            free = disk_space(settings.backup_dir).available
             raise BackupFailed(
                 f"no space left on the device of {settings.backup_dir} ({human_bytes(free)} free, the models are "
                 f"{human_bytes(total)} before compression); the partial archive was removed and earlier backups are untouched"
             ) from None
         raise BackupFailed(f"{exc}; the partial archive was removed and earlier backups are untouched") from None
+    except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing half-made behind
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     seconds = max(manifest.finished_at - started, 1e-9)
     outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
+    outcome.skipped = len(manifest.skipped)
     log.info(
         "backup %s written: %s -> %s (ratio %.3f) in %.1fs (%s/s)",
         name, human_bytes(result.read_bytes), human_bytes(result.archive_bytes),
@@ -267,21 +322,27 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
 
 
 def _delete_local(entry: BackupEntry) -> None:
-    # The manifest goes first: if the deletion is interrupted, what is left is an
-    # incomplete backup (cleaned up by the next run), never a backup with missing files.
-    (entry.directory / MANIFEST).unlink()
-    shutil.rmtree(entry.directory)
+    # Renamed to a staging name first: if the deletion is interrupted, what is left is a
+    # staging directory (removed by the next run), never a backup with missing files.
+    doomed = entry.directory.with_name(f"{BACKUP_STAGING}{os.getpid()}-{entry.directory.name}")
+    os.rename(entry.directory, doomed)
+    shutil.rmtree(doomed)
 
 
-def _dry_run(settings: BackupSettings, source: Path) -> None:
-    files = archive.scan(source)
+def _dry_run(settings: BackupSettings, source: Path) -> int:
+    try:
+        files = archive.scan(source, settings.exclude).files
+    except archive.SourceUnreadable as exc:
+        log.error("dry run: a backup would FAIL: %s", exc)
+        return ExitCode.FAILURE
     total = sum(f.size for f in files)
     catalog = Catalog(settings.backup_dir)
     now = time.time()
+    for directory in stale_staging(settings.backup_dir, BACKUP_DIR_STAGING):
+        log.info("dry run: would remove %s (left behind by a run that was killed)", directory)
     for directory in catalog.incomplete():
-        if _BACKUP_NAME.match(directory.name):
-            log.info("dry run: would remove %s (an interrupted backup run)", directory)
-    existing = None if settings.force else _existing_for_period(catalog, source, settings.period, now)
+        log.info("dry run: %s has no manifest: not a backup, would be left alone", directory)
+    existing = None if settings.force else _existing_for_period(catalog.entries(), source, settings.period, now)
     if existing is not None:
         log.info("dry run: backup %s exists for this %s; would verify it and stop", existing.name, settings.period)
     else:
@@ -300,12 +361,18 @@ def _dry_run(settings: BackupSettings, source: Path) -> None:
         for name, reasons in decision.keep.items():
             log.info("dry run: retention keeps %s (%s)", name, ", ".join(reasons))
     log.info("dry run: nothing was changed")
+    return ExitCode.OK
 
 
 # --- restore ------------------------------------------------------------------------------
 
 
 def run_restore(settings: RestoreSettings) -> int:
+    with sigterm_interrupts():
+        return _run_restore(settings)
+
+
+def _run_restore(settings: RestoreSettings) -> int:
     if settings.drill:
         return _run_drill(settings)
     assert settings.to is not None  # checked by the settings
@@ -321,22 +388,23 @@ def run_restore(settings: RestoreSettings) -> int:
 
 
 def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> RestoreResult:
+    check_target(target.absolute(), overwrite)
     location = settings.s3_location()
     if settings.from_s3:
         assert location is not None
         # The download goes next to the target, like the restore's staging directory: the
         # disk the operator made room on (for a drill, its scratch directory).
         with entry_from_s3(location, settings.name, target.absolute().parent) as entry:
-            return restore_entry(entry, target, overwrite)
+            return restore_entry(entry, target, overwrite, settings.restore_external_links)
     assert settings.backup_dir is not None
-    return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite)
+    return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite, settings.restore_external_links)
 
 
 def _run_drill(settings: RestoreSettings) -> int:
     parent = settings.to or settings.backup_dir
     assert parent is not None  # checked by the settings
     parent.mkdir(parents=True, exist_ok=True)
-    with JobReport("restore_drill", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    with JobReport("restore_drill", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         duration = report.gauge("mlwarden_restore_drill_duration_seconds", "How long the last restore drill took to restore and verify.")
         verified = report.gauge("mlwarden_restore_drill_verified_files", "Files restored and checked against the manifest by the last drill.")
         try:
@@ -358,7 +426,8 @@ def _run_drill(settings: RestoreSettings) -> int:
 
 
 def _drill(settings: RestoreSettings, parent: Path) -> RestoreResult:
-    scratch = Path(tempfile.mkdtemp(dir=parent, prefix=".drill-"))
+    remove_stale_staging(parent)
+    scratch = staging_dir(parent, DRILL_STAGING)
     try:
         return _restore(settings, scratch / "restored", overwrite=False)
     finally:

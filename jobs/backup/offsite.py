@@ -3,22 +3,29 @@
 Layout: ``s3://BUCKET/PREFIX/<name>/<file>`` for the archive, its ``.sha256``,
 ``SHA256SUMS`` and ``manifest.json``; the manifest goes last, so in S3 too a backup without
 its manifest does not exist. The archive goes up with boto3's managed multipart transfer,
-its full SHA-256 as object metadata (``x-amz-meta-sha256``); after the upload ``head_object``
-must show that hash and the archive's size, which works the same for GLACIER and
-DEEP_ARCHIVE objects, where a download to check would take hours and cost money.
+every part with S3's own SHA-256 checksum (``ChecksumAlgorithm``: S3 rejects a part whose
+bytes do not match), its full SHA-256 as object metadata (``x-amz-meta-sha256``). After the
+upload, what S3 computed from the bytes it stored must match what is computed locally from
+the archive, part by part the same way: the SHA-256 checksum (``ChecksumMode``; for a
+multipart object the SHA-256 of the parts' SHA-256s) and the ETag (MD5, or for multipart the
+MD5 of the parts' MD5s and ``-N``; not compared for SSE-KMS and SSE-C objects, whose ETag is
+no MD5), and the size. This works the same for GLACIER and DEEP_ARCHIVE objects, where a
+download to check would take hours and cost money.
 
 Credentials come the standard boto3 way (environment, shared config, instance role), never
-from flags. Transient failures are retried by botocore (standard mode) and then, for the
-whole copy, by :func:`with_retries` with jittered exponential backoff.
+from flags. Retries are counted once: botocore (standard mode) tries each request up to
+``attempts`` times; :func:`with_retries` tries the whole operation again only when its
+own check failed (a hash or size that does not match), which no request retry can mend.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import hashlib
 import logging
-import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,47 +34,101 @@ import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
+from s3transfer.utils import ChunksizeAdjuster
 
+from mlwarden.backoff import Backoff
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
-from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy
+from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy, check_backup_name
+from mlwarden.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
+_READ_BYTES = 8 * 2**20
+_ETAG_NOT_MD5 = ("aws:kms", "aws:kms:dsse")  # server-side encryption whose ETag is not the MD5 of the bytes
+MAX_RETRY_SECONDS = 300.0
 _S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error)
 
 
 def with_retries(what: str, attempts: int, base_seconds: float, action: Callable[[], T]) -> T:
-    """Run ``action``; on an S3 error retry with jittered exponential backoff, then raise OffsiteError."""
+    """Run ``action``; after a failed check (OffsiteError) run it again, with backoff; S3 errors raise at once.
+
+    An S3 error arrives here after botocore has already tried the request ``attempts``
+    times: trying the whole operation again would multiply the attempts.
+    """
+    policy = Backoff(initial=base_seconds, maximum=MAX_RETRY_SECONDS)
     for attempt in range(1, attempts + 1):
         try:
             return action()
         except ObjectArchived:
             raise
-        except (*_S3_ERRORS, OffsiteError) as exc:
+        except _S3_ERRORS as exc:
+            raise OffsiteError(f"{what} failed: {exc}") from None
+        except OffsiteError as exc:
             if attempt == attempts:
                 raise OffsiteError(f"{what} failed after {attempts} attempt(s): {exc}") from None
-            delay = base_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            delay = policy.delay(attempt)
             log.warning("%s failed (attempt %d of %d): %s; retrying in %.1fs", what, attempt, attempts, exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class ObjectChecksums:
+    sha256: str  # base64, as S3 returns it: of the bytes, or of the parts' SHA-256s (multipart)
+    etag: str  # hex MD5 of the bytes, or MD5 of the parts' MD5s and "-N" (multipart)
+
+
+def object_checksums(path: Path, part_size: int | None) -> ObjectChecksums:
+    """What S3 computes for ``path`` uploaded in one PUT (``part_size`` None) or in parts."""
+    part_sha: list[bytes] = []
+    part_md5: list[bytes] = []
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+            read = 0
+            while part_size is None or read < part_size:
+                chunk = handle.read(_READ_BYTES if part_size is None else min(_READ_BYTES, part_size - read))
+                if not chunk:
+                    break
+                sha.update(chunk)
+                md5.update(chunk)
+                read += len(chunk)
+            if part_size is None:
+                return ObjectChecksums(base64.b64encode(sha.digest()).decode(), md5.hexdigest())
+            if not read:
+                break
+            part_sha.append(sha.digest())
+            part_md5.append(md5.digest())
+    composite_sha = hashlib.sha256(b"".join(part_sha)).digest()
+    composite_md5 = hashlib.md5(b"".join(part_md5), usedforsecurity=False).hexdigest()
+    return ObjectChecksums(base64.b64encode(composite_sha).decode(), f"{composite_md5}-{len(part_md5)}")
 
 
 class OffsiteStore:
     def __init__(self, location: S3Location) -> None:
         self.location = location
         config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": 3},
+            # total_max_attempts counts the first try; botocore's "max_attempts" counts only retries.
+            retries={"mode": "standard", "total_max_attempts": location.attempts},
             connect_timeout=10,
             read_timeout=60,
             max_pool_connections=max(10, location.concurrency),
         )
         self._s3: Any = boto3.session.Session().client("s3", endpoint_url=location.endpoint_url, config=config)
 
-    def _transfer_config(self, size: int) -> TransferConfig:
+    def _chunk(self, size: int) -> int:
         # Grow the part size for huge archives so that they stay under S3's 10,000 parts.
-        chunk = max(self.location.chunk_size, -(-size // _MAX_PARTS))
+        return max(self.location.chunk_size, -(-size // _MAX_PARTS))
+
+    def _part_size(self, size: int) -> int | None:
+        """The part size the transfer will use for ``size`` bytes; None for a single PUT."""
+        chunk = self._chunk(size)
+        return None if size < chunk else ChunksizeAdjuster().adjust_chunksize(chunk, size)
+
+    def _transfer_config(self, size: int) -> TransferConfig:
+        chunk = self._chunk(size)
         return TransferConfig(
             multipart_threshold=chunk,
             multipart_chunksize=chunk,
@@ -86,20 +147,22 @@ class OffsiteStore:
                 str(entry.archive_path),
                 loc.bucket,
                 archive_key,
-                ExtraArgs={"Metadata": {"sha256": manifest.archive_sha256}, "StorageClass": loc.storage_class},
+                ExtraArgs={"Metadata": {"sha256": manifest.archive_sha256}, "StorageClass": loc.storage_class, "ChecksumAlgorithm": "SHA256"},
                 Config=self._transfer_config(manifest.archive_bytes),
             )
-            self._check_archive(archive_key, manifest)
+            self._check_archive(archive_key, manifest, expected)
             for file_name in (manifest.archive + ".sha256", CHECKSUMS, MANIFEST):
                 self._s3.put_object(
                     Bucket=loc.bucket,
                     Key=loc.key(entry.name, file_name),
                     Body=(entry.directory / file_name).read_bytes(),
+                    ChecksumAlgorithm="SHA256",
                 )
 
         started = time.monotonic()
+        expected = object_checksums(entry.archive_path, self._part_size(manifest.archive_bytes))
         with_retries(f"upload of {entry.name} to {loc.url}", loc.attempts, loc.retry_base_seconds, copy)
-        log.info("uploaded %s to s3://%s/%s in %.1fs, SHA-256 checked", entry.name, loc.bucket, archive_key, time.monotonic() - started)
+        log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, archive_key, time.monotonic() - started)
         return OffsiteCopy(
             uploaded_at=time.time(),
             bucket=loc.bucket,
@@ -109,14 +172,27 @@ class OffsiteStore:
             verified=True,
         )
 
-    def _check_archive(self, key: str, manifest: Manifest) -> None:
-        head = self._s3.head_object(Bucket=self.location.bucket, Key=key)
-        stored = head.get("Metadata", {}).get("sha256")
-        if stored != manifest.archive_sha256 or head.get("ContentLength") != manifest.archive_bytes:
-            raise OffsiteError(f"s3://{self.location.bucket}/{key} does not match the local archive (hash or size)")
+    def _check_archive(self, key: str, manifest: Manifest, expected: ObjectChecksums) -> None:
+        """What S3 computed from the bytes it stored must match the local archive."""
+        url = f"s3://{self.location.bucket}/{key}"
+        head = self._s3.head_object(Bucket=self.location.bucket, Key=key, ChecksumMode="ENABLED")
+        if head.get("Metadata", {}).get("sha256") != manifest.archive_sha256 or head.get("ContentLength") != manifest.archive_bytes:
+            raise OffsiteError(f"{url} does not match the local archive (hash metadata or size)")
+        checksum = head.get("ChecksumSHA256")
+        if checksum is not None and checksum.split("-")[0] != expected.sha256:
+            raise OffsiteError(f"{url} is damaged: S3's SHA-256 checksum {checksum} is not the local archive's {expected.sha256}")
+        etag_is_md5 = head.get("ServerSideEncryption") not in _ETAG_NOT_MD5 and "SSECustomerAlgorithm" not in head
+        if etag_is_md5 and head.get("ETag", "").strip('"') != expected.etag:
+            raise OffsiteError(f"{url} is damaged: its ETag {head.get('ETag')} is not the local archive's \"{expected.etag}\"")
+        if checksum is None and not etag_is_md5:
+            raise OffsiteError(f"{url}: S3 returned neither a SHA-256 checksum nor an MD5 ETag to check the upload against")
 
     def manifests(self) -> list[Manifest]:
-        """The committed backups in the bucket (those whose manifest was uploaded), oldest first."""
+        """The committed backups in the bucket (those whose manifest was uploaded), oldest first.
+
+        A manifest that is not one of ours (bad JSON, a name that is not a backup's, an
+        archive name other than the backup's own, a name other than its key's) is logged
+        and left out: anyone who can write to the prefix can put one there."""
         loc = self.location
         prefix = loc.prefix.strip("/") + "/" if loc.prefix.strip("/") else ""
 
@@ -126,8 +202,10 @@ class OffsiteStore:
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/" + MANIFEST) and obj["Key"].count("/") == prefix.count("/") + 1:
-                        body = self._s3.get_object(Bucket=loc.bucket, Key=obj["Key"])["Body"].read()
-                        found.append(Manifest.from_dict(json.loads(body)))
+                        try:
+                            found.append(self._read_manifest(obj["Key"][len(prefix) : -len("/" + MANIFEST)]))
+                        except CatalogError as exc:
+                            log.error("ignoring s3://%s/%s: %s", loc.bucket, obj["Key"], exc)
             return sorted(found, key=lambda m: (m.started_at, m.name))
 
         return with_retries(f"listing of {loc.url}", loc.attempts, loc.retry_base_seconds, listing)
@@ -139,15 +217,23 @@ class OffsiteStore:
                 raise CatalogError(f"no backups in {self.location.url}")
             return found[-1]
         loc = self.location
+        check_backup_name(name)
+        return with_retries(f"download of the manifest of {name}", loc.attempts, loc.retry_base_seconds, lambda: self._read_manifest(name))
 
-        def fetch() -> Manifest:
-            body = self._s3.get_object(Bucket=loc.bucket, Key=loc.key(name, MANIFEST))["Body"].read()
-            return Manifest.from_dict(json.loads(body))
-
-        return with_retries(f"download of the manifest of {name}", loc.attempts, loc.retry_base_seconds, fetch)
+    def _read_manifest(self, name: str) -> Manifest:
+        """The manifest stored under backup ``name``'s key, validated (CatalogError otherwise)."""
+        key = self.location.key(check_backup_name(name), MANIFEST)
+        body = self._s3.get_object(Bucket=self.location.bucket, Key=key)["Body"].read()
+        manifest = Manifest.from_json(body, f"s3://{self.location.bucket}/{key}")
+        if manifest.name != name:
+            raise CatalogError(f"s3://{self.location.bucket}/{key} names another backup, {manifest.name!r}")
+        return manifest
 
     def download(self, manifest: Manifest, directory: Path) -> None:
-        """Download a backup's files into ``directory`` (archive, checksums, manifest)."""
+        """Download a backup's files into ``directory``, a private staging directory (archive,
+        checksums, and the manifest as already read and validated, not downloaded again).
+        Only names the manifest's own validation allows become paths; the archive's hash is
+        checked by the restore before anything is extracted."""
         loc = self.location
         archive_key = loc.key(manifest.name, manifest.archive)
 
@@ -159,8 +245,9 @@ class OffsiteStore:
                     "(aws s3api restore-object), wait for it, then run the restore again"
                 )
             self._s3.download_file(loc.bucket, archive_key, str(directory / manifest.archive), Config=self._transfer_config(manifest.archive_bytes))
-            for file_name in (manifest.archive + ".sha256", CHECKSUMS, MANIFEST):
+            for file_name in (manifest.archive + ".sha256", CHECKSUMS):
                 self._s3.download_file(loc.bucket, loc.key(manifest.name, file_name), str(directory / file_name))
+            atomic_write_text(directory / MANIFEST, manifest.to_json())
 
         with_retries(f"download of {manifest.name} from {loc.url}", loc.attempts, loc.retry_base_seconds, fetch)
 

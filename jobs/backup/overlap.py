@@ -8,11 +8,27 @@ own calls in order (one pending at a time); the data passed must not be mutated 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlwarden-hash")
+
+def _new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlwarden-hash")
+
+
+_pool = _new_pool()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has none of the parent's threads: a pool that thinks it has would
+    # accept work and never run it.
+    global _pool
+    _pool = _new_pool()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Overlap:

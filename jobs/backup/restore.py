@@ -12,6 +12,10 @@ The order of a restore is what makes it safe on a bad day:
    is renamed aside first; if the new content cannot then take its place, the old content
    is put back, and if even that fails, one log line says where both are.
 
+Symlinks come back as symlinks, created after every file, and only where they resolve
+inside the target (an absolute target, or one that leads out, is listed in the log and
+left out, unless ``--restore-external-links``).
+
 Restored files get the archived permission bits without setuid/setgid/sticky, less the
 process umask (what GNU tar does for a user other than root); the restored directories get
 what ``mkdir`` gives under that umask.
@@ -29,7 +33,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from pathlib import Path
 
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, hash_file, members
-from mlwarden.catalog import BackupEntry, Catalog, Manifest
+from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, LinkRecord, Manifest, stale_staging, staging_dir
 from mlwarden.fsutil import fsync_dir
 from mlwarden.terminal import Progress
 
@@ -62,19 +65,22 @@ class RestoreResult:
     seconds: float
 
 
-def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> RestoreResult:
+def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False, external_links: bool = False) -> RestoreResult:
     """Restore one local backup into ``target`` (created; must be absent or empty unless ``overwrite``)."""
     started = time.monotonic()
     target = target.absolute()
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     manifest = entry.manifest
     actual, size = hash_file(entry.archive_path)
     if actual != manifest.archive_sha256 or size != manifest.archive_bytes:
         raise ArchiveError(f"archive {entry.archive_path} does not match its manifest's SHA-256: it is damaged; nothing was extracted")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restore-"))
+    for stale in stale_staging(target.parent, (_restore_prefix(target),)):
+        log.warning("removing %s: left behind by a restore to %s that was killed", stale, target)
+        shutil.rmtree(stale)
+    staging = staging_dir(target.parent, _restore_prefix(target))
     try:
-        files = _extract(entry, staging, _process_umask())
+        files = _extract(entry, staging, _process_umask(), external_links)
         _swap_into_place(staging, target, overwrite)
     except RestoreStranded:
         raise  # the staging directory holds the only verified copy of the restore: keep it
@@ -86,7 +92,19 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False) -> 
     return RestoreResult(entry.name, target, files, manifest.total_bytes, seconds)
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def _restore_prefix(target: Path) -> str:
+    return f".{target.name}.restore-"
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse, before anything is read or downloaded, a target the restore cannot take over."""
+    if target.is_symlink():
+        # The restore renames its verified staging directory onto the target: that would
+        # replace the link itself (and with --force, set its directory aside as a link).
+        raise RestoreError(
+            f"{target} is a symbolic link (to {os.readlink(target)}); pass the directory itself, "
+            f"--to {target.resolve()}, or replace the link by a directory"
+        )
     if target.exists() and not target.is_dir():
         raise RestoreError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -108,12 +126,17 @@ def _restored_mode(archived: int, umask: int) -> int:
     return archived & 0o777 & ~umask
 
 
-def _extract(entry: BackupEntry, staging: Path, umask: int) -> int:
+def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool) -> int:
     digest = ArchiveDigest()
     files = 0
+    links: list[LinkRecord] = []
     progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
     with members(entry.archive_path, entry.manifest, digest) as found:
         for record, data in found:
+            if isinstance(record, LinkRecord):
+                links.append(record)
+                continue
+            assert data is not None  # a file's data
             destination = staging / record.path
             destination.parent.mkdir(parents=True, exist_ok=True)
             file_hash = hashlib.sha256()
@@ -132,10 +155,36 @@ def _extract(entry: BackupEntry, staging: Path, umask: int) -> int:
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
         raise ArchiveError("the archive changed while it was being restored")
+    _make_links(staging, links, external_links)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0o700; it becomes the target
     for directory, _, _ in os.walk(staging):
         fsync_dir(Path(directory))
     return files
+
+
+def _make_links(staging: Path, links: list[LinkRecord], external_links: bool) -> None:
+    """Create the symlinks (after every file, so that no file is written through one); then,
+    unless ``external_links``, remove each that resolves outside ``staging`` (absolute, or up and
+    out, directly or through another link), until none does."""
+    for link in links:
+        path = staging / link.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(link.target, path)
+    if external_links:
+        return
+    root = os.path.realpath(staging)
+    remaining = list(links)
+    while True:
+        outside = [
+            link for link in remaining
+            if os.path.isabs(link.target) or os.path.commonpath([root, os.path.realpath(staging / link.path)]) != root
+        ]
+        if not outside:
+            return
+        for link in outside:
+            log.warning("not restoring symlink %s -> %s: it points outside the restore target (--restore-external-links restores it)", link.path, link.target)
+            os.unlink(staging / link.path)
+            remaining.remove(link)
 
 
 def _swap_into_place(staging: Path, target: Path, overwrite: bool) -> None:
@@ -167,7 +216,7 @@ def _put_back(old: Path, target: Path, staging: Path, cause: OSError) -> None:
         raise RestoreStranded(
             f"could not move the verified restore into {target} ({cause}) nor put its previous content back ({undo}): "
             f"{target} is missing; the previous content is in {old}, the verified restore in {staging}; "
-            f"rename one of them to {target} by hand"
+            f"rename one of them to {target} by hand (a new restore to {target} would remove the verified restore)"
         ) from cause
     fsync_dir(target.parent)
     raise RestoreError(f"could not move the verified restore into {target} ({cause}); its previous content was put back") from cause
@@ -181,7 +230,7 @@ def entry_from_s3(location: S3Location, name: str, near: Path) -> Iterator[Backu
     store = OffsiteStore(location)
     manifest: Manifest = store.manifest(name)
     near.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(dir=near, prefix=".download-"))
+    directory = staging_dir(near, DOWNLOAD_STAGING)  # private: mode 0700
     try:
         log.info("downloading %s (%d bytes) from %s", manifest.name, manifest.archive_bytes, location.url)
         store.download(manifest, directory)

@@ -3,9 +3,10 @@
 Both verification and restore go through :func:`members`: the raw archive bytes are hashed
 as they are read (so the archive's SHA-256 costs no second read), decompressed, and each
 tar member is checked before anyone sees it. Stricter than tarfile's ``data`` filter: only
-regular files and directories are accepted (no links, devices or fifos, whatever they point
-at), names must be relative without ``..`` components, and every file must be one the
-manifest lists, once.
+regular files, directories and the symlinks the manifest lists (with the same target) are
+accepted (no hard links, devices or fifos), names must be relative without ``..``
+components, no name may lie under a symlink, and every file and link must be one the
+manifest lists, once. Where a symlink may point is the restore's decision.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import BinaryIO
 import zstandard
 
 from mlwarden.jobs.backup.overlap import Overlap
-from mlwarden.catalog import FileRecord, Manifest
+from mlwarden.catalog import FileRecord, LinkRecord, Manifest
 
 CHUNK_BYTES = 8 * 2**20  # large reads: fewer syscalls, and hashlib/zstd release the GIL per call
 
@@ -105,30 +106,53 @@ def _decompressed(reader: _HashingReader, compression: str) -> Iterator[BinaryIO
         raise ArchiveError(f"unknown compression {compression!r}")
 
 
+def _check_manifest_paths(manifest: Manifest) -> None:
+    """Every path is safe, listed once, and none lies under a symlink (writing it would follow the link)."""
+    links = {check_name(link.path) for link in manifest.links}
+    paths = [check_name(record.path) for record in manifest.files] + sorted(links)
+    if len(set(paths)) != len(paths):
+        raise ArchiveError("the manifest lists a path twice")
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in links:
+                raise ArchiveError(f"refusing {path!r}: it lies under a symlink of the manifest")
+
+
+Member = tuple[FileRecord, BinaryIO] | tuple[LinkRecord, None]
+
+
 @contextmanager
-def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterator[Iterator[tuple[FileRecord, BinaryIO]]]:
-    """Yield an iterator of (manifest record, member data) for each file in the archive.
+def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterator[Iterator[Member]]:
+    """Yield an iterator of (manifest record, member data) for each file in the archive, and
+    of (link record, None) for each symlink.
 
     The caller must read each member's data before advancing. When the block ends
     normally, the whole archive has been read and ``digest`` holds its hash and size; any
     damage or refused member raises :class:`ArchiveError`.
     """
-    expected = {record.path: record for record in manifest.files}
+    _check_manifest_paths(manifest)
+    expected: dict[str, FileRecord | LinkRecord] = {record.path: record for record in (*manifest.files, *manifest.links)}
     seen: set[str] = set()
+    torn = {path for path in manifest.rewritten if isinstance(expected.get(path), FileRecord)}  # first copies to skip
     with open(archive, "rb", buffering=0) as raw, Overlap() as overlap:
         reader = _HashingReader(raw, overlap)  # type: ignore[arg-type]
         try:
             with _decompressed(reader, manifest.compression) as stream:
                 with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK_BYTES) as tar:
 
-                    def checked() -> Iterator[tuple[FileRecord, BinaryIO]]:
+                    def checked() -> Iterator[Member]:
                         for member in tar:
-                            record = _check_member(member, expected, seen)
-                            if record is None:
+                            if member.isfile() and member.name in torn:
+                                torn.discard(member.name)  # changed while it was archived; the next copy counts
                                 continue
-                            data = tar.extractfile(member)
-                            assert data is not None  # regular file
-                            yield record, data  # type: ignore[misc]
+                            record = _check_member(member, expected, seen)
+                            if isinstance(record, LinkRecord):
+                                yield record, None
+                            elif record is not None:
+                                data = tar.extractfile(member)
+                                assert data is not None  # regular file
+                                yield record, data  # type: ignore[misc]
 
                     yield checked()
                 reader.drain()  # the end-of-archive padding and compression trailer count too
@@ -142,18 +166,21 @@ def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterato
     digest.size = reader.count
 
 
-def _check_member(member: tarfile.TarInfo, expected: dict[str, FileRecord], seen: set[str]) -> FileRecord | None:
+def _check_member(member: tarfile.TarInfo, expected: dict[str, FileRecord | LinkRecord], seen: set[str]) -> FileRecord | LinkRecord | None:
     name = check_name(member.name)
     if member.isdir():
         return None
-    if not member.isfile():
-        raise ArchiveError(f"refusing {member.name!r}: only regular files are restored, not links or devices")
     record = expected.get(name)
-    if record is None:
+    if member.issym():
+        if not isinstance(record, LinkRecord) or record.target != member.linkname:
+            raise ArchiveError(f"refusing link {member.name!r}: only regular files and the symlinks the manifest lists are restored")
+    elif not member.isfile():
+        raise ArchiveError(f"refusing {member.name!r}: only regular files and symlinks are restored, not hard links or devices")
+    elif not isinstance(record, FileRecord):
         raise ArchiveError(f"refusing {member.name!r}: not listed in the manifest")
+    elif member.size != record.size:
+        raise ArchiveError(f"{name}: {member.size} bytes in the archive, {record.size} in the manifest")
     if name in seen:
         raise ArchiveError(f"refusing {member.name!r}: appears twice in the archive")
-    if member.size != record.size:
-        raise ArchiveError(f"{name}: {member.size} bytes in the archive, {record.size} in the manifest")
     seen.add(name)
     return record

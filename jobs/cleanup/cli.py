@@ -14,9 +14,11 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport, schedule_of
+from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
+from mlwarden.interrupts import sigterm_interrupts
 from mlwarden.settings import in_range, parse_size, parse_url, positive, setting
 from mlwarden.terminal import Progress, human_bytes, interactive
 
@@ -77,6 +79,10 @@ class CleanupSettings:
     )
     pushgateway: str | None = setting(None, help="Pushgateway URL for the job's metrics", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
+    expected_interval: float = expected_interval_setting("1d")
+    grace: float = grace_setting("1d")
+    timeout: float = timeout_setting("2h")
+    late_severity: str = late_severity_setting("warning")
 
     def __post_init__(self) -> None:
         if not self.experiments_dir:
@@ -94,9 +100,20 @@ class CleanupSettings:
 
 
 def run(settings: CleanupSettings) -> int:
-    with JobReport("cleanup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    # A dry run publishes nothing (no start, no finish): its success would reset the
+    # last-success time that JobLate reads, and its plan gauges would overwrite those of
+    # the last real run.
+    publish = not settings.dry_run
+    with sigterm_interrupts(), JobReport(
+        "cleanup",
+        pushgateway=settings.pushgateway if publish else None,
+        textfile_dir=settings.textfile_dir if publish else None,
+        schedule=schedule_of(settings),
+    ) as report:
         code = _run(settings, report)
         report.succeeded(code == ExitCode.OK)
+    if not publish and (settings.pushgateway or settings.textfile_dir):
+        log.info("dry run: no metrics pushed or written")
     return code
 
 
@@ -113,6 +130,13 @@ def _run(settings: CleanupSettings, report: JobReport) -> int:
     }
     for gauge in gauges.values():
         gauge.set(0)
+    gauges["skipped_files"] = report.gauge(
+        "mlwarden_cleanup_skipped_files",
+        "Planned files the last cleanup run kept at the moment of deletion (changed, locked, moved out of the root), by reason.",
+        ("reason",),
+    )
+    for reason in delete.SKIP_REASONS:
+        gauges["skipped_files"].labels(reason).set(0)
     with ExitStack() as stack:
         for root in settings.experiments_dir:
             if not _lock_root(root, stack):
@@ -203,32 +227,39 @@ def _confirm(files: int, size: int) -> bool:
 def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict[str, Gauge]) -> int:
     total = delete.DeleteResult()
     progress = Progress("cleanup", sum(p.bytes for p in plans))
-    for p in plans:
-        try:
-            result = delete.execute(p, settings.rate_limit, progress)
-        except (OSError, delete.RootChanged) as exc:
-            log.error("cleanup of %s stopped: %s", p.root, exc)
-            total.errors += 1
-            continue
-        total.files += result.files
-        total.bytes += result.bytes
-        total.directories += result.directories
-        total.skipped.update(result.skipped)
-        total.errors += result.errors
-    progress.finish()
+    try:
+        for p in plans:
+            try:
+                delete.execute(p, settings.rate_limit, progress, total)
+            except (OSError, delete.RootChanged) as exc:
+                log.error("cleanup of %s stopped: %s", p.root, exc)
+                total.errors += 1
+    finally:  # also when interrupted (SIGINT, SIGTERM): the metrics say what is gone
+        progress.finish()
+        _report_deleted(total, gauges)
+    return ExitCode.FAILURE if total.errors else ExitCode.OK
+
+
+def _report_deleted(total: delete.DeleteResult, gauges: dict[str, Gauge]) -> None:
     gauges["deleted_files"].set(total.files)
     gauges["freed_bytes"].set(total.bytes)
+    for reason, count in total.skipped.items():
+        gauges["skipped_files"].labels(reason).set(count)
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(total.skipped.items())) or "none"
     log.info(
         "deleted %d files, freed %s, removed %d directories; skipped at deletion: %s; errors: %d",
         total.files, human_bytes(total.bytes), total.directories, skipped, total.errors,
     )
-    return ExitCode.FAILURE if total.errors else ExitCode.OK
 
+
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "cleanup", "attribute": "COMMAND", "help": "remove old experiment artifacts, behind safety breakers",
+     "maintain": {"order": 30, "env": "RUN_CLEANUP"}},
+)
 
 COMMAND = Command(
     name="cleanup",
-    help="remove old experiment artifacts, behind safety breakers",
     settings=CleanupSettings,
     run=run,
     description=(

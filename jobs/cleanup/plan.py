@@ -1,8 +1,9 @@
 """Build the complete cleanup plan before anything is deleted.
 
 The walk goes through directory file descriptors (``openat`` with ``O_NOFOLLOW``), never
-follows a symlink, never enters another filesystem (``st_dev`` differs from the root's),
-and does not descend into anything kept as a whole (protected, best, keep-marker or
+follows a symlink, never crosses a mount point (another filesystem, whose ``st_dev`` differs
+from the root's, or a bind mount, whose mount ID differs: checked once per directory), and
+does not descend into anything kept as a whole (protected, best, keep-marker or
 locked directories). A file is planned for deletion when it is a regular file older than
 the retention (by mtime), matches no keep rule, and is not among the newest checkpoints of
 its run. Locked directories are kept whole here; locked files are found at the moment of
@@ -41,7 +42,7 @@ KEPT_BEST = "marked best"
 KEPT_CHECKPOINT = "newest checkpoints of the run"
 KEPT_LOCKED = "locked (flock)"
 KEPT_SYMLINK = "symlink (never followed or removed)"
-KEPT_OTHER_FS = "other filesystem"
+KEPT_MOUNT = "mount point (not entered)"
 KEPT_SPECIAL = "not a regular file"
 KEPT_UNREADABLE = "unreadable"
 
@@ -73,6 +74,7 @@ class RootPlan:
     root: Path
     device: int
     inode: int
+    mount: int  # the root's mount ID: no directory on another mount is entered or emptied
     cutoff: float  # files with an mtime before this are old
     files: list[Doomed] = field(default_factory=list)
     directories: list[str] = field(default_factory=list)  # deepest first
@@ -106,11 +108,12 @@ def build(root: Path, plan_rules: PlanRules, workers: int = 1) -> RootPlan:
     root_fd = fileops.open_directory(str(root))
     try:
         st = os.fstat(root_fd)
+        fence = _Fence(st.st_dev, fileops.mount_id(root_fd))
         with _cyclic_gc_paused():
-            found = _walk_root(root_fd, st.st_dev, plan_rules, workers)
+            found = _walk_root(root_fd, fence, plan_rules, workers)
     finally:
         os.close(root_fd)
-    plan = RootPlan(root=root, device=st.st_dev, inode=st.st_ino, cutoff=plan_rules.cutoff, kept=found.kept)
+    plan = RootPlan(root=root, device=st.st_dev, inode=st.st_ino, mount=fence.mount, cutoff=plan_rules.cutoff, kept=found.kept)
     kept_checkpoints = _newest_checkpoints(found.checkpoints, plan_rules.keep_last_checkpoints)
     if kept_checkpoints:
         plan.files = _without_kept_checkpoints(found, kept_checkpoints)
@@ -152,20 +155,27 @@ class _Findings:
         self.checkpoints = defaultdict(dict, checkpoints)
 
 
-def _walk_root(root_fd: int, device: int, plan_rules: PlanRules, workers: int) -> _Findings:
+class _Fence(NamedTuple):
+    """What every entry the walk descends into must share with the root."""
+
+    device: int
+    mount: int
+
+
+def _walk_root(root_fd: int, fence: _Fence, plan_rules: PlanRules, workers: int) -> _Findings:
     names = os.listdir(root_fd)
     if plan_rules.keep_marker in names:
         return _Findings(kept=Counter({KEPT_MARKER: len(names)}))
     shares = [names[k::workers] for k in range(max(1, min(workers, len(names))))]
-    found, *others = forked.fork_map(partial(_walk_share, root_fd, device, plan_rules), shares)
+    found, *others = forked.fork_map(partial(_walk_share, root_fd, fence, plan_rules), shares)
     for other in others:
         found.merge(other)
     return found
 
 
-def _walk_share(root_fd: int, device: int, plan_rules: PlanRules, names: list[str]) -> _Findings:
+def _walk_share(root_fd: int, fence: _Fence, plan_rules: PlanRules, names: list[str]) -> _Findings:
     """Plan the given entries of the root (a worker's share) and everything below them."""
-    walker = _Walker(device, plan_rules)
+    walker = _Walker(fence, plan_rules)
     walker.entries(root_fd, "", "", None, names)
     return walker.found
 
@@ -229,8 +239,9 @@ def _emptied_directories(planned_in: Counter[str], directories: list[_Directory]
 
 
 class _Walker:
-    def __init__(self, device: int, plan_rules: PlanRules) -> None:
-        self.device = device
+    def __init__(self, fence: _Fence, plan_rules: PlanRules) -> None:
+        self.device = fence.device
+        self.mount = fence.mount
         self.rules = plan_rules
         self.screen = rules.NameScreen(plan_rules.protection)
         self.found = _Findings()
@@ -280,7 +291,7 @@ class _Walker:
                 kept[KEPT_SYMLINK] += 1
                 continue
             elif st.st_dev != device:
-                kept[KEPT_OTHER_FS] += 1
+                kept[KEPT_MOUNT] += 1
                 continue
             elif name in notable:
                 mtime = self._notable(dir_fd, name, prefix + name, st, run if relative else None, checkpoint)
@@ -341,6 +352,12 @@ class _Walker:
             self.found.kept[KEPT_UNREADABLE] += 1
             return 0.0
         try:
+            # A bind mount of a directory on the root's own filesystem passed the st_dev
+            # test; its mount ID gives it away. Checked on the open fd, so no mount made
+            # between the check and the walk can slip in.
+            if fileops.mount_id(fd) != self.mount:
+                self.found.kept[KEPT_MOUNT] += 1
+                return mtime
             if fileops.fd_is_locked(fd):
                 self.found.kept[KEPT_LOCKED] += 1
                 return mtime

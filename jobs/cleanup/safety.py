@@ -1,10 +1,19 @@
 """Which directories may be a cleanup root at all.
 
 A root is refused when deleting "everything old below it" could destroy a system or a
-person's home: the filesystem root, system directories, any user's home directory, or a
-relative or empty path (whose meaning depends on where cron happens to start the job).
-The check runs on the path as given and on its real path, so ``/srv/../etc`` or a symlink
-pointing at ``/home`` is refused too.
+person's home:
+
+- the system's own trees, and anything below them: ``/etc``, ``/usr``, ``/boot``, ``/dev``
+  (so ``/dev/shm``), ``/proc``, ``/sys``, ``/run``, ``/bin``, ``/sbin``, every top-level
+  ``/lib*``, ``/var/lib`` (package and service state) and ``/var/cache``;
+- directories that hold other people's things, themselves only (a subdirectory made for the
+  experiments is fine): ``/``, ``/opt``, ``/srv``, ``/home``, ``/mnt``, ``/media``, ``/tmp``,
+  ``/var``, ``/var/log``, ``/var/tmp``, every ``/home/NAME``, ``$HOME`` and every home
+  directory in the password database (``/root`` among them);
+- a relative or empty path, whose meaning depends on where cron happens to start the job.
+
+The check runs on the path as given and on its real path (symlinks resolved), so
+``/srv/../etc`` or a symlink pointing into ``/usr`` is refused too.
 """
 
 from __future__ import annotations
@@ -13,13 +22,15 @@ import os
 import pwd
 from pathlib import Path
 
-SYSTEM_DIRECTORIES = frozenset(
+SYSTEM_TREES = tuple(
     Path(p)
     for p in (
-        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media",
-        "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr",
-        "/var", "/var/lib", "/var/log", "/var/tmp",
+        "/etc", "/usr", "/boot", "/dev", "/proc", "/sys", "/run", "/bin", "/sbin", "/var/lib", "/var/cache",
     )
+)
+SHARED_DIRECTORIES = frozenset(
+    Path(p)
+    for p in ("/", "/home", "/media", "/mnt", "/opt", "/srv", "/tmp", "/var", "/var/log", "/var/tmp")
 )
 
 
@@ -31,6 +42,21 @@ def home_directories() -> frozenset[Path]:
     return frozenset(homes)
 
 
+def refusal(path: Path) -> str | None:
+    """Why the absolute, normalised ``path`` may not be a cleanup root, or None."""
+    for tree in SYSTEM_TREES:
+        if path.is_relative_to(tree):
+            return "a system directory" if path == tree else f"it lies under {tree}, a system directory"
+    if len(path.parts) > 1 and path.parts[1].startswith("lib"):  # /lib, /lib32, /lib64, /libx32
+        top = Path("/", path.parts[1])
+        return "a system directory" if path == top else f"it lies under {top}, a system directory"
+    if path in SHARED_DIRECTORIES:
+        return "a shared system directory (a subdirectory of it is fine)"
+    if path.parent == Path("/home") or path in home_directories():
+        return "a home directory (a subdirectory of it is fine)"
+    return None
+
+
 def checked_root(text: str) -> Path:
     """The real path of a cleanup root, or ValueError saying why it is refused."""
     if not text.strip():
@@ -39,10 +65,11 @@ def checked_root(text: str) -> Path:
     if not given.is_absolute():
         raise ValueError("a cleanup root must be an absolute path")
     real = Path(os.path.realpath(given))
-    refused = SYSTEM_DIRECTORIES | home_directories()
     for candidate in (Path(os.path.normpath(given)), real):
-        if candidate in refused:
-            raise ValueError(f"refusing to clean {candidate}: a system or home directory")
+        reason = refusal(candidate)
+        if reason is not None:
+            shown = candidate if candidate == given else f"{candidate} (from {text})"
+            raise ValueError(f"refusing to clean {shown}: {reason}")
     if not real.is_dir():
         raise ValueError(f"{real} is not an existing directory")
     return real

@@ -16,7 +16,8 @@ from typing import Any
 
 from mlwarden.jobs.health import backups, disk, gpu, output, services
 from mlwarden.jobs.health.result import Result, Status
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport, schedule_of
+from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_url, positive, setting
@@ -42,6 +43,10 @@ class HealthSettings:
     backup_max_age: float = setting(26 * 3600.0, help="newest backup older than this is a failure (default 26h, shown in seconds)", parse=positive(parse_duration))
     json: bool = setting(False, help="print the results as JSON on stdout")
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
+    expected_interval: float = expected_interval_setting("15m")
+    grace: float = grace_setting("45m")
+    timeout: float = timeout_setting("10m")
+    late_severity: str = late_severity_setting("warning")
 
     def __post_init__(self) -> None:
         if self.disk_warning > self.disk_critical:
@@ -65,7 +70,7 @@ def run_checks(settings: HealthSettings) -> list[Result]:
 
 
 def run(settings: HealthSettings) -> int:
-    with JobReport("health", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir) as report:
+    with JobReport("health", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         results = run_checks(settings)
         check_ok = report.gauge("mlwarden_health_check_ok", "1 if the health check passed (ok or warning), 0 if critical.", ("check",))
         disk_ratio = report.gauge("mlwarden_health_disk_used_ratio", "Used share of the filesystem holding the path.", ("path",))
@@ -89,9 +94,14 @@ def _show(results: list[Result], as_json: bool) -> None:
             log.log(levels[result.status], "%s: %s: %s", result.check, result.status.value, result.summary)
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "health", "attribute": "COMMAND", "help": "check disks, GPUs, services and backup freshness",
+     "maintain": {"order": 10, "setting": "run_health_check", "env": "RUN_HEALTH_CHECK"}},
+)
+
 COMMAND = Command(
     name="health",
-    help="check disks, GPUs, services and backup freshness",
     settings=HealthSettings,
     run=run,
     description="Check disk usage, GPUs (NVML), the mlwarden services and backup freshness; exit 0 when healthy, 1 when not.",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Protocol
 
+from mlwarden.fsutil import disk_space
 from mlwarden.jobs.health.result import Result, Status
 from mlwarden.terminal import human_bytes
 
@@ -18,11 +18,8 @@ class DiskSettings(Protocol):
 
 def used_ratio(path: Path) -> tuple[float, int]:
     """The share of the filesystem in use as ``df`` counts it (reserved blocks excluded), and bytes free."""
-    st = os.statvfs(path)
-    used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    available = st.f_bavail * st.f_frsize
-    total = used + available
-    return (used / total if total else 0.0), available
+    space = disk_space(path)
+    return space.used_ratio, space.available
 
 
 def check(settings: DiskSettings) -> list[Result]:

@@ -72,9 +72,13 @@ def run(settings: DemoSettings) -> int:
             narrator.line("stack stopped; no process left behind")
 
 
+# Read by mlwarden.registry without importing this module (literals only).
+MLWARDEN_COMMANDS = (
+    {"name": "demo", "attribute": "COMMAND", "help": "run the whole stack locally with simulated GPUs and tell the story"},
+)
+
 COMMAND = Command(
     name="demo",
-    help="run the whole stack locally with simulated GPUs and tell the story",
     settings=DemoSettings,
     run=run,
     description=__doc__ or "",

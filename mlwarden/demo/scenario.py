@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from mlwarden.components import wait_until
 from mlwarden.demo.sinks import Received, Sink
-from mlwarden.demo.stack import HEARTBEAT_RULE, Stack, mlwarden_argv
+from mlwarden.demo.stack import HEARTBEAT_RULE, Stack, backup_heartbeat_args, mlwarden_argv
 
 OVERHEAT_ALERT = "GpuTemperatureHigh"
 OVERHEAT_GPU = 0
@@ -130,7 +130,8 @@ def step_backup(stack: Stack, narrator: Narrator) -> str:
     write_models(stack.models_dir)
     common = ["--pushgateway", stack.pushgateway.url]
     code = run_job(
-        stack, narrator, "backup", "--model-dir", str(stack.models_dir), "--backup-dir", str(stack.backup_dir), *common
+        stack, narrator, "backup", "--model-dir", str(stack.models_dir), "--backup-dir", str(stack.backup_dir),
+        *backup_heartbeat_args(stack.timings), *common,
     )
     if code != 0:
         raise RuntimeError(f"mlwarden backup exited {code}")
@@ -181,9 +182,10 @@ def step_cool(stack: Stack, narrator: Narrator) -> str:
 
 
 def step_heartbeat(stack: Stack, narrator: Narrator) -> str:
-    narrator.step(4, f"no backup succeeds any more: the heartbeat goes stale (demo threshold {stack.timings.heartbeat_max_age:g}s, production 25h)")
+    interval = stack.timings.heartbeat_max_age
+    narrator.step(4, f"no backup succeeds any more: the heartbeat goes stale (demo interval {interval:g}s, production 1 day + 1 h grace)")
     wait_until(
-        lambda: alert_sections(stack.slack, HEARTBEAT_RULE),
+        lambda: [text for text in alert_sections(stack.slack, HEARTBEAT_RULE) if "mlwarden_backup" in text],
         stack.timings.heartbeat_max_age + 60, f"{HEARTBEAT_RULE} in Slack", poll=POLL,
     )
     narrator.line(f"   {HEARTBEAT_RULE} fired and reached Slack")

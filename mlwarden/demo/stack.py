@@ -4,9 +4,10 @@
 PagerDuty sinks, a real Pushgateway, the relay (SQLite state), the exporter with simulated
 GPUs, a real Alertmanager with the project's ``alerts/alertmanager.yml`` and a real
 Prometheus with the project's rules. The project's files are used as they are, except
-where time is compressed (see :class:`Timings`): rules' ``for:`` durations, the backup
-heartbeat's 25 h, Prometheus' alert resend delay, Alertmanager's group timings and the
-relay's watchdog. Everything else
+where time is compressed (see :class:`Timings`): rules' ``for:`` durations, Prometheus'
+alert resend delay, Alertmanager's group timings and the relay's watchdog. The backup's
+heartbeat needs no rule change: the demo's backup reports a short expected interval
+(``--expected-interval``), exactly as an operator would. Everything else
 (expressions, labels, routes, inhibitions, the relay's policy code) is the production one,
 so what the demo shows and the end-to-end test proves is the real chain.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import urllib.parse
 import urllib.request
@@ -27,15 +27,12 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlwarden import components
+from mlwarden import assets, components
 from mlwarden.demo.sinks import Sink
 
-REPO = Path(__file__).resolve().parents[2]
-ALERTS = REPO / "alerts"
 RELAY_TOKEN = "demo-relay-token-not-secret"
 PAGERDUTY_ROUTING_KEY = "demo-routing-key-0123456789abcdef"
-HEARTBEAT_RULE = "BackupNotRecent"
-HEARTBEAT_THRESHOLD = re.compile(r">\s*25\s*\*\s*3600")
+HEARTBEAT_RULE = "JobLate"
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class Timings:
     alert_resend_delay: float = 1.0
     exporter_interval: float = 1.0
     alert_for: float = 2.0  # every rule's `for:` becomes this
-    heartbeat_max_age: float = 60.0  # BackupNotRecent's 25 h becomes this
+    heartbeat_max_age: float = 60.0  # the backup's expected interval (production: 1 day + 1 h grace)
     group_wait: float = 1.0
     group_interval: float = 2.0
     repeat_interval: float = 3.0
@@ -65,24 +62,19 @@ def _prom_duration(seconds: float) -> str:
 
 
 def compress_rules(text: str, timings: Timings) -> str:
-    """A rule file with `for:` durations and the backup heartbeat threshold compressed."""
+    """A rule file with `for:` durations compressed; expressions are never changed."""
     document = yaml.safe_load(text)
     for group in document.get("groups", []):
         group["interval"] = _prom_duration(timings.evaluation_interval)
         for rule in group.get("rules", []):
             if "for" in rule:
                 rule["for"] = _prom_duration(timings.alert_for)
-            if rule.get("alert") == HEARTBEAT_RULE:
-                expr, count = HEARTBEAT_THRESHOLD.subn(f"> {timings.heartbeat_max_age:g}", rule["expr"])
-                if count != 1:
-                    raise ValueError(f"{HEARTBEAT_RULE} no longer reads '> 25 * 3600': update the demo's time compression")
-                rule["expr"] = expr
     return yaml.safe_dump(document, sort_keys=False)
 
 
 def alertmanager_config(relay_url: str, token_file: Path, timings: Timings) -> str:
     """The project's alertmanager.yml pointed at this relay, with compressed group timings."""
-    document = yaml.safe_load((ALERTS / "alertmanager.yml").read_text())
+    document = yaml.safe_load(assets.folder("alerts").joinpath("alertmanager.yml").read_text())
     routes = [document["route"], *document["route"].get("routes", [])]
     for route in routes:
         for key, value in (
@@ -152,6 +144,11 @@ def prometheus_config(exporter: str, relay: str, pushgateway: str, alertmanager:
         ],
     }
     return yaml.safe_dump(document, sort_keys=False)
+
+
+def backup_heartbeat_args(timings: Timings) -> list[str]:
+    """The demo backup's schedule: due every ``heartbeat_max_age`` seconds, no grace."""
+    return ["--expected-interval", f"{timings.heartbeat_max_age:g}s", "--grace", "0s"]
 
 
 def mlwarden_argv(*args: str) -> list[str]:
@@ -251,8 +248,9 @@ class Stack:
         workdir = self._dir("prometheus")
         rules = workdir / "rules"
         rules.mkdir(exist_ok=True)
-        for rule_file in sorted((ALERTS / "rules").glob("*.yml")):
-            (rules / rule_file.name).write_text(compress_rules(rule_file.read_text(), self.timings))
+        for rule_file in assets.folder("alerts").joinpath("rules").iterdir():
+            if rule_file.name.endswith(".yml"):
+                (rules / rule_file.name).write_text(compress_rules(rule_file.read_text(), self.timings))
         config = workdir / "prometheus.yml"
         config.write_text(prometheus_config(
             self.exporter.url, self.relay.url, self.pushgateway.url, self.alertmanager.url, self.timings

@@ -1,0 +1,140 @@
+"""Profiling metrics without DCGM: NVML's GPU Performance Monitoring (GPM, Hopper and later).
+
+GPM counts what NVML's "utilization" cannot tell apart: how many SMs were busy, how full they
+were, whether tensor cores and which pipes worked, how much DRAM bandwidth was used. Each
+collection takes one sample per GPU (``nvmlGpmSampleGet``) and asks NVML for the metrics
+between it and the previous pass's sample (``nvmlGpmMetricsGet``), so each value covers the
+whole collection interval; the first pass after a (re)start has no previous sample and
+reports nothing. A GPU without GPM gets no series at all (and one info line), never zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pynvml
+
+log = logging.getLogger(__name__)
+
+_MIB = 2**20
+# (metric id, key, scale to base units): ratios from percent, bandwidths from MiB/s.
+RATIOS = (
+    (pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL, "graphics_engine_activity"),
+    (pynvml.NVML_GPM_METRIC_SM_UTIL, "sm_activity"),
+    (pynvml.NVML_GPM_METRIC_SM_OCCUPANCY, "sm_occupancy"),
+    (pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, "tensor_activity"),
+    (pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, "dram_bandwidth_utilization"),
+    (pynvml.NVML_GPM_METRIC_FP16_UTIL, "fp16_activity"),
+    (pynvml.NVML_GPM_METRIC_FP32_UTIL, "fp32_activity"),
+    (pynvml.NVML_GPM_METRIC_FP64_UTIL, "fp64_activity"),
+)
+BANDWIDTHS = (
+    (pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC, "pcie", "tx"),
+    (pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC, "pcie", "rx"),
+    (pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC, "nvlink", "tx"),
+    (pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC, "nvlink", "rx"),
+)
+_METRIC_IDS = [metric for metric, _ in RATIOS] + [metric for metric, _, _ in BANDWIDTHS]
+
+
+@dataclass
+class Profile:
+    """One interval's GPM values in base units; empty dicts where GPM is absent."""
+
+    ratios: dict[str, float]
+    bandwidth: dict[tuple[str, str], float]  # (bus, direction) -> bytes per second
+
+
+_NOTHING = Profile({}, {})
+
+
+@dataclass
+class _Sampler:
+    previous: Any
+    current: Any
+    primed: bool = False  # ``previous`` holds a sample
+
+
+def metrics_between(earlier: Any, later: Any, metric_ids: list[int]) -> list[float | None]:
+    """The GPM metrics between two samples, None where NVML could not compute one."""
+    request = pynvml.c_nvmlGpmMetricsGet_t()
+    request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+    request.numMetrics = len(metric_ids)
+    request.sample1 = earlier
+    request.sample2 = later
+    for slot, metric_id in enumerate(metric_ids):
+        request.metrics[slot].metricId = metric_id
+    answer = pynvml.nvmlGpmMetricsGet(request)
+    return [
+        float(answer.metrics[slot].value) if answer.metrics[slot].nvmlReturn == pynvml.NVML_SUCCESS else None
+        for slot in range(len(metric_ids))
+    ]
+
+
+class GpmReader:
+    """Per-GPU GPM samples, kept between passes; ``call`` is the backend's error-sorting call."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self._call = call
+        self._samplers: dict[int, _Sampler | None] = {}  # None: this GPU has no GPM
+        self._said_unsupported: set[int] = set()
+
+    def read(self, index: int, handle: Any) -> Profile:
+        sampler = self._sampler(index, handle)
+        if sampler is None:
+            return _NOTHING
+        if self._call(pynvml.nvmlGpmSampleGet, handle, sampler.current) is None:
+            return _NOTHING
+        values: list[float | None] = []
+        if sampler.primed:
+            values = self._call(metrics_between, sampler.previous, sampler.current, _METRIC_IDS) or []
+        sampler.previous, sampler.current, sampler.primed = sampler.current, sampler.previous, True
+        if not values:
+            return _NOTHING
+        ratios = {key: _ratio(value) for (_, key), value in zip(RATIOS, values) if value is not None}
+        bandwidth = {
+            (bus, direction): value * _MIB
+            for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):]) if value is not None
+        }
+        return Profile(ratios, bandwidth)
+
+    def _sampler(self, index: int, handle: Any) -> _Sampler | None:
+        if index in self._samplers:
+            return self._samplers[index]
+        support = self._call(pynvml.nvmlGpmQueryDeviceSupport, handle)
+        sampler = None
+        if support is not None and support.isSupportedDevice:
+            first = self._call(pynvml.nvmlGpmSampleAlloc)
+            second = self._call(pynvml.nvmlGpmSampleAlloc) if first is not None else None
+            if second is not None:
+                sampler = _Sampler(first, second)
+            elif first is not None:
+                self._free(first)
+        if sampler is None and index not in self._said_unsupported:
+            log.info("GPU %d: no GPU Performance Monitoring (Hopper or later needed); SM activity, occupancy, "
+                     "tensor and DRAM metrics are omitted", index)
+            self._said_unsupported.add(index)
+        self._samplers[index] = sampler
+        return sampler
+
+    def reset(self) -> None:
+        """Free every sample (before NVML shuts down); the next read starts over."""
+        for sampler in self._samplers.values():
+            if sampler is not None:
+                self._free(sampler.previous)
+                self._free(sampler.current)
+        self._samplers.clear()
+
+    @staticmethod
+    def _free(sample: Any) -> None:
+        try:
+            pynvml.nvmlGpmSampleFree(sample)
+        except pynvml.NVMLError:
+            pass  # NVML already gone: so is the sample
+
+
+def _ratio(percent: float) -> float:
+    return min(1.0, max(0.0, percent / 100.0))

@@ -1,0 +1,52 @@
+"""The ``process`` collector: the exporter's own CPU, memory and file descriptors (``process_*``).
+
+The same families as prometheus_client's ProcessCollector (so dashboards and alerts written
+for any Python exporter work), read from ``/proc/self`` here: importing prometheus_client's
+exposition machinery only for them cost the exporter 3 MiB of resident memory.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.exposition import Family, counter, gauge
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _boot_time(proc: Path) -> float:
+    for line in (proc / "stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise OSError(f"no btime in {proc / 'stat'}")
+
+
+class ProcessCollector(Collector):
+    name = "process"
+
+    def __init__(self, interval: float, timeout: float, proc: Path = Path("/proc")) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self._self = proc / "self"
+        self._boot = _boot_time(proc)
+
+    def collect(self) -> Collected:
+        # /proc/self/stat: the fields after the command name, which may itself hold spaces or ")"
+        fields = (self._self / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        utime, stime, start_ticks, vsize, rss_pages = (int(fields[i]) for i in (11, 12, 19, 20, 21))
+        families: list[Family] = []
+        for family, value in (
+            (gauge("process_virtual_memory_bytes", "Virtual memory size in bytes."), vsize),
+            (gauge("process_resident_memory_bytes", "Resident memory size in bytes."), rss_pages * _PAGE),
+            (gauge("process_start_time_seconds", "Start time of the process since unix epoch in seconds."), self._boot + start_ticks / _TICKS),
+            (counter("process_cpu_seconds", "Total user and system CPU time spent in seconds."), (utime + stime) / _TICKS),
+            (gauge("process_open_fds", "Number of open file descriptors."), len(os.listdir(self._self / "fd"))),
+            (gauge("process_max_fds", "Maximum number of open file descriptors."), resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+        ):
+            family.add_metric([], value)
+            families.append(family)
+        return Collected(families)

@@ -1,0 +1,77 @@
+"""The ``mlwarden`` command line: help that tells what users need, and one-line usage errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlwarden import cli
+
+MLWARDEN = str(Path(sys.executable).with_name("mlwarden"))
+
+
+def help_of(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_choices_defaults_and_required_options(capsys: pytest.CaptureFixture[str]) -> None:
+    text = help_of("backup", capsys)
+    assert "--compression {zstd,gzip,none}" in text and "COMPRESSION " not in text
+    flat = " ".join(text.split())
+    assert "is far slower (default: zstd) [env MLWARDEN_BACKUP_COMPRESSION]" in flat
+    assert "[env MLWARDEN_BACKUP_LEVEL or COMPRESSION_LEVEL]" in flat
+    required = text.split("required (as a flag or in the environment):")[1].split("backup options:")[0]
+    assert "--model-dir" in required and "--backup-dir" in required and "--compression" not in required
+    assert "--log-format {text,logfmt,json}" in text
+
+
+def test_help_names_the_environment_variables_that_hold_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    text = help_of("relay", capsys)
+    secrets = text.split("secrets (")[1]
+    assert "MLWARDEN_RELAY_TOKEN or MLWARDEN_RELAY_TOKEN_FILE: bearer token" in secrets
+    assert "MLWARDEN_RELAY_BASIC_AUTH_PASSWORD_FILE" in secrets
+    assert "--token" not in text  # secrets are never flags
+    assert "secrets (" not in help_of("cleanup", capsys)  # no empty section where there are none
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["bakup"], "mlwarden: unknown command 'bakup' (did you mean backup?); commands: exporter, relay,"),
+        (["backup", "--compresion", "zstd"], "mlwarden backup: unrecognized arguments: --compresion zstd (did you mean --compression?)"),
+        (["cleanup", "--dry-rn"], "mlwarden cleanup: unrecognized arguments: --dry-rn (did you mean --dry-run?)"),
+        (["backup", "--log-formt=json"], "(did you mean --log-format?)"),
+        (["backup", "--compression", "zst"], "mlwarden backup: argument --compression: invalid choice: 'zst'"),
+        (["backup", "--compression"], "mlwarden backup: argument --compression: expected one argument"),
+        ([], "mlwarden: a command is required: exporter, relay, backup,"),
+        (["health", "extra"], "mlwarden health: unrecognized arguments: extra"),
+    ],
+)
+def test_every_usage_error_is_one_line_and_exit_2(argv: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and line in captured.err, captured.err
+    assert "usage:" not in captured.err
+
+
+def test_a_near_miss_value_in_the_environment_gets_a_suggestion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLWARDEN_BACKUP_COMPRESSION", "zstf")
+    assert cli.main(["backup", "--model-dir", str(tmp_path), "--backup-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err == "mlwarden backup: invalid MLWARDEN_BACKUP_COMPRESSION='zstf': expected one of zstd, gzip, none (did you mean zstd?)\n"
+
+
+def test_the_installed_command_prints_one_line_for_a_mistyped_command() -> None:
+    result = subprocess.run([MLWARDEN, "relya"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("mlwarden: unknown command 'relya' (did you mean relay?)")
+    assert result.stderr.count("\n") == 1

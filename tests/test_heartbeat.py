@@ -1,0 +1,154 @@
+"""One heartbeat model for every job: start and finish pings, the job's own schedule, pauses.
+
+The rules' behaviour (late, running too long, never succeeded, paused) is proven by promtool
+in alerts/tests/jobs.test.yml; here: what the jobs push, to a real Pushgateway and to
+textfiles, and that the rules stay generic.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from mlwarden import cli, registry, settings
+from mlwarden.exitcodes import ExitCode
+from mlwarden.jobs import report as job_report
+from mlwarden.jobs.report import JobReport, Schedule
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = socket.gethostname()
+
+
+def pushed(url: str, job: str) -> dict[str, tuple[dict[str, str], float]]:
+    """metric name -> (labels, value) of one job's group on this host."""
+    result = {}
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        match = re.match(r"^([a-z_]+)\{(.*)\} (\S+)$", line)
+        if not match or not match.group(1).startswith("mlwarden_job_"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+        if labels.get("job") == job and labels.get("instance") == HOST:
+            result[match.group(1)] = (labels, float(match.group(3)))
+    return result
+
+
+def test_rules_name_no_job_and_no_interval() -> None:
+    """A new job needs no new rule: every threshold is the job's own pushed schedule."""
+    document = yaml.safe_load((REPO / "alerts" / "rules" / "jobs.yml").read_text())
+    expressions = [rule["expr"] for group in document["groups"] for rule in group["rules"]]
+    tasks = {"restore_drill"} | set(registry.entries())
+    for expr in expressions:
+        assert not re.search(r"\bjob\s*(=|!=|=~|!~)", expr), expr  # no job selector, scrape or pushed
+        assert not re.search(r"mlwarden_(" + "|".join(tasks) + r")\"", expr), expr
+        assert not re.search(r"\b\d+(\.\d+)?\s*[smhdwy]\b|\b\d+\s*\*\s*\d+", expr), expr  # no duration
+        numbers = {float(n) for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", expr)}
+        assert numbers <= {0.0, 1.0}, expr
+        assert "absent(" not in expr, "a list of jobs in absent() is what the schedule replaced"
+
+
+def test_a_run_pings_start_with_its_schedule_then_finish(pushgateway) -> None:
+    schedule = Schedule(expected_interval=86400, grace=3600, timeout=600, late_severity="critical")
+    before = time.time()
+    with JobReport("sample", pushgateway=pushgateway.url, schedule=schedule) as report:
+        during = pushed(pushgateway.url, "mlwarden_sample")
+        report.succeeded()
+    after = pushed(pushgateway.url, "mlwarden_sample")
+
+    # While it runs, Prometheus can see it started, and what it promised.
+    assert during["mlwarden_job_last_start_timestamp_seconds"][1] >= before
+    assert "mlwarden_job_last_run_timestamp_seconds" not in during  # a first run has not ended
+    assert "mlwarden_job_success" not in during  # no outcome is invented at the start
+    for name, value in (("expected_interval", 86400), ("grace", 3600), ("timeout", 600)):
+        labels, pushed_value = during[f"mlwarden_job_{name}_seconds"]
+        assert (labels["severity"], pushed_value) == ("critical", value)
+    # After it, the end is after the start, and the schedule is still there.
+    assert after["mlwarden_job_last_run_timestamp_seconds"][1] >= after["mlwarden_job_last_start_timestamp_seconds"][1]
+    assert after["mlwarden_job_success"][1] == 1
+    assert after["mlwarden_job_last_success_timestamp_seconds"][1] >= before
+    assert after["mlwarden_job_expected_interval_seconds"][1] == 86400
+
+
+def test_pause_and_resume_survive_the_jobs_own_pushes(pushgateway) -> None:
+    before = time.time()
+    assert cli.main(["pause", "backup", "--for", "2h", "--pushgateway", pushgateway.url]) == ExitCode.OK
+    with JobReport("backup", pushgateway=pushgateway.url, schedule=Schedule(86400, 3600, 600)) as report:
+        report.succeeded(False)
+    paused = pushed(pushgateway.url, "mlwarden_backup")["mlwarden_job_paused_until_timestamp_seconds"][1]
+    assert before + 7200 <= paused <= time.time() + 7200
+    assert cli.main(["resume", "backup", "--pushgateway", pushgateway.url]) == ExitCode.OK
+    assert pushed(pushgateway.url, "mlwarden_backup")["mlwarden_job_paused_until_timestamp_seconds"][1] == 0
+
+
+def test_textfile_keeps_the_pause_the_schedule_and_the_last_success(tmp_path: Path, promtool: str) -> None:
+    schedule = Schedule(900, 2700, 600)
+    with JobReport("health", textfile_dir=tmp_path, schedule=schedule) as report:
+        report.succeeded()
+    assert cli.main(["pause", "health", "--for", "30m", "--textfile-dir", str(tmp_path)]) == ExitCode.OK
+    with JobReport("health", textfile_dir=tmp_path, schedule=schedule) as report:
+        report.succeeded(False)
+    text = (tmp_path / "mlwarden_health.prom").read_text()
+    for name in ("last_success_timestamp", "paused_until_timestamp", "expected_interval", "last_start_timestamp"):
+        assert len(re.findall(rf"^mlwarden_job_{name}_seconds[ {{]", text, re.M)) == 1, name
+    assert re.search(r"^mlwarden_job_success 0\.0$", text, re.M)
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_pause_that_cannot_be_written_fails_and_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(job_report, "PUSH_ATTEMPTS", 1)
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    assert cli.main(["pause", "backup", "--for", "1h", "--pushgateway", closed]) == ExitCode.FAILURE
+    assert "backup is NOT paused" in capsys.readouterr().err  # the CLI's own log handler writes to stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["pause", "backup", "--for", "2h"], "--pushgateway (or PUSHGATEWAY_URL) or --textfile-dir is required"),
+        (["pause", "backup", "--for", "40d", "--textfile-dir", "/tmp"], "at most 30 days"),
+        (["pause", "Backup!", "--for", "1h", "--textfile-dir", "/tmp"], "expected a job name"),
+        (["pause", "backup", "--textfile-dir", "/tmp"], "--for"),
+    ],
+)
+def test_pause_usage_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("mlwarden pause: ") and message in err and err.count("\n") == 1
+
+
+def test_default_schedules_match_the_timers_and_the_old_thresholds(tmp_path: Path) -> None:
+    """health every 15 min, backup and cleanup daily (maintain), the drill weekly: late after 1 h, 25 h, 2 d and 8 d."""
+    from mlwarden.jobs.backup.cli import BackupSettings, RestoreSettings
+    from mlwarden.jobs.cleanup.cli import CleanupSettings
+    from mlwarden.jobs.health.cli import HealthSettings
+
+    environ = {"MODEL_DIR": str(tmp_path), "BACKUP_DIR": str(tmp_path), "EXPERIMENTS_DIR": str(tmp_path)}
+    expected = {
+        "backup": (BackupSettings, 86400, 25 * 3600, "critical"),
+        "restore": (RestoreSettings, 7 * 86400, 8 * 86400, "warning"),
+        "cleanup": (CleanupSettings, 86400, 2 * 86400, "warning"),
+        "health": (HealthSettings, 900, 3600, "warning"),
+    }
+    for command, (cls, interval, late_after, severity) in expected.items():
+        argv = ["--drill"] if command == "restore" else []
+        loaded = settings.load(cls, command, argv, environ)
+        schedule = job_report.schedule_of(loaded)
+        assert (schedule.expected_interval, schedule.expected_interval + schedule.grace) == (interval, late_after), command
+        assert schedule.late_severity == severity and schedule.timeout < schedule.expected_interval, command
+    timers = {p.stem: p.read_text() for p in (REPO / "deploy" / "systemd").glob("*.timer")}
+    assert "OnCalendar=*:0/15" in timers["mlwarden-health"]
+    assert "OnCalendar=Sun " in timers["mlwarden-restore-drill"]
+    assert "OnCalendar=*-*-* 03:00:00" in timers["mlwarden-maintain"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
