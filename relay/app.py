@@ -2,8 +2,8 @@
 
 ``POST /webhook/alertmanager`` answers 200 only after the payload, its state changes and its
 delivery jobs are committed; 503 when the store cannot commit (Alertmanager retries 5xx
-only); 400 for a payload it cannot use (kept in a dead-letter table); 401 and 413 for a
-bad token and an oversized body. Background tasks drain the outbox, watch the heartbeat
+only); 400 for a payload it cannot use (kept in a dead-letter table); 401 for a bad token.
+A body over the limit keeps the alerts that fit (see oversize); 413 only when none does. Background tasks drain the outbox, watch the heartbeat
 and prune old records.
 """
 
@@ -11,33 +11,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mlwarden.logs import RepeatFilter
-from mlwarden.relay import intake, payload, watchdog
+from mlwarden.relay import intake, oversize, payload, statepage, watchdog
 from mlwarden.relay.auth import Credentials
-from mlwarden.relay.config import RelayConfig
+from mlwarden.relay.config import ConfigError, RelayConfig
 from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.groupcommit import GroupCommit
 from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers import notifier_for
 from mlwarden.relay.notifiers.base import Notifier
 from mlwarden.relay.outbox import Outbox
-from mlwarden.relay.store.base import IntakeRequest, Store, StoreError
+from mlwarden.relay.store.base import DEAD, IntakeRequest, Store, StoreError
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error
 
 WEBHOOK_PATH = "/webhook/alertmanager"
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # about 30,000 alerts of a usual size
+STATE_PAGE_PATH = "/state"
+ACK_BODY_LIMIT = 16 * 1024
+DEAD_BODY_SHOWN = 64 * 1024  # of each dead payload, in the dead-letter view
 WATCHDOG_TICK_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 3600.0
 PRUNE_RETRY_SECONDS = 60.0
@@ -50,36 +58,53 @@ class Relay:
     config: RelayConfig
     store: Store
     credentials: Credentials
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     workers: int = 4
     clock: Callable[[], float] = time.time
     metrics: RelayMetrics = field(default_factory=RelayMetrics)
     http: httpx.AsyncClient | None = None
     outbox: Outbox | None = None
     watching_since: float = 0.0  # when create_app started watching the Watchdog heartbeat
+    load_config: Callable[[], RelayConfig] | None = None  # reads relay.yml again (SIGHUP, POST /-/reload)
 
     def start_outbox(self) -> Outbox:
         self.http = httpx.AsyncClient(timeout=self.config.delivery.timeout)
-        notifiers: dict[str, Notifier] = {
-            name: notifier_for(d, self.http, self.config.delivery.max_alerts_per_message)
-            for name, d in self.config.destinations.items()
-        }
         self.outbox = Outbox(
-            self.store, self.config.destinations, notifiers, self.config.delivery, self.metrics,
+            self.store, self.config.destinations, self._notifiers(self.config), self.config.delivery, self.metrics,
             clock=self.clock, workers=self.workers,
         )
         return self.outbox
+
+    def _notifiers(self, config: RelayConfig) -> dict[str, Notifier]:
+        assert self.http is not None
+        return {name: notifier_for(d, self.http, config.delivery.max_alerts_per_message, config.templates)
+                for name, d in config.destinations.items()}
+
+    def reload(self) -> RelayConfig:
+        """Read relay.yml again and use it from the next webhook and delivery on; raises
+        ConfigError (the running config stays) when it does not validate."""
+        if self.load_config is None:
+            raise ConfigError("this relay was not started from a config file")
+        config = self.load_config()
+        if self.outbox is not None:
+            self.outbox.reconfigure(config.destinations, self._notifiers(config), config.delivery)
+        self.config = config
+        log.info("relay config reloaded: %d destination(s), %d route(s)", len(config.destinations), len(config.routes))
+        return config
 
 
 def create_app(relay: Relay, background: bool = True) -> FastAPI:
     """The ASGI app. ``background=False`` leaves the outbox and watchdog to the caller (tests)."""
     relay.watching_since = relay.clock()
-    relay.metrics.watch_store(relay.store, relay.config.watchdog, relay.clock, relay.watching_since)
+    relay.metrics.watch_store(relay.store, lambda: relay.config.watchdog, relay.clock, relay.watching_since)
     commits = GroupCommit(relay.store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         outbox = relay.start_outbox()
+        if relay.load_config is not None:
+            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):  # not the main thread
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_logged, relay)
         tasks = []
         if background:
             tasks = [asyncio.create_task(outbox.run()), asyncio.create_task(_maintenance(relay))]
@@ -102,11 +127,22 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
         if not relay.credentials.allows(request.headers.get("authorization")):
             relay.metrics.webhooks.labels("unauthorized").inc()
             return unauthorized()
-        body = await _read_body(request, relay.max_body_bytes)
-        if body is None:
+        trimmed = await oversize.read_webhook(request.stream(), relay.max_body_bytes)
+        if trimmed is None:
             relay.metrics.webhooks.labels("too_large").inc()
-            return JSONResponse({"error": f"body larger than {relay.max_body_bytes} bytes"}, status_code=413)
-        return await _accept(relay, commits, body)
+            return JSONResponse({"error": f"not even one alert fits in {relay.max_body_bytes} bytes"}, status_code=413)
+        return await _accept(relay, commits, trimmed)
+
+    @app.post("/-/reload")
+    async def reload(request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        try:
+            config = await asyncio.to_thread(relay.reload)
+        except ConfigError as exc:
+            log.error("relay config not reloaded, the running one stays: %s", exc)
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"status": "reloaded", "destinations": len(config.destinations), "routes": len(config.routes)})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -131,6 +167,80 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
         if not relay.credentials.allows(request.headers.get("authorization")):
             return unauthorized()
         return await _view(lambda: {"keys": [s.to_dict() for s in relay.store.key_states()]})
+
+    @app.post("/api/v1/keys/{key}/ack")
+    async def ack(key: str, request: Request) -> Response:
+        """Stop the escalation of ``key`` until it resolves. JSON ``{"by": ..., "comment": ...}``,
+        or the state page's form (answered with a redirect back to it)."""
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        form = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+        origin = request.headers.get("origin")
+        if form and origin and urlparse(origin).netloc != request.headers.get("host"):
+            # A browser sends basic credentials with any site's form: only the state page's own may ack.
+            return JSONResponse({"error": "cross-site form refused"}, status_code=403)
+        raw = await _read_body(request, ACK_BODY_LIMIT)
+        try:
+            # The form is parsed here: Starlette's own form parser needs python-multipart.
+            fields = {k: v[0] for k, v in parse_qs(raw.decode()).items()} if form and raw else json.loads(raw or b"")
+        except (ValueError, AttributeError):
+            fields = None
+        if not isinstance(fields, dict):
+            return JSONResponse({"error": "expected a JSON object or a form with by and comment"}, status_code=400)
+        by, comment = str(fields.get("by") or "").strip()[:200], str(fields.get("comment") or "").strip()[:1000]
+        if not by:
+            return JSONResponse({"error": "'by' (who acknowledges) is required"}, status_code=400)
+        try:
+            state = await asyncio.to_thread(relay.store.acknowledge, key, by, comment, relay.clock())
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        if state is None:
+            return JSONResponse({"error": "no such key firing (it resolved, or never fired)"}, status_code=404)
+        log.info("key %s acknowledged by %s: escalation stopped at level %d", key, by, state.level)
+        if form:
+            return RedirectResponse(STATE_PAGE_PATH, status_code=303)
+        return JSONResponse(state.to_dict())
+
+    @app.get(STATE_PAGE_PATH)
+    async def state_page(request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            if relay.credentials.password:  # let a browser ask for the basic credentials
+                return JSONResponse({"error": "missing or wrong credentials"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Basic realm="mlwarden-relay"'})
+            return unauthorized()
+        try:
+            states = await asyncio.to_thread(relay.store.key_states)
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return HTMLResponse(statepage.render(states, relay.clock()))
+
+    @app.get("/api/v1/dead-letters")
+    async def dead_letters(request: Request) -> Response:
+        """Payloads that could not be used and deliveries that failed for good, each with its reason."""
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+
+        def read() -> dict[str, object]:
+            deliveries = [{**j.to_dict(), "reason": j.last_error} for j in relay.store.jobs() if j.status == DEAD]
+            payloads = [p.to_dict(DEAD_BODY_SHOWN) for p in relay.store.dead_payloads()]
+            return {"payloads": payloads, "deliveries": deliveries}
+
+        return await _view(read)
+
+    @app.post("/api/v1/dead-letters/{job_id}/retry")
+    async def retry_dead_letter(job_id: str, request: Request) -> Response:
+        if not relay.credentials.allows(request.headers.get("authorization")):
+            return unauthorized()
+        try:
+            job = await asyncio.to_thread(relay.store.retry_dead, job_id, relay.clock())
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        if job is None:
+            return JSONResponse({"error": "no dead-lettered delivery with that id"}, status_code=404)
+        log.info("dead-lettered delivery %s to %s queued again by an operator", job_id, job.destination)
+        if relay.outbox is not None:
+            relay.outbox.wake()
+        return JSONResponse(job.to_dict())
 
     @app.get("/api/v1/outbox")
     async def outbox(request: Request) -> Response:
@@ -168,8 +278,10 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
+async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed) -> Response:
     now = relay.clock()
+    config = relay.config  # one config for the whole webhook, should a reload land meanwhile
+    body = trimmed.body
     try:
         notification = payload.parse(body)
     except payload.PayloadError as exc:
@@ -181,9 +293,16 @@ async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
             log.error("cannot keep an invalid payload: %s", store_exc)
         log.warning("rejected webhook payload: %s", exc)
         return JSONResponse({"error": str(exc)}, status_code=400)
+    if trimmed.omitted_alerts:
+        # Kept what fits rather than answer 413: Alertmanager never retries a 4xx.
+        notification = dataclasses.replace(notification, omitted_alerts=trimmed.omitted_alerts)
+        relay.metrics.omitted.inc(trimmed.omitted_alerts)
+        log.warning("webhook over %d bytes: kept %d alert(s) of group %s, left out %d (%d bytes)",
+                    relay.max_body_bytes, len(notification.alerts), notification.group_key,
+                    trimmed.omitted_alerts, trimmed.dropped_bytes)
     request = IntakeRequest(
-        notification_digest(notification), body, intake.keys_of(notification, relay.config), now,
-        intake.dedup_window(notification, relay.config), lambda states: intake.plan(notification, states, now, relay.config),
+        notification_digest(notification), body, intake.keys_of(notification, config), now,
+        intake.dedup_window(notification, config), lambda states: intake.plan(notification, states, now, config),
     )
     try:
         result = await commits.submit(request)
@@ -210,21 +329,28 @@ async def _accept(relay: Relay, commits: GroupCommit, body: bytes) -> Response:
     return JSONResponse({"status": "accepted", "jobs": len(result.jobs)})
 
 
+def _reload_logged(relay: Relay) -> None:
+    try:
+        relay.reload()
+    except ConfigError as exc:
+        log.error("SIGHUP: relay config not reloaded, the running one stays: %s", exc)
+
+
 async def _maintenance(relay: Relay) -> None:
     """Watch the heartbeat every second; prune old records every hour."""
     await asyncio.gather(_watch_heartbeat(relay), _prune(relay))
 
 
 async def _watch_heartbeat(relay: Relay) -> None:
-    if relay.config.watchdog is None:
-        return
     while True:
         try:
-            # In a thread, like the prune: a store that hangs (Redis, for its 5 s timeout) must not
-            # freeze the event loop every tick.
-            await asyncio.to_thread(watchdog.check, relay.store, relay.config.watchdog, relay.clock(), relay.watching_since)
-            if relay.outbox is not None:
-                relay.outbox.wake()
+            heartbeat = relay.config.watchdog  # read at every tick: a reload may add or drop it
+            if heartbeat is not None:
+                # In a thread, like the prune: a store that hangs (Redis, for its 5 s timeout) must
+                # not freeze the event loop every tick.
+                await asyncio.to_thread(watchdog.check, relay.store, heartbeat, relay.clock(), relay.watching_since)
+                if relay.outbox is not None:
+                    relay.outbox.wake()
         except StoreError as exc:
             log.error("watchdog: %s", exc)
         except Exception:  # noqa: BLE001 - a dead loop would silence the watchdog for good

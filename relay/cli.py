@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -15,17 +17,24 @@ from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, parse_size, positive, setting
 from mlwarden.relay import config as relay_config
-from mlwarden.relay.app import Relay, create_app
+from mlwarden.relay.app import DEFAULT_MAX_BODY_BYTES, Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store import StoreError, check_url, open_store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_URL = "sqlite:///var/lib/mlwarden/relay.db"
+CHECK_CONFIG = "check-config"
+ACTIONS = ("serve", CHECK_CONFIG)
 
 
 @dataclasses.dataclass(frozen=True)
 class RelaySettings:
+    action: str = setting(
+        "serve", help="serve (the default), or check-config: validate --config, exit 0 (valid) or 2 (one line why)",
+        positional=True, choices=ACTIONS, metavar="ACTION",
+    )
+    json_schema: bool = setting(False, help="with check-config: print relay.yml's JSON Schema (for editors) and exit")
     config: Path = setting(Path("/etc/mlwarden/relay.yml"), help="relay.yml: destinations, routes, cooldown, escalation, watchdog")
     listen_address: tuple[str, int] = setting(
         ("127.0.0.1", 9946), help="address to serve the webhook, health and metrics on", parse=parse_listen_address
@@ -37,7 +46,10 @@ class RelaySettings:
     token: str = setting("", help="bearer token Alertmanager must send", secret=True)
     basic_auth_user: str | None = setting(None, help="user name for HTTP basic authentication (instead of or besides the token)")
     basic_auth_password: str = setting("", help="password for HTTP basic authentication", secret=True)
-    max_body_bytes: int = setting(1024 * 1024, help="largest webhook body accepted (413 above)", parse=positive(parse_size))
+    max_body_bytes: int = setting(
+        DEFAULT_MAX_BODY_BYTES, help="largest webhook body kept; above it, the alerts that fit are kept and the rest counted",
+        parse=positive(parse_size),
+    )
     workers: int = setting(4, help="deliveries in flight at once", parse=in_range(int, 1, 64))
     alert_cooldown: float | None = setting(
         None, help="cooldown for every severity, replacing the built-in defaults (routes may still override)",
@@ -45,6 +57,8 @@ class RelaySettings:
     )
 
     def __post_init__(self) -> None:
+        if self.action == CHECK_CONFIG:
+            return  # a config check needs no credentials
         if not self.token and not self.basic_auth_password:
             raise ValueError(
                 "MLWARDEN_RELAY_TOKEN (or _FILE) or MLWARDEN_RELAY_BASIC_AUTH_PASSWORD is required: "
@@ -54,9 +68,29 @@ class RelaySettings:
             raise ValueError("--basic-auth-user is required with MLWARDEN_RELAY_BASIC_AUTH_PASSWORD")
 
 
-def run(settings: RelaySettings) -> int:
+def check_config(settings: RelaySettings) -> int:
+    """What an operator runs before a reload: 0 and a summary, or 2 and the one line that says why."""
+    if settings.json_schema:
+        print(json.dumps(relay_config.json_schema(), indent=2))
+        return ExitCode.OK
     try:
         config = relay_config.load(settings.config, os.environ, settings.alert_cooldown)
+    except relay_config.ConfigError as exc:
+        print(f"{settings.config}: invalid: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"{settings.config}: valid ({len(config.destinations)} destination(s), {len(config.routes)} route(s))")
+    return ExitCode.OK
+
+
+def run(settings: RelaySettings) -> int:
+    if settings.action == CHECK_CONFIG:
+        return check_config(settings)
+
+    def load() -> relay_config.RelayConfig:
+        return relay_config.load(settings.config, os.environ, settings.alert_cooldown)
+
+    try:
+        config = load()
     except relay_config.ConfigError as exc:
         log.error("%s", exc)
         return ExitCode.USAGE
@@ -71,6 +105,7 @@ def run(settings: RelaySettings) -> int:
         credentials=Credentials(settings.token, settings.basic_auth_user or "", settings.basic_auth_password),
         max_body_bytes=settings.max_body_bytes,
         workers=settings.workers,
+        load_config=load,
     )
     host, port = settings.listen_address
     log.info("relay listening on %s:%d, state %s, %d destination(s), %d route(s)",

@@ -1,7 +1,9 @@
 """relay.yml: destinations, routes, cooldown and escalation policy, watchdog, delivery limits.
 
-Loaded and validated once at start; every error is one line naming the offending key
-(``routes[1].cooldown.warning: ...``). Durations are strings such as ``15m`` or ``5s`` so a
+Validated by one pydantic schema (:mod:`relay.schema`, which also writes the JSON Schema for
+editors), then built into the frozen dataclasses below; every error is one line naming the
+offending key (``routes[1].cooldown.warning: ...``). Loaded at start, and again on SIGHUP or
+``POST /-/reload`` (a config that does not validate is refused and the running one kept). Durations are strings such as ``15m`` or ``5s`` so a
 demo can compress the timings. Secrets are never in the file: a destination names the
 environment variable that holds them (``webhook_url_env: SLACK_WEBHOOK_URL``), and
 ``<VAR>_FILE`` works too.
@@ -16,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
+from mlwarden.relay import schema as schema_doc
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, TemplateError, Templates
 from mlwarden.secrets import SecretError, read_secret
-from mlwarden.settings import parse_duration, parse_url
+from mlwarden.settings import parse_url
 
 SEVERITIES = ("info", "warning", "critical", "emergency")
 DEFAULT_COOLDOWN = {"info": 4 * 3600.0, "warning": 3600.0, "critical": 900.0, "emergency": 300.0}
@@ -46,12 +51,80 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class EscalationLevel:
+    """One step of an escalation chain: reached after ``after_repeats`` notifications within the
+    chain's window, or after firing for ``after_firing`` (whichever comes first)."""
+
+    destinations: tuple[str, ...]
+    after_repeats: int | None = None
+    after_firing: float | None = None
+
+
+@dataclass(frozen=True)
 class Escalation:
-    after_repeats: int = 5  # seen this many times within `within` -> escalate
-    within: float = 3600.0
-    after_firing: float | None = None  # firing longer than this -> escalate
-    destinations: tuple[str, ...] = ()
-    page_immediately: tuple[str, ...] = ("critical", "emergency")
+    levels: tuple[EscalationLevel, ...] = (EscalationLevel((), after_repeats=5),)
+    within: float = 3600.0  # the fixed window after_repeats counts in
+    page_immediately: tuple[str, ...] = ("critical", "emergency")  # these start at the top level
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """Every destination of every level, in chain order."""
+        return tuple(dict.fromkeys(d for level in self.levels for d in level.destinations))
+
+
+_MATCHER = re.compile(r'\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(=~|!~|!=|=)\s*(.*?)\s*')
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One Alertmanager matcher: ``name="value"``, ``name!="value"``, ``name=~"regex"`` or
+    ``name!~"regex"`` (the value may go unquoted); a missing label counts as empty, and a
+    regular expression must match the whole value, as in Alertmanager."""
+
+    name: str
+    op: str
+    value: str
+    pattern: re.Pattern[str] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Matcher:
+        found = _MATCHER.fullmatch(text)
+        if not found:
+            raise ValueError(f"not a matcher: {text!r} (expected name=\"value\", !=, =~ or !~)")
+        name, op, value = found.groups()
+        if value.startswith('"'):
+            value = _unquote(value, text)
+        pattern = None
+        if op in ("=~", "!~"):
+            try:
+                pattern = re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression in {text!r}: {exc}") from None
+        return cls(name, op, value, pattern)
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.name, "")
+        if self.pattern is not None:
+            return bool(self.pattern.fullmatch(value)) == (self.op == "=~")
+        return (value == self.value) == (self.op == "=")
+
+
+def _unquote(quoted: str, text: str) -> str:
+    """The value of a double-quoted matcher value (backslash escapes ``\\"``, ``\\\\``, ``\\n``)."""
+    value, i = [], 1
+    while i < len(quoted):
+        char = quoted[i]
+        if char == "\\" and i + 1 < len(quoted):
+            value.append("\n" if quoted[i + 1] == "n" else quoted[i + 1])
+            i += 2
+        elif char == '"':
+            if i != len(quoted) - 1:
+                raise ValueError(f"text after the closing quote in {text!r}")
+            return "".join(value)
+        else:
+            value.append(char)
+            i += 1
+    raise ValueError(f"unterminated quoted value in {text!r}")
 
 
 @dataclass(frozen=True)
@@ -59,14 +132,17 @@ class Route:
     destinations: tuple[str, ...]
     match: Mapping[str, str] = field(default_factory=dict)
     match_re: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    matchers: tuple[Matcher, ...] = ()  # Alertmanager's syntax; all must hold, like match and match_re
     key_labels: tuple[str, ...] = ()  # empty: the alert's fingerprint is its key
     cooldown: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_COOLDOWN))
     escalating_cooldown: tuple[float, ...] = ()  # successive repeats wait this long; empty: off
     escalation: Escalation = Escalation()
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.match.items()) and all(
-            p.fullmatch(labels.get(k, "")) for k, p in self.match_re.items()
+        return (
+            all(labels.get(k) == v for k, v in self.match.items())
+            and all(p.fullmatch(labels.get(k, "")) for k, p in self.match_re.items())
+            and all(m.matches(labels) for m in self.matchers)
         )
 
 
@@ -85,6 +161,12 @@ class Delivery:
     backoff_max: float = 600.0
     timeout: float = 10.0
     max_alerts_per_message: int = 20  # Slack coalescing; capped by Slack's 50 blocks
+    lease: float | None = None  # how long a claimed job stays claimed; None: 3 x timeout + 30 s
+
+    @property
+    def claim_seconds(self) -> float:
+        """A claim outlasts the delivery's own timeout, so only a dead worker's jobs come back."""
+        return self.lease if self.lease is not None else self.timeout * 3 + 30
 
 
 @dataclass(frozen=True)
@@ -95,6 +177,7 @@ class RelayConfig:
     delivery: Delivery = Delivery()
     dedup_window: float = 300.0
     default_severity: str = "warning"
+    templates: Templates = DEFAULT_TEMPLATES
 
     def route_for(self, labels: Mapping[str, str]) -> Route | None:
         return next((r for r in self.routes if r.matches(labels)), None)
@@ -111,13 +194,21 @@ def load(path: Path, environ: Mapping[str, str] | None = None, default_cooldown:
     return parse(raw or {}, os.environ if environ is None else environ, default_cooldown)
 
 
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of relay.yml, for editors (``mlwarden relay check-config --json-schema``)."""
+    schema = schema_doc.RelayDoc.model_json_schema()
+    schema["title"] = "mlwarden relay configuration (relay.yml)"
+    return schema
+
+
 def parse(raw: Any, environ: Mapping[str, str], default_cooldown: float | None = None) -> RelayConfig:
-    doc = _Node(raw, "")
-    doc.only("destinations", "routes", "watchdog", "delivery", "dedup_window", "default_severity",
-             "cooldown", "escalating_cooldown", "escalation")
-    destinations = {
-        name: _destination(node, environ) for name, node in doc.child("destinations").items()
-    }
+    """Validate ``raw`` against the schema (one line naming the first offending key), then build
+    the config: secrets from ``environ``, references between destinations and routes checked."""
+    try:
+        doc = schema_doc.RelayDoc.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(schema_doc.first_error(exc)) from None
+    destinations = {name: _destination(name, d, environ) for name, d in doc.destinations.items()}
     if not destinations:
         raise ConfigError("destinations: at least one destination is required")
     base_cooldown = dict(DEFAULT_COOLDOWN)
@@ -125,131 +216,155 @@ def parse(raw: Any, environ: Mapping[str, str], default_cooldown: float | None =
         base_cooldown = {s: default_cooldown for s in SEVERITIES}
     defaults = Route(
         destinations=(),
-        cooldown={**base_cooldown, **_cooldown(doc.child("cooldown"))},
-        escalating_cooldown=_durations(doc.child("escalating_cooldown")),
-        escalation=_escalation(doc.child("escalation"), Escalation()),
+        cooldown={**base_cooldown, **_cooldown(doc.cooldown)},
+        escalating_cooldown=tuple(doc.escalating_cooldown or ()),
+        escalation=_escalation(doc.escalation, Escalation(), "escalation"),
     )
-    routes = tuple(_route(node, defaults) for node in doc.child("routes").list())
-    if not routes:
+    if not doc.routes:
         raise ConfigError("routes: at least one route is required")
-    watchdog_node = doc.child("watchdog")
+    routes = tuple(_route(route, defaults, f"routes[{i}]") for i, route in enumerate(doc.routes))
     config = RelayConfig(
         destinations=destinations,
         routes=routes,
-        watchdog=_watchdog(watchdog_node) if watchdog_node.value is not None else None,
-        delivery=_delivery(doc.child("delivery")),
-        dedup_window=doc.child("dedup_window").duration(300.0),
-        default_severity=doc.child("default_severity").choice(SEVERITIES, "warning"),
+        watchdog=_watchdog(doc.watchdog) if doc.watchdog is not None else None,
+        delivery=_delivery(doc.delivery),
+        dedup_window=doc.dedup_window,
+        default_severity=doc.default_severity,
+        templates=_templates(doc.templates),
     )
     _check_references(config)
     return config
 
 
-def _destination(node: _Node, environ: Mapping[str, str]) -> Destination:
-    kind = node.child("type").choice(("slack", "pagerduty"), None)
-    rate = node.child("rate_per_second").number(DEFAULT_RATE[kind])
-    if kind == "slack":
-        node.only("type", "webhook_url_env", "rate_per_second")
-        url = _secret(node.child("webhook_url_env"), environ)
+def _destination(name: str, doc: schema_doc.DestinationDoc, environ: Mapping[str, str]) -> Destination:
+    where = f"destinations.{name}"
+    rate = doc.rate_per_second or DEFAULT_RATE[doc.type]
+    if doc.type == "slack":
+        _only(doc, where, "webhook_url_env")
+        url = _secret(doc.webhook_url_env, f"{where}.webhook_url_env", environ)
         try:
             parse_url(url)
         except ValueError as exc:
-            raise ConfigError(f"{node.child('webhook_url_env').path}: the webhook URL in that variable: {exc}") from None
-        return Destination(node.name, kind, url, rate_per_second=rate)
-    node.only("type", "routing_key_env", "events_url", "rate_per_second")
-    events_url = node.child("events_url").text(PAGERDUTY_EVENTS_URL)
+            raise ConfigError(f"{where}.webhook_url_env: the webhook URL in that variable: {exc}") from None
+        return Destination(name, doc.type, url, rate_per_second=rate)
+    _only(doc, where, "routing_key_env", "events_url")
+    events_url = doc.events_url or PAGERDUTY_EVENTS_URL
     try:
         parse_url(events_url)
     except ValueError as exc:
-        raise ConfigError(f"{node.child('events_url').path}: {exc}") from None
-    key = _secret(node.child("routing_key_env"), environ)
-    return Destination(node.name, kind, events_url, routing_key=key, rate_per_second=rate)
+        raise ConfigError(f"{where}.events_url: {exc}") from None
+    key = _secret(doc.routing_key_env, f"{where}.routing_key_env", environ)
+    return Destination(name, doc.type, events_url, routing_key=key, rate_per_second=rate)
 
 
-def _secret(node: _Node, environ: Mapping[str, str]) -> str:
-    variable = node.text(None)
+def _only(doc: schema_doc.DestinationDoc, where: str, *allowed: str) -> None:
+    """A Slack destination has no routing key, a PagerDuty one no webhook URL."""
+    for field_name in ("webhook_url_env", "routing_key_env", "events_url"):
+        if getattr(doc, field_name) is not None and field_name not in allowed:
+            raise ConfigError(f"{where}: {field_name} does not apply to type {doc.type}")
+
+
+def _secret(variable: str | None, where: str, environ: Mapping[str, str]) -> str:
+    if variable is None:
+        raise ConfigError(f"{where}: required")
     try:
         value = read_secret(variable, environ)
     except SecretError as exc:
-        raise ConfigError(f"{node.path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     if not value:
-        raise ConfigError(f"{node.path}: environment variable {variable} (or {variable}_FILE) is not set")
+        raise ConfigError(f"{where}: environment variable {variable} (or {variable}_FILE) is not set")
     return value
 
 
-def _route(node: _Node, defaults: Route) -> Route:
-    node.only("match", "match_re", "destinations", "key_labels", "cooldown", "escalating_cooldown", "escalation")
+def _route(doc: schema_doc.RouteDoc, defaults: Route, where: str) -> Route:
     match_re = {}
-    for label, pattern_node in node.child("match_re").items():
+    for label, pattern in doc.match_re.items():
         try:
-            match_re[label] = re.compile(pattern_node.text(None))
+            match_re[label] = re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"{pattern_node.path}: not a valid regular expression: {exc}") from None
-    destinations = node.child("destinations").strings()
-    if not destinations:
-        raise ConfigError(f"{node.path}.destinations: at least one destination is required")
-    escalating = node.child("escalating_cooldown")
+            raise ConfigError(f"{where}.match_re.{label}: not a valid regular expression: {exc}") from None
+    matchers = []
+    for i, text in enumerate(doc.matchers):
+        try:
+            matchers.append(Matcher.parse(text))
+        except ValueError as exc:
+            raise ConfigError(f"{where}.matchers[{i}]: {exc}") from None
+    if not doc.destinations:
+        raise ConfigError(f"{where}.destinations: at least one destination is required")
     return Route(
-        destinations=destinations,
-        match={label: v.text(None) for label, v in node.child("match").items()},
+        destinations=tuple(doc.destinations),
+        match=dict(doc.match),
         match_re=match_re,
-        key_labels=node.child("key_labels").strings(),
-        cooldown={**defaults.cooldown, **_cooldown(node.child("cooldown"))},
-        escalating_cooldown=_durations(escalating) if escalating.value is not None else defaults.escalating_cooldown,
-        escalation=_escalation(node.child("escalation"), defaults.escalation),
+        matchers=tuple(matchers),
+        key_labels=tuple(doc.key_labels),
+        cooldown={**defaults.cooldown, **_cooldown(doc.cooldown)},
+        escalating_cooldown=tuple(doc.escalating_cooldown) if doc.escalating_cooldown is not None
+        else defaults.escalating_cooldown,
+        escalation=_escalation(doc.escalation, defaults.escalation, f"{where}.escalation"),
     )
 
 
-def _cooldown(node: _Node) -> dict[str, float]:
-    node.only(*SEVERITIES)
-    return {severity: value.duration(None) for severity, value in node.items()}
+def _cooldown(doc: schema_doc.CooldownDoc | None) -> dict[str, float]:
+    if doc is None:
+        return {}
+    return {severity: value for severity, value in doc.model_dump().items() if value is not None}
 
 
-def _durations(node: _Node) -> tuple[float, ...]:
-    return tuple(item.duration(None) for item in node.list())
-
-
-def _escalation(node: _Node, defaults: Escalation) -> Escalation:
-    if node.value is None:
+def _escalation(doc: schema_doc.EscalationDoc | None, defaults: Escalation, where: str) -> Escalation:
+    """``levels: [...]`` (a chain), or the one-level shorthand: after_repeats, after_firing and
+    destinations at the top, each defaulting to the first level of ``defaults``."""
+    if doc is None:
         return defaults
-    node.only("after_repeats", "within", "after_firing", "destinations", "page_immediately")
-    after_firing = node.child("after_firing")
-    immediately = node.child("page_immediately")
-    for severity in immediately.list():
-        severity.choice(SEVERITIES, None)
+    if doc.levels is not None:
+        for shorthand in ("after_repeats", "after_firing", "destinations"):
+            if getattr(doc, shorthand) is not None:
+                raise ConfigError(f"{where}.{shorthand}: give it in each of levels, not beside them")
+        if not doc.levels:
+            raise ConfigError(f"{where}.levels: at least one level is required")
+        for i, level in enumerate(doc.levels):
+            if not level.destinations or (level.after_repeats is None and level.after_firing is None):
+                raise ConfigError(f"{where}.levels[{i}]: a level needs destinations and after_repeats or after_firing")
+        levels = tuple(EscalationLevel(tuple(level.destinations), level.after_repeats, level.after_firing)
+                       for level in doc.levels)
+    else:
+        first = defaults.levels[0]
+        levels = (EscalationLevel(
+            destinations=tuple(doc.destinations) if doc.destinations else first.destinations,
+            after_repeats=doc.after_repeats if doc.after_repeats is not None else first.after_repeats,
+            after_firing=doc.after_firing if doc.after_firing is not None else first.after_firing,
+        ),)
     return Escalation(
-        after_repeats=node.child("after_repeats").integer(defaults.after_repeats),
-        within=node.child("within").duration(defaults.within),
-        after_firing=after_firing.duration(None) if after_firing.value is not None else defaults.after_firing,
-        destinations=node.child("destinations").strings() or defaults.destinations,
-        page_immediately=immediately.strings() if immediately.value is not None else defaults.page_immediately,
+        levels=levels,
+        within=doc.within if doc.within is not None else defaults.within,
+        page_immediately=tuple(doc.page_immediately) if doc.page_immediately is not None else defaults.page_immediately,
     )
 
 
-def _watchdog(node: _Node) -> Watchdog:
-    node.only("alertname", "period", "grace", "destinations")
-    destinations = node.child("destinations").strings()
-    if not destinations:
-        raise ConfigError(f"{node.path}.destinations: at least one destination is required")
-    return Watchdog(
-        alertname=node.child("alertname").text("Watchdog"),
-        period=node.child("period").duration(60.0),
-        grace=node.child("grace").duration(300.0),
-        destinations=destinations,
-    )
+def _templates(doc: schema_doc.TemplatesDoc | None) -> Templates:
+    if doc is None:
+        return DEFAULT_TEMPLATES
+    try:
+        return Templates({name: source for name, source in doc.model_dump().items() if source is not None})
+    except TemplateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def _delivery(node: _Node) -> Delivery:
-    node.only("max_attempts", "backoff_initial", "backoff_max", "timeout", "max_alerts_per_message")
-    per_message = node.child("max_alerts_per_message").integer(20)
-    if per_message > 48:
-        raise ConfigError(f"{node.child('max_alerts_per_message').path}: at most 48 (Slack allows 50 blocks)")
+def _watchdog(doc: schema_doc.WatchdogDoc) -> Watchdog:
+    if not doc.destinations:
+        raise ConfigError("watchdog.destinations: at least one destination is required")
+    return Watchdog(alertname=doc.alertname, period=doc.period, grace=doc.grace, destinations=tuple(doc.destinations))
+
+
+def _delivery(doc: schema_doc.DeliveryDoc) -> Delivery:
+    if doc.lease is not None and doc.lease <= doc.timeout:
+        raise ConfigError("delivery.lease: must be longer than delivery.timeout, or a slow delivery is sent twice")
     return Delivery(
-        max_attempts=node.child("max_attempts").integer(12),
-        backoff_initial=node.child("backoff_initial").duration(1.0),
-        backoff_max=node.child("backoff_max").duration(600.0),
-        timeout=node.child("timeout").duration(10.0),
-        max_alerts_per_message=per_message,
+        max_attempts=doc.max_attempts,
+        backoff_initial=doc.backoff_initial,
+        backoff_max=doc.backoff_max,
+        timeout=doc.timeout,
+        max_alerts_per_message=doc.max_alerts_per_message,
+        lease=doc.lease,
     )
 
 
@@ -264,90 +379,3 @@ def _check_references(config: RelayConfig) -> None:
         check(route.escalation.destinations, f"routes[{i}].escalation.destinations")
     if config.watchdog:
         check(config.watchdog.destinations, "watchdog.destinations")
-
-
-class _Node:
-    """A value in the YAML tree that knows its path, so that errors can name it."""
-
-    def __init__(self, value: Any, path: str, name: str = "") -> None:
-        self.value = value
-        self.path = path
-        self.name = name
-
-    def _fail(self, expected: str) -> ConfigError:
-        return ConfigError(f"{self.path or 'relay config'}: expected {expected}, got {self.value!r}")
-
-    def child(self, key: str) -> _Node:
-        mapping = self.value if self.value is not None else {}
-        if not isinstance(mapping, dict):
-            raise self._fail("a mapping")
-        return _Node(mapping.get(key), f"{self.path}.{key}" if self.path else key, key)
-
-    def only(self, *keys: str) -> None:
-        if self.value is None:
-            return
-        if not isinstance(self.value, dict):
-            raise self._fail("a mapping")
-        unknown = sorted(set(map(str, self.value)) - set(keys))
-        if unknown:
-            where = f"{self.path}: " if self.path else ""
-            raise ConfigError(f"{where}unknown key {unknown[0]!r} (expected one of {', '.join(keys)})")
-
-    def items(self) -> list[tuple[str, _Node]]:
-        if self.value is None:
-            return []
-        if not isinstance(self.value, dict):
-            raise self._fail("a mapping")
-        return [(str(k), _Node(v, f"{self.path}.{k}", str(k))) for k, v in self.value.items()]
-
-    def list(self) -> list[_Node]:
-        if self.value is None:
-            return []
-        if not isinstance(self.value, list):
-            raise self._fail("a list")
-        return [_Node(v, f"{self.path}[{i}]") for i, v in enumerate(self.value)]
-
-    def _required(self, default: Any) -> Any:
-        if self.value is None:
-            if default is None:
-                raise ConfigError(f"{self.path}: required")
-            return default
-        return self.value
-
-    def text(self, default: str | None) -> str:
-        value = self._required(default)
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value) == "":
-            raise self._fail("a non-empty string")
-        return str(value)
-
-    def strings(self) -> tuple[str, ...]:
-        return tuple(item.text(None) for item in self.list())
-
-    def choice(self, choices: tuple[str, ...], default: str | None) -> str:
-        value = self.text(default)
-        if value not in choices:
-            raise ConfigError(f"{self.path}: expected one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def duration(self, default: float | None) -> float:
-        value = self._required(default)
-        if isinstance(value, bool):
-            raise self._fail("a duration such as 30s or 15m")
-        try:
-            seconds = parse_duration(str(value))
-        except ValueError as exc:
-            raise ConfigError(f"{self.path}: {exc}") from None
-        return seconds
-
-    def integer(self, default: int) -> int:
-        value = self._required(default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise self._fail("a whole number of at least 1")
-        return value
-
-    def number(self, default: float) -> float:
-        value = self._required(default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise self._fail("a number greater than zero")
-        return float(value)
-

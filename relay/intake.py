@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mlwarden.relay.config import RelayConfig
+from mlwarden.relay.config import SEVERITIES, RelayConfig, Route
+from mlwarden.relay.keys import alert_key, key_labels
 from mlwarden.relay.notice import FIRING, RESOLVED, Notice
 from mlwarden.relay.payload import Alert, Notification
-from mlwarden.relay.policy import Decision, KeyState, alert_key, decide
+from mlwarden.relay.policy import Decision, KeyState, decide, severity_of
 from mlwarden.relay.store.base import IntakeResult, Job
+
+MAX_MEMBERS_KEPT = 50  # alerts of one key a notice lists; the count covers the rest
 
 
 def is_heartbeat(alert: Alert, config: RelayConfig) -> bool:
@@ -43,31 +46,46 @@ def keys_of(notification: Notification, config: RelayConfig) -> list[str]:
 
 
 def plan(notification: Notification, states: Mapping[str, KeyState], now: float, config: RelayConfig) -> IntakeResult:
-    current: dict[str, KeyState | None] = dict(states)
     changed: dict[str, KeyState | None] = {}
     jobs: list[Job] = []
     decisions: list[Decision] = []
     heartbeat = any(is_heartbeat(alert, config) and alert.status == "firing" for alert in notification.alerts)
-    keyed = [  # an alert that no route matches is dropped: nobody asked for it
-        (alert, route, alert_key(alert, route))
-        for alert in notification.alerts
-        if not is_heartbeat(alert, config) and (route := config.route_for(alert.labels)) is not None
-    ]
-    # With route key_labels, several alerts can share a key (one per job, or per disk path, on
-    # one machine): the key has ended only when none of them fires.
-    firing_keys = {key for alert, _, key in keyed if alert.status == "firing"}
-    for alert, route, key in keyed:
-        if alert.status == "resolved" and key in firing_keys:
-            continue
-        decision = decide(current.get(key), alert, key, now, route, config.default_severity)
-        current[key] = changed[key] = decision.state
+    # With route key_labels, several alerts can share a key (one per disk path on one machine):
+    # together they are one sighting of the key, one decision and one notice. The key has ended
+    # only when none of them fires.
+    members: dict[str, tuple[Route, list[Alert]]] = {}
+    for alert in notification.alerts:
+        if is_heartbeat(alert, config) or (route := config.route_for(alert.labels)) is None:
+            continue  # an alert that no route matches is dropped: nobody asked for it
+        members.setdefault(alert_key(alert, route), (route, []))[1].append(alert)
+    for key, (route, alerts) in members.items():
+        alert = _representative(alerts, config.default_severity)
+        decision = decide(states.get(key), alert, key, now, route, config.default_severity, key_labels(alert, route))
+        changed[key] = decision.state
         decisions.append(decision)
-        notice = _notice(alert, key, decision, notification.notification_reason)
+        notice = _notice(alert, [a for a in alerts if a.status == alert.status], key, decision, notification)
         jobs += [Job(destination, notice, created_at=now, due_at=now) for destination in decision.destinations]
     return IntakeResult(states=changed, jobs=jobs, heartbeat=heartbeat, decisions=decisions)
 
 
-def _notice(alert: Alert, key: str, decision: Decision, reason: str) -> Notice:
+def _representative(alerts: list[Alert], default_severity: str) -> Alert:
+    """The alert that stands for its key: the most severe firing one, else the first resolved one."""
+    firing = [a for a in alerts if a.status == "firing"]
+    if not firing:
+        return alerts[0]
+    return max(firing, key=lambda a: SEVERITIES.index(severity_of(a, default_severity)))
+
+
+def distinguishing(alerts: list[Alert]) -> tuple[dict[str, str], ...]:
+    """For alerts sharing a key, each one's labels that are not the same in all of them."""
+    if len(alerts) < 2:
+        return ()
+    names = sorted({name for a in alerts for name in a.labels})
+    varying = [n for n in names if len({a.labels.get(n, "") for a in alerts}) > 1]
+    return tuple({n: a.labels.get(n, "") for n in varying} for a in alerts[:MAX_MEMBERS_KEPT])
+
+
+def _notice(alert: Alert, alerts: list[Alert], key: str, decision: Decision, notification: Notification) -> Notice:
     return Notice(
         kind=RESOLVED if decision.action == "resolve" else FIRING,
         key=key,
@@ -76,8 +94,13 @@ def _notice(alert: Alert, key: str, decision: Decision, reason: str) -> Notice:
         level=decision.level,
         labels=alert.labels,
         annotations=alert.annotations,
-        starts_at=alert.starts_at,
+        starts_at=min((a.starts_at for a in alerts if a.starts_at), default=alert.starts_at),
+        ends_at=max((a.ends_at for a in alerts), default=alert.ends_at),
         generator_url=alert.generator_url,
-        occurrences=len(decision.state.occurrences) if decision.state else 0,
-        reason=reason,
+        occurrences=decision.state.seen if decision.state else 0,
+        reason=notification.notification_reason,
+        group=notification.group_key,
+        alerts=len(alerts),
+        members=distinguishing(alerts),
+        omitted=notification.omitted_alerts,
     )

@@ -46,18 +46,27 @@ class RelayMetrics:
             "mlwarden_relay_dead_letters", "Payloads or notices moved to a dead-letter state, by reason.",
             ["reason"], registry=r,
         )
+        self.omitted = Counter(
+            "mlwarden_relay_alerts_omitted", "Alerts left out of webhooks over the body limit (the rest was kept).",
+            registry=r,
+        )
         for outcome in ("accepted", "duplicate", "invalid", "unauthorized", "too_large", "unavailable"):
             self.webhooks.labels(outcome)
         for status in ("firing", "resolved"):
             self.alerts.labels(status)
 
-    def watch_store(self, store: Store, watchdog: Watchdog | None, clock: Callable[[], float], since: float) -> None:
-        """Serve the store's gauges; ``since``: when the relay started watching the heartbeat."""
+    def watch_store(
+        self, store: Store, watchdog: Callable[[], Watchdog | None], clock: Callable[[], float], since: float
+    ) -> None:
+        """Serve the store's gauges; ``watchdog`` gives the current (reloadable) watchdog config;
+        ``since``: when the relay started watching the heartbeat."""
         self.registry.register(_StoreCollector(store, watchdog, clock, since))
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: Store, watchdog: Watchdog | None, clock: Callable[[], float], since: float) -> None:
+    def __init__(
+        self, store: Store, watchdog: Callable[[], Watchdog | None], clock: Callable[[], float], since: float
+    ) -> None:
         self._store = store
         self._watchdog = watchdog
         self._clock = clock
@@ -75,9 +84,10 @@ class _StoreCollector(Collector):
             "mlwarden_relay_outbox_oldest_age_seconds", "Age of the oldest notice waiting for delivery (0 when none).",
             value=max(0.0, now - oldest) if oldest is not None else 0.0,
         )
-        if self._watchdog is None:
+        watchdog = self._watchdog()
+        if watchdog is None:
             return
-        current = heartbeat_state(last_seen, now, self._watchdog.period, self._watchdog.grace, self._since)
+        current = heartbeat_state(last_seen, now, watchdog.period, watchdog.grace, self._since)
         state = GaugeMetricFamily(
             "mlwarden_relay_watchdog_state", "Watchdog heartbeat state (1 for the current one).", labels=["state"]
         )

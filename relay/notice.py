@@ -26,9 +26,14 @@ class Notice:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     starts_at: str = ""
+    ends_at: str = ""
     generator_url: str = ""
     occurrences: int = 0
     reason: str = ""  # Alertmanager's notification_reason, when it sends one
+    group: str = ""  # Alertmanager's group key: a digest folds a flood per group
+    alerts: int = 1  # the notification's alerts of this key (and status) that this notice stands for
+    members: tuple[Mapping[str, str], ...] = ()  # with several: each one's labels that tell them apart
+    omitted: int = 0  # alerts of the same notification left out to fit the relay's body limit
 
     @property
     def instance(self) -> str:
@@ -47,10 +52,11 @@ class Notice:
         return {
             "kind": self.kind, "key": self.key, "alertname": self.alertname, "severity": self.severity,
             "level": self.level, "labels": dict(self.labels), "annotations": dict(self.annotations),
-            "starts_at": self.starts_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
-            "reason": self.reason,
+            "starts_at": self.starts_at, "ends_at": self.ends_at, "generator_url": self.generator_url, "occurrences": self.occurrences,
+            "reason": self.reason, "group": self.group, "alerts": self.alerts,
+            "members": [dict(m) for m in self.members], "omitted": self.omitted,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Notice:
-        return cls(**data)
+        return cls(**{**data, "members": tuple(data.get("members", ()))})

@@ -2,7 +2,11 @@
 
 One dispatcher pass looks at every destination that has no delivery in flight and whose
 rate limit allows a message now, claims up to the notifier's batch size of due jobs (for
-Slack that coalesces everything that queued up into one message) and sends them. A
+Slack that coalesces everything that queued up into one message) and sends them. The store
+hands out only the head of each key's line (see store.base), so a notice never overtakes an
+earlier one of its key, however its retries go; among heads, emergency and critical notices
+come first, so within a destination's rate limit they overtake queued warnings. A flood of
+warnings is folded into one digest message (per Alertmanager group within it). A
 retryable failure reschedules the jobs with exponential backoff and jitter, or after the
 service's Retry-After (which also holds back the whole destination); a permanent failure or
 the last allowed attempt dead-letters them. Time and randomness are injected so tests run
@@ -22,10 +26,12 @@ from mlwarden.logs import RepeatFilter
 from mlwarden.relay.config import Delivery, Destination
 from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers.base import DeliveryError, Notifier
-from mlwarden.relay.store.base import Job, Store, StoreError
+from mlwarden.relay.store.base import Job, Store, StoreError, severity_rank
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error
+DIGEST_RANK = severity_rank("warning")  # warnings and info may be folded into a digest
+CLAIM_STEP = 200  # jobs per claim transaction while gathering a digest
 MAX_RETRY_AFTER_SECONDS = 3600.0  # Slack and PagerDuty ask for seconds to minutes
 
 
@@ -68,8 +74,20 @@ class Outbox:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(workers)
         self._wake = asyncio.Event()
-        # A claim lasts past the delivery's own timeout, so only a dead worker's jobs come back.
-        self._lease = delivery.timeout * 3 + 30
+        self._lease = delivery.claim_seconds
+
+    def reconfigure(self, destinations: Mapping[str, Destination], notifiers: Mapping[str, Notifier],
+                    delivery: Delivery) -> None:
+        """Use a reloaded config from the next pass on; deliveries in flight finish as they began.
+        A destination that keeps its rate keeps its limiter, so a reload cannot let a burst through."""
+        self._limits = {
+            name: self._limits[name] if name in self._limits and self._limits[name].interval == 1.0 / d.rate_per_second
+            else RateLimit(d.rate_per_second)
+            for name, d in destinations.items()
+        }
+        self._notifiers = notifiers
+        self._delivery = delivery
+        self._lease = delivery.claim_seconds
 
     def wake(self) -> None:
         """New jobs are queued: look now instead of at the next tick."""
@@ -89,12 +107,28 @@ class Outbox:
             jobs = await asyncio.to_thread(self._store.claim, name, now, notifier.max_batch, self._lease)
             if not jobs:
                 continue
+            if notifier.digest_batch > len(jobs) == notifier.max_batch and all(j.rank <= DIGEST_RANK for j in jobs):
+                # A flood of warnings (claims come highest priority first, so nothing urgent waits):
+                # one digest instead of a message per max_batch, which at Slack's 1 message/s
+                # would hold the destination for minutes.
+                jobs += await self._claim_more(name, now, notifier.digest_batch - len(jobs))
             self._limits[name].spend(now)
             task = asyncio.create_task(self._deliver(name, notifier, jobs))
             self._in_flight[name] = task
             task.add_done_callback(lambda _, name=name: self._in_flight.pop(name, None))
             started.append(task)
         return started
+
+    async def _claim_more(self, name: str, now: float, count: int) -> list[Job]:
+        """Up to ``count`` more jobs, claimed in steps: each step is a short transaction, so
+        webhooks are taken between them instead of waiting for one long claim."""
+        claimed: list[Job] = []
+        while len(claimed) < count:
+            step = await asyncio.to_thread(self._store.claim, name, now, min(CLAIM_STEP, count - len(claimed)), self._lease)
+            claimed += step
+            if len(step) < CLAIM_STEP:
+                break
+        return claimed
 
     async def run_once(self) -> int:
         """One dispatcher pass, waiting for its deliveries; returns how many messages were attempted."""
@@ -158,9 +192,12 @@ class Outbox:
         attempt = max(j.attempts for j in jobs) + 1
         if not error.retryable or attempt >= self._delivery.max_attempts:
             reason = "permanent_failure" if not error.retryable else "retries_exhausted"
-            await asyncio.to_thread(self._store.dead_letter, jobs, str(error))
+            orphans = await asyncio.to_thread(self._store.dead_letter, jobs, str(error))
             self._metrics.dead_letters.labels(reason).inc(len(jobs))
             log.error("dead-lettered %d notice(s) for %s after %d attempt(s): %s", len(jobs), name, attempt, error)
+            if orphans:
+                self._metrics.dead_letters.labels("trigger_undelivered").inc(orphans)
+                log.warning("%d resolve notice(s) for %s not sent: their trigger never reached it", orphans, name)
             return
         delay = Backoff(self._delivery.backoff_initial, self._delivery.backoff_max, self._rand).delay(attempt)
         if error.retry_after is not None:

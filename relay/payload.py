@@ -39,6 +39,7 @@ class Notification:
     external_url: str = ""
     notification_reason: str = ""
     truncated_alerts: int = 0
+    omitted_alerts: int = 0  # left out by the relay to fit its body limit (see oversize)
 
 
 def parse(body: bytes) -> Notification:

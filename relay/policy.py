@@ -1,18 +1,21 @@
 """Cooldown and escalation as pure functions of (state, alert, now, route): no clock, no I/O.
 
-Per alert key the relay keeps a :class:`KeyState` for the current firing episode. Each time
-the alert arrives firing, :func:`decide` says whether to notify (first sighting, cooldown
-over, severity changed or escalation level rose) or to suppress, and what the state
-becomes. Escalation raises the level from 0 to 1 when the key was seen ``after_repeats``
-times within ``within``, or has been firing for longer than ``after_firing``; severities
-listed in ``page_immediately`` start at level 1. Level 1 adds the escalation destinations.
-A resolved alert clears the state and tells every destination that was told it fired.
+Per alert key the relay keeps a :class:`KeyState` for the current firing episode. Each
+notification that carries the key firing (however many of its alerts share the key) is one
+sighting: :func:`decide` says whether to notify (first sighting, cooldown over, severity
+changed or escalation level rose) or to suppress, and what the state becomes. The state is
+bounded: sightings are counted in a fixed window of ``within`` (a counter and the window's
+start), not listed. Escalation is a chain of levels; level n is reached after its
+``after_repeats`` sightings within the window or after firing for its ``after_firing``, and
+adds the destinations of levels 1..n; severities listed in ``page_immediately`` start at the
+top. An acknowledged key stays at its level until it resolves. A resolved alert clears the
+state and tells every destination that was told it fired.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlwarden.relay.config import SEVERITIES, Escalation, Route
@@ -27,20 +30,33 @@ class KeyState:
     last_seen: float
     last_notified: float | None = None
     notifications: int = 0  # sent in this episode
-    occurrences: tuple[float, ...] = ()  # sightings within the escalation window
+    seen: int = 0  # sightings (notifications carrying the key firing) in this episode
+    window_start: float = 0.0  # the escalation window's start ...
+    window_count: int = 0  # ... and the sightings in it
     level: int = 0
     told: tuple[str, ...] = ()  # destinations notified in this episode: they get the resolution
+    labels: Mapping[str, str] = field(default_factory=dict)  # the key's labels, for people
+    acked_at: float | None = None  # an acknowledgement stops escalation until the key resolves
+    acked_by: str = ""
+    ack_comment: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {  # spelled out: dataclasses.asdict deep-copies, and this runs for every alert at intake
             "key": self.key, "severity": self.severity, "first_seen": self.first_seen, "last_seen": self.last_seen,
-            "last_notified": self.last_notified, "notifications": self.notifications,
-            "occurrences": list(self.occurrences), "level": self.level, "told": list(self.told),
+            "last_notified": self.last_notified, "notifications": self.notifications, "seen": self.seen,
+            "window_start": self.window_start, "window_count": self.window_count, "level": self.level,
+            "told": list(self.told), "labels": dict(self.labels), "acked_at": self.acked_at,
+            "acked_by": self.acked_by, "ack_comment": self.ack_comment,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyState:
-        return cls(**{**data, "occurrences": tuple(data["occurrences"]), "told": tuple(data["told"])})
+        data = dict(data)
+        if "occurrences" in data:  # stored by a relay that listed every sighting
+            sightings = data.pop("occurrences")
+            data.update(seen=len(sightings), window_start=sightings[0] if sightings else data["first_seen"],
+                        window_count=len(sightings))
+        return cls(**{**data, "told": tuple(data["told"]), "labels": data.get("labels") or {}})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +67,6 @@ class Decision:
     severity: str
     level: int
     escalated: bool  # the level rose with this sighting
-
-
-def alert_key(alert: Alert, route: Route) -> str:
-    """The alert's fingerprint, or ``name=value`` of the route's key labels."""
-    if not route.key_labels:
-        return alert.fingerprint
-    return ",".join(f"{name}={alert.labels.get(name, '')}" for name in route.key_labels)
 
 
 def severity_of(alert: Alert, default: str) -> str:
@@ -73,17 +82,29 @@ def cooldown_for(state: KeyState, severity: str, route: Route) -> float:
     return route.cooldown[severity]
 
 
-def escalation_level(occurrences: int, firing_for: float, severity: str, escalation: Escalation) -> int:
+def escalation_level(repeats: int, firing_for: float, severity: str, escalation: Escalation) -> int:
+    """The highest level of the chain whose condition holds (0: none)."""
     if severity in escalation.page_immediately:
-        return 1
-    if occurrences >= escalation.after_repeats:
-        return 1
-    if escalation.after_firing is not None and firing_for >= escalation.after_firing:
-        return 1
-    return 0
+        return len(escalation.levels)
+    reached = 0
+    for number, level in enumerate(escalation.levels, start=1):
+        if (level.after_repeats is not None and repeats >= level.after_repeats) or (
+            level.after_firing is not None and firing_for >= level.after_firing
+        ):
+            reached = number
+    return reached
 
 
-def decide(state: KeyState | None, alert: Alert, key: str, now: float, route: Route, default_severity: str) -> Decision:
+def destinations_at(level: int, route: Route) -> tuple[str, ...]:
+    extra = [d for step in route.escalation.levels[:level] for d in step.destinations]
+    return tuple(dict.fromkeys([*route.destinations, *extra]))  # keep order, drop repeats
+
+
+def decide(
+    state: KeyState | None, alert: Alert, key: str, now: float, route: Route, default_severity: str,
+    key_labels: Mapping[str, str] | None = None,
+) -> Decision:
+    """One sighting of ``key``: ``alert`` stands for all of the notification's alerts of the key."""
     severity = severity_of(alert, default_severity)
     if alert.status == "resolved":
         # Only those told of the alert hear of its end. Without a state nobody was (it was
@@ -92,14 +113,18 @@ def decide(state: KeyState | None, alert: Alert, key: str, now: float, route: Ro
         told = state.told if state is not None else ()
         return Decision("resolve", None, told, severity, state.level if state else 0, False)
 
-    previous = state or KeyState(key=key, severity=severity, first_seen=now, last_seen=now)
-    window = route.escalation.within
-    occurrences = tuple(t for t in previous.occurrences if now - t < window) + (now,)
-    computed = escalation_level(len(occurrences), now - previous.first_seen, severity, route.escalation)
-    level = max(previous.level, computed)
+    previous = state or KeyState(key=key, severity=severity, first_seen=now, last_seen=now, window_start=now,
+                                 labels=dict(key_labels or {}))
+    if now - previous.window_start >= route.escalation.within:
+        window_start, window_count = now, 1
+    else:
+        window_start, window_count = previous.window_start, previous.window_count + 1
+    computed = escalation_level(window_count, now - previous.first_seen, severity, route.escalation)
+    level = previous.level if previous.acked_at is not None else max(previous.level, computed)
     escalated = state is not None and level > state.level
-    destinations = route.destinations + (route.escalation.destinations if level >= 1 else ())
-    destinations = tuple(dict.fromkeys(destinations))  # keep order, drop repeats
+    destinations = destinations_at(level, route)
+    sighting = {"last_seen": now, "seen": previous.seen + 1, "window_start": window_start,
+                "window_count": window_count, "level": level}
     due = (
         state is None
         or state.last_notified is None
@@ -108,16 +133,20 @@ def decide(state: KeyState | None, alert: Alert, key: str, now: float, route: Ro
         or now - state.last_notified >= cooldown_for(state, severity, route)
     )
     if not due:
-        suppressed = replace(previous, last_seen=now, occurrences=occurrences, level=level)
-        return Decision("suppress", suppressed, (), severity, level, False)
-    notified = replace(
+        return Decision("suppress", replace(previous, **sighting), (), severity, level, False)
+    notified = replace(  # one replace per decision: this runs for every key of every webhook
         previous,
+        **sighting,
         severity=severity,
-        last_seen=now,
-        occurrences=occurrences,
-        level=level,
         last_notified=now,
         notifications=previous.notifications + 1,
         told=tuple(dict.fromkeys(previous.told + destinations)),
     )
     return Decision("notify", notified, destinations, severity, level, escalated)
+
+
+def acknowledge(state: KeyState, by: str, comment: str, now: float) -> KeyState:
+    """``state`` with escalation stopped at its level until the key resolves (a repeat keeps the first ack)."""
+    if state.acked_at is not None:
+        return state
+    return replace(state, acked_at=now, acked_by=by, ack_comment=comment)

@@ -45,8 +45,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def jobs_for(destination: str, count: int, now: float) -> list[Job]:
-    notice = Notice(kind="firing", key="k", alertname="A", severity="warning")
-    return [Job(destination, notice, created_at=now + i, due_at=now) for i in range(count)]
+    """``count`` jobs of as many keys (one key's jobs go out one at a time, in order)."""
+    return [Job(destination, Notice(kind="firing", key=f"k{i}", alertname="A", severity="warning"),
+                created_at=now + i, due_at=now) for i in range(count)]
 
 
 def test_intake_stores_state_and_jobs_and_dedups(store: Store) -> None:
@@ -120,7 +121,8 @@ def test_two_redis_replicas_store_an_ha_duplicate_once(redis_server: components.
 @respx.mock
 def test_two_relay_replicas_on_redis_deliver_every_alert_exactly_once(redis_server: components.Component) -> None:
     url = f"redis://127.0.0.1:{redis_server.port}/0"
-    config = make_config(delivery={"max_alerts_per_message": 5})
+    # Critical, and to Slack alone: a full batch of warnings would be folded into a digest.
+    config = make_config(delivery={"max_alerts_per_message": 5}, escalation={"after_repeats": 100, "page_immediately": []})
     clock = FakeClock()
     sections: list[str] = []
 
@@ -131,7 +133,7 @@ def test_two_relay_replicas_on_redis_deliver_every_alert_exactly_once(redis_serv
     respx.post(SLACK_URL).mock(side_effect=slack)
     replicas = [Relay(config, open_store(url), Credentials("t"), clock=clock) for _ in range(2)]
     for n in range(0, 40, 10):
-        accept(replicas[n // 10 % 2].store, config, body(*[alert(name=f"Replica{i:02d}") for i in range(n, n + 10)]), clock())
+        accept(replicas[n // 10 % 2].store, config, body(*[alert(name=f"Replica{i:02d}", severity="critical") for i in range(n, n + 10)]), clock())
 
     async def main() -> None:
         outboxes = [replica.start_outbox() for replica in replicas]

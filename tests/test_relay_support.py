@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from mlwarden.relay import config as relay_config
@@ -84,3 +87,65 @@ def accept(store: Any, config: relay_config.RelayConfig, raw: bytes, now: float)
         notification_digest(notification), raw, intake.keys_of(notification, config), now, config.dedup_window,
         lambda states: intake.plan(notification, states, now, config),
     )
+
+
+HANG = "hang"  # a Sink answer: hold the request without answering until the sink closes
+
+
+class Sink:
+    """A local HTTP stand-in for Slack and PagerDuty that records every POST.
+
+    Each path answers from its script (``script("/pd", 503, 503, (429, "4"), HANG)``: a status,
+    a (status, Retry-After) pair, or HANG), then ``status`` once the script has run out.
+    """
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.received: list[tuple[str, int | str, dict[str, Any]]] = []
+        self._scripts: dict[str, deque[Any]] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                answer = sink._next(self.path)
+                status, retry_after = answer if isinstance(answer, tuple) else (answer, None)
+                with sink._lock:
+                    sink.received.append((self.path, status, data))
+                if status == HANG:
+                    sink._closing.wait()
+                    return
+                self.send_response(status)
+                if retry_after is not None:
+                    self.send_header("Retry-After", retry_after)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def script(self, path: str, *answers: Any) -> None:
+        with self._lock:
+            self._scripts.setdefault(path, deque()).extend(answers)
+
+    def _next(self, path: str) -> Any:
+        with self._lock:
+            queue = self._scripts.get(path)
+            return queue.popleft() if queue else self.status
+
+    def delivered(self, path: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [data for p, status, data in self.received if p == path and isinstance(status, int) and status < 300]
+
+    def close(self) -> None:
+        self._closing.set()
+        self.server.shutdown()
+        self.server.server_close()

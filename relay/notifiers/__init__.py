@@ -6,13 +6,17 @@ import httpx
 
 from mlwarden.relay.config import Destination
 from mlwarden.relay.notifiers.base import Notifier
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates
 
 
-def notifier_for(destination: Destination, client: httpx.AsyncClient, max_alerts_per_message: int) -> Notifier:
+def notifier_for(
+    destination: Destination, client: httpx.AsyncClient, max_alerts_per_message: int,
+    templates: Templates = DEFAULT_TEMPLATES,
+) -> Notifier:
     if destination.type == "slack":
         from mlwarden.relay.notifiers.slack import SlackNotifier
 
-        return SlackNotifier(destination, client, max_alerts_per_message)
+        return SlackNotifier(destination, client, max_alerts_per_message, templates)
     from mlwarden.relay.notifiers.pagerduty import PagerDutyNotifier
 
-    return PagerDutyNotifier(destination, client)
+    return PagerDutyNotifier(destination, client, templates)

@@ -29,10 +29,14 @@ class DeliveryError(Exception):
 class Notifier(ABC):
     integration: str
     max_batch: int = 1  # how many notices one send() may carry
+    # How many warning and info notices one send() may fold into a digest when they flood in
+    # (more than max_batch waiting); 0: the integration has no digests (PagerDuty: one event each).
+    digest_batch: int = 0
 
     @abstractmethod
     async def send(self, notices: Sequence[Notice]) -> None:
-        """Deliver ``notices`` as one request; raise DeliveryError on failure."""
+        """Deliver ``notices`` as one request; raise DeliveryError on failure. More than max_batch
+        notices (at most digest_batch) are a flood to summarise."""
 
 
 async def post_json(client: httpx.AsyncClient, url: str, body: dict[str, object], service: str) -> httpx.Response:
@@ -69,7 +73,3 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"

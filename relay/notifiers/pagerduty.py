@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 
 import httpx
 
 from mlwarden.relay.config import Destination
 from mlwarden.relay.notice import PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from mlwarden.relay.notifiers.base import Notifier, post_json, truncate
+from mlwarden.relay.notifiers.base import Notifier, post_json
 from mlwarden.relay.notifiers.slack import headline
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, truncate
 
 SUMMARY_LIMIT = 1024
 EVENT_LIMIT_BYTES = 512 * 1024
@@ -28,14 +30,16 @@ class PagerDutyNotifier(Notifier):
     integration = "pagerduty"
     max_batch = 1
 
-    def __init__(self, destination: Destination, client: httpx.AsyncClient) -> None:
+    def __init__(self, destination: Destination, client: httpx.AsyncClient, templates: Templates = DEFAULT_TEMPLATES) -> None:
         self._url = destination.url
         self._routing_key = destination.routing_key
         self._client = client
+        self._templates = templates
 
     async def send(self, notices: Sequence[Notice]) -> None:
         for notice in notices:
-            await post_json(self._client, self._url, event(notice, self._routing_key), "PagerDuty")
+            body = event(notice, self._routing_key, self._templates, time.time())
+            await post_json(self._client, self._url, body, "PagerDuty")
 
 
 def dedup_key(notice: Notice) -> str:
@@ -44,7 +48,7 @@ def dedup_key(notice: Notice) -> str:
     return "mlwarden-" + hashlib.sha256(notice.key.encode()).hexdigest()[:40]
 
 
-def event(notice: Notice, routing_key: str) -> dict[str, object]:
+def event(notice: Notice, routing_key: str, templates: Templates = DEFAULT_TEMPLATES, now: float | None = None) -> dict[str, object]:
     base: dict[str, object] = {"routing_key": routing_key, "dedup_key": dedup_key(notice)}
     if notice.kind in (RESOLVED, PIPELINE_UP):
         return {**base, "event_action": "resolve"}
@@ -54,8 +58,14 @@ def event(notice: Notice, routing_key: str) -> dict[str, object]:
         "labels": dict(notice.labels),
         "annotations": dict(notice.annotations),
     }
+    if notice.members:  # the key's several alerts, by what tells them apart
+        details["alerts"] = notice.alerts
+        details["members"] = [dict(m) for m in notice.members]
+    if notice.omitted:
+        details["omitted_alerts"] = notice.omitted  # of the same notification, over the relay's body limit
     payload: dict[str, object] = {
-        "summary": truncate(f"{headline(notice)}: {notice.summary}" if notice.kind != PIPELINE_DOWN else headline(notice), SUMMARY_LIMIT),
+        "summary": truncate(headline(notice) if notice.kind == PIPELINE_DOWN
+                            else templates.pagerduty_summary(notice, time.time() if now is None else now), SUMMARY_LIMIT),
         "source": notice.instance or "mlwarden-relay",
         "severity": _SEVERITY.get(notice.severity, "error"),
         "class": notice.alertname,
@@ -64,8 +74,11 @@ def event(notice: Notice, routing_key: str) -> dict[str, object]:
     if notice.gpu:
         payload["component"] = f"gpu {notice.gpu}"
     body: dict[str, object] = {**base, "event_action": "trigger", "payload": payload, "client": "mlwarden relay"}
-    if notice.generator_url.startswith(("http://", "https://")):
-        body["links"] = [{"href": notice.generator_url, "text": "source"}]
+    links = [{"href": url, "text": text} for url, text in ((notice.annotations.get("runbook_url", ""), "runbook"),
+                                                           (notice.generator_url, "source"))
+             if url.startswith(("http://", "https://"))]
+    if links:
+        body["links"] = links
     if len(json.dumps(body).encode()) > EVENT_LIMIT_BYTES:
         # Labels and annotations are what can grow without bound; the summary already says what fired.
         details["annotations"] = {k: truncate(v, 1024) for k, v in notice.annotations.items()}

@@ -6,6 +6,15 @@ cooldown/escalation state, the delivery jobs (the outbox) and the watchdog's hea
 so the relay only acknowledges what it can deliver later. Jobs are claimed with a lease:
 a claimed job is invisible to other workers (and other replicas) until it is delivered,
 rescheduled, dead-lettered, or its lease runs out because its worker died.
+
+Per-key order: every job gets a sequence number from the store, in the transaction that
+changes its key's state, so for one key the numbers follow the order of the state changes,
+whichever replica made them. A job is claimable only while it is the lowest-numbered pending
+job of its key and destination (its key's head of line): a trigger that waits for a retry,
+a Retry-After or a lease holds back the resolve that follows it. When a trigger is
+dead-lettered and nothing of that episode reached the destination, the resolve behind it is
+dead-lettered too (:data:`TRIGGER_UNDELIVERED`) instead of announcing the end of something
+nobody heard of.
 """
 
 from __future__ import annotations
@@ -17,13 +26,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlwarden.relay.notice import Notice
-from mlwarden.relay.policy import Decision, KeyState
+from mlwarden.relay.config import SEVERITIES
+from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
+from mlwarden.relay.policy import Decision, KeyState, acknowledge
 
 PENDING = "pending"
 DEAD = "dead"
 # How long received payloads and dead letters (payloads and jobs) are kept for an operator to look at.
 RETENTION_SECONDS = 7 * 86400
+TRIGGER_UNDELIVERED = "not sent: the trigger before it was dead-lettered and never delivered"
+OPENS = (FIRING, PIPELINE_DOWN)  # notice kinds that open something a later notice closes
+CLOSES = (RESOLVED, PIPELINE_UP)
+
+
+def severity_rank(severity: str) -> int:
+    """Delivery priority: emergency 3 ... info 0 (the watchdog's notices are critical)."""
+    return SEVERITIES.index(severity) if severity in SEVERITIES else 1
 
 
 def new_job_id() -> str:
@@ -45,17 +63,37 @@ class Job:
     status: str = PENDING
     last_error: str = ""
     id: str = field(default_factory=new_job_id)
+    seq: int = 0  # given by the store when the job is stored: the order within its key
+
+    @property
+    def rank(self) -> int:
+        return severity_rank(self.notice.severity)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id, "destination": self.destination, "notice": self.notice.to_dict(),
             "created_at": self.created_at, "due_at": self.due_at, "attempts": self.attempts,
-            "status": self.status, "last_error": self.last_error,
+            "status": self.status, "last_error": self.last_error, "seq": self.seq,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Job:
         return cls(**{**data, "notice": Notice.from_dict(data["notice"])})
+
+
+@dataclass(frozen=True, slots=True)
+class DeadPayload:
+    """A webhook body that could not be used, kept for an operator."""
+
+    id: str
+    received_at: float
+    reason: str
+    body: bytes
+
+    def to_dict(self, body_limit: int) -> dict[str, Any]:
+        text = self.body[:body_limit].decode("utf-8", "replace")
+        return {"id": self.id, "received_at": self.received_at, "reason": self.reason, "body": text,
+                "body_bytes": len(self.body), "body_truncated": len(self.body) > body_limit}
 
 
 @dataclass(frozen=True)
@@ -104,6 +142,10 @@ class Store(ABC):
         as a duplicate, so nothing is lost or processed twice."""
         return [self.intake(r.digest, r.body, r.keys, r.now, r.dedup_window, r.plan) for r in requests]
 
+    @staticmethod
+    def _acknowledged(state: KeyState | None, by: str, comment: str, now: float) -> KeyState | None:
+        return acknowledge(state, by, comment, now) if state is not None else None
+
     @abstractmethod
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         """Keep a payload that could not be parsed, for an operator to look at."""
@@ -113,17 +155,21 @@ class Store(ABC):
 
     @abstractmethod
     def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
-        """Up to ``limit`` due jobs of ``destination``, oldest first, leased to the caller."""
+        """Up to ``limit`` due jobs of ``destination`` that head their key's line, highest
+        priority first, then in sequence, leased to the caller."""
 
     @abstractmethod
-    def delivered(self, jobs: Sequence[Job]) -> None: ...
+    def delivered(self, jobs: Sequence[Job]) -> None:
+        """Forget delivered jobs; the next job of each key becomes claimable."""
 
     @abstractmethod
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         """Put claimed jobs back after a failed try, due at ``due_at``, with one more attempt counted."""
 
     @abstractmethod
-    def dead_letter(self, jobs: Sequence[Job], error: str) -> None: ...
+    def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
+        """Keep failed jobs as dead letters; returns how many closing notices behind them were
+        dead-lettered too because nothing they close ever reached the destination."""
 
     @abstractmethod
     def announce_watchdog(self, previous: str, current: str, jobs: Sequence[Job]) -> bool:
@@ -138,8 +184,23 @@ class Store(ABC):
     def key_states(self, limit: int = 1000) -> list[KeyState]: ...
 
     @abstractmethod
+    def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
+        """Atomically mark ``key``'s current episode acknowledged (see policy.acknowledge);
+        None when the key has no state (never fired, or resolved)."""
+
+    @abstractmethod
     def jobs(self, limit: int = 1000) -> list[Job]:
         """Pending and dead-lettered jobs, oldest first (the queue view)."""
+
+    @abstractmethod
+    def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
+        """The newest dead-lettered payloads, newest first."""
+
+    @abstractmethod
+    def retry_dead(self, job_id: str, now: float) -> Job | None:
+        """Put a dead-lettered job back in the outbox, due now, with its attempts counted from
+        zero, at the end of its key's line (behind what its key has queued since); None when
+        ``job_id`` is not a dead job."""
 
     @abstractmethod
     def outbox_stats(self) -> tuple[int, float | None]:

@@ -3,7 +3,7 @@
 WAL with ``synchronous=NORMAL`` makes every commit survive a crash or ``kill -9`` of the
 relay: a commit is in the WAL file (the kernel's page cache) before the webhook is answered.
 A power loss or kernel crash may lose the commits since the WAL was last synced, which
-happens at every checkpoint (about once a second, see :class:`_Checkpointer`); the database
+happens at every checkpoint (several times a second, see :class:`_Checkpointer`); the database
 itself stays consistent. Alertmanager repeats what is still firing (its repeat_interval),
 so such a loss delays a firing notification; a lost resolution is not sent again. ``FULL``
 would close that window by an fsync in every commit: cheap on an idle SSD (measured: +0.3 ms
@@ -29,7 +29,8 @@ from pathlib import Path
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
-    DEAD, PENDING, RETENTION_SECONDS, IntakeRequest, IntakeResult, Job, Planner, Store, StoreError,
+    CLOSES, DEAD, OPENS, PENDING, RETENTION_SECONDS, TRIGGER_UNDELIVERED, DeadPayload, IntakeRequest, IntakeResult, Job, Planner,
+    Store, StoreError, severity_rank,
 )
 
 SCHEMA = """
@@ -42,8 +43,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, destination TEXT NOT NULL, notice TEXT NOT NULL, created_at REAL NOT NULL,
     due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL,
     status TEXT NOT NULL, last_error TEXT NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, status, due_at);
+-- jobs_due (destination, status, due_at) served claims before per-key order; jobs_claim does now.
+DROP INDEX IF EXISTS jobs_due;
 CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- (destination, key) pairs that were delivered a trigger not yet followed by a delivered resolve.
+CREATE TABLE IF NOT EXISTS told (destination TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (destination, key))
+    WITHOUT ROWID;
 -- For the prune, which otherwise scans whole tables. Times grow with arrival, so intake appends
 -- at the indexes' ends; the partial index holds dead jobs only, so pending ones never touch it.
 CREATE INDEX IF NOT EXISTS payloads_received ON payloads (received_at);
@@ -51,11 +56,21 @@ CREATE INDEX IF NOT EXISTS dead_payloads_received ON dead_payloads (received_at)
 CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires_at);
 CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (created_at) WHERE status = 'dead';
 """
+# Added with per-key order; a store written by an older relay gets them on open (see _migrate).
+_ORDER_COLUMNS = (("key", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER NOT NULL DEFAULT 0"),
+                  ("rank", "INTEGER NOT NULL DEFAULT 1"))
+_ORDER_INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS jobs_line ON jobs (destination, key, seq) WHERE status = '{PENDING}'",
+    # In claim order, so that a claim reads its LIMIT rows and stops, however long the backlog.
+    f"CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, rank DESC, seq) WHERE status = '{PENDING}'",
+)
 
 log = logging.getLogger(__name__)
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
-_JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error"
+_JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
+STEP_ROWS = 200  # jobs per transaction when many are finished at once
+WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -84,11 +99,14 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints (copying the WAL into the database, with an fsync) run in a thread of their
-            # own; in the writer they stalled intake for 10-40 ms every ~1,000 pages. The automatic
-            # one stays as a safety net for a checkpointer that falls far behind.
-            self._db.execute("PRAGMA wal_autocheckpoint=100000")
+            # own, never in a commit (see _Checkpointer).
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
             self._db.executescript(SCHEMA)
+            with _transaction(self._db) as db:
+                _migrate(db)
+            for index in _ORDER_INDEXES:
+                self._db.execute(index)
             self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from None
@@ -137,13 +155,18 @@ class SQLiteStore(Store):
                 states[key] = KeyState.from_dict(json.loads(state))
         return states
 
-    def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+    @staticmethod
+    def _insert_jobs(db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+        """Store ``jobs`` numbered in their order, after every job stored before (see base)."""
+        if not jobs:
+            return
+        first = _next_seq(db, len(jobs))
         db.executemany(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (j.id, j.destination, json.dumps(j.notice.to_dict()), j.created_at, j.due_at, j.attempts,
-                 j.status, j.last_error)
-                for j in jobs
+                 j.status, j.last_error, first + i, j.notice.key, j.rank)
+                for i, j in enumerate(jobs)
             ],
         )
 
@@ -157,17 +180,27 @@ class SQLiteStore(Store):
 
     def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
         with self._transaction() as db:
+            # A job that waits (for its retry, or leased) keeps the later jobs of its key waiting.
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND status = ? AND due_at <= ?"
-                " AND leased_until <= ? ORDER BY due_at, created_at LIMIT ?",
-                (destination, PENDING, now, now, limit),
+                f"SELECT {_JOB_COLUMNS} FROM jobs AS j INDEXED BY jobs_claim WHERE destination = ? AND status = '{PENDING}'"
+                " AND due_at <= ? AND leased_until <= ? AND NOT EXISTS (SELECT 1 FROM jobs AS e"
+                f" WHERE e.destination = j.destination AND e.key = j.key AND e.status = '{PENDING}'"
+                " AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?",
+                (destination, now, now, limit),
             ).fetchall()
             db.executemany("UPDATE jobs SET leased_until = ? WHERE id = ?", [(now + lease, r[0]) for r in rows])
         return [_job(row) for row in rows]
 
     def delivered(self, jobs: Sequence[Job]) -> None:
-        with self._transaction() as db:
-            db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in jobs])
+        # In steps: a digest's thousands of jobs must not hold intake up for one long transaction.
+        for start in range(0, len(jobs), STEP_ROWS):
+            step = jobs[start : start + STEP_ROWS]
+            with self._transaction() as db:
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in step])
+                db.executemany("INSERT OR IGNORE INTO told VALUES (?, ?)",
+                               [(j.destination, j.notice.key) for j in step if j.notice.kind in OPENS])
+                db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
+                               [(j.destination, j.notice.key) for j in step if j.notice.kind in CLOSES])
 
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
@@ -176,12 +209,29 @@ class SQLiteStore(Store):
                 [(due_at, error, j.id) for j in jobs],
             )
 
-    def dead_letter(self, jobs: Sequence[Job], error: str) -> None:
+    def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
         with self._transaction() as db:
             db.executemany(
                 "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(DEAD, error, j.id) for j in jobs],
             )
+            return sum(self._drop_orphan_closes(db, j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS)
+
+    @staticmethod
+    def _drop_orphan_closes(db: sqlite3.Connection, destination: str, key: str) -> int:
+        """Dead-letter the closing notices now heading ``key``'s line if nothing they close was delivered."""
+        if db.execute("SELECT 1 FROM told WHERE destination = ? AND key = ?", (destination, key)).fetchone():
+            return 0
+        dropped = 0
+        while True:
+            row = db.execute(
+                f"SELECT id, notice FROM jobs WHERE destination = ? AND key = ? AND status = '{PENDING}'"
+                " ORDER BY seq LIMIT 1", (destination, key),
+            ).fetchone()
+            if row is None or json.loads(row[1])["kind"] not in CLOSES:
+                return dropped
+            db.execute("UPDATE jobs SET status = ?, last_error = ? WHERE id = ?", (DEAD, TRIGGER_UNDELIVERED, row[0]))
+            dropped += 1
 
     def announce_watchdog(self, previous: str, current: str, jobs: Sequence[Job]) -> bool:
         with self._transaction() as db:
@@ -201,9 +251,30 @@ class SQLiteStore(Store):
         rows = self._read("SELECT state FROM key_state ORDER BY key LIMIT ?", (limit,))
         return [KeyState.from_dict(json.loads(r[0])) for r in rows]
 
+    def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
+        with self._transaction() as db:
+            state = self._acknowledged(self._states(db, [key]).get(key), by, comment, now)
+            if state is not None:
+                db.execute("UPDATE key_state SET state = ? WHERE key = ?", (json.dumps(state.to_dict()), key))
+            return state
+
     def jobs(self, limit: int = 1000) -> list[Job]:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at LIMIT ?", (limit,))
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq LIMIT ?", (limit,))
         return [_job(r) for r in rows]
+
+    def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
+        rows = self._read("SELECT id, received_at, reason, body FROM dead_payloads ORDER BY id DESC LIMIT ?", (limit,))
+        return [DeadPayload(str(i), float(at), str(reason), bytes(body)) for i, at, reason, body in rows]  # type: ignore[arg-type]
+
+    def retry_dead(self, job_id: str, now: float) -> Job | None:
+        with self._transaction() as db:
+            if not db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND status = '{DEAD}'", (job_id,)).fetchone():
+                return None
+            db.execute(
+                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ? WHERE id = ?",
+                (now, _next_seq(db, 1), job_id),
+            )
+            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def outbox_stats(self) -> tuple[int, float | None]:
         count, oldest = self._read("SELECT count(*), min(created_at) FROM jobs WHERE status = ?", (PENDING,))[0]
@@ -252,39 +323,72 @@ class SQLiteStore(Store):
 
 
 class _Checkpointer(threading.Thread):
-    """Copies committed WAL frames into the database every second, off the event loop, and has
-    the WAL start over so that it stays small.
+    """Copies committed WAL frames into the database, off the event loop, with PASSIVE
+    checkpoints only: they never take the write lock, so no commit ever waits for one.
 
-    SQLite writes the WAL from its start again only once every frame in it is copied. Under
-    steady intake a PASSIVE checkpoint never gets there (commits go on while it copies), so the
-    WAL grew to wal_autocheckpoint (400 MB) and the commit that reached it checkpointed and
-    truncated the file on the event loop: 70-130 ms without an answer. Two PASSIVE passes copy
-    nearly everything without holding a commit back; a RESTART then copies the last few frames
-    while commits wait (measured 2-10 ms once a second at 500 webhooks/s) and lets the next
-    commit start the WAL over.
+    The writer's automatic checkpoint is off (``wal_autocheckpoint=0``): in the writer, a
+    checkpoint stalled intake for 10-40 ms every ~1,000 pages. The previous design ran a
+    RESTART from this thread every second, waiting (busy timeout 5 s) for readers and writers
+    while new commits waited for it: 2-10 ms, and 50-90 ms on a busy disk, about once a second.
+    Now a PASSIVE pass runs every ``every`` seconds; the first commit after a pass that copied
+    everything starts the WAL from its beginning. Under steady intake a pass rarely copies
+    everything (commits land while it copies: about 120 KB of WAL per webhook of 10 alerts), and
+    a WAL that grows makes every read slower, so past ``restart_bytes`` a RESTART follows the
+    pass: it has only the frames of the last few milliseconds left to copy, and with no busy
+    wait it gives up at once (SQLITE_BUSY, tried again at the next pass) instead of holding
+    commits while it waits for one.
     """
 
-    def __init__(self, path: Path, every: float = 1.0) -> None:
+    def __init__(self, path: Path, every: float = 0.2, restart_bytes: int = WAL_RESTART_BYTES) -> None:
         super().__init__(name="sqlite-checkpoint", daemon=True)
         self._path = path
         self._every = every
+        self._restart_bytes = restart_bytes
         self._stopping = threading.Event()
 
     def run(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db = _connect(self._path)
+        db.execute("PRAGMA busy_timeout=0")  # never wait for a writer or reader: try again next pass
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
         try:
             while not self._stopping.wait(self._every):
                 try:
-                    for mode in ("PASSIVE", "PASSIVE", "RESTART"):
-                        db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+                    _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames * page_size > self._restart_bytes:  # frames in use, not the file's size
+                        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 except sqlite3.Error as exc:
-                    log.warning("SQLite checkpoint failed (the writer's own checkpoint takes over): %s", exc)
+                    log.warning("SQLite checkpoint failed (trying again in %ss): %s", self._every, exc)
         finally:
             db.close()
 
     def stop(self) -> None:
         self._stopping.set()
         self.join(timeout=5)
+
+
+def _next_seq(db: sqlite3.Connection, count: int) -> int:
+    """Reserve ``count`` sequence numbers (inside the caller's transaction); returns the first."""
+    row = db.execute("SELECT value FROM kv WHERE name = 'job_seq'").fetchone()
+    first = int(row[0]) + 1 if row else 1
+    db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(first + count - 1),))
+    return first
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Give a store written before per-key order its order columns; its jobs keep their old order."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    missing = [(name, kind) for name, kind in _ORDER_COLUMNS if name not in present]
+    if not missing:
+        return
+    for name, kind in missing:
+        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+    ordered = db.execute("SELECT id, notice FROM jobs ORDER BY created_at, id").fetchall()
+    db.executemany(
+        "UPDATE jobs SET key = ?, seq = ?, rank = ? WHERE id = ?",
+        [(json.loads(notice)["key"], i + 1, severity_rank(json.loads(notice)["severity"]), job_id)
+         for i, (job_id, notice) in enumerate(ordered)],
+    )
+    db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(len(ordered)),))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -311,9 +415,9 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def _job(row: tuple[object, ...]) -> Job:
-    job_id, destination, notice, created_at, due_at, attempts, status, last_error = row
+    job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row
     return Job(
         id=str(job_id), destination=str(destination), notice=Notice.from_dict(json.loads(str(notice))),
         created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),  # type: ignore[arg-type]
-        status=str(status), last_error=str(last_error),
+        status=str(status), last_error=str(last_error), seq=int(seq),  # type: ignore[arg-type]
     )
