@@ -54,9 +54,12 @@ def table(settings_cls: type, command: str) -> str:
 
 
 def blocks() -> dict[str, str]:
-    # By name, as the registry loads commands: the exporter's folder is outside the typed package.
+    # By name, as the registry loads commands: the exporter's and relay's folders are outside the typed package.
     collectors: str = importlib.import_module("mlwarden.exporter.collectors.base").collectors_table()
-    result = {"common": table(cli.CommonSettings, cli.COMMON_PREFIX), "exporter-collectors": collectors}
+    destinations: str = importlib.import_module("mlwarden.relay.notifiers.base").destinations_table()
+    result = {
+        "common": table(cli.CommonSettings, cli.COMMON_PREFIX), "exporter-collectors": collectors, "relay-destinations": destinations,
+    }
     for name, entry in registry.entries().items():
         result[name] = table(entry.load().settings, name)
     return result

@@ -7,7 +7,8 @@ compile) is checked by :mod:`relay.config` as it builds the configuration.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import functools
+from typing import Annotated, Any, Literal, Union
 
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -56,14 +57,6 @@ Text = Annotated[str, BeforeValidator(_text), WithJsonSchema({"type": ["string",
 
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DestinationDoc(_Doc):
-    type: Literal["slack", "pagerduty"]
-    webhook_url_env: Text | None = Field(None, description="Slack: the variable holding the webhook URL")
-    routing_key_env: Text | None = Field(None, description="PagerDuty: the variable holding the routing key")
-    events_url: Text | None = Field(None, description="PagerDuty: the Events API v2 URL")
-    rate_per_second: Positive | None = Field(None, description="messages per second (Slack 1, PagerDuty 2)")
 
 
 class CooldownDoc(_Doc):
@@ -123,7 +116,7 @@ class TemplatesDoc(_Doc):
 
 
 class RelayDoc(_Doc):
-    destinations: dict[str, DestinationDoc] = {}
+    destinations: dict[str, Any] = {}  # each integration's model: see relay_doc()
     routes: list[RouteDoc] = []
     watchdog: WatchdogDoc | None = None
     delivery: DeliveryDoc = DeliveryDoc()
@@ -135,10 +128,28 @@ class RelayDoc(_Doc):
     templates: TemplatesDoc | None = None
 
 
+@functools.cache
+def relay_doc() -> type[RelayDoc]:
+    """:class:`RelayDoc` whose destinations are the registered integrations' models, told apart by ``type``."""
+    from mlwarden.relay.notifiers.base import registered  # by name: the notifiers use this module's types
+
+    docs = tuple(integration.doc for integration in registered().values())
+    destination = Annotated[Union[docs], pydantic.Field(discriminator="type")]  # noqa: UP007 - a Union of a tuple
+    model: type[RelayDoc] = pydantic.create_model("RelayDoc", __base__=RelayDoc, destinations=(dict[str, destination], {}))
+    return model
+
+
 def first_error(exc: pydantic.ValidationError) -> str:
     """The first error as one line: ``routes[1].cooldown.warning: expected a duration ...``."""
     error = exc.errors()[0]
-    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    loc = list(error["loc"])
+    if loc[:1] == ["destinations"] and len(loc) > 2:
+        del loc[2]  # the destination's type, by which pydantic chose its model
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if error["type"] == "union_tag_invalid":
+        return f"{path}.type: expected one of {error['ctx']['expected_tags']}, got {error['ctx']['tag']!r}"
+    if error["type"] == "union_tag_not_found":
+        return f"{path}.type: required"
     if error["type"] == "extra_forbidden":
         parent, _, key = path.rpartition(".")
         return f"{parent or 'relay config'}: unknown key {key!r}"

@@ -7,9 +7,7 @@ the only files that name it (its flag, help and docs row come from its registrat
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 from mlwarden.exporter.app import Exporter
 from mlwarden.exporter.collectors.base import registered
@@ -19,12 +17,12 @@ from prometheus_client import ProcessCollector as PrometheusProcessCollector
 from prometheus_client.exposition import generate_latest
 
 from mlwarden.components import wait_until
+from tests.naming import files_naming
 from tests.test_exporter_exposition import _Registry, parsed
 from tests.test_exporter_server import request, sample, start_exporter, url_of
 
 __all__ = ["start_exporter"]  # the fixture, used by name
 
-REPO = Path(__file__).resolve().parent.parent
 OWN_FILES = {"exporter/collectors/process.py", "tests/test_exporter_collector_process.py"}
 # What naming the collector looks like: its module, its class, its flag, setting or variable,
 # its label value, its name in prose. The families' names (process_*) are Prometheus' own.
@@ -32,7 +30,6 @@ NAMES = re.compile(
     r"collectors[./]process\b|ProcessCollector|collector[-_.]process\b|COLLECTOR_PROCESS\b"
     r"|collector=\"process\"|`process` collector|process collector"
 )
-GENERATED = re.compile(r"<!-- settings:([\w-]+) -->\n.*?<!-- /settings:\1 -->", re.S)
 
 
 def test_the_process_collector_serves_what_prometheus_client_s_process_collector_serves() -> None:
@@ -76,19 +73,8 @@ def test_it_is_registered_from_its_own_module() -> None:
     assert spec.switch == "collector_process" and spec.default is True
 
 
-def _tracked_text(relative: str) -> str:
-    try:
-        text = (REPO / relative).read_text(encoding="utf-8")
-    except (UnicodeDecodeError, FileNotFoundError):
-        return ""
-    return GENERATED.sub("", text)  # generated tables come from the registration
-
-
 def test_no_other_file_names_the_process_collector() -> None:
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    assert "exporter/collectors/process.py" in tracked  # the scan looks at the real tree
-    naming = sorted(path for path in tracked if path not in OWN_FILES and NAMES.search(_tracked_text(path)))
-    assert naming == []
+    assert files_naming(NAMES, OWN_FILES) == []
 
 
 def test_the_pattern_would_find_a_hand_wired_collector() -> None:

@@ -13,6 +13,7 @@ from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.cli import ExporterSettings
 from mlwarden.exporter.collectors import base
 from mlwarden.exporter.collectors.base import CollectorSpec, NoSettings, collectors_table, register, registered
+
 from mlwarden.settings import SettingsError, load, options_of, setting
 
 EXPECTED = {"artifacts", "backups", "gpu", "process", "processes", "xid"}

@@ -10,20 +10,33 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
+from pydantic import Field
 
-from mlwarden.relay.config import Destination
 from mlwarden.relay.notice import PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from mlwarden.relay.notifiers.base import Notifier, post_json
-from mlwarden.relay.notifiers.slack import headline
-from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, truncate
+from mlwarden.relay.notifiers.base import (
+    Destination,
+    DestinationDoc,
+    Integration,
+    Notifier,
+    NotifierOptions,
+    destination_secret,
+    post_json,
+    register,
+)
+from mlwarden.relay.schema import Text
+from mlwarden.settings import parse_url
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, truncate
 
 SUMMARY_LIMIT = 1024
 EVENT_LIMIT_BYTES = 512 * 1024
 _SEVERITY = {"emergency": "critical", "critical": "critical", "warning": "warning", "info": "info"}
 WATCHDOG_KEY = "mlwarden-relay-watchdog"
+EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
 
 class PagerDutyNotifier(Notifier):
@@ -31,8 +44,8 @@ class PagerDutyNotifier(Notifier):
     max_batch = 1
 
     def __init__(self, destination: Destination, client: httpx.AsyncClient, templates: Templates = DEFAULT_TEMPLATES) -> None:
-        self._url = destination.url
-        self._routing_key = destination.routing_key
+        self._url = destination.settings.events_url
+        self._routing_key = destination.settings.routing_key
         self._client = client
         self._templates = templates
 
@@ -86,3 +99,32 @@ def event(notice: Notice, routing_key: str, templates: Templates = DEFAULT_TEMPL
         if len(json.dumps(body).encode()) > EVENT_LIMIT_BYTES:
             details.pop("annotations")
     return body
+
+
+class PagerDutyDoc(DestinationDoc):
+    type: Literal["pagerduty"]
+    routing_key_env: Text = Field(description="the variable holding the routing key")
+    events_url: Text | None = Field(None, description=f"the Events API v2 URL (default {EVENTS_URL})")
+
+
+@dataclass(frozen=True)
+class PagerDutySettings:
+    events_url: str
+    routing_key: str = field(repr=False)  # the secret
+
+
+def _settings(doc: PagerDutyDoc, environ: Mapping[str, str]) -> PagerDutySettings:
+    events_url = doc.events_url or EVENTS_URL
+    try:
+        parse_url(events_url)
+    except ValueError as exc:
+        raise ValueError(f"events_url: {exc}") from None
+    return PagerDutySettings(events_url, destination_secret("routing_key_env", doc.routing_key_env, environ))
+
+
+def _notifier(destination: Destination, client: httpx.AsyncClient, options: NotifierOptions) -> Notifier:
+    return PagerDutyNotifier(destination, client, options.templates)
+
+
+# PagerDuty documents about 120 events per minute per routing key.
+register(Integration("pagerduty", PagerDutyDoc, 2.0, _settings, _notifier))

@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import httpx
+from pydantic import Field
 
-from mlwarden.relay.config import Destination
+from mlwarden.relay.schema import Text
 from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from mlwarden.relay.notifiers.base import Notifier, post_json
-from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, mrkdwn, truncate
+from mlwarden.relay.notifiers.base import (
+    Destination,
+    DestinationDoc,
+    Integration,
+    Notifier,
+    NotifierOptions,
+    post_json,
+    register,
+    secret_url,
+)
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, mrkdwn, truncate
 
 SECTION_TEXT_LIMIT = 3000
 HEADER_TEXT_LIMIT = 150
@@ -33,7 +45,7 @@ class SlackNotifier(Notifier):
         self, destination: Destination, client: httpx.AsyncClient, max_alerts_per_message: int,
         templates: Templates = DEFAULT_TEMPLATES,
     ) -> None:
-        self._url = destination.url
+        self._url = destination.settings.url
         self._client = client
         self._templates = templates
         self.max_batch = min(max_alerts_per_message, MAX_BLOCKS - 2)  # room for header and footer
@@ -115,15 +127,6 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f" (+{len(items) - DIGEST_NAMES_SHOWN:,} more)" if len(items) > DIGEST_NAMES_SHOWN else "")
 
 
-def headline(notice: Notice, templates: Templates = DEFAULT_TEMPLATES, now: float | None = None) -> str:
-    """Plain text: the title template for an alert, a fixed line for the pipeline's own notices."""
-    if notice.kind == PIPELINE_DOWN:
-        return "Alerting pipeline DOWN: no Watchdog heartbeat"
-    if notice.kind == PIPELINE_UP:
-        return "Alerting pipeline recovered: Watchdog heartbeat is back"
-    return templates.title(notice, time.time() if now is None else now)
-
-
 def section_text(notice: Notice, templates: Templates = DEFAULT_TEMPLATES, now: float | None = None) -> str:
     if notice.kind in (FIRING, RESOLVED):
         return templates.slack_text(notice, time.time() if now is None else now)
@@ -135,3 +138,25 @@ def _batch_title(notices: Sequence[Notice]) -> str:
     resolved = sum(1 for n in notices if n.kind == RESOLVED)
     parts = [f"{firing} firing" if firing else "", f"{resolved} resolved" if resolved else ""]
     return ", ".join(p for p in parts if p) if any(parts) else f"{len(notices)} notices"
+
+
+class SlackDoc(DestinationDoc):
+    type: Literal["slack"]
+    webhook_url_env: Text = Field(description="the variable holding the incoming webhook's URL")
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    url: str  # the secret
+
+
+def _settings(doc: SlackDoc, environ: Mapping[str, str]) -> SlackSettings:
+    return SlackSettings(secret_url("webhook_url_env", doc.webhook_url_env, environ))
+
+
+def _notifier(destination: Destination, client: httpx.AsyncClient, options: NotifierOptions) -> Notifier:
+    return SlackNotifier(destination, client, options.max_alerts_per_message, options.templates)
+
+
+# Slack documents about one message per second per incoming webhook.
+register(Integration("slack", SlackDoc, 1.0, _settings, _notifier))
