@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import re
 import sys
 from collections.abc import Callable
@@ -53,15 +54,23 @@ def table(settings_cls: type, command: str) -> str:
     return "\n".join(rows)
 
 
+# Tables of the registries in the design's other parts: (block, part, module in it, function).
+EXTENSION_TABLES = (
+    ("exporter-collectors", "mlwarden.exporter", "collectors.base", "collectors_table"),
+    ("relay-destinations", "mlwarden.relay", "notifiers.base", "destinations_table"),
+)
+
+
 def blocks() -> dict[str, str]:
-    # By name, as the registry loads commands: the exporter's and relay's folders are outside the typed package.
-    collectors: str = importlib.import_module("mlwarden.exporter.collectors.base").collectors_table()
-    destinations: str = importlib.import_module("mlwarden.relay.notifiers.base").destinations_table()
-    result = {
-        "common": table(cli.CommonSettings, cli.COMMON_PREFIX), "exporter-collectors": collectors, "relay-destinations": destinations,
-    }
+    result = {"common": table(cli.CommonSettings, cli.COMMON_PREFIX)}
     for name, entry in registry.entries().items():
         result[name] = table(entry.load().settings, name)
+    for name, part, module, function in EXTENSION_TABLES:
+        # By name, as the registry loads commands (those parts are outside the typed package); a
+        # part this interpreter cannot import (a checkout without the install) has no commands
+        # in the registry either, so neither is checked.
+        if importlib.util.find_spec(part) is not None:
+            result[name] = getattr(importlib.import_module(f"{part}.{module}"), function)()
     return result
 
 
