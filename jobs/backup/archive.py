@@ -124,7 +124,7 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
             continue
         for child in children:
             relative = f"{relative_dir}/{child.name}" if relative_dir else child.name
-            if excluded(relative, excludes):
+            if excludes and excluded(relative, excludes):
                 continue
             try:
                 info = child.stat(follow_symlinks=False)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
@@ -122,6 +122,7 @@ def _check_manifest_paths(manifest: Manifest) -> None:
 Member = tuple[FileRecord, "MemberData"] | tuple[LinkRecord, None]
 
 _BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)  # the end of the archive
 _REGULAR = (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
 _NOT_RESTORED = {b"1": "hard link", b"3": "character device", b"4": "block device", b"6": "fifo"}
 
@@ -176,6 +177,8 @@ class _Blocks:
 class MemberData:
     """A member's content: ``read`` until it returns b""."""
 
+    __slots__ = ("_blocks", "_name", "remaining")
+
     def __init__(self, blocks: _Blocks, name: str, size: int) -> None:
         self._blocks = blocks
         self._name = name
@@ -196,8 +199,7 @@ class MemberData:
         self.remaining = 0
 
 
-@dataclass(frozen=True)
-class _Header:
+class _Header(NamedTuple):  # a tuple: 20,000 frozen dataclasses cost more than their headers' parsing
     name: str
     type: bytes
     size: int
@@ -214,11 +216,12 @@ def _number(field: bytes, what: str) -> int:
         raise ArchiveError(f"archive is damaged: bad {what} field in a tar header") from None
 
 
-def _checksums(block: bytes) -> tuple[int, int]:
-    """The header's sum with its checksum field as spaces, unsigned and signed (old tars used signed)."""
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    signed = sum(struct.unpack("148b", block[:148])) + sum(struct.unpack("356b", block[156:])) + 8 * 32
-    return unsigned, signed
+def _checksum_matches(block: bytes) -> bool:
+    """The header's sum with its checksum field as spaces, unsigned, or signed as old tars wrote it."""
+    stored = _number(block[148:156], "checksum")
+    if stored == sum(block) - sum(block[148:156]) + 8 * 32:
+        return True
+    return stored == sum(struct.unpack("148b", block[:148])) + sum(struct.unpack("356b", block[156:])) + 8 * 32
 
 
 def _text(field: bytes) -> str:
@@ -253,9 +256,9 @@ def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
             return  # no end-of-archive block: tarfile and GNU tar accept that too
         if len(block) < _BLOCK:
             block += blocks.read_exact(_BLOCK - len(block), "a tar header")
-        if not block.strip(b"\0"):
+        if block == _ZERO_BLOCK:
             return
-        if _number(block[148:156], "checksum") not in _checksums(block):
+        if not _checksum_matches(block):
             raise ArchiveError("archive is damaged: a tar header's checksum does not match")
         kind = block[156:157]
         size = int(pax["size"]) if "size" in pax else _number(block[124:136], "size")
