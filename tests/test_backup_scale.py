@@ -136,3 +136,17 @@ def test_a_hugging_face_cache_comes_back_with_every_symlink_and_is_stored_once(t
     expected = links(cache)
     assert len(expected) == 6 and links(tmp_path / "restored") == expected
     assert tree(tmp_path / "restored") == tree(cache)  # through the links too: every blob is there
+
+
+@pytest.mark.parametrize(("pax", "said"), [({"size": "-5"}, "pax size"), ({"comment": "x" * 2**21}, "pax header of")])
+def test_a_hostile_pax_header_is_damage_not_a_crash(tmp_path: Path, pax: dict[str, str], said: str) -> None:
+    import io
+
+    info = tarfile.TarInfo("a.bin")
+    info.size = 3
+    info.pax_headers = pax
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(tarstream.ArchiveError, match=said):
+        list(tarstream._headers(tarstream._Blocks(io.BytesIO(buffer.getvalue()))))  # type: ignore[arg-type]

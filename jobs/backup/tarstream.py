@@ -123,6 +123,7 @@ Member = tuple[FileRecord, "MemberData"] | tuple[LinkRecord, None]
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)  # the end of the archive
+_MAX_PAX = 2**20  # a path and a link target; anything larger is damage, not a name to hold in memory
 _REGULAR = (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
 _NOT_RESTORED = {b"1": "hard link", b"3": "character device", b"4": "block device", b"6": "fifo"}
 
@@ -224,6 +225,12 @@ def _checksum_matches(block: bytes) -> bool:
     return stored == sum(struct.unpack("148b", block[:148])) + sum(struct.unpack("356b", block[156:])) + 8 * 32
 
 
+def _pax_size(text: str) -> int:
+    if not text.isdigit():
+        raise ArchiveError(f"archive is damaged: pax size {text!r}")
+    return int(text)
+
+
 def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -261,7 +268,7 @@ def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
         if not _checksum_matches(block):
             raise ArchiveError("archive is damaged: a tar header's checksum does not match")
         kind = block[156:157]
-        size = int(pax["size"]) if "size" in pax else _number(block[124:136], "size")
+        size = _pax_size(pax["size"]) if "size" in pax else _number(block[124:136], "size")
         if size < 0:
             raise ArchiveError("archive is damaged: negative size in a tar header")
         name = _text(block[0:100])
@@ -270,6 +277,8 @@ def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
         header = _Header(pax.get("path", name), kind, size, pax.get("linkpath", _text(block[157:257])))
         data = MemberData(blocks, header.name, size)
         if kind == b"x":
+            if size > _MAX_PAX:
+                raise ArchiveError(f"archive is damaged: a pax header of {size} bytes")
             pax = _pax(blocks.read_exact(size, "a pax header"))
             blocks.skip(-size % _BLOCK, "a pax header")
             continue
