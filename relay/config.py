@@ -22,32 +22,13 @@ import pydantic
 import yaml
 
 from mlwarden.relay import schema as schema_doc
+from mlwarden.relay.fields import ConfigError as ConfigError
+from mlwarden.relay.notifiers import integrations
+from mlwarden.relay.notifiers.base import Destination as Destination
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, TemplateError, Templates
-from mlwarden.secrets import SecretError, read_secret
-from mlwarden.settings import parse_url
 
 SEVERITIES = ("info", "warning", "critical", "emergency")
 DEFAULT_COOLDOWN = {"info": 4 * 3600.0, "warning": 3600.0, "critical": 900.0, "emergency": 300.0}
-PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
-# Slack documents about one message per second per incoming webhook; PagerDuty about 120
-# events per minute per routing key.
-DEFAULT_RATE = {"slack": 1.0, "pagerduty": 2.0}
-
-
-class ConfigError(ValueError):
-    """relay.yml cannot be used; the message is one line naming the key."""
-
-
-@dataclass(frozen=True)
-class Destination:
-    name: str
-    type: str  # "slack" | "pagerduty"
-    url: str  # Slack: the webhook URL (a secret); PagerDuty: the Events API v2 URL
-    routing_key: str = ""  # PagerDuty only (a secret)
-    rate_per_second: float = 1.0
-
-    def __repr__(self) -> str:  # never print the secrets
-        return f"Destination({self.name!r}, {self.type!r})"
 
 
 @dataclass(frozen=True)
@@ -236,44 +217,10 @@ def parse(raw: Any, environ: Mapping[str, str], default_cooldown: float | None =
     return config
 
 
-def _destination(name: str, doc: schema_doc.DestinationDoc, environ: Mapping[str, str]) -> Destination:
-    where = f"destinations.{name}"
-    rate = doc.rate_per_second or DEFAULT_RATE[doc.type]
-    if doc.type == "slack":
-        _only(doc, where, "webhook_url_env")
-        url = _secret(doc.webhook_url_env, f"{where}.webhook_url_env", environ)
-        try:
-            parse_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"{where}.webhook_url_env: the webhook URL in that variable: {exc}") from None
-        return Destination(name, doc.type, url, rate_per_second=rate)
-    _only(doc, where, "routing_key_env", "events_url")
-    events_url = doc.events_url or PAGERDUTY_EVENTS_URL
-    try:
-        parse_url(events_url)
-    except ValueError as exc:
-        raise ConfigError(f"{where}.events_url: {exc}") from None
-    key = _secret(doc.routing_key_env, f"{where}.routing_key_env", environ)
-    return Destination(name, doc.type, events_url, routing_key=key, rate_per_second=rate)
-
-
-def _only(doc: schema_doc.DestinationDoc, where: str, *allowed: str) -> None:
-    """A Slack destination has no routing key, a PagerDuty one no webhook URL."""
-    for field_name in ("webhook_url_env", "routing_key_env", "events_url"):
-        if getattr(doc, field_name) is not None and field_name not in allowed:
-            raise ConfigError(f"{where}: {field_name} does not apply to type {doc.type}")
-
-
-def _secret(variable: str | None, where: str, environ: Mapping[str, str]) -> str:
-    if variable is None:
-        raise ConfigError(f"{where}: required")
-    try:
-        value = read_secret(variable, environ)
-    except SecretError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if not value:
-        raise ConfigError(f"{where}: environment variable {variable} (or {variable}_FILE) is not set")
-    return value
+def _destination(name: str, doc: Any, environ: Mapping[str, str]) -> Destination:
+    """Built by the destination's own integration, from the keys its model accepted."""
+    integration = integrations()[doc.type]
+    return integration.destination(name, doc, doc.rate_per_second or integration.default_rate, environ)
 
 
 def _route(doc: schema_doc.RouteDoc, defaults: Route, where: str) -> Route:

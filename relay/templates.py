@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from mlwarden.relay.notice import FIRING, RESOLVED, Notice
+from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +196,13 @@ def _link(url: str) -> str:
 
 
 DEFAULT_TEMPLATES = Templates()
+
+
+def headline(notice: Notice, templates: Templates | None = None, now: float | None = None) -> str:
+    """Plain text every integration leads with: the title template for an alert, a fixed line
+    for the pipeline's own notices (they have no labels for a template to show)."""
+    if notice.kind == PIPELINE_DOWN:
+        return "Alerting pipeline DOWN: no Watchdog heartbeat"
+    if notice.kind == PIPELINE_UP:
+        return "Alerting pipeline recovered: Watchdog heartbeat is back"
+    return (templates or DEFAULT_TEMPLATES).title(notice, time.time() if now is None else now)

@@ -10,27 +10,44 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import httpx
+from pydantic import Field
 
-from mlwarden.relay.config import Destination
+from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from mlwarden.relay.notifiers.base import Notifier, post_json
-from mlwarden.relay.notifiers.slack import headline
-from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, truncate
+from mlwarden.relay.notifiers.base import (
+    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
+)
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, truncate
 
 SUMMARY_LIMIT = 1024
 EVENT_LIMIT_BYTES = 512 * 1024
 _SEVERITY = {"emergency": "critical", "critical": "critical", "warning": "warning", "info": "info"}
 WATCHDOG_KEY = "mlwarden-relay-watchdog"
+EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+
+
+class PagerDutyDoc(DestinationDoc):
+    type: Literal["pagerduty"]
+    routing_key_env: Text = Field(description="the variable holding the routing key")
+    events_url: Text = Field(EVENTS_URL, description="the Events API v2 URL")
+
+
+@dataclass(frozen=True, repr=False)
+class PagerDutyDestination(Destination):
+    url: str  # the Events API v2 URL
+    routing_key: str  # a secret
 
 
 class PagerDutyNotifier(Notifier):
     integration = "pagerduty"
     max_batch = 1
 
-    def __init__(self, destination: Destination, client: httpx.AsyncClient, templates: Templates = DEFAULT_TEMPLATES) -> None:
+    def __init__(self, destination: PagerDutyDestination, client: httpx.AsyncClient, templates: Templates = DEFAULT_TEMPLATES) -> None:
         self._url = destination.url
         self._routing_key = destination.routing_key
         self._client = client
@@ -86,3 +103,17 @@ def event(notice: Notice, routing_key: str, templates: Templates = DEFAULT_TEMPL
         if len(json.dumps(body).encode()) > EVENT_LIMIT_BYTES:
             details.pop("annotations")
     return body
+
+
+def _destination(name: str, doc: PagerDutyDoc, rate: float, environ: Mapping[str, str]) -> PagerDutyDestination:
+    where = f"destinations.{name}"
+    url = checked_url(doc.events_url, f"{where}.events_url")
+    return PagerDutyDestination(name, doc.type, rate, url, secret(doc.routing_key_env, f"{where}.routing_key_env", environ))
+
+
+def _notifier(destination: PagerDutyDestination, context: Context) -> PagerDutyNotifier:
+    return PagerDutyNotifier(destination, context.client, context.templates)
+
+
+# PagerDuty documents about 120 events per minute per routing key.
+register(Integration(name="pagerduty", doc=PagerDutyDoc, default_rate=2.0, destination=_destination, notifier=_notifier))

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import httpx
+from pydantic import Field
 
-from mlwarden.relay.config import Destination
+from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
-from mlwarden.relay.notifiers.base import Notifier, post_json
-from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, mrkdwn, truncate
+from mlwarden.relay.notifiers.base import (
+    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
+)
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, mrkdwn, truncate
 
 SECTION_TEXT_LIMIT = 3000
 HEADER_TEXT_LIMIT = 150
@@ -26,11 +31,21 @@ DIGEST_NAMES_SHOWN = 5  # alert names and machines listed per group
 _ICON = {PIPELINE_DOWN: ":warning:", PIPELINE_UP: ":white_check_mark:"}
 
 
+class SlackDoc(DestinationDoc):
+    type: Literal["slack"]
+    webhook_url_env: Text = Field(description="the variable holding the webhook URL")
+
+
+@dataclass(frozen=True, repr=False)
+class SlackDestination(Destination):
+    url: str  # the webhook URL: a secret
+
+
 class SlackNotifier(Notifier):
     integration = "slack"
 
     def __init__(
-        self, destination: Destination, client: httpx.AsyncClient, max_alerts_per_message: int,
+        self, destination: SlackDestination, client: httpx.AsyncClient, max_alerts_per_message: int,
         templates: Templates = DEFAULT_TEMPLATES,
     ) -> None:
         self._url = destination.url
@@ -115,15 +130,6 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f" (+{len(items) - DIGEST_NAMES_SHOWN:,} more)" if len(items) > DIGEST_NAMES_SHOWN else "")
 
 
-def headline(notice: Notice, templates: Templates = DEFAULT_TEMPLATES, now: float | None = None) -> str:
-    """Plain text: the title template for an alert, a fixed line for the pipeline's own notices."""
-    if notice.kind == PIPELINE_DOWN:
-        return "Alerting pipeline DOWN: no Watchdog heartbeat"
-    if notice.kind == PIPELINE_UP:
-        return "Alerting pipeline recovered: Watchdog heartbeat is back"
-    return templates.title(notice, time.time() if now is None else now)
-
-
 def section_text(notice: Notice, templates: Templates = DEFAULT_TEMPLATES, now: float | None = None) -> str:
     if notice.kind in (FIRING, RESOLVED):
         return templates.slack_text(notice, time.time() if now is None else now)
@@ -135,3 +141,17 @@ def _batch_title(notices: Sequence[Notice]) -> str:
     resolved = sum(1 for n in notices if n.kind == RESOLVED)
     parts = [f"{firing} firing" if firing else "", f"{resolved} resolved" if resolved else ""]
     return ", ".join(p for p in parts if p) if any(parts) else f"{len(notices)} notices"
+
+
+def _destination(name: str, doc: SlackDoc, rate: float, environ: Mapping[str, str]) -> SlackDestination:
+    where = f"destinations.{name}.webhook_url_env"
+    url = checked_url(secret(doc.webhook_url_env, where, environ), f"{where}: the webhook URL in that variable")
+    return SlackDestination(name, doc.type, rate, url)
+
+
+def _notifier(destination: SlackDestination, context: Context) -> SlackNotifier:
+    return SlackNotifier(destination, context.client, context.max_alerts_per_message, context.templates)
+
+
+# Slack documents about one message per second per incoming webhook.
+register(Integration(name="slack", doc=SlackDoc, default_rate=1.0, destination=_destination, notifier=_notifier))
