@@ -172,7 +172,17 @@ class Manifest:
             raise CatalogError(f"manifest of {self.name}: archive {self.archive!r} is not {self.name + extension!r}")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+        """Sorted keys, one record a line: readable and greppable, and written by json's C
+        encoder (``indent`` would switch to its Python one: 0.6 s for 20,000 files)."""
+        lines = []
+        for field_ in sorted(dataclasses.fields(self), key=lambda f: f.name):
+            value = getattr(self, field_.name)
+            if field_.name in ("files", "links", "skipped") and value:
+                rows = ",\n".join("  " + json.dumps(vars(record), sort_keys=True) for record in value)
+                lines.append(f' "{field_.name}": [\n{rows}\n ]')
+            else:
+                lines.append(f' "{field_.name}": {json.dumps(value)}')
+        return "{\n" + ",\n".join(lines) + "\n}\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, what: str = "manifest") -> Manifest:

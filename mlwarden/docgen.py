@@ -57,7 +57,6 @@ def table(settings_cls: type, command: str) -> str:
 # Tables of the registries in the design's other parts: (block, part, module in it, function).
 EXTENSION_TABLES = (
     ("exporter-collectors", "mlwarden.exporter", "collectors.base", "collectors_table"),
-    ("relay-destinations", "mlwarden.relay", "notifiers.base", "destinations_table"),
 )
 
 

@@ -34,7 +34,7 @@ from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.groupcommit import GroupCommit
 from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers import notifier_for
-from mlwarden.relay.notifiers.base import Notifier
+from mlwarden.relay.notifiers.base import Context, Notifier
 from mlwarden.relay.outbox import Outbox
 from mlwarden.relay.store.base import DEAD, IntakeRequest, Store, StoreError
 
@@ -77,8 +77,8 @@ class Relay:
 
     def _notifiers(self, config: RelayConfig) -> dict[str, Notifier]:
         assert self.http is not None
-        return {name: notifier_for(d, self.http, config.delivery.max_alerts_per_message, config.templates)
-                for name, d in config.destinations.items()}
+        context = Context(self.http, config.templates, config.delivery.max_alerts_per_message)
+        return {name: notifier_for(d, context) for name, d in config.destinations.items()}
 
     def reload(self) -> RelayConfig:
         """Read relay.yml again and use it from the next webhook and delivery on; raises

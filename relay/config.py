@@ -22,15 +22,13 @@ import pydantic
 import yaml
 
 from mlwarden.relay import schema as schema_doc
-from mlwarden.relay.notifiers.base import Destination, DestinationDoc, registered
+from mlwarden.relay.fields import ConfigError as ConfigError
+from mlwarden.relay.notifiers import integrations
+from mlwarden.relay.notifiers.base import Destination as Destination
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, TemplateError, Templates
 
 SEVERITIES = ("info", "warning", "critical", "emergency")
 DEFAULT_COOLDOWN = {"info": 4 * 3600.0, "warning": 3600.0, "critical": 900.0, "emergency": 300.0}
-
-
-class ConfigError(ValueError):
-    """relay.yml cannot be used; the message is one line naming the key."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +177,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None, default_cooldown:
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of relay.yml, for editors (``mlwarden relay check-config --json-schema``)."""
-    schema = schema_doc.relay_doc().model_json_schema()
+    schema = schema_doc.RelayDoc.model_json_schema()
     schema["title"] = "mlwarden relay configuration (relay.yml)"
     return schema
 
@@ -188,7 +186,7 @@ def parse(raw: Any, environ: Mapping[str, str], default_cooldown: float | None =
     """Validate ``raw`` against the schema (one line naming the first offending key), then build
     the config: secrets from ``environ``, references between destinations and routes checked."""
     try:
-        doc = schema_doc.relay_doc().model_validate(raw)
+        doc = schema_doc.RelayDoc.model_validate(raw)
     except pydantic.ValidationError as exc:
         raise ConfigError(schema_doc.first_error(exc)) from None
     destinations = {name: _destination(name, d, environ) for name, d in doc.destinations.items()}
@@ -219,13 +217,10 @@ def parse(raw: Any, environ: Mapping[str, str], default_cooldown: float | None =
     return config
 
 
-def _destination(name: str, doc: DestinationDoc, environ: Mapping[str, str]) -> Destination:
-    integration = registered()[doc.type]  # type: ignore[attr-defined]  # every registered model has its type
-    try:
-        settings = integration.settings(doc, environ)
-    except ValueError as exc:
-        raise ConfigError(f"destinations.{name}.{exc}") from None
-    return Destination(name, integration.type, doc.rate_per_second or integration.default_rate, settings)
+def _destination(name: str, doc: Any, environ: Mapping[str, str]) -> Destination:
+    """Built by the destination's own integration, from the keys its model accepted."""
+    integration = integrations()[doc.type]
+    return integration.destination(name, doc, doc.rate_per_second or integration.default_rate, environ)
 
 
 def _route(doc: schema_doc.RouteDoc, defaults: Route, where: str) -> Route:

@@ -198,10 +198,11 @@ def _link(url: str) -> str:
 DEFAULT_TEMPLATES = Templates()
 
 
-def headline(notice: Notice, templates: Templates = DEFAULT_TEMPLATES, now: float | None = None) -> str:
-    """Plain text: the title template for an alert, a fixed line for the pipeline's own notices."""
+def headline(notice: Notice, templates: Templates | None = None, now: float | None = None) -> str:
+    """Plain text every integration leads with: the title template for an alert, a fixed line
+    for the pipeline's own notices (they have no labels for a template to show)."""
     if notice.kind == PIPELINE_DOWN:
         return "Alerting pipeline DOWN: no Watchdog heartbeat"
     if notice.kind == PIPELINE_UP:
         return "Alerting pipeline recovered: Watchdog heartbeat is back"
-    return templates.title(notice, time.time() if now is None else now)
+    return (templates or DEFAULT_TEMPLATES).title(notice, time.time() if now is None else now)

@@ -76,7 +76,7 @@ def test_secret_from_file(tmp_path: relay_config.Path) -> None:
     secret = tmp_path / "pd"
     secret.write_text("file-routing-key\n")
     env = {k: v for k, v in ENV.items() if k != "PD_KEY"} | {"PD_KEY_FILE": str(secret)}
-    assert relay_config.parse(config_dict(), env).destinations["pd"].settings.routing_key == "file-routing-key"
+    assert relay_config.parse(config_dict(), env).destinations["pd"].routing_key == "file-routing-key"
 
 
 # Payload ---------------------------------------------------------------------------------

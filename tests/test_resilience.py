@@ -142,7 +142,7 @@ def test_the_relay_config_reads_secrets_with_the_shared_reader(tmp_path: Path) -
     key = tmp_path / "pd"
     key.write_text("routing-key-from-file\n")
     loaded = relay_config.load(path, {**env, "PD_KEY_FILE": str(key)})
-    assert loaded.destinations["pd"].settings.routing_key == "routing-key-from-file"
+    assert loaded.destinations["pd"].routing_key == "routing-key-from-file"
 
 
 def test_disk_space_counts_as_df_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,7 +33,7 @@ import zstandard
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
 from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, LinkRecord, SkippedRecord
-from mlwarden.fsutil import atomic_write_text, atomic_writer
+from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ DEFAULT_LEVELS = {"zstd": 1, "gzip": 6, "none": None}
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9)}
 _BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
+_OCTAL_11 = 8**11  # what fits an 11-digit octal field of a ustar header
+# After the checksum: the type (regular file), no link name, the magic, no owner names.
+_USTAR_TAIL = (tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC).ljust(_BLOCK - 156, b"\0")
+_FIXED_CHECKSUM = 8 * ord(" ") + sum(_USTAR_TAIL)  # the checksum field counts as spaces
 
 
 class SourceChanged(RuntimeError):
@@ -55,7 +59,7 @@ class SourceUnreadable(RuntimeError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    path: Path  # absolute
+    path: str  # absolute (a str: 20,000 Path objects cost more than reading 20,000 small files)
     relative: str  # '/'-separated, as stored in the archive and the manifest
     size: int
     mtime: float
@@ -120,7 +124,7 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
             continue
         for child in children:
             relative = f"{relative_dir}/{child.name}" if relative_dir else child.name
-            if excluded(relative, excludes):
+            if excludes and excluded(relative, excludes):
                 continue
             try:
                 info = child.stat(follow_symlinks=False)
@@ -131,7 +135,7 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
                 elif stat.S_ISREG(info.st_mode):
                     if not os.access(child.path, os.R_OK):
                         raise PermissionError(errno.EACCES, "Permission denied")
-                    files.append(SourceFile(Path(child.path), relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
+                    files.append(SourceFile(child.path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
                 else:
                     kind = next(k for test, k in _SPECIAL_KINDS if test(info.st_mode))
                     log.warning("not backing up %s: a %s (listed as skipped in the manifest)", child.path, kind)
@@ -224,17 +228,31 @@ def sha256sum_line(digest: str, name: str) -> str:
 def write_checksums(directory: Path, result: ArchiveResult) -> None:
     """``<archive>.sha256`` and ``SHA256SUMS``, both for ``sha256sum -c``, written atomically."""
     atomic_write_text(result.path.with_name(result.path.name + ".sha256"), sha256sum_line(result.sha256, result.path.name))
-    atomic_write_text(directory / CHECKSUMS, "".join(sha256sum_line(r.sha256, r.path) for r in result.files))
+    # A name that is not UTF-8 is written as the bytes it has on disk, so `sha256sum -c` finds it.
+    lines = "".join(sha256sum_line(r.sha256, r.path) for r in result.files)
+    atomic_write_bytes(directory / CHECKSUMS, lines.encode("utf-8", "surrogateescape"))
 
 
 def _header(relative: str, info: os.stat_result) -> bytes:
+    mtime = int(info.st_mtime)
+    mode = stat.S_IMODE(info.st_mode)
+    if len(relative) <= 100 and relative.isascii() and 0 <= info.st_size < _OCTAL_11 and 0 <= mtime < _OCTAL_11:
+        return _ustar_header(relative.encode("ascii"), info.st_size, mtime, mode)
     header = tarfile.TarInfo(relative)
     header.size = info.st_size
-    header.mtime = int(info.st_mtime)
-    header.mode = stat.S_IMODE(info.st_mode)
+    header.mtime = mtime
+    header.mode = mode
     header.type = tarfile.REGTYPE
     header.uname = header.gname = ""
     return header.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _ustar_header(name: bytes, size: int, mtime: int, mode: int) -> bytes:
+    """The header tarfile's pax format writes for a short ASCII name (tested byte for byte
+    against it), built here because ``TarInfo.tobuf`` costs more than reading a small file."""
+    numbers = b"%07o\0" % mode + b"0000000\0" * 2 + b"%011o\0" % size + b"%011o\0" % mtime
+    checksum = _FIXED_CHECKSUM + sum(name) + sum(numbers)
+    return b"".join((name.ljust(100, b"\0"), numbers, b"%06o\0 " % checksum, _USTAR_TAIL))
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
@@ -256,22 +274,25 @@ def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[i
     size in its header goes in (zeros if it shrank). None if the file changed meanwhile: the
     member is then a torn copy."""
     digest = hashlib.sha256()
-    with open(source_file.path, "rb", buffering=0) as handle, Overlap() as overlap:
-        before = os.fstat(handle.fileno())
-        out.write(_header(source_file.relative, before))
-        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        remaining = before.st_size
-        while remaining:
-            chunk = handle.read(min(CHUNK_BYTES, remaining)) or b"\0" * min(CHUNK_BYTES, remaining)  # shrank: keep the tar valid
-            # Hash in a worker thread while this thread compresses: both release the GIL.
-            overlap.run(digest.update, chunk)
-            out.write(chunk)
-            remaining -= len(chunk)
-            on_progress(len(chunk))
-        padding = -before.st_size % _BLOCK
-        if padding:
-            out.write(b"\0" * padding)
-        unchanged = _identity(os.fstat(handle.fileno())) == _identity(before) == _identity(os.stat(source_file.path))
+    fd = os.open(source_file.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        before = os.fstat(fd)
+        header = _header(source_file.relative, before)
+        padding = b"\0" * (-before.st_size % _BLOCK)
+        if before.st_size < CHUNK_BYTES:
+            # One read and one write per small file: a helper thread or a separate write for
+            # the header would cost more than hashing a few KB here.
+            data = _read_exactly(fd, before.st_size)
+            digest.update(data)
+            out.write(header + data + padding)
+            on_progress(len(data))
+        else:
+            out.write(header)
+            _copy_large(fd, before.st_size, digest, out, on_progress)
+            out.write(padding)
+        unchanged = _identity(os.fstat(fd)) == _identity(before) == _identity(os.stat(source_file.path))
+    finally:
+        os.close(fd)
     if not unchanged:
         return None
     return FileRecord(
@@ -281,6 +302,28 @@ def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[i
         mtime=before.st_mtime,
         mode=stat.S_IMODE(before.st_mode),
     )
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """``size`` bytes, padded with zeros if the file shrank meanwhile (the tar stays valid;
+    the identity check then reports the change)."""
+    data = os.read(fd, size)
+    while len(data) < size and (more := os.read(fd, size - len(data))):
+        data += more
+    return data.ljust(size, b"\0")
+
+
+def _copy_large(fd: int, size: int, digest: hashlib._Hash, out: _Writable, on_progress: Callable[[int], None]) -> None:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    remaining = size
+    with Overlap() as overlap:
+        while remaining:
+            chunk = _read_exactly(fd, min(CHUNK_BYTES, remaining))  # zeros if it shrank: keep the tar valid
+            # Hash in a worker thread while this thread compresses: both release the GIL.
+            overlap.run(digest.update, chunk)
+            out.write(chunk)
+            remaining -= len(chunk)
+            on_progress(len(chunk))
 
 
 class _HashingSink:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlwarden.jobs.backup.archive import LEVEL_RANGES
+from mlwarden.jobs.backup.inventory import list_backups, run_check
 from mlwarden.jobs.backup.job import run_backup, run_restore
 from mlwarden.jobs.backup.s3config import STORAGE_CLASSES, S3Location
 from mlwarden.jobs.backup.retention import Policy
@@ -126,10 +127,32 @@ class RestoreSettings(S3Settings, _RestoreCore):
             raise ValueError("a drill from S3 needs --backup-dir or --to: somewhere with room for the download")
 
 
+@dataclass(frozen=True, kw_only=True)
+class BackupListSettings:
+    backup_dir: Path = setting(help="directory that holds the backups (the catalog)", env=("BACKUP_DIR",))
+    json: bool = setting(False, help="print a JSON array (one object per backup, oldest first) instead of a table")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackupCheckSettings:
+    backup_dir: Path = setting(help="directory that holds the backups (the catalog)", env=("BACKUP_DIR",))
+    read_data: bool = setting(False, help="also read every byte of every archive: the archive's SHA-256 and every file's against the manifest")
+
+
+def _list(settings: BackupListSettings) -> int:
+    return list_backups(settings.backup_dir, settings.json)
+
+
+def _check(settings: BackupCheckSettings) -> int:
+    return run_check(settings.backup_dir, settings.read_data)
+
+
 # Read by mlwarden.registry without importing this module (literals only).
 MLWARDEN_COMMANDS = (
     {"name": "backup", "attribute": "BACKUP", "help": "archive, checksum, verify and copy models off-site; apply retention",
      "maintain": {"order": 20, "env": "RUN_BACKUP"}},
+    {"name": "backup-list", "attribute": "BACKUP_LIST", "help": "list the backups: time, files, bytes, verified, off-site (table or --json)"},
+    {"name": "backup-check", "attribute": "BACKUP_CHECK", "help": "check that every piece of every backup is there; --read-data reads and hashes every byte"},
     {"name": "restore", "attribute": "RESTORE", "help": "restore a backup (local or S3), or run a restore drill"},
 )
 
@@ -151,5 +174,23 @@ RESTORE = Command(
         "Restore backup NAME (default latest) into --to, from BACKUP_DIR or from S3: the archive hash is checked "
         "before extraction and every file after; the target changes only when all is good. --drill proves the "
         "latest backup restorable and pushes the result as metrics."
+    ),
+)
+
+BACKUP_LIST = Command(
+    "backup-list",
+    settings=BackupListSettings,
+    run=_list,
+    description="List the backups in BACKUP_DIR, oldest first: name, start (UTC), files, total and stored bytes, last verification, off-site copy.",
+)
+
+BACKUP_CHECK = Command(
+    "backup-check",
+    settings=BackupCheckSettings,
+    run=_check,
+    description=(
+        "Check every backup in BACKUP_DIR without changing it: each manifest parses, each archive is there with its size, "
+        "its .sha256 and SHA256SUMS match the manifest; with --read-data every byte is read and every file hashed. "
+        "Exits 1 naming each problem."
     ),
 )

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from mlwarden.jobs.backup.overlap import Overlap
-from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, members
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, MemberData, members
 from mlwarden.catalog import BackupEntry, Catalog, LinkRecord, Verification
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,7 @@ def verify_archive(entry: BackupEntry) -> VerifyResult:
                 if isinstance(record, LinkRecord):
                     continue  # a symlink: its target was checked against the manifest
                 assert data is not None  # a file's data
-                member_hash = hashlib.sha256()
-                with Overlap() as overlap:
-                    while chunk := data.read(CHUNK_BYTES):
-                        overlap.run(member_hash.update, chunk)
-                if member_hash.hexdigest() != record.sha256:
+                if _member_sha256(data, record.size) != record.sha256:
                     raise ArchiveError(f"{record.path}: content does not match its SHA-256 in the manifest")
                 files += 1
     except FileNotFoundError:
@@ -52,6 +48,18 @@ def verify_archive(entry: BackupEntry) -> VerifyResult:
     if digest.sha256 != manifest.archive_sha256 or digest.size != manifest.archive_bytes:
         return VerifyResult(False, "archive SHA-256 or size does not match the manifest", files, digest.size)
     return VerifyResult(True, f"{files} files and the archive hash match the manifest", files, digest.size)
+
+
+def _member_sha256(data: MemberData, size: int) -> str:
+    digest = hashlib.sha256()
+    if size < CHUNK_BYTES:  # one read: handing it to the helper thread would cost more than it saves
+        while chunk := data.read():
+            digest.update(chunk)
+        return digest.hexdigest()
+    with Overlap() as overlap:
+        while chunk := data.read():
+            overlap.run(digest.update, chunk)
+    return digest.hexdigest()
 
 
 def verify_and_record(entry: BackupEntry) -> tuple[BackupEntry, VerifyResult]:

@@ -1,16 +1,24 @@
-"""One module per integration, each registered where it is defined (see :mod:`relay.notifiers.base`)."""
+"""One notifier per integration behind one interface (:class:`relay.notifiers.base.Notifier`).
+
+Every module of this package registers its integration when imported; :func:`integrations`
+imports them all, so adding a notifier is adding a module here.
+"""
 
 from __future__ import annotations
 
-import httpx
+import importlib
+import pkgutil
+from collections.abc import Mapping
 
-from mlwarden.relay.notifiers.base import Destination, Notifier, NotifierOptions, registered
-from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates
+from mlwarden.relay.notifiers.base import REGISTRY, Context, Destination, Integration, Notifier
 
 
-def notifier_for(
-    destination: Destination, client: httpx.AsyncClient, max_alerts_per_message: int,
-    templates: Templates = DEFAULT_TEMPLATES,
-) -> Notifier:
-    options = NotifierOptions(max_alerts_per_message, templates)
-    return registered()[destination.type].factory(destination, client, options)
+def integrations() -> Mapping[str, Integration]:
+    """Every registered integration by type name, in the order of their module names."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return {name: REGISTRY[name] for name in sorted(REGISTRY)}
+
+
+def notifier_for(destination: Destination, context: Context) -> Notifier:
+    return integrations()[destination.type].notifier(destination, context)

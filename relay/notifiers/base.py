@@ -1,39 +1,100 @@
-"""The notifier interface, and the registry of integrations each notifier module adds itself to.
+"""The notifier interface: send notices, or raise :class:`DeliveryError` saying whether a retry can help.
 
-A notifier sends notices, or raises :class:`DeliveryError` saying whether a retry can help.
 Retry, backoff and rate limiting live once, in :mod:`relay.outbox`; a notifier only renders
 and sends, and classifies what went wrong (like Alertmanager's ``notify.Notifier``).
 
-Each module of this package registers its :class:`Integration` (Alertmanager's receiver
-table): its ``type``, the pydantic model of its keys in relay.yml, its default rate, how its
-settings are read (secrets from the environment) and its factory. relay.yml's schema, the
-destinations of :mod:`relay.config` and the relay's notifiers are made from these entries.
+Each integration registers itself here (:func:`register`) from its own module: its ``type``
+name, the pydantic model of its keys in relay.yml, its default rate, how its keys become a
+:class:`Destination` and how a Destination becomes a :class:`Notifier`. The schema, the
+configuration and the relay read nothing else (:func:`relay.notifiers.integrations`).
 """
 
 from __future__ import annotations
 
 import email.utils
-import functools
-import importlib
-import pkgutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mlwarden import logs
+from mlwarden.relay.fields import ConfigError, Doc, Positive
 from mlwarden.relay.notice import Notice
-from mlwarden.relay.schema import Positive
 from mlwarden.relay.templates import Templates
 from mlwarden.secrets import SecretError, read_secret
 from mlwarden.settings import parse_url
 
-DocT = TypeVar("DocT", bound="DestinationDoc")
-SettingsT = TypeVar("SettingsT")
+
+class DestinationDoc(Doc):
+    """The keys every destination has; an integration's model adds ``type: Literal["<name>"]`` and its own."""
+
+    rate_per_second: Positive | None = Field(None, description="messages per second (default: the type's own)")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A built destination; an integration's subclass (``repr=False``) adds its fields, secrets included."""
+
+    name: str
+    type: str
+    rate_per_second: float
+
+    def __repr__(self) -> str:  # never print the secrets
+        return f"Destination({self.name!r}, {self.type!r})"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the relay gives every notifier it builds."""
+
+    client: httpx.AsyncClient
+    templates: Templates
+    max_alerts_per_message: int
+
+
+@dataclass(frozen=True)
+class Integration:
+    name: str  # the destination's ``type`` in relay.yml
+    doc: type[DestinationDoc]
+    default_rate: float  # messages per second when the destination gives no rate_per_second
+    # (name, validated doc, rate, environ) -> Destination; raises ConfigError naming the key
+    destination: Callable[[str, Any, float, Mapping[str, str]], Destination]
+    notifier: Callable[[Any, Context], Notifier]  # (its own Destination, context)
+
+
+REGISTRY: dict[str, Integration] = {}
+
+
+def register(integration: Integration) -> Integration:
+    """Called once by each notifier module; a second module claiming the same type is a bug."""
+    if integration.name in REGISTRY:
+        raise RuntimeError(f"notifier type {integration.name!r} registered twice")
+    REGISTRY[integration.name] = integration
+    return integration
+
+
+def secret(variable: str, where: str, environ: Mapping[str, str]) -> str:
+    """The value of a secret variable (or its ``_FILE``) named by a destination's ``*_env`` key."""
+    try:
+        value = read_secret(variable, environ)
+    except SecretError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not value:
+        raise ConfigError(f"{where}: environment variable {variable} (or {variable}_FILE) is not set")
+    return value
+
+
+def checked_url(url: str, where: str) -> str:
+    """``url`` if it is an http(s) URL; the error never quotes it, since it may be a secret."""
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return url
 
 
 class DeliveryError(Exception):
@@ -59,7 +120,8 @@ class Notifier(ABC):
 
 
 async def post_json(
-    client: httpx.AsyncClient, url: str, body: dict[str, object], service: str, headers: Mapping[str, str] | None = None,
+    client: httpx.AsyncClient, url: str, body: dict[str, object], service: str,
+    headers: Mapping[str, str] | None = None,
 ) -> httpx.Response:
     """POST ``body``; return a 2xx response or raise a classified DeliveryError (never naming the URL)."""
     try:
@@ -94,102 +156,3 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-# The registry ---------------------------------------------------------------------------------
-
-
-class DestinationDoc(BaseModel):
-    """The keys every destination has; an integration's model adds ``type: Literal["<type>"]`` and its own."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    rate_per_second: Positive | None = Field(None, description="messages per second (default: the integration's)")
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A destination of relay.yml, built: ``settings`` is its integration's own (secrets read)."""
-
-    name: str
-    type: str
-    rate_per_second: float
-    settings: Any
-
-    def __repr__(self) -> str:  # never print the secrets
-        return f"Destination({self.name!r}, {self.type!r})"
-
-
-@dataclass(frozen=True)
-class NotifierOptions:
-    """What the relay's configuration gives every notifier besides its destination."""
-
-    max_alerts_per_message: int
-    templates: Templates
-
-
-@dataclass(frozen=True)
-class Integration(Generic[DocT, SettingsT]):
-    """One registered integration. ``settings`` reads a destination's document (secrets from
-    the environment) and raises ``ValueError("<key>: <reason>")`` for a value it cannot use."""
-
-    type: str
-    doc: type[DocT]
-    default_rate: float
-    settings: Callable[[DocT, Mapping[str, str]], SettingsT]
-    factory: Callable[[Destination, httpx.AsyncClient, NotifierOptions], Notifier]
-
-
-_REGISTERED: dict[str, Integration[Any, Any]] = {}
-
-
-def register(integration: Integration[Any, Any]) -> None:
-    """Called once at the bottom of each notifier's module."""
-    known = _REGISTERED.get(integration.type)
-    if known is not None and known.factory.__module__ != integration.factory.__module__:
-        raise ValueError(f"notifier type {integration.type!r} is registered by {known.factory.__module__} and {integration.factory.__module__}")
-    _REGISTERED[integration.type] = integration
-
-
-@functools.cache
-def registered() -> dict[str, Integration[Any, Any]]:
-    """Every integration of this package, by type; importing its modules registers them."""
-    package = __name__.rsplit(".", 1)[0]
-    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
-        if module.name not in ("base", "text"):
-            importlib.import_module(f"{package}.{module.name}")
-    return {name: _REGISTERED[name] for name in sorted(_REGISTERED)}
-
-
-def destination_secret(key: str, variable: str | None, environ: Mapping[str, str]) -> str:
-    """The value of the secret a destination's ``key`` names (``<VAR>`` or ``<VAR>_FILE``)."""
-    if variable is None:
-        raise ValueError(f"{key}: required")
-    try:
-        value = read_secret(variable, environ)
-    except SecretError as exc:
-        raise ValueError(f"{key}: {exc}") from None
-    if not value:
-        raise ValueError(f"{key}: environment variable {variable} (or {variable}_FILE) is not set")
-    return value
-
-
-def secret_url(key: str, variable: str | None, environ: Mapping[str, str]) -> str:
-    """A URL held in a secret; the error never quotes it."""
-    url = destination_secret(key, variable, environ)
-    try:
-        parse_url(url)
-    except ValueError as exc:
-        raise ValueError(f"{key}: the URL in that variable: {exc}") from None
-    return url
-
-
-def destinations_table() -> str:
-    """The docs' table of destination types (``<!-- settings:relay-destinations -->`` in docs/relay.md)."""
-    rows = ["| `type` | its keys | default `rate_per_second` |", "| --- | --- | --- |"]
-    for integration in registered().values():
-        keys = [
-            f"`{name}`{'' if field.is_required() else ' (optional)'}: {field.description}"
-            for name, field in integration.doc.model_fields.items() if name not in DestinationDoc.model_fields and name != "type"
-        ]
-        rows.append(f"| `{integration.type}` | {'; '.join(keys)} | {integration.default_rate:g} |")
-    return "\n".join(rows)

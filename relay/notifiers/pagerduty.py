@@ -11,25 +11,17 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import httpx
 from pydantic import Field
 
+from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
 from mlwarden.relay.notifiers.base import (
-    Destination,
-    DestinationDoc,
-    Integration,
-    Notifier,
-    NotifierOptions,
-    destination_secret,
-    post_json,
-    register,
+    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
 )
-from mlwarden.relay.schema import Text
-from mlwarden.settings import parse_url
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, truncate
 
 SUMMARY_LIMIT = 1024
@@ -39,13 +31,25 @@ WATCHDOG_KEY = "mlwarden-relay-watchdog"
 EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
 
+class PagerDutyDoc(DestinationDoc):
+    type: Literal["pagerduty"]
+    routing_key_env: Text = Field(description="the variable holding the routing key")
+    events_url: Text = Field(EVENTS_URL, description="the Events API v2 URL")
+
+
+@dataclass(frozen=True, repr=False)
+class PagerDutyDestination(Destination):
+    url: str  # the Events API v2 URL
+    routing_key: str  # a secret
+
+
 class PagerDutyNotifier(Notifier):
     integration = "pagerduty"
     max_batch = 1
 
-    def __init__(self, destination: Destination, client: httpx.AsyncClient, templates: Templates = DEFAULT_TEMPLATES) -> None:
-        self._url = destination.settings.events_url
-        self._routing_key = destination.settings.routing_key
+    def __init__(self, destination: PagerDutyDestination, client: httpx.AsyncClient, templates: Templates = DEFAULT_TEMPLATES) -> None:
+        self._url = destination.url
+        self._routing_key = destination.routing_key
         self._client = client
         self._templates = templates
 
@@ -101,30 +105,15 @@ def event(notice: Notice, routing_key: str, templates: Templates = DEFAULT_TEMPL
     return body
 
 
-class PagerDutyDoc(DestinationDoc):
-    type: Literal["pagerduty"]
-    routing_key_env: Text = Field(description="the variable holding the routing key")
-    events_url: Text | None = Field(None, description=f"the Events API v2 URL (default {EVENTS_URL})")
+def _destination(name: str, doc: PagerDutyDoc, rate: float, environ: Mapping[str, str]) -> PagerDutyDestination:
+    where = f"destinations.{name}"
+    url = checked_url(doc.events_url, f"{where}.events_url")
+    return PagerDutyDestination(name, doc.type, rate, url, secret(doc.routing_key_env, f"{where}.routing_key_env", environ))
 
 
-@dataclass(frozen=True)
-class PagerDutySettings:
-    events_url: str
-    routing_key: str = field(repr=False)  # the secret
-
-
-def _settings(doc: PagerDutyDoc, environ: Mapping[str, str]) -> PagerDutySettings:
-    events_url = doc.events_url or EVENTS_URL
-    try:
-        parse_url(events_url)
-    except ValueError as exc:
-        raise ValueError(f"events_url: {exc}") from None
-    return PagerDutySettings(events_url, destination_secret("routing_key_env", doc.routing_key_env, environ))
-
-
-def _notifier(destination: Destination, client: httpx.AsyncClient, options: NotifierOptions) -> Notifier:
-    return PagerDutyNotifier(destination, client, options.templates)
+def _notifier(destination: PagerDutyDestination, context: Context) -> PagerDutyNotifier:
+    return PagerDutyNotifier(destination, context.client, context.templates)
 
 
 # PagerDuty documents about 120 events per minute per routing key.
-register(Integration("pagerduty", PagerDutyDoc, 2.0, _settings, _notifier))
+register(Integration(name="pagerduty", doc=PagerDutyDoc, default_rate=2.0, destination=_destination, notifier=_notifier))

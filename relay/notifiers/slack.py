@@ -16,17 +16,10 @@ from typing import Literal
 import httpx
 from pydantic import Field
 
-from mlwarden.relay.schema import Text
+from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
 from mlwarden.relay.notifiers.base import (
-    Destination,
-    DestinationDoc,
-    Integration,
-    Notifier,
-    NotifierOptions,
-    post_json,
-    register,
-    secret_url,
+    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
 )
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, mrkdwn, truncate
 
@@ -38,14 +31,24 @@ DIGEST_NAMES_SHOWN = 5  # alert names and machines listed per group
 _ICON = {PIPELINE_DOWN: ":warning:", PIPELINE_UP: ":white_check_mark:"}
 
 
+class SlackDoc(DestinationDoc):
+    type: Literal["slack"]
+    webhook_url_env: Text = Field(description="the variable holding the webhook URL")
+
+
+@dataclass(frozen=True, repr=False)
+class SlackDestination(Destination):
+    url: str  # the webhook URL: a secret
+
+
 class SlackNotifier(Notifier):
     integration = "slack"
 
     def __init__(
-        self, destination: Destination, client: httpx.AsyncClient, max_alerts_per_message: int,
+        self, destination: SlackDestination, client: httpx.AsyncClient, max_alerts_per_message: int,
         templates: Templates = DEFAULT_TEMPLATES,
     ) -> None:
-        self._url = destination.settings.url
+        self._url = destination.url
         self._client = client
         self._templates = templates
         self.max_batch = min(max_alerts_per_message, MAX_BLOCKS - 2)  # room for header and footer
@@ -140,23 +143,15 @@ def _batch_title(notices: Sequence[Notice]) -> str:
     return ", ".join(p for p in parts if p) if any(parts) else f"{len(notices)} notices"
 
 
-class SlackDoc(DestinationDoc):
-    type: Literal["slack"]
-    webhook_url_env: Text = Field(description="the variable holding the incoming webhook's URL")
+def _destination(name: str, doc: SlackDoc, rate: float, environ: Mapping[str, str]) -> SlackDestination:
+    where = f"destinations.{name}.webhook_url_env"
+    url = checked_url(secret(doc.webhook_url_env, where, environ), f"{where}: the webhook URL in that variable")
+    return SlackDestination(name, doc.type, rate, url)
 
 
-@dataclass(frozen=True)
-class SlackSettings:
-    url: str  # the secret
-
-
-def _settings(doc: SlackDoc, environ: Mapping[str, str]) -> SlackSettings:
-    return SlackSettings(secret_url("webhook_url_env", doc.webhook_url_env, environ))
-
-
-def _notifier(destination: Destination, client: httpx.AsyncClient, options: NotifierOptions) -> Notifier:
-    return SlackNotifier(destination, client, options.max_alerts_per_message, options.templates)
+def _notifier(destination: SlackDestination, context: Context) -> SlackNotifier:
+    return SlackNotifier(destination, context.client, context.max_alerts_per_message, context.templates)
 
 
 # Slack documents about one message per second per incoming webhook.
-register(Integration("slack", SlackDoc, 1.0, _settings, _notifier))
+register(Integration(name="slack", doc=SlackDoc, default_rate=1.0, destination=_destination, notifier=_notifier))

@@ -1,87 +1,94 @@
-"""A generic JSON webhook: one POST per notice, its fields as a JSON document.
+"""A generic JSON webhook: one POST per notice, for Teams or Mattermost bridges, incident tools,
+or anything that reads JSON.
 
-For what has no integration of its own (Microsoft Teams or Mattermost through a workflow, an
-incident tool, a script). The URL is a secret (it often carries a token), and so is the
-optional bearer token sent as ``Authorization: Bearer ...``. The document::
-
-    {"version": 1, "headline": "...", "kind": "firing", "key": "...", "alertname": "...",
-     "severity": "critical", "level": 1, "labels": {...}, "annotations": {...}, "starts_at": "...",
-     "ends_at": "", "generator_url": "...", "occurrences": 3, "reason": "", "group": "...",
-     "alerts": 1, "members": [], "omitted": 0}
-
-``kind`` is ``firing``, ``resolved``, ``pipeline_down`` or ``pipeline_up``; ``headline`` is the
-title template's text (relay.templates). A 5xx, 408, 429 or a timeout is retried like the
-other integrations; another 4xx is not.
+The body is the notice's own fields (``version`` 1: key, status, severity, labels, annotations,
+the rendered headline as ``text``, the Alertmanager group) so a receiver needs no knowledge of
+Slack or PagerDuty. The URL may carry a token, so it is read from a secret variable, as is the
+optional bearer token.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import httpx
 from pydantic import Field
 
+from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.notifiers.base import (
-    Destination,
-    DestinationDoc,
-    Integration,
-    Notifier,
-    NotifierOptions,
-    destination_secret,
-    post_json,
-    register,
-    secret_url,
+    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
 )
-from mlwarden.relay.schema import Text
-from mlwarden.relay.templates import Templates, headline
+from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline
 
-VERSION = 1
+VERSION = "1"  # of the body's shape; a receiver can refuse one it does not know
 
 
 class WebhookDoc(DestinationDoc):
     type: Literal["webhook"]
     url_env: Text = Field(description="the variable holding the URL to POST to")
-    bearer_token_env: Text | None = Field(None, description="the variable holding a bearer token, sent as `Authorization: Bearer`")
+    token_env: Text | None = Field(None, description="the variable holding a bearer token (optional)")
 
 
-@dataclass(frozen=True)
-class WebhookSettings:
-    url: str = field(repr=False)  # secrets, both
-    bearer_token: str | None = field(default=None, repr=False)
-
-
-def document(notice: Notice, templates: Templates, now: float) -> dict[str, object]:
-    return {"version": VERSION, "headline": headline(notice, templates, now), **notice.to_dict()}
+@dataclass(frozen=True, repr=False)
+class WebhookDestination(Destination):
+    url: str  # a secret: it may carry a token
+    token: str  # a secret; empty: no Authorization header
 
 
 class WebhookNotifier(Notifier):
     integration = "webhook"
     max_batch = 1
 
-    def __init__(self, settings: WebhookSettings, client: httpx.AsyncClient, templates: Templates) -> None:
-        self._settings = settings
+    def __init__(self, destination: WebhookDestination, client: httpx.AsyncClient,
+                 templates: Templates = DEFAULT_TEMPLATES) -> None:
+        self._url = destination.url
+        self._headers = {"Authorization": f"Bearer {destination.token}"} if destination.token else {}
         self._client = client
         self._templates = templates
-        self._headers = {"Authorization": f"Bearer {settings.bearer_token}"} if settings.bearer_token else None
 
     async def send(self, notices: Sequence[Notice]) -> None:
         for notice in notices:
-            body = document(notice, self._templates, time.time())
-            await post_json(self._client, self._settings.url, body, "webhook", self._headers)
+            await post_json(self._client, self._url, document(notice, self._templates, time.time()), "Webhook",
+                            headers=self._headers)
 
 
-def _settings(doc: WebhookDoc, environ: Mapping[str, str]) -> WebhookSettings:
-    url = secret_url("url_env", doc.url_env, environ)
-    token = destination_secret("bearer_token_env", doc.bearer_token_env, environ) if doc.bearer_token_env else None
-    return WebhookSettings(url, token)
+def document(notice: Notice, templates: Templates = DEFAULT_TEMPLATES, now: float | None = None) -> dict[str, object]:
+    """What is POSTed for ``notice``."""
+    return {
+        "version": VERSION,
+        "key": notice.key,
+        "status": notice.kind,
+        "alertname": notice.alertname,
+        "severity": notice.severity,
+        "escalation_level": notice.level,
+        "labels": dict(notice.labels),
+        "annotations": dict(notice.annotations),
+        "text": headline(notice, templates, now),
+        "group": notice.group,
+        "starts_at": notice.starts_at,
+        "ends_at": notice.ends_at,
+        "generator_url": notice.generator_url,
+        "occurrences": notice.occurrences,
+        "alerts": notice.alerts,
+        "members": [dict(m) for m in notice.members],
+        "omitted_alerts": notice.omitted,
+    }
 
 
-def _notifier(destination: Destination, client: httpx.AsyncClient, options: NotifierOptions) -> Notifier:
-    return WebhookNotifier(destination.settings, client, options.templates)
+def _destination(name: str, doc: WebhookDoc, rate: float, environ: Mapping[str, str]) -> WebhookDestination:
+    where = f"destinations.{name}"
+    url = checked_url(secret(doc.url_env, f"{where}.url_env", environ), f"{where}.url_env: the URL in that variable")
+    token = secret(doc.token_env, f"{where}.token_env", environ) if doc.token_env is not None else ""
+    return WebhookDestination(name, doc.type, rate, url, token)
 
 
-register(Integration("webhook", WebhookDoc, 1.0, _settings, _notifier))
+def _notifier(destination: WebhookDestination, context: Context) -> WebhookNotifier:
+    return WebhookNotifier(destination, context.client, context.templates)
+
+
+# A receiver's limits are unknown; one a second is what the most modest of them (Slack) allows.
+register(Integration(name="webhook", doc=WebhookDoc, default_rate=1.0, destination=_destination, notifier=_notifier))

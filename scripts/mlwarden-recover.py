@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Rebuild an mlwarden backup without mlwarden: Python's standard library, tar, zstd.
+
+    python3 mlwarden-recover.py BACKUP/<name> TARGET
+
+BACKUP/<name> is one backup's directory (manifest.json, the archive, its .sha256,
+SHA256SUMS), local or downloaded from S3 (`aws s3 cp --recursive`). TARGET must not exist.
+The steps are the ones docs/backups.md gives by hand:
+
+1. the archive's SHA-256 must be the one in manifest.json (and in <archive>.sha256);
+2. GNU tar extracts it into TARGET (zstd decompresses .tar.zst; tar itself refuses
+   absolute names and '..');
+3. every file of the manifest must be in TARGET with its size and SHA-256, every symlink
+   with its target, and nothing else may be there.
+
+Exit 0 when TARGET holds exactly the backup; 1 naming what is wrong. Only the standard
+library: this file is meant to be copied next to the backups and run on a bare machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+CHUNK = 8 * 2**20
+EXTRACT = {
+    "zstd": "zstd -dc -- {archive} | tar -xf - --no-same-owner -C {target}",
+    "gzip": "tar -xzf {archive} --no-same-owner -C {target}",
+    "none": "tar -xf {archive} --no-same-owner -C {target}",
+}
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def quote(path: str) -> str:
+    return "'" + path.replace("'", "'\\''") + "'"
+
+
+def safe(name: str) -> bool:
+    return bool(name) and not name.startswith("/") and ".." not in name.split("/")
+
+
+def extracted(target: str) -> set[str]:
+    """Every file and symlink under ``target``, relative, '/'-separated."""
+    found = set()
+    for directory, subdirs, files in os.walk(target):
+        relative = os.path.relpath(directory, target)
+        for name in files + [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
+            found.add(name if relative == "." else f"{relative}/{name}".replace(os.sep, "/"))
+    return found
+
+
+def check_tree(manifest: dict[str, Any], target: str) -> list[str]:
+    problems = []
+    expected = set()
+    for record in manifest["files"]:
+        expected.add(record["path"])
+        path = os.path.join(target, record["path"])
+        if os.path.islink(path) or not os.path.isfile(path):
+            problems.append(f"{record['path']}: missing")
+        elif os.path.getsize(path) != record["size"]:
+            problems.append(f"{record['path']}: {os.path.getsize(path)} bytes, the manifest says {record['size']}")
+        elif sha256(path) != record["sha256"]:
+            problems.append(f"{record['path']}: SHA-256 does not match the manifest")
+    for link in manifest.get("links", ()):
+        expected.add(link["path"])
+        path = os.path.join(target, link["path"])
+        if not os.path.islink(path) or os.readlink(path) != link["target"]:
+            problems.append(f"{link['path']}: not the symlink to {link['target']} the manifest lists")
+    problems += [f"{name}: not in the manifest" for name in sorted(extracted(target) - expected)]
+    return problems
+
+
+def recover(backup: str, target: str) -> list[str]:
+    with open(os.path.join(backup, "manifest.json"), "rb") as handle:
+        manifest = json.load(handle)
+    archive = manifest["archive"]
+    if "/" in archive or archive.startswith(".") or manifest["compression"] not in EXTRACT:
+        return [f"manifest.json names an unexpected archive {archive!r} ({manifest['compression']!r})"]
+    unsafe = [r["path"] for r in (*manifest["files"], *manifest.get("links", ())) if not safe(r["path"])]
+    if unsafe:
+        return [f"manifest.json lists unsafe paths, e.g. {unsafe[0]!r}"]
+    archive_path = os.path.join(backup, archive)
+    actual = sha256(archive_path)
+    if actual != manifest["archive_sha256"]:
+        return [f"{archive}: SHA-256 {actual} is not the manifest's {manifest['archive_sha256']}: the archive is damaged"]
+    with open(archive_path + ".sha256", encoding="utf-8") as handle:
+        if handle.read().split()[0].lstrip("\\") != actual:
+            return [f"{archive}.sha256 does not match the archive"]
+    os.makedirs(target)
+    command = EXTRACT[manifest["compression"]].format(archive=quote(archive_path), target=quote(target))
+    subprocess.run(["bash", "-o", "pipefail", "-c", command], check=True)
+    return check_tree(manifest, target)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    backup, target = argv
+    if os.path.lexists(target):
+        print(f"{target} exists: recover into a new directory", file=sys.stderr)
+        return 2
+    try:
+        problems = recover(backup, target)
+    except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as exc:
+        problems = [f"{type(exc).__name__}: {exc}"]
+    for problem in problems:
+        print(f"mlwarden-recover: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"recovered {backup} into {target}: every file and link matches the manifest, nothing else is there")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
