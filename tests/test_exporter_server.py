@@ -183,6 +183,10 @@ def test_a_refused_post_does_not_poison_the_keep_alive_connection(start_exporter
     exporter = start_exporter("--basic-auth-user", "prom",
                               environ={"MLWARDEN_EXPORTER_BASIC_AUTH_PASSWORD": "s3cret-pass"})
     credentials = {"Authorization": "Basic " + base64.b64encode(b"prom:s3cret-pass").decode()}
+    # /metrics is served before the first collection ends; wait for it, so that a body without
+    # mlwarden_nvml_up below can only mean a poisoned connection (a loaded host raced it).
+    wait_until(lambda: "mlwarden_nvml_up" in request(f"http://127.0.0.1:{exporter.port}/metrics", headers=credentials)[1],
+               15, "the first collection")
     conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
     try:
         for path, headers in (("/-/simulate", {}), ("/-/elsewhere", credentials)):
