@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlwarden.jobs.backup.verify import verify_archive
+
 from mlwarden.catalog import Catalog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,7 +217,7 @@ def run(quick: bool) -> str:
     vs_cli = t_default / t_cli
     verify_vs_read = t_verify / t_sha
     checks = [
-        (f"default at least 10x faster than `tar -czf` + `sha256sum`", speedup >= 10, f"{speedup:.1f}x"),
+        ("default at least 10x faster than `tar -czf` + `sha256sum`", speedup >= 10, f"{speedup:.1f}x"),
         ("compression ratio equal or better than the shell's", ratios["default"] >= ratios["shell"] - 1e-9, f"{ratios['default']:.3f} vs {ratios['shell']:.3f}"),
         ("within 1.3x of `tar \\| zstd -3 -T0` + `sha256sum`", vs_cli <= 1.3, f"{vs_cli:.2f}x (at level 3: {t_level3 / t_cli:.2f}x)"),
         ("verify within 1.5x of one read (`sha256sum`)", verify_vs_read <= 1.5, f"{verify_vs_read:.2f}x"),

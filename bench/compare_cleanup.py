@@ -24,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench.bench_cleanup import generate, rules_for_bench
 from mlwarden.jobs.cleanup import delete, plan
+
+from bench.bench_cleanup import generate, rules_for_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 

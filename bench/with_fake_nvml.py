@@ -11,8 +11,6 @@ from __future__ import annotations
 import runpy
 import sys
 
-import pynvml
-
 from tests.fake_nvml import MIB, FakeNvml
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 
+from mlwarden.exporter import webconfig
 from mlwarden.exporter.backends import open_backend
 from mlwarden.exporter.backends.base import BackendUnavailable
 from mlwarden.exporter.backends.simulated import SimulatedBackend
@@ -14,8 +15,8 @@ from mlwarden.exporter.collectors.base import Collector, CollectorContext, regis
 from mlwarden.exporter.loop import CollectionLoop
 from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
-from mlwarden.exporter import webconfig
 from mlwarden.exporter.webconfig import BcryptUsers, WebConfigError
+
 from mlwarden import __version__
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ import threading
 import typing
 from pathlib import Path
 
-from mlwarden.command import Command
 from mlwarden.exporter.collectors.base import with_collector_settings
+
+from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, positive, setting
 

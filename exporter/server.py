@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from mlwarden.exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
+from mlwarden.exporter.snapshot import CONTENT_TYPE, SnapshotStore
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mlwarden import logs
-from mlwarden.exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
-from mlwarden.exporter.snapshot import CONTENT_TYPE, SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ or being misconfigured does not stop the others; the exit status is 1 if any fai
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Mapping

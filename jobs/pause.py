@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, job_name, publish
 from prometheus_client import CollectorRegistry, Gauge
 
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, job_name, publish
 from mlwarden.settings import parse_duration, parse_url, positive, setting
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,6 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from mlwarden.logs import RepeatFilter
 from mlwarden.relay import intake, oversize, payload, statepage, watchdog
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.config import ConfigError, RelayConfig
@@ -37,6 +34,9 @@ from mlwarden.relay.notifiers import notifier_for
 from mlwarden.relay.notifiers.base import Context, Notifier
 from mlwarden.relay.outbox import Outbox
 from mlwarden.relay.store.base import DEAD, IntakeRequest, Store, StoreError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mlwarden.logs import RepeatFilter
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error

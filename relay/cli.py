@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from mlwarden.relay import config as relay_config
+from mlwarden.relay.app import DEFAULT_MAX_BODY_BYTES, Relay, create_app
+from mlwarden.relay.auth import Credentials
+from mlwarden.relay.store import StoreError, check_url, open_store
 
 from mlwarden import logs
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, parse_size, positive, setting
-from mlwarden.relay import config as relay_config
-from mlwarden.relay.app import DEFAULT_MAX_BODY_BYTES, Relay, create_app
-from mlwarden.relay.auth import Credentials
-from mlwarden.relay.store import StoreError, check_url, open_store
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import pydantic
 import yaml
-
 from mlwarden.relay import schema as schema_doc
 from mlwarden.relay.fields import ConfigError as ConfigError
 from mlwarden.relay.notifiers import integrations

@@ -21,12 +21,13 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from mlwarden.backoff import Backoff
-from mlwarden.logs import RepeatFilter
 from mlwarden.relay.config import Delivery, Destination
 from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers.base import DeliveryError, Notifier
 from mlwarden.relay.store.base import Job, Store, StoreError, severity_rank
+
+from mlwarden.backoff import Backoff
+from mlwarden.logs import RepeatFilter
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error

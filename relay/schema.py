@@ -8,13 +8,12 @@ keys come from its notifier's own model (:func:`relay.notifiers.integrations`), 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import pydantic
-from pydantic import Field
-
 from mlwarden.relay.fields import Doc, Duration, Text, Whole
 from mlwarden.relay.notifiers import integrations
+from pydantic import Field
 
 Severity = Literal["info", "warning", "critical", "emergency"]
 
@@ -77,7 +76,7 @@ class TemplatesDoc(Doc):
 
 # One model per registered notifier, told apart by ``type``: each accepts only its own keys.
 DestinationDoc = Annotated[
-    Union[tuple(i.doc for i in integrations().values())],  # type: ignore[valid-type]  # built from the registry
+    tuple(i.doc for i in integrations().values()),  # type: ignore[valid-type]  # built from the registry
     Field(discriminator="type"),
 ]
 

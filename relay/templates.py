@@ -17,12 +17,11 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
-
 from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def parse_time(text: str) -> float | None:
 
 
 def utc(when: float) -> str:
-    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def truncate(text: str, limit: int) -> str:

@@ -8,10 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from mlwarden.jobs.backup.verify import verify_archive
 from test_backup_support import backup, flip_byte, make_models, only_entry, tree
 
-from mlwarden.jobs.backup import archive
-from mlwarden.jobs.backup.verify import verify_archive
 from mlwarden.catalog import ARCHIVE_EXTENSIONS, Catalog
 
 

@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from mlwarden.jobs.backup import job as job_module
 from test_backup_support import backup, mlwarden, only_entry, tree
 
 from mlwarden.catalog import Catalog
-from mlwarden.jobs.backup import job as job_module
 from mlwarden.terminal import Progress
 
 SIZE = 20 * 2**20  # more than two 8 MiB read chunks

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mlwarden.exporter.collectors.backups import BackupsCollector
+from mlwarden.exporter.snapshot import render
+from mlwarden.jobs.backup.verify import verify_and_record
 from prometheus_client.parser import text_string_to_metric_families
 from test_backup_support import backup, flip_byte, make_models, mlwarden, tree
 
 from mlwarden.catalog import Catalog
-from mlwarden.jobs.backup.verify import verify_and_record
-from mlwarden.exporter.collectors.backups import BackupsCollector
-from mlwarden.exporter.snapshot import render
 
 
 def restore(*argv: str | Path) -> int:

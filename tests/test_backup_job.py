@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlwarden.jobs.backup.job import LOCK_FILE
 from test_backup_support import backup, forget_pushed, make_models, mlwarden, only_entry, pushed, tree
 
-from mlwarden.jobs.backup.job import LOCK_FILE
 from mlwarden import components
 from mlwarden.catalog import BACKUP_DIR_STAGING, Catalog, stale_staging
 from mlwarden.components import wait_until
@@ -243,6 +243,7 @@ def test_textfile_metrics_pass_promtool(tmp_path: Path, promtool: str) -> None:
 
 def test_retention_days_from_the_old_scripts_means_keep_daily() -> None:
     from mlwarden.jobs.backup.cli import BackupSettings
+
     from mlwarden import settings
 
     loaded = settings.load(BackupSettings, "backup", [], {"MODEL_DIR": "/m", "BACKUP_DIR": "/b", "RETENTION_DAYS": "14", "DRY_RUN": "1"})

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from mlwarden.jobs.backup.offsite import object_checksums
 from test_backup_support import backup, forget_pushed, make_models, only_entry, pushed
 
 from mlwarden import components
-from mlwarden.jobs.backup.offsite import object_checksums
 
 
 @pytest.fixture

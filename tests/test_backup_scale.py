@@ -9,12 +9,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_backup_support import backup, only_entry, tree
-
-from mlwarden import fsutil
 from mlwarden.jobs.backup import archive, tarstream
 from mlwarden.jobs.backup.restore import restore_entry
 from mlwarden.jobs.backup.verify import verify_archive
+from test_backup_support import backup, only_entry, tree
+
+from mlwarden import fsutil
 
 
 def restore(*argv: str | Path) -> int:

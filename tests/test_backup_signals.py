@@ -13,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from mlwarden.exporter.collectors.backups import BackupsCollector
+from mlwarden.exporter.snapshot import render
 from prometheus_client.parser import text_string_to_metric_families
 from test_backup_support import backup, forget_pushed, mlwarden, pushed, tree
 
 from mlwarden import components
 from mlwarden.components import wait_until
-from mlwarden.exporter.collectors.backups import BackupsCollector
-from mlwarden.exporter.snapshot import render
 
 MLWARDEN = Path(sys.executable).parent / "mlwarden"  # the venv's console script
 

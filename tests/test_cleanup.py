@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from mlwarden.jobs.cleanup import cli as cleanup_cli
 from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
+
 from mlwarden import cli, settings
 from mlwarden.exitcodes import ExitCode
 from mlwarden.interrupts import sigterm_interrupts

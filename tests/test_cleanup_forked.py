@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mlwarden.jobs.cleanup.forked import WorkerFailed, fork_map
 
 from mlwarden.interrupts import sigterm_interrupts
-from mlwarden.jobs.cleanup.forked import WorkerFailed, fork_map
 
 
 def _gone(pid: int) -> bool:

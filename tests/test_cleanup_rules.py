@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from mlwarden.jobs.cleanup.rules import NameScreen, Protection, is_best, is_checkpoint
 
 # Fragments that make names near the rules' boundaries: prefixes, suffixes, 'best' in odd cases.

@@ -26,9 +26,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import fresh_clone
 import pytest
 
-import fresh_clone
 import mlwarden
 from mlwarden.components import free_port, wait_until
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import pytest
 import yaml
-
 from mlwarden.jobs import pause
 from mlwarden.jobs.report import JobReport, Schedule
+
 from mlwarden import components
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,6 +36,7 @@ def test_the_demo_backup_is_due_every_heartbeat_max_age_through_its_own_flags() 
     """The heartbeat rule is the production one: the demo's backup just promises a short interval."""
     from mlwarden.jobs.backup.cli import BackupSettings
     from mlwarden.jobs.report import schedule_of
+
     from mlwarden import settings
 
     argv = ["--model-dir", "/m", "--backup-dir", "/b", *stack.backup_heartbeat_args(Timings(heartbeat_max_age=40.0))]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from mlwarden.exporter import procinfo
 from mlwarden.exporter.attribution import MAX_JOBS_PER_GPU, Attributor, read_job_mapping
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.podresources import PodContainer, PodResourcesClient, ProtobufError, decode_list_response
+
 from tests.test_exporter_nvml import MIB, FakeNvml, samples, supervisor_for
 
 CONTAINER = "3f1c9d1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6"

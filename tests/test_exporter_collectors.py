@@ -9,18 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from mlwarden.exporter import procinfo
 from mlwarden.exporter.backends.base import GpuLost, XidEvent
 from mlwarden.exporter.backends.simulated import SimulatedBackend
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
+from mlwarden.exporter.collectors import xid as xid_module
 from mlwarden.exporter.collectors.artifacts import ArtifactsCollector
 from mlwarden.exporter.collectors.backups import BackupsCollector
 from mlwarden.exporter.collectors.base import Collected, Collector
-from mlwarden.exporter.collectors import xid as xid_module
 from mlwarden.exporter.collectors.xid import XidCollector
 from mlwarden.exporter.snapshot import SnapshotStore, render
+from prometheus_client.parser import text_string_to_metric_families
+
 from mlwarden.catalog import Catalog, FileRecord, Manifest, OffsiteCopy, Verification
 
 

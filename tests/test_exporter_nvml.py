@@ -17,16 +17,13 @@ from typing import Any
 
 import pynvml
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from mlwarden.exporter import cli as exporter_cli
-from mlwarden.exporter.backends import nvml as nvml_backend
+from mlwarden.exporter import procinfo
 from mlwarden.exporter.app import Exporter
+from mlwarden.exporter.backends import nvml as nvml_backend
 from mlwarden.exporter.backends.base import THROTTLE_REASONS, BackendUnavailable, GpuBackend
 from mlwarden.exporter.backends.nvml import NvmlBackend
-from mlwarden.backoff import Backoff, RetrySchedule
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
-from mlwarden.exporter import procinfo
 from mlwarden.exporter.collectors.base import Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
@@ -34,7 +31,10 @@ from mlwarden.exporter.collectors.xid import XidCollector
 from mlwarden.exporter.loop import CollectionLoop
 from mlwarden.exporter.server import ExporterServer
 from mlwarden.exporter.snapshot import SnapshotStore, render
+from prometheus_client.parser import text_string_to_metric_families
+
 from mlwarden import settings
+from mlwarden.backoff import Backoff, RetrySchedule
 from mlwarden.components import free_port, wait_until
 from mlwarden.exitcodes import ExitCode
 from tests.fake_nvml import MIB, FakeNvml, Handle, nvml_error

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from mlwarden.exporter.app import Exporter
 from mlwarden.exporter.cli import ExporterSettings
 from mlwarden.exporter.server import ExporterServer
 from mlwarden.exporter.snapshot import Snapshot, SnapshotStore
+from prometheus_client.parser import text_string_to_metric_families
+
 from mlwarden import settings
 from mlwarden.components import free_port, wait_until
 
@@ -254,7 +254,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))

@@ -9,11 +9,11 @@ import subprocess
 
 import pynvml
 import pytest
-
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.snapshot import render
+
 from tests.test_exporter_nvml import MIB, FakeNvml, nvml_error, samples, supervisor_for, value
 
 GPU0 = {"gpu": "0", "uuid": "GPU-fake-0"}

@@ -20,12 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from mlwarden import cli, settings
-from mlwarden.components import free_port, wait_until
 from mlwarden.exporter.app import Exporter, ExporterStartError
 from mlwarden.exporter.cli import ExporterSettings
 from test_exporter_server import start_exporter  # noqa: F401  (the fixture that starts a simulated exporter)
+
+from mlwarden import cli, settings
+from mlwarden.components import free_port, wait_until
 
 REFUSED = (ssl.SSLError, ConnectionError, urllib.error.URLError, http.client.HTTPException)
 
@@ -47,7 +47,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
           *, ca: bool = False, server: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     issuer_name, issuer_key = issuer or (subject, key)
     builder = (
         x509.CertificateBuilder()

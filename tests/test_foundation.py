@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from mlwarden.jobs.report import JobReport
+
 from mlwarden import catalog, fsutil, logs
 from mlwarden.lock import JobLock, LockHeld
 
@@ -22,10 +22,9 @@ from mlwarden.lock import JobLock, LockHeld
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
     target = tmp_path / "data.json"
     fsutil.atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with fsutil.atomic_writer(target) as handle:
-            handle.write(b"half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), fsutil.atomic_writer(target) as handle:
+        handle.write(b"half")
+        raise RuntimeError("disk full")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
@@ -135,8 +134,7 @@ def test_textfile_keeps_last_success_across_a_failure(tmp_path: Path) -> None:
 
 
 def test_unreachable_pushgateway_does_not_fail_the_job(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        with JobReport("unittest", pushgateway="http://127.0.0.1:9") as report:
-            report.succeeded()
+    with caplog.at_level(logging.WARNING), JobReport("unittest", pushgateway="http://127.0.0.1:9") as report:
+        report.succeeded()
     assert report.success
     assert "could not push" in caplog.text

@@ -15,16 +15,17 @@ from pathlib import Path
 import httpx
 import pynvml
 import pytest
-
 from mlwarden.jobs.health import cli as health_cli
 from mlwarden.jobs.health import disk, gpu, output
-# The exporter's fake pynvml: the health check reads NVML through the exporter's backend.
-from tests.test_exporter_nvml import FakeNvml, nvml_error
 from mlwarden.jobs.health.result import Result, Status
+
 from mlwarden import components, settings
 from mlwarden.catalog import Catalog, Manifest, Verification
 from mlwarden.components import free_port
 from mlwarden.exitcodes import ExitCode
+
+# The exporter's fake pynvml: the health check reads NVML through the exporter's backend.
+from tests.test_exporter_nvml import FakeNvml, nvml_error
 
 
 def load(*flags: str, env: dict[str, str] | None = None) -> health_cli.HealthSettings:

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from mlwarden.jobs import report as job_report
+from mlwarden.jobs.report import JobReport, Schedule
 
 from mlwarden import cli, registry, settings
 from mlwarden.exitcodes import ExitCode
-from mlwarden.jobs import report as job_report
-from mlwarden.jobs.report import JobReport, Schedule
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()

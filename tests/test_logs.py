@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from mlwarden import cli, components, logs
 from mlwarden.relay import app as app_module
 from mlwarden.relay import outbox as outbox_module
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store.base import StoreError
 from mlwarden.relay.store.redis import RedisStore
+
+from mlwarden import cli, components, logs
 from tests.test_relay_support import FakeClock, make_config
 
 # 2026-11-29T18:00:00.123Z

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from mlwarden.jobs import maintain
-from mlwarden.catalog import Catalog
+
 from mlwarden import cli, settings
+from mlwarden.catalog import Catalog
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 

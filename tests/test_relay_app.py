@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-
 from mlwarden.relay import watchdog
 from mlwarden.relay.app import DEFAULT_MAX_BODY_BYTES, WEBHOOK_PATH, Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store.base import StoreError
 from mlwarden.relay.store.sqlite import SQLiteStore
+
 from tests.test_relay_support import TOKEN, FakeClock, alert, body, make_config, payload
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

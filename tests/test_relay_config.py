@@ -12,13 +12,13 @@ import jsonschema
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-
-from mlwarden import components
 from mlwarden.relay import config as relay_config
 from mlwarden.relay.app import WEBHOOK_PATH, Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.config import Matcher
 from mlwarden.relay.store.sqlite import SQLiteStore
+
+from mlwarden import components
 from tests.test_relay_e2e import RelayProcess, sink  # noqa: F401 (fixture)
 from tests.test_relay_support import ENV, TOKEN, FakeClock, Sink, alert, body, config_dict
 

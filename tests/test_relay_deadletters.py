@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-
 from mlwarden.relay.app import WEBHOOK_PATH, Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store.base import TRIGGER_UNDELIVERED, Store
 from mlwarden.relay.store.sqlite import SQLiteStore
+
 from tests.test_relay_stores import store  # noqa: F401 (the SQLite and Redis store fixture)
 from tests.test_relay_support import TOKEN, FakeClock, accept, alert, body, make_config
 

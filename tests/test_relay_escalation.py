@@ -11,12 +11,12 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi.testclient import TestClient
-
 from mlwarden.relay import config as relay_config
 from mlwarden.relay.app import Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store.base import Store
 from mlwarden.relay.store.sqlite import SQLiteStore
+
 from tests.test_relay_stores import store  # noqa: F401 (the SQLite and Redis store fixture)
 from tests.test_relay_support import ENV, TOKEN, FakeClock, accept, alert, body, config_dict
 

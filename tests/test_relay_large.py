@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-
-from mlwarden import settings
 from mlwarden.relay import oversize, payload
 from mlwarden.relay.app import DEFAULT_MAX_BODY_BYTES, WEBHOOK_PATH, Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.cli import RelaySettings
 from mlwarden.relay.notifiers.slack import message
 from mlwarden.relay.store.sqlite import SQLiteStore
+
+from mlwarden import settings
 from tests.test_relay_support import TOKEN, FakeClock, alert, body, make_config
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from mlwarden import components
 from mlwarden.relay.store import sqlite as sqlite_store
 from mlwarden.relay.store.sqlite import SQLiteStore
+
+from mlwarden import components
 from tests.test_relay_support import accept, alert, body, make_config
 
 

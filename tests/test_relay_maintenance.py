@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-
-from mlwarden import components
 from mlwarden.relay.app import WEBHOOK_PATH, Relay, create_app
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store.base import RETENTION_SECONDS, Store
 from mlwarden.relay.store.redis import RedisStore
 from mlwarden.relay.store.sqlite import SQLiteStore
+
+from mlwarden import components
 from tests.test_relay_stores import dead_payload_bodies
 from tests.test_relay_support import TOKEN, FakeClock, alert, body, make_config
 

@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import pytest
 import respx
-
 from mlwarden.relay.notice import FIRING, RESOLVED, Notice
 from mlwarden.relay.notifiers.base import DeliveryError, retry_after
 from mlwarden.relay.notifiers.pagerduty import EVENT_LIMIT_BYTES, PagerDutyNotifier, dedup_key, event
 from mlwarden.relay.notifiers.slack import MAX_BLOCKS, SECTION_TEXT_LIMIT, SlackNotifier, message
+
 from tests.test_relay_support import PD_URL, SLACK_URL, make_config
 
 

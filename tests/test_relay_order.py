@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from mlwarden import components
 from mlwarden.relay import config as relay_config
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.store import open_store
 from mlwarden.relay.store.base import TRIGGER_UNDELIVERED, Store
+
+from mlwarden import components
 from tests.test_relay_stores import store  # noqa: F401 (the SQLite and Redis store fixture)
 from tests.test_relay_support import ENV, FakeClock, Sink, accept, alert, body, config_dict, make_config
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import respx
-
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.outbox import MAX_RETRY_AFTER_SECONDS, Outbox
 from mlwarden.relay.store.sqlite import SQLiteStore
+
 from tests.test_relay_support import PD_URL, SLACK_URL, FakeClock, accept, alert, body, make_config
 
 

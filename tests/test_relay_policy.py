@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from mlwarden import settings
 from mlwarden.relay import config as relay_config
-from mlwarden.relay.cli import RelaySettings
 from mlwarden.relay import intake, payload, watchdog
+from mlwarden.relay.cli import RelaySettings
 from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.policy import KeyState, decide
+
+from mlwarden import settings
 from tests.test_relay_support import ENV, FakeClock, alert, body, config_dict, make_config
 
 MIN, HOUR = 60.0, 3600.0

@@ -11,6 +11,7 @@ from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.store.base import Job, Store
+
 from tests.test_relay_order import deliver_all, sink, sink_config  # noqa: F401 (fixture)
 from tests.test_relay_stores import store  # noqa: F401 (fixture)
 from tests.test_relay_support import FakeClock, Sink, alert, body

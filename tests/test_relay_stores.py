@@ -15,21 +15,21 @@ from typing import Any
 import httpx
 import pytest
 import respx
-
-from mlwarden import components
+from mlwarden.relay import intake, payload
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
-from mlwarden.relay.notice import Notice
-from mlwarden.relay.store import open_store
-from mlwarden.relay import intake, payload
 from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.groupcommit import GroupCommit
+from mlwarden.relay.notice import Notice
+from mlwarden.relay.store import open_store
 from mlwarden.relay.store import redis as redis_store
 from mlwarden.relay.store import sqlite as sqlite_store
 from mlwarden.relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError
 from mlwarden.relay.store.redis import DEAD_JOBS, DEAD_PAYLOADS, RedisStore
 from mlwarden.relay.store.redis import PREFIX as REDIS_PREFIX
 from mlwarden.relay.store.sqlite import SQLiteStore
+
+from mlwarden import components
 from tests.test_relay_support import SLACK_URL, FakeClock, accept, alert, body, make_config
 
 

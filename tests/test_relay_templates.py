@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
-from mlwarden import components
 from mlwarden.relay import config as relay_config
 from mlwarden.relay import intake, payload
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.notifiers.pagerduty import event
 from mlwarden.relay.notifiers.slack import message
 from mlwarden.relay.templates import Templates, parse_time
+
+from mlwarden import components
 from tests.test_relay_support import ENV, Sink, config_dict
 
 AM_CONFIG = """
@@ -44,7 +44,7 @@ def am_payload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bytes]:
     am = components.alertmanager(_write(tmp_path_factory, AM_CONFIG.format(url=sink.url)), tmp_path_factory.mktemp("am"), ())
     am.start()
     try:
-        starts = (datetime.now(timezone.utc) - FIRING_FOR).isoformat()
+        starts = (datetime.now(UTC) - FIRING_FOR).isoformat()
         alerts = [{"labels": {"alertname": "DiskAlmostFull", "severity": "warning", "instance": "node7:9100",
                               "mountpoint": path, "job": "node", "device": f"nvme0n1p{i}{RLO}"},
                    "annotations": {"summary": f"{path} is 97% full", "runbook_url": "https://runbooks.example/disk?x=1&y=2"},

@@ -12,7 +12,6 @@ import httpx
 import jsonschema
 import pytest
 import respx
-
 from mlwarden.relay import config as relay_config
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
@@ -22,6 +21,7 @@ from mlwarden.relay.notifiers.base import DeliveryError
 from mlwarden.relay.notifiers.webhook import WebhookNotifier
 from mlwarden.relay.outbox import Outbox
 from mlwarden.relay.store.sqlite import SQLiteStore
+
 from tests.test_relay_notifiers import notice
 from tests.test_relay_support import ENV, FakeClock, accept, alert, body, config_dict
 

@@ -10,17 +10,16 @@ from pathlib import Path
 
 import botocore.exceptions
 import pytest
-
-from mlwarden import logs
-from mlwarden.backoff import Backoff, RetrySchedule
-from mlwarden.components import free_port
-from mlwarden import fsutil
-from mlwarden.fsutil import disk_space
 from mlwarden.jobs import report
 from mlwarden.jobs.backup import offsite
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.health import disk
 from mlwarden.relay import config as relay_config
+
+from mlwarden import fsutil, logs
+from mlwarden.backoff import Backoff, RetrySchedule
+from mlwarden.components import free_port
+from mlwarden.fsutil import disk_space
 from mlwarden.secrets import SecretError, read_secret
 from tests.test_relay_support import config_dict
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import boto3
 import pytest
-from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, s3_env, tree  # noqa: F401 (s3_env: a fixture)
-
 from mlwarden.jobs.backup import job as job_module
 from mlwarden.jobs.backup import restore as restore_module
 from mlwarden.jobs.backup.job import LOCK_FILE
+from test_backup_support import backup, flip_byte, forget_pushed, make_models, mlwarden, only_entry, pushed, s3_env, tree  # noqa: F401 (s3_env: a fixture)
+
 from mlwarden import components
 from mlwarden.catalog import Catalog, FileRecord, Manifest
 

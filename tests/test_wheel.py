@@ -17,12 +17,11 @@ import venv
 import zipfile
 from pathlib import Path
 
+import fresh_clone
 import pytest
 
-import fresh_clone
 import mlwarden
 from mlwarden import assets
-
 
 
 @pytest.fixture(scope="module")

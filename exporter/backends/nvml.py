@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pynvml
-
 from mlwarden.exporter.backends.base import (
     ECC_COUNTERS,
     ECC_ERROR_TYPES,

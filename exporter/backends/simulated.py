@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mlwarden.exporter.procinfo import ProcessInfo
 from mlwarden.exporter.backends.base import (
     ECC_COUNTERS,
     ECC_ERROR_TYPES,
@@ -28,6 +27,7 @@ from mlwarden.exporter.backends.base import (
     GpuReading,
     XidEvent,
 )
+from mlwarden.exporter.procinfo import ProcessInfo
 
 FAULTS = ("overheat", "cool", "lose", "recover", "ecc", "xid", "idle", "busy")
 _IDLE_LOAD = 0.02  # a job that holds its memory and waits: what GpuAllocatedButIdle looks for

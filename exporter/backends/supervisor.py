@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from mlwarden.backoff import Backoff, RetrySchedule
 from mlwarden.exporter.backends.base import BackendUnavailable, GpuBackend, GpuIdentity
+
+from mlwarden.backoff import Backoff, RetrySchedule
 
 log = logging.getLogger(__name__)
 

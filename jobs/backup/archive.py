@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import zstandard
-
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
+
 from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, LinkRecord, SkippedRecord
 from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
 

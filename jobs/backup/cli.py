@@ -8,10 +8,10 @@ from pathlib import Path
 from mlwarden.jobs.backup.archive import LEVEL_RANGES
 from mlwarden.jobs.backup.inventory import list_backups, run_check
 from mlwarden.jobs.backup.job import run_backup, run_restore
-from mlwarden.jobs.backup.s3config import STORAGE_CLASSES, S3Location
 from mlwarden.jobs.backup.retention import Policy
-from mlwarden.jobs.report import PUSHGATEWAY_ENV
-from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
+from mlwarden.jobs.backup.s3config import STORAGE_CLASSES, S3Location
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
+
 from mlwarden.command import Command
 from mlwarden.settings import in_range, parse_duration, parse_size, parse_url, positive, setting
 

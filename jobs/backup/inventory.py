@@ -22,6 +22,7 @@ from typing import Any
 
 from mlwarden.jobs.backup.archive import sha256sum_line
 from mlwarden.jobs.backup.verify import verify_archive
+
 from mlwarden.catalog import CHECKSUMS, BackupEntry, Catalog
 from mlwarden.exitcodes import ExitCode
 from mlwarden.terminal import human_bytes

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlwarden.jobs.backup import archive, retention
-from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
+from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveError
 from mlwarden.jobs.backup.verify import verify_and_record
 from mlwarden.jobs.report import JobReport, schedule_of
+
 from mlwarden.catalog import (
     BACKUP_DIR_STAGING,
     BACKUP_STAGING,
@@ -48,13 +49,13 @@ from mlwarden.catalog import (
     Catalog,
     CatalogError,
     Manifest,
-    stale_staging,
     staging_dir,
+    stale_staging,
 )
 from mlwarden.exitcodes import ExitCode
 from mlwarden.fsutil import disk_space, fsync_dir
-from mlwarden.lock import JobLock, LockHeld
 from mlwarden.interrupts import sigterm_interrupts
+from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
 
 if TYPE_CHECKING:

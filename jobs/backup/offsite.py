@@ -34,10 +34,10 @@ import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
+from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
 from s3transfer.utils import ChunksizeAdjuster
 
 from mlwarden.backoff import Backoff
-from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
 from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy, check_backup_name
 from mlwarden.fsutil import atomic_write_text
 

@@ -41,7 +41,8 @@ from pathlib import Path
 
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
-from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, stale_staging, staging_dir
+
+from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
 from mlwarden.fsutil import fsync_dir, sync_filesystem
 from mlwarden.terminal import Progress
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import zstandard
-
 from mlwarden.jobs.backup.overlap import Overlap
+
 from mlwarden.catalog import FileRecord, LinkRecord, Manifest
 
 CHUNK_BYTES = 8 * 2**20  # large reads: fewer syscalls, and hashlib/zstd release the GIL per call

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, ArchiveDigest, ArchiveError, MemberData, members
+
 from mlwarden.catalog import BackupEntry, Catalog, LinkRecord, Verification
 
 log = logging.getLogger(__name__)

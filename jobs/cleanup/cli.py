@@ -11,11 +11,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
+from mlwarden.jobs.report import (
+    PUSHGATEWAY_ENV,
+    JobReport,
+    expected_interval_setting,
+    grace_setting,
+    late_severity_setting,
+    schedule_of,
+    timeout_setting,
+)
 from prometheus_client import Gauge
 
-from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport, schedule_of
-from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.interrupts import sigterm_interrupts

@@ -28,9 +28,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mlwarden.interrupts import deferred_interrupts
 from mlwarden.jobs.cleanup import fileops
 from mlwarden.jobs.cleanup.plan import RootPlan
+
+from mlwarden.interrupts import deferred_interrupts
 from mlwarden.terminal import Progress
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mlwarden.jobs.health.result import Result, Status
+
 from mlwarden.catalog import Catalog
 
 

@@ -16,8 +16,16 @@ from typing import Any
 
 from mlwarden.jobs.health import backups, disk, gpu, output, services
 from mlwarden.jobs.health.result import Result, Status
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, JobReport, schedule_of
-from mlwarden.jobs.report import expected_interval_setting, grace_setting, late_severity_setting, timeout_setting
+from mlwarden.jobs.report import (
+    PUSHGATEWAY_ENV,
+    JobReport,
+    expected_interval_setting,
+    grace_setting,
+    late_severity_setting,
+    schedule_of,
+    timeout_setting,
+)
+
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.settings import in_range, parse_duration, parse_url, positive, setting

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from mlwarden.fsutil import disk_space
 from mlwarden.jobs.health.result import Result, Status
+
+from mlwarden.fsutil import disk_space
 from mlwarden.terminal import human_bytes
 
 

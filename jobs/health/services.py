@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import httpx
-
 from mlwarden.jobs.health.result import Result, Status
 
 

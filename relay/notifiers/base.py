@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from pydantic import Field
-
-from mlwarden import logs
 from mlwarden.relay.fields import ConfigError, Doc, Positive
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.templates import Templates
+from pydantic import Field
+
+from mlwarden import logs
 from mlwarden.secrets import SecretError, read_secret
 from mlwarden.settings import parse_url
 

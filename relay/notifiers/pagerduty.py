@@ -15,14 +15,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 import httpx
-from pydantic import Field
-
 from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
 from mlwarden.relay.notifiers.base import (
-    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
+    Context,
+    Destination,
+    DestinationDoc,
+    Integration,
+    Notifier,
+    checked_url,
+    post_json,
+    register,
+    secret,
 )
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, truncate
+from pydantic import Field
 
 SUMMARY_LIMIT = 1024
 EVENT_LIMIT_BYTES = 512 * 1024

@@ -14,14 +14,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 import httpx
-from pydantic import Field
-
 from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import FIRING, PIPELINE_DOWN, PIPELINE_UP, RESOLVED, Notice
 from mlwarden.relay.notifiers.base import (
-    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
+    Context,
+    Destination,
+    DestinationDoc,
+    Integration,
+    Notifier,
+    checked_url,
+    post_json,
+    register,
+    secret,
 )
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline, mrkdwn, truncate
+from pydantic import Field
 
 SECTION_TEXT_LIMIT = 3000
 HEADER_TEXT_LIMIT = 150

@@ -15,14 +15,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 import httpx
-from pydantic import Field
-
 from mlwarden.relay.fields import Text
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.notifiers.base import (
-    Context, Destination, DestinationDoc, Integration, Notifier, checked_url, post_json, register, secret,
+    Context,
+    Destination,
+    DestinationDoc,
+    Integration,
+    Notifier,
+    checked_url,
+    post_json,
+    register,
+    secret,
 )
 from mlwarden.relay.templates import DEFAULT_TEMPLATES, Templates, headline
+from pydantic import Field
 
 VERSION = "1"  # of the body's shape; a receiver can refuse one it does not know
 

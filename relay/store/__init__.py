@@ -6,7 +6,6 @@ from pathlib import Path
 
 from mlwarden.relay.store.base import Store, StoreError
 
-
 SQLITE_SCHEME = "sqlite:///"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 

@@ -18,12 +18,22 @@ from dataclasses import replace
 from typing import Any
 
 import redis
-
 from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
-    CLOSES, DEAD, OPENS, PENDING, RETENTION_SECONDS, TRIGGER_UNDELIVERED, DeadPayload, IntakeResult, Job, Planner,
-    Store, StoreError, new_job_id,
+    CLOSES,
+    DEAD,
+    OPENS,
+    PENDING,
+    RETENTION_SECONDS,
+    TRIGGER_UNDELIVERED,
+    DeadPayload,
+    IntakeResult,
+    Job,
+    Planner,
+    Store,
+    StoreError,
+    new_job_id,
 )
 
 PREFIX = "mlwarden:relay:"

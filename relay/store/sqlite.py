@@ -29,8 +29,20 @@ from pathlib import Path
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
-    CLOSES, DEAD, OPENS, PENDING, RETENTION_SECONDS, TRIGGER_UNDELIVERED, DeadPayload, IntakeRequest, IntakeResult, Job, Planner,
-    Store, StoreError, severity_rank,
+    CLOSES,
+    DEAD,
+    OPENS,
+    PENDING,
+    RETENTION_SECONDS,
+    TRIGGER_UNDELIVERED,
+    DeadPayload,
+    IntakeRequest,
+    IntakeResult,
+    Job,
+    Planner,
+    Store,
+    StoreError,
+    severity_rank,
 )
 
 SCHEMA = """
