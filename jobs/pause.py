@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, job_name, publish
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, publish
 from prometheus_client import CollectorRegistry, Gauge
 
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
+from mlwarden.heartbeat import job_name
 from mlwarden.settings import parse_duration, parse_url, positive, setting
 
 log = logging.getLogger(__name__)

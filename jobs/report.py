@@ -48,6 +48,7 @@ from prometheus_client.exposition import pushadd_to_gateway
 
 from mlwarden.backoff import Backoff
 from mlwarden.fsutil import atomic_write_text
+from mlwarden.heartbeat import job_name
 from mlwarden.settings import parse_duration, positive, setting
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,6 @@ class JobReport:
 
     def _publish(self, registry: CollectorRegistry) -> None:
         publish(registry, self.job, self.instance, self.pushgateway, self.textfile_dir)
-
-
-def job_name(task: str) -> str:
-    """The Pushgateway ``job`` label of a task's metrics."""
-    return f"mlwarden_{task}"
 
 
 def publish(

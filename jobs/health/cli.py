@@ -105,7 +105,7 @@ def _show(results: list[Result], as_json: bool) -> None:
 # Read by mlwarden.registry without importing this module (literals only).
 MLWARDEN_COMMANDS = (
     {"name": "health", "attribute": "COMMAND", "help": "check disks, GPUs, services and backup freshness",
-     "maintain": {"order": 10, "setting": "run_health_check", "env": "RUN_HEALTH_CHECK"}},
+     "heartbeat": "health", "maintain": {"order": 10, "setting": "run_health_check", "env": "RUN_HEALTH_CHECK"}},
 )
 
 COMMAND = Command(
