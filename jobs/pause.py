@@ -47,7 +47,10 @@ def _pause_length(text: str) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class _Target:
-    job: str = setting(help="the job's heartbeat name: what follows mlwarden_ in its job label (backup, restore_drill, cleanup, health)", positional=True, metavar="JOB", parse=_job)
+    job: str = setting(
+        help="the job's heartbeat name: what follows mlwarden_ in its job label (backup, restore_drill, cleanup, health)",
+        positional=True, metavar="JOB", parse=_job,
+    )
     instance: str | None = setting(None, help="the machine whose job to pause (default: this host's name, as the job pushes it)")
     pushgateway: str | None = setting(None, help="Pushgateway URL the job pushes to", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="the textfile directory the job writes to")

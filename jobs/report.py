@@ -74,10 +74,16 @@ class Schedule:
 
 
 class ScheduledSettings(Protocol):
-    expected_interval: float
-    grace: float
-    timeout: float
-    late_severity: str
+    """The four schedule fields every job's (frozen) settings declare; read-only here, as there."""
+
+    @property
+    def expected_interval(self) -> float: ...
+    @property
+    def grace(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def late_severity(self) -> str: ...
 
 
 def schedule_of(settings: ScheduledSettings) -> Schedule:
@@ -86,15 +92,25 @@ def schedule_of(settings: ScheduledSettings) -> Schedule:
 
 # Each job's settings class declares these four fields with its own defaults (its timer's period).
 def expected_interval_setting(default: str) -> Any:
-    return setting(parse_duration(default), help=f"how often the job is expected to succeed (match its timer; default {default}, shown in seconds); later than this plus --grace is an alert", parse=positive(parse_duration))
+    return setting(
+        parse_duration(default), parse=positive(parse_duration),
+        help=f"how often the job is expected to succeed (match its timer; default {default}, shown in seconds); "
+        "later than this plus --grace is an alert",
+    )
 
 
 def grace_setting(default: str) -> Any:
-    return setting(parse_duration(default), help=f"how late a success may be before the job counts as late (default {default}, shown in seconds)", parse=parse_duration)
+    return setting(
+        parse_duration(default), parse=parse_duration,
+        help=f"how late a success may be before the job counts as late (default {default}, shown in seconds)",
+    )
 
 
 def timeout_setting(default: str) -> Any:
-    return setting(parse_duration(default), help=f"a run still going after this long is an alert: running too long (default {default}, shown in seconds)", parse=positive(parse_duration))
+    return setting(
+        parse_duration(default), parse=positive(parse_duration),
+        help=f"a run still going after this long is an alert: running too long (default {default}, shown in seconds)",
+    )
 
 
 def late_severity_setting(default: str) -> Any:

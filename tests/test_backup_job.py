@@ -180,7 +180,8 @@ def test_kill_9_mid_backup_leaves_no_manifest_and_the_next_run_succeeds(tmp_path
     models.mkdir()
     (models / "big.bin").write_bytes(os.urandom(48 * 2**20))
     backups = tmp_path / "backups"
-    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups), "--compression", "gzip", "--level", "9"]
+    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups),
+            "--compression", "gzip", "--level", "9"]
     process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.DEVNULL)
 
     def archive_being_written() -> bool:

@@ -348,7 +348,8 @@ def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, caps
 def test_system_subdirectories_are_refused_before_anything_is_read(system_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(os.listdir(system_dir))
 
-    assert cli.main(["cleanup", "--experiments-dir", system_dir, "--yes", "--retention-days", "0.0001", "--max-files", "1000000000"]) == ExitCode.USAGE
+    argv = ["cleanup", "--experiments-dir", system_dir, "--yes", "--retention-days", "0.0001", "--max-files", "1000000000"]
+    assert cli.main(argv) == ExitCode.USAGE
 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"refusing to clean {system_dir}: " in err[0] and "a system directory" in err[0]

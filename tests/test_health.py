@@ -81,7 +81,8 @@ def pushed(pushgateway_url: str) -> dict[str, float]:
     """Pushed health series as {'name{labels}': value}, without the grouping labels."""
     values = {}
     for line in httpx.get(pushgateway_url + "/metrics", timeout=5).text.splitlines():
-        if 'job="mlwarden_health"' in line and f'instance="{socket.gethostname()}"' in line and line.startswith(("mlwarden_health_", "mlwarden_job_")):
+        ours = 'job="mlwarden_health"' in line and f'instance="{socket.gethostname()}"' in line
+        if ours and line.startswith(("mlwarden_health_", "mlwarden_job_")):
             series, value = line.rsplit(" ", 1)
             name, _, labels = series.partition("{")
             kept = [part for part in labels.rstrip("}").split(",") if part.split("=")[0] in ("check", "path")]

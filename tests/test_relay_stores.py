@@ -297,7 +297,7 @@ def test_an_existing_database_gets_the_prune_indexes(tmp_path: Path) -> None:
     store = SQLiteStore(path)  # a second start: the schema is idempotent
     indexes = {r[0] for r in store._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert indexes >= set(PRUNE_INDEXES)
-    for (_, _, statement), index in zip(sqlite_store._PRUNES, PRUNE_INDEXES):
+    for (_, _, statement), index in zip(sqlite_store._PRUNES, PRUNE_INDEXES, strict=True):
         plan = " ".join(str(r[-1]) for r in store._read(f"EXPLAIN QUERY PLAN {statement}", (0.0, 1)))  # type: ignore[arg-type]
         assert f"INDEX {index} " in plan, plan
     store.prune(NOW)

@@ -255,7 +255,8 @@ def test_a_restore_from_s3_downloads_next_to_the_target_not_into_the_backup_dir(
     assert made_in == [target.parent, target.parent]  # the download, then the staging directory
 
 
-def test_a_damaged_object_in_s3_is_refused(tmp_path: Path, s3_env: list[str], s3_server: components.S3Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_object_in_s3_is_refused(tmp_path: Path, s3_env: list[str], s3_server: components.S3Server,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", *s3_env) == 0
     entry = only_entry(tmp_path / "backups")
