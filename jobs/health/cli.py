@@ -68,7 +68,9 @@ class HealthSettings:
 
 
 Check = Callable[[Any], list[Result]]
-CHECKS: dict[str, Check] = {"disk": disk.check, "gpu": gpu.check, "services": services.check, "backups": backups.check}
+CHECKS: dict[str, Check] = {
+    "disk": disk.check, "gpu": gpu.check, "services": services.check, "backups": backups.check, "backup-staging": backups.check_staging,
+}
 
 
 def run_checks(settings: HealthSettings) -> list[Result]:
