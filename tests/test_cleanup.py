@@ -334,7 +334,10 @@ def walking_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     "bad_root",
     ["/", "/home", "/etc", "/usr", "/var", "/root", "/opt", "/tmp/../etc", "", "relative/dir", "HOME",
      "/etc/ssl", "/etc/systemd", "/usr/share", "/usr/local", "/var/lib/apt", "/var/lib/dpkg", "/var/cache", "/dev/shm",
-     "/var/cache/apt/archives", "/boot", "/proc/self", "/sys/fs", "/run/lock", "/lib", "/lib64", "/usr/lib/x86_64-linux-gnu"],
+     "/var/cache/apt/archives", "/boot", "/proc/self", "/sys/fs", "/run/lock", "/lib", "/lib64", "/usr/lib/x86_64-linux-gnu",
+     # trees other tools own and age out by their own policy
+     "/var/log/journal", "/var/log/apt", "/var/log/experiments", "/var/spool", "/var/spool/cron/crontabs", "/var/mail",
+     "/var/mail/alice", "/var/backups", "/var/backups/mlwarden", "/var/opt/app", "/var/local/site"],
 )
 def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, capsys: pytest.CaptureFixture[str]) -> None:
     if bad_root == "HOME":
@@ -381,7 +384,8 @@ def test_a_symlink_into_a_system_tree_is_resolved_and_refused(tmp_path: Path, ca
     ("path", "refused"),
     [("/opt", True), ("/opt/experiments", False), ("/home/alice", True), ("/home/alice/experiments", False),
      ("/root", True), ("/root/experiments", False), ("/srv", True), ("/srv/experiments", False), ("/data/runs", False),
-     ("/var/lib/mlwarden/experiments", True), ("/libx32", True), ("/var/log", True)],
+     ("/var/lib/mlwarden/experiments", True), ("/libx32", True), ("/var/log", True), ("/var/log/train", True),
+     ("/var/spool/x", True), ("/var/tmp/experiments", False), ("/var/experiments", False)],
 )
 def test_what_is_refused_and_what_is_fine(path: str, refused: bool) -> None:
     assert (safety.refusal(Path(path)) is not None) is refused
