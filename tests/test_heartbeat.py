@@ -256,3 +256,27 @@ def _samples(body: str, name: str) -> list[tuple[dict[str, str], float]]:
         if match:
             found.append((dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))), float(match.group(2))))
     return found
+
+
+def test_expectations_that_cannot_be_worked_out_fail_the_collector_not_the_exporter(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A broken child must not take GPU metrics down, nor leave JobNeverReported silently off."""
+    from mlwarden.exporter.collectors import jobs as jobs_collector
+
+    def broken(*_: object) -> list[heartbeat.Expectation]:
+        raise RuntimeError("cannot work out the expected jobs: ['Traceback ...']")
+
+    monkeypatch.setattr(jobs_collector, "expectations_in_child", broken)
+    collector = jobs_collector._build(jobs_collector.JobsSettings(), _context())
+    assert collector is not None and collector.collect().success is False
+    assert "cannot work out the jobs this host expects" in caplog.text
+    monkeypatch.setattr(jobs_collector, "expectations_in_child", lambda *_: [])
+    assert jobs_collector._build(jobs_collector.JobsSettings(expected_jobs=()), _context()) is None  # --expected-jobs none
+
+
+def _context() -> Any:
+    from mlwarden.exporter.backends import open_backend
+    from mlwarden.exporter.backends.supervisor import BackendSupervisor
+    from mlwarden.exporter.collectors.base import CollectorContext
+
+    return CollectorContext(BackendSupervisor(open_backend("simulated", 1, 1)), 1.0, 1.0, 60.0)

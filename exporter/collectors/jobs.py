@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,15 +54,20 @@ class JobsSettings:
 class JobsCollector(Collector):
     name = "jobs"
 
-    def __init__(self, expected: list[Expectation], interval: float, timeout: float, *,
+    def __init__(self, expected: list[Expectation] | None, interval: float, timeout: float, *,
                  state_dir: Path | None = None, instance: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self.interval = interval
         self.timeout = timeout
+        # None: the expectations could not be worked out; every pass then fails, so that
+        # MlwardenCollectorFailing says so instead of JobNeverReported going quiet.
         self.expected = expected
         self.instance = instance or socket.gethostname()
-        self.since = _remember_since([e.name for e in expected], state_dir / STATE_FILE if state_dir else None, clock())
+        names = [e.name for e in expected or ()]
+        self.since = _remember_since(names, state_dir / STATE_FILE if state_dir else None, clock()) if names else {}
 
     def collect(self) -> Collected:
+        if self.expected is None:
+            return Collected(success=False)
         family = gauge(DUE, "When the job's first heartbeat is due: since when this host expects it, plus its interval and grace.",
                        ("heartbeat_job", "heartbeat_instance", "severity"))
         for expected in self.expected:
@@ -92,8 +98,13 @@ def _remember_since(names: list[str], path: Path | None, now: float) -> dict[str
 
 def _build(settings: JobsSettings, context: CollectorContext) -> Collector | None:
     # The jobs' schedules come from the environment the exporter shares with them (/etc/mlwarden/mlwarden.env).
-    expected = expectations_in_child(settings.expected_jobs, os.environ)
-    if not expected:
+    expected: list[Expectation] | None
+    try:
+        expected = expectations_in_child(settings.expected_jobs, os.environ)
+    except (OSError, RuntimeError, ValueError, TypeError, subprocess.TimeoutExpired) as exc:
+        log.error("cannot work out the jobs this host expects: %s", exc)
+        expected = None
+    if expected == []:
         return None
     return JobsCollector(expected, context.slow_interval, context.slow_interval, state_dir=settings.state_dir)
 
