@@ -477,7 +477,7 @@ def test_a_directory_moved_out_of_the_root_during_deletion_is_no_longer_touched(
     safe = tmp_path / "rescued"
     hook = MoveOutAfterFirstDeletion(root / "run" / "logs", safe)
 
-    result = delete.execute(planned, rate_limit, progress=hook)  # type: ignore[arg-type]
+    result = delete.execute(planned, rate_limit, progress=hook)  # type: ignore[arg-type]  # a test double: the hook moves a directory, beyond the Progress protocol
 
     assert hook.moved_after == 1
     survivors = sum(1 for p in safe.rglob("*") if p.is_file())
@@ -496,7 +496,7 @@ def test_a_root_moved_away_during_deletion_stops_its_cleanup(root: Path, tmp_pat
     planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
     hook = MoveOutAfterFirstDeletion(root, tmp_path / "moved-root")
 
-    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]
+    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]  # a test double: the hook moves a directory, beyond the Progress protocol
 
     # The rest of the first run's batch may go; the next directory is never entered.
     assert result.errors == 1 and result.files <= 3

@@ -238,7 +238,7 @@ def test_an_unexpected_error_in_a_dispatcher_pass_does_not_stop_deliveries(tmp_p
                 raise ValueError("corrupt job row")
             return real_claim(*args, **kwargs)
 
-        relay.store.claim = claim_once_broken  # type: ignore[method-assign]
+        relay.store.claim = claim_once_broken  # type: ignore[method-assign]  # a store method replaced by a failing one for this test
         runner = asyncio.create_task(outbox.run(tick=0.01))
         for _ in range(200):
             await asyncio.sleep(0.01)
