@@ -118,7 +118,9 @@ def test_a_pause_that_cannot_be_written_fails_and_says_so(monkeypatch: pytest.Mo
     [
         (["pause", "backup", "--for", "2h"], "--pushgateway (or PUSHGATEWAY_URL) or --textfile-dir is required"),
         (["pause", "backup", "--for", "40d", "--textfile-dir", "/tmp"], "at most 30 days"),
-        (["pause", "Backup!", "--for", "1h", "--textfile-dir", "/tmp"], "expected a job name"),
+        (["pause", "Backup!", "--for", "1h", "--textfile-dir", "/tmp"], "expected one of backup, restore_drill, cleanup, health"),
+        # a typo would pause nothing and report success
+        (["pause", "bakup", "--for", "1h", "--textfile-dir", "/tmp"], "did you mean backup?"),
         (["pause", "backup", "--textfile-dir", "/tmp"], "--for"),
     ],
 )
