@@ -21,8 +21,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable, Mapping
-
-import bcrypt
+from types import ModuleType
 
 _OUTCOME_CACHE_LIMIT = 1024
 
@@ -45,7 +44,10 @@ class AuthCheck:
         self._tokens = tuple(self._digest(token.encode()) for token in tokens if token)
         self._users = tuple(self._digest(f"{name}:{password}".encode()) for name, password in users.items() if password)
         self._bcrypt_users = dict(bcrypt_users)
-        self._absent = bcrypt.hashpw(b"not a password of anyone", bcrypt.gensalt(rounds=10)) if bcrypt_users else b""
+        self._absent = b""
+        if bcrypt_users:
+            bcrypt = _bcrypt()
+            self._absent = bcrypt.hashpw(b"not a password of anyone", bcrypt.gensalt(rounds=10))
         self._outcomes: dict[bytes, bool] = {}
 
     def __repr__(self) -> str:
@@ -94,13 +96,20 @@ class AuthCheck:
         except UnicodeDecodeError:
             return False
         try:
-            matches = bcrypt.checkpw(password, expected or self._absent)
+            matches = _bcrypt().checkpw(password, expected or self._absent)
         except ValueError:  # a password bcrypt cannot take (longer than 72 bytes)
             return False
         return matches and expected is not None
 
     def _digest(self, value: bytes) -> bytes:
         return hmac.new(self._key, value, hashlib.sha256).digest()
+
+
+def _bcrypt() -> ModuleType:
+    """bcrypt, imported only where bcrypt users exist: the exporter keeps its memory for GPUs otherwise."""
+    import bcrypt
+
+    return bcrypt
 
 
 def _raw(header: str | bytes) -> bytes:

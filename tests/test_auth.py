@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def test_bcrypt_users_unknown_names_pay_bcrypt_too_and_outcomes_are_remembered(m
         checked.append(hashed_password)
         return real(password, hashed_password)
 
-    monkeypatch.setattr(auth.bcrypt, "checkpw", counting)
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
     assert check.allows(basic("prometheus", "scrape-secret"))
     assert check.allows(basic("prometheus", "scrape-secret"))
     assert checked == [hashed]  # the second scrape was answered from memory
@@ -119,3 +121,11 @@ def test_the_relay_and_the_exporter_both_go_through_the_shared_check(
     config.write_text(f"basic_auth_users:\n  prom: '{bcrypt.hashpw(b's3cret', bcrypt.gensalt(rounds=4)).decode()}'\n")
     web = webconfig.load(config)
     assert isinstance(web.auth, AuthCheck) and web.auth.allows(basic("prom", "s3cret"))
+
+
+def test_bcrypt_is_loaded_only_for_bcrypt_users() -> None:
+    """The exporter keeps heavy modules out unless --web.config.file needs them."""
+    code = ("import sys; from mlwarden.auth import AuthCheck; "
+            "AuthCheck(tokens=('t',), users={'u': 'p'}).allows('Bearer t'); print('bcrypt' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert loaded.stdout.strip() == "False"
