@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,3 +283,24 @@ def _context() -> Any:
     from mlwarden.exporter.collectors.base import CollectorContext
 
     return CollectorContext(BackendSupervisor(open_backend("simulated", 1, 1)), 1.0, 1.0, 60.0)
+
+
+def test_the_exporter_works_the_schedules_out_without_keeping_the_job_modules() -> None:
+    """Reading the jobs' settings imports them (prometheus_client among them): that happens in a child."""
+    code = (
+        "import sys\n"
+        "from mlwarden import settings\n"
+        "from mlwarden.exporter.app import collectors_for\n"
+        "from mlwarden.exporter.backends import open_backend\n"
+        "from mlwarden.exporter.backends.supervisor import BackendSupervisor\n"
+        "from mlwarden.exporter.cli import ExporterSettings\n"
+        "chosen = settings.load(ExporterSettings, 'exporter', ['--gpu-backend', 'simulated'], {})\n"
+        "built = collectors_for(chosen, BackendSupervisor(open_backend('simulated', 1, 1)))\n"
+        "[jobs] = [c for c in built if c.name == 'jobs']\n"
+        "print(sorted(e.name for e in jobs.expected))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('mlwarden.jobs', 'prometheus_client'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    expected, loaded = result.stdout.splitlines()
+    assert expected == "['backup', 'cleanup', 'health', 'restore_drill']"
+    assert loaded == "[]"
