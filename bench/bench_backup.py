@@ -90,7 +90,8 @@ def shell(command: str) -> None:
 
 def mlwarden_backup(source: Path, backups: Path, *extra: str) -> Path:
     shutil.rmtree(backups, ignore_errors=True)
-    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(source), "--backup-dir", str(backups), "--no-verify", "--log-level", "warning", *extra]
+    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(source), "--backup-dir", str(backups),
+            "--no-verify", "--log-level", "warning", *extra]
     subprocess.run(argv, cwd=ROOT, check=True)
     entry = Catalog(backups).latest()
     assert entry is not None
@@ -148,7 +149,8 @@ def shapes(work: Path, weights_dir: Path, weights_backups: Path, count: int, rep
     sums = entry.directory / "SHA256SUMS"
     big = side_by_side(
         {
-            "untar": (lambda: shell(f"zstd -dc {entry.archive_path} | tar -xf - -C {work / 'untar'} && cd {work / 'untar'} && sha256sum -c --quiet {sums}"), work / "untar"),
+            "untar": (lambda: shell(f"zstd -dc {entry.archive_path} | tar -xf - -C {work / 'untar'} "
+                                    f"&& cd {work / 'untar'} && sha256sum -c --quiet {sums}"), work / "untar"),
             "restore": (lambda: mlwarden_restore(weights_backups, work / "r-big"), work / "r-big"),
         },
         repeat,
@@ -159,8 +161,10 @@ def shapes(work: Path, weights_dir: Path, weights_backups: Path, count: int, rep
         "",
         "| shape | baseline | seconds | `mlwarden` | seconds | ratio |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| {count:,} small files: backup | `tar -cf - \\| zstd -1 -T0` + `sha256sum` | {small['tar']:.2f} | `backup` (with its verification) | {small['mlwarden']:.2f} | {backup_ratio:.2f}x |",
-        f"| {count:,} small files: restore | `zstd -dc \\| tar -x` | {small['untar']:.2f} | `restore` (every file hashed, one syncfs) | {small['restore']:.2f} | {restore_ratio:.2f}x |",
+        f"| {count:,} small files: backup | `tar -cf - \\| zstd -1 -T0` + `sha256sum` | {small['tar']:.2f} "
+        f"| `backup` (with its verification) | {small['mlwarden']:.2f} | {backup_ratio:.2f}x |",
+        f"| {count:,} small files: restore | `zstd -dc \\| tar -x` | {small['untar']:.2f} "
+        f"| `restore` (every file hashed, one syncfs) | {small['restore']:.2f} | {restore_ratio:.2f}x |",
         f"| weights: restore | `zstd -dc \\| tar -x` + `sha256sum -c` | {big['untar']:.2f} | `restore` | {big['restore']:.2f} | {big_ratio:.2f}x |",
     ]
     checks = [
@@ -218,7 +222,8 @@ def run(quick: bool) -> str:
     verify_vs_read = t_verify / t_sha
     checks = [
         ("default at least 10x faster than `tar -czf` + `sha256sum`", speedup >= 10, f"{speedup:.1f}x"),
-        ("compression ratio equal or better than the shell's", ratios["default"] >= ratios["shell"] - 1e-9, f"{ratios['default']:.3f} vs {ratios['shell']:.3f}"),
+        ("compression ratio equal or better than the shell's", ratios["default"] >= ratios["shell"] - 1e-9,
+         f"{ratios['default']:.3f} vs {ratios['shell']:.3f}"),
         ("within 1.3x of `tar \\| zstd -3 -T0` + `sha256sum`", vs_cli <= 1.3, f"{vs_cli:.2f}x (at level 3: {t_level3 / t_cli:.2f}x)"),
         ("verify within 1.5x of one read (`sha256sum`)", verify_vs_read <= 1.5, f"{verify_vs_read:.2f}x"),
         ("within 1.3x of `tar \\| zstd -1 -T0` + `sha256sum` (the same level)", t_default / t_cli1 <= 1.3, f"{t_default / t_cli1:.2f}x"),
@@ -235,7 +240,8 @@ def run(quick: bool) -> str:
         row("shell: `tar -czf` + `sha256sum`", t_shell, ratios["shell"], "baseline; no per-file hashes, no fsync"),
         row("best CLI: `tar -cf - \\| zstd -3 -T0` + `sha256sum`", t_cli, ratios["cli"], f"best of {repeat}; no per-file hashes, no fsync"),
         row("`tar -cf - \\| zstd -1 -T0` + `sha256sum`", t_cli1, ratios["cli1"], f"best of {repeat}; the level of mlwarden's default"),
-        row("`mlwarden backup` (defaults: zstd 1, all cores)", t_default, ratios["default"], f"best of {repeat}; per-file SHA-256, SHA256SUMS, manifest, fsync; process start included"),
+        row("`mlwarden backup` (defaults: zstd 1, all cores)", t_default, ratios["default"],
+            f"best of {repeat}; per-file SHA-256, SHA256SUMS, manifest, fsync; process start included"),
         row("`mlwarden backup --level 3`", t_level3, ratios["level3"], f"best of {repeat}; the CLI's level, for a like-for-like comparison"),
         row("`mlwarden backup --compression gzip --level 6`", t_gzip, ratios["gzip"], "for compatibility; as slow as gzip is"),
         "",
@@ -243,7 +249,8 @@ def run(quick: bool) -> str:
         "| --- | --- | --- | --- |",
         f"| `sha256sum` of the archive (one read) | {t_sha:.2f} | {entry.manifest.archive_bytes / 1e6 / t_sha:.0f} | baseline |",
         f"| `cat` of the archive (one read) | {t_cat:.2f} | {entry.manifest.archive_bytes / 1e6 / t_cat:.0f} | |",
-        f"| `mlwarden` verify | {t_verify:.2f} | {entry.manifest.archive_bytes / 1e6 / t_verify:.0f} | archive hash + decompress + every member's hash |",
+        f"| `mlwarden` verify | {t_verify:.2f} | {entry.manifest.archive_bytes / 1e6 / t_verify:.0f} "
+        "| archive hash + decompress + every member's hash |",
         "",
         *shape_lines,
         "",

@@ -67,7 +67,7 @@ def main() -> None:
         planning: dict[str, list[float]] = {side: [] for side in sides}
         for _ in range(9):
             for side, (planner, _) in sides.items():
-                planning[side].append(cpu_seconds(lambda: planner.build(root, rules_for_bench(), 1))[0])
+                planning[side].append(cpu_seconds(lambda planner=planner: planner.build(root, rules_for_bench(), 1))[0])
         deleting: dict[str, list[float]] = {side: [] for side in sides}
         for _ in range(7):
             for side, (planner, deleter) in sides.items():
@@ -75,7 +75,7 @@ def main() -> None:
                 root.mkdir()
                 old = generate(root, 20_000, 200)
                 planned = planner.build(root, rules_for_bench(), 1)
-                seconds, result = cpu_seconds(lambda: deleter.execute(planned))
+                seconds, result = cpu_seconds(lambda deleter=deleter, planned=planned: deleter.execute(planned))
                 assert result.files == old, (side, result)
                 deleting[side].append(seconds)
     finally:

@@ -563,14 +563,20 @@ def jobs() -> Json:
         timeseries("Bytes freed and planned",
                    Target(f'mlwarden_cleanup_freed_bytes{{{JOB}}}', "{{instance}} freed"),
                    Target(f'mlwarden_cleanup_planned_bytes{{{JOB}}}', "{{instance}} planned"),
-                   unit="bytes", overrides=[dashed(".* planned$")]),
+                   unit="bytes", overrides=[dashed(".* planned$")], width=6),
         timeseries("Files deleted and planned",
                    Target(f'mlwarden_cleanup_deleted_files{{{JOB}}}', "{{instance}} deleted"),
                    Target(f'mlwarden_cleanup_planned_files{{{JOB}}}', "{{instance}} planned"),
-                   unit="short", overrides=[dashed(".* planned$")]),
+                   unit="short", overrides=[dashed(".* planned$")], width=6),
+        timeseries("Files kept at deletion, by reason",
+                   Target(f'mlwarden_cleanup_skipped_files{{{JOB}}} > 0', "{{instance}} {{reason}}"),
+                   unit="short", width=6,
+                   description="Planned files the last run kept when it came to delete them: changed or locked since "
+                   "the plan, replaced, a symlink, vanished, moved out of the root, or behind a mount point. A few now "
+                   "and then is normal; the same count every run means something keeps using what cleanup calls old."),
         state_timeline("Safety breaker",
                        Target(f'mlwarden_cleanup_breaker_tripped{{{JOB}}}', "{{instance}}"),
-                       mappings=mapping({"0": ("ok", "green"), "1": ("TRIPPED", "red")}), thresholds=steps()),
+                       mappings=mapping({"0": ("ok", "green"), "1": ("TRIPPED", "red")}), thresholds=steps(), width=6),
     ])
 
     disks = Row("Health and disks", [

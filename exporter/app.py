@@ -13,11 +13,12 @@ from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.cli import ExporterSettings
 from mlwarden.exporter.collectors.base import Collector, CollectorContext, registered
 from mlwarden.exporter.loop import CollectionLoop
-from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
+from mlwarden.exporter.server import ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
-from mlwarden.exporter.webconfig import BcryptUsers, WebConfigError
+from mlwarden.exporter.webconfig import WebConfigError
 
 from mlwarden import __version__
+from mlwarden.auth import AuthCheck
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Exporter:
         address: tuple[str, int],
         *,
         max_concurrent_scrapes: int = 10,
-        auth: BasicAuth | BcryptUsers | None = None,
+        auth: AuthCheck | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.supervisor = supervisor
@@ -67,7 +68,7 @@ class Exporter:
             except BackendUnavailable as exc:
                 raise ExporterStartError(f"{exc} (use --gpu-backend auto to serve mlwarden_nvml_up 0 instead)") from None
         tls: ssl.SSLContext | None = None
-        auth: BasicAuth | BcryptUsers | None = None
+        auth: AuthCheck | None = None
         if settings.web_config_file is not None:
             try:
                 web = webconfig.load(settings.web_config_file)
@@ -80,7 +81,7 @@ class Exporter:
             except (OSError, ssl.SSLError) as exc:
                 raise ExporterStartError(f"cannot load the TLS certificate or key: {exc}") from None
         if settings.basic_auth_user and settings.basic_auth_password:
-            auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_password)
+            auth = AuthCheck(users={settings.basic_auth_user: settings.basic_auth_password})
         return cls(
             supervisor,
             collectors_for(settings, supervisor),

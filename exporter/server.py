@@ -6,8 +6,7 @@ requests are answered in the order they arrive, a scrape storm uses at most one 
 an idle connection costs a few kilobytes instead of a thread. At most
 ``max_concurrent_scrapes`` scrape bodies are being written at once (a slow client holds
 its slot until its body is sent); more wait up to a second and then get 503.
-Basic auth (compared in constant time against a hash; the password itself is not kept)
-and TLS are optional. ``/healthz`` needs no credentials: it says only whether collection
+Basic auth (the shared check of :mod:`mlwarden.auth`) and TLS are optional. ``/healthz`` needs no credentials: it says only whether collection
 is fresh.
 
 ``POST /-/simulate`` exists only with the simulated backend: it injects a fault, e.g.
@@ -18,10 +17,6 @@ is fresh.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hashlib
-import hmac
 import json
 import logging
 import socket
@@ -38,6 +33,7 @@ from mlwarden.exporter.snapshot import CONTENT_TYPE, SnapshotStore
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mlwarden import logs
+from mlwarden.auth import AuthCheck
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +51,6 @@ _JSON = "application/json"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class BasicAuth:
-    """Checks ``Authorization: Basic`` headers against a SHA-256 of ``user:password``."""
-
-    def __init__(self, user: str, password: str) -> None:
-        self._expected = hashlib.sha256(f"{user}:{password}".encode()).digest()
-
-    def allows(self, header: bytes | None) -> bool:
-        if not header or not header.startswith(b"Basic "):
-            return False
-        try:
-            given = base64.b64decode(header[6:].strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(hashlib.sha256(given).digest(), self._expected)
 
 
 def tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -104,7 +84,7 @@ class _App:
     """The ASGI application: routing, credentials, the scrape bound and fault injection."""
 
     def __init__(self, store: SnapshotStore, max_concurrent_scrapes: int, queue_timeout: float,
-                 auth: BasicAuth | None, simulator: SimulatedBackend | None) -> None:
+                 auth: AuthCheck | None, simulator: SimulatedBackend | None) -> None:
         self.store = store
         self.queue_timeout = queue_timeout
         self.auth = auth
@@ -264,7 +244,7 @@ class ExporterServer:
         *,
         max_concurrent_scrapes: int = 10,
         queue_timeout: float = 1.0,
-        auth: BasicAuth | None = None,
+        auth: AuthCheck | None = None,
         tls: ssl.SSLContext | None = None,
         simulator: SimulatedBackend | None = None,
         idle_timeout: float = 10.0,  # a client that stops talking cannot hold a connection for ever

@@ -21,18 +21,15 @@ once at start: restart the exporter after changing it.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import re
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import yaml
+
+from mlwarden.auth import AuthCheck
 
 _TOP_LEVEL = ("tls_server_config", "basic_auth_users")
 _TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version")
@@ -44,57 +41,16 @@ _CLIENT_AUTH = {
 _UNVERIFIED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert", "RequireClientCert")
 _VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 _BCRYPT = re.compile(rb"\$2[abxy]?\$\d\d\$[./A-Za-z0-9]{53}")
-_CACHE_LIMIT = 1024
 
 
 class WebConfigError(ValueError):
     """The web configuration file is invalid; the message names the file and the key."""
 
 
-class BcryptUsers:
-    """``Authorization: Basic`` checked against bcrypt hashes, as the exporter toolkit does.
-
-    bcrypt is slow on purpose (tens of milliseconds) and runs on the event loop, so an
-    outcome is remembered per exact header (as a SHA-256, never the password): Prometheus
-    sends the same credentials every scrape. An unknown user is checked against a hash too,
-    so the time taken does not tell which user names exist.
-    """
-
-    def __init__(self, users: Mapping[str, bytes]) -> None:
-        self._users = dict(users)
-        self._absent = bcrypt.hashpw(b"not a password of anyone", bcrypt.gensalt(rounds=10))
-        self._outcomes: dict[bytes, bool] = {}
-
-    def allows(self, header: bytes | None) -> bool:
-        if not header or not header.startswith(b"Basic "):
-            return False
-        key = hashlib.sha256(header).digest()
-        known = self._outcomes.get(key)
-        if known is None:
-            known = self._check(header[6:].strip())
-            if len(self._outcomes) >= _CACHE_LIMIT:
-                self._outcomes.clear()
-            self._outcomes[key] = known
-        return known
-
-    def _check(self, encoded: bytes) -> bool:
-        try:
-            user, _, password = base64.b64decode(encoded, validate=True).partition(b":")
-            name = user.decode()
-        except (binascii.Error, ValueError):
-            return False
-        expected = self._users.get(name)
-        try:
-            matches = bcrypt.checkpw(password, expected or self._absent)
-        except ValueError:  # a password bcrypt cannot take (longer than 72 bytes)
-            return False
-        return matches and expected is not None
-
-
 @dataclass(frozen=True)
 class WebConfig:
     tls: ssl.SSLContext | None
-    auth: BcryptUsers | None
+    auth: AuthCheck | None
 
 
 def load(path: Path) -> WebConfig:
@@ -113,7 +69,7 @@ def load(path: Path) -> WebConfig:
         tls = _tls_context(_mapping(section["tls_server_config"], path, "tls_server_config", _TLS_KEYS), path)
     auth = None
     if section.get("basic_auth_users"):
-        auth = BcryptUsers(_users(section["basic_auth_users"], path))
+        auth = AuthCheck(bcrypt_users=_users(section["basic_auth_users"], path))
     return WebConfig(tls, auth)
 
 

@@ -61,7 +61,7 @@ def run_task(name: str, environ: Mapping[str, str]) -> Outcome:
         return Outcome(name, "failed", code, time.monotonic() - started, detail)
 
     try:
-        command: Command = mlwarden_cli.load_command(name)
+        command: Command[Any] = mlwarden_cli.load_command(name)
     except Exception as exc:  # an uninstalled optional part must not stop the other tasks
         log.error("%s: cannot load the command: %s", name, exc)
         return failed(ExitCode.FAILURE, f"cannot load: {type(exc).__name__}")

@@ -12,18 +12,19 @@ same instant as the job rewrites that file can be lost, so pause before the main
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlwarden.jobs.report import PUSHGATEWAY_ENV, job_name, publish
+from mlwarden.jobs.report import PUSHGATEWAY_ENV, publish
 from prometheus_client import CollectorRegistry, Gauge
 
+from mlwarden import registry
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
-from mlwarden.settings import parse_duration, parse_url, positive, setting
+from mlwarden.heartbeat import job_name
+from mlwarden.settings import parse_duration, parse_url, positive, setting, suggestion
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ MAX_PAUSE_SECONDS = 30 * 86400.0  # a pause is maintenance, not a way to switch 
 
 
 def _job(text: str) -> str:
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", text):
-        raise ValueError("expected a job name such as backup, restore_drill, cleanup or health")
+    """A declared heartbeat: a mistyped name would pause nothing and still say it did."""
+    declared = registry.heartbeats()
+    if text not in declared:
+        raise ValueError(f"expected one of {', '.join(declared)}{suggestion(text, list(declared))}")
     return text
 
 
@@ -46,7 +49,10 @@ def _pause_length(text: str) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class _Target:
-    job: str = setting(help="the job's heartbeat name: what follows mlwarden_ in its job label (backup, restore_drill, cleanup, health)", positional=True, metavar="JOB", parse=_job)
+    job: str = setting(
+        help="the job's heartbeat name: what follows mlwarden_ in its job label (backup, restore_drill, cleanup, health)",
+        positional=True, metavar="JOB", parse=_job,
+    )
     instance: str | None = setting(None, help="the machine whose job to pause (default: this host's name, as the job pushes it)")
     pushgateway: str | None = setting(None, help="Pushgateway URL the job pushes to", env=(PUSHGATEWAY_ENV,), parse=parse_url)
     textfile_dir: Path | None = setting(None, help="the textfile directory the job writes to")
@@ -67,9 +73,9 @@ class ResumeSettings(_Target):
 
 
 def _set_paused_until(target: _Target, until: float) -> bool:
-    registry = CollectorRegistry()
-    Gauge(PAUSED_UNTIL, "Until when the job's heartbeat alerts are paused (unix seconds; 0: not paused).", registry=registry).set(until)
-    return publish(registry, job_name(target.job), target.instance or socket.gethostname(), target.pushgateway, target.textfile_dir)
+    metrics = CollectorRegistry()
+    Gauge(PAUSED_UNTIL, "Until when the job's heartbeat alerts are paused (unix seconds; 0: not paused).", registry=metrics).set(until)
+    return publish(metrics, job_name(target.job), target.instance or socket.gethostname(), target.pushgateway, target.textfile_dir)
 
 
 def pause(settings: PauseSettings) -> int:

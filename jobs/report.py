@@ -48,6 +48,7 @@ from prometheus_client.exposition import pushadd_to_gateway
 
 from mlwarden.backoff import Backoff
 from mlwarden.fsutil import atomic_write_text
+from mlwarden.heartbeat import job_name
 from mlwarden.settings import parse_duration, positive, setting
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,16 @@ class Schedule:
 
 
 class ScheduledSettings(Protocol):
-    expected_interval: float
-    grace: float
-    timeout: float
-    late_severity: str
+    """The four schedule fields every job's (frozen) settings declare; read-only here, as there."""
+
+    @property
+    def expected_interval(self) -> float: ...
+    @property
+    def grace(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def late_severity(self) -> str: ...
 
 
 def schedule_of(settings: ScheduledSettings) -> Schedule:
@@ -85,15 +92,25 @@ def schedule_of(settings: ScheduledSettings) -> Schedule:
 
 # Each job's settings class declares these four fields with its own defaults (its timer's period).
 def expected_interval_setting(default: str) -> Any:
-    return setting(parse_duration(default), help=f"how often the job is expected to succeed (match its timer; default {default}, shown in seconds); later than this plus --grace is an alert", parse=positive(parse_duration))
+    return setting(
+        parse_duration(default), parse=positive(parse_duration),
+        help=f"how often the job is expected to succeed (match its timer; default {default}, shown in seconds); "
+        "later than this plus --grace is an alert",
+    )
 
 
 def grace_setting(default: str) -> Any:
-    return setting(parse_duration(default), help=f"how late a success may be before the job counts as late (default {default}, shown in seconds)", parse=parse_duration)
+    return setting(
+        parse_duration(default), parse=parse_duration,
+        help=f"how late a success may be before the job counts as late (default {default}, shown in seconds)",
+    )
 
 
 def timeout_setting(default: str) -> Any:
-    return setting(parse_duration(default), help=f"a run still going after this long is an alert: running too long (default {default}, shown in seconds)", parse=positive(parse_duration))
+    return setting(
+        parse_duration(default), parse=positive(parse_duration),
+        help=f"a run still going after this long is an alert: running too long (default {default}, shown in seconds)",
+    )
 
 
 def late_severity_setting(default: str) -> Any:
@@ -181,11 +198,6 @@ class JobReport:
 
     def _publish(self, registry: CollectorRegistry) -> None:
         publish(registry, self.job, self.instance, self.pushgateway, self.textfile_dir)
-
-
-def job_name(task: str) -> str:
-    """The Pushgateway ``job`` label of a task's metrics."""
-    return f"mlwarden_{task}"
 
 
 def publish(

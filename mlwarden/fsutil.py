@@ -1,4 +1,4 @@
-"""Crash-safe file writing (a complete file or none, never a half-written one), and free space.
+"""Crash-safe file writing (a complete file or none, never a half-written one), free space, tree sizes.
 
 The pattern is the classic one: write to a temporary name in the same directory, fsync
 the file, rename it over the final name, fsync the directory so the rename survives a
@@ -103,3 +103,24 @@ def disk_space(path: Path) -> DiskSpace:
         used=(st.f_blocks - st.f_bfree) * st.f_frsize,
         available=st.f_bavail * st.f_frsize,
     )
+
+
+def tree_usage(root: Path) -> tuple[int, int]:
+    """(bytes, regular files) under ``root``; unreadable subdirectories are skipped."""
+    total = files = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                            files += 1
+                    except OSError:
+                        continue  # vanished while we walked
+        except OSError:
+            continue
+    return total, files

@@ -10,7 +10,10 @@ A module that defines commands declares them in one module-level literal table::
 ``name`` is the subcommand, ``attribute`` the module's :class:`~mlwarden.command.Command`,
 ``help`` its one line in ``mlwarden --help``; ``maintain`` (optional) puts the command in
 ``mlwarden maintain``'s plan: ``order`` sorts the plan, ``setting`` names the on/off setting
-(default ``run_<name>``) and ``env`` adds a legacy variable for it.
+(default ``run_<name>``) and ``env`` adds a legacy variable for it. ``heartbeat`` (optional)
+says the command is a scheduled job that pushes a heartbeat under ``mlwarden_<heartbeat>``
+(:mod:`mlwarden.heartbeat`), with the schedule its settings hold: the exporter then expects it
+on every host where it is configured, so that a job that never reported is an alert too.
 
 The table is read from the source (:func:`ast.literal_eval` of the text from the line that
 starts with ``MLWARDEN_COMMANDS = (`` to the first line that is only ``)``), never by
@@ -59,6 +62,7 @@ class Entry:
     attribute: str
     help: str
     maintain: MaintainStep | None = None
+    heartbeat: str | None = None
 
     def load(self) -> Command[Any]:
         command = getattr(importlib.import_module(self.module), self.attribute)
@@ -106,7 +110,10 @@ def _entry(module: str, row: Any) -> Entry:
         if maintain is not None:
             env = maintain.get("env")
             step = MaintainStep(int(maintain["order"]), maintain.get("setting", "run_" + row["name"]), (env,) if env else ())
-        return Entry(row["name"], module, row["attribute"], row["help"], step)
+        heartbeat = row.get("heartbeat")
+        if heartbeat is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", heartbeat):
+            raise ValueError(f"heartbeat {heartbeat!r} is not a job name such as backup or restore_drill")
+        return Entry(row["name"], module, row["attribute"], row["help"], step, heartbeat)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise RegistryError(f"{module}: malformed {TABLE} row {row!r}: {exc!r}") from None
 
@@ -129,3 +136,15 @@ def maintain_plan() -> list[Entry]:
     """The commands ``mlwarden maintain`` runs, in order."""
     steps = [entry for entry in entries().values() if entry.maintain is not None]
     return sorted(steps, key=lambda entry: (entry.maintain.order if entry.maintain else 0, entry.name))
+
+
+def heartbeats() -> dict[str, Entry]:
+    """The commands that push a heartbeat, by the name they push it under."""
+    result: dict[str, Entry] = {}
+    for entry in entries().values():
+        if entry.heartbeat is None:
+            continue
+        if entry.heartbeat in result:
+            raise RegistryError(f"heartbeat {entry.heartbeat!r} is declared by {result[entry.heartbeat].name} and {entry.name}")
+        result[entry.heartbeat] = entry
+    return result

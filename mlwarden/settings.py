@@ -284,21 +284,41 @@ def resolve(
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for opt in options_of(cls, command):
-        raw, source = _raw_value(opt, args, environ)
-        if raw is None:
-            if opt.required:
-                names = " or ".join(n for n in (opt.flag, opt.env_names[0]) if n)
-                raise SettingsError(f"{names} is required: {opt.spec.help}")
-            continue
-        try:
-            values[opt.name] = _convert(opt, raw)
-        except ValueError as exc:
-            shown = "(secret value not shown)" if opt.spec.secret else repr(raw)
-            raise SettingsError(f"invalid {source}={shown}: {exc}") from None
+        _resolve_option(opt, args, environ, values)
     try:
         return cls(**values)
     except ValueError as exc:  # cross-field checks in __post_init__
         raise SettingsError(str(exc)) from None
+
+
+def resolve_fields(cls: type, command: str, names: Sequence[str], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Only the named settings of a command, from the environment or their defaults, as it would read them.
+
+    For a part that must know a few settings of another command without running it (the
+    exporter reads each job's schedule from the environment file they share); the other
+    settings, required or not, and the cross-field checks are not looked at.
+    """
+    values: dict[str, Any] = {}
+    for opt in options_of(cls, command):
+        if opt.name in names:
+            _resolve_option(opt, None, environ, values)
+            values.setdefault(opt.name, opt.default)
+    return values
+
+
+def _resolve_option(opt: Option, args: argparse.Namespace | None, environ: Mapping[str, str], values: dict[str, Any]) -> None:
+    """Put the option's value into ``values``; leave it out when unset, so that the default applies."""
+    raw, source = _raw_value(opt, args, environ)
+    if raw is None:
+        if opt.required:
+            names = " or ".join(n for n in (opt.flag, opt.env_names[0]) if n)
+            raise SettingsError(f"{names} is required: {opt.spec.help}")
+        return
+    try:
+        values[opt.name] = _convert(opt, raw)
+    except ValueError as exc:
+        shown = "(secret value not shown)" if opt.spec.secret else repr(raw)
+        raise SettingsError(f"invalid {source}={shown}: {exc}") from None
 
 
 def load(cls: type[T], command: str, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> T:

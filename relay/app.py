@@ -204,7 +204,7 @@ def create_app(relay: Relay, background: bool = True) -> FastAPI:
     @app.get(STATE_PAGE_PATH)
     async def state_page(request: Request) -> Response:
         if not relay.credentials.allows(request.headers.get("authorization")):
-            if relay.credentials.password:  # let a browser ask for the basic credentials
+            if relay.credentials.accepts_basic:  # let a browser ask for the basic credentials
                 return JSONResponse({"error": "missing or wrong credentials"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Basic realm="mlwarden-relay"'})
             return unauthorized()

@@ -1,38 +1,12 @@
-"""Inbound authentication: a bearer token, or HTTP basic credentials, compared in constant time."""
+"""Inbound authentication: a bearer token, or HTTP basic credentials, through the shared check."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-from dataclasses import dataclass
+from mlwarden.auth import AuthCheck
 
 
-@dataclass(frozen=True)
-class Credentials:
-    token: str = ""
-    username: str = ""
-    password: str = ""
+class Credentials(AuthCheck):
+    """The relay's settings: a token, one basic-auth user, or both (an empty one is off)."""
 
-    def __repr__(self) -> str:
-        return "Credentials(***)"
-
-    def allows(self, authorization: str | None) -> bool:
-        """Whether the ``Authorization`` header carries the configured token or basic credentials."""
-        if not authorization:
-            return False
-        scheme, _, value = authorization.partition(" ")
-        value = value.strip()
-        if scheme.lower() == "bearer" and self.token:
-            return hmac.compare_digest(value.encode(), self.token.encode())
-        if scheme.lower() == "basic" and self.password:
-            try:
-                decoded = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                return False
-            user, _, password = decoded.partition(b":")
-            # Both comparisons always run, so the timing does not say which part was wrong.
-            user_ok = hmac.compare_digest(user, self.username.encode())
-            password_ok = hmac.compare_digest(password, self.password.encode())
-            return user_ok and password_ok
-        return False
+    def __init__(self, token: str = "", username: str = "", password: str = "") -> None:
+        super().__init__(tokens=(token,), users={username: password})

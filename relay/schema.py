@@ -75,8 +75,10 @@ class TemplatesDoc(Doc):
 
 
 # One model per registered notifier, told apart by ``type``: each accepts only its own keys.
+# Union[...] spreads a tuple built at run time, which ``X | Y`` cannot: ruff's UP007 fix to a bare
+# tuple made this module fail to import (Annotated needs a type).
 DestinationDoc = Annotated[
-    Union[tuple(i.doc for i in integrations().values())],  # type: ignore[valid-type]  # noqa: UP007  # a Union built from the registry at import: `|` cannot take a tuple
+    Union[tuple(i.doc for i in integrations().values())],  # type: ignore[valid-type]  # noqa: UP007 - see above; mypy cannot type a union built from the registry
     Field(discriminator="type"),
 ]
 

@@ -28,8 +28,10 @@ FIELD_VALUES = {  # (field id, scope) -> (value type, attribute, value)
     (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0): (pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, "uiVal", 70),
     (pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, 0): (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 10**9),
     (pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, 0): (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 2 * 10**9),
-    **{(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link): (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 1000 * (link + 1)) for link in range(4)},
-    **{(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link): (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 3000 * (link + 1)) for link in range(4)},
+    **{(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link): (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 1000 * (link + 1))
+       for link in range(4)},
+    **{(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link): (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 3000 * (link + 1))
+       for link in range(4)},
 }
 
 

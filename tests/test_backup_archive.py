@@ -34,7 +34,9 @@ def test_manifest_lists_every_file_with_its_hash_and_is_committed_last(tmp_path:
     assert backup(models, tmp_path / "backups") == 0
     entry = only_entry(tmp_path / "backups")
     manifest = json.loads((entry.directory / "manifest.json").read_text())
-    assert [f["path"] for f in manifest["files"]] == ["config.json", "shards/model-00001.safetensors", "shards/model-00002.safetensors", "tokenizer.json"]
+    assert [f["path"] for f in manifest["files"]] == [
+        "config.json", "shards/model-00001.safetensors", "shards/model-00002.safetensors", "tokenizer.json",
+    ]
     assert manifest["total_bytes"] == sum(len(v) for v in tree(models).values())
     assert manifest["compression"] == "zstd" and manifest["level"] == 1
     assert manifest["source"] == str(models)

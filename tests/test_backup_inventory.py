@@ -56,7 +56,7 @@ def test_check_read_data_catches_a_flipped_byte_that_the_reference_check_cannot_
         (lambda entry: (entry.directory / "manifest.json").unlink(), "no manifest.json"),
     ],
 )
-def test_check_names_a_broken_reference(backups: Path, capsys: pytest.CaptureFixture[str], damage, said: str) -> None:  # type: ignore[no-untyped-def]
+def test_check_names_a_broken_reference(backups: Path, capsys: pytest.CaptureFixture[str], damage, said: str) -> None:  # type: ignore[no-untyped-def]  # damage is a parametrized callable of several shapes
     entry = only_entry(backups)
     damage(entry)
     capsys.readouterr()

@@ -29,7 +29,7 @@ def test_second_run_the_same_day_verifies_the_existing_backup_and_stops(tmp_path
     assert backup(models, tmp_path / "backups") == 0
     again = only_entry(tmp_path / "backups")
     assert again.name == first.name
-    assert again.status.verification.checked_at > first.status.verification.checked_at  # type: ignore[union-attr]
+    assert again.status.verification.checked_at > first.status.verification.checked_at  # type: ignore[union-attr]  # both backups were verified: the lines above check it
     assert "already exists" in capsys.readouterr().err
 
 
@@ -180,7 +180,8 @@ def test_kill_9_mid_backup_leaves_no_manifest_and_the_next_run_succeeds(tmp_path
     models.mkdir()
     (models / "big.bin").write_bytes(os.urandom(48 * 2**20))
     backups = tmp_path / "backups"
-    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups), "--compression", "gzip", "--level", "9"]
+    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups),
+            "--compression", "gzip", "--level", "9"]
     process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.DEVNULL)
 
     def archive_being_written() -> bool:

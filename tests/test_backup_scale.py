@@ -149,4 +149,4 @@ def test_a_hostile_pax_header_is_damage_not_a_crash(tmp_path: Path, pax: dict[st
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(tarstream.ArchiveError, match=said):
-        list(tarstream._headers(tarstream._Blocks(io.BytesIO(buffer.getvalue()))))  # type: ignore[arg-type]
+        list(tarstream._headers(tarstream._Blocks(io.BytesIO(buffer.getvalue()))))  # type: ignore[arg-type]  # a BytesIO stands in for the archive file

@@ -41,7 +41,7 @@ def backup(model_dir: Path, backup_dir: Path, *extra: str | Path) -> int:
     return mlwarden("backup", "--model-dir", model_dir, "--backup-dir", backup_dir, *extra)
 
 
-def only_entry(backup_dir: Path):  # type: ignore[no-untyped-def]
+def only_entry(backup_dir: Path):  # type: ignore[no-untyped-def]  # a helper whose return type is the catalog's entry, imported lazily
     entries = Catalog(backup_dir).entries()
     assert len(entries) == 1, entries
     return entries[0]

@@ -334,7 +334,10 @@ def walking_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     "bad_root",
     ["/", "/home", "/etc", "/usr", "/var", "/root", "/opt", "/tmp/../etc", "", "relative/dir", "HOME",
      "/etc/ssl", "/etc/systemd", "/usr/share", "/usr/local", "/var/lib/apt", "/var/lib/dpkg", "/var/cache", "/dev/shm",
-     "/var/cache/apt/archives", "/boot", "/proc/self", "/sys/fs", "/run/lock", "/lib", "/lib64", "/usr/lib/x86_64-linux-gnu"],
+     "/var/cache/apt/archives", "/boot", "/proc/self", "/sys/fs", "/run/lock", "/lib", "/lib64", "/usr/lib/x86_64-linux-gnu",
+     # trees other tools own and age out by their own policy
+     "/var/log/journal", "/var/log/apt", "/var/log/experiments", "/var/spool", "/var/spool/cron/crontabs", "/var/mail",
+     "/var/mail/alice", "/var/backups", "/var/backups/mlwarden", "/var/opt/app", "/var/local/site"],
 )
 def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, capsys: pytest.CaptureFixture[str]) -> None:
     if bad_root == "HOME":
@@ -348,7 +351,8 @@ def test_dangerous_or_relative_roots_are_refused_with_exit_2(bad_root: str, caps
 def test_system_subdirectories_are_refused_before_anything_is_read(system_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(os.listdir(system_dir))
 
-    assert cli.main(["cleanup", "--experiments-dir", system_dir, "--yes", "--retention-days", "0.0001", "--max-files", "1000000000"]) == ExitCode.USAGE
+    argv = ["cleanup", "--experiments-dir", system_dir, "--yes", "--retention-days", "0.0001", "--max-files", "1000000000"]
+    assert cli.main(argv) == ExitCode.USAGE
 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"refusing to clean {system_dir}: " in err[0] and "a system directory" in err[0]
@@ -380,7 +384,8 @@ def test_a_symlink_into_a_system_tree_is_resolved_and_refused(tmp_path: Path, ca
     ("path", "refused"),
     [("/opt", True), ("/opt/experiments", False), ("/home/alice", True), ("/home/alice/experiments", False),
      ("/root", True), ("/root/experiments", False), ("/srv", True), ("/srv/experiments", False), ("/data/runs", False),
-     ("/var/lib/mlwarden/experiments", True), ("/libx32", True), ("/var/log", True)],
+     ("/var/lib/mlwarden/experiments", True), ("/libx32", True), ("/var/log", True), ("/var/log/train", True),
+     ("/var/spool/x", True), ("/var/tmp/experiments", False), ("/var/experiments", False)],
 )
 def test_what_is_refused_and_what_is_fine(path: str, refused: bool) -> None:
     assert (safety.refusal(Path(path)) is not None) is refused
@@ -472,7 +477,7 @@ def test_a_directory_moved_out_of_the_root_during_deletion_is_no_longer_touched(
     safe = tmp_path / "rescued"
     hook = MoveOutAfterFirstDeletion(root / "run" / "logs", safe)
 
-    result = delete.execute(planned, rate_limit, progress=hook)  # type: ignore[arg-type]
+    result = delete.execute(planned, rate_limit, progress=hook)  # type: ignore[arg-type]  # a test double: the hook moves a directory, beyond the Progress protocol
 
     assert hook.moved_after == 1
     survivors = sum(1 for p in safe.rglob("*") if p.is_file())
@@ -491,7 +496,7 @@ def test_a_root_moved_away_during_deletion_stops_its_cleanup(root: Path, tmp_pat
     planned = plan.build(root, plan.PlanRules(time.time() - 30 * DAY, 1, rules.Protection([])))
     hook = MoveOutAfterFirstDeletion(root, tmp_path / "moved-root")
 
-    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]
+    result = delete.execute(planned, progress=hook)  # type: ignore[arg-type]  # a test double: the hook moves a directory, beyond the Progress protocol
 
     # The rest of the first run's batch may go; the next directory is never entered.
     assert result.errors == 1 and result.files <= 3

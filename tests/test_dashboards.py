@@ -94,3 +94,22 @@ def test_every_variable_used_in_queries_is_defined(path: Path) -> None:
     defined = {v["name"] for v in dashboard["templating"]["list"]}
     used = set(re.findall(r"\$(\w+)", json.dumps([t["expr"] for p in panels(dashboard) for t in p.get("targets", [])])))
     assert {name for name in used if not name.startswith("__")} <= defined
+
+
+def test_every_metric_the_cleanup_pushes_is_on_the_jobs_dashboard(tmp_path: Path) -> None:
+    """Found missing once: mlwarden_cleanup_skipped_files had no panel. The cleanup runs on a tmp_path tree."""
+    from mlwarden.jobs.cleanup import cli as cleanup_cli
+
+    from mlwarden import settings
+
+    experiments, textfiles = tmp_path / "experiments", tmp_path / "textfiles"
+    (experiments / "run").mkdir(parents=True)
+    textfiles.mkdir()
+    loaded = settings.load(cleanup_cli.CleanupSettings, "cleanup",
+                           ["--experiments-dir", str(experiments), "--yes", "--textfile-dir", str(textfiles)], {})
+    assert cleanup_cli.run(loaded) == 0
+    pushed = set(re.findall(r"^(mlwarden_cleanup_[a-z_]+)[{ ]", (textfiles / "mlwarden_cleanup.prom").read_text(), re.M))
+    assert "mlwarden_cleanup_skipped_files" in pushed
+    queries = " ".join(target["expr"] for panel in panels(json.loads((DASHBOARDS / "jobs.json").read_text()))
+                       for target in panel.get("targets", []))
+    assert {name for name in pushed if not re.search(rf"\b{name}\b", queries)} == set()

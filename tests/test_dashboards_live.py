@@ -60,6 +60,7 @@ ALLOWED_EMPTY = {
     "alert:MlwardenNvmlDown": "the simulated backend is always available",
     "alert:JobLate": "the only successes are seconds old",
     "alert:JobRunningTooLong": "every run has finished",
+    "alert:JobNeverReported": "the exporter began to expect the jobs seconds ago: no first heartbeat is due yet",
     "alert:PushgatewayPushFailing": "no push was rejected",
     "alert:BackupStaleStaging": "no killed run left a staging directory",
     "alert:DiskUsageHigh": "the test's disks are not full",
@@ -292,6 +293,8 @@ def push_job_metrics(pushgateway: str) -> None:
             report.gauge("mlwarden_cleanup_planned_files", "Planned.").set(3 if ok else 900)
             report.gauge("mlwarden_cleanup_planned_bytes", "Planned.").set(5_000_000 if ok else 9e11)
             report.gauge("mlwarden_cleanup_breaker_tripped", "Breaker.").set(0 if ok else 1)
+            skipped = report.gauge("mlwarden_cleanup_skipped_files", "Kept at deletion.", ("reason",))
+            skipped.labels("modified").set(0 if ok else 4)
             report.succeeded(ok)
         with JobReport("health", pushgateway=pushgateway, instance=instance) as report:
             checks = report.gauge("mlwarden_health_check_ok", "Check passed.", ("check",))

@@ -87,7 +87,7 @@ def test_jobs_are_limited_hardened_and_report_failures() -> None:
 
 
 def test_the_dedicated_user_is_declared_for_sysusers() -> None:
-    line = next(l for l in (DEPLOY / "sysusers.d" / "mlwarden.conf").read_text().splitlines() if l.startswith("u "))
+    line = next(entry for entry in (DEPLOY / "sysusers.d" / "mlwarden.conf").read_text().splitlines() if entry.startswith("u "))
     assert line.split()[1] == "mlwarden"
 
 
@@ -116,13 +116,13 @@ def test_every_variable_in_the_example_environment_file_exists_and_secrets_are_f
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if re.match(r"^[A-Z]", line):
-            assert any(l.startswith("#") for l in lines[max(0, i - 6):i]), line
+            assert any(above.startswith("#") for above in lines[max(0, i - 6):i]), line
     # And the file is valid for both readers: sh (cron) and the settings loader.
     subprocess.run(["sh", "-n", str(DEPLOY / "mlwarden.env.example")], check=True)
 
 
 def test_the_crontab_runs_each_job_under_flock_nice_and_ionice() -> None:
-    jobs = [l for l in (DEPLOY / "cron" / "mlwarden.crontab").read_text().splitlines() if re.match(r"^[0-9*]", l)]
+    jobs = [entry for entry in (DEPLOY / "cron" / "mlwarden.crontab").read_text().splitlines() if re.match(r"^[0-9*]", entry)]
     assert len(jobs) == 3
     for line in jobs:
         fields = line.split(None, 6)
@@ -143,7 +143,7 @@ def logrotate_config(tmp_path: Path, log_dir: Path) -> Path:
 
 def test_logrotate_accepts_the_rules_and_never_copytruncates(tmp_path: Path) -> None:
     text = (DEPLOY / "logrotate" / "mlwarden").read_text()
-    rules = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+    rules = [entry.strip() for entry in text.splitlines() if entry.strip() and not entry.strip().startswith("#")]
     assert "copytruncate" not in rules and "delaycompress" in rules
     log_dir = tmp_path / "log"
     log_dir.mkdir()

@@ -34,7 +34,7 @@ NAMES = re.compile(
 
 def test_the_process_collector_serves_what_prometheus_client_s_process_collector_serves() -> None:
     ours = parsed(Renderer().render(ProcessCollector(1.0, 1.0).collect().families))
-    theirs = parsed(generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))))  # type: ignore[arg-type]
+    theirs = parsed(generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))))  # type: ignore[arg-type]  # prometheus_client's families, as its renderer takes them
     assert ours.keys() == theirs.keys()
     assert {name for name, _ in ours} >= {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"}
     for same in ("process_start_time_seconds", "process_max_fds"):
@@ -42,7 +42,7 @@ def test_the_process_collector_serves_what_prometheus_client_s_process_collector
     for close in ("process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds"):
         assert abs(ours[(close, ())] - theirs[(close, ())]) <= 0.1 * theirs[(close, ())], close
     ours_text = Renderer().render(ProcessCollector(1.0, 1.0).collect().families).decode()
-    theirs_text = generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))).decode()  # type: ignore[arg-type]
+    theirs_text = generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))).decode()  # type: ignore[arg-type]  # prometheus_client's families, as its renderer takes them
     assert [line for line in ours_text.splitlines() if line.startswith("#")] == \
         [line for line in theirs_text.splitlines() if line.startswith("#")]  # same HELP and TYPE lines
 

@@ -16,7 +16,7 @@ from mlwarden.exporter.collectors.base import CollectorSpec, NoSettings, collect
 
 from mlwarden.settings import SettingsError, load, options_of, setting
 
-EXPECTED = {"artifacts", "backups", "gpu", "process", "processes", "xid"}
+EXPECTED = {"artifacts", "backups", "gpu", "jobs", "process", "processes", "xid"}
 
 
 def built(*argv: str, environ: dict[str, str] | None = None) -> set[str]:
@@ -53,15 +53,15 @@ def test_collectors_own_settings_keep_their_flags_and_legacy_variables(tmp_path:
 
 
 def test_the_dispatcher_builds_what_the_switches_and_settings_ask_for(tmp_path: Path) -> None:
-    assert built() == {"gpu", "process", "processes", "xid"}  # backups and artifacts have nothing to read
+    assert built() == {"gpu", "jobs", "process", "processes", "xid"}  # backups and artifacts have nothing to read
     assert built("--backup-dir", str(tmp_path), "--experiments-dir", str(tmp_path)) == EXPECTED
     for name in EXPECTED:
         left = built(f"--no-collector-{name}", "--backup-dir", str(tmp_path), "--experiments-dir", str(tmp_path))
         assert left == EXPECTED - {name}, name
-    assert built(environ={"MLWARDEN_EXPORTER_COLLECTOR_GPU": "false"}) == {"process", "processes", "xid"}
+    assert built(environ={"MLWARDEN_EXPORTER_COLLECTOR_GPU": "false"}) == {"jobs", "process", "processes", "xid"}
     # node_exporter's spelling works too, and wins over the environment like any flag.
-    assert built("--no-collector.gpu", "--no-collector.xid") == {"process", "processes"}
-    assert built("--collector.gpu", environ={"MLWARDEN_EXPORTER_COLLECTOR_GPU": "false"}) == {"gpu", "process", "processes", "xid"}
+    assert built("--no-collector.gpu", "--no-collector.xid") == {"jobs", "process", "processes"}
+    assert built("--collector.gpu", environ={"MLWARDEN_EXPORTER_COLLECTOR_GPU": "false"}) == {"gpu", "jobs", "process", "processes", "xid"}
 
 
 def test_a_mistyped_switch_gets_a_suggestion() -> None:

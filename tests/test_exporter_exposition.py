@@ -32,7 +32,7 @@ class _Registry:
 
 def reference(families: list[Family]) -> bytes:
     """The same samples through prometheus_client's own families and renderer."""
-    return generate_latest(_Registry([to_prometheus_client(f) for f in families if f.samples]))  # type: ignore[arg-type]
+    return generate_latest(_Registry([to_prometheus_client(f) for f in families if f.samples]))  # type: ignore[arg-type]  # prometheus_client's families, as its renderer takes them
 
 
 def parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -58,7 +58,7 @@ def snapshot(monkeypatch: pytest.MonkeyPatch) -> list[Family]:
     xid.record(XidEvent(gpu=0, xid=79, timestamp=1_700_000_000.25))
     families = [*gpu.collect().families, *ProcessesCollector(supervisor, 1.0, 1.0, 8).collect().families, *xid.collect().families]
     assert all(isinstance(f, Family) for f in families)
-    return families  # type: ignore[return-value]
+    return families  # type: ignore[return-value]  # every family is a Family: asserted on the line above
 
 
 def test_the_renderer_writes_what_prometheus_client_writes_for_a_whole_snapshot(snapshot: list[Family]) -> None:

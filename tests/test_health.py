@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def pushed(pushgateway_url: str) -> dict[str, float]:
     """Pushed health series as {'name{labels}': value}, without the grouping labels."""
     values = {}
     for line in httpx.get(pushgateway_url + "/metrics", timeout=5).text.splitlines():
-        if 'job="mlwarden_health"' in line and f'instance="{socket.gethostname()}"' in line and line.startswith(("mlwarden_health_", "mlwarden_job_")):
+        ours = 'job="mlwarden_health"' in line and f'instance="{socket.gethostname()}"' in line
+        if ours and line.startswith(("mlwarden_health_", "mlwarden_job_")):
             series, value = line.rsplit(" ", 1)
             name, _, labels = series.partition("{")
             kept = [part for part in labels.rstrip("}").split(",") if part.split("=")[0] in ("check", "path")]
@@ -189,6 +191,35 @@ def test_backup_freshness_and_verification(tmp_path: Path) -> None:
     results = health_cli.backups.check(load(env=env))
 
     assert [r.status for r in results] == [Status.OK, Status.CRITICAL, Status.CRITICAL, Status.WARNING, Status.CRITICAL]
+
+
+def test_work_directories_killed_runs_left_are_reported_and_old_ones_are_a_warning(tmp_path: Path) -> None:
+    """What the exporter counts in mlwarden_backup_stale_staging_bytes (BackupStaleStaging), health reports too."""
+    old, fresh, clean, running = (tmp_path / name for name in ("old", "fresh", "clean", "running"))
+    for root in (old, fresh, clean, running):
+        make_backup(root, "models-20200101T000000Z", 3600, verified=True)
+    dead = "999999999"  # above any pid_max: that run is gone
+    for root, prefix in ((old, f".mlwarden-staging-{dead}-models-"), (old, f".drill-{dead}-"), (fresh, f".download-{dead}-")):
+        work = root / f"{prefix}x"
+        (work / "shards").mkdir(parents=True)
+        (work / "shards" / "part").write_bytes(b"\0" * 1500)
+    day_and_more = time.time() - 30 * 3600
+    for work in old.glob(".*-x"):
+        os.utime(work, (day_and_more, day_and_more))
+    (running / f".mlwarden-staging-{os.getpid()}-models-x").mkdir()  # a live run's work is not stale
+    env = {"BACKUP_DIR": ",".join(str(root) for root in (old, fresh, clean, running))}
+
+    results = {r.check: r for r in health_cli.run_checks(load(env=env)) if r.check.startswith("backup-staging:")}
+
+    assert [(check, r.status) for check, r in results.items()] == [
+        (f"backup-staging:{old}", Status.WARNING), (f"backup-staging:{fresh}", Status.OK),
+        (f"backup-staging:{clean}", Status.OK), (f"backup-staging:{running}", Status.OK),
+    ]
+    warning = results[f"backup-staging:{old}"]
+    assert warning.summary.startswith("2 work directories of killed backups, drills or downloads (3.0 kB) left 30.0 h ago (limit 26 h)")
+    assert warning.data["bytes"] == 3000 and len(warning.data["directories"]) == 2
+    assert "the next backup or drill removes them" in results[f"backup-staging:{fresh}"].summary
+    assert results[f"backup-staging:{clean}"].summary == results[f"backup-staging:{running}"].summary == "no work directories left by killed runs"
 
 
 def test_json_output_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,17 +10,23 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
+from mlwarden.exporter.collectors.jobs import JobsCollector
 from mlwarden.jobs import report as job_report
 from mlwarden.jobs.report import JobReport, Schedule
 
-from mlwarden import cli, registry, settings
+from mlwarden import cli, heartbeat, registry, settings
+from mlwarden.components import wait_until
 from mlwarden.exitcodes import ExitCode
+from tests.test_exporter_server import request, start_exporter  # noqa: F401  (start_exporter is a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
@@ -113,7 +119,9 @@ def test_a_pause_that_cannot_be_written_fails_and_says_so(monkeypatch: pytest.Mo
     [
         (["pause", "backup", "--for", "2h"], "--pushgateway (or PUSHGATEWAY_URL) or --textfile-dir is required"),
         (["pause", "backup", "--for", "40d", "--textfile-dir", "/tmp"], "at most 30 days"),
-        (["pause", "Backup!", "--for", "1h", "--textfile-dir", "/tmp"], "expected a job name"),
+        (["pause", "Backup!", "--for", "1h", "--textfile-dir", "/tmp"], "expected one of backup, restore_drill, cleanup, health"),
+        # a typo would pause nothing and report success
+        (["pause", "bakup", "--for", "1h", "--textfile-dir", "/tmp"], "did you mean backup?"),
         (["pause", "backup", "--textfile-dir", "/tmp"], "--for"),
     ],
 )
@@ -152,3 +160,147 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# A job that never reported: the exporter publishes what this host expects ---------------------
+
+
+def test_every_job_that_pushes_a_heartbeat_is_declared_with_its_schedule() -> None:
+    """The exporter learns the jobs from the registry: a JobReport task it does not know could never be missed."""
+    pushed_tasks = {
+        match for path in (REPO / "jobs").rglob("*.py")
+        for match in re.findall(r"JobReport\(\s*\"([a-z_]+)\"", path.read_text())
+    }
+    declared = registry.heartbeats()
+    assert set(declared) == pushed_tasks == {"backup", "restore_drill", "cleanup", "health"}
+    for name, entry in declared.items():
+        options = {opt.name for opt in settings.options_of(entry.load().settings, entry.name)}
+        assert set(heartbeat.SCHEDULE_FIELDS) <= options, name
+
+
+def test_the_expected_jobs_follow_the_environment_the_jobs_read(caplog: pytest.LogCaptureFixture) -> None:
+    environ = {
+        "MLWARDEN_BACKUP_EXPECTED_INTERVAL": "6h",  # the backup runs every 6 hours here
+        "MLWARDEN_RESTORE_LATE_SEVERITY": "critical",
+        "RUN_CLEANUP": "false",  # maintain does not clean up on this machine
+        "MLWARDEN_HEALTH_GRACE": "soon",  # health stops at this error: it must still be expected
+    }
+    found = {e.name: (e.job, e.interval, e.grace, e.severity) for e in heartbeat.expectations(None, environ)}
+    assert found == {
+        "backup": ("mlwarden_backup", 6 * 3600, 3600, "critical"),
+        "restore_drill": ("mlwarden_restore_drill", 7 * 86400, 86400, "critical"),
+        "health": ("mlwarden_health", 900, 2700, "warning"),
+    }
+    assert "MLWARDEN_HEALTH_GRACE" in caplog.text
+    assert [e.name for e in heartbeat.expectations(("cleanup",), environ)] == ["cleanup"]
+    assert heartbeat.expectations((), environ) == []
+    # The child the exporter asks gives the same answer, and its warnings come back as logs.
+    assert heartbeat.expectations_in_child(None, environ) == heartbeat.expectations(None, environ)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("bakup", "did you mean backup?"),
+    ("backup,restore", "comma-separated list of backup, restore_drill, cleanup, health"),
+    (",", "expected auto, none or"),
+])
+def test_expected_jobs_must_be_declared_jobs(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        heartbeat.parse_selection(text)
+    assert heartbeat.parse_selection("auto") is None and heartbeat.parse_selection("none") == ()
+    assert heartbeat.parse_selection("health, backup,health") == ("health", "backup")
+
+
+def test_the_exporter_remembers_since_when_it_expects_each_job(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    backup = heartbeat.Expectation("backup", 86400, 3600, "critical")
+    health = heartbeat.Expectation("health", 900, 2700, "warning")
+
+    def due(collector: JobsCollector) -> dict[str, tuple[tuple[str, ...], float]]:
+        [family] = collector.collect().families
+        return {labels[0]: (tuple(labels), value) for labels, value in family.samples}
+
+    first = JobsCollector([backup], 60, 60, state_dir=tmp_path, instance="node1", clock=lambda: 1000.0)
+    assert due(first) == {"mlwarden_backup": (("mlwarden_backup", "node1", "critical"), 1000 + 86400 + 3600)}
+    # Restarted a day later with one more job: the backup's wait goes on, health's starts now.
+    again = JobsCollector([backup, health], 60, 60, state_dir=tmp_path, instance="node1", clock=lambda: 90000.0)
+    assert due(again) == {
+        "mlwarden_backup": (("mlwarden_backup", "node1", "critical"), 1000 + 86400 + 3600),
+        "mlwarden_health": (("mlwarden_health", "node1", "warning"), 90000 + 900 + 2700),
+    }
+    # Without a state directory, or with a damaged state file, the exporter's start counts.
+    assert due(JobsCollector([backup], 60, 60, instance="n", clock=lambda: 5.0))["mlwarden_backup"][1] == 5 + 86400 + 3600
+    (tmp_path / "expected-jobs.json").write_text("{not json")
+    assert due(JobsCollector([backup], 60, 60, state_dir=tmp_path, clock=lambda: 7.0))["mlwarden_backup"][1] == 7 + 86400 + 3600
+    assert "cannot read" in caplog.text
+
+
+def test_the_running_exporter_publishes_the_expectations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          start_exporter: Callable[..., Any], promtool: str) -> None:
+    monkeypatch.setenv("MLWARDEN_CLEANUP_EXPECTED_INTERVAL", "12h")  # the jobs' settings, in the shared environment
+    before = time.time()
+    # STATE_DIRECTORY: as systemd's StateDirectory= sets it
+    exporter = start_exporter("--expected-jobs", "cleanup,health", environ={"STATE_DIRECTORY": str(tmp_path)})
+    url = f"http://127.0.0.1:{exporter.port}/metrics"
+    wait_until(lambda: "mlwarden_job_first_heartbeat_due" in request(url)[1], 15, "the jobs collector's first pass")
+    body = request(url)[1]
+    due = {labels["heartbeat_job"]: (labels, value) for labels, value in _samples(body, "mlwarden_job_first_heartbeat_due_timestamp_seconds")}
+    assert set(due) == {"mlwarden_cleanup", "mlwarden_health"}
+    labels, value = due["mlwarden_cleanup"]
+    assert labels == {"heartbeat_job": "mlwarden_cleanup", "heartbeat_instance": HOST, "severity": "warning"}
+    assert before + 12 * 3600 + 86400 <= value <= time.time() + 12 * 3600 + 86400
+    assert (tmp_path / "expected-jobs.json").is_file()
+    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _samples(body: str, name: str) -> list[tuple[dict[str, str], float]]:
+    found = []
+    for line in body.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match:
+            found.append((dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))), float(match.group(2))))
+    return found
+
+
+def test_expectations_that_cannot_be_worked_out_fail_the_collector_not_the_exporter(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A broken child must not take GPU metrics down, nor leave JobNeverReported silently off."""
+    from mlwarden.exporter.collectors import jobs as jobs_collector
+
+    def broken(*_: object) -> list[heartbeat.Expectation]:
+        raise RuntimeError("cannot work out the expected jobs: ['Traceback ...']")
+
+    monkeypatch.setattr(jobs_collector, "expectations_in_child", broken)
+    collector = jobs_collector._build(jobs_collector.JobsSettings(), _context())
+    assert collector is not None and collector.collect().success is False
+    assert "cannot work out the jobs this host expects" in caplog.text
+    monkeypatch.setattr(jobs_collector, "expectations_in_child", lambda *_: [])
+    assert jobs_collector._build(jobs_collector.JobsSettings(expected_jobs=()), _context()) is None  # --expected-jobs none
+
+
+def _context() -> Any:
+    from mlwarden.exporter.backends import open_backend
+    from mlwarden.exporter.backends.supervisor import BackendSupervisor
+    from mlwarden.exporter.collectors.base import CollectorContext
+
+    return CollectorContext(BackendSupervisor(open_backend("simulated", 1, 1)), 1.0, 1.0, 60.0)
+
+
+def test_the_exporter_works_the_schedules_out_without_keeping_the_job_modules() -> None:
+    """Reading the jobs' settings imports them (prometheus_client among them): that happens in a child."""
+    code = (
+        "import sys\n"
+        "from mlwarden import settings\n"
+        "from mlwarden.exporter.app import collectors_for\n"
+        "from mlwarden.exporter.backends import open_backend\n"
+        "from mlwarden.exporter.backends.supervisor import BackendSupervisor\n"
+        "from mlwarden.exporter.cli import ExporterSettings\n"
+        "chosen = settings.load(ExporterSettings, 'exporter', ['--gpu-backend', 'simulated'], {})\n"
+        "built = collectors_for(chosen, BackendSupervisor(open_backend('simulated', 1, 1)))\n"
+        "[jobs] = [c for c in built if c.name == 'jobs']\n"
+        "print(sorted(e.name for e in jobs.expected))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('mlwarden.jobs', 'prometheus_client'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    expected, loaded = result.stdout.splitlines()
+    assert expected == "['backup', 'cleanup', 'health', 'restore_drill']"
+    assert loaded == "[]"

@@ -175,6 +175,7 @@ def test_the_contributing_recipe_for_a_job_is_what_the_registry_reads(extra_root
     )
     (extra_root / "compact.py").write_text(source)
     assert [entry.name for entry in registry.maintain_plan()] == ["health", "backup", "compact", "cleanup"]
+    assert registry.heartbeats()["compact"].name == "compact"  # the exporter expects it too
     textfiles = extra_root / "textfiles"
     textfiles.mkdir()
     assert cli.main(["compact", "--textfile-dir", str(textfiles)]) == ExitCode.OK

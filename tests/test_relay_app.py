@@ -67,7 +67,7 @@ def test_ha_duplicate_is_acknowledged_and_not_processed_twice(app: tuple[TestCli
     second = client.post(WEBHOOK_PATH, content=body(alert(name="B"), alert()), headers=AUTH)
     assert second.status_code == 200 and second.json() == {"status": "duplicate"}
     assert relay.store.outbox_stats()[0] == 2 and outcome(relay, "duplicate") == 1
-    relay.clock.advance(relay.config.dedup_window + 1)  # type: ignore[attr-defined]
+    relay.clock.advance(relay.config.dedup_window + 1)  # type: ignore[attr-defined]  # the relay runs on the test's FakeClock
     assert client.post(WEBHOOK_PATH, content=body(alert()), headers=AUTH).json()["status"] == "accepted"
 
 
@@ -102,7 +102,7 @@ def test_watchdog_repeats_inside_the_dedup_window_still_refresh_the_heartbeat(ap
     client, relay = app
     heartbeat = body(alert(name="Watchdog", severity="none"), group_key="watchdog")
     assert client.post(WEBHOOK_PATH, content=heartbeat, headers=AUTH).json()["status"] == "accepted"
-    relay.clock.advance(60)  # type: ignore[attr-defined]
+    relay.clock.advance(60)  # type: ignore[attr-defined]  # the relay runs on the test's FakeClock
     assert relay.config.dedup_window > 60
     assert client.post(WEBHOOK_PATH, content=heartbeat, headers=AUTH).json()["status"] == "accepted"
     assert relay.store.watchdog()[0] == relay.clock()
@@ -148,7 +148,7 @@ def test_bad_payload_is_dead_lettered_and_counted(app: tuple[TestClient, Relay],
     response = client.post(WEBHOOK_PATH, content=b'{"alerts": "x"}', headers=AUTH)
     assert response.status_code == 400 and "alerts" in response.json()["error"]
     assert relay.metrics.registry.get_sample_value("mlwarden_relay_dead_letters_total", {"reason": "invalid_payload"}) == 1
-    assert relay.store._read("SELECT body FROM dead_payloads") == [(b'{"alerts": "x"}',)]  # type: ignore[attr-defined]
+    assert relay.store._read("SELECT body FROM dead_payloads") == [(b'{"alerts": "x"}',)]  # type: ignore[attr-defined]  # the SQLite store's private reader, to see what it kept
 
 
 def test_odd_unicode_is_accepted_and_stored(app: tuple[TestClient, Relay]) -> None:
@@ -190,7 +190,7 @@ def test_metrics_pass_promtool_and_never_show_secrets(app: tuple[TestClient, Rel
 
 def test_watchdog_silence_announces_down_once_and_then_recovery(app: tuple[TestClient, Relay]) -> None:
     client, relay = app
-    clock: FakeClock = relay.clock  # type: ignore[assignment]
+    clock: FakeClock = relay.clock  # type: ignore[assignment]  # the relay runs on the test's FakeClock
     heartbeat = alert(name="Watchdog", severity="none")
     assert relay.config.watchdog is not None
     client.post(WEBHOOK_PATH, content=body(heartbeat, group_key="1"), headers=AUTH)
@@ -209,7 +209,7 @@ def test_watchdog_silence_announces_down_once_and_then_recovery(app: tuple[TestC
 
 def test_a_heartbeat_that_never_arrives_is_announced_down(app: tuple[TestClient, Relay]) -> None:
     client, relay = app
-    clock: FakeClock = relay.clock  # type: ignore[assignment]
+    clock: FakeClock = relay.clock  # type: ignore[assignment]  # the relay runs on the test's FakeClock
     assert relay.config.watchdog is not None
 
     def check() -> str:

@@ -47,7 +47,7 @@ def test_a_group_over_the_limit_keeps_what_fits_and_counts_the_rest(tmp_path: Pa
     assert 1000 < kept < 3000 and kept + omitted == 3000
     assert {j.notice.omitted for j in jobs} == {3000 - kept}
     assert {j.notice.group for j in jobs} == {GROUP}  # the fields after the alerts survived the cut
-    [[stored]] = relay.store._read("SELECT body FROM payloads")  # type: ignore[attr-defined]
+    [[stored]] = relay.store._read("SELECT body FROM payloads")  # type: ignore[attr-defined]  # the SQLite store's private reader, to see what it kept
     assert len(stored) <= limit + 1024
     text = json.dumps(message([jobs[0].notice]))
     assert f"{3000 - kept:,} more alert(s) of this group did not fit" in text

@@ -21,7 +21,7 @@ from tests.test_relay_support import accept, alert, body, make_config
 def test_the_writer_never_checkpoints_in_a_commit(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "relay.db")
     try:
-        assert store._read("PRAGMA wal_autocheckpoint") == [(0,)]  # type: ignore[attr-defined]
+        assert store._read("PRAGMA wal_autocheckpoint") == [(0,)]  # type: ignore[attr-defined]  # the SQLite store's private reader, to see its pragma
     finally:
         store.close()
 

@@ -27,7 +27,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def held(store_class: type[Store], method: str) -> type[Store]:
     """``store_class`` whose ``method``, once called, waits for ``release`` before it runs."""
 
-    class Held(store_class):  # type: ignore[valid-type, misc]
+    class Held(store_class):  # type: ignore[valid-type, misc]  # a subclass of the store class the test is parametrized with
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
             self.started, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()

@@ -92,7 +92,7 @@ def test_a_response_that_echoes_the_secret_does_not_carry_it_into_the_error() ->
     respx.post(PD_URL).mock(return_value=httpx.Response(400, text='{"errors": ["bad key routing-key-0123"]}'))
     for notifier in (slack, pagerduty):
         with pytest.raises(DeliveryError) as caught:
-            send(lambda c: notifier(c).send([notice()]))
+            send(lambda c, notifier=notifier: notifier(c).send([notice()]))
         assert "HTTP 40" in str(caught.value)
         assert SLACK_URL not in str(caught.value) and "routing-key-0123" not in str(caught.value)
 
@@ -147,7 +147,7 @@ def test_pagerduty_event_respects_summary_and_size_limits() -> None:
     huge = notice(annotations={"summary": "s" * 5000, "description": "d" * 600_000},
                   labels={"alertname": "GpuHot", "instance": "n", **{f"l{i}": "v" * 10_000 for i in range(60)}})
     body = event(huge, "key")
-    assert len(body["payload"]["summary"]) <= 1024  # type: ignore[index]
+    assert len(body["payload"]["summary"]) <= 1024  # type: ignore[index]  # the event body is JSON decoded to nested dicts
     assert len(json.dumps(body).encode()) <= EVENT_LIMIT_BYTES
 
 

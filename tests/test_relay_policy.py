@@ -18,10 +18,10 @@ MIN, HOUR = 60.0, 3600.0
 
 
 def parsed(**kw: object) -> payload.Alert:
-    return payload.parse(body(alert(**kw))).alerts[0]  # type: ignore[arg-type]
+    return payload.parse(body(alert(**kw))).alerts[0]  # type: ignore[arg-type]  # the test payload's JSON bytes, which parse() accepts
 
 
-def run(route, events, clock, key="k"):  # type: ignore[no-untyped-def]
+def run(route, events, clock, key="k"):  # type: ignore[no-untyped-def]  # a table-driven helper over mixed event tuples
     """Feed (advance_seconds, alert) events through decide(); return the decisions."""
     state, decisions = None, []
     for advance, item in events:

@@ -92,7 +92,7 @@ def test_the_default_slack_message_shows_what_tells_alerts_apart(am_payload: byt
     [notice] = notices_of(am_payload)  # two alerts of one key: one notice
     sent = message([notice], now=rendered_now(notice))
     text = json.dumps(sent, ensure_ascii=False)
-    section = sent["blocks"][1]["text"]["text"]  # type: ignore[index]
+    section = sent["blocks"][1]["text"]["text"]  # type: ignore[index]  # the message body is JSON decoded to nested dicts
     assert "`mountpoint=/data1`" in section and "`mountpoint=/data2`" in section
     assert "`job=node`" in section and "*Machine:* node7:9100" in section  # every label, some on their own
     assert "<https://runbooks.example/disk?x=1&amp;y=2|Runbook>" in section
@@ -105,10 +105,10 @@ def test_the_default_slack_message_shows_what_tells_alerts_apart(am_payload: byt
 def test_the_default_pagerduty_event_has_the_summary_and_the_runbook(am_payload: bytes) -> None:
     [notice] = notices_of(am_payload)
     sent = event(notice, "key", now=rendered_now(notice))
-    assert sent["payload"]["summary"] == (  # type: ignore[index]
+    assert sent["payload"]["summary"] == (  # type: ignore[index]  # the event body is JSON decoded to nested dicts
         "[WARNING] DiskAlmostFull on node7:9100 (2 alerts): /data1 is 97% full (firing for 3h 12m)")
-    assert {"href": "https://runbooks.example/disk?x=1&y=2", "text": "runbook"} in sent["links"]  # type: ignore[operator]
-    assert RLO not in json.dumps(sent["payload"]["summary"])  # type: ignore[index]
+    assert {"href": "https://runbooks.example/disk?x=1&y=2", "text": "runbook"} in sent["links"]  # type: ignore[operator]  # the event body is JSON decoded to nested dicts
+    assert RLO not in json.dumps(sent["payload"]["summary"])  # type: ignore[index]  # the event body is JSON decoded to nested dicts
 
 
 def test_templates_from_relay_yml_shape_the_messages(am_payload: bytes) -> None:
@@ -121,9 +121,9 @@ def test_templates_from_relay_yml_shape_the_messages(am_payload: bytes) -> None:
     [notice] = notices_of(am_payload, templates=templates)
     config = relay_config.parse(config_dict(templates=templates), ENV)
     sent = message([notice], config.templates, now=rendered_now(notice))
-    assert sent["blocks"][1]["text"]["text"] == "DiskAlmostFull on node7:9100: /data1 /data2"  # type: ignore[index]
+    assert sent["blocks"][1]["text"]["text"] == "DiskAlmostFull on node7:9100: /data1 /data2"  # type: ignore[index]  # the message body is JSON decoded to nested dicts
     assert sent["text"] == "1 for DiskAlmostFull"
-    assert event(notice, "k", config.templates, rendered_now(notice))["payload"]["summary"] == "DISK node7:9100 3h 12m"  # type: ignore[index]
+    assert event(notice, "k", config.templates, rendered_now(notice))["payload"]["summary"] == "DISK node7:9100 3h 12m"  # type: ignore[index]  # the event body is JSON decoded to nested dicts
 
 
 @pytest.mark.parametrize(("templates", "message_part"), [
@@ -139,7 +139,7 @@ def test_a_bad_or_unsafe_template_is_a_config_error(templates: dict[str, str], m
 def test_a_template_failing_on_one_notice_falls_back_to_the_default(am_payload: bytes) -> None:
     templates = Templates({"slack_text": "{% if alertname == 'DiskAlmostFull' %}{{ 1 // 0 }}{% endif %}custom"})
     [notice] = notices_of(am_payload)
-    section = message([notice], templates, now=rendered_now(notice))["blocks"][1]["text"]["text"]  # type: ignore[index]
+    section = message([notice], templates, now=rendered_now(notice))["blocks"][1]["text"]["text"]  # type: ignore[index]  # the message body is JSON decoded to nested dicts
     assert "`mountpoint=/data1`" in section  # the default's text: the notice was not lost
 
 

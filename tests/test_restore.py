@@ -91,7 +91,7 @@ def test_restored_files_keep_their_permission_bits_less_setuid_and_the_umask(tmp
     def restored_modes(target: Path, mask: int) -> tuple[int, int, int]:
         os.umask(mask)
         assert restore("--backup-dir", tmp_path / "backups", "--to", target) == 0
-        return tuple(p.stat().st_mode & 0o7777 for p in (target / "shared.json", target / "tool", target))  # type: ignore[return-value]
+        return tuple(p.stat().st_mode & 0o7777 for p in (target / "shared.json", target / "tool", target))  # type: ignore[return-value]  # three modes from a three-element generator
 
     assert restored_modes(tmp_path / "group-writable", 0o002) == (0o664, 0o755, 0o775)
     assert restored_modes(tmp_path / "private", 0o027) == (0o640, 0o750, 0o750)
@@ -246,7 +246,7 @@ def test_a_restore_from_s3_downloads_next_to_the_target_not_into_the_backup_dir(
 
     def recording_mkdtemp(**kwargs: str | Path) -> str:
         made_in.append(Path(kwargs["dir"]))
-        return mkdtemp(**kwargs)  # type: ignore[arg-type]
+        return mkdtemp(**kwargs)  # type: ignore[arg-type]  # the keywords mkdtemp was called with, passed on unchanged
 
     monkeypatch.setattr(catalog.tempfile, "mkdtemp", recording_mkdtemp)
     target = tmp_path / "other-disk" / "models"
@@ -255,7 +255,8 @@ def test_a_restore_from_s3_downloads_next_to_the_target_not_into_the_backup_dir(
     assert made_in == [target.parent, target.parent]  # the download, then the staging directory
 
 
-def test_a_damaged_object_in_s3_is_refused(tmp_path: Path, s3_env: list[str], s3_server: components.S3Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_object_in_s3_is_refused(tmp_path: Path, s3_env: list[str], s3_server: components.S3Server,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     models = make_models(tmp_path / "models")
     assert backup(models, tmp_path / "backups", *s3_env) == 0
     entry = only_entry(tmp_path / "backups")
@@ -389,7 +390,7 @@ def test_a_backup_does_not_start_while_a_drill_holds_the_lock(
 
     def drill_during_which_a_backup_with_retention_starts(*args: object) -> object:
         codes.append(backup(models, backups, "--force", "--keep-last", "1"))
-        return real_drill(*args)  # type: ignore[arg-type]
+        return real_drill(*args)  # type: ignore[arg-type]  # the arguments the drill was called with, passed on unchanged
 
     monkeypatch.setattr(job_module, "_drill", drill_during_which_a_backup_with_retention_starts)
     assert restore("--drill", "--backup-dir", backups) == 0

@@ -10,37 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import gauge
 
-from mlwarden.fsutil import disk_space
+from mlwarden.fsutil import disk_space, tree_usage
 from mlwarden.settings import setting
 
 log = logging.getLogger(__name__)
-
-
-def tree_usage(root: Path) -> tuple[int, int]:
-    """(bytes, regular files) under ``root``; unreadable subdirectories are skipped."""
-    total = files = 0
-    stack = [str(root)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for entry in it:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        elif entry.is_file(follow_symlinks=False):
-                            total += entry.stat(follow_symlinks=False).st_size
-                            files += 1
-                    except OSError:
-                        continue  # vanished while we walked
-        except OSError:
-            continue
-    return total, files
 
 
 class ArtifactsCollector(Collector):

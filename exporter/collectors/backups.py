@@ -16,11 +16,11 @@ import logging
 import os
 from pathlib import Path
 
-from mlwarden.exporter.collectors.artifacts import tree_usage
 from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import Family, gauge
 
 from mlwarden.catalog import BACKUP_DIR_STAGING, MANIFEST, STATUS, Catalog, stale_staging
+from mlwarden.fsutil import tree_usage
 from mlwarden.settings import setting
 
 log = logging.getLogger(__name__)

@@ -150,10 +150,11 @@ def _check(settings: BackupCheckSettings) -> int:
 # Read by mlwarden.registry without importing this module (literals only).
 MLWARDEN_COMMANDS = (
     {"name": "backup", "attribute": "BACKUP", "help": "archive, checksum, verify and copy models off-site; apply retention",
-     "maintain": {"order": 20, "env": "RUN_BACKUP"}},
+     "heartbeat": "backup", "maintain": {"order": 20, "env": "RUN_BACKUP"}},
     {"name": "backup-list", "attribute": "BACKUP_LIST", "help": "list the backups: time, files, bytes, verified, off-site (table or --json)"},
     {"name": "backup-check", "attribute": "BACKUP_CHECK", "help": "check that every piece of every backup is there; --read-data reads and hashes every byte"},
-    {"name": "restore", "attribute": "RESTORE", "help": "restore a backup (local or S3), or run a restore drill"},
+    {"name": "restore", "attribute": "RESTORE", "help": "restore a backup (local or S3), or run a restore drill",
+     "heartbeat": "restore_drill"},
 )
 
 BACKUP = Command(

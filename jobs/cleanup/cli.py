@@ -262,7 +262,7 @@ def _report_deleted(total: delete.DeleteResult, gauges: dict[str, Gauge]) -> Non
 # Read by mlwarden.registry without importing this module (literals only).
 MLWARDEN_COMMANDS = (
     {"name": "cleanup", "attribute": "COMMAND", "help": "remove old experiment artifacts, behind safety breakers",
-     "maintain": {"order": 30, "env": "RUN_CLEANUP"}},
+     "heartbeat": "cleanup", "maintain": {"order": 30, "env": "RUN_CLEANUP"}},
 )
 
 COMMAND = Command(

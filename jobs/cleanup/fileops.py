@@ -73,7 +73,7 @@ def _libc_statx() -> Callable[..., int] | None:
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
     function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]  # a ctypes foreign function is untyped
+    return function
 
 
 _statx = _libc_statx()

@@ -5,11 +5,16 @@ person's home:
 
 - the system's own trees, and anything below them: ``/etc``, ``/usr``, ``/boot``, ``/dev``
   (so ``/dev/shm``), ``/proc``, ``/sys``, ``/run``, ``/bin``, ``/sbin``, every top-level
-  ``/lib*``, ``/var/lib`` (package and service state) and ``/var/cache``;
+  ``/lib*``, ``/var/lib``, ``/var/opt`` and ``/var/local`` (package, service and site state),
+  ``/var/cache``; and the trees whose files other tools own and age out themselves, where
+  "old" is not "unneeded": ``/var/log`` (logrotate and journald keep logs, audit trails among
+  them, as long as policy says), ``/var/spool`` (crontabs, mail and print queues, at jobs),
+  ``/var/mail`` (mailboxes) and ``/var/backups`` (dpkg's backups; mlwarden's own backups,
+  whose retention is ``mlwarden backup``'s, not an age);
 - directories that hold other people's things, themselves only (a subdirectory made for the
   experiments is fine): ``/``, ``/opt``, ``/srv``, ``/home``, ``/mnt``, ``/media``, ``/tmp``,
-  ``/var``, ``/var/log``, ``/var/tmp``, every ``/home/NAME``, ``$HOME`` and every home
-  directory in the password database (``/root`` among them);
+  ``/var``, ``/var/tmp``, every ``/home/NAME``, ``$HOME`` and every home directory in the
+  password database (``/root`` among them);
 - a relative or empty path, whose meaning depends on where cron happens to start the job.
 
 The check runs on the path as given and on its real path (symlinks resolved), so
@@ -25,12 +30,13 @@ from pathlib import Path
 SYSTEM_TREES = tuple(
     Path(p)
     for p in (
-        "/etc", "/usr", "/boot", "/dev", "/proc", "/sys", "/run", "/bin", "/sbin", "/var/lib", "/var/cache",
+        "/etc", "/usr", "/boot", "/dev", "/proc", "/sys", "/run", "/bin", "/sbin", "/var/lib", "/var/opt", "/var/local",
+        "/var/cache", "/var/log", "/var/spool", "/var/mail", "/var/backups",
     )
 )
 SHARED_DIRECTORIES = frozenset(
     Path(p)
-    for p in ("/", "/home", "/media", "/mnt", "/opt", "/srv", "/tmp", "/var", "/var/log", "/var/tmp")
+    for p in ("/", "/home", "/media", "/mnt", "/opt", "/srv", "/tmp", "/var", "/var/tmp")
 )
 
 

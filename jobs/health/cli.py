@@ -45,10 +45,16 @@ class HealthSettings:
     exporter_url: str | None = setting(None, help="mlwarden exporter base URL; its /healthz must answer 2xx", parse=parse_url)
     relay_url: str | None = setting(None, help="mlwarden relay base URL; its /readyz must answer 2xx", parse=parse_url)
     prometheus_url: str | None = setting(None, help="Prometheus base URL; its /-/ready must answer 2xx", parse=parse_url)
-    pushgateway: str | None = setting(None, help="Pushgateway URL: the metrics go there, and its /-/ready is checked", env=(PUSHGATEWAY_ENV,), parse=parse_url)
+    pushgateway: str | None = setting(
+        None, help="Pushgateway URL: the metrics go there, and its /-/ready is checked", env=(PUSHGATEWAY_ENV,), parse=parse_url,
+    )
     http_timeout: float = setting(3.0, help="timeout of each service check (e.g. 3s)", parse=positive(parse_duration))
-    backup_dir: list[Path] = setting(help="backup catalog whose newest backup must be fresh and verified", env=("BACKUP_DIR",), default_factory=list, metavar="DIR")
-    backup_max_age: float = setting(26 * 3600.0, help="newest backup older than this is a failure (default 26h, shown in seconds)", parse=positive(parse_duration))
+    backup_dir: list[Path] = setting(
+        help="backup catalog whose newest backup must be fresh and verified", env=("BACKUP_DIR",), default_factory=list, metavar="DIR",
+    )
+    backup_max_age: float = setting(
+        26 * 3600.0, help="newest backup older than this is a failure (default 26h, shown in seconds)", parse=positive(parse_duration),
+    )
     json: bool = setting(False, help="print the results as JSON on stdout")
     textfile_dir: Path | None = setting(None, help="write the job's metrics for node_exporter's textfile collector here")
     expected_interval: float = expected_interval_setting("15m")
@@ -62,7 +68,9 @@ class HealthSettings:
 
 
 Check = Callable[[Any], list[Result]]
-CHECKS: dict[str, Check] = {"disk": disk.check, "gpu": gpu.check, "services": services.check, "backups": backups.check}
+CHECKS: dict[str, Check] = {
+    "disk": disk.check, "gpu": gpu.check, "services": services.check, "backups": backups.check, "backup-staging": backups.check_staging,
+}
 
 
 def run_checks(settings: HealthSettings) -> list[Result]:
@@ -105,7 +113,7 @@ def _show(results: list[Result], as_json: bool) -> None:
 # Read by mlwarden.registry without importing this module (literals only).
 MLWARDEN_COMMANDS = (
     {"name": "health", "attribute": "COMMAND", "help": "check disks, GPUs, services and backup freshness",
-     "maintain": {"order": 10, "setting": "run_health_check", "env": "RUN_HEALTH_CHECK"}},
+     "heartbeat": "health", "maintain": {"order": 10, "setting": "run_health_check", "env": "RUN_HEALTH_CHECK"}},
 )
 
 COMMAND = Command(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     OK = "ok"
     WARNING = "warning"  # worth a look; the machine still counts as healthy
     CRITICAL = "critical"  # the machine is not healthy; exit status 1
