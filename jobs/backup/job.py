@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlwarden.jobs.backup import archive, retention
+from mlwarden.jobs.backup import archive, dedup, retention
 from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveError
@@ -45,10 +45,12 @@ from mlwarden.catalog import (
     BACKUP_DIR_STAGING,
     BACKUP_STAGING,
     DRILL_STAGING,
+    FORMAT_VERSION,
     BackupEntry,
     Catalog,
     CatalogError,
     Manifest,
+    Pack,
     staging_dir,
     stale_staging,
 )
@@ -216,6 +218,7 @@ def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
 
 
 def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupEntry:
+    scan_started_ns = time.time_ns()
     try:
         scanned = archive.scan(source, settings.exclude)
     except archive.SourceUnreadable as exc:
@@ -223,12 +226,20 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
     total = sum(f.size for f in scanned.files)
     directory, name, started = _new_staging(settings.backup_dir, source)
     archive_path = directory / archive.archive_name(name, settings.compression)
+    index, sizes = dedup.content_index(Catalog(settings.backup_dir))
+    cache_file = dedup.cache_path(settings.backup_dir, source)
+    known = dedup.Dedup(name, index, dedup.load_cache(cache_file), scan_started_ns, sizes)
     log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
     progress = Progress(f"backup {name}", total)
     try:
-        result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance)
+        result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known)
         progress.finish()
         archive.write_checksums(directory, result)
+        level = settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression]
+        pack = Pack(
+            name=name, compression=settings.compression, level=level, archive=archive_path.name, archive_bytes=result.archive_bytes,
+            archive_sha256=result.sha256, files=result.members, links=tuple(scanned.links), rewritten=result.rewritten,
+        )
         manifest = Manifest(
             name=name,
             source=str(source),
@@ -236,22 +247,23 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             started_at=started,
             finished_at=time.time(),
             compression=settings.compression,
-            level=settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression],
+            level=level,
             archive=archive_path.name,
             archive_bytes=result.archive_bytes,
             archive_sha256=result.sha256,
-            total_bytes=result.read_bytes,
+            total_bytes=sum(record.size for record in result.files),
             files=result.files,
             links=tuple(scanned.links),
             skipped=tuple(scanned.skipped),
             excludes=tuple(settings.exclude),
             rewritten=result.rewritten,
+            format_version=FORMAT_VERSION,
         )
-        Catalog.commit(directory, manifest)
+        Catalog.commit(directory, manifest, pack)
         final = settings.backup_dir / name
         os.rename(directory, final)  # the commit: from here on the backup exists
         fsync_dir(settings.backup_dir)
-        entry = BackupEntry(directory=final, manifest=manifest)
+        entry = BackupEntry(directory=final, manifest=manifest, pack=pack)
     except (OSError, archive.SourceChanged) as exc:
         shutil.rmtree(directory, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -264,15 +276,28 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
     except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing half-made behind
         shutil.rmtree(directory, ignore_errors=True)
         raise
+    _save_cache(cache_file, known)
     seconds = max(manifest.finished_at - started, 1e-9)
     outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
     outcome.skipped = len(manifest.skipped)
     log.info(
-        "backup %s written: %s -> %s (ratio %.3f) in %.1fs (%s/s)",
-        name, human_bytes(result.read_bytes), human_bytes(result.archive_bytes),
-        result.read_bytes / max(result.archive_bytes, 1), seconds, human_bytes(result.read_bytes / seconds),
+        "backup %s written in %.1fs: %s of files, %s read (%s/s), %s new in %d file(s), stored in %s",
+        name, seconds, human_bytes(manifest.total_bytes), human_bytes(result.read_bytes), human_bytes(result.read_bytes / seconds),
+        human_bytes(pack.new_bytes), len(pack.files), human_bytes(result.archive_bytes),
     )
     return entry
+
+
+def _save_cache(path: Path, known: dedup.Dedup) -> None:
+    """After the commit: a cache that cannot be written costs the next run its reads, nothing else.
+    A run that could trust no file (all written just now) leaves no cache at all."""
+    try:
+        if known.new_cache:
+            dedup.save_cache(path, known.new_cache)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not write the files cache %s (%s): the next backup reads every file", path, exc.strerror)
 
 
 def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry, bool]:
@@ -313,9 +338,10 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
         remote = [m for m in store.manifests() if m.source == str(source)]
         # Objects in S3 were checked against their hash on upload: they count as verified.
         decision = retention.decide([retention.Candidate(m.name, m.started_at, True) for m in remote], policy)
-        for name in decision.remove:
-            log.info("retention: deleting %s from %s", name, location.url)
-            store.delete(name)
+        doomed = [m for m in remote if m.name in decision.remove]
+        for manifest in doomed:
+            log.info("retention: deleting %s from %s", manifest.name, location.url)
+        store.prune(doomed)
     except OffsiteError as exc:
         log.error("retention in S3 FAILED: %s", exc)
         return False
