@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlwarden.jobs.backup import archive, dedup, retention
+from mlwarden.jobs.backup import archive, dedup, prune, retention
 from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveError
@@ -323,12 +323,13 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
     """Delete what the keep rules do not keep, locally and (optionally) in S3. False on an S3 failure."""
     policy = settings.policy
     if not policy.active:
+        prune.collect_garbage(catalog)  # what a prune cut short by kill -9 left
         return True
     local = [e for e in catalog.entries() if e.manifest.source == str(source)]
-    by_name = {e.name: e for e in local}
-    for name in retention.decide(_candidates(local), policy).remove:
-        log.info("retention: deleting %s", name)
-        _delete_local(by_name[name])
+    doomed = [e for e in local if e.name in retention.decide(_candidates(local), policy).remove]
+    for entry in doomed:
+        log.info("retention: deleting %s", entry.name)
+    prune.delete_backups(catalog, doomed)
     if location is None or not settings.s3_retention:
         return True
     from mlwarden.jobs.backup.offsite import OffsiteStore
@@ -346,14 +347,6 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
         log.error("retention in S3 FAILED: %s", exc)
         return False
     return True
-
-
-def _delete_local(entry: BackupEntry) -> None:
-    # Renamed to a staging name first: if the deletion is interrupted, what is left is a
-    # staging directory (removed by the next run), never a backup with missing files.
-    doomed = entry.directory.with_name(f"{BACKUP_STAGING}{os.getpid()}-{entry.directory.name}")
-    os.rename(entry.directory, doomed)
-    shutil.rmtree(doomed)
 
 
 def _dry_run(settings: BackupSettings, source: Path) -> int:

@@ -207,7 +207,8 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
         with members(pack.archive_path, pack.manifest, digest) as found:
             for record, data in found:
                 if isinstance(record, LinkRecord):
-                    links.append(record)  # only the backup's own pack has links
+                    if pack.name == entry.name:  # another pack's links are its own backup's
+                        links.append(record)
                     continue
                 assert data is not None  # a file's data
                 targets = paths.pop((pack.name, record.sha256), [])
