@@ -12,15 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import pytest
 from test_backup_recovery import FORMAT_2, format_2_source, recover
-from test_backup_support import backup, flip_byte, make_models, mlwarden, tree
+from test_backup_support import backup, flip_byte, make_models, mlwarden, s3_env, tree
 
+from mlwarden import components
 from mlwarden.catalog import PACK, PRUNED, Catalog
 from mlwarden.jobs.backup import dedup, prune
 from mlwarden.jobs.backup.restore import restore_entry
 
 REPO = Path(__file__).resolve().parent.parent
+__all__ = ["s3_env"]  # a fixture: imported to be used
 
 
 def settle() -> None:
@@ -292,3 +295,51 @@ def test_the_recovery_script_rebuilds_a_format_3_backup_from_its_packs(tmp_path:
     flip_byte(Catalog(backups).entries()[0].archive_path)  # the older pack, which holds most of it
     done = recover(latest.directory, tmp_path / "damaged")
     assert done.returncode == 1 and "damaged" in done.stderr
+
+
+def test_offsite_moves_only_the_packs_needed_and_prunes_the_bucket_by_reference(
+    tmp_path: Path, s3_env: list[str], s3_server: components.S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlwarden.jobs.backup.offsite import OffsiteStore
+
+    uploaded: list[str] = []
+    downloaded: list[str] = []
+    copy, fetch = OffsiteStore._copy, OffsiteStore._fetch_archive
+    monkeypatch.setattr(OffsiteStore, "_copy", lambda self, entry, names: uploaded.append(entry.name) or copy(self, entry, names))
+    monkeypatch.setattr(OffsiteStore, "_fetch_archive", lambda self, name, *rest: downloaded.append(name) or fetch(self, name, *rest))
+    models, backups = tmp_path / "models", tmp_path / "backups"
+    models.mkdir()
+    (models / "A").write_bytes(os.urandom(50_000))
+    (models / "B").write_bytes(os.urandom(50_000))
+    run(models, backups, tmp_path, *s3_env)
+    (models / "C").write_bytes(os.urandom(50_000))
+    uploaded.clear()
+    run(models, backups, tmp_path, *s3_env)
+    first, second = (e.name for e in Catalog(backups).entries())
+    assert uploaded == [second]  # only the new pack goes up: A and B are in the bucket already
+    (models / "B").unlink()
+    (models / "C").unlink()
+    (models / "D").write_bytes(os.urandom(50_000))
+    run(models, backups, tmp_path, *s3_env)
+    third = Catalog(backups).entries()[-1].name
+    expected = tree(models)
+    assert mlwarden("restore", third, "--from-s3", *s3_env, "--to", tmp_path / "r3") == 0
+    assert tree(tmp_path / "r3") == expected
+    assert sorted(downloaded) == sorted([first, third])  # the second pack is in the bucket, but nothing of it is needed
+    downloaded.clear()
+    run(models, backups, tmp_path, *s3_env, "--keep-last", "1", "--s3-retention")  # nothing changed: names first and third
+    fourth = Catalog(backups).entries()[-1].name
+    s3 = boto3.client("s3", endpoint_url=s3_server.url)
+    bucket = s3_env[s3_env.index("--s3-bucket") + 1]
+    groups: dict[str, set[str]] = {}
+    for obj in s3.list_objects_v2(Bucket=bucket)["Contents"]:
+        name, file_name = obj["Key"].split("/")[2:]
+        groups.setdefault(name, set()).add(file_name)
+    assert {name for name, files in groups.items() if "manifest.json" in files} == {fourth}
+    assert second not in groups  # its pack (C) was named by no kept manifest: deleted
+    assert "pack.json" in groups[first] and "pack.json" in groups[third]  # A and D live there
+    shutil.rmtree(backups)  # the machine lost its disk
+    downloaded.clear()
+    assert mlwarden("restore", "latest", "--from-s3", *s3_env, "--to", tmp_path / "r") == 0
+    assert tree(tmp_path / "r") == expected
+    assert sorted(downloaded) == sorted([first, third, fourth])
