@@ -14,13 +14,13 @@ from pathlib import Path
 
 import boto3
 import pytest
+from mlwarden.jobs.backup import dedup, prune
+from mlwarden.jobs.backup.restore import restore_entry
 from test_backup_recovery import FORMAT_2, format_2_source, recover
 from test_backup_support import backup, flip_byte, make_models, mlwarden, s3_env, tree
 
 from mlwarden import components
 from mlwarden.catalog import PACK, PRUNED, Catalog
-from mlwarden.jobs.backup import dedup, prune
-from mlwarden.jobs.backup.restore import restore_entry
 
 REPO = Path(__file__).resolve().parent.parent
 __all__ = ["s3_env"]  # a fixture: imported to be used
@@ -108,7 +108,9 @@ def test_files_written_within_the_clock_tick_are_not_trusted_from_the_cache(tmp_
 
 
 @pytest.mark.parametrize("damage", ["flip", "garbage", "version"])
-def test_a_damaged_files_cache_is_dropped_with_a_log_line_and_every_file_read(tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_files_cache_is_dropped_with_a_log_line_and_every_file_read(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     models, backups = make_models(tmp_path / "models"), tmp_path / "backups"
     settle()
     run(models, backups, tmp_path)

@@ -168,7 +168,9 @@ def _warn_links_out(source: Path, links: list[LinkRecord]) -> None:
     for link in links:
         resolved = os.path.realpath(source / link.path)
         if os.path.commonpath([root, resolved]) != root:
-            log.warning("%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source)
+            log.warning(
+                "%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source
+            )
 
 
 def archive_name(backup_name: str, compression: str) -> str:
@@ -347,7 +349,9 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
     key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
     if not unchanged:
         return _Copied(None, written, key)
-    record = FileRecord(path=source_file.relative, size=before.st_size, sha256=digest.hexdigest(), mtime=before.st_mtime, mode=stat.S_IMODE(before.st_mode))
+    record = FileRecord(
+        path=source_file.relative, size=before.st_size, sha256=digest.hexdigest(), mtime=before.st_mtime, mode=stat.S_IMODE(before.st_mode)
+    )
     return _Copied(record, written, key)
 
 
@@ -412,10 +416,10 @@ def _compressor(sink: _HashingSink, compression: str, level: int, threads: int) 
         yield sink
         return
     if compression == "gzip":
-        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level, mtime=0) as stream:  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level, mtime=0) as stream:
             yield stream
         return
     # threads=-1: as many zstd workers as cores; the calling thread only feeds and drains.
     compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1, write_checksum=True)
-    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:
+    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:  # type: ignore[arg-type]  # it only writes and flushes
         yield stream

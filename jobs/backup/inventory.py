@@ -134,7 +134,8 @@ def _pack_references(entry: BackupEntry, packs: dict[str, BackupEntry]) -> list[
     held = {name: {(r.sha256, r.size) for r in pack.manifest.files} for name, pack in packs.items()}
     for name in entry.manifest.packs:
         if name not in held:
-            problems.append(f"pack {name} is missing or unreadable: {sum(r.pack == name for r in entry.manifest.files)} file(s) of this backup live in it")
+            living = sum(r.pack == name for r in entry.manifest.files)
+            problems.append(f"pack {name} is missing or unreadable: {living} file(s) of this backup live in it")
             continue
         lacking = [r.path for r in entry.manifest.files if r.pack == name and (r.sha256, r.size) not in held[name]]
         if lacking:

@@ -112,7 +112,7 @@ def _run_backup(settings: BackupSettings) -> int:
     if settings.dry_run:
         return _dry_run(settings, source)
     outcome = Outcome()
-    code = ExitCode.FAILURE
+    code: int = ExitCode.FAILURE
     with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         try:
             with JobLock(settings.backup_dir / LOCK_FILE):  # creates the backup directory if needed
@@ -302,7 +302,8 @@ def _save_cache(path: Path, known: dedup.Dedup) -> None:
 
 def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry, bool]:
     offsite = entry.status.offsite
-    if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == location.key(entry.name, entry.manifest.archive):
+    key = location.key(entry.name, entry.manifest.archive)
+    if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == key:
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True
     from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
@@ -339,10 +340,10 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
         remote = [m for m in store.manifests() if m.source == str(source)]
         # Objects in S3 were checked against their hash on upload: they count as verified.
         decision = retention.decide([retention.Candidate(m.name, m.started_at, True) for m in remote], policy)
-        doomed = [m for m in remote if m.name in decision.remove]
-        for manifest in doomed:
+        gone = [m for m in remote if m.name in decision.remove]
+        for manifest in gone:
             log.info("retention: deleting %s from %s", manifest.name, location.url)
-        store.prune(doomed)
+        store.prune(gone)
     except OffsiteError as exc:
         log.error("retention in S3 FAILED: %s", exc)
         return False

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
-import boto3.exceptions
-import botocore.config
-import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
+import boto3  # type: ignore[import-untyped]  # boto3, botocore and s3transfer ship no type hints
+import boto3.exceptions  # type: ignore[import-untyped]  # as above
+import botocore.config  # type: ignore[import-untyped]  # as above
+import botocore.exceptions  # type: ignore[import-untyped]  # as above
+from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]  # as above
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
-from s3transfer.utils import ChunksizeAdjuster
+from s3transfer.utils import ChunksizeAdjuster  # type: ignore[import-untyped]  # as above
 
 from mlwarden.backoff import Backoff
 from mlwarden.catalog import CHECKSUMS, MANIFEST, PACK, BackupEntry, Catalog, CatalogError, Manifest, OffsiteCopy, Pack, check_backup_name
@@ -153,7 +153,8 @@ class OffsiteStore:
                     self._copy(pack, (pack.manifest.archive + ".sha256", PACK))
         extra = (PACK,) if entry.pack is not None else ()
         archive_key = self._copy(entry, (manifest.archive + ".sha256", *extra, CHECKSUMS, MANIFEST))
-        log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, archive_key, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, archive_key, seconds)
         return OffsiteCopy(
             uploaded_at=time.time(),
             bucket=loc.bucket,
@@ -370,7 +371,8 @@ class OffsiteStore:
 
         def remove() -> None:
             prefix = loc.key(name, "")
-            keys = [o["Key"] for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix) for o in page.get("Contents", [])]
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
             manifest_key = loc.key(name, MANIFEST)
             if manifest_key in keys:
                 self._s3.delete_object(Bucket=loc.bucket, Key=manifest_key)

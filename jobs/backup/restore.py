@@ -186,7 +186,9 @@ def _packs(entry: BackupEntry) -> list[BackupEntry]:
     for pack in packs:
         missing = wanted.get(pack.name, set()) - {record.sha256 for record in pack.manifest.files}
         if missing:
-            raise ArchiveError(f"pack {pack.name} does not hold content that {entry.name} names it for ({len(missing)} file(s)): nothing was extracted")
+            raise ArchiveError(
+                f"pack {pack.name} does not hold content that {entry.name} names it for ({len(missing)} file(s)): nothing was extracted"
+            )
     return packs
 
 
@@ -196,8 +198,8 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
     written; the others copied from it), then the links from ``entry``'s own pack."""
     check_manifest_paths(entry.manifest)
     paths: dict[tuple[str, str], list[FileRecord]] = {}
-    for record in entry.manifest.files:
-        paths.setdefault((str(record.pack), record.sha256), []).append(record)
+    for wanted in entry.manifest.files:
+        paths.setdefault((str(wanted.pack), wanted.sha256), []).append(wanted)
     files = 0
     links: list[LinkRecord] = []
     made = {staging}
@@ -294,7 +296,9 @@ def _make_links(staging: Path, links: list[LinkRecord], external_links: bool) ->
         if not outside:
             return
         for link in outside:
-            log.warning("not restoring symlink %s -> %s: it points outside the restore target (--restore-external-links restores it)", link.path, link.target)
+            log.warning(
+                "not restoring symlink %s -> %s: it points outside the restore target (--restore-external-links restores it)", link.path, link.target
+            )
             os.unlink(staging / link.path)
             remaining.remove(link)
 
