@@ -345,3 +345,15 @@ def test_offsite_moves_only_the_packs_needed_and_prunes_the_bucket_by_reference(
     assert mlwarden("restore", "latest", "--from-s3", *s3_env, "--to", tmp_path / "r") == 0
     assert tree(tmp_path / "r") == expected
     assert sorted(downloaded) == sorted([first, third, fourth])
+
+
+def test_hard_links_are_read_and_stored_once(tmp_path: Path) -> None:
+    models, backups = tmp_path / "models", tmp_path / "backups"
+    models.mkdir()
+    (models / "weights.bin").write_bytes(os.urandom(9 * 2**20))  # more than one read chunk: streamed, not hashed first
+    os.link(models / "weights.bin", models / "same-weights.bin")
+    run(models, backups, tmp_path)
+    (entry,) = Catalog(backups).entries()
+    assert entry.pack is not None and [r.path for r in entry.pack.files] == ["same-weights.bin"]
+    assert metrics(tmp_path)["mlwarden_backup_read_bytes"] == 9 * 2**20
+    assert restored(entry.name, backups, tmp_path / "r") == tree(models)

@@ -89,12 +89,16 @@ class Dedup:
     sizes: set[int] = field(default_factory=set)  # sizes of the indexed content: a cheap "could be stored"
     new_cache: dict[CacheKey, str] = field(default_factory=dict)
     stored_here: dict[str, str] = field(default_factory=dict)  # SHA-256 -> member path, in this pack
+    read_here: dict[CacheKey, str] = field(default_factory=dict)  # what this run read: a hard link's other names
 
     def _recent(self, key: CacheKey) -> bool:
         return max(key[3], key[4]) >= self.scan_started_ns - CLOCK_GRANULARITY_NS
 
     def unchanged(self, key: CacheKey) -> str | None:
-        """The SHA-256 of an unchanged file whose content a pack holds; None: read it."""
+        """The SHA-256 of an unchanged file whose content a pack holds; None: read it. A hard
+        link to a file this run already read (same device, inode and times) is not read again."""
+        if key in self.read_here:
+            return self.read_here[key]
         sha = self.cache.get(key)
         if sha is None or self._recent(key) or self.pack_of(sha) is None:
             return None
@@ -114,6 +118,7 @@ class Dedup:
         """A file was read (and ``stored`` in this pack or not): remember it for the next run."""
         if stored:
             self.stored_here.setdefault(record.sha256, record.path)
+        self.read_here[key] = record.sha256
         if not self._recent(key):
             self.new_cache[key] = record.sha256
 

@@ -149,7 +149,10 @@ class OffsiteStore:
             for name in manifest.packs:
                 if name != entry.name and not self._has_pack(name):
                     log.info("pack %s, which %s needs, is not in %s: uploading it", name, entry.name, loc.url)
-                    pack = Catalog.read_pack(entry.directory.parent / name)
+                    try:
+                        pack = Catalog.read_pack(entry.directory.parent / name)
+                    except (OSError, CatalogError) as exc:
+                        raise OffsiteError(f"{entry.name} needs pack {name}, which is neither in {loc.url} nor readable here: {exc}") from None
                     self._copy(pack, (pack.manifest.archive + ".sha256", PACK))
         extra = (PACK,) if entry.pack is not None else ()
         archive_key = self._copy(entry, (manifest.archive + ".sha256", *extra, CHECKSUMS, MANIFEST))
