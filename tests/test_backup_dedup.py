@@ -231,12 +231,17 @@ def _capture(argv: list[str]) -> str:
     return done.stdout
 
 
-def test_check_resolves_every_pack_reference_and_read_data_reads_every_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    models, backups = with_duplicates(tmp_path / "models"), tmp_path / "backups"
+def two_backups(models: Path, backups: Path, textfile_dir: Path) -> None:
+    """A backup of ``models``, then one after a 3,000-byte file was added."""
     settle()
-    run(models, backups, tmp_path)
+    run(models, backups, textfile_dir)
     (models / "new.bin").write_bytes(os.urandom(3000))
-    run(models, backups, tmp_path)
+    run(models, backups, textfile_dir)
+
+
+def test_check_resolves_every_pack_reference_and_read_data_reads_every_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    backups = tmp_path / "backups"
+    two_backups(with_duplicates(tmp_path / "models"), backups, tmp_path)
     first, second = Catalog(backups).entries()
     assert mlwarden("backup-check", "--backup-dir", backups, "--read-data") == 0
     flip_byte(first.archive_path)  # in the older pack, which the newest backup needs
@@ -250,11 +255,8 @@ def test_check_resolves_every_pack_reference_and_read_data_reads_every_pack(tmp_
 
 
 def test_list_shows_new_bytes_next_to_total_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    models, backups = make_models(tmp_path / "models"), tmp_path / "backups"
-    settle()
-    run(models, backups, tmp_path)
-    (models / "new.bin").write_bytes(os.urandom(3000))
-    run(models, backups, tmp_path)
+    two_backups(make_models(tmp_path / "models"), tmp_path / "backups", tmp_path)
+    backups = tmp_path / "backups"
     capsys.readouterr()
     assert mlwarden("backup-list", "--backup-dir", backups, "--json") == 0
     first, second = json.loads(capsys.readouterr().out)
@@ -285,10 +287,7 @@ def test_format_2_and_format_3_backups_mix_restore_and_prune(tmp_path: Path) -> 
 def test_the_recovery_script_rebuilds_a_format_3_backup_from_its_packs(tmp_path: Path) -> None:
     models, backups = with_duplicates(tmp_path / "models"), tmp_path / "backups"
     (models / "alias.json").symlink_to("config.json")
-    settle()
-    run(models, backups, tmp_path)
-    (models / "new.bin").write_bytes(os.urandom(3000))
-    run(models, backups, tmp_path)
+    two_backups(models, backups, tmp_path)
     latest = Catalog(backups).entries()[-1]
     done = recover(latest.directory, tmp_path / "recovered")
     assert done.returncode == 0, done.stderr

@@ -44,6 +44,7 @@ from mlwarden.fsutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_NamedT = TypeVar("_NamedT", Manifest, Pack)
 _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 _READ_BYTES = 8 * 2**20
 _ETAG_NOT_MD5 = ("aws:kms", "aws:kms:dsse")  # server-side encryption whose ETag is not the MD5 of the bytes
@@ -258,12 +259,20 @@ class OffsiteStore:
 
     def _read_manifest(self, name: str) -> Manifest:
         """The manifest stored under backup ``name``'s key, validated (CatalogError otherwise)."""
-        key = self.location.key(check_backup_name(name), MANIFEST)
+        return self._read_named(name, MANIFEST, Manifest.from_json)
+
+    def _read_pack(self, name: str) -> Pack:
+        """The pack.json stored under pack ``name``'s key, validated (CatalogError otherwise)."""
+        return self._read_named(name, PACK, Pack.from_json)
+
+    def _read_named(self, name: str, file_name: str, parse: Callable[[bytes, str], _NamedT]) -> _NamedT:
+        """Anyone who can write to the prefix can put a file there: it must parse and name its own key."""
+        key = self.location.key(check_backup_name(name), file_name)
         body = self._s3.get_object(Bucket=self.location.bucket, Key=key)["Body"].read()
-        manifest = Manifest.from_json(body, f"s3://{self.location.bucket}/{key}")
-        if manifest.name != name:
-            raise CatalogError(f"s3://{self.location.bucket}/{key} names another backup, {manifest.name!r}")
-        return manifest
+        parsed = parse(body, f"s3://{self.location.bucket}/{key}")
+        if parsed.name != name:
+            raise CatalogError(f"s3://{self.location.bucket}/{key} names another backup, {parsed.name!r}")
+        return parsed
 
     def download(self, manifest: Manifest, directory: Path) -> Path:
         """Download a backup into ``directory``, a private staging directory laid out as a
@@ -302,14 +311,6 @@ class OffsiteStore:
             )
         self._s3.download_file(loc.bucket, archive_key, str(place / archive), Config=self._transfer_config(size))
         self._s3.download_file(loc.bucket, loc.key(name, archive + ".sha256"), str(place / (archive + ".sha256")))
-
-    def _read_pack(self, name: str) -> Pack:
-        key = self.location.key(check_backup_name(name), PACK)
-        body = self._s3.get_object(Bucket=self.location.bucket, Key=key)["Body"].read()
-        pack = Pack.from_json(body, f"s3://{self.location.bucket}/{key}")
-        if pack.name != name:
-            raise CatalogError(f"s3://{self.location.bucket}/{key} names another pack, {pack.name!r}")
-        return pack
 
     def prune(self, doomed: list[Manifest]) -> None:
         """Delete backups from the bucket without taking content a kept one needs: each
