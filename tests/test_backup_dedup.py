@@ -356,3 +356,20 @@ def test_hard_links_are_read_and_stored_once(tmp_path: Path) -> None:
     assert entry.pack is not None and [r.path for r in entry.pack.files] == ["same-weights.bin"]
     assert metrics(tmp_path)["mlwarden_backup_read_bytes"] == 9 * 2**20
     assert restored(entry.name, backups, tmp_path / "r") == tree(models)
+
+
+def test_a_known_file_that_changes_while_it_is_hashed_is_read_again_and_stored_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_backup_consistency import SIZE, _models, _writer
+
+    models, backups = _models(tmp_path), tmp_path / "backups"
+    run(models, backups, tmp_path)  # its content is in a pack now: the next run hashes it before storing
+    _writer(monkeypatch, models / "checkpoint.pt", times=1)
+    run(models, backups, tmp_path)
+    latest = Catalog(backups).entries()[-1]
+    # Nothing torn went into the archive (the first read only hashed), so nothing is "rewritten".
+    assert latest.manifest.rewritten == ()
+    assert latest.pack is not None and [r.path for r in latest.pack.files] == ["checkpoint.pt"]
+    assert latest.verified is True
+    assert restored(latest.name, backups, tmp_path / "r") == {"checkpoint.pt": b"\x41" * SIZE}

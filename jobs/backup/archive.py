@@ -214,14 +214,15 @@ def write_archive(
                 copied = _store_file(source_file, out, on_progress, dedup)
                 if copied.record is None:
                     log.warning("%s changed while it was read; reading it once more", source_file.path)
+                    torn = copied.written
                     # A torn first copy in the archive must be followed by a whole one.
-                    copied = _store_file(source_file, out, on_progress, None if copied.written else dedup)
+                    copied = _store_file(source_file, out, on_progress, None if torn else dedup)
                     if copied.record is None:
                         raise SourceChanged(
                             f"{source_file.path} changed while it was being archived, twice: something is still "
                             "writing it (schedule the backup after checkpoints are written, or --exclude it)"
                         )
-                    if copied.written:
+                    if torn:
                         rewritten.append(source_file.relative)
                 record = copied.record
                 read_bytes += record.size
