@@ -88,7 +88,7 @@ class Dedup:
     scan_started_ns: int
     sizes: set[int] = field(default_factory=set)  # sizes of the indexed content: a cheap "could be stored"
     new_cache: dict[CacheKey, str] = field(default_factory=dict)
-    stored_here: dict[str, str] = field(default_factory=dict)  # SHA-256 -> member path, in this pack
+    stored_here: set[str] = field(default_factory=set)  # SHA-256s this pack holds so far
     read_here: dict[CacheKey, str] = field(default_factory=dict)  # what this run read: a hard link's other names
 
     def _recent(self, key: CacheKey) -> bool:
@@ -117,7 +117,7 @@ class Dedup:
     def read(self, key: CacheKey, record: FileRecord, stored: bool) -> None:
         """A file was read (and ``stored`` in this pack or not): remember it for the next run."""
         if stored:
-            self.stored_here.setdefault(record.sha256, record.path)
+            self.stored_here.add(record.sha256)
         self.read_here[key] = record.sha256
         if not self._recent(key):
             self.new_cache[key] = record.sha256
