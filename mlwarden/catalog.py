@@ -212,7 +212,9 @@ class Manifest:
     @property
     def packs(self) -> tuple[str, ...]:
         """The packs whose archives hold this backup's content (format 3), sorted; none before."""
-        return tuple(sorted({record.pack for record in self.files if record.pack is not None} | ({self.name} if self.format_version >= 3 else set())))
+        if self.format_version < 3:
+            return ()
+        return tuple(sorted({str(record.pack) for record in self.files} | {self.name}))
 
     def to_json(self) -> str:
         return _records_json(self, ("files", "links", "skipped"))
