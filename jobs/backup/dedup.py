@@ -124,7 +124,7 @@ class Dedup:
 
 
 def content_index(catalog: Catalog) -> tuple[dict[str, str], set[int]]:
-    """SHA-256 -> newest pack holding it, and the sizes held, over every usable pack in ``catalog``."""
+    """SHA-256 -> a pack holding it, and the sizes held, over every usable pack in ``catalog``."""
     index: dict[str, str] = {}
     sizes: set[int] = set()
 
@@ -136,6 +136,6 @@ def content_index(catalog: Catalog) -> tuple[dict[str, str], set[int]]:
             log.warning("pack %s failed verification: its content is not referenced (stored again if needed)", entry.name)
             continue
         for record in entry.manifest.files:
-            index[record.sha256] = entry.name  # packs come sorted by name (by time): the newest wins
+            index[record.sha256] = entry.name  # any pack that holds it will do; the last by name wins
             sizes.add(record.size)
     return index, sizes
