@@ -373,3 +373,19 @@ def test_a_known_file_that_changes_while_it_is_hashed_is_read_again_and_stored_o
     assert latest.pack is not None and [r.path for r in latest.pack.files] == ["checkpoint.pt"]
     assert latest.verified is True
     assert restored(latest.name, backups, tmp_path / "r") == {"checkpoint.pt": b"\x41" * SIZE}
+
+
+@pytest.mark.parametrize("hostile", ["../../etc", "/etc", "models-20260101T000000Z/../../x"])
+def test_a_pack_name_that_is_not_a_backup_name_is_refused_before_anything_is_read(
+    tmp_path: Path, hostile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models, backups = make_models(tmp_path / "models"), tmp_path / "backups"
+    run(models, backups, tmp_path)
+    (entry,) = Catalog(backups).entries()
+    manifest = json.loads((entry.directory / "manifest.json").read_text())
+    manifest["files"][0]["pack"] = hostile
+    (entry.directory / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert mlwarden("restore", entry.name, "--backup-dir", backups, "--to", tmp_path / "r") == 1
+    assert "not a backup name" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
