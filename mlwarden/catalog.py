@@ -6,9 +6,16 @@ Layout under the backup directory::
       <name>/                      one backup; <name> = <source>-<YYYYmmddTHHMMSSZ>
         <name>.tar.zst             the archive (.tar.zst, .tar.gz or .tar): plain tar
         <name>.tar.zst.sha256      `sha256sum -c` line for the archive
-        SHA256SUMS                 `sha256sum -c` lines for every file inside the archive
+        SHA256SUMS                 `sha256sum -c` lines for every file of the backup
+        pack.json                  format 3: what the archive holds (its members and their hashes)
         manifest.json              written last: the commit marker
         status.json                mutable: last verification, off-site copy (optional)
+
+Format 3 stores content once: a backup's archive (its *pack*) holds only content that no
+earlier pack in the backup directory holds, and each file record of its manifest names the
+pack that holds its SHA-256. A pruned backup whose pack is still named by a kept manifest
+stays as a directory with ``pack.json`` and its manifest renamed to ``manifest.pruned.json``:
+a pack, not a backup, removed once no kept manifest names it.
 
 A backup is written in a staging directory, ``.mlwarden-staging-<pid>-<name>``, and renamed
 to ``<name>`` once its manifest is written. Work directories are hidden and carry the pid of
@@ -37,8 +44,10 @@ from typing import Any
 
 from mlwarden.fsutil import atomic_write_text
 
-FORMAT_VERSION = 2  # 2: links, skipped, excludes, rewritten (1 still reads: they are empty)
+FORMAT_VERSION = 3  # 3: content stored once, in packs; 2: links, skipped, excludes, rewritten (1 and 2 still read)
 MANIFEST = "manifest.json"
+PACK = "pack.json"
+PRUNED = "manifest.pruned.json"  # a pruned backup's manifest, renamed: what is left is a pack
 STATUS = "status.json"
 CHECKSUMS = "SHA256SUMS"
 ARCHIVE_EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
@@ -125,6 +134,34 @@ class FileRecord:
     sha256: str
     mtime: float
     mode: int = 0o644
+    pack: str | None = None  # format 3: the backup whose archive holds this content
+
+
+def _records_json(obj: object, record_fields: tuple[str, ...]) -> str:
+    """Sorted keys, one record a line: readable and greppable, and written by json's C
+    encoder (``indent`` would switch to its Python one: 0.6 s for 20,000 files)."""
+    lines = []
+    for field_ in sorted(dataclasses.fields(obj), key=lambda f: f.name):  # type: ignore[arg-type]  # a dataclass instance
+        value = getattr(obj, field_.name)
+        if field_.name in record_fields and value:
+            rows = ",\n".join("  " + json.dumps(_record_dict(record), sort_keys=True) for record in value)
+            lines.append(f' "{field_.name}": [\n{rows}\n ]')
+        else:
+            lines.append(f' "{field_.name}": {json.dumps(value)}')
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _record_dict(record: object) -> dict[str, Any]:
+    # A format-2 file record has no pack: leave the key out rather than write null.
+    return {k: v for k, v in vars(record).items() if not (k == "pack" and v is None)}
+
+
+def _check_archive_name(name: str, compression: str, archive: str, what: str) -> None:
+    extension = ARCHIVE_EXTENSIONS.get(compression)
+    if extension is None:
+        raise CatalogError(f"{what} of {name}: unknown compression {compression!r}")
+    if archive != name + extension:
+        raise CatalogError(f"{what} of {name}: archive {archive!r} is not {name + extension!r}")
 
 
 @dataclass(frozen=True)
@@ -161,28 +198,26 @@ class Manifest:
     skipped: tuple[SkippedRecord, ...] = ()
     excludes: tuple[str, ...] = ()  # the --exclude patterns of the run
     rewritten: tuple[str, ...] = ()  # files stored twice: changed during the first read, the later copy counts
-    format_version: int = FORMAT_VERSION
+    format_version: int = 2  # what a manifest without the field is read as; new backups are FORMAT_VERSION
 
     def __post_init__(self) -> None:
         check_backup_name(self.name)
-        extension = ARCHIVE_EXTENSIONS.get(self.compression)
-        if extension is None:
-            raise CatalogError(f"manifest of {self.name}: unknown compression {self.compression!r}")
-        if self.archive != self.name + extension:
-            raise CatalogError(f"manifest of {self.name}: archive {self.archive!r} is not {self.name + extension!r}")
+        _check_archive_name(self.name, self.compression, self.archive, "manifest")
+        for record in self.files:
+            if self.format_version >= 3:
+                check_backup_name(record.pack)  # becomes a directory name, and a key in the bucket
+            elif record.pack is not None:
+                raise CatalogError(f"manifest of {self.name}: a format {self.format_version} manifest names a pack")
+
+    @property
+    def packs(self) -> tuple[str, ...]:
+        """The packs whose archives hold this backup's content (format 3), sorted; none before."""
+        if self.format_version < 3:
+            return ()
+        return tuple(sorted({str(record.pack) for record in self.files} | {self.name}))
 
     def to_json(self) -> str:
-        """Sorted keys, one record a line: readable and greppable, and written by json's C
-        encoder (``indent`` would switch to its Python one: 0.6 s for 20,000 files)."""
-        lines = []
-        for field_ in sorted(dataclasses.fields(self), key=lambda f: f.name):
-            value = getattr(self, field_.name)
-            if field_.name in ("files", "links", "skipped") and value:
-                rows = ",\n".join("  " + json.dumps(vars(record), sort_keys=True) for record in value)
-                lines.append(f' "{field_.name}": [\n{rows}\n ]')
-            else:
-                lines.append(f' "{field_.name}": {json.dumps(value)}')
-        return "{\n" + ",\n".join(lines) + "\n}\n"
+        return _records_json(self, ("files", "links", "skipped"))
 
     @classmethod
     def from_json(cls, text: str | bytes, what: str = "manifest") -> Manifest:
@@ -203,6 +238,61 @@ class Manifest:
             raise CatalogError(f"{what} is missing or has wrong fields: {exc}") from None
         except CatalogError as exc:
             raise CatalogError(f"{what}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Pack:
+    """What a format-3 archive holds (``pack.json``): each member once, under the first path
+    that had its content, plus the backup's links. Outlives its backup's manifest while a
+    kept backup names it."""
+
+    name: str
+    compression: str
+    level: int | None
+    archive: str
+    archive_bytes: int
+    archive_sha256: str
+    files: tuple[FileRecord, ...]  # the members, each with ``pack`` = this pack's name
+    links: tuple[LinkRecord, ...] = ()
+    rewritten: tuple[str, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_backup_name(self.name)
+        _check_archive_name(self.name, self.compression, self.archive, "pack")
+        if any(record.pack != self.name for record in self.files):
+            raise CatalogError(f"pack {self.name} lists a member of another pack")
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(record.size for record in self.files)
+
+    def to_json(self) -> str:
+        return _records_json(self, ("files", "links"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes, what: str = "pack") -> Pack:
+        data = _load_json(text, what)
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)} - {"files", "links", "rewritten"}
+            return cls(
+                files=tuple(FileRecord(**f) for f in data["files"]),
+                links=tuple(LinkRecord(**f) for f in data.get("links", ())),
+                rewritten=tuple(str(p) for p in data.get("rewritten", ())),
+                **{k: v for k, v in data.items() if k in fields},
+            )
+        except (KeyError, TypeError) as exc:
+            raise CatalogError(f"{what} is missing or has wrong fields: {exc}") from None
+        except CatalogError as exc:
+            raise CatalogError(f"{what}: {exc}") from None
+
+    def as_manifest(self) -> Manifest:
+        """The archive seen as a manifest of exactly its members: what the archive reader checks against."""
+        return Manifest(
+            name=self.name, source="", host="", started_at=0.0, finished_at=0.0, compression=self.compression,
+            level=self.level, archive=self.archive, archive_bytes=self.archive_bytes, archive_sha256=self.archive_sha256,
+            total_bytes=self.new_bytes, files=self.files, links=self.links, rewritten=self.rewritten, format_version=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -249,6 +339,14 @@ class BackupEntry:
     directory: Path
     manifest: Manifest
     status: Status = field(default_factory=Status)
+    pack: Pack | None = None  # format 3: what this backup's own archive holds
+
+    def stored(self) -> BackupEntry:
+        """This backup as its archive holds it: itself before format 3; its pack from then on
+        (what verification reads; the content it shares lives in other packs)."""
+        if self.pack is None:
+            return self
+        return BackupEntry(directory=self.directory, manifest=self.pack.as_manifest(), status=self.status)
 
     @property
     def name(self) -> str:
@@ -292,8 +390,35 @@ class Catalog:
         return result
 
     def incomplete(self) -> list[Path]:
-        """Visible directories without a manifest: not backups, never removed, reported."""
-        return [d for d in self._candidate_dirs() if not (d / MANIFEST).exists()]
+        """Visible directories without a manifest that are not a pruned backup's pack: never
+        removed, reported (someone's directory, or a backup whose manifest was deleted)."""
+        return [d for d in self._candidate_dirs() if not (d / MANIFEST).exists() and not (d / PRUNED).exists()]
+
+    def packs(self, on_unreadable: Callable[[Path, Exception], None] | None = None) -> list[BackupEntry]:
+        """Every pack (format 3), of a backup or left by a pruned one, as an entry whose
+        manifest is the pack's content (:meth:`BackupEntry.stored`), by name."""
+        report = on_unreadable or _warn_unreadable
+        result = []
+        for directory in self._candidate_dirs():
+            if not (directory / PACK).exists():
+                continue
+            try:
+                result.append(self.read_pack(directory))
+            except (OSError, ValueError) as exc:
+                report(directory, exc)
+        return sorted(result, key=lambda e: e.name)
+
+    def pack_only(self) -> list[Path]:
+        """Packs left by pruned backups (their manifest renamed to PRUNED): removed once no backup names them."""
+        return [d for d in self._candidate_dirs() if (d / PRUNED).exists() and not (d / MANIFEST).exists()]
+
+    @staticmethod
+    def read_pack(directory: Path) -> BackupEntry:
+        """The pack in ``directory`` (CatalogError if it is unreadable or not named as its directory)."""
+        pack = _read_pack(directory)
+        if pack.name != directory.name:
+            raise CatalogError(f"{directory / PACK} names another pack, {pack.name!r}")
+        return BackupEntry(directory=directory, manifest=pack.as_manifest(), status=_read_status(directory))
 
     def latest(self) -> BackupEntry | None:
         entries = self.entries()
@@ -325,20 +450,20 @@ class Catalog:
             return None
         except OSError as exc:
             raise CatalogError(f"cannot read {manifest_path}: {exc.strerror}") from None
-        status_path = directory / STATUS
-        try:
-            status = Status.from_json(status_path.read_bytes(), str(status_path))
-        except FileNotFoundError:
-            status = Status()
-        except OSError as exc:
-            raise CatalogError(f"cannot read {status_path}: {exc.strerror}") from None
-        return BackupEntry(directory=directory, manifest=manifest, status=status)
+        pack = None
+        if manifest.format_version >= 3:
+            pack = _read_pack(directory)
+            if (pack.name, pack.archive, pack.archive_sha256) != (manifest.name, manifest.archive, manifest.archive_sha256):
+                raise CatalogError(f"{directory / PACK} does not describe the archive of {manifest_path}")
+        return BackupEntry(directory=directory, manifest=manifest, status=_read_status(directory), pack=pack)
 
     @staticmethod
-    def commit(directory: Path, manifest: Manifest) -> BackupEntry:
-        """Write the manifest last, atomically: from now on the backup exists."""
+    def commit(directory: Path, manifest: Manifest, pack: Pack | None = None) -> BackupEntry:
+        """Write the pack's index, then the manifest last, atomically: from now on the backup exists."""
+        if pack is not None:
+            atomic_write_text(directory / PACK, pack.to_json())
         atomic_write_text(directory / MANIFEST, manifest.to_json())
-        return BackupEntry(directory=directory, manifest=manifest)
+        return BackupEntry(directory=directory, manifest=manifest, pack=pack)
 
     @staticmethod
     def update_status(entry: BackupEntry, **changes: Any) -> BackupEntry:
@@ -355,3 +480,23 @@ class Catalog:
                         yield Path(item.path)
         except FileNotFoundError:
             return
+
+
+def _read_pack(directory: Path) -> Pack:
+    path = directory / PACK
+    try:
+        return Pack.from_json(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        raise CatalogError(f"{path} is missing: the backup's archive index") from None
+    except OSError as exc:
+        raise CatalogError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_status(directory: Path) -> Status:
+    status_path = directory / STATUS
+    try:
+        return Status.from_json(status_path.read_bytes(), str(status_path))
+    except FileNotFoundError:
+        return Status()
+    except OSError as exc:
+        raise CatalogError(f"cannot read {status_path}: {exc.strerror}") from None

@@ -13,6 +13,12 @@ The steps are the ones docs/backups.md gives by hand:
 3. every file of the manifest must be in TARGET with its size and SHA-256, every symlink
    with its target, and nothing else may be there.
 
+Format 3 (content stored once): the manifest names, for each file, the pack (a backup
+directory next to BACKUP/<name>, with pack.json) whose archive holds its content. Each pack
+is checked as in 1 against its pack.json and extracted into a scratch directory next to
+TARGET; each file of the manifest is copied from the member with its SHA-256, the symlinks
+are made from the manifest, and 3 holds as above.
+
 Exit 0 when TARGET holds exactly the backup; 1 naming what is wrong. Only the standard
 library: this file is meant to be copied next to the backups and run on a bare machine.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -81,25 +88,88 @@ def check_tree(manifest: dict[str, Any], target: str) -> list[str]:
     return problems
 
 
+def load(path: str) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def checked_archive(directory: str, index: dict[str, Any], what: str) -> tuple[str, list[str]]:
+    """The path of the archive ``index`` (a manifest or pack.json) describes, and what is wrong with it."""
+    archive = index["archive"]
+    if "/" in archive or archive.startswith(".") or index["compression"] not in EXTRACT:
+        return "", [f"{what} names an unexpected archive {archive!r} ({index['compression']!r})"]
+    archive_path = os.path.join(directory, archive)
+    actual = sha256(archive_path)
+    if actual != index["archive_sha256"]:
+        return "", [f"{archive}: SHA-256 {actual} is not the {what}'s {index['archive_sha256']}: the archive is damaged"]
+    with open(archive_path + ".sha256", encoding="utf-8") as handle:
+        if handle.read().split()[0].lstrip("\\") != actual:
+            return "", [f"{archive}.sha256 does not match the archive"]
+    return archive_path, []
+
+
+def extract(archive_path: str, compression: str, target: str) -> None:
+    os.makedirs(target)
+    command = EXTRACT[compression].format(archive=quote(archive_path), target=quote(target))
+    subprocess.run(["bash", "-o", "pipefail", "-c", command], check=True)
+
+
 def recover(backup: str, target: str) -> list[str]:
-    with open(os.path.join(backup, "manifest.json"), "rb") as handle:
-        manifest = json.load(handle)
-    archive = manifest["archive"]
-    if "/" in archive or archive.startswith(".") or manifest["compression"] not in EXTRACT:
-        return [f"manifest.json names an unexpected archive {archive!r} ({manifest['compression']!r})"]
+    manifest = load(os.path.join(backup, "manifest.json"))
     unsafe = [r["path"] for r in (*manifest["files"], *manifest.get("links", ())) if not safe(r["path"])]
     if unsafe:
         return [f"manifest.json lists unsafe paths, e.g. {unsafe[0]!r}"]
-    archive_path = os.path.join(backup, archive)
-    actual = sha256(archive_path)
-    if actual != manifest["archive_sha256"]:
-        return [f"{archive}: SHA-256 {actual} is not the manifest's {manifest['archive_sha256']}: the archive is damaged"]
-    with open(archive_path + ".sha256", encoding="utf-8") as handle:
-        if handle.read().split()[0].lstrip("\\") != actual:
-            return [f"{archive}.sha256 does not match the archive"]
+    if manifest.get("format_version", 1) >= 3:
+        return recover_packs(backup, manifest, target)
+    archive_path, problems = checked_archive(backup, manifest, "manifest")
+    if problems:
+        return problems
+    extract(archive_path, manifest["compression"], target)
+    return check_tree(manifest, target)
+
+
+def recover_packs(backup: str, manifest: dict[str, Any], target: str) -> list[str]:
+    """Format 3: check every pack first (nothing is extracted if one is damaged), extract
+    them into a scratch directory, then copy each file's content to its path."""
+    root = os.path.dirname(os.path.abspath(backup))
+    names = sorted({r["pack"] for r in manifest["files"]} | {manifest["name"]})
+    if any(not safe(name) or "/" in name or name.startswith(".") for name in names):
+        return ["manifest.json names a pack that is not a directory name"]
+    members: dict[tuple[str, str], str] = {}  # (pack, SHA-256) -> member path
+    archives = {}
+    for name in names:
+        pack = load(os.path.join(root, name, "pack.json"))
+        if pack["name"] != name or any(not safe(r["path"]) for r in pack["files"]):
+            return [f"{name}/pack.json does not describe pack {name}"]
+        archives[name], problems = checked_archive(os.path.join(root, name), pack, f"{name}/pack.json")
+        if problems:
+            return problems
+        for record in pack["files"]:
+            members[(name, record["sha256"])] = record["path"]
+        archives[name + "/compression"] = pack["compression"]
+    lacking = [r["path"] for r in manifest["files"] if (r["pack"], r["sha256"]) not in members]
+    if lacking:
+        return [f"{len(lacking)} file(s) have no member in their pack, e.g. {lacking[0]!r}"]
+    scratch = os.path.join(os.path.dirname(os.path.abspath(target)), "." + os.path.basename(target) + ".packs")
     os.makedirs(target)
-    command = EXTRACT[manifest["compression"]].format(archive=quote(archive_path), target=quote(target))
-    subprocess.run(["bash", "-o", "pipefail", "-c", command], check=True)
+    try:
+        for name in names:
+            extract(archives[name], archives[name + "/compression"], os.path.join(scratch, name))
+        for record in manifest["files"]:
+            destination = os.path.join(target, record["path"])
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            shutil.copyfile(os.path.join(scratch, record["pack"], members[(record["pack"], record["sha256"])]), destination)
+            os.chmod(destination, record.get("mode", 0o644) & 0o777)
+            os.utime(destination, (record["mtime"], record["mtime"]))
+        for link in manifest.get("links", ()):
+            destination = os.path.join(target, link["path"])
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            os.symlink(link["target"], destination)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return check_tree(manifest, target)
 
 

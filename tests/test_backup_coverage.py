@@ -193,6 +193,9 @@ def test_a_backup_in_the_format_before_links_still_restores(tmp_path: Path) -> N
     for key in ("links", "skipped", "excludes", "rewritten"):
         del manifest[key]
     manifest["format_version"] = 1  # exactly what the previous release wrote
+    for record in manifest["files"]:
+        del record["pack"]
+    (entry.directory / "pack.json").unlink()
     (entry.directory / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     assert mlwarden("restore", "--backup-dir", tmp_path / "backups", "--to", tmp_path / "restored") == 0
     assert tree(tmp_path / "restored") == tree(models)

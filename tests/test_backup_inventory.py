@@ -22,7 +22,7 @@ def test_list_shows_each_backup_as_a_table_and_as_json(backups: Path, capsys: py
     capsys.readouterr()
     assert mlwarden("backup-list", "--backup-dir", backups) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header.split() == ["NAME", "STARTED", "FILES", "TOTAL", "STORED", "VERIFIED", "OFF-SITE"]
+    assert header.split() == ["NAME", "STARTED", "FILES", "TOTAL", "NEW", "STORED", "VERIFIED", "OFF-SITE"]
     assert row.split()[0] == entry.name and row.split()[2] == "4" and row.split()[-2:] == ["yes", "no"]
     assert mlwarden("backup-list", "--backup-dir", backups, "--json") == 0
     (listed,) = json.loads(capsys.readouterr().out)

@@ -142,7 +142,11 @@ def test_retention_deletes_old_backups_and_keeps_the_rules(tmp_path: Path) -> No
     kept = [e.name for e in Catalog(backups).entries()]
     assert len(kept) == 2
     assert names[0] not in kept and names[1] not in kept
-    assert not (backups / names[0]).exists()
+    # The same models each time: the kept backups' content lives in the first backup's pack,
+    # which stays as a pack (not a backup) while they name it; the second's pack held nothing they need.
+    assert not (backups / names[0] / "manifest.json").exists()
+    assert {name for e in Catalog(backups).entries() for name in e.manifest.packs} == {names[0], *kept}
+    assert not (backups / names[1]).exists()
 
 
 @pytest.fixture
@@ -180,8 +184,8 @@ def test_kill_9_mid_backup_leaves_no_manifest_and_the_next_run_succeeds(tmp_path
     models.mkdir()
     (models / "big.bin").write_bytes(os.urandom(48 * 2**20))
     backups = tmp_path / "backups"
-    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups),
-            "--compression", "gzip", "--level", "9"]
+    argv = [sys.executable, "-m", "mlwarden.cli", "backup", "--model-dir", str(models), "--backup-dir", str(backups)]
+    argv += ["--compression", "gzip", "--level", "9"]
     process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.DEVNULL)
 
     def archive_being_written() -> bool:

@@ -49,7 +49,7 @@ def test_upload_stores_the_sha256_as_metadata_and_records_the_copy(
     entry = only_entry(tmp_path / "backups")
     name = entry.name
     assert keys(s3_server, bucket) == sorted(
-        f"node-1/{name}/{f}" for f in (entry.manifest.archive, entry.manifest.archive + ".sha256", "SHA256SUMS", "manifest.json")
+        f"node-1/{name}/{f}" for f in (entry.manifest.archive, entry.manifest.archive + ".sha256", "SHA256SUMS", "manifest.json", "pack.json")
     )
     head = boto3.client("s3", endpoint_url=s3_server.url).head_object(Bucket=bucket, Key=f"node-1/{name}/{entry.manifest.archive}")
     assert head["Metadata"]["sha256"] == entry.manifest.archive_sha256
@@ -109,11 +109,16 @@ def test_retention_in_s3_applies_the_same_rules(tmp_path: Path, s3_server: compo
         assert backup(models, tmp_path / "backups", *argv) == 0
     assert len({k.split("/")[1] for k in keys(s3_server, bucket)}) == 3
     assert backup(models, tmp_path / "backups", *argv, "--keep-last", "2", "--s3-retention") == 0
-    remaining = {k.split("/")[1] for k in keys(s3_server, bucket)}
+    remaining = {k.split("/")[1] for k in keys(s3_server, bucket) if k.endswith("/manifest.json")}
     assert len(remaining) == 2
     from mlwarden.catalog import Catalog
 
-    assert remaining == {e.name for e in Catalog(tmp_path / "backups").entries()}
+    kept = Catalog(tmp_path / "backups").entries()
+    assert remaining == {e.name for e in kept}
+    # The same models each time: the kept backups' content lives in the first one's pack,
+    # which stays (without its manifest) as long as they name it.
+    packs = {k.split("/")[1] for k in keys(s3_server, bucket)} - remaining
+    assert packs == {name for e in kept for name in e.manifest.packs} - remaining
 
 
 class _CorruptingProxy(http.server.ThreadingHTTPServer):

@@ -71,6 +71,9 @@ def test_the_recovery_script_names_a_file_that_does_not_match(tmp_path: Path) ->
     record = next(r for r in manifest["files"] if r["path"] == "config.json")
     record["sha256"] = "0" * 64
     (entry.directory / "manifest.json").write_text(json.dumps(manifest))
+    pack = json.loads((entry.directory / "pack.json").read_text())  # format 3: the member's index says the same
+    next(r for r in pack["files"] if r["path"] == "config.json")["sha256"] = "0" * 64
+    (entry.directory / "pack.json").write_text(json.dumps(pack))
     result = recover(entry.directory, tmp_path / "recovered")
     assert result.returncode == 1 and "config.json: SHA-256 does not match the manifest" in result.stderr
 

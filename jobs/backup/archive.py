@@ -14,6 +14,7 @@ that GNU tar extracts (``tar --zstd -xf``).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fnmatch
 import gzip
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import zstandard
+from mlwarden.jobs.backup.dedup import CacheKey, Dedup
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
 
@@ -64,6 +66,7 @@ class SourceFile:
     size: int
     mtime: float
     mode: int
+    key: CacheKey = (0, 0, 0, 0, 0)  # the files cache's key, as the scan saw the file
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class ArchiveResult:
     files: tuple[FileRecord, ...]
     read_bytes: int
     rewritten: tuple[str, ...] = ()  # stored twice: changed during the first read
+    members: tuple[FileRecord, ...] = ()  # what the archive holds (with dedup, a subset of files)
 
 
 class _Writable(Protocol):
@@ -135,7 +139,8 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
                 elif stat.S_ISREG(info.st_mode):
                     if not os.access(child.path, os.R_OK):
                         raise PermissionError(errno.EACCES, "Permission denied")
-                    files.append(SourceFile(child.path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode)))
+                    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+                    files.append(SourceFile(child.path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode), key))
                 else:
                     kind = next(k for test, k in _SPECIAL_KINDS if test(info.st_mode))
                     log.warning("not backing up %s: a %s (listed as skipped in the manifest)", child.path, kind)
@@ -163,7 +168,9 @@ def _warn_links_out(source: Path, links: list[LinkRecord]) -> None:
     for link in links:
         resolved = os.path.realpath(source / link.path)
         if os.path.commonpath([root, resolved]) != root:
-            log.warning("%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source)
+            log.warning(
+                "%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source
+            )
 
 
 def archive_name(backup_name: str, compression: str) -> str:
@@ -177,8 +184,13 @@ def write_archive(
     level: int | None,
     threads: int = 0,
     on_progress: Callable[[int], None] = lambda _: None,
+    dedup: Dedup | None = None,
 ) -> ArchiveResult:
     """Archive ``source`` into ``destination`` (complete or absent, never partial).
+
+    With ``dedup`` (format 3) only content that no pack holds yet goes in, once: a file the
+    files cache knows is not read; a file smaller than a chunk is read, hashed, and written
+    only if new; a large one is hashed first only if a pack holds content of its size.
 
     A file that changes while it is read (size, mtime_ns, ctime_ns or inode differ before and
     after) is read once more and stored again under the same name: the archive is written
@@ -188,21 +200,38 @@ def write_archive(
     """
     chosen_level = DEFAULT_LEVELS[compression] if level is None else level
     records: list[FileRecord] = []
+    members: list[FileRecord] = []
     rewritten: list[str] = []
+    read_bytes = 0
     with atomic_writer(destination) as raw:
         sink = _HashingSink(raw)
         with _compressor(sink, compression, chosen_level or 0, threads) as out:
             for source_file in source.files:
-                record = _copy_file(source_file, out, on_progress)
-                if record is None:
+                known = None if dedup is None else dedup.unchanged(source_file.key)
+                if known is not None and dedup is not None:
+                    records.append(_unread_record(source_file, known, dedup))
+                    continue
+                copied = _store_file(source_file, out, on_progress, dedup)
+                if copied.record is None:
                     log.warning("%s changed while it was read; reading it once more", source_file.path)
-                    record = _copy_file(source_file, out, on_progress)
-                    if record is None:
+                    torn = copied.written
+                    # A torn first copy in the archive must be followed by a whole one.
+                    copied = _store_file(source_file, out, on_progress, None if torn else dedup)
+                    if copied.record is None:
                         raise SourceChanged(
                             f"{source_file.path} changed while it was being archived, twice: something is still "
                             "writing it (schedule the backup after checkpoints are written, or --exclude it)"
                         )
-                    rewritten.append(source_file.relative)
+                    if torn:
+                        rewritten.append(source_file.relative)
+                record = copied.record
+                read_bytes += record.size
+                if dedup is not None:
+                    pack = dedup.name if copied.written else dedup.pack_of(record.sha256)
+                    record = dataclasses.replace(record, pack=pack)
+                    dedup.read(copied.key, record, copied.written)
+                if copied.written:
+                    members.append(record)
                 records.append(record)
             for link in source.links:
                 out.write(_link_header(link))
@@ -212,9 +241,15 @@ def write_archive(
         sha256=sink.hexdigest(),
         archive_bytes=sink.count,
         files=tuple(records),
-        read_bytes=sum(r.size for r in records),
+        read_bytes=read_bytes,
         rewritten=tuple(rewritten),
+        members=tuple(members),
     )
+
+
+def _unread_record(source_file: SourceFile, sha: str, dedup: Dedup) -> FileRecord:
+    """The record of a file the files cache knows: from the scan's stat, nothing read."""
+    return FileRecord(source_file.relative, source_file.size, sha, source_file.mtime, source_file.mode, dedup.pack_of(sha))
 
 
 def sha256sum_line(digest: str, name: str) -> str:
@@ -269,12 +304,20 @@ def _link_header(link: LinkRecord) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None]) -> FileRecord | None:
+@dataclass(frozen=True)
+class _Copied:
+    record: FileRecord | None  # None: the file changed while it was read
+    written: bool  # a member went into the archive (whole, or torn if record is None)
+    key: CacheKey
+
+
+def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None], dedup: Dedup | None) -> _Copied:
     """Stream one file into the archive as one tar member, hashing it on the way; exactly the
-    size in its header goes in (zeros if it shrank). None if the file changed meanwhile: the
-    member is then a torn copy."""
+    size in its header goes in (zeros if it shrank). With ``dedup``, content a pack already
+    holds is hashed and not written. A None record if the file changed meanwhile."""
     digest = hashlib.sha256()
     fd = os.open(source_file.path, os.O_RDONLY | os.O_CLOEXEC)
+    written = True
     try:
         before = os.fstat(fd)
         header = _header(source_file.relative, before)
@@ -284,24 +327,33 @@ def _copy_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[i
             # the header would cost more than hashing a few KB here.
             data = _read_exactly(fd, before.st_size)
             digest.update(data)
-            out.write(header + data + padding)
+            written = dedup is None or dedup.pack_of(digest.hexdigest()) is None
+            if written:
+                out.write(header + data + padding)
             on_progress(len(data))
         else:
-            out.write(header)
-            _copy_large(fd, before.st_size, digest, out, on_progress)
-            out.write(padding)
+            if dedup is not None and dedup.may_hold(before.st_size):
+                first = _hash_fd(fd, before.st_size)
+                written = dedup.pack_of(first.hexdigest()) is None
+                if written:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                else:
+                    digest = first
+                    on_progress(before.st_size)
+            if written:
+                out.write(header)
+                _copy_large(fd, before.st_size, digest, out, on_progress)
+                out.write(padding)
         unchanged = _identity(os.fstat(fd)) == _identity(before) == _identity(os.stat(source_file.path))
     finally:
         os.close(fd)
+    key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
     if not unchanged:
-        return None
-    return FileRecord(
-        path=source_file.relative,
-        size=before.st_size,
-        sha256=digest.hexdigest(),
-        mtime=before.st_mtime,
-        mode=stat.S_IMODE(before.st_mode),
+        return _Copied(None, written, key)
+    record = FileRecord(
+        path=source_file.relative, size=before.st_size, sha256=digest.hexdigest(), mtime=before.st_mtime, mode=stat.S_IMODE(before.st_mode)
     )
+    return _Copied(record, written, key)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -311,6 +363,17 @@ def _read_exactly(fd: int, size: int) -> bytes:
     while len(data) < size and (more := os.read(fd, size - len(data))):
         data += more
     return data.ljust(size, b"\0")
+
+
+def _hash_fd(fd: int, size: int) -> hashlib._Hash:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    digest = hashlib.sha256()
+    remaining = size
+    while remaining:
+        chunk = _read_exactly(fd, min(CHUNK_BYTES, remaining))
+        digest.update(chunk)
+        remaining -= len(chunk)
+    return digest
 
 
 def _copy_large(fd: int, size: int, digest: hashlib._Hash, out: _Writable, on_progress: Callable[[int], None]) -> None:
@@ -354,10 +417,10 @@ def _compressor(sink: _HashingSink, compression: str, level: int, threads: int) 
         yield sink
         return
     if compression == "gzip":
-        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level, mtime=0) as stream:  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level, mtime=0) as stream:
             yield stream
         return
     # threads=-1: as many zstd workers as cores; the calling thread only feeds and drains.
     compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1, write_checksum=True)
-    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:
+    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:  # type: ignore[arg-type]  # it only writes and flushes
         yield stream

@@ -20,11 +20,23 @@ _COUNT = in_range(int, 0, 100_000)
 
 @dataclass(frozen=True, kw_only=True)
 class S3Settings:
-    s3_bucket: str | None = setting(None, help="S3 bucket for the off-site copy (credentials: the standard AWS environment, config files or instance role)", env=("S3_BUCKET",))
+    s3_bucket: str | None = setting(
+        None,
+        help="S3 bucket for the off-site copy (credentials: the standard AWS environment, config files or instance role)",
+        env=("S3_BUCKET",),
+    )
     s3_prefix: str = setting("", help="key prefix inside the bucket, e.g. backups/gpu-node-1")
     s3_endpoint_url: str | None = setting(None, help="endpoint of an S3-compatible store (MinIO, Ceph, R2...); default AWS", parse=parse_url)
-    s3_attempts: int = setting(3, help="attempts for each S3 request (botocore's standard retry mode, with its jittered backoff)", parse=positive(int))
-    s3_retry_base: float = setting(2.0, help="first backoff before a whole copy is tried again after its check failed (doubles each time, full jitter)", parse=parse_duration)
+    s3_attempts: int = setting(
+        3,
+        help="attempts for each S3 request (botocore's standard retry mode, with its jittered backoff)",
+        parse=positive(int),
+    )
+    s3_retry_base: float = setting(
+        2.0,
+        help="first backoff before a whole copy is tried again after its check failed (doubles each time, full jitter)",
+        parse=parse_duration,
+    )
 
     def s3_location(self, storage_class: str = "STANDARD", chunk_size: int = 64 * 2**20, concurrency: int = 8) -> S3Location | None:
         if not self.s3_bucket:
@@ -48,10 +60,18 @@ class _BackupCore:
     model_dir: Path = setting(help="directory to back up (model weights, configs)", env=("MODEL_DIR",))
     backup_dir: Path = setting(help="directory that holds the backups (the catalog)", env=("BACKUP_DIR",))
     compression: str = setting("zstd", help="archive compression; gzip only for compatibility, it is far slower", choices=("zstd", "gzip", "none"))
-    level: int | None = setting(None, help="compression level: zstd 1-19 (default 1: higher levels gain next to nothing on float weights), gzip 1-9 (default 6); ignored for none", env=("COMPRESSION_LEVEL",))
+    level: int | None = setting(
+        None,
+        help="compression level: zstd 1-19 (default 1: higher levels gain next to nothing on float weights), gzip 1-9 (default 6); ignored for none",
+        env=("COMPRESSION_LEVEL",),
+    )
     threads: int = setting(0, help="zstd worker threads; 0 means one per core", parse=in_range(int, 0, 256))
     verify: bool = setting(True, help="re-read the new archive and check it against the manifest", env=("VERIFY_BACKUP",))
-    period: str = setting("day", help="one backup per UTC day or hour: a second run in the same period verifies the existing backup and stops; 'run' backs up every run", choices=("day", "hour", "run"))
+    period: str = setting(
+        "day",
+        help="one backup per UTC day or hour: a second run in the same period verifies the existing backup and stops; 'run' backs up every run",
+        choices=("day", "hour", "run"),
+    )
     force: bool = setting(False, help="make a new backup even if one exists for this period")
     exclude: list[str] = setting(
         help="leave out what matches this glob, on purpose (repeatable; recorded in the manifest): matched against the path "
@@ -63,12 +83,25 @@ class _BackupCore:
 
 @dataclass(frozen=True, kw_only=True)
 class BackupSettings(S3Settings, _BackupCore):
-    s3_storage_class: str = setting("STANDARD", help="storage class of the uploaded archive; GLACIER-like classes are verified by checksum metadata, not by download", choices=STORAGE_CLASSES)
-    s3_chunk_size: int = setting(64 * 2**20, help="multipart part size, e.g. 64MiB (grown automatically to stay under 10,000 parts)", parse=parse_size)
+    s3_storage_class: str = setting(
+        "STANDARD",
+        help="storage class of the uploaded archive; GLACIER-like classes are verified by checksum metadata, not by download",
+        choices=STORAGE_CLASSES,
+    )
+    s3_chunk_size: int = setting(
+        64 * 2**20,
+        help="multipart part size, e.g. 64MiB (grown automatically to stay under 10,000 parts)",
+        parse=parse_size,
+    )
     s3_concurrency: int = setting(8, help="parallel part uploads", parse=positive(int))
     s3_retention: bool = setting(False, help="apply the keep rules to the backups in S3 too")
     keep_last: int | None = setting(None, help="keep the N newest backups", parse=_COUNT)
-    keep_daily: int | None = setting(None, help="keep the newest backup of each of the N newest days that have backups (RETENTION_DAYS=N is read as this)", env=("RETENTION_DAYS",), parse=_COUNT)
+    keep_daily: int | None = setting(
+        None,
+        help="keep the newest backup of each of the N newest days that have backups (RETENTION_DAYS=N is read as this)",
+        env=("RETENTION_DAYS",),
+        parse=_COUNT,
+    )
     keep_weekly: int | None = setting(None, help="keep the newest backup of each of the N newest ISO weeks that have backups", parse=_COUNT)
     keep_monthly: int | None = setting(None, help="keep the newest backup of each of the N newest months that have backups", parse=_COUNT)
     dry_run: bool = setting(False, help="say what would be backed up and deleted; touch nothing", env=("DRY_RUN",))
@@ -101,9 +134,17 @@ class _RestoreCore:
     backup_dir: Path | None = setting(None, help="directory that holds the backups (not needed with --from-s3)", env=("BACKUP_DIR",))
     from_s3: bool = setting(False, help="restore from the S3 copy instead of the local backup directory")
     drill: bool = setting(False, help="restore into a temporary directory, verify every file, time it, delete it and push the drill metrics")
-    lock_wait: float = setting(2 * 3600.0, help="how long a drill waits for a backup run that holds the backup lock (BACKUP_DIR/.mlwarden-backup.lock), e.g. 30m; after that it fails; 0 fails at once", parse=parse_duration)
+    lock_wait: float = setting(
+        2 * 3600.0,
+        help="how long a drill waits for a backup run that holds the backup lock (BACKUP_DIR/.mlwarden-backup.lock), e.g. 30m; after "
+        "that it fails; 0 fails at once",
+        parse=parse_duration,
+    )
     force: bool = setting(False, help="replace the content of a non-empty --to directory (after the new content is complete and verified)")
-    restore_external_links: bool = setting(False, help="also restore symlinks that point outside --to (absolute, or up out of it); by default they are listed in the log and left out")
+    restore_external_links: bool = setting(
+        False,
+        help="also restore symlinks that point outside --to (absolute, or up out of it); by default they are listed in the log and left out",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,7 +193,8 @@ MLWARDEN_COMMANDS = (
     {"name": "backup", "attribute": "BACKUP", "help": "archive, checksum, verify and copy models off-site; apply retention",
      "heartbeat": "backup", "maintain": {"order": 20, "env": "RUN_BACKUP"}},
     {"name": "backup-list", "attribute": "BACKUP_LIST", "help": "list the backups: time, files, bytes, verified, off-site (table or --json)"},
-    {"name": "backup-check", "attribute": "BACKUP_CHECK", "help": "check that every piece of every backup is there; --read-data reads and hashes every byte"},
+    {"name": "backup-check", "attribute": "BACKUP_CHECK",
+     "help": "check that every piece of every backup is there; --read-data reads and hashes every byte"},
     {"name": "restore", "attribute": "RESTORE", "help": "restore a backup (local or S3), or run a restore drill",
      "heartbeat": "restore_drill"},
 )

@@ -34,21 +34,29 @@ def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def describe(entry: BackupEntry) -> dict[str, Any]:
-    """One backup as ``backup-list --json`` gives it."""
+def describe(entry: BackupEntry, referenced_by: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One backup (or, with ``referenced_by``, a pruned backup's pack) as ``backup-list --json`` gives it."""
     manifest, status = entry.manifest, entry.status
     offsite = status.offsite
-    return {
+    is_pack = entry.pack is None and manifest.format_version >= 3  # a pack's own view (Catalog.read_pack)
+    row: dict[str, Any] = {
+        "kind": "pack" if is_pack else "backup",
         "name": entry.name,
-        "started_at": _utc(manifest.started_at),
+        "started_at": None if is_pack else _utc(manifest.started_at),
         "files": len(manifest.files),
         "links": len(manifest.links),
         "total_bytes": manifest.total_bytes,
+        "new_bytes": entry.pack.new_bytes if entry.pack is not None else manifest.total_bytes,
         "stored_bytes": manifest.archive_bytes,
         "verified": entry.verified,
         "verified_at": _utc(status.verification.checked_at) if status.verification else None,
         "offsite": None if offsite is None else {"bucket": offsite.bucket, "key": offsite.key, "verified": offsite.verified},
     }
+    if is_pack:
+        row["referenced_by"] = list(referenced_by)
+    else:
+        row["packs"] = list(manifest.packs)
+    return row
 
 
 def _verified_text(verified: bool | None) -> str:
@@ -63,31 +71,42 @@ def _offsite_text(offsite: dict[str, Any] | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Aligned columns, one backup a line, oldest first."""
-    header = ("NAME", "STARTED", "FILES", "TOTAL", "STORED", "VERIFIED", "OFF-SITE")
+    header = ("NAME", "STARTED", "FILES", "TOTAL", "NEW", "STORED", "VERIFIED", "OFF-SITE")
     cells = [header] + [
         (
-            r["name"], r["started_at"], str(r["files"]), human_bytes(r["total_bytes"]), human_bytes(r["stored_bytes"]),
-            _verified_text(r["verified"]), _offsite_text(r["offsite"]),
+            r["name"], r["started_at"] or "(pack)", str(r["files"]), human_bytes(r["total_bytes"]), human_bytes(r["new_bytes"]),
+            human_bytes(r["stored_bytes"]), _verified_text(r["verified"]), _offsite_text(r["offsite"]),
         )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n" for row in cells)
+    return "".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n" for row in cells)
 
 
 def list_backups(backup_dir: Path, as_json: bool) -> int:
     unreadable: list[str] = []
-    entries = Catalog(backup_dir).entries(on_unreadable=lambda directory, exc: unreadable.append(f"{directory}: {exc}"))
+    catalog = Catalog(backup_dir)
+
+    def report(directory: Path, exc: Exception) -> None:
+        unreadable.append(f"{directory}: {exc}")
+
+    entries = catalog.entries(on_unreadable=report)
     rows = [describe(entry) for entry in entries]
+    pruned = {directory.name for directory in catalog.pack_only()}
+    for pack in catalog.packs(on_unreadable=report):
+        if pack.name in pruned:
+            rows.append(describe(pack, tuple(e.name for e in entries if pack.name in e.manifest.packs)))
     sys.stdout.write(json.dumps(rows, indent=1) + "\n" if as_json else table(rows))
     for problem in unreadable:
         log.error("unreadable backup %s", problem)
     return ExitCode.FAILURE if unreadable else ExitCode.OK
 
 
-def references(entry: BackupEntry) -> list[str]:
-    """What is wrong with the pieces of one backup, without reading its archive's content."""
-    manifest = entry.manifest
+def references(entry: BackupEntry, packs: dict[str, BackupEntry] | None = None) -> list[str]:
+    """What is wrong with the pieces of one backup (or pack), without reading its archive's
+    content; with ``packs`` (by name), also every pack reference of a format-3 backup."""
+    stored = entry.stored()
+    manifest = stored.manifest
     problems = []
     try:
         size = entry.archive_path.stat().st_size
@@ -95,16 +114,32 @@ def references(entry: BackupEntry) -> list[str]:
             problems.append(f"archive {manifest.archive} has {size} bytes, the manifest says {manifest.archive_bytes}")
     except FileNotFoundError:
         problems.append(f"archive {manifest.archive} is missing")
-    expected = {
-        entry.archive_path.with_name(manifest.archive + ".sha256"): sha256sum_line(manifest.archive_sha256, manifest.archive),
-        entry.directory / CHECKSUMS: "".join(sha256sum_line(f.sha256, f.path) for f in manifest.files),
-    }
+    expected = {entry.archive_path.with_name(manifest.archive + ".sha256"): sha256sum_line(manifest.archive_sha256, manifest.archive)}
+    if packs is not None:
+        expected[entry.directory / CHECKSUMS] = "".join(sha256sum_line(f.sha256, f.path) for f in entry.manifest.files)
     for path, text in expected.items():
         try:
             if path.read_bytes() != text.encode("utf-8", "surrogateescape"):
                 problems.append(f"{path.name} does not match the manifest")
         except FileNotFoundError:
             problems.append(f"{path.name} is missing")
+    if entry.pack is not None and packs is not None:
+        problems += _pack_references(entry, packs)
+    return problems
+
+
+def _pack_references(entry: BackupEntry, packs: dict[str, BackupEntry]) -> list[str]:
+    """Every content the manifest names a pack for is a member of that pack, with its size."""
+    problems = []
+    held = {name: {(r.sha256, r.size) for r in pack.manifest.files} for name, pack in packs.items()}
+    for name in entry.manifest.packs:
+        if name not in held:
+            living = sum(r.pack == name for r in entry.manifest.files)
+            problems.append(f"pack {name} is missing or unreadable: {living} file(s) of this backup live in it")
+            continue
+        lacking = [r.path for r in entry.manifest.files if r.pack == name and (r.sha256, r.size) not in held[name]]
+        if lacking:
+            problems.append(f"pack {name} does not hold the content of {len(lacking)} file(s), e.g. {lacking[0]!r}")
     return problems
 
 
@@ -118,10 +153,17 @@ def check_backups(backup_dir: Path, read_data: bool) -> CheckResult:
     """Every backup under ``backup_dir``: its references, and with ``read_data`` every byte."""
     catalog = Catalog(backup_dir)
     problems: list[str] = []
-    entries = catalog.entries(on_unreadable=lambda directory, exc: problems.append(f"{directory.name}: unreadable: {exc}"))
+
+    def unreadable(directory: Path, exc: Exception) -> None:
+        problems.append(f"{directory.name}: unreadable: {exc}")
+
+    entries = catalog.entries(on_unreadable=unreadable)
+    packs = {pack.name: pack for pack in catalog.packs(on_unreadable=unreadable)}
     problems += [f"{directory.name}: no manifest.json (not a backup; restorable by hand only)" for directory in catalog.incomplete()]
-    for entry in entries:
-        found = references(entry)
+    pruned = {directory.name for directory in catalog.pack_only()}
+    # A pruned backup's pack is checked as a pack: its archive, and with --read-data its bytes.
+    for entry in entries + [pack for name, pack in packs.items() if name in pruned]:
+        found = references(entry, None if entry.name in pruned else packs)
         if read_data and not found:
             result = verify_archive(entry)
             if not result.ok:

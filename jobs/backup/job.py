@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlwarden.jobs.backup import archive, retention
+from mlwarden.jobs.backup import archive, dedup, prune, retention
 from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveError
@@ -45,10 +45,12 @@ from mlwarden.catalog import (
     BACKUP_DIR_STAGING,
     BACKUP_STAGING,
     DRILL_STAGING,
+    FORMAT_VERSION,
     BackupEntry,
     Catalog,
     CatalogError,
     Manifest,
+    Pack,
     staging_dir,
     stale_staging,
 )
@@ -110,7 +112,7 @@ def _run_backup(settings: BackupSettings) -> int:
     if settings.dry_run:
         return _dry_run(settings, source)
     outcome = Outcome()
-    code = ExitCode.FAILURE
+    code: int = ExitCode.FAILURE
     with JobReport("backup", pushgateway=settings.pushgateway, textfile_dir=settings.textfile_dir, schedule=schedule_of(settings)) as report:
         try:
             with JobLock(settings.backup_dir / LOCK_FILE):  # creates the backup directory if needed
@@ -216,6 +218,7 @@ def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
 
 
 def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupEntry:
+    scan_started_ns = time.time_ns()
     try:
         scanned = archive.scan(source, settings.exclude)
     except archive.SourceUnreadable as exc:
@@ -223,12 +226,20 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
     total = sum(f.size for f in scanned.files)
     directory, name, started = _new_staging(settings.backup_dir, source)
     archive_path = directory / archive.archive_name(name, settings.compression)
+    index, sizes = dedup.content_index(Catalog(settings.backup_dir))
+    cache_file = dedup.cache_path(settings.backup_dir, source)
+    known = dedup.Dedup(name, index, dedup.load_cache(cache_file), scan_started_ns, sizes)
     log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
     progress = Progress(f"backup {name}", total)
     try:
-        result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance)
+        result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known)
         progress.finish()
         archive.write_checksums(directory, result)
+        level = settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression]
+        pack = Pack(
+            name=name, compression=settings.compression, level=level, archive=archive_path.name, archive_bytes=result.archive_bytes,
+            archive_sha256=result.sha256, files=result.members, links=tuple(scanned.links), rewritten=result.rewritten,
+        )
         manifest = Manifest(
             name=name,
             source=str(source),
@@ -236,22 +247,23 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             started_at=started,
             finished_at=time.time(),
             compression=settings.compression,
-            level=settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression],
+            level=level,
             archive=archive_path.name,
             archive_bytes=result.archive_bytes,
             archive_sha256=result.sha256,
-            total_bytes=result.read_bytes,
+            total_bytes=sum(record.size for record in result.files),
             files=result.files,
             links=tuple(scanned.links),
             skipped=tuple(scanned.skipped),
             excludes=tuple(settings.exclude),
             rewritten=result.rewritten,
+            format_version=FORMAT_VERSION,
         )
-        Catalog.commit(directory, manifest)
+        Catalog.commit(directory, manifest, pack)
         final = settings.backup_dir / name
         os.rename(directory, final)  # the commit: from here on the backup exists
         fsync_dir(settings.backup_dir)
-        entry = BackupEntry(directory=final, manifest=manifest)
+        entry = BackupEntry(directory=final, manifest=manifest, pack=pack)
     except (OSError, archive.SourceChanged) as exc:
         shutil.rmtree(directory, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -264,20 +276,34 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
     except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing half-made behind
         shutil.rmtree(directory, ignore_errors=True)
         raise
+    _save_cache(cache_file, known)
     seconds = max(manifest.finished_at - started, 1e-9)
     outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
     outcome.skipped = len(manifest.skipped)
     log.info(
-        "backup %s written: %s -> %s (ratio %.3f) in %.1fs (%s/s)",
-        name, human_bytes(result.read_bytes), human_bytes(result.archive_bytes),
-        result.read_bytes / max(result.archive_bytes, 1), seconds, human_bytes(result.read_bytes / seconds),
+        "backup %s written in %.1fs: %s of files, %s read (%s/s), %s new in %d file(s), stored in %s",
+        name, seconds, human_bytes(manifest.total_bytes), human_bytes(result.read_bytes), human_bytes(result.read_bytes / seconds),
+        human_bytes(pack.new_bytes), len(pack.files), human_bytes(result.archive_bytes),
     )
     return entry
 
 
+def _save_cache(path: Path, known: dedup.Dedup) -> None:
+    """After the commit: a cache that cannot be written costs the next run its reads, nothing else.
+    A run that could trust no file (all written just now) leaves no cache at all."""
+    try:
+        if known.new_cache:
+            dedup.save_cache(path, known.new_cache)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not write the files cache %s (%s): the next backup reads every file", path, exc.strerror)
+
+
 def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry, bool]:
     offsite = entry.status.offsite
-    if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == location.key(entry.name, entry.manifest.archive):
+    key = location.key(entry.name, entry.manifest.archive)
+    if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == key:
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True
     from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
@@ -298,12 +324,13 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
     """Delete what the keep rules do not keep, locally and (optionally) in S3. False on an S3 failure."""
     policy = settings.policy
     if not policy.active:
+        prune.collect_garbage(catalog)  # what a prune cut short by kill -9 left
         return True
     local = [e for e in catalog.entries() if e.manifest.source == str(source)]
-    by_name = {e.name: e for e in local}
-    for name in retention.decide(_candidates(local), policy).remove:
-        log.info("retention: deleting %s", name)
-        _delete_local(by_name[name])
+    doomed = [e for e in local if e.name in retention.decide(_candidates(local), policy).remove]
+    for entry in doomed:
+        log.info("retention: deleting %s", entry.name)
+    prune.delete_backups(catalog, doomed)
     if location is None or not settings.s3_retention:
         return True
     from mlwarden.jobs.backup.offsite import OffsiteStore
@@ -313,21 +340,14 @@ def _apply_retention(settings: BackupSettings, catalog: Catalog, source: Path, l
         remote = [m for m in store.manifests() if m.source == str(source)]
         # Objects in S3 were checked against their hash on upload: they count as verified.
         decision = retention.decide([retention.Candidate(m.name, m.started_at, True) for m in remote], policy)
-        for name in decision.remove:
-            log.info("retention: deleting %s from %s", name, location.url)
-            store.delete(name)
+        gone = [m for m in remote if m.name in decision.remove]
+        for manifest in gone:
+            log.info("retention: deleting %s from %s", manifest.name, location.url)
+        store.prune(gone)
     except OffsiteError as exc:
         log.error("retention in S3 FAILED: %s", exc)
         return False
     return True
-
-
-def _delete_local(entry: BackupEntry) -> None:
-    # Renamed to a staging name first: if the deletion is interrupted, what is left is a
-    # staging directory (removed by the next run), never a backup with missing files.
-    doomed = entry.directory.with_name(f"{BACKUP_STAGING}{os.getpid()}-{entry.directory.name}")
-    os.rename(entry.directory, doomed)
-    shutil.rmtree(doomed)
 
 
 def _dry_run(settings: BackupSettings, source: Path) -> int:

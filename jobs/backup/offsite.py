@@ -29,21 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
-import boto3.exceptions
-import botocore.config
-import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
+import boto3  # type: ignore[import-untyped]  # boto3, botocore and s3transfer ship no type hints
+import boto3.exceptions  # type: ignore[import-untyped]  # as above
+import botocore.config  # type: ignore[import-untyped]  # as above
+import botocore.exceptions  # type: ignore[import-untyped]  # as above
+from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]  # as above
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
-from s3transfer.utils import ChunksizeAdjuster
+from s3transfer.utils import ChunksizeAdjuster  # type: ignore[import-untyped]  # as above
 
 from mlwarden.backoff import Backoff
-from mlwarden.catalog import CHECKSUMS, MANIFEST, BackupEntry, CatalogError, Manifest, OffsiteCopy, check_backup_name
+from mlwarden.catalog import CHECKSUMS, MANIFEST, PACK, BackupEntry, Catalog, CatalogError, Manifest, OffsiteCopy, Pack, check_backup_name
 from mlwarden.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_NamedT = TypeVar("_NamedT", Manifest, Pack)
 _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 _READ_BYTES = 8 * 2**20
 _ETAG_NOT_MD5 = ("aws:kms", "aws:kms:dsse")  # server-side encryption whose ETag is not the MD5 of the bytes
@@ -137,7 +138,38 @@ class OffsiteStore:
         )
 
     def upload(self, entry: BackupEntry) -> OffsiteCopy:
-        """Copy one backup (archive first, manifest last) and check the archive's hash in S3."""
+        """Copy one backup (archive first, manifest last) and check the archive's hash in S3.
+
+        Format 3: the backup's own pack, and any pack it names that the bucket lacks (an
+        earlier copy failed, or S3 was configured later), so that in the bucket too the
+        backup is complete before its manifest appears."""
+        loc = self.location
+        manifest = entry.manifest
+        started = time.monotonic()
+        if entry.pack is not None:
+            for name in manifest.packs:
+                if name != entry.name and not self._has_pack(name):
+                    log.info("pack %s, which %s needs, is not in %s: uploading it", name, entry.name, loc.url)
+                    try:
+                        pack = Catalog.read_pack(entry.directory.parent / name)
+                    except (OSError, CatalogError) as exc:
+                        raise OffsiteError(f"{entry.name} needs pack {name}, which is neither in {loc.url} nor readable here: {exc}") from None
+                    self._copy(pack, (pack.manifest.archive + ".sha256", PACK))
+        extra = (PACK,) if entry.pack is not None else ()
+        archive_key = self._copy(entry, (manifest.archive + ".sha256", *extra, CHECKSUMS, MANIFEST))
+        seconds = time.monotonic() - started
+        log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, archive_key, seconds)
+        return OffsiteCopy(
+            uploaded_at=time.time(),
+            bucket=loc.bucket,
+            key=archive_key,
+            sha256=manifest.archive_sha256,
+            storage_class=loc.storage_class,
+            verified=True,
+        )
+
+    def _copy(self, entry: BackupEntry, file_names: tuple[str, ...]) -> str:
+        """Upload ``entry``'s archive, check it as S3 stored it, then ``file_names`` in order (the commit marker last)."""
         loc = self.location
         manifest = entry.manifest
         archive_key = loc.key(entry.name, manifest.archive)
@@ -151,7 +183,7 @@ class OffsiteStore:
                 Config=self._transfer_config(manifest.archive_bytes),
             )
             self._check_archive(archive_key, manifest, expected)
-            for file_name in (manifest.archive + ".sha256", CHECKSUMS, MANIFEST):
+            for file_name in file_names:
                 self._s3.put_object(
                     Bucket=loc.bucket,
                     Key=loc.key(entry.name, file_name),
@@ -159,18 +191,21 @@ class OffsiteStore:
                     ChecksumAlgorithm="SHA256",
                 )
 
-        started = time.monotonic()
         expected = object_checksums(entry.archive_path, self._part_size(manifest.archive_bytes))
         with_retries(f"upload of {entry.name} to {loc.url}", loc.attempts, loc.retry_base_seconds, copy)
-        log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, archive_key, time.monotonic() - started)
-        return OffsiteCopy(
-            uploaded_at=time.time(),
-            bucket=loc.bucket,
-            key=archive_key,
-            sha256=manifest.archive_sha256,
-            storage_class=loc.storage_class,
-            verified=True,
-        )
+        return archive_key
+
+    def _has_pack(self, name: str) -> bool:
+        """Whether the bucket holds pack ``name``: its pack.json goes up only after its archive was checked."""
+        try:
+            self._s3.head_object(Bucket=self.location.bucket, Key=self.location.key(check_backup_name(name), PACK))
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise OffsiteError(f"cannot look for pack {name} in {self.location.url}: {exc}") from None
+        except _S3_ERRORS as exc:
+            raise OffsiteError(f"cannot look for pack {name} in {self.location.url}: {exc}") from None
+        return True
 
     def _check_archive(self, key: str, manifest: Manifest, expected: ObjectChecksums) -> None:
         """What S3 computed from the bytes it stored must match the local archive."""
@@ -187,7 +222,7 @@ class OffsiteStore:
         if checksum is None and not etag_is_md5:
             raise OffsiteError(f"{url}: S3 returned neither a SHA-256 checksum nor an MD5 ETag to check the upload against")
 
-    def manifests(self) -> list[Manifest]:
+    def manifests(self, problems: list[str] | None = None) -> list[Manifest]:
         """The committed backups in the bucket (those whose manifest was uploaded), oldest first.
 
         A manifest that is not one of ours (bad JSON, a name that is not a backup's, an
@@ -206,6 +241,8 @@ class OffsiteStore:
                             found.append(self._read_manifest(obj["Key"][len(prefix) : -len("/" + MANIFEST)]))
                         except CatalogError as exc:
                             log.error("ignoring s3://%s/%s: %s", loc.bucket, obj["Key"], exc)
+                            if problems is not None:
+                                problems.append(str(exc))
             return sorted(found, key=lambda m: (m.started_at, m.name))
 
         return with_retries(f"listing of {loc.url}", loc.attempts, loc.retry_base_seconds, listing)
@@ -222,34 +259,115 @@ class OffsiteStore:
 
     def _read_manifest(self, name: str) -> Manifest:
         """The manifest stored under backup ``name``'s key, validated (CatalogError otherwise)."""
-        key = self.location.key(check_backup_name(name), MANIFEST)
-        body = self._s3.get_object(Bucket=self.location.bucket, Key=key)["Body"].read()
-        manifest = Manifest.from_json(body, f"s3://{self.location.bucket}/{key}")
-        if manifest.name != name:
-            raise CatalogError(f"s3://{self.location.bucket}/{key} names another backup, {manifest.name!r}")
-        return manifest
+        return self._read_named(name, MANIFEST, Manifest.from_json)
 
-    def download(self, manifest: Manifest, directory: Path) -> None:
-        """Download a backup's files into ``directory``, a private staging directory (archive,
-        checksums, and the manifest as already read and validated, not downloaded again).
-        Only names the manifest's own validation allows become paths; the archive's hash is
-        checked by the restore before anything is extracted."""
+    def _read_pack(self, name: str) -> Pack:
+        """The pack.json stored under pack ``name``'s key, validated (CatalogError otherwise)."""
+        return self._read_named(name, PACK, Pack.from_json)
+
+    def _read_named(self, name: str, file_name: str, parse: Callable[[bytes, str], _NamedT]) -> _NamedT:
+        """Anyone who can write to the prefix can put a file there: it must parse and name its own key."""
+        key = self.location.key(check_backup_name(name), file_name)
+        body = self._s3.get_object(Bucket=self.location.bucket, Key=key)["Body"].read()
+        parsed = parse(body, f"s3://{self.location.bucket}/{key}")
+        if parsed.name != name:
+            raise CatalogError(f"s3://{self.location.bucket}/{key} names another backup, {parsed.name!r}")
+        return parsed
+
+    def download(self, manifest: Manifest, directory: Path) -> Path:
+        """Download a backup into ``directory``, a private staging directory laid out as a
+        backup directory: ``<name>/`` with its archive, checksums and the manifest (as already
+        read and validated, not downloaded again), and for format 3 ``<pack>/`` for each
+        other pack it names, nothing else. Only names the validation of the manifest and of
+        each ``pack.json`` allows become paths; every archive's hash is checked by the
+        restore before anything is extracted. Returns the backup's directory."""
         loc = self.location
-        archive_key = loc.key(manifest.name, manifest.archive)
+        own = directory / manifest.name
 
         def fetch() -> None:
-            head = self._s3.head_object(Bucket=loc.bucket, Key=archive_key)
-            if head.get("StorageClass") in ARCHIVE_STORAGE_CLASSES and 'ongoing-request="false"' not in head.get("Restore", ""):
-                raise ObjectArchived(
-                    f"s3://{loc.bucket}/{archive_key} is in {head['StorageClass']}: request a restore first "
-                    "(aws s3api restore-object), wait for it, then run the restore again"
-                )
-            self._s3.download_file(loc.bucket, archive_key, str(directory / manifest.archive), Config=self._transfer_config(manifest.archive_bytes))
-            for file_name in (manifest.archive + ".sha256", CHECKSUMS):
-                self._s3.download_file(loc.bucket, loc.key(manifest.name, file_name), str(directory / file_name))
-            atomic_write_text(directory / MANIFEST, manifest.to_json())
+            own.mkdir(exist_ok=True)
+            if manifest.format_version < 3:
+                self._fetch_archive(manifest.name, manifest.archive, manifest.archive_bytes, own)
+            for name in manifest.packs:
+                pack = self._read_pack(name)
+                place = own if name == manifest.name else directory / name
+                place.mkdir(exist_ok=True)
+                self._fetch_archive(name, pack.archive, pack.archive_bytes, place)
+                atomic_write_text(place / PACK, pack.to_json())
+            self._s3.download_file(loc.bucket, loc.key(manifest.name, CHECKSUMS), str(own / CHECKSUMS))
+            atomic_write_text(own / MANIFEST, manifest.to_json())
 
         with_retries(f"download of {manifest.name} from {loc.url}", loc.attempts, loc.retry_base_seconds, fetch)
+        return own
+
+    def _fetch_archive(self, name: str, archive: str, size: int, place: Path) -> None:
+        loc = self.location
+        archive_key = loc.key(name, archive)
+        head = self._s3.head_object(Bucket=loc.bucket, Key=archive_key)
+        if head.get("StorageClass") in ARCHIVE_STORAGE_CLASSES and 'ongoing-request="false"' not in head.get("Restore", ""):
+            raise ObjectArchived(
+                f"s3://{loc.bucket}/{archive_key} is in {head['StorageClass']}: request a restore first "
+                "(aws s3api restore-object), wait for it, then run the restore again"
+            )
+        self._s3.download_file(loc.bucket, archive_key, str(place / archive), Config=self._transfer_config(size))
+        self._s3.download_file(loc.bucket, loc.key(name, archive + ".sha256"), str(place / (archive + ".sha256")))
+
+    def prune(self, doomed: list[Manifest]) -> None:
+        """Delete backups from the bucket without taking content a kept one needs: each
+        manifest first (so a half-deleted backup is not a backup); a format-2 backup's
+        objects at once; format-3 packs only once no manifest left in the bucket names them."""
+        for manifest in doomed:
+            if manifest.format_version < 3:
+                self.delete(manifest.name)
+            else:
+                self._delete_keys([self.location.key(manifest.name, MANIFEST), self.location.key(manifest.name, CHECKSUMS)])
+        self.collect_garbage()
+
+    def collect_garbage(self) -> list[str]:
+        """Delete the packs (``<name>/`` with pack.json and no manifest) that no manifest in the
+        bucket names; nothing while any manifest there cannot be read (it might name one)."""
+        loc = self.location
+        problems: list[str] = []
+        referenced = {name for manifest in self.manifests(problems) for name in manifest.packs}
+        if problems:
+            log.warning("not deleting unreferenced packs from %s: %d manifest(s) there cannot be read", loc.url, len(problems))
+            return []
+        deleted = []
+        for name, keys in sorted(self._groups().items()):
+            if loc.key(name, PACK) in keys and loc.key(name, MANIFEST) not in keys and name not in referenced:
+                log.info("deleting pack %s from %s: no backup there names it any more", name, loc.url)
+                pack_key = loc.key(name, PACK)
+                # pack.json last: a deletion cut short leaves a pack the next one finds again.
+                self._delete_keys([key for key in keys if key != pack_key] + [pack_key])
+                deleted.append(name)
+        return deleted
+
+    def _groups(self) -> dict[str, list[str]]:
+        """Keys under the prefix by backup name (keys under other names are not ours: left out)."""
+        loc = self.location
+        prefix = loc.prefix.strip("/") + "/" if loc.prefix.strip("/") else ""
+
+        def listing() -> dict[str, list[str]]:
+            groups: dict[str, list[str]] = {}
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(prefix) :].split("/", 1)[0]
+                    try:
+                        groups.setdefault(check_backup_name(name), []).append(obj["Key"])
+                    except CatalogError:
+                        continue
+            return groups
+
+        return with_retries(f"listing of {loc.url}", loc.attempts, loc.retry_base_seconds, listing)
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        loc = self.location
+
+        def remove() -> None:
+            for key in keys:
+                self._s3.delete_object(Bucket=loc.bucket, Key=key)
+
+        with_retries(f"deletion from {loc.url}", loc.attempts, loc.retry_base_seconds, remove)
 
     def delete(self, name: str) -> None:
         """Delete one backup from the bucket, manifest first (so a half-deleted one is not a backup)."""
@@ -257,7 +375,8 @@ class OffsiteStore:
 
         def remove() -> None:
             prefix = loc.key(name, "")
-            keys = [o["Key"] for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix) for o in page.get("Contents", [])]
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
             manifest_key = loc.key(name, MANIFEST)
             if manifest_key in keys:
                 self._s3.delete_object(Bucket=loc.bucket, Key=manifest_key)

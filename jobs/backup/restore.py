@@ -41,8 +41,9 @@ from pathlib import Path
 
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
+from mlwarden.jobs.backup.tarstream import _check_manifest_paths as check_manifest_paths  # the archive reader's own path rules
 
-from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
+from mlwarden.catalog import DOWNLOAD_STAGING, PACK, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
 from mlwarden.fsutil import fsync_dir, sync_filesystem
 from mlwarden.terminal import Progress
 
@@ -73,16 +74,19 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False, ext
     target = target.absolute()
     check_target(target, overwrite)
     manifest = entry.manifest
-    actual, size = hash_file(entry.archive_path)
-    if actual != manifest.archive_sha256 or size != manifest.archive_bytes:
-        raise ArchiveError(f"archive {entry.archive_path} does not match its manifest's SHA-256: it is damaged; nothing was extracted")
+    packs = _packs(entry)
+    for pack in packs if packs else [entry]:
+        actual, size = hash_file(pack.archive_path)
+        if actual != pack.manifest.archive_sha256 or size != pack.manifest.archive_bytes:
+            raise ArchiveError(f"archive {pack.archive_path} does not match its manifest's SHA-256: it is damaged; nothing was extracted")
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_staging(target.parent, (_restore_prefix(target),)):
         log.warning("removing %s: left behind by a restore to %s that was killed", stale, target)
         shutil.rmtree(stale)
     staging = staging_dir(target.parent, _restore_prefix(target))
     try:
-        files = _extract(entry, staging, _process_umask(), external_links)
+        umask = _process_umask()
+        files = _extract_packs(entry, packs, staging, umask, external_links) if packs else _extract(entry, staging, umask, external_links)
         _swap_into_place(staging, target, overwrite)
     except RestoreStranded:
         raise  # the staging directory holds the only verified copy of the restore: keep it
@@ -152,10 +156,105 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
         raise ArchiveError("the archive changed while it was being restored")
+    _finish(staging, links, umask, external_links)
+    return files
+
+
+def _finish(staging: Path, links: list[LinkRecord], umask: int, external_links: bool) -> None:
     _make_links(staging, links, external_links)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0o700; it becomes the target
     sync_filesystem(staging)
+
+
+def _packs(entry: BackupEntry) -> list[BackupEntry]:
+    """Format 3: every pack that holds content of ``entry`` (its own first), each checked to
+    hold what the manifest expects of it; empty before format 3 (one archive holds it all).
+    Pack names come from the manifest, validated as backup names: one path component."""
+    if entry.pack is None:
+        return []
+    root = entry.directory.parent
+    wanted: dict[str, set[str]] = {}
+    for record in entry.manifest.files:
+        wanted.setdefault(str(record.pack), set()).add(record.sha256)
+    packs = [entry.stored()]
+    for name in entry.manifest.packs:
+        if name == entry.name:
+            continue
+        if not (root / name / PACK).is_file():
+            raise ArchiveError(f"pack {name}, which holds content of {entry.name}, is missing from {root}: nothing was extracted")
+        packs.append(Catalog.read_pack(root / name))
+    for pack in packs:
+        missing = wanted.get(pack.name, set()) - {record.sha256 for record in pack.manifest.files}
+        if missing:
+            raise ArchiveError(
+                f"pack {pack.name} does not hold content that {entry.name} names it for ({len(missing)} file(s)): nothing was extracted"
+            )
+    return packs
+
+
+def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, umask: int, external_links: bool) -> int:
+    """Format 3: read each pack once and write each member it holds for ``entry`` to every
+    path of ``entry`` with that content (the first from the archive, hashed as it is
+    written; the others copied from it), then the links from ``entry``'s own pack."""
+    check_manifest_paths(entry.manifest)
+    paths: dict[tuple[str, str], list[FileRecord]] = {}
+    for wanted in entry.manifest.files:
+        paths.setdefault((str(wanted.pack), wanted.sha256), []).append(wanted)
+    files = 0
+    links: list[LinkRecord] = []
+    made = {staging}
+    progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
+    for pack in packs:
+        digest = ArchiveDigest()
+        with members(pack.archive_path, pack.manifest, digest) as found:
+            for record, data in found:
+                if isinstance(record, LinkRecord):
+                    if pack.name == entry.name:  # another pack's links are its own backup's
+                        links.append(record)
+                    continue
+                assert data is not None  # a file's data
+                targets = paths.pop((pack.name, record.sha256), [])
+                if not targets:
+                    continue
+                first = _new_path(staging, targets[0].path, made)
+                _write_file(first, data, targets[0], umask, progress)
+                for other in targets[1:]:
+                    _copy_restored(first, _new_path(staging, other.path, made), other, umask, progress)
+                files += len(targets)
+        if digest.sha256 != pack.manifest.archive_sha256:
+            raise ArchiveError(f"the archive of pack {pack.name} changed while it was being restored")
+    if paths:
+        raise ArchiveError(f"{len(paths)} content(s) of the manifest are missing from their packs, e.g. {next(iter(paths.values()))[0].path!r}")
+    progress.finish()
+    _finish(staging, links, umask, external_links)
     return files
+
+
+def _new_path(staging: Path, relative: str, made: set[Path]) -> Path:
+    destination = staging / relative
+    if destination.parent not in made:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        made.add(destination.parent)
+    return destination
+
+
+def _copy_restored(source: Path, destination: Path, record: FileRecord, umask: int, progress: Progress) -> None:
+    """Another path with content just restored and verified: a kernel copy of it (never
+    through an existing name)."""
+    with open(source, "rb") as src:
+        fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            remaining = record.size
+            while remaining:
+                copied = os.copy_file_range(src.fileno(), fd, remaining)
+                if not copied:
+                    raise ArchiveError(f"{record.path}: its content ended early while it was copied")
+                remaining -= copied
+            os.fchmod(fd, _restored_mode(record.mode, umask))
+            os.utime(fd, (record.mtime, record.mtime))
+        finally:
+            os.close(fd)
+    progress.advance(record.size)
 
 
 def _write_file(destination: Path, data: MemberData, record: FileRecord, umask: int, progress: Progress) -> None:
@@ -197,7 +296,9 @@ def _make_links(staging: Path, links: list[LinkRecord], external_links: bool) ->
         if not outside:
             return
         for link in outside:
-            log.warning("not restoring symlink %s -> %s: it points outside the restore target (--restore-external-links restores it)", link.path, link.target)
+            log.warning(
+                "not restoring symlink %s -> %s: it points outside the restore target (--restore-external-links restores it)", link.path, link.target
+            )
             os.unlink(staging / link.path)
             remaining.remove(link)
 
@@ -247,9 +348,8 @@ def entry_from_s3(location: S3Location, name: str, near: Path) -> Iterator[Backu
     near.mkdir(parents=True, exist_ok=True)
     directory = staging_dir(near, DOWNLOAD_STAGING)  # private: mode 0700
     try:
-        log.info("downloading %s (%d bytes) from %s", manifest.name, manifest.archive_bytes, location.url)
-        store.download(manifest, directory)
-        entry = Catalog.read(directory)
+        log.info("downloading %s and the packs it needs (%s) from %s", manifest.name, ", ".join(manifest.packs) or "its archive", location.url)
+        entry = Catalog.read(store.download(manifest, directory))
         assert entry is not None  # the manifest was just downloaded
         yield entry
     finally:
