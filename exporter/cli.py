@@ -44,7 +44,8 @@ class ExporterSettings:
         60.0, parse=in_range(parse_duration, 0.1, 86400), metavar="DURATION",
         help="how often the backups and artifacts collectors run (walking big trees is slow)",
     )
-    max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")
+    max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000),
+        help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")
     tls_cert_file: Path | None = setting(None, help="serve HTTPS with this certificate (PEM); needs --tls-key-file")
     tls_key_file: Path | None = setting(None, help="private key (PEM) for --tls-cert-file")
     basic_auth_user: str | None = setting(None, help="require HTTP basic auth with this user name for /metrics and /-/simulate")

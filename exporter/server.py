@@ -30,7 +30,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from mlwarden.exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
@@ -55,6 +55,12 @@ _JSON = "application/json"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Authenticator(Protocol):
+    """Says whether an ``Authorization`` header carries credentials we accept."""
+
+    def allows(self, header: bytes | None) -> bool: ...
 
 
 class BasicAuth:
@@ -104,7 +110,7 @@ class _App:
     """The ASGI application: routing, credentials, the scrape bound and fault injection."""
 
     def __init__(self, store: SnapshotStore, max_concurrent_scrapes: int, queue_timeout: float,
-                 auth: BasicAuth | None, simulator: SimulatedBackend | None) -> None:
+                 auth: Authenticator | None, simulator: SimulatedBackend | None) -> None:
         self.store = store
         self.queue_timeout = queue_timeout
         self.auth = auth
@@ -181,11 +187,8 @@ class _App:
             request: Any = json.loads(body)
             if not isinstance(request, dict):
                 raise ValueError("expected a JSON object")
-            gpu, fault = request.get("gpu"), request.get("fault")
-            xid, count = request.get("xid", 79), request.get("count", 1)
-            celsius = request.get("celsius", OVERHEAT_CELSIUS)
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gpu, xid, count)):
-                raise ValueError("gpu, xid and count must be integers")
+            gpu, xid, count = (_integer(request.get(key, default)) for key, default in (("gpu", None), ("xid", 79), ("count", 1)))
+            fault, celsius = request.get("fault"), request.get("celsius", OVERHEAT_CELSIUS)
             if not isinstance(celsius, int | float) or isinstance(celsius, bool):
                 raise ValueError("celsius must be a number")
             if not isinstance(fault, str):
@@ -214,6 +217,12 @@ def _accepts_gzip(scope: Scope) -> bool:
             except ValueError:
                 return False
     return False
+
+
+def _integer(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("gpu, xid and count must be integers")
+    return value
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -264,7 +273,7 @@ class ExporterServer:
         *,
         max_concurrent_scrapes: int = 10,
         queue_timeout: float = 1.0,
-        auth: BasicAuth | None = None,
+        auth: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
         simulator: SimulatedBackend | None = None,
         idle_timeout: float = 10.0,  # a client that stops talking cannot hold a connection for ever

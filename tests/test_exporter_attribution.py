@@ -198,3 +198,24 @@ def test_a_kubelet_that_fails_or_answers_garbage_is_logged_once_and_recovers(
     assert sum("pod labels are empty" in r.getMessage() for r in caplog.records) == 1
     assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
     client.close()
+
+
+def test_a_failure_whose_details_is_not_callable_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The warning used to call ``getattr(exc, "details", ...)()`` on whatever it found (ruff F821
+    pointed at that line): an exception carrying ``details`` as data raised TypeError out of
+    ``gpu_owners`` and failed the processes collector's whole pass."""
+
+    class DetailedError(RuntimeError):
+        details = "kubelet restarting"
+
+    def call(request: bytes, timeout: float) -> object:
+        raise DetailedError("connection reset")
+
+    client = PodResourcesClient(tmp_path / "kubelet.sock")
+    client._call = call  # as if connected: the failure comes from the call itself
+    with caplog.at_level(logging.WARNING):
+        assert client.gpu_owners() is None
+    (line,) = [r.getMessage() for r in caplog.records if "pod labels are empty" in r.getMessage()]
+    assert "connection reset" in line

@@ -10,6 +10,7 @@ reports nothing. A GPU without GPM gets no series at all (and one info line), ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,10 +95,10 @@ class GpmReader:
         sampler.previous, sampler.current, sampler.primed = sampler.current, sampler.previous, True
         if not values:
             return _NOTHING
-        ratios = {key: _ratio(value) for (_, key), value in zip(RATIOS, values) if value is not None}
+        ratios = {key: _ratio(value) for (_, key), value in zip(RATIOS, values[:len(RATIOS)], strict=True) if value is not None}
         bandwidth = {
             (bus, direction): value * _MIB
-            for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):]) if value is not None
+            for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):], strict=True) if value is not None
         }
         return Profile(ratios, bandwidth)
 
@@ -130,10 +131,8 @@ class GpmReader:
 
     @staticmethod
     def _free(sample: Any) -> None:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):  # NVML already gone: so is the sample
             pynvml.nvmlGpmSampleFree(sample)
-        except pynvml.NVMLError:
-            pass  # NVML already gone: so is the sample
 
 
 def _ratio(percent: float) -> float:

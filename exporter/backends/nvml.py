@@ -8,6 +8,7 @@ Errors that say the GPU itself is in trouble (GPU is lost, timeout, unknown) rai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -83,7 +84,7 @@ _VIOLATION_POLICY = {
 _NVLINK_ERROR_COUNTER = dict(zip(NVLINK_ERRORS, (
     pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY, pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
     pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA, pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA,
-)))
+), strict=True))
 # NVML's PCIe throughput is in KB/s (1024 bytes), its NVLink data counters in KiB.
 _KIB = 1024
 _PCIE_UTIL = {"tx": pynvml.NVML_PCIE_UTIL_TX_BYTES, "rx": pynvml.NVML_PCIE_UTIL_RX_BYTES}
@@ -173,10 +174,8 @@ class NvmlBackend(GpuBackend):
 
     def close(self) -> None:
         self._gpm.reset()
-        try:
+        with contextlib.suppress(pynvml.NVMLError):  # not initialised, or already gone: nothing to release
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass  # not initialised, or already gone: nothing to release
 
     def recover(self) -> None:
         self.close()
@@ -317,10 +316,8 @@ class NvmlBackend(GpuBackend):
         if self._event_generation == self._generation:
             return self._event_set
         if self._event_set is not None:
-            try:
+            with contextlib.suppress(pynvml.NVMLError):  # NVML was re-initialised underneath it; the set is gone either way
                 pynvml.nvmlEventSetFree(self._event_set)
-            except pynvml.NVMLError:
-                pass  # NVML was re-initialised underneath it; the set is gone either way
         self._event_set = None
         self._event_generation = self._generation
         try:
@@ -394,7 +391,7 @@ class NvmlBackend(GpuBackend):
         """(field id, scope) -> the raw value, for the fields NVML answered."""
         values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
         result = {}
-        for key, value in zip(ids, values):
+        for key, value in zip(ids, values, strict=False):  # a short answer leaves fields out, it does not fail
             attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
             if attr is not None:
                 result[key] = getattr(value.value, attr)
@@ -499,4 +496,4 @@ class NvmlBackend(GpuBackend):
         rows = self._call(pynvml.nvmlDeviceGetRemappedRows, handle)
         if rows is None:
             return None
-        return {state: int(count) for state, count in zip(REMAPPED_ROW_STATES, rows)}
+        return {state: int(count) for state, count in zip(REMAPPED_ROW_STATES, rows, strict=False)}  # older bindings answer fewer states

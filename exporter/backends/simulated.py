@@ -165,7 +165,7 @@ class SimulatedBackend(GpuBackend):
             return GpuReading(
                 identity=state.identity,
                 temperature_celsius=round(state.overheat_celsius or 38.0 + 35.0 * load, 1),
-                memory_temperature_celsius=round(state.overheat_celsius + 4.0 if hot else 42.0 + 30.0 * load, 1),
+                memory_temperature_celsius=round(state.overheat_celsius + 4.0 if state.overheat_celsius is not None else 42.0 + 30.0 * load, 1),
                 utilization_ratio=round(load, 3),
                 memory_utilization_ratio=round(load * 0.7, 3),
                 memory_used_bytes=used,
