@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import ssl
 
-from mlwarden.exporter import webconfig
 from mlwarden.exporter.backends import open_backend
 from mlwarden.exporter.backends.base import BackendUnavailable
 from mlwarden.exporter.backends.simulated import SimulatedBackend
@@ -13,9 +12,8 @@ from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.cli import ExporterSettings
 from mlwarden.exporter.collectors.base import Collector, CollectorContext, registered
 from mlwarden.exporter.loop import CollectionLoop
-from mlwarden.exporter.server import BasicAuth, ExporterServer, tls_context
+from mlwarden.exporter.server import Authenticator, BasicAuth, ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
-from mlwarden.exporter.webconfig import BcryptUsers, WebConfigError
 
 from mlwarden import __version__
 
@@ -40,7 +38,7 @@ class Exporter:
         address: tuple[str, int],
         *,
         max_concurrent_scrapes: int = 10,
-        auth: BasicAuth | BcryptUsers | None = None,
+        auth: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.supervisor = supervisor
@@ -67,8 +65,12 @@ class Exporter:
             except BackendUnavailable as exc:
                 raise ExporterStartError(f"{exc} (use --gpu-backend auto to serve mlwarden_nvml_up 0 instead)") from None
         tls: ssl.SSLContext | None = None
-        auth: BasicAuth | BcryptUsers | None = None
+        auth: Authenticator | None = None
         if settings.web_config_file is not None:
+            # only here: YAML and bcrypt cost 2 MiB of resident memory that most exporters never need
+            from mlwarden.exporter import webconfig
+            from mlwarden.exporter.webconfig import WebConfigError
+
             try:
                 web = webconfig.load(settings.web_config_file)
             except WebConfigError as exc:
