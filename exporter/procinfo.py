@@ -10,6 +10,7 @@ import functools
 import os
 import pwd
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +69,39 @@ def slurm_job_of(cgroup_text: str) -> str:
     """The Slurm job id from a slurmd cgroup path, else empty."""
     match = _SLURM_JOB.search(cgroup_text)
     return match.group(1) if match else ""
+
+
+class Describer:
+    """``describe`` with memory across passes: a process's identity is read from /proc once, not every second.
+
+    An entry holds while ``/proc/PID`` is the same directory (inode and change time: a reused PID is a
+    new directory) and for at most ``max_age`` seconds (a process moved to another cgroup is seen
+    then); PIDs no longer on any GPU are forgotten at the end of each pass.
+    """
+
+    def __init__(self, proc: Path = Path("/proc"), max_age: float = 60.0) -> None:
+        self.proc = proc
+        self.max_age = max_age
+        self._known: dict[int, tuple[tuple[int, int], float, ProcessInfo]] = {}
+        self._seen: set[int] = set()
+
+    def describe(self, pid: int) -> ProcessInfo:
+        self._seen.add(pid)
+        try:
+            st = os.stat(self.proc / str(pid))
+        except OSError:
+            self._known.pop(pid, None)
+            return describe(pid, self.proc)  # gone or another PID namespace: empty labels, as describe says
+        stamp, now = (st.st_ino, st.st_ctime_ns), time.monotonic()
+        known = self._known.get(pid)
+        if known is not None and known[0] == stamp and now - known[1] < self.max_age:
+            return known[2]
+        info = describe(pid, self.proc)
+        self._known[pid] = (stamp, now, info)
+        return info
+
+    def end_pass(self) -> None:
+        """Forget the processes not described since the last call."""
+        for pid in self._known.keys() - self._seen:
+            del self._known[pid]
+        self._seen = set()

@@ -185,6 +185,12 @@ class GpuCollector(Collector):
         mig_labels = [*GPU_LABELS, "gpu_instance", "compute_instance", "profile"]
         mig_used = gauge("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=mig_labels)
         mig_total = gauge("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=mig_labels)
+        mig_profiling = {
+            key: gauge(name.replace("mlwarden_gpu_", "mlwarden_gpu_mig_", 1),
+                       f"{text[:-1]}, for the MIG device's GPU instance (compute instances of one GPU instance share its value).",
+                       labels=mig_labels)
+            for key, (name, text) in PROFILING.items()
+        }
         for index, uuid in down:
             up.add_metric([str(index), uuid], 0)
         for reading in readings:
@@ -226,14 +232,18 @@ class GpuCollector(Collector):
                     if error in link.errors:
                         nvlink_errors.add_metric([*gpu, str(link.link), error], link.errors[error])
             for mig in reading.mig:
-                labels = [*gpu, str(mig.gpu_instance), str(mig.compute_instance), mig.profile]
+                device = mig.device
+                labels = [*gpu, str(device.gpu_instance), str(device.compute_instance), device.profile]
                 if mig.memory_used_bytes is not None:
                     mig_used.add_metric(labels, mig.memory_used_bytes)
                 if mig.memory_total_bytes is not None:
                     mig_total.add_metric(labels, mig.memory_total_bytes)
+                for key, value in mig.profiling.items():
+                    if key in mig_profiling:
+                        mig_profiling[key].add_metric(labels, value)
         return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
                 pipes, pcie_rate, pcie_bytes, replays, nvlink_rate, nvlink_up, nvlink_bytes, nvlink_errors, violations,
-                mig_used, mig_total]
+                mig_used, mig_total, *mig_profiling.values()]
 
     @staticmethod
     def _add_signals(reading: GpuReading, gpu: list[str], pending: Family, profiling: dict[str, Family],

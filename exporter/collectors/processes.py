@@ -41,6 +41,7 @@ class ProcessesCollector(Collector):
         self.max_processes = max_processes
         self.proc = proc
         self.attributor = attributor or Attributor()
+        self.describer = procinfo.Describer(proc)
 
     def collect(self) -> Collected:
         if not self.supervisor.ensure():
@@ -89,6 +90,7 @@ class ProcessesCollector(Collector):
                     mem_util.add_metric(labels, process.memory_utilization_ratio)
             for workload in allocations.workloads(index, identity.uuid, infos):
                 allocation.add_metric([*gpu, *workload.labels()], 1)
+        self.describer.end_pass()
         return Collected([count, memory, sm, mem_util, allocation])
 
     def stop(self) -> None:
@@ -102,7 +104,7 @@ class ProcessesCollector(Collector):
         # the backend may already know (simulated processes have no /proc entry)
         info = process.info or described.get(process.pid)
         if info is None:
-            info = described[process.pid] = procinfo.describe(process.pid, self.proc)
+            info = described[process.pid] = self.describer.describe(process.pid)
         return allocations.complete(info, index, uuid)
 
 
