@@ -23,18 +23,32 @@ _POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f
 _SLURM_JOB = re.compile(r"/slurm[^/\n]*/(?:uid_\d+/)?job_(\d+)(?:/|$)", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
-    """A GPU process's identity. ``namespace``/``pod``/``container`` come from the kubelet,
-    not from /proc: :mod:`mlwarden.exporter.attribution` fills them in."""
+@dataclass(frozen=True, order=True)
+class Workload:
+    """Who holds a GPU, as the ``mlwarden_gpu_*`` series label it (WORKLOAD_LABELS, in that order).
+    ``namespace``/``pod``/``container`` come from the kubelet, not from /proc:
+    :mod:`mlwarden.exporter.attribution` fills them in."""
 
-    name: str = ""
-    user: str = ""
-    container_id: str = ""
-    slurm_job: str = ""
     namespace: str = ""
     pod: str = ""
     container: str = ""
+    slurm_job: str = ""
+    user: str = ""
+    container_id: str = ""
+
+    def labels(self) -> list[str]:
+        return [self.namespace, self.pod, self.container, self.slurm_job, self.user, self.container_id]
+
+
+WORKLOAD_LABELS = ("namespace", "pod", "container", "slurm_job", "user", "container_id")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A GPU process's identity: its command name and the workload it belongs to."""
+
+    name: str = ""
+    workload: Workload = Workload()
 
 
 def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
@@ -45,7 +59,7 @@ def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
         cgroup = (base / "cgroup").read_text()
     except OSError:
         return ProcessInfo()
-    return ProcessInfo(name=name, user=user_name(uid), container_id=container_of(cgroup), slurm_job=slurm_job_of(cgroup))
+    return ProcessInfo(name, Workload(user=user_name(uid), container_id=container_of(cgroup), slurm_job=slurm_job_of(cgroup)))
 
 
 @functools.lru_cache(maxsize=256)

@@ -57,6 +57,7 @@ class FakeNvml:
     init_error: int | None = None
     inits: int = 0
     processes: dict[int, list[tuple[int, int | None]]] = field(default_factory=dict)
+    process_instances: dict[int, tuple[int, int]] = field(default_factory=dict)  # pid -> (GPU instance, compute instance) on MIG
     xids: list[tuple[int, int]] = field(default_factory=list)
     gpm_gpus: set[int] = field(default_factory=lambda: {0})  # an H100 and an older GPU without GPM
     gpm_percent: dict[int, float] = field(default_factory=lambda: dict(GPM_PERCENT))  # metric id -> value NVML computes
@@ -288,7 +289,9 @@ class FakeNvml:
         return self._answer("nvmlDeviceGetRemappedRows", h, (2, 0, 0, 0))
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802
-        procs = [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.get(h.index, [])]
+        procs = [SimpleNamespace(pid=pid, usedGpuMemory=used, gpuInstanceId=self.process_instances.get(pid, (0xFFFFFFFF,))[0],
+                                 computeInstanceId=self.process_instances.get(pid, (0, 0xFFFFFFFF))[1])
+                 for pid, used in self.processes.get(h.index, [])]
         return self._answer("nvmlDeviceGetComputeRunningProcesses", h, procs)
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802

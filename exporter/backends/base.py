@@ -125,6 +125,8 @@ class GpuProcess:
     info: ProcessInfo | None = None  # None: look it up in /proc
     sm_utilization_ratio: float | None = None
     memory_utilization_ratio: float | None = None
+    gpu_instance: int | None = None  # the MIG device it runs in; None without MIG
+    compute_instance: int | None = None
 
 
 @dataclass(frozen=True)

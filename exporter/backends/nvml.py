@@ -287,15 +287,19 @@ class NvmlBackend(GpuBackend):
     def processes(self, index: int) -> list[GpuProcess]:
         handle = self._handle(index)
         memory: dict[int, int | None] = {}
+        instances: dict[int, tuple[int | None, int | None]] = {}  # pid -> (GPU instance, compute instance) on MIG
         for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
             for proc in self._call(getter, handle) or []:
-                used = u64(proc.usedGpuMemory)
-                previous = memory.get(proc.pid)
-                memory[proc.pid] = used if previous is None else max(previous, used or 0)
+                pid, used = proc.pid, u64(proc.usedGpuMemory)
+                previous = memory.get(pid)
+                memory[pid] = used if previous is None else max(previous, used or 0)
+                # NVML's "not in a MIG instance" is 0xFFFFFFFF, which u32 reads as None
+                instances[pid] = (u32(getattr(proc, "gpuInstanceId", None)), u32(getattr(proc, "computeInstanceId", None)))
         utilization = self._process_utilization(index, handle) if memory else {}
         return [
             GpuProcess(pid=pid, used_memory_bytes=used, sm_utilization_ratio=utilization.get(pid, (None, None))[0],
-                       memory_utilization_ratio=utilization.get(pid, (None, None))[1])
+                       memory_utilization_ratio=utilization.get(pid, (None, None))[1],
+                       gpu_instance=instances[pid][0], compute_instance=instances[pid][1])
             for pid, used in memory.items()
         ]
 
