@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import threading
 import typing
@@ -83,8 +85,29 @@ if not typing.TYPE_CHECKING:
     ExporterSettings = with_collector_settings(ExporterSettings)
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_malloc_arena() -> bool:
+    """Have glibc's malloc use one arena for all threads, unless MALLOC_ARENA_MAX says otherwise.
+
+    Each collector thread would otherwise get an arena of its own (a MiB of resident memory in all,
+    measured), for no gain: the threads take turns under the GIL anyway. Called before any thread
+    starts; True when glibc took it.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        return False
+
+
 def run(settings: ExporterSettings) -> int:
     from mlwarden.exporter.app import Exporter, ExporterStartError
+
+    one_malloc_arena()
 
     try:
         exporter = Exporter.from_settings(settings)

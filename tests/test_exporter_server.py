@@ -359,3 +359,12 @@ def test_the_snapshot_compresses_once_and_faithfully() -> None:
     snapshot = Snapshot(b"# HELP x y\n# TYPE x gauge\nx 1.0\n" * 100)
     assert gzip.decompress(snapshot.gzipped) == snapshot.body
     assert snapshot.gzipped is snapshot.gzipped  # made once, shared by every scrape of this snapshot
+
+
+def test_glibc_is_asked_for_one_malloc_arena_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlwarden.exporter.cli import one_malloc_arena
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert one_malloc_arena() is True  # this machine's Python runs on glibc
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert one_malloc_arena() is False
