@@ -299,6 +299,8 @@ class _Connection:
     async def _request(self, head: bytes) -> None:
         method, path, http11, headers = _parse_head(head)
         fields = dict(headers)
+        if len(fields) != len(headers) and len({value for name, value in headers if name == b"content-length"}) > 1:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST)  # two lengths: which body is the next request's?
         if b"transfer-encoding" in fields:
             raise _BadRequest(HTTPStatus.LENGTH_REQUIRED)  # no route takes a streamed body
         length = fields.get(b"content-length", b"0")
@@ -428,5 +430,9 @@ class ExporterServer:
 
 
 def _quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Failed TLS handshakes and clients gone mid-write are the clients' business: debug, not error."""
-    log.debug("http: %s", context.get("message"), exc_info=context.get("exception"))
+    """Failed TLS handshakes and clients gone mid-write are the clients' business: debug; anything else is ours."""
+    exception = context.get("exception")
+    if exception is None or isinstance(exception, OSError):  # ssl.SSLError and ConnectionError are OSErrors
+        log.debug("http: %s", context.get("message"), exc_info=exception)
+    else:
+        log.error("http: %s", context.get("message"), exc_info=exception)
