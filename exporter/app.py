@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import ssl
 
-from mlwarden.exporter import webconfig
 from mlwarden.exporter.backends import open_backend
 from mlwarden.exporter.backends.base import BackendUnavailable
 from mlwarden.exporter.backends.simulated import SimulatedBackend
@@ -15,7 +14,6 @@ from mlwarden.exporter.collectors.base import Collector, CollectorContext, regis
 from mlwarden.exporter.loop import CollectionLoop
 from mlwarden.exporter.server import ExporterServer, tls_context
 from mlwarden.exporter.snapshot import SnapshotStore
-from mlwarden.exporter.webconfig import WebConfigError
 
 from mlwarden import __version__
 from mlwarden.auth import AuthCheck
@@ -70,6 +68,10 @@ class Exporter:
         tls: ssl.SSLContext | None = None
         auth: AuthCheck | None = None
         if settings.web_config_file is not None:
+            # only here: YAML and bcrypt cost 2 MiB of resident memory that most exporters never need
+            from mlwarden.exporter import webconfig
+            from mlwarden.exporter.webconfig import WebConfigError
+
             try:
                 web = webconfig.load(settings.web_config_file)
             except WebConfigError as exc:

@@ -22,32 +22,15 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mlwarden.exporter.backends.base import MigDevice
 from mlwarden.exporter.podresources import PodContainer, PodResourcesClient
-from mlwarden.exporter.procinfo import ProcessInfo
+from mlwarden.exporter.procinfo import ProcessInfo, Workload
 
 log = logging.getLogger(__name__)
 
-WORKLOAD_LABELS = ("namespace", "pod", "container", "slurm_job", "user", "container_id")
 _JOB_ID = re.compile(r"[0-9A-Za-z_.+-]{1,64}")
 MAX_JOBS_PER_GPU = 16  # a mapping file is operator input: a runaway one cannot flood the series
 _MAX_MAPPING_BYTES = 4096
-
-
-@dataclass(frozen=True, order=True)
-class Workload:
-    namespace: str = ""
-    pod: str = ""
-    container: str = ""
-    slurm_job: str = ""
-    user: str = ""
-    container_id: str = ""
-
-    def labels(self) -> list[str]:
-        return [self.namespace, self.pod, self.container, self.slurm_job, self.user, self.container_id]
-
-
-def workload_of(info: ProcessInfo) -> Workload:
-    return Workload(info.namespace, info.pod, info.container, info.slurm_job, info.user, info.container_id)
 
 
 def read_job_mapping(directory: Path) -> dict[str, list[str]]:
@@ -76,36 +59,48 @@ def read_job_mapping(directory: Path) -> dict[str, list[str]]:
 class Allocations:
     """One pass's view of the allocation sources."""
 
-    pods: dict[str, list[PodContainer]]  # GPU UUID -> pods' containers
+    pods: dict[str, list[PodContainer]]  # device id (GPU or MIG device UUID) -> pods' containers
     jobs: dict[str, list[str]]  # GPU index or UUID -> Slurm job ids
 
-    def pods_on(self, uuid: str) -> list[PodContainer]:
-        return self.pods.get(uuid, [])
+    def pods_on(self, uuid: str, device: MigDevice | None = None) -> list[PodContainer]:
+        """The pods holding the GPU, or one of its MIG devices.
+
+        The NVIDIA device plugin names a MIG device by its own UUID (``MIG-...``), or, before driver
+        R470, as ``MIG-<GPU UUID>/<GPU instance>/<compute instance>``.
+        """
+        if device is None:
+            return self.pods.get(uuid, [])
+        return self.pods.get(device.uuid) or self.pods.get(f"MIG-{uuid}/{device.gpu_instance}/{device.compute_instance}", [])
 
     def jobs_on(self, index: int, uuid: str) -> list[str]:
         return self.jobs.get(str(index)) or self.jobs.get(uuid, [])
 
-    def complete(self, info: ProcessInfo, index: int, uuid: str) -> ProcessInfo:
-        """``info`` with its GPU's pod and job filled in where the GPU has exactly one."""
-        pods = self.pods_on(uuid)
-        if not info.pod and len(pods) == 1:
-            info = replace(info, namespace=pods[0].namespace, pod=pods[0].pod, container=pods[0].container)
+    def complete(self, info: ProcessInfo, index: int, uuid: str, device: MigDevice | None = None) -> ProcessInfo:
+        """``info`` with its GPU's (or MIG device's) pod and job filled in where it has exactly one."""
+        workload = info.workload
+        pods = self.pods_on(uuid, device)
+        if not workload.pod and len(pods) == 1:
+            workload = replace(workload, namespace=pods[0].namespace, pod=pods[0].pod, container=pods[0].container)
         jobs = self.jobs_on(index, uuid)
-        if not info.slurm_job and len(jobs) == 1:
-            info = replace(info, slurm_job=jobs[0])
-        return info
+        if not workload.slurm_job and len(jobs) == 1:
+            workload = replace(workload, slurm_job=jobs[0])
+        return info if workload is info.workload else replace(info, workload=workload)
 
-    def workloads(self, index: int, uuid: str, processes: list[ProcessInfo]) -> list[Workload]:
-        """Every workload on the GPU: its processes', and allocations no visible process accounts for."""
-        found = {workload_of(info) for info in processes}
+    def workloads(self, index: int, uuid: str, processes: list[ProcessInfo], device: MigDevice | None = None) -> list[Workload]:
+        """Every workload on the GPU (or MIG device): its processes', and allocations no visible process accounts for.
+
+        Slurm's job map names whole GPUs: its jobs are listed with the GPU, not with each MIG device.
+        """
+        found = {info.workload for info in processes}
         pods_seen = {(w.namespace, w.pod, w.container) for w in found}
         jobs_seen = {w.slurm_job for w in found}
-        for pod in self.pods_on(uuid):
+        for pod in self.pods_on(uuid, device):
             if (pod.namespace, pod.pod, pod.container) not in pods_seen:
                 found.add(Workload(namespace=pod.namespace, pod=pod.pod, container=pod.container))
-        for job in self.jobs_on(index, uuid):
-            if job not in jobs_seen:
-                found.add(Workload(slurm_job=job))
+        if device is None:
+            for job in self.jobs_on(index, uuid):
+                if job not in jobs_seen:
+                    found.add(Workload(slurm_job=job))
         return sorted(found)
 
 

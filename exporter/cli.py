@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import threading
 import typing
@@ -44,7 +46,8 @@ class ExporterSettings:
         60.0, parse=in_range(parse_duration, 0.1, 86400), metavar="DURATION",
         help="how often the backups and artifacts collectors run (walking big trees is slow)",
     )
-    max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000), help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")
+    max_concurrent_scrapes: int = setting(10, parse=in_range(int, 1, 1000),
+        help="scrape bodies sent at once (a slow client holds one until it has read); more wait up to 1 s, then get 503")
     tls_cert_file: Path | None = setting(None, help="serve HTTPS with this certificate (PEM); needs --tls-key-file")
     tls_key_file: Path | None = setting(None, help="private key (PEM) for --tls-cert-file")
     basic_auth_user: str | None = setting(None, help="require HTTP basic auth with this user name for /metrics and /-/simulate")
@@ -82,8 +85,29 @@ if not typing.TYPE_CHECKING:
     ExporterSettings = with_collector_settings(ExporterSettings)
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_malloc_arena() -> bool:
+    """Have glibc's malloc use one arena for all threads, unless MALLOC_ARENA_MAX says otherwise.
+
+    Each collector thread would otherwise get an arena of its own (a MiB of resident memory in all,
+    measured), for no gain: the threads take turns under the GIL anyway. Called before any thread
+    starts; True when glibc took it.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        return False
+
+
 def run(settings: ExporterSettings) -> int:
     from mlwarden.exporter.app import Exporter, ExporterStartError
+
+    one_malloc_arena()
 
     try:
         exporter = Exporter.from_settings(settings)

@@ -51,12 +51,13 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def fields(data: bytes) -> Iterator[tuple[int, Any]]:
+def fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
     """(field number, value) pairs of one message: ints for varints, bytes for length-delimited."""
     pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == _VARINT:
             value, pos = _varint(data, pos)
         elif wire == _LENGTH:
@@ -66,13 +67,21 @@ def fields(data: bytes) -> Iterator[tuple[int, Any]]:
             value, pos = data[pos:pos + size], pos + size
         elif wire in (_FIXED64, _FIXED32):
             width = 8 if wire == _FIXED64 else 4
+            if pos + width > len(data):
+                raise ProtobufError("truncated field")
             value, pos = data[pos:pos + width], pos + width
         else:
             raise ProtobufError(f"unsupported wire type {wire}")
         yield number, value
 
 
-def _text(value: Any) -> str:
+def _message(value: int | bytes) -> bytes:
+    if not isinstance(value, bytes):
+        raise ProtobufError("expected an embedded message")
+    return value
+
+
+def _text(value: int | bytes) -> str:
     if not isinstance(value, bytes):
         raise ProtobufError("expected a string field")
     return value.decode("utf-8", errors="replace")
@@ -90,13 +99,13 @@ def decode_list_response(data: bytes) -> dict[str, list[PodContainer]]:
             continue
         name = namespace = ""
         containers: list[bytes] = []
-        for field_number, value in fields(pod):
+        for field_number, value in fields(_message(pod)):
             if field_number == 1:
                 name = _text(value)
             elif field_number == 2:
                 namespace = _text(value)
             elif field_number == 3:
-                containers.append(value)
+                containers.append(_message(value))
         for container in containers:
             container_name = ""
             devices: list[bytes] = []
@@ -104,7 +113,7 @@ def decode_list_response(data: bytes) -> dict[str, list[PodContainer]]:
                 if field_number == 1:
                     container_name = _text(value)
                 elif field_number == 2:
-                    devices.append(value)
+                    devices.append(_message(value))
             owner = PodContainer(namespace, name, container_name)
             for device in devices:
                 resource, ids = "", []
@@ -117,6 +126,17 @@ def decode_list_response(data: bytes) -> dict[str, list[PodContainer]]:
                     for device_id in ids:
                         owners.setdefault(device_id.split("::", 1)[0], set()).add(owner)
     return {device: sorted(found) for device, found in owners.items()}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong, for the log: a gRPC error's ``details()``, else the exception's text.
+
+    Only a callable ``details`` is called: an exception that carries ``details`` as plain data
+    must not turn a failed call into a TypeError that fails the whole collection pass.
+    """
+    details = getattr(exc, "details", None)
+    reason = details() if callable(details) else None
+    return str(reason) if reason else str(exc) or type(exc).__name__
 
 
 class PodResourcesClient:
@@ -135,11 +155,11 @@ class PodResourcesClient:
         if call is None:
             return None
         try:
-            owners = call(b"", timeout=self.timeout)
+            owners: dict[str, list[PodContainer]] = call(b"", timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001 - grpc.RpcError or a malformed answer: off for this pass
             if not self._failing:
                 log.warning("kubelet pod-resources API at %s: %s; pod labels are empty until it answers",
-                            self.socket_path, getattr(exc, "details", lambda: str(exc))() or exc)
+                            self.socket_path, failure_reason(exc))
                 self._failing = True
             return None
         if self._failing:

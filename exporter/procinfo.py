@@ -10,6 +10,7 @@ import functools
 import os
 import pwd
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,18 +23,32 @@ _POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f
 _SLURM_JOB = re.compile(r"/slurm[^/\n]*/(?:uid_\d+/)?job_(\d+)(?:/|$)", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
-    """A GPU process's identity. ``namespace``/``pod``/``container`` come from the kubelet,
-    not from /proc: :mod:`mlwarden.exporter.attribution` fills them in."""
+@dataclass(frozen=True, order=True)
+class Workload:
+    """Who holds a GPU, as the ``mlwarden_gpu_*`` series label it (WORKLOAD_LABELS, in that order).
+    ``namespace``/``pod``/``container`` come from the kubelet, not from /proc:
+    :mod:`mlwarden.exporter.attribution` fills them in."""
 
-    name: str = ""
-    user: str = ""
-    container_id: str = ""
-    slurm_job: str = ""
     namespace: str = ""
     pod: str = ""
     container: str = ""
+    slurm_job: str = ""
+    user: str = ""
+    container_id: str = ""
+
+    def labels(self) -> list[str]:
+        return [self.namespace, self.pod, self.container, self.slurm_job, self.user, self.container_id]
+
+
+WORKLOAD_LABELS = ("namespace", "pod", "container", "slurm_job", "user", "container_id")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A GPU process's identity: its command name and the workload it belongs to."""
+
+    name: str = ""
+    workload: Workload = Workload()
 
 
 def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
@@ -44,7 +59,7 @@ def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
         cgroup = (base / "cgroup").read_text()
     except OSError:
         return ProcessInfo()
-    return ProcessInfo(name=name, user=user_name(uid), container_id=container_of(cgroup), slurm_job=slurm_job_of(cgroup))
+    return ProcessInfo(name, Workload(user=user_name(uid), container_id=container_of(cgroup), slurm_job=slurm_job_of(cgroup)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -68,3 +83,39 @@ def slurm_job_of(cgroup_text: str) -> str:
     """The Slurm job id from a slurmd cgroup path, else empty."""
     match = _SLURM_JOB.search(cgroup_text)
     return match.group(1) if match else ""
+
+
+class Describer:
+    """``describe`` with memory across passes: a process's identity is read from /proc once, not every second.
+
+    An entry holds while ``/proc/PID`` is the same directory (inode and change time: a reused PID is a
+    new directory) and for at most ``max_age`` seconds (a process moved to another cgroup is seen
+    then); PIDs no longer on any GPU are forgotten at the end of each pass.
+    """
+
+    def __init__(self, proc: Path = Path("/proc"), max_age: float = 60.0) -> None:
+        self.proc = proc
+        self.max_age = max_age
+        self._known: dict[int, tuple[tuple[int, int], float, ProcessInfo]] = {}
+        self._seen: set[int] = set()
+
+    def describe(self, pid: int) -> ProcessInfo:
+        self._seen.add(pid)
+        try:
+            st = os.stat(self.proc / str(pid))
+        except OSError:
+            self._known.pop(pid, None)
+            return describe(pid, self.proc)  # gone or another PID namespace: empty labels, as describe says
+        stamp, now = (st.st_ino, st.st_ctime_ns), time.monotonic()
+        known = self._known.get(pid)
+        if known is not None and known[0] == stamp and now - known[1] < self.max_age:
+            return known[2]
+        info = describe(pid, self.proc)
+        self._known[pid] = (stamp, now, info)
+        return info
+
+    def end_pass(self) -> None:
+        """Forget the processes not described since the last call."""
+        for pid in self._known.keys() - self._seen:
+            del self._known[pid]
+        self._seen = set()

@@ -1,7 +1,7 @@
 """The exporter's HTTP server: ``/metrics``, ``/healthz``, and the simulator's fault endpoint.
 
 A scrape returns the bytes of the latest snapshot; nothing is computed per request. The
-server is one asyncio event loop (uvicorn with httptools and uvloop) in its own thread, so
+server is one asyncio event loop (a small HTTP/1.1 server on asyncio streams) in its own thread, so
 requests are answered in the order they arrive, a scrape storm uses at most one core, and
 an idle connection costs a few kilobytes instead of a thread. At most
 ``max_concurrent_scrapes`` scrape bodies are being written at once (a slow client holds
@@ -27,19 +27,16 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from mlwarden.exporter.backends.simulated import OVERHEAT_CELSIUS, SimulatedBackend
 from mlwarden.exporter.snapshot import CONTENT_TYPE, SnapshotStore
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from mlwarden import logs
 from mlwarden.auth import AuthCheck
 
 log = logging.getLogger(__name__)
 
 _MAX_BODY = 4096
 _MAX_CONNECTIONS = 512  # beyond this, requests get 503: file descriptors stay well below the usual limit of 1024
-_PIECE_BYTES = 64 * 1024  # uvicorn's write buffer high-water mark
+_PIECE_BYTES = 64 * 1024  # asyncio's write buffer high-water mark
 _BACKLOG = 128  # the default of 5 drops SYNs when 20 scrapers connect at once
 _INDEX = b"""<html><head><title>mlwarden exporter</title></head><body>
 <h1>mlwarden exporter</h1><p><a href="/metrics">/metrics</a> <a href="/healthz">/healthz</a></p>
@@ -64,7 +61,7 @@ async def _respond(send: Send, status: HTTPStatus, body: bytes, content_type: st
                    headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     """Send a response; a large body goes in pieces, each waiting until the client took the last.
 
-    uvicorn waits for a slow client only between pieces: one large piece would be copied
+    The server waits for a slow client only between pieces: one large piece would be copied
     whole into its send buffer at once, so every slow scraper would cost a body's worth
     of memory and none would ever hold its scrape slot.
     """
@@ -161,11 +158,8 @@ class _App:
             request: Any = json.loads(body)
             if not isinstance(request, dict):
                 raise ValueError("expected a JSON object")
-            gpu, fault = request.get("gpu"), request.get("fault")
-            xid, count = request.get("xid", 79), request.get("count", 1)
-            celsius = request.get("celsius", OVERHEAT_CELSIUS)
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gpu, xid, count)):
-                raise ValueError("gpu, xid and count must be integers")
+            gpu, xid, count = (_integer(request.get(key, default)) for key, default in (("gpu", None), ("xid", 79), ("count", 1)))
+            fault, celsius = request.get("fault"), request.get("celsius", OVERHEAT_CELSIUS)
             if not isinstance(celsius, int | float) or isinstance(celsius, bool):
                 raise ValueError("celsius must be a number")
             if not isinstance(fault, str):
@@ -196,6 +190,12 @@ def _accepts_gzip(scope: Scope) -> bool:
     return False
 
 
+def _integer(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("gpu, xid and count must be integers")
+    return value
+
+
 async def _read_body(receive: Receive) -> bytes:
     """The request body; Content-Length was checked, so it is small."""
     chunks = []
@@ -206,28 +206,120 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-class _IdleTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, with the idle timeout also armed before the first request.
+_HEAD_LIMIT = 16 * 1024  # request line and headers; a scraper sends a few hundred bytes
+_BODY_LIMIT = 64 * 1024  # read and dropped for routes that refuse it, so it cannot poison a kept-alive connection
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
-    uvicorn starts the keep-alive timeout only after a response, so a client that connects
-    and never sends a request would hold its connection for ever.
+
+class _BadRequest(ValueError):
+    """A request this server does not take: answered with this status, then the connection closes."""
+
+    def __init__(self, status: HTTPStatus) -> None:
+        super().__init__(status.phrase)
+        self.status = status
+
+
+def _parse_head(head: bytes) -> tuple[str, str, bool, list[tuple[bytes, bytes]]]:
+    """(method, path, HTTP/1.1, headers with lower-case names) of a request head."""
+    try:
+        request_line, *lines = head.decode("latin-1").split("\r\n")
+        method, target, version = request_line.split(" ")
+    except ValueError:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST) from None
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/"):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST)
+    headers = []
+    for line in lines:
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise _BadRequest(HTTPStatus.BAD_REQUEST)
+        headers.append((name.lower().encode("latin-1"), value.strip().encode("latin-1")))
+    return method, target.partition("?")[0], version == "HTTP/1.1", headers
+
+
+class _Connection:
+    """One client connection: requests in order, each answered before the next is read.
+
+    A client that sends nothing for ``idle_timeout`` (before its first request too) is
+    disconnected, and so is one that stops reading its response for as long.
     """
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+    def __init__(self, app: _App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle_timeout: float) -> None:
+        self.app = app
+        self.reader = reader
+        self.writer = writer
+        self.idle_timeout = idle_timeout
+        self.keep_alive = True
 
+    async def serve(self) -> None:
+        try:
+            while self.keep_alive:
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        head = await self.reader.readuntil(b"\r\n\r\n")
+                except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    return  # idle, gone, or a head beyond the limit: nothing worth answering
+                try:
+                    await self._request(head[:-4])
+                except _BadRequest as exc:
+                    self.keep_alive = False
+                    await self._send_simple(exc.status)
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            pass  # the client went away or stopped reading: nothing to answer
+        finally:
+            self.writer.close()
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, waking once a second instead of ten times to see whether it should exit.
+    async def _request(self, head: bytes) -> None:
+        method, path, http11, headers = _parse_head(head)
+        fields = dict(headers)
+        if len(fields) != len(headers) and len({value for name, value in headers if name == b"content-length"}) > 1:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST)  # two lengths: which body is the next request's?
+        if b"transfer-encoding" in fields:
+            raise _BadRequest(HTTPStatus.LENGTH_REQUIRED)  # no route takes a streamed body
+        length = fields.get(b"content-length", b"0")
+        if not length.isdigit():
+            raise _BadRequest(HTTPStatus.BAD_REQUEST)
+        if int(length) > _BODY_LIMIT:
+            raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        connection = fields.get(b"connection", b"").lower()
+        self.keep_alive = b"close" not in connection and (http11 or b"keep-alive" in connection)
+        body = b""
+        if int(length):
+            async with asyncio.timeout(self.idle_timeout):
+                body = await self.reader.readexactly(int(length))
+        scope = {"type": "http", "method": method, "path": path, "headers": headers}
 
-    Each wake-up only checks ``should_exit`` (and refreshes headers we do not send); at ten a
-    second they were a measurable share of an idle exporter's CPU. Stopping takes up to 1 s more.
-    """
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
 
-    async def main_loop(self) -> None:
-        while not await self.on_tick(0):
-            await asyncio.sleep(1.0)
+        await self.app(scope, receive, self._sender(method == "HEAD"))
+
+    def _sender(self, head_only: bool) -> Send:
+        head = b""
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal head
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b""))]
+                lines += [name + b": " + value for name, value in message.get("headers", ())]
+                if not self.keep_alive:
+                    lines.append(b"connection: close")
+                head = b"\r\n".join(lines) + b"\r\n\r\n"  # sent with the first piece: one segment for a small answer
+                return
+            self.writer.write(head + (b"" if head_only else message.get("body", b"")))
+            head = b""
+            # a client that stops reading holds at most one piece in our buffers, and not for ever; what the
+            # kernel took at once needs no wait (most scrapes: a timer per piece was a tenth of a scrape's CPU)
+            if self.writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(self.idle_timeout):
+                    await self.writer.drain()
+        return send
+
+    async def _send_simple(self, status: HTTPStatus) -> None:
+        await _respond(self._sender(False), status, f"{status.phrase.lower()}\n".encode())
 
 
 def _listen(address: tuple[str, int]) -> socket.socket:
@@ -237,6 +329,13 @@ def _listen(address: tuple[str, int]) -> socket.socket:
 
 
 class ExporterServer:
+    """The HTTP/1.1 server: asyncio streams in one thread of its own.
+
+    Small on purpose (uvicorn, uvloop and their imports were a fifth of the exporter's resident
+    memory): pre-rendered bodies, a handful of routes, keep-alive, TLS through the ssl module.
+    An idle server sleeps in the kernel; nothing wakes it on a timer.
+    """
+
     def __init__(
         self,
         store: SnapshotStore,
@@ -251,17 +350,13 @@ class ExporterServer:
     ) -> None:
         self.app = _App(store, max_concurrent_scrapes, queue_timeout, auth, simulator)
         self._socket = _listen(address)  # bound here, so that a taken port is an error of the constructor
-        config = uvicorn.Config(
-            self.app, http=_IdleTimeoutProtocol, lifespan="off", **logs.uvicorn_options(),
-            ws="none",  # no WebSocket routes: "auto" would import the websockets library (2 MiB) for nothing
-            proxy_headers=False,
-            server_header=False, date_header=False, limit_concurrency=_MAX_CONNECTIONS, timeout_graceful_shutdown=2,
-            timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # a float is fine: it goes to call_later
-        )
-        config.load()
-        config.ssl = tls  # our context (TLS 1.2 at least), not one uvicorn builds from file names
-        self._uvicorn = _Server(config)
-        self._thread = threading.Thread(target=self._uvicorn.run, args=([self._socket],), name="http", daemon=True)
+        self._tls = tls
+        self._idle_timeout = idle_timeout
+        self._connections: set[asyncio.StreamWriter] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
     @property
     def port(self) -> int:
@@ -269,10 +364,50 @@ class ExporterServer:
 
     def start(self) -> None:
         self._thread.start()
+        self._ready.wait(5.0)
 
     def stop(self) -> None:
-        """Stop serving (open connections get up to 2 s); also fine if never started."""
-        self._uvicorn.should_exit = True
-        if self._thread.is_alive():
+        """Stop serving (open connections are closed); also fine if never started."""
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and self._thread.is_alive():
+            loop.call_soon_threadsafe(stopping.set)
             self._thread.join(timeout=5.0)
         self._socket.close()
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_quiet)
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(
+            self._accept, sock=self._socket, ssl=self._tls, limit=_HEAD_LIMIT,
+            ssl_handshake_timeout=self._idle_timeout if self._tls else None,
+        )
+        self._ready.set()
+        async with server:
+            await self._stopping.wait()
+            server.close()
+            for writer in list(self._connections):
+                writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= _MAX_CONNECTIONS:
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            writer.close()
+            return
+        self._connections.add(writer)
+        try:
+            await _Connection(self.app, reader, writer, self._idle_timeout).serve()
+        finally:
+            self._connections.discard(writer)
+
+
+def _quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Failed TLS handshakes and clients gone mid-write are the clients' business: debug; anything else is ours."""
+    exception = context.get("exception")
+    if exception is None or isinstance(exception, OSError):  # ssl.SSLError and ConnectionError are OSErrors
+        log.debug("http: %s", context.get("message"), exc_info=exception)
+    else:
+        log.error("http: %s", context.get("message"), exc_info=exception)

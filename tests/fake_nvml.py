@@ -57,6 +57,7 @@ class FakeNvml:
     init_error: int | None = None
     inits: int = 0
     processes: dict[int, list[tuple[int, int | None]]] = field(default_factory=dict)
+    process_instances: dict[int, tuple[int, int]] = field(default_factory=dict)  # pid -> (GPU instance, compute instance) on MIG
     xids: list[tuple[int, int]] = field(default_factory=list)
     gpm_gpus: set[int] = field(default_factory=lambda: {0})  # an H100 and an older GPU without GPM
     gpm_percent: dict[int, float] = field(default_factory=lambda: dict(GPM_PERCENT))  # metric id -> value NVML computes
@@ -64,7 +65,9 @@ class FakeNvml:
     # GPU -> (pid, timestamp in us, SM %, memory %) samples NVML holds
     process_utilization: dict[int, list[tuple[int, int, int, int]]] = field(default_factory=dict)
     mig: dict[int, list[tuple[int, int, str, int, int]]] = field(default_factory=dict)  # GPU -> (gi, ci, profile, used, total)
-    gpm_samples: dict[int, tuple[int, int]] = field(default_factory=dict)  # sample address -> (GPU, when taken)
+    # (GPU, GPU instance) -> metric id -> value NVML computes for that instance; absent: NOT_SUPPORTED there
+    mig_gpm_percent: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict)
+    gpm_samples: dict[int, tuple[Any, int]] = field(default_factory=dict)  # sample address -> (GPU or (GPU, GI), when taken)
     gpm_clock: int = 0
     _buffers: list[Any] = field(default_factory=list)
 
@@ -109,7 +112,9 @@ class FakeNvml:
         return handle.index
 
     # identity
-    def nvmlDeviceGetUUID(self, h: Handle) -> str:  # noqa: N802
+    def nvmlDeviceGetUUID(self, h: Any) -> str:  # noqa: N802
+        if hasattr(h, "mig"):
+            return f"MIG-fake-{h.index}-{h.mig[0]}-{h.mig[1]}"
         return self._answer("nvmlDeviceGetUUID", h, f"GPU-fake-{h.index}")
 
     def nvmlDeviceGetName(self, h: Any) -> bytes:  # noqa: N802
@@ -212,14 +217,22 @@ class FakeNvml:
         self.gpm_samples[_address(sample)] = (h.index, self.gpm_clock)
         return sample
 
+    def nvmlGpmMigSampleGet(self, h: Handle, gpu_instance: int, sample: Any) -> Any:  # noqa: N802
+        if (h.index, gpu_instance) not in self.mig_gpm_percent:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        self.gpm_clock += 1
+        self.gpm_samples[_address(sample)] = ((h.index, gpu_instance), self.gpm_clock)
+        return sample
+
     def nvmlGpmMetricsGet(self, request: Any) -> Any:  # noqa: N802
         assert request.version == pynvml.NVML_GPM_METRICS_GET_VERSION
         (gpu1, taken1), (gpu2, taken2) = self.gpm_samples[_address(request.sample1)], self.gpm_samples[_address(request.sample2)]
-        assert gpu1 == gpu2 and taken1 < taken2, "samples of one GPU, earlier first"
+        assert gpu1 == gpu2 and taken1 < taken2, "samples of one GPU (or GPU instance), earlier first"
+        percent = self.mig_gpm_percent[gpu1] if isinstance(gpu1, tuple) else self.gpm_percent
         for slot in range(request.numMetrics):
             metric = request.metrics[slot]
-            if metric.metricId in self.gpm_percent:
-                metric.value = self.gpm_percent[metric.metricId]
+            if metric.metricId in percent:
+                metric.value = percent[metric.metricId]
                 metric.nvmlReturn = pynvml.NVML_SUCCESS
             else:
                 metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
@@ -276,7 +289,9 @@ class FakeNvml:
         return self._answer("nvmlDeviceGetRemappedRows", h, (2, 0, 0, 0))
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802
-        procs = [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.get(h.index, [])]
+        procs = [SimpleNamespace(pid=pid, usedGpuMemory=used, gpuInstanceId=self.process_instances.get(pid, (0xFFFFFFFF,))[0],
+                                 computeInstanceId=self.process_instances.get(pid, (0, 0xFFFFFFFF))[1])
+                 for pid, used in self.processes.get(h.index, [])]
         return self._answer("nvmlDeviceGetComputeRunningProcesses", h, procs)
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, h: Handle) -> list[Any]:  # noqa: N802

@@ -177,7 +177,8 @@ def test_every_source_is_off_without_error_where_absent(
             assert collected.success
     found = samples(collector)
     (labels,) = [dict(lbl) for (name, lbl) in found if name == "mlwarden_gpu_allocation_info"]
-    assert labels == {"gpu": "0", "uuid": "GPU-fake-0", "namespace": "", "pod": "", "container": "", "slurm_job": "",
+    assert labels == {"gpu": "0", "uuid": "GPU-fake-0", "gpu_instance": "", "compute_instance": "",
+                      "namespace": "", "pod": "", "container": "", "slurm_job": "",
                       "user": "", "container_id": ""}  # the process exited before /proc was read: a workload still holds the GPU
     said = [r.getMessage() for r in caplog.records]
     assert sum("Kubernetes pod attribution off" in line for line in said) == 1
@@ -198,3 +199,56 @@ def test_a_kubelet_that_fails_or_answers_garbage_is_logged_once_and_recovers(
     assert sum("pod labels are empty" in r.getMessage() for r in caplog.records) == 1
     assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
     client.close()
+
+
+def test_a_failure_whose_details_is_not_callable_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The warning used to call ``getattr(exc, "details", ...)()`` on whatever it found (ruff F821
+    pointed at that line): an exception carrying ``details`` as data raised TypeError out of
+    ``gpu_owners`` and failed the processes collector's whole pass."""
+
+    class DetailedError(RuntimeError):
+        details = "kubelet restarting"
+
+    def call(request: bytes, timeout: float) -> object:
+        raise DetailedError("connection reset")
+
+    client = PodResourcesClient(tmp_path / "kubelet.sock")
+    client._call = call  # as if connected: the failure comes from the call itself
+    with caplog.at_level(logging.WARNING):
+        assert client.gpu_owners() is None
+    (line,) = [r.getMessage() for r in caplog.records if "pod labels are empty" in r.getMessage()]
+    assert "connection reset" in line
+
+
+def test_pods_holding_mig_devices_are_mapped_to_the_parent_gpu_and_its_instances(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kubelet: tuple[Path, dict[str, bytes]],
+) -> None:
+    fake = FakeNvml(gpus=2)
+    fake.install(monkeypatch)
+    fake.mig[0] = [(1, 0, "3g.40gb", 10 * MIB, 40_000 * MIB), (2, 0, "3g.40gb", 0, 40_000 * MIB)]
+    socket_path, answer = kubelet
+    answer["body"] = (
+        pod("research", "train-0", {"trainer": {"nvidia.com/mig-3g.40gb": ["MIG-fake-0-1-0"]}})  # the MIG device's UUID
+        + pod("vision", "infer-0", {"server": {"nvidia.com/mig-3g.40gb": ["MIG-GPU-fake-0/2/0"]}})  # before driver R470
+        + pod("research", "big", {"trainer": {"nvidia.com/gpu": ["GPU-fake-1"]}})
+    )
+    proc = tmp_path / "proc"
+    fake_proc(proc, 1001, "python", "0::/\n")  # no container in its cgroup: the pod comes from its MIG device
+    fake.processes = {0: [(1001, 10 * MIB)]}
+    fake.process_instances = {1001: (1, 0)}
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=proc,
+                                   attributor=Attributor(PodResourcesClient(socket_path)))
+    found = samples(collector)
+    (process,) = [dict(labels) for name, labels in found if name == "mlwarden_gpu_process_memory_used_bytes"]
+    assert (process["gpu"], process["namespace"], process["pod"], process["container"]) == ("0", "research", "train-0", "trainer")
+    allocations = sorted(
+        (lbl["gpu"], lbl["uuid"], lbl["gpu_instance"], lbl["compute_instance"], lbl["namespace"], lbl["pod"])
+        for lbl in (dict(labels) for name, labels in found if name == "mlwarden_gpu_allocation_info"))
+    assert allocations == [
+        ("0", "GPU-fake-0", "1", "0", "research", "train-0"),  # its process is visible
+        ("0", "GPU-fake-0", "2", "0", "vision", "infer-0"),  # allocated, no visible process
+        ("1", "GPU-fake-1", "", "", "research", "big"),  # a whole GPU
+    ]
+    collector.stop()

@@ -146,7 +146,7 @@ def test_container_of_cgroup(cgroup: str, expected: str) -> None:
 
 def test_describe_a_real_process_and_a_gone_one() -> None:
     me = procinfo.describe(os.getpid())
-    assert me.name and me.user
+    assert me.name and me.workload.user
     assert procinfo.describe(2**22 + 12345) == procinfo.ProcessInfo()
 
 

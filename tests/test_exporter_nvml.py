@@ -398,4 +398,32 @@ def test_a_process_on_several_gpus_is_read_from_proc_once_a_pass(fake: FakeNvml,
     assert read == [4242]
     assert {dict(labels)["gpu"] for name, labels in found if name == "mlwarden_gpu_process_memory_used_bytes"} == {"0", "1"}
     samples(collector)
-    assert read == [4242, 4242]  # not kept across passes: a PID may be reused
+    assert read == [4242, 4242]  # no /proc entry to tell it is the same process: looked up again
+
+
+def test_a_process_is_read_from_proc_once_while_its_entry_stays_and_again_when_the_pid_is_reused(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    def start(name: str) -> None:
+        (tmp_path / "4242").mkdir()
+        (tmp_path / "4242" / "comm").write_text(name + "\n")
+        (tmp_path / "4242" / "cgroup").write_text("0::/\n")
+
+    fake.processes = {0: [(4242, 3 * MIB)]}
+    read: list[int] = []
+    real = procinfo.describe
+    monkeypatch.setattr(procinfo, "describe", lambda pid, proc: read.append(pid) or real(pid, proc))
+    start("train.py")
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=tmp_path)
+
+    def names() -> set[str]:
+        return {dict(labels)["process"] for name, labels in samples(collector) if name == "mlwarden_gpu_process_memory_used_bytes"}
+
+    assert names() == {"train.py"} and names() == {"train.py"}
+    assert read == [4242]
+    for entry in (tmp_path / "4242").iterdir():  # the process exits; another one gets its PID
+        entry.unlink()
+    (tmp_path / "4242").rmdir()
+    start("eval.py")
+    assert names() == {"eval.py"}
+    assert read == [4242, 4242]

@@ -359,3 +359,46 @@ def test_the_snapshot_compresses_once_and_faithfully() -> None:
     snapshot = Snapshot(b"# HELP x y\n# TYPE x gauge\nx 1.0\n" * 100)
     assert gzip.decompress(snapshot.gzipped) == snapshot.body
     assert snapshot.gzipped is snapshot.gzipped  # made once, shared by every scrape of this snapshot
+
+
+def test_glibc_is_asked_for_one_malloc_arena_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlwarden.exporter.cli import one_malloc_arena
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert one_malloc_arena() is True  # this machine's Python runs on glibc
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert one_malloc_arena() is False
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(request)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+        return received
+
+
+def test_the_server_refuses_requests_it_cannot_frame_and_closes_the_connection() -> None:
+    store = SnapshotStore([], "test")
+    server = ExporterServer(store, ("127.0.0.1", free_port()), idle_timeout=5.0)
+    server.start()
+    try:
+        body = store.snapshot.body
+        # HTTP/1.0 without keep-alive: one answer, then the server closes; HEAD has the length and no body
+        answer = _exchange(server.port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and f"content-length: {len(body)}".encode() in head and rest == b""
+        answer = _exchange(server.port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert answer.endswith(body)
+        two_lengths = b"POST /-/simulate HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}GET /metrics HTTP/1.1\r\n\r\n"
+        assert _exchange(server.port, two_lengths).startswith(b"HTTP/1.1 400 ")
+        chunked = b"POST /-/simulate HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        assert _exchange(server.port, chunked).startswith(b"HTTP/1.1 411 ")
+        too_long = b"POST /-/simulate HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n"
+        assert _exchange(server.port, too_long).startswith(b"HTTP/1.1 413 ")
+        assert _exchange(server.port, b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n") == b""  # head beyond 16 KiB
+        assert _exchange(server.port, b"GET http://elsewhere/ HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    finally:
+        server.stop()

@@ -9,12 +9,13 @@ import subprocess
 
 import pynvml
 import pytest
+from mlwarden.exporter.backends import nvml as nvml_backend
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.snapshot import render
 
-from tests.test_exporter_nvml import MIB, FakeNvml, nvml_error, samples, supervisor_for, value
+from tests.test_exporter_nvml import MIB, FakeNvml, _counting, nvml_error, samples, supervisor_for, value
 
 GPU0 = {"gpu": "0", "uuid": "GPU-fake-0"}
 GPU1 = {"gpu": "1", "uuid": "GPU-fake-1"}
@@ -151,6 +152,8 @@ def test_per_process_utilization_takes_each_processes_newest_sample_since_the_la
 
 def test_promtool_accepts_every_new_family(fake: FakeNvml, promtool: str) -> None:
     fake.mig[1] = [(1, 0, "3g.20gb", 5 * MIB, 20_000 * MIB)]
+    fake.mig[0] = [(1, 0, "7g.80gb", 5 * MIB, 80_000 * MIB)]
+    fake.mig_gpm_percent[(0, 1)] = {pynvml.NVML_GPM_METRIC_SM_UTIL: 60.0}
     fake.processes[0] = [(4242, 3 * MIB)]
     fake.process_utilization[0] = [(4242, 100, 10, 5)]
     supervisor = supervisor_for(NvmlBackend())
@@ -159,9 +162,49 @@ def test_promtool_accepts_every_new_family(fake: FakeNvml, promtool: str) -> Non
     families = gpu.collect().families + ProcessesCollector(supervisor, 1.0, 1.0, 8).collect().families
     text = render(families)
     for family in ("mlwarden_gpu_sm_activity_ratio", "mlwarden_gpu_pipe_activity_ratio", "mlwarden_gpu_nvlink_errors_total",
-                   "mlwarden_gpu_clock_violation_seconds_total", "mlwarden_gpu_mig_memory_used_bytes",
+                   "mlwarden_gpu_clock_violation_seconds_total", "mlwarden_gpu_mig_memory_used_bytes", "mlwarden_gpu_mig_sm_activity_ratio",
                    "mlwarden_gpu_process_sm_utilization_ratio", "mlwarden_gpu_allocation_info"):
         assert f"\n{family}{{".encode() in text, family
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert checked.returncode == 0, checked.stderr.decode()
     assert checked.stdout.decode() + checked.stderr.decode() == ""
+
+
+def test_mig_utilization_comes_from_gpm_per_gpu_instance_and_is_omitted_where_unsupported(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake.mig[0] = [(1, 0, "3g.40gb", 5 * MIB, 40_000 * MIB), (2, 0, "1g.10gb", 0, 10_000 * MIB)]
+    fake.mig_gpm_percent[(0, 1)] = {pynvml.NVML_GPM_METRIC_SM_UTIL: 60.0, pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 20.0}
+    fake.mig[1] = [(1, 0, "7g.80gb", 0, 80_000 * MIB)]  # GPU 1 has no GPM at all
+    mig_samples = _counting(fake, monkeypatch, "nvmlGpmMigSampleGet")
+    collector = GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0)
+    first = samples(collector)
+    assert not {name for name, _ in first if name.startswith("mlwarden_gpu_mig_") and name.endswith("_ratio")}  # one sample: no interval yet
+    found = samples(collector)
+    samples(collector)
+    instance = {**GPU0, "gpu_instance": "1", "compute_instance": "0", "profile": "3g.40gb"}
+    assert value(found, "mlwarden_gpu_mig_sm_activity_ratio", **instance) == 0.60
+    assert value(found, "mlwarden_gpu_mig_tensor_activity_ratio", **instance) == 0.20
+    assert value(found, "mlwarden_gpu_mig_sm_occupancy_ratio", **instance) is None  # NVML could not compute it there
+    ratios = {(name, dict(labels)["gpu"], dict(labels)["gpu_instance"]) for name, labels in found
+              if name.startswith("mlwarden_gpu_mig_") and name.endswith("_ratio")}
+    assert ratios == {("mlwarden_gpu_mig_sm_activity_ratio", "0", "1"), ("mlwarden_gpu_mig_tensor_activity_ratio", "0", "1")}
+    assert value(found, "mlwarden_gpu_mig_memory_total_bytes", **{**instance, "gpu_instance": "2", "profile": "1g.10gb"}) == 10_000 * MIB
+    # GPU instance 2 answered NOT_SUPPORTED to its first sample: never asked again (3 passes, 1 call)
+    assert [gi for _, gi, _ in mig_samples].count(2) == 1
+    assert [gi for _, gi, _ in mig_samples].count(1) == 3
+
+
+def test_facts_only_an_administrator_changes_are_read_every_30_s_not_every_pass(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.mig[1] = [(1, 0, "3g.20gb", 5 * MIB, 20_000 * MIB)]
+    limits = _counting(fake, monkeypatch, "nvmlDeviceGetEnforcedPowerLimit")
+    modes = _counting(fake, monkeypatch, "nvmlDeviceGetMigMode")
+    collector = GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0)
+    for _ in range(3):
+        found = samples(collector)
+    assert len(limits) == 2 and len(modes) == 2  # once per GPU in three passes
+    assert value(found, "mlwarden_gpu_power_limit_watts", **GPU0) == 700.0
+    assert value(found, "mlwarden_gpu_mig_memory_used_bytes", **GPU1, gpu_instance="1", compute_instance="0", profile="3g.20gb") == 5 * MIB
+    monkeypatch.setattr(nvml_backend, "SLOW_REFRESH_S", 0.0)
+    samples(collector)
+    assert len(limits) == 4  # stale now: read again

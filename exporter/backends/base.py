@@ -63,12 +63,22 @@ class NvLinkReading:
 
 
 @dataclass(frozen=True)
-class MigReading:
+class MigDevice:
+    """One MIG device (a compute instance in a GPU instance) of a GPU, as the kubelet names it by ``uuid``."""
+
     gpu_instance: int
     compute_instance: int
     profile: str  # "1g.10gb"
+    uuid: str = ""  # "MIG-..."
+
+
+@dataclass(frozen=True)
+class MigReading:
+    device: MigDevice
     memory_used_bytes: int | None = None
     memory_total_bytes: int | None = None
+    # PROFILING_RATIOS of its GPU instance (GPM measures a GPU instance as a whole); empty without GPM
+    profiling: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,8 @@ class GpuProcess:
     info: ProcessInfo | None = None  # None: look it up in /proc
     sm_utilization_ratio: float | None = None
     memory_utilization_ratio: float | None = None
+    gpu_instance: int | None = None  # the MIG device it runs in; None without MIG
+    compute_instance: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,10 @@ class GpuBackend(abc.ABC):
     @abc.abstractmethod
     def processes(self, index: int) -> list[GpuProcess]:
         """Raises GpuLost when the GPU does not answer."""
+
+    def mig_devices(self, index: int) -> tuple[MigDevice, ...]:
+        """The GPU's MIG devices as last read (empty without MIG); never blocks on the GPU."""
+        return ()
 
     @abc.abstractmethod
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:

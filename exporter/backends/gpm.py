@@ -10,6 +10,7 @@ reports nothing. A GPU without GPM gets no series at all (and one info line), ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,73 +52,105 @@ class Profile:
 _NOTHING = Profile({}, {})
 
 
+def metrics_request(metric_ids: list[int]) -> Any:
+    """A ``nvmlGpmMetricsGet`` request for ``metric_ids``, filled once and reused every pass."""
+    request = pynvml.c_nvmlGpmMetricsGet_t()
+    request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+    request.numMetrics = len(metric_ids)
+    for slot, metric_id in enumerate(metric_ids):
+        request.metrics[slot].metricId = metric_id
+    return request
+
+
 @dataclass
 class _Sampler:
     previous: Any
     current: Any
+    request: Any  # metrics_request(_METRIC_IDS); each pass sets only its two samples
     primed: bool = False  # ``previous`` holds a sample
 
 
-def metrics_between(earlier: Any, later: Any, metric_ids: list[int]) -> list[float | None]:
-    """The GPM metrics between two samples, None where NVML could not compute one."""
-    request = pynvml.c_nvmlGpmMetricsGet_t()
-    request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
-    request.numMetrics = len(metric_ids)
+def metrics_between(request: Any, earlier: Any, later: Any) -> list[float | None]:
+    """The request's GPM metrics between two samples, None where NVML could not compute one."""
     request.sample1 = earlier
     request.sample2 = later
-    for slot, metric_id in enumerate(metric_ids):
-        request.metrics[slot].metricId = metric_id
     answer = pynvml.nvmlGpmMetricsGet(request)
-    return [
-        float(answer.metrics[slot].value) if answer.metrics[slot].nvmlReturn == pynvml.NVML_SUCCESS else None
-        for slot in range(len(metric_ids))
-    ]
+    success = pynvml.NVML_SUCCESS
+    # one attribute read per field: pynvml's structures answer every read through Python code
+    values: list[float | None] = []
+    for metric in answer.metrics[:answer.numMetrics]:
+        values.append(float(metric.value) if metric.nvmlReturn == success else None)
+    return values
 
 
 class GpmReader:
-    """Per-GPU GPM samples, kept between passes; ``call`` is the backend's error-sorting call."""
+    """GPM samples per GPU and per MIG GPU instance, kept between passes; ``call`` is the backend's error-sorting call."""
 
     def __init__(self, call: Callable[..., Any]) -> None:
         self._call = call
-        self._samplers: dict[int, _Sampler | None] = {}  # None: this GPU has no GPM
+        self._supported: dict[int, bool] = {}  # GPU -> GPM there at all
+        self._samplers: dict[tuple[int, int | None], _Sampler | None] = {}  # (GPU, GPU instance or None); None: no GPM
         self._said_unsupported: set[int] = set()
 
     def read(self, index: int, handle: Any) -> Profile:
-        sampler = self._sampler(index, handle)
+        """The whole GPU's metrics over the interval since the last read."""
+        return self._read((index, None), handle, pynvml.nvmlGpmSampleGet, handle)
+
+    def read_mig(self, index: int, handle: Any, gpu_instance: int) -> Profile:
+        """One MIG GPU instance's metrics (``nvmlGpmMigSampleGet`` on the parent GPU's handle)."""
+        return self._read((index, gpu_instance), handle, pynvml.nvmlGpmMigSampleGet, handle, gpu_instance)
+
+    def forget_mig(self, index: int, gpu_instances: set[int]) -> None:
+        """Free the samples of this GPU's instances that are no longer there (MIG reconfigured)."""
+        for key in [key for key in self._samplers if key[0] == index and key[1] is not None and key[1] not in gpu_instances]:
+            sampler = self._samplers.pop(key)
+            if sampler is not None:
+                self._free(sampler.previous)
+                self._free(sampler.current)
+
+    def _read(self, key: tuple[int, int | None], handle: Any, sample_get: Callable[..., Any], *where: Any) -> Profile:
+        sampler = self._sampler(key, handle)
         if sampler is None:
             return _NOTHING
-        if self._call(pynvml.nvmlGpmSampleGet, handle, sampler.current) is None:
+        if self._call(sample_get, *where, sampler.current) is None:
+            if not sampler.primed:  # never sampled here (a MIG instance GPM cannot see): not asked again until re-initialised
+                self._samplers[key] = None
+                self._free(sampler.previous)
+                self._free(sampler.current)
             return _NOTHING
         values: list[float | None] = []
         if sampler.primed:
-            values = self._call(metrics_between, sampler.previous, sampler.current, _METRIC_IDS) or []
+            values = self._call(metrics_between, sampler.request, sampler.previous, sampler.current) or []
         sampler.previous, sampler.current, sampler.primed = sampler.current, sampler.previous, True
         if not values:
             return _NOTHING
-        ratios = {key: _ratio(value) for (_, key), value in zip(RATIOS, values) if value is not None}
+        ratios = {key: _ratio(value) for (_, key), value in zip(RATIOS, values[:len(RATIOS)], strict=True) if value is not None}
         bandwidth = {
             (bus, direction): value * _MIB
-            for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):]) if value is not None
+            for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):], strict=True) if value is not None
         }
         return Profile(ratios, bandwidth)
 
-    def _sampler(self, index: int, handle: Any) -> _Sampler | None:
-        if index in self._samplers:
-            return self._samplers[index]
-        support = self._call(pynvml.nvmlGpmQueryDeviceSupport, handle)
+    def _sampler(self, key: tuple[int, int | None], handle: Any) -> _Sampler | None:
+        if key in self._samplers:
+            return self._samplers[key]
+        index = key[0]
+        if index not in self._supported:
+            support = self._call(pynvml.nvmlGpmQueryDeviceSupport, handle)
+            self._supported[index] = support is not None and bool(support.isSupportedDevice)
         sampler = None
-        if support is not None and support.isSupportedDevice:
+        if self._supported[index]:
             first = self._call(pynvml.nvmlGpmSampleAlloc)
             second = self._call(pynvml.nvmlGpmSampleAlloc) if first is not None else None
             if second is not None:
-                sampler = _Sampler(first, second)
+                sampler = _Sampler(first, second, metrics_request(_METRIC_IDS))
             elif first is not None:
                 self._free(first)
         if sampler is None and index not in self._said_unsupported:
             log.info("GPU %d: no GPU Performance Monitoring (Hopper or later needed); SM activity, occupancy, "
                      "tensor and DRAM metrics are omitted", index)
             self._said_unsupported.add(index)
-        self._samplers[index] = sampler
+        self._samplers[key] = sampler
         return sampler
 
     def reset(self) -> None:
@@ -127,13 +160,12 @@ class GpmReader:
                 self._free(sampler.previous)
                 self._free(sampler.current)
         self._samplers.clear()
+        self._supported.clear()
 
     @staticmethod
     def _free(sample: Any) -> None:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):  # NVML already gone: so is the sample
             pynvml.nvmlGpmSampleFree(sample)
-        except pynvml.NVMLError:
-            pass  # NVML already gone: so is the sample
 
 
 def _ratio(percent: float) -> float:

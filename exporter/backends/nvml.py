@@ -8,9 +8,11 @@ Errors that say the GPU itself is in trouble (GPU is lost, timeout, unknown) rai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pynvml
@@ -25,6 +27,7 @@ from mlwarden.exporter.backends.base import (
     GpuLost,
     GpuProcess,
     GpuReading,
+    MigDevice,
     MigReading,
     NvLinkReading,
     XidEvent,
@@ -83,13 +86,29 @@ _VIOLATION_POLICY = {
 _NVLINK_ERROR_COUNTER = dict(zip(NVLINK_ERRORS, (
     pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY, pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
     pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA, pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA,
-)))
+), strict=True))
 # NVML's PCIe throughput is in KB/s (1024 bytes), its NVLink data counters in KiB.
 _KIB = 1024
 _PCIE_UTIL = {"tx": pynvml.NVML_PCIE_UTIL_TX_BYTES, "rx": pynvml.NVML_PCIE_UTIL_RX_BYTES}
 _PCIE_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES), ("rx", pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES))
 _NVLINK_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX), ("rx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX))
 _FIELD_VALUE_ATTR = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+# Power limit, retired pages, remapped rows and the MIG layout change only by an administrator or a rare
+# hardware event (and a page retirement or row remap shows at once in the ECC counters, read every pass):
+# reading them every SLOW_REFRESH_S instead of every pass saves a fifth of the calls of a pass.
+SLOW_REFRESH_S = 30.0
+
+
+@dataclass(frozen=True)
+class _SlowFacts:
+    read_at: float  # monotonic
+    power_limit_watts: float | None
+    retired_pages: dict[str, int] | None
+    retired_pages_pending: bool | None
+    remapped_rows: dict[str, int] | None
+    mig: tuple[tuple[MigDevice, Any], ...]  # (device, its NVML handle)
 
 
 def u32(value: Any) -> int | None:
@@ -150,8 +169,10 @@ class NvmlBackend(GpuBackend):
         self._gpm = GpmReader(self._call)
         self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
         self._unsupported: set[tuple[Any, ...]] = set()  # calls (see _key) that answered a _PERMANENT error
+        self._unsupported_fns: set[Callable[..., Any]] = set()  # the functions of those calls
         self._handle_indexes: dict[int, int] = {}  # id(handle) -> GPU index, for _key
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
+        self._slow: dict[int, _SlowFacts] = {}
 
     # lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -164,8 +185,10 @@ class NvmlBackend(GpuBackend):
         self._identities.clear()
         self._nvlinks.clear()
         self._unsupported.clear()
+        self._unsupported_fns.clear()
         self._handle_indexes.clear()
         self._utilization_seen.clear()
+        self._slow.clear()
         self._generation += 1
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
@@ -173,10 +196,8 @@ class NvmlBackend(GpuBackend):
 
     def close(self) -> None:
         self._gpm.reset()
-        try:
+        with contextlib.suppress(pynvml.NVMLError):  # not initialised, or already gone: nothing to release
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass  # not initialised, or already gone: nothing to release
 
     def recover(self) -> None:
         self.close()
@@ -221,6 +242,7 @@ class NvmlBackend(GpuBackend):
         pstate = u32(call(pynvml.nvmlDeviceGetPerformanceState, handle))
         profile = self._gpm.read(index, handle)
         links = self._links(index, handle)
+        slow = self._slow_facts(index, handle)
         # every field-value reading of this GPU in one call: memory temperature, PCIe and NVLink bytes
         fields = self._field_values(handle, [
             (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0), *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
@@ -237,7 +259,7 @@ class NvmlBackend(GpuBackend):
             memory_total_bytes=u64(getattr(memory, "total", None)),
             memory_reserved_bytes=u64(getattr(memory, "reserved", None)),
             power_watts=_scaled(u32(call(pynvml.nvmlDeviceGetPowerUsage, handle)), 0.001),
-            power_limit_watts=_scaled(u32(call(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle)), 0.001),
+            power_limit_watts=slow.power_limit_watts,
             energy_joules=_scaled(u64(call(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)), 0.001),
             fan_speed_ratio=_scaled(u32(call(pynvml.nvmlDeviceGetFanSpeed, handle)), 0.01),
             performance_state=None if pstate == _PSTATE_UNKNOWN else pstate,
@@ -247,9 +269,9 @@ class NvmlBackend(GpuBackend):
             ecc_errors=self._ecc_errors(handle),
             pcie_link_generation=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)),
             pcie_link_width=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle)),
-            retired_pages=self._retired_pages(handle),
-            remapped_rows=self._remapped_rows(handle),
-            retired_pages_pending=_flag(call(pynvml.nvmlDeviceGetRetiredPagesPendingStatus, handle)),
+            retired_pages=slow.retired_pages,
+            remapped_rows=slow.remapped_rows,
+            retired_pages_pending=slow.retired_pages_pending,
             profiling=profile.ratios,
             pcie_throughput_bytes_per_second=self._pcie_throughput(handle, profile.bandwidth),
             pcie_bytes=_counters(fields, _PCIE_BYTES_FIELDS, 0, 1),
@@ -259,21 +281,25 @@ class NvmlBackend(GpuBackend):
             encoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetEncoderUtilization, handle)),
             decoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetDecoderUtilization, handle)),
             violation_seconds=self._violations(handle),
-            mig=self._mig(handle),
+            mig=self._mig(index, handle, slow.mig),
         )
 
     def processes(self, index: int) -> list[GpuProcess]:
         handle = self._handle(index)
         memory: dict[int, int | None] = {}
+        instances: dict[int, tuple[int | None, int | None]] = {}  # pid -> (GPU instance, compute instance) on MIG
         for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
             for proc in self._call(getter, handle) or []:
-                used = u64(proc.usedGpuMemory)
-                previous = memory.get(proc.pid)
-                memory[proc.pid] = used if previous is None else max(previous, used or 0)
+                pid, used = proc.pid, u64(proc.usedGpuMemory)
+                previous = memory.get(pid)
+                memory[pid] = used if previous is None else max(previous, used or 0)
+                # NVML's "not in a MIG instance" is 0xFFFFFFFF, which u32 reads as None
+                instances[pid] = (u32(getattr(proc, "gpuInstanceId", None)), u32(getattr(proc, "computeInstanceId", None)))
         utilization = self._process_utilization(index, handle) if memory else {}
         return [
             GpuProcess(pid=pid, used_memory_bytes=used, sm_utilization_ratio=utilization.get(pid, (None, None))[0],
-                       memory_utilization_ratio=utilization.get(pid, (None, None))[1])
+                       memory_utilization_ratio=utilization.get(pid, (None, None))[1],
+                       gpu_instance=instances[pid][0], compute_instance=instances[pid][1])
             for pid, used in memory.items()
         ]
 
@@ -281,13 +307,14 @@ class NvmlBackend(GpuBackend):
         """PID -> (SM, memory) ratios from the samples NVML took since the last pass."""
         since = self._utilization_seen.get(index, 0)
         samples = self._call(pynvml.nvmlDeviceGetProcessUtilization, handle, since) or []
-        newest: dict[int, Any] = {}
+        newest: dict[int, tuple[int, Any]] = {}  # pid -> (timestamp, sample)
         for sample in samples:
-            if sample.timeStamp > since and (sample.pid not in newest or sample.timeStamp > newest[sample.pid].timeStamp):
-                newest[sample.pid] = sample
+            pid, stamp = sample.pid, sample.timeStamp  # each read of a pynvml structure runs Python code: read once
+            if stamp > since and (pid not in newest or stamp > newest[pid][0]):
+                newest[pid] = (stamp, sample)
         if newest:
-            self._utilization_seen[index] = max(sample.timeStamp for sample in newest.values())
-        return {pid: (_scaled(u32(s.smUtil), 0.01), _scaled(u32(s.memUtil), 0.01)) for pid, s in newest.items()}
+            self._utilization_seen[index] = max(stamp for stamp, _ in newest.values())
+        return {pid: (_scaled(u32(s.smUtil), 0.01), _scaled(u32(s.memUtil), 0.01)) for pid, (_, s) in newest.items()}
 
     # XID events ------------------------------------------------------------------------
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
@@ -317,10 +344,8 @@ class NvmlBackend(GpuBackend):
         if self._event_generation == self._generation:
             return self._event_set
         if self._event_set is not None:
-            try:
+            with contextlib.suppress(pynvml.NVMLError):  # NVML was re-initialised underneath it; the set is gone either way
                 pynvml.nvmlEventSetFree(self._event_set)
-            except pynvml.NVMLError:
-                pass  # NVML was re-initialised underneath it; the set is gone either way
         self._event_set = None
         self._event_generation = self._generation
         try:
@@ -364,26 +389,30 @@ class NvmlBackend(GpuBackend):
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; None when NVML says the field is unsupported; GpuLost when the GPU is in trouble."""
-        key = self._key(fn, args)
-        if key in self._unsupported:
+        # the key is made only for functions that have answered "unsupported" before: most calls never did
+        if fn in self._unsupported_fns and self._key(fn, args) in self._unsupported:
             return None
         try:
             return fn(*args)
         except _UNSUPPORTED as exc:
+            key = self._key(fn, args)
             if key and isinstance(exc, _PERMANENT):
                 self._unsupported.add(key)
+                self._unsupported_fns.add(fn)
             return None
         except pynvml.NVMLError as exc:
             raise GpuLost(f"{fn.__name__}: {exc}") from None
 
     def _key(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """What identifies a call across passes: a GPU's handle (a ctypes pointer, unhashable) stands
-        as its index; () for a call with another unhashable argument (a list of field ids), never remembered."""
-        parts: list[Any] = [fn]
-        for arg in args:
-            index = self._handle_indexes.get(id(arg))
-            parts.append(("gpu", index) if index is not None and self._handles.get(index) is arg else arg)
-        key = tuple(parts)
+        """What identifies a call across passes: a GPU's handle (a ctypes pointer, unhashable), always
+        the first argument, stands as its index; () for a call with another unhashable argument, never remembered.
+
+        Only handles this backend holds are in ``_handle_indexes``, so an id found there is that handle.
+        """
+        if not args:
+            return (fn,)
+        index = self._handle_indexes.get(id(args[0]))
+        key = (fn, ("gpu", index), *args[1:]) if index is not None else (fn, *args)
         try:
             hash(key)
         except TypeError:
@@ -394,7 +423,7 @@ class NvmlBackend(GpuBackend):
         """(field id, scope) -> the raw value, for the fields NVML answered."""
         values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
         result = {}
-        for key, value in zip(ids, values):
+        for key, value in zip(ids, values, strict=False):  # a short answer leaves fields out, it does not fail
             attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
             if attr is not None:
                 result[key] = getattr(value.value, attr)
@@ -472,11 +501,12 @@ class NvmlBackend(GpuBackend):
                 result[reason] = nanoseconds / 1e9
         return result
 
-    def _mig(self, handle: Any) -> tuple[MigReading, ...]:
+    def _mig_layout(self, handle: Any) -> tuple[tuple[MigDevice, Any], ...]:
+        """The GPU's MIG devices with their handles; empty when MIG is off."""
         mode = self._call(pynvml.nvmlDeviceGetMigMode, handle)
         if not mode or mode[0] != pynvml.NVML_DEVICE_MIG_ENABLE:
             return ()
-        instances = []
+        devices = []
         for slot in range(u32(self._call(pynvml.nvmlDeviceGetMaxMigDeviceCount, handle)) or 0):
             mig = self._call(pynvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot)
             if mig is None:
@@ -485,18 +515,50 @@ class NvmlBackend(GpuBackend):
             compute_instance = u32(self._call(pynvml.nvmlDeviceGetComputeInstanceId, mig))
             if gpu_instance is None or compute_instance is None:
                 continue
-            memory = self._call(pynvml.nvmlDeviceGetMemoryInfo, mig)
             name = _text(self._call(pynvml.nvmlDeviceGetName, mig) or "")
-            instances.append(MigReading(
+            devices.append((MigDevice(
                 gpu_instance=gpu_instance, compute_instance=compute_instance,
                 profile=name.rsplit("MIG ", 1)[1] if "MIG " in name else "",
+                uuid=_text(self._call(pynvml.nvmlDeviceGetUUID, mig) or ""),
+            ), mig))
+        return tuple(devices)
+
+    def _mig(self, index: int, handle: Any, layout: tuple[tuple[MigDevice, Any], ...]) -> tuple[MigReading, ...]:
+        profiles = {gi: self._gpm.read_mig(index, handle, gi) for gi in sorted({device.gpu_instance for device, _ in layout})}
+        readings = []
+        for device, mig in layout:
+            memory = self._call(pynvml.nvmlDeviceGetMemoryInfo, mig)
+            readings.append(MigReading(
+                device=device,
                 memory_used_bytes=u64(getattr(memory, "used", None)),
                 memory_total_bytes=u64(getattr(memory, "total", None)),
+                profiling=profiles[device.gpu_instance].ratios,
             ))
-        return tuple(instances)
+        return tuple(readings)
+
+    def mig_devices(self, index: int) -> tuple[MigDevice, ...]:
+        return tuple(device for device, _ in self._slow_facts(index, self._handle(index)).mig)
+
+    def _slow_facts(self, index: int, handle: Any) -> _SlowFacts:
+        """What only an administrator or a rare hardware event changes, read at most every ``SLOW_REFRESH_S``."""
+        facts = self._slow.get(index)
+        now = time.monotonic()
+        if facts is not None and now - facts.read_at < SLOW_REFRESH_S:
+            return facts
+        facts = _SlowFacts(
+            read_at=now,
+            power_limit_watts=_scaled(u32(self._call(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle)), 0.001),
+            retired_pages=self._retired_pages(handle),
+            retired_pages_pending=_flag(self._call(pynvml.nvmlDeviceGetRetiredPagesPendingStatus, handle)),
+            remapped_rows=self._remapped_rows(handle),
+            mig=self._mig_layout(handle),
+        )
+        self._gpm.forget_mig(index, {device.gpu_instance for device, _ in facts.mig})
+        self._slow[index] = facts
+        return facts
 
     def _remapped_rows(self, handle: Any) -> dict[str, int] | None:
         rows = self._call(pynvml.nvmlDeviceGetRemappedRows, handle)
         if rows is None:
             return None
-        return {state: int(count) for state, count in zip(REMAPPED_ROW_STATES, rows)}
+        return {state: int(count) for state, count in zip(REMAPPED_ROW_STATES, rows, strict=False)}  # older bindings answer fewer states

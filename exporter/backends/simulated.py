@@ -27,7 +27,7 @@ from mlwarden.exporter.backends.base import (
     GpuReading,
     XidEvent,
 )
-from mlwarden.exporter.procinfo import ProcessInfo
+from mlwarden.exporter.procinfo import ProcessInfo, Workload
 
 FAULTS = ("overheat", "cool", "lose", "recover", "ecc", "xid", "idle", "busy")
 _IDLE_LOAD = 0.02  # a job that holds its memory and waits: what GpuAllocatedButIdle looks for
@@ -56,9 +56,11 @@ class _SimulatedGpu:
 def _workload(gpu: int, k: int) -> ProcessInfo:
     """Even GPUs run a Kubernetes pod each, odd GPUs a Slurm job each: the demo shows both kinds."""
     if gpu % 2 == 0:
-        return ProcessInfo(name=f"train_worker_{k}", user="ml", container_id=f"{0xc0de00000000 + gpu:012x}",
-                           namespace=("research", "vision")[gpu // 2 % 2], pod=f"train-{gpu // 2}-0", container="trainer")
-    return ProcessInfo(name=f"train_worker_{k}", user=("alice", "bob")[gpu // 2 % 2], slurm_job=str(4200 + gpu))
+        return ProcessInfo(f"train_worker_{k}", Workload(
+            user="ml", container_id=f"{0xc0de00000000 + gpu:012x}",
+            namespace=("research", "vision")[gpu // 2 % 2], pod=f"train-{gpu // 2}-0", container="trainer",
+        ))
+    return ProcessInfo(f"train_worker_{k}", Workload(user=("alice", "bob")[gpu // 2 % 2], slurm_job=str(4200 + gpu)))
 
 
 class SimulatedBackend(GpuBackend):
@@ -165,7 +167,7 @@ class SimulatedBackend(GpuBackend):
             return GpuReading(
                 identity=state.identity,
                 temperature_celsius=round(state.overheat_celsius or 38.0 + 35.0 * load, 1),
-                memory_temperature_celsius=round(state.overheat_celsius + 4.0 if hot else 42.0 + 30.0 * load, 1),
+                memory_temperature_celsius=round(state.overheat_celsius + 4.0 if state.overheat_celsius is not None else 42.0 + 30.0 * load, 1),
                 utilization_ratio=round(load, 3),
                 memory_utilization_ratio=round(load * 0.7, 3),
                 memory_used_bytes=used,

@@ -34,7 +34,8 @@ class ArtifactsCollector(Collector):
         labels = ["directory"]
         size = gauge("mlwarden_artifacts_size_bytes", "Bytes of regular files under the directory (symlinks not followed).", labels=labels)
         files = gauge("mlwarden_artifacts_files", "Regular files under the directory.", labels=labels)
-        free = gauge("mlwarden_artifacts_filesystem_free_bytes", "Bytes available to unprivileged users on the directory's filesystem.", labels=labels)
+        free = gauge("mlwarden_artifacts_filesystem_free_bytes", "Bytes available to unprivileged users on the directory's filesystem.",
+            labels=labels)
         fs_size = gauge("mlwarden_artifacts_filesystem_size_bytes", "Size of the directory's filesystem, in bytes.", labels=labels)
         success = True
         for directory in self.directories:

@@ -65,7 +65,8 @@ class BackupsCollector(Collector):
         count = family("mlwarden_backups", "Committed backups in the backup directory.")
         newest = family("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
         size = family("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
-        verified = family("mlwarden_backup_newest_verified", "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
+        verified = family("mlwarden_backup_newest_verified",
+                          "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
         offsite = family("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
         partial = family(
             "mlwarden_backup_incomplete",

@@ -43,10 +43,10 @@ class Collector(abc.ABC):
     @abc.abstractmethod
     def collect(self) -> Collected: ...
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027 - an optional hook: most collectors have nothing to start
         """Start any background listener (the XID collector has one)."""
 
-    def stop(self) -> None:
+    def stop(self) -> None:  # noqa: B027 - an optional hook, like start
         """Stop what start() started."""
 
 
@@ -130,7 +130,7 @@ def with_collector_settings(base: type[T]) -> type[T]:
         switch = setting(spec.default, aliases=(f"--collector.{spec.name}",), help=f"enable the {spec.name} collector: {spec.help}")
         hints = typing.get_type_hints(spec.settings)
         own: list[tuple[str, Any, Any]] = [(spec.switch, bool, switch)]
-        own += [(f.name, hints[f.name], _copy(f)) for f in dataclasses.fields(spec.settings)]  # type: ignore[arg-type]  # settings is a dataclass
+        own += [(f.name, hints[f.name], _copy(f)) for f in dataclasses.fields(spec.settings)]
         for name, _, _ in own:
             if name in taken:
                 raise ValueError(f"collector {spec.name!r} declares the setting {name!r}, which another part of the exporter has")

@@ -35,27 +35,36 @@ GAUGES = (
     ("temperature_celsius", "mlwarden_gpu_temperature_celsius", "GPU core temperature in degrees Celsius."),
     ("memory_temperature_celsius", "mlwarden_gpu_memory_temperature_celsius", "GPU memory (HBM) temperature in degrees Celsius, where supported."),
     ("utilization_ratio", "mlwarden_gpu_utilization_ratio", "Fraction of the last sample period in which a kernel ran (0..1)."),
-    ("memory_utilization_ratio", "mlwarden_gpu_memory_utilization_ratio", "Fraction of the last sample period in which memory was read or written (0..1)."),
+    ("memory_utilization_ratio", "mlwarden_gpu_memory_utilization_ratio",
+        "Fraction of the last sample period in which memory was read or written (0..1)."),
     ("memory_used_bytes", "mlwarden_gpu_memory_used_bytes", "GPU memory allocated, in bytes."),
     ("memory_free_bytes", "mlwarden_gpu_memory_free_bytes", "GPU memory free, in bytes."),
     ("memory_total_bytes", "mlwarden_gpu_memory_total_bytes", "GPU memory installed, in bytes."),
-    ("memory_reserved_bytes", "mlwarden_gpu_memory_reserved_bytes", "GPU memory reserved by the driver and firmware, in bytes (NVML v2 memory info)."),
+    ("memory_reserved_bytes", "mlwarden_gpu_memory_reserved_bytes",
+        "GPU memory reserved by the driver and firmware, in bytes (NVML v2 memory info)."),
     ("power_watts", "mlwarden_gpu_power_watts", "Power draw in watts."),
     ("power_limit_watts", "mlwarden_gpu_power_limit_watts", "Enforced power limit in watts."),
     ("fan_speed_ratio", "mlwarden_gpu_fan_speed_ratio", "Fan speed as a fraction of its maximum (0..1)."),
     ("performance_state", "mlwarden_gpu_performance_state", "Performance state: 0 (P0, maximum) to 15 (P15, minimum)."),
     ("pcie_link_generation", "mlwarden_gpu_pcie_link_generation", "Current PCIe link generation."),
     ("pcie_link_width", "mlwarden_gpu_pcie_link_width", "Current PCIe link width (lanes)."),
-    ("encoder_utilization_ratio", "mlwarden_gpu_encoder_utilization_ratio", "Fraction of the last sample period in which the video encoder (NVENC) was busy (0..1)."),
-    ("decoder_utilization_ratio", "mlwarden_gpu_decoder_utilization_ratio", "Fraction of the last sample period in which the video decoder (NVDEC) was busy (0..1)."),
+    ("encoder_utilization_ratio", "mlwarden_gpu_encoder_utilization_ratio",
+        "Fraction of the last sample period in which the video encoder (NVENC) was busy (0..1)."),
+    ("decoder_utilization_ratio", "mlwarden_gpu_decoder_utilization_ratio",
+        "Fraction of the last sample period in which the video decoder (NVDEC) was busy (0..1)."),
 )
 # GPM profiling ratios (Hopper and later): key in GpuReading.profiling -> (metric name, help).
 PROFILING = {
-    "graphics_engine_activity": ("mlwarden_gpu_graphics_engine_activity_ratio", "Fraction of the collection interval in which the graphics or compute engine was active (GPM)."),
-    "sm_activity": ("mlwarden_gpu_sm_activity_ratio", "Fraction of SMs busy, averaged over the collection interval (GPM): real use, unlike utilization."),
-    "sm_occupancy": ("mlwarden_gpu_sm_occupancy_ratio", "Resident warps as a fraction of the SMs' maximum, averaged over the collection interval (GPM)."),
-    "tensor_activity": ("mlwarden_gpu_tensor_activity_ratio", "Fraction of the collection interval the SMs spent on tensor-core instructions of any kind (GPM)."),
-    "dram_bandwidth_utilization": ("mlwarden_gpu_dram_bandwidth_utilization_ratio", "DRAM bandwidth used as a fraction of the theoretical maximum, over the collection interval (GPM)."),
+    "graphics_engine_activity": ("mlwarden_gpu_graphics_engine_activity_ratio",
+        "Fraction of the collection interval in which the graphics or compute engine was active (GPM)."),
+    "sm_activity": ("mlwarden_gpu_sm_activity_ratio",
+        "Fraction of SMs busy, averaged over the collection interval (GPM): real use, unlike utilization."),
+    "sm_occupancy": ("mlwarden_gpu_sm_occupancy_ratio",
+        "Resident warps as a fraction of the SMs' maximum, averaged over the collection interval (GPM)."),
+    "tensor_activity": ("mlwarden_gpu_tensor_activity_ratio",
+        "Fraction of the collection interval the SMs spent on tensor-core instructions of any kind (GPM)."),
+    "dram_bandwidth_utilization": ("mlwarden_gpu_dram_bandwidth_utilization_ratio",
+        "DRAM bandwidth used as a fraction of the theoretical maximum, over the collection interval (GPM)."),
 }
 PIPES = {"fp16_activity": "fp16", "fp32_activity": "fp32", "fp64_activity": "fp64"}
 
@@ -139,28 +148,49 @@ class GpuCollector(Collector):
             "mlwarden_gpu_info", "GPU identity; the value is always 1.",
             labels=[*GPU_LABELS, "name", "pci_bus_id", "driver_version", "cuda_version"],
         )
-        up = gauge("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung, no longer listed).", labels=GPU_LABELS)
+        up = gauge("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung, no longer listed).",
+            labels=GPU_LABELS)
         gauges = {attr: gauge(name, text, labels=GPU_LABELS) for attr, name, text in GAUGES}
         energy = counter("mlwarden_gpu_energy_joules", "Energy consumed since the driver was loaded, in joules.", labels=GPU_LABELS)
         clocks = gauge("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=[*GPU_LABELS, "clock"])
-        throttle = gauge("mlwarden_gpu_throttle_reason_active", "1 when this clock throttle (event) reason is active, else 0.", labels=[*GPU_LABELS, "reason"])
-        ecc = counter("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).", labels=[*GPU_LABELS, "error_type", "counter"])
+        throttle = gauge("mlwarden_gpu_throttle_reason_active", "1 when this clock throttle (event) reason is active, else 0.",
+            labels=[*GPU_LABELS, "reason"])
+        ecc = counter("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).",
+            labels=[*GPU_LABELS, "error_type", "counter"])
         retired = gauge("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=[*GPU_LABELS, "cause"])
         remapped = gauge("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=[*GPU_LABELS, "state"])
-        pending = gauge("mlwarden_gpu_retired_pages_pending", "1 when retired pages await a GPU reset or driver reload to take effect, else 0.", labels=GPU_LABELS)
+        pending = gauge("mlwarden_gpu_retired_pages_pending", "1 when retired pages await a GPU reset or driver reload to take effect, else 0.",
+            labels=GPU_LABELS)
         profiling = {key: gauge(name, text, labels=GPU_LABELS) for key, (name, text) in PROFILING.items()}
-        pipes = gauge("mlwarden_gpu_pipe_activity_ratio", "Fraction of the collection interval the SMs spent on non-tensor math of this precision (GPM).", labels=[*GPU_LABELS, "pipe"])
-        pcie_rate = gauge("mlwarden_gpu_pcie_throughput_bytes_per_second", "PCIe traffic in bytes per second (GPM: averaged over the collection interval; else NVML's 20 ms sample).", labels=[*GPU_LABELS, "direction"])
+        pipes = gauge("mlwarden_gpu_pipe_activity_ratio",
+            "Fraction of the collection interval the SMs spent on non-tensor math of this precision (GPM).",
+            labels=[*GPU_LABELS, "pipe"])
+        pcie_rate = gauge("mlwarden_gpu_pcie_throughput_bytes_per_second",
+            "PCIe traffic in bytes per second (GPM: averaged over the collection interval; else NVML's 20 ms sample).",
+            labels=[*GPU_LABELS, "direction"])
         pcie_bytes = counter("mlwarden_gpu_pcie_bytes", "PCIe bytes transferred since the driver was loaded.", labels=[*GPU_LABELS, "direction"])
-        replays = counter("mlwarden_gpu_pcie_replays", "PCIe replays (retransmissions after link errors) since the driver was loaded.", labels=GPU_LABELS)
-        nvlink_rate = gauge("mlwarden_gpu_nvlink_throughput_bytes_per_second", "NVLink traffic over all links in bytes per second, averaged over the collection interval (GPM).", labels=[*GPU_LABELS, "direction"])
+        replays = counter("mlwarden_gpu_pcie_replays", "PCIe replays (retransmissions after link errors) since the driver was loaded.",
+            labels=GPU_LABELS)
+        nvlink_rate = gauge("mlwarden_gpu_nvlink_throughput_bytes_per_second",
+            "NVLink traffic over all links in bytes per second, averaged over the collection interval (GPM).",
+            labels=[*GPU_LABELS, "direction"])
         nvlink_up = gauge("mlwarden_gpu_nvlink_up", "1 when the NVLink link is active, else 0.", labels=[*GPU_LABELS, "link"])
-        nvlink_bytes = counter("mlwarden_gpu_nvlink_bytes", "NVLink data bytes transferred on the link since the driver was loaded.", labels=[*GPU_LABELS, "link", "direction"])
-        nvlink_errors = counter("mlwarden_gpu_nvlink_errors", "NVLink data-link errors on the link since the driver was loaded.", labels=[*GPU_LABELS, "link", "error"])
-        violations = counter("mlwarden_gpu_clock_violation_seconds", "Time the clocks were held below their target for this reason, since the driver was loaded.", labels=[*GPU_LABELS, "reason"])
+        nvlink_bytes = counter("mlwarden_gpu_nvlink_bytes", "NVLink data bytes transferred on the link since the driver was loaded.",
+            labels=[*GPU_LABELS, "link", "direction"])
+        nvlink_errors = counter("mlwarden_gpu_nvlink_errors", "NVLink data-link errors on the link since the driver was loaded.",
+            labels=[*GPU_LABELS, "link", "error"])
+        violations = counter("mlwarden_gpu_clock_violation_seconds",
+            "Time the clocks were held below their target for this reason, since the driver was loaded.",
+            labels=[*GPU_LABELS, "reason"])
         mig_labels = [*GPU_LABELS, "gpu_instance", "compute_instance", "profile"]
         mig_used = gauge("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=mig_labels)
         mig_total = gauge("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=mig_labels)
+        mig_profiling = {
+            key: gauge(name.replace("mlwarden_gpu_", "mlwarden_gpu_mig_", 1),
+                       f"{text[:-1]}, for the MIG device's GPU instance (compute instances of one GPU instance share its value).",
+                       labels=mig_labels)
+            for key, (name, text) in PROFILING.items()
+        }
         for index, uuid in down:
             up.add_metric([str(index), uuid], 0)
         for reading in readings:
@@ -202,14 +232,18 @@ class GpuCollector(Collector):
                     if error in link.errors:
                         nvlink_errors.add_metric([*gpu, str(link.link), error], link.errors[error])
             for mig in reading.mig:
-                labels = [*gpu, str(mig.gpu_instance), str(mig.compute_instance), mig.profile]
+                device = mig.device
+                labels = [*gpu, str(device.gpu_instance), str(device.compute_instance), device.profile]
                 if mig.memory_used_bytes is not None:
                     mig_used.add_metric(labels, mig.memory_used_bytes)
                 if mig.memory_total_bytes is not None:
                     mig_total.add_metric(labels, mig.memory_total_bytes)
+                for key, value in mig.profiling.items():
+                    if key in mig_profiling:
+                        mig_profiling[key].add_metric(labels, value)
         return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
                 pipes, pcie_rate, pcie_bytes, replays, nvlink_rate, nvlink_up, nvlink_bytes, nvlink_errors, violations,
-                mig_used, mig_total]
+                mig_used, mig_total, *mig_profiling.values()]
 
     @staticmethod
     def _add_signals(reading: GpuReading, gpu: list[str], pending: Family, profiling: dict[str, Family],

@@ -16,16 +16,18 @@ import dataclasses
 from pathlib import Path
 
 from mlwarden.exporter import procinfo
-from mlwarden.exporter.attribution import WORKLOAD_LABELS, Allocations, Attributor, workload_of
-from mlwarden.exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess
+from mlwarden.exporter.attribution import Allocations, Attributor
+from mlwarden.exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess, MigDevice
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import gauge
 from mlwarden.exporter.podresources import DEFAULT_SOCKET, PodResourcesClient
+from mlwarden.exporter.procinfo import WORKLOAD_LABELS
 
 from mlwarden.settings import in_range, setting
 
 PROCESS_LABELS = (*GPU_LABELS, "pid", "process", *WORKLOAD_LABELS)
+ALLOCATION_LABELS = (*GPU_LABELS, "gpu_instance", "compute_instance", *WORKLOAD_LABELS)
 
 
 class ProcessesCollector(Collector):
@@ -41,6 +43,7 @@ class ProcessesCollector(Collector):
         self.max_processes = max_processes
         self.proc = proc
         self.attributor = attributor or Attributor()
+        self.describer = procinfo.Describer(proc)
 
     def collect(self) -> Collected:
         if not self.supervisor.ensure():
@@ -58,8 +61,9 @@ class ProcessesCollector(Collector):
         )
         allocation = gauge(
             "mlwarden_gpu_allocation_info",
-            "One series per GPU and workload holding it (pod container, Slurm job, container, user); the value is always 1.",
-            labels=[*GPU_LABELS, *WORKLOAD_LABELS],
+            "One series per GPU (or MIG device: gpu_instance, compute_instance) and workload holding it "
+            "(pod container, Slurm job, container, user); the value is always 1.",
+            labels=ALLOCATION_LABELS,
         )
         try:
             gpus = backend.device_count()
@@ -71,24 +75,32 @@ class ProcessesCollector(Collector):
             try:
                 identity = backend.identity(index)
                 processes = backend.processes(index)
+                migs: dict[tuple[int | None, int | None], MigDevice] = {
+                    (d.gpu_instance, d.compute_instance): d for d in backend.mig_devices(index)
+                }
             except GpuLost:
                 continue  # the gpu collector reports the GPU as down
             self.supervisor.remember(identity)
             gpu = [str(index), identity.uuid]
             count.add_metric(gpu, len(processes))
-            infos = []
+            # processes by the MIG device they run in (None: the whole GPU, or NVML did not say)
+            placed: dict[MigDevice | None, list[procinfo.ProcessInfo]] = {None: [], **{device: [] for device in migs.values()}}
             for process in self._largest(processes):
-                info = self._describe(process, allocations, index, identity.uuid, described)
-                infos.append(info)
-                labels = [*gpu, str(process.pid), info.name, *workload_of(info).labels()]
+                device = migs.get((process.gpu_instance, process.compute_instance)) if migs else None
+                info = self._describe(process, allocations, index, identity.uuid, device, described)
+                placed[device].append(info)
+                labels = [*gpu, str(process.pid), info.name, *info.workload.labels()]
                 if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
                     memory.add_metric(labels, process.used_memory_bytes)
                 if process.sm_utilization_ratio is not None:
                     sm.add_metric(labels, process.sm_utilization_ratio)
                 if process.memory_utilization_ratio is not None:
                     mem_util.add_metric(labels, process.memory_utilization_ratio)
-            for workload in allocations.workloads(index, identity.uuid, infos):
-                allocation.add_metric([*gpu, *workload.labels()], 1)
+            for device, infos in placed.items():
+                instance = ["", ""] if device is None else [str(device.gpu_instance), str(device.compute_instance)]
+                for workload in allocations.workloads(index, identity.uuid, infos, device):
+                    allocation.add_metric([*gpu, *instance, *workload.labels()], 1)
+        self.describer.end_pass()
         return Collected([count, memory, sm, mem_util, allocation])
 
     def stop(self) -> None:
@@ -97,13 +109,13 @@ class ProcessesCollector(Collector):
     def _largest(self, processes: list[GpuProcess]) -> list[GpuProcess]:
         return sorted(processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[: self.max_processes]
 
-    def _describe(self, process: GpuProcess, allocations: Allocations, index: int, uuid: str,
+    def _describe(self, process: GpuProcess, allocations: Allocations, index: int, uuid: str, device: MigDevice | None,
                   described: dict[int, procinfo.ProcessInfo]) -> procinfo.ProcessInfo:
         # the backend may already know (simulated processes have no /proc entry)
         info = process.info or described.get(process.pid)
         if info is None:
-            info = described[process.pid] = procinfo.describe(process.pid, self.proc)
-        return allocations.complete(info, index, uuid)
+            info = described[process.pid] = self.describer.describe(process.pid)
+        return allocations.complete(info, index, uuid, device)
 
 
 @dataclasses.dataclass(frozen=True)
