@@ -15,6 +15,8 @@ from mlwarden.jobs.backup.restore import restore_entry
 from mlwarden.jobs.backup.verify import verify_archive
 from test_backup_support import backup, flip_byte, only_entry, tree
 
+from mlwarden import fsutil
+
 
 def small_tree(directory: Path, count: int = 60) -> Path:
     rng = random.Random(3)
@@ -28,8 +30,8 @@ def small_tree(directory: Path, count: int = 60) -> Path:
 
 def test_byte_sum_is_the_sum_of_the_bytes() -> None:
     rng = random.Random(1)
-    for block in (bytes(512), b"\xff" * 512, *(rng.randbytes(512) for _ in range(200))):
-        assert tarstream._byte_sum(block) == sum(block)
+    for block in (b"", bytes(512), b"\xff" * 512, b"\xff" * 256, b"\xff" * 257, *(rng.randbytes(rng.randint(1, 1100)) for _ in range(300))):
+        assert tarstream.byte_sum(block) == sum(block)
 
 
 @pytest.mark.parametrize("chunk", [700, 512, 1500, 4096])
@@ -102,3 +104,42 @@ def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)
     return current
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"00000002604\0", b"00000002604 ", b"     2604 \0", b"2604\0\0\0\0\0\0\0\0", b"           \0", b"\0" * 12,
+        b"\x80" + bytes(10) + b"\x05", b"000000000017",
+    ],
+)
+def test_the_octal_shortcut_parses_as_the_general_parser(field: bytes) -> None:
+    block = bytes(124) + field + bytes(512 - 136)
+    assert tarstream._octal(block, 124, 135, "size") == tarstream._number(field, "size")
+
+
+def test_a_bad_octal_field_is_damage() -> None:
+    with pytest.raises(tarstream.ArchiveError, match="bad size field"):
+        tarstream._octal(bytes(124) + b"0000000x604\0" + bytes(376), 124, 135, "size")
+
+
+def test_a_large_file_is_handed_to_writeback_as_it_is_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk after the first is queued for writeback as it is written, so the final syncfs
+    finds it on disk already; the file still comes back whole."""
+    models = tmp_path / "models"
+    models.mkdir()
+    content = os.urandom(3 * tarstream.CHUNK_BYTES + 777)
+    (models / "weights.bin").write_bytes(content)
+    assert backup(models, tmp_path / "backups") == 0
+    ranges: list[tuple[int, int]] = []
+    real = fsutil.start_writeback
+
+    def recorded(fd: int, offset: int, length: int) -> None:
+        ranges.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr("mlwarden.jobs.backup.restore.start_writeback", recorded)
+    restore_entry(only_entry(tmp_path / "backups"), tmp_path / "restored")
+    assert (tmp_path / "restored" / "weights.bin").read_bytes() == content
+    assert ranges and all(offset + length == following for (offset, length), (following, _) in zip(ranges, ranges[1:], strict=False))
+    assert ranges[-1][0] + ranges[-1][1] == len(content)

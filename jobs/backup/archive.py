@@ -30,7 +30,7 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 from mlwarden.jobs.backup.overlap import Overlap
-from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, byte_sum
 
 from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, LinkRecord, SkippedRecord
 from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
@@ -47,6 +47,7 @@ _OCTAL_11 = 8**11  # what fits an 11-digit octal field of a ustar header
 # After the checksum: the type (regular file), no link name, the magic, no owner names.
 _USTAR_TAIL = (tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC).ljust(_BLOCK - 156, b"\0")
 _FIXED_CHECKSUM = 8 * ord(" ") + sum(_USTAR_TAIL)  # the checksum field counts as spaces
+_USTAR_NUMBERS = b"%07o\0" + b"0000000\0" * 2 + b"%011o\0%011o\0"  # mode, uid and gid 0, size, mtime
 
 
 class SourceChanged(RuntimeError):
@@ -163,7 +164,9 @@ def _warn_links_out(source: Path, links: list[LinkRecord]) -> None:
     for link in links:
         resolved = os.path.realpath(source / link.path)
         if os.path.commonpath([root, resolved]) != root:
-            log.warning("%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source)
+            log.warning(
+                "%s is a symlink to %s, outside %s: stored as a link, its target is NOT in this backup", source / link.path, link.target, source
+            )
 
 
 def archive_name(backup_name: str, compression: str) -> str:
@@ -250,9 +253,8 @@ def _header(relative: str, info: os.stat_result) -> bytes:
 def _ustar_header(name: bytes, size: int, mtime: int, mode: int) -> bytes:
     """The header tarfile's pax format writes for a short ASCII name (tested byte for byte
     against it), built here because ``TarInfo.tobuf`` costs more than reading a small file."""
-    numbers = b"%07o\0" % mode + b"0000000\0" * 2 + b"%011o\0" % size + b"%011o\0" % mtime
-    checksum = _FIXED_CHECKSUM + sum(name) + sum(numbers)
-    return b"".join((name.ljust(100, b"\0"), numbers, b"%06o\0 " % checksum, _USTAR_TAIL))
+    head = name.ljust(100, b"\0") + _USTAR_NUMBERS % (mode, size, mtime)
+    return b"%s%06o\0 %s" % (head, _FIXED_CHECKSUM + byte_sum(head), _USTAR_TAIL)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
@@ -354,10 +356,10 @@ def _compressor(sink: _HashingSink, compression: str, level: int, threads: int) 
         yield sink
         return
     if compression == "gzip":
-        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level, mtime=0) as stream:  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=level, mtime=0) as stream:
             yield stream
         return
     # threads=-1: as many zstd workers as cores; the calling thread only feeds and drains.
     compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1, write_checksum=True)
-    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:
+    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:  # type: ignore[arg-type]  # it only calls write() and flush()
         yield stream

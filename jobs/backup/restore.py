@@ -39,11 +39,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
 
 from mlwarden.catalog import DOWNLOAD_STAGING, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
-from mlwarden.fsutil import fsync_dir, sync_filesystem
+from mlwarden.fsutil import fsync_dir, start_writeback, sync_filesystem
 from mlwarden.terminal import Progress
 
 log = logging.getLogger(__name__)
@@ -169,11 +170,18 @@ def _write_file(destination: str | Path, data: MemberData, record: FileRecord, u
     try:
         chunk = data.read()
         file_hash = hashlib.sha256(chunk)  # one call for a small file, which comes in one piece
-        while chunk:
+        if chunk:
             _write_all(fd, chunk)
             progress.advance(len(chunk))
-            chunk = data.read()
-            file_hash.update(chunk)
+        if data.remaining:  # a large file: hash each chunk in the helper thread while this one decompresses and writes
+            offset = len(chunk)
+            with Overlap() as overlap:
+                while chunk := data.read():
+                    overlap.run(file_hash.update, chunk)
+                    _write_all(fd, chunk)
+                    start_writeback(fd, offset, len(chunk))  # the disk writes while the rest is decompressed
+                    offset += len(chunk)
+                    progress.advance(len(chunk))
         os.utime(fd, (record.mtime, record.mtime))
     finally:
         os.close(fd)

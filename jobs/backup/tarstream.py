@@ -250,17 +250,30 @@ def _number(field: bytes, what: str) -> int:
         raise ArchiveError(f"archive is damaged: bad {what} field in a tar header") from None
 
 
-def _byte_sum(block: bytes) -> int:
-    """``sum(block)`` of a 512-byte block, in C: Adler-32's low half is 1 + the sum of the bytes
-    modulo 65521, and no 256 bytes add up to that much, so each half's sum comes out exact.
-    Summing in Python cost more than the rest of a small member's header together."""
-    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+def _octal(block: bytes, start: int, end: int, what: str) -> int:
+    """The field ``block[start:end + 1]``, parsed as :func:`_number` does, with a shortcut for
+    the usual form: octal digits up to ``end``, then a NUL or a space."""
+    if block[end] in (0, 32):
+        try:
+            return int(block[start:end], 8)
+        except ValueError:
+            pass  # a NUL earlier, only spaces, base-256: the general parser decides
+    return _number(block[start : end + 1], what)
+
+
+def byte_sum(data: bytes) -> int:
+    """``sum(data)``, in C: Adler-32's low half is 1 + the sum of the bytes modulo 65521, and no
+    256 bytes add up to that much, so each 256-byte piece's sum comes out exact. Summing a
+    header in Python cost more than the rest of a small member's header together."""
+    if len(data) <= 256:
+        return (zlib.adler32(data) & 0xFFFF) - 1
+    return (zlib.adler32(data[:256]) & 0xFFFF) - 1 + byte_sum(data[256:])
 
 
 def _checksum_matches(block: bytes) -> bool:
     """The header's sum with its checksum field as spaces, unsigned, or signed as old tars wrote it."""
-    stored = _number(block[148:156], "checksum")
-    unsigned = _byte_sum(block) - sum(block[148:156]) + _SPACES_CHECKSUM
+    stored = _octal(block, 148, 154, "checksum")
+    unsigned = byte_sum(block) - sum(block[148:156]) + _SPACES_CHECKSUM
     if stored == unsigned:
         return True
     signed: int = sum(struct.unpack("148b", block[:148])) + sum(struct.unpack("356b", block[156:])) + _SPACES_CHECKSUM
@@ -324,7 +337,7 @@ def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
         if not _checksum_matches(block):
             raise ArchiveError("archive is damaged: a tar header's checksum does not match")
         kind = block[156:157]
-        size = _pax_size(pax["size"]) if "size" in pax else _number(block[124:136], "size")
+        size = _pax_size(pax["size"]) if "size" in pax else _octal(block, 124, 135, "size")
         if size < 0:
             raise ArchiveError("archive is damaged: negative size in a tar header")
         if kind == b"x":
