@@ -66,7 +66,7 @@ def test_a_member_held_whole_can_be_read_in_pieces() -> None:
         tar.addfile(info, io.BytesIO(content))
         tar.addfile(tarfile.TarInfo("b.bin"), io.BytesIO(b""))
     found = []
-    for header, data in tarstream._headers(tarstream._Blocks(io.BytesIO(buffer.getvalue()))):  # type: ignore[arg-type]
+    for header, data in tarstream._headers(tarstream._Blocks(io.BytesIO(buffer.getvalue()))):
         pieces = []
         while piece := data.read(1000):
             pieces.append(piece)
