@@ -32,7 +32,7 @@ from typing import BinaryIO, Protocol
 import zstandard
 from mlwarden.jobs.backup.dedup import CacheKey, Dedup
 from mlwarden.jobs.backup.overlap import Overlap
-from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, byte_sum
 
 from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, LinkRecord, SkippedRecord
 from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
@@ -49,6 +49,7 @@ _OCTAL_11 = 8**11  # what fits an 11-digit octal field of a ustar header
 # After the checksum: the type (regular file), no link name, the magic, no owner names.
 _USTAR_TAIL = (tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC).ljust(_BLOCK - 156, b"\0")
 _FIXED_CHECKSUM = 8 * ord(" ") + sum(_USTAR_TAIL)  # the checksum field counts as spaces
+_USTAR_NUMBERS = b"%07o\0" + b"0000000\0" * 2 + b"%011o\0%011o\0"  # mode, uid and gid 0, size, mtime
 
 
 class SourceChanged(RuntimeError):
@@ -285,9 +286,8 @@ def _header(relative: str, info: os.stat_result) -> bytes:
 def _ustar_header(name: bytes, size: int, mtime: int, mode: int) -> bytes:
     """The header tarfile's pax format writes for a short ASCII name (tested byte for byte
     against it), built here because ``TarInfo.tobuf`` costs more than reading a small file."""
-    numbers = b"%07o\0" % mode + b"0000000\0" * 2 + b"%011o\0" % size + b"%011o\0" % mtime
-    checksum = _FIXED_CHECKSUM + sum(name) + sum(numbers)
-    return b"".join((name.ljust(100, b"\0"), numbers, b"%06o\0 " % checksum, _USTAR_TAIL))
+    head = name.ljust(100, b"\0") + _USTAR_NUMBERS % (mode, size, mtime)
+    return b"%s%06o\0 %s" % (head, _FIXED_CHECKSUM + byte_sum(head), _USTAR_TAIL)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
@@ -422,5 +422,5 @@ def _compressor(sink: _HashingSink, compression: str, level: int, threads: int) 
         return
     # threads=-1: as many zstd workers as cores; the calling thread only feeds and drains.
     compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1, write_checksum=True)
-    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:  # type: ignore[arg-type]  # it only writes and flushes
+    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:  # type: ignore[arg-type]  # it only calls write() and flush()
         yield stream

@@ -39,12 +39,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
 from mlwarden.jobs.backup.tarstream import _check_manifest_paths as check_manifest_paths  # the archive reader's own path rules
 
 from mlwarden.catalog import DOWNLOAD_STAGING, PACK, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
-from mlwarden.fsutil import fsync_dir, sync_filesystem
+from mlwarden.fsutil import fsync_dir, start_writeback, sync_filesystem
 from mlwarden.terminal import Progress
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
     digest = ArchiveDigest()
     files = 0
     links: list[LinkRecord] = []
-    made = {staging}
+    root = str(staging)
+    made = {""}  # directories under staging that exist, as relative strings: no Path per file
     progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
     with members(entry.archive_path, entry.manifest, digest) as found:
         for record, data in found:
@@ -147,11 +149,11 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
                 links.append(record)
                 continue
             assert data is not None  # a file's data
-            destination = staging / record.path
-            if destination.parent not in made:
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                made.add(destination.parent)
-            _write_file(destination, data, record, umask, progress)
+            parent = record.path.rpartition("/")[0]
+            if parent not in made:
+                os.makedirs(f"{root}/{parent}", exist_ok=True)
+                made.add(parent)
+            _write_file(f"{root}/{record.path}", data, record, umask, progress)
             files += 1
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
@@ -257,23 +259,41 @@ def _copy_restored(source: Path, destination: Path, record: FileRecord, umask: i
     progress.advance(record.size)
 
 
-def _write_file(destination: Path, data: MemberData, record: FileRecord, umask: int, progress: Progress) -> None:
-    """One new file (never through an existing name: O_EXCL, O_NOFOLLOW), hashed as it is written."""
-    file_hash = hashlib.sha256()
-    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _write_file(destination: str | Path, data: MemberData, record: FileRecord, umask: int, progress: Progress) -> None:
+    """One new file (never through an existing name: O_EXCL, O_NOFOLLOW), hashed as it is written.
+
+    It is created with its final permission bits (no fchmod: a file opened by the call that
+    creates it is writable whatever its mode); the staging directory is private to this
+    process until the restore is complete and verified."""
+    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, _restored_mode(record.mode, umask))
     try:
-        while chunk := data.read():
-            file_hash.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+        chunk = data.read()
+        file_hash = hashlib.sha256(chunk)  # one call for a small file, which comes in one piece
+        if chunk:
+            _write_all(fd, chunk)
             progress.advance(len(chunk))
-        os.fchmod(fd, _restored_mode(record.mode, umask))
+        if data.remaining:  # a large file: hash each chunk in the helper thread while this one decompresses and writes
+            offset = len(chunk)
+            with Overlap() as overlap:
+                while chunk := data.read():
+                    overlap.run(file_hash.update, chunk)
+                    _write_all(fd, chunk)
+                    start_writeback(fd, offset, len(chunk))  # the disk writes while the rest is decompressed
+                    offset += len(chunk)
+                    progress.advance(len(chunk))
         os.utime(fd, (record.mtime, record.mtime))
     finally:
         os.close(fd)
     if file_hash.hexdigest() != record.sha256:
         raise ArchiveError(f"{record.path}: restored content does not match its SHA-256 in the manifest")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written < len(data):  # a short write (a signal, a full quota): the rest, without copying
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _make_links(staging: Path, links: list[LinkRecord], external_links: bool) -> None:

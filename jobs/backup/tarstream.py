@@ -19,8 +19,9 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple, Protocol
 
 import zstandard
 from mlwarden.jobs.backup.overlap import Overlap
@@ -42,10 +43,14 @@ class ArchiveDigest:
     size: int = 0
 
 
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class _HashingReader:
     """A read-only file that hashes and counts every byte read through it."""
 
-    def __init__(self, raw: BinaryIO, overlap: Overlap) -> None:
+    def __init__(self, raw: FileIO, overlap: Overlap) -> None:
         self._raw = raw
         self._hash = hashlib.sha256()
         self._overlap = overlap
@@ -80,8 +85,13 @@ def hash_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+_NOT_CANONICAL = frozenset(("", ".", ".."))  # path components that normalizing would change or that climb
+
+
 def check_name(name: str) -> str:
     """The member name if it is a safe relative path, else ArchiveError."""
+    if name and name[0] != "/" and "\0" not in name and _NOT_CANONICAL.isdisjoint(name.split("/")):
+        return name  # relative and already normal, as every name this project writes: checked in a split
     normalized = posixpath.normpath(name)
     if not name or name.startswith("/") or normalized.startswith("/"):
         raise ArchiveError(f"refusing absolute path {name!r}")
@@ -93,15 +103,16 @@ def check_name(name: str) -> str:
 
 
 @contextmanager
-def _decompressed(reader: _HashingReader, compression: str) -> Iterator[BinaryIO]:
+def _decompressed(reader: _HashingReader, compression: str) -> Iterator[_Readable]:
     if compression == "zstd":
-        with zstandard.ZstdDecompressor().stream_reader(reader, read_size=CHUNK_BYTES, closefd=False) as stream:  # type: ignore[arg-type]
-            yield stream  # type: ignore[misc]
+        # Both only call read(); their stubs ask for a whole file object (zstd: IO[bytes], gzip: seek too).
+        with zstandard.ZstdDecompressor().stream_reader(reader, read_size=CHUNK_BYTES, closefd=False) as stream:  # type: ignore[arg-type]  # read() only
+            yield stream
     elif compression == "gzip":
-        with gzip.GzipFile(fileobj=reader, mode="rb") as stream:  # type: ignore[arg-type]
-            yield stream  # type: ignore[misc]
+        with gzip.GzipFile(fileobj=reader, mode="rb") as stream:  # type: ignore[call-overload]  # read() only, no seek
+            yield stream
     elif compression == "none":
-        yield reader  # type: ignore[misc]
+        yield reader
     else:
         raise ArchiveError(f"unknown compression {compression!r}")
 
@@ -112,6 +123,8 @@ def _check_manifest_paths(manifest: Manifest) -> None:
     paths = [check_name(record.path) for record in manifest.files] + sorted(links)
     if len(set(paths)) != len(paths):
         raise ArchiveError("the manifest lists a path twice")
+    if not links:
+        return
     for path in paths:
         parts = path.split("/")
         for depth in range(1, len(parts)):
@@ -126,6 +139,8 @@ _ZERO_BLOCK = bytes(_BLOCK)  # the end of the archive
 _MAX_PAX = 2**20  # a path and a link target; anything larger is damage, not a name to hold in memory
 _REGULAR = (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
 _NOT_RESTORED = {b"1": "hard link", b"3": "character device", b"4": "block device", b"6": "fifo"}
+_KNOWN_TYPES = frozenset((*_REGULAR, b"2", b"5", *_NOT_RESTORED))
+_SPACES_CHECKSUM = 8 * ord(" ")  # the checksum field counts as eight spaces in its own sum
 
 
 class _Blocks:
@@ -133,27 +148,31 @@ class _Blocks:
 
     tarfile's stream reader keeps one buffer and slices off what it returns, copying the
     rest of its 8 MiB buffer on every read: about 1.7 ms per small file. Here a chunk is
-    read once and only the bytes asked for are copied out.
+    read once and only the bytes asked for are copied out; :func:`_headers` takes a header
+    and a small member's content straight from ``chunk`` at ``pos``.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    __slots__ = ("_stream", "chunk", "pos")
+
+    def __init__(self, stream: _Readable) -> None:
         self._stream = stream
-        self._chunk = memoryview(b"")
-        self._pos = 0
+        self.chunk = b""
+        self.pos = 0
 
     def _refill(self) -> bool:
         """A new chunk if the current one is used up; False at the end of the stream."""
-        if self._pos == len(self._chunk):
-            self._chunk = memoryview(self._stream.read(CHUNK_BYTES))
-            self._pos = 0
-        return self._pos < len(self._chunk)
+        if self.pos == len(self.chunk):
+            self.chunk = self._stream.read(CHUNK_BYTES)
+            self.pos = 0
+        return self.pos < len(self.chunk)
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes (fewer at a chunk's end); b"" only at the end of the stream."""
         if not self._refill():
             return b""
-        data = bytes(self._chunk[self._pos : self._pos + size])
-        self._pos += len(data)
+        pos = self.pos
+        data = self.chunk[pos : pos + size]
+        self.pos = pos + len(data)
         return data
 
     def read_exact(self, size: int, what: str) -> bytes:
@@ -170,22 +189,35 @@ class _Blocks:
         while size:
             if not self._refill():
                 raise ArchiveError(f"archive is damaged: it ends inside {what}")
-            step = min(size, len(self._chunk) - self._pos)
-            self._pos += step
+            step = min(size, len(self.chunk) - self.pos)
+            self.pos += step
             size -= step
 
 
 class MemberData:
-    """A member's content: ``read`` until it returns b""."""
+    """A member's content: ``read`` until it returns b"".
 
-    __slots__ = ("_blocks", "_name", "remaining")
+    A member that lies whole in the current chunk (every small file) is cut out of it
+    once, before the caller sees it; only a larger one is read from the stream as the
+    caller asks for it.
+    """
 
-    def __init__(self, blocks: _Blocks, name: str, size: int) -> None:
+    __slots__ = ("_blocks", "_held", "_name", "remaining")
+
+    def __init__(self, blocks: _Blocks, name: str, size: int, held: bytes = b"") -> None:
         self._blocks = blocks
         self._name = name
-        self.remaining = size
+        self._held = held  # the whole content, already taken from the stream
+        self.remaining = size - len(held)  # still in the stream
 
     def read(self, size: int = CHUNK_BYTES) -> bytes:
+        held = self._held
+        if held:
+            if size >= len(held):
+                self._held = b""
+                return held
+            self._held = held[size:]
+            return held[:size]
         if not self.remaining:
             return b""
         data = self._blocks.read(min(size, self.remaining))
@@ -196,6 +228,7 @@ class MemberData:
 
     def finish(self) -> None:
         """Skip what the reader left unread, and the padding to the next header."""
+        self._held = b""
         self._blocks.skip(self.remaining, repr(self._name))
         self.remaining = 0
 
@@ -217,12 +250,34 @@ def _number(field: bytes, what: str) -> int:
         raise ArchiveError(f"archive is damaged: bad {what} field in a tar header") from None
 
 
+def _octal(block: bytes, start: int, end: int, what: str) -> int:
+    """The field ``block[start:end + 1]``, parsed as :func:`_number` does, with a shortcut for
+    the usual form: octal digits up to ``end``, then a NUL or a space."""
+    if block[end] in (0, 32):
+        try:
+            return int(block[start:end], 8)
+        except ValueError:
+            pass  # a NUL earlier, only spaces, base-256: the general parser decides
+    return _number(block[start : end + 1], what)
+
+
+def byte_sum(data: bytes) -> int:
+    """``sum(data)``, in C: Adler-32's low half is 1 + the sum of the bytes modulo 65521, and no
+    256 bytes add up to that much, so each 256-byte piece's sum comes out exact. Summing a
+    header in Python cost more than the rest of a small member's header together."""
+    if len(data) <= 256:
+        return (zlib.adler32(data) & 0xFFFF) - 1
+    return (zlib.adler32(data[:256]) & 0xFFFF) - 1 + byte_sum(data[256:])
+
+
 def _checksum_matches(block: bytes) -> bool:
     """The header's sum with its checksum field as spaces, unsigned, or signed as old tars wrote it."""
-    stored = _number(block[148:156], "checksum")
-    if stored == sum(block) - sum(block[148:156]) + 8 * 32:
+    stored = _octal(block, 148, 154, "checksum")
+    unsigned = byte_sum(block) - sum(block[148:156]) + _SPACES_CHECKSUM
+    if stored == unsigned:
         return True
-    return stored == sum(struct.unpack("148b", block[:148])) + sum(struct.unpack("356b", block[156:])) + 8 * 32
+    signed: int = sum(struct.unpack("148b", block[:148])) + sum(struct.unpack("356b", block[156:])) + _SPACES_CHECKSUM
+    return stored == signed
 
 
 def _pax_size(text: str) -> int:
@@ -254,37 +309,60 @@ def _pax(data: bytes) -> dict[str, str]:
     return records
 
 
+def _next_header(blocks: _Blocks) -> bytes:
+    """The next 512-byte block: taken from the current chunk when it is there whole (nearly
+    always), else assembled across chunks; b"" at the end of the stream."""
+    pos = blocks.pos
+    end = pos + _BLOCK
+    if end <= len(blocks.chunk):
+        blocks.pos = end
+        return blocks.chunk[pos:end]
+    block = blocks.read(_BLOCK)
+    if block and len(block) < _BLOCK:
+        block += blocks.read_exact(_BLOCK - len(block), "a tar header")
+    return block
+
+
 def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
-    """Each member's header (pax records applied) and content, up to the end-of-archive block."""
+    """Each member's header (pax records applied) and content, up to the end-of-archive block.
+
+    This loop runs once per file, so it is written for the common case: the header and a
+    small member lie in the current chunk, and the member's content and padding are taken
+    from it before the caller sees the member (what the caller leaves unread is dropped)."""
     pax: dict[str, str] = {}
     while True:
-        block = blocks.read(_BLOCK)
-        if not block:
+        block = _next_header(blocks)
+        if not block or block == _ZERO_BLOCK:
             return  # no end-of-archive block: tarfile and GNU tar accept that too
-        if len(block) < _BLOCK:
-            block += blocks.read_exact(_BLOCK - len(block), "a tar header")
-        if block == _ZERO_BLOCK:
-            return
         if not _checksum_matches(block):
             raise ArchiveError("archive is damaged: a tar header's checksum does not match")
         kind = block[156:157]
-        size = _pax_size(pax["size"]) if "size" in pax else _number(block[124:136], "size")
+        size = _pax_size(pax["size"]) if "size" in pax else _octal(block, 124, 135, "size")
         if size < 0:
             raise ArchiveError("archive is damaged: negative size in a tar header")
-        name = _text(block[0:100])
-        if block[257:263] == b"ustar\0" and block[345] != 0:
-            name = _text(block[345:500]) + "/" + name
-        header = _Header(pax.get("path", name), kind, size, pax.get("linkpath", _text(block[157:257])))
-        data = MemberData(blocks, header.name, size)
         if kind == b"x":
             if size > _MAX_PAX:
                 raise ArchiveError(f"archive is damaged: a pax header of {size} bytes")
             pax = _pax(blocks.read_exact(size, "a pax header"))
             blocks.skip(-size % _BLOCK, "a pax header")
             continue
-        if kind not in (*_REGULAR, b"2", b"5", *_NOT_RESTORED):
+        name = _text(block[0:100])
+        if block[257:263] == b"ustar\0" and block[345] != 0:
+            name = _text(block[345:500]) + "/" + name
+        if pax:
+            header = _Header(pax.get("path", name), kind, size, pax.get("linkpath", _text(block[157:257])))
+            pax = {}
+        else:
+            header = _Header(name, kind, size, _text(block[157:257]) if kind == b"2" else "")
+        if kind not in _KNOWN_TYPES:
             raise ArchiveError(f"refusing {header.name!r}: unsupported tar member type {kind!r}")
-        pax = {}
+        start = blocks.pos
+        end = start + size + (-size % _BLOCK)
+        if end <= len(blocks.chunk):  # content and padding are here: no further reads
+            blocks.pos = end
+            yield header, MemberData(blocks, header.name, size, blocks.chunk[start : start + size])
+            continue
+        data = MemberData(blocks, header.name, size)
         yield header, data
         data.finish()
         blocks.skip(-size % _BLOCK, repr(header.name))
@@ -300,17 +378,18 @@ def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterato
     damage or refused member raises :class:`ArchiveError`.
     """
     _check_manifest_paths(manifest)
-    expected: dict[str, FileRecord | LinkRecord] = {record.path: record for record in (*manifest.files, *manifest.links)}
+    expected: dict[str, FileRecord | LinkRecord] = {record.path: record for record in manifest.files}
+    expected.update((link.path, link) for link in manifest.links)
     seen: set[str] = set()
     torn = {path for path in manifest.rewritten if isinstance(expected.get(path), FileRecord)}  # first copies to skip
     with open(archive, "rb", buffering=0) as raw, Overlap() as overlap:
-        reader = _HashingReader(raw, overlap)  # type: ignore[arg-type]
+        reader = _HashingReader(raw, overlap)
         try:
             with _decompressed(reader, manifest.compression) as stream:
 
                 def checked() -> Iterator[Member]:
                     for header, data in _headers(_Blocks(stream)):
-                        if header.type in _REGULAR and header.name in torn:
+                        if torn and header.type in _REGULAR and header.name in torn:
                             torn.discard(header.name)  # changed while it was archived; the next copy counts
                             continue
                         record = _check_member(header, expected, seen)

@@ -53,11 +53,12 @@ def verify_archive(entry: BackupEntry) -> VerifyResult:
 
 
 def _member_sha256(data: MemberData, size: int) -> str:
-    digest = hashlib.sha256()
     if size < CHUNK_BYTES:  # one read: handing it to the helper thread would cost more than it saves
+        digest = hashlib.sha256(data.read())
         while chunk := data.read():
             digest.update(chunk)
         return digest.hexdigest()
+    digest = hashlib.sha256()
     with Overlap() as overlap:
         while chunk := data.read():
             overlap.run(digest.update, chunk)
