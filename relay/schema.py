@@ -8,7 +8,7 @@ keys come from its notifier's own model (:func:`relay.notifiers.integrations`), 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import pydantic
 from mlwarden.relay.fields import Doc, Duration, Text, Whole
@@ -75,8 +75,10 @@ class TemplatesDoc(Doc):
 
 
 # One model per registered notifier, told apart by ``type``: each accepts only its own keys.
+# Union[...] spreads a tuple built at run time, which ``X | Y`` cannot: ruff's UP007 fix to a bare
+# tuple made this module fail to import (Annotated needs a type).
 DestinationDoc = Annotated[
-    tuple(i.doc for i in integrations().values()),  # type: ignore[valid-type]  # built from the registry
+    Union[tuple(i.doc for i in integrations().values())],  # type: ignore[valid-type]  # noqa: UP007 - see above; mypy cannot type a union built from the registry
     Field(discriminator="type"),
 ]
 
