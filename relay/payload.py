@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,16 +42,7 @@ class Notification:
     omitted_alerts: int = 0  # left out by the relay to fit its body limit (see oversize)
 
 
-# Where a lone UTF-16 surrogate can come from in a body json.loads reads as UTF-8 (with
-# surrogatepass): a \uD800-\uDFFF escape, or the same code point encoded in UTF-8 (ED A0-BF).
-# A NUL byte may make json.loads read the body as UTF-16 or UTF-32 instead.
-_MAY_HOLD_SURROGATES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]|\x00")
-
-
 def parse(body: bytes) -> Notification:
-    # Most bodies hold no lone surrogate: then no string needs clean(), which otherwise runs for
-    # every label and annotation (half of the parse).
-    text = clean if _MAY_HOLD_SURROGATES.search(body) else _as_is
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -66,56 +56,52 @@ def parse(body: bytes) -> Notification:
     if not isinstance(alerts, list):
         raise PayloadError("field 'alerts' is missing or not a list")
     return Notification(
-        receiver=_text(doc, "receiver", text),
-        status=_text(doc, "status", text),
-        group_key=_text(doc, "groupKey", text),
-        alerts=tuple(_alert(item, i, text) for i, item in enumerate(alerts)),
-        external_url=_text(doc, "externalURL", text),
-        notification_reason=_text(doc, "notification_reason", text),
+        receiver=_text(doc, "receiver"),
+        status=_text(doc, "status"),
+        group_key=_text(doc, "groupKey"),
+        alerts=tuple(_alert(item, i) for i, item in enumerate(alerts)),
+        external_url=_text(doc, "externalURL"),
+        notification_reason=_text(doc, "notification_reason"),
         truncated_alerts=doc.get("truncatedAlerts") if isinstance(doc.get("truncatedAlerts"), int) else 0,
     )
 
 
-def _alert(item: Any, index: int, text: Callable[[str], str]) -> Alert:
+def _alert(item: Any, index: int) -> Alert:
     where = f"alerts[{index}]"
     if not isinstance(item, dict):
         raise PayloadError(f"{where} must be an object")
     status = item.get("status")
     if status not in ("firing", "resolved"):
         raise PayloadError(f"{where}.status must be \"firing\" or \"resolved\"")
-    labels = _string_map(item.get("labels"), where, "labels", text, required=True)
-    fingerprint = _text(item, "fingerprint", text) or label_fingerprint(labels)
+    labels = _string_map(item.get("labels"), f"{where}.labels", required=True)
+    fingerprint = _text(item, "fingerprint") or label_fingerprint(labels)
     return Alert(
         status=status,
         labels=labels,
-        annotations=_string_map(item.get("annotations"), where, "annotations", text, required=False),
+        annotations=_string_map(item.get("annotations"), f"{where}.annotations", required=False),
         fingerprint=fingerprint,
-        starts_at=_text(item, "startsAt", text),
-        ends_at=_text(item, "endsAt", text),
-        generator_url=_text(item, "generatorURL", text),
+        starts_at=_text(item, "startsAt"),
+        ends_at=_text(item, "endsAt"),
+        generator_url=_text(item, "generatorURL"),
     )
 
 
-def _string_map(value: Any, where: str, field: str, text: Callable[[str], str], required: bool) -> dict[str, str]:
+def _string_map(value: Any, where: str, required: bool) -> dict[str, str]:
     if value is None and not required:
         return {}
     if not isinstance(value, dict):
-        raise PayloadError(f"{where}.{field} must be an object of strings")
+        raise PayloadError(f"{where} must be an object of strings")
+    result = {}
     for key, item in value.items():
         if not isinstance(item, str):
-            raise PayloadError(f"{where}.{field}.{clean(key)[:50]} must be a string")
-    if text is _as_is:
-        return value  # a dict json.loads just made, held by nothing else: no copy needed
-    return {text(key): text(item) for key, item in value.items()}
+            raise PayloadError(f"{where}.{clean(key)[:50]} must be a string")
+        result[clean(key)] = clean(item)
+    return result
 
 
-def _text(doc: Mapping[str, Any], key: str, text: Callable[[str], str]) -> str:
+def _text(doc: Mapping[str, Any], key: str) -> str:
     value = doc.get(key)
-    return text(value) if isinstance(value, str) else ""
-
-
-def _as_is(text: str) -> str:
-    return text
+    return clean(value) if isinstance(value, str) else ""
 
 
 def clean(text: str) -> str:
