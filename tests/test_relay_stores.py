@@ -18,7 +18,6 @@ import respx
 from mlwarden.relay import intake, payload
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
-from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.groupcommit import GroupCommit
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.store import open_store
@@ -79,6 +78,33 @@ def test_claim_lease_reschedule_deliver_and_dead_letter(store: Store) -> None:
     dead = [j for j in store.jobs() if j.status == "dead"]
     assert [j.id for j in dead] == [retry.id] and dead[0].attempts == 2
     assert store.outbox_stats()[0] == 1
+
+
+def test_a_claimed_notice_is_the_one_stored_in_memory_and_after_a_restart(tmp_path: Path) -> None:
+    # The SQLite store hands the outbox the notices intake built while it holds them, and
+    # decodes the stored JSON otherwise: both must be the same notice.
+    config = make_config()
+    raw = body(alert(severity="critical", instance="n\u00f6de1", gpu="3"), alert(name="Other"))
+    first = SQLiteStore(tmp_path / "relay.db")
+    accept(first, config, raw, 100.0)
+    from_memory = {j.id: j.notice for j in first.claim("ops", 100.0, limit=10, lease=1.0)}
+    first.close()
+    again = SQLiteStore(tmp_path / "relay.db")
+    decoded = {j.id: j.notice for j in again.claim("ops", 200.0, limit=10, lease=1.0)}  # the leases ran out
+    again.close()
+    assert len(from_memory) == 2 and decoded == from_memory
+
+
+def test_the_sqlite_stores_notices_in_memory_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "NOTICE_CACHE_SIZE", 3)
+    store = SQLiteStore(tmp_path / "relay.db")
+    store.enqueue(jobs_for("ops", 5, 100.0))
+    assert len(store._notices) == 3
+    claimed = store.claim("ops", 100.0, limit=10, lease=60)
+    assert [j.notice.key for j in claimed] == [f"k{i}" for i in range(5)]  # the evicted two decoded
+    store.delivered(claimed)
+    assert len(store._notices) == 0
+    store.close()
 
 
 def test_watchdog_transition_is_recorded_once(store: Store) -> None:
@@ -152,9 +178,7 @@ def test_two_relay_replicas_on_redis_deliver_every_alert_exactly_once(redis_serv
 
 
 def intake_request(config: Any, raw: bytes, now: float) -> IntakeRequest:
-    notification = payload.parse(raw)
-    return IntakeRequest(notification_digest(notification), raw, intake.keys_of(notification, config), now,
-                         config.dedup_window, lambda states: intake.plan(notification, states, now, config))
+    return intake.request(payload.parse(raw), raw, now, config)
 
 
 class CountingStore(SQLiteStore):
@@ -297,7 +321,7 @@ def test_an_existing_database_gets_the_prune_indexes(tmp_path: Path) -> None:
     store = SQLiteStore(path)  # a second start: the schema is idempotent
     indexes = {r[0] for r in store._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert indexes >= set(PRUNE_INDEXES)
-    for (_, _, statement), index in zip(sqlite_store._PRUNES, PRUNE_INDEXES):
+    for (_, _, statement), index in zip(sqlite_store._PRUNES, PRUNE_INDEXES, strict=True):
         plan = " ".join(str(r[-1]) for r in store._read(f"EXPLAIN QUERY PLAN {statement}", (0.0, 1)))  # type: ignore[arg-type]
         assert f"INDEX {index} " in plan, plan
     store.prune(NOW)

@@ -23,6 +23,7 @@ import json
 import logging
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -83,6 +84,9 @@ _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
+# Notices kept in memory for the outbox (see SQLiteStore._notice): a few seconds of a warning
+# flood, about 1 KiB each.
+NOTICE_CACHE_SIZE = 20_000
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -106,6 +110,8 @@ class SQLiteStore(Store):
         self._path = path
         self._closing = threading.Event()
         self._lock = threading.Lock()  # one connection, one transaction at a time
+        # The notices of jobs this process stored, by job id, newest last (see _notice).
+        self._notices: OrderedDict[str, Notice] = OrderedDict()
         try:
             self._db = _connect(path)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -167,8 +173,7 @@ class SQLiteStore(Store):
                 states[key] = KeyState.from_dict(json.loads(state))
         return states
 
-    @staticmethod
-    def _insert_jobs(db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+    def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
         """Store ``jobs`` numbered in their order, after every job stored before (see base)."""
         if not jobs:
             return
@@ -181,6 +186,13 @@ class SQLiteStore(Store):
                 for i, j in enumerate(jobs)
             ],
         )
+        # Should the transaction roll back, the entries name jobs that do not exist: never
+        # claimed, they only wait to be evicted.
+        notices = self._notices
+        for job in jobs:
+            notices[job.id] = job.notice
+        while len(notices) > NOTICE_CACHE_SIZE:
+            notices.popitem(last=False)
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         with self._transaction() as db:
@@ -193,15 +205,17 @@ class SQLiteStore(Store):
     def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
         with self._transaction() as db:
             # A job that waits (for its retry, or leased) keeps the later jobs of its key waiting.
+            # One statement picks and leases (RETURNING gives its rows in no particular order).
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs AS j INDEXED BY jobs_claim WHERE destination = ? AND status = '{PENDING}'"
-                " AND due_at <= ? AND leased_until <= ? AND NOT EXISTS (SELECT 1 FROM jobs AS e"
+                f"UPDATE jobs SET leased_until = ? WHERE id IN (SELECT id FROM jobs AS j INDEXED BY jobs_claim"
+                f" WHERE destination = ? AND status = '{PENDING}' AND due_at <= ? AND leased_until <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM jobs AS e"
                 f" WHERE e.destination = j.destination AND e.key = j.key AND e.status = '{PENDING}'"
-                " AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?",
-                (destination, now, now, limit),
+                f" AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank",
+                (now + lease, destination, now, now, limit),
             ).fetchall()
-            db.executemany("UPDATE jobs SET leased_until = ? WHERE id = ?", [(now + lease, r[0]) for r in rows])
-        return [_job(row) for row in rows]
+        rows.sort(key=lambda r: (-r[-1], r[-2]))  # highest rank first, then in sequence
+        return [self._job(row) for row in rows]
 
     def delivered(self, jobs: Sequence[Job]) -> None:
         # In steps: a digest's thousands of jobs must not hold intake up for one long transaction.
@@ -213,6 +227,7 @@ class SQLiteStore(Store):
                                [(j.destination, j.notice.key) for j in step if j.notice.kind in OPENS])
                 db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
                                [(j.destination, j.notice.key) for j in step if j.notice.kind in CLOSES])
+            self._forget(step)
 
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
@@ -227,7 +242,31 @@ class SQLiteStore(Store):
                 "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(DEAD, error, j.id) for j in jobs],
             )
-            return sum(self._drop_orphan_closes(db, j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS)
+            orphans = sum(self._drop_orphan_closes(db, j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS)
+        self._forget(jobs)
+        return orphans
+
+    def _job(self, row: tuple[object, ...]) -> Job:
+        job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row[:9]
+        return Job(
+            id=str(job_id), destination=str(destination), notice=self._notice(str(job_id), str(notice)),
+            created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),  # type: ignore[arg-type]
+            status=str(status), last_error=str(last_error), seq=int(seq),  # type: ignore[arg-type]
+        )
+
+    def _notice(self, job_id: str, stored: str) -> Notice:
+        """The job's notice: the one intake built, while it is still in memory, else decoded.
+
+        Under a warning flood the outbox claims thousands of notices a second, and decoding
+        each (JSON, then the Notice) cost more than all the rest of its claim. A notice never
+        changes once stored, so the object intake stored is the one a decode would rebuild.
+        """
+        notice = self._notices.get(job_id)
+        return notice if notice is not None else Notice.from_dict(json.loads(stored))
+
+    def _forget(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self._notices.pop(job.id, None)
 
     @staticmethod
     def _drop_orphan_closes(db: sqlite3.Connection, destination: str, key: str) -> int:
@@ -272,7 +311,7 @@ class SQLiteStore(Store):
 
     def jobs(self, limit: int = 1000) -> list[Job]:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq LIMIT ?", (limit,))
-        return [_job(r) for r in rows]
+        return [self._job(r) for r in rows]
 
     def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
         rows = self._read("SELECT id, received_at, reason, body FROM dead_payloads ORDER BY id DESC LIMIT ?", (limit,))
@@ -286,7 +325,7 @@ class SQLiteStore(Store):
                 f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ? WHERE id = ?",
                 (now, _next_seq(db, 1), job_id),
             )
-            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def outbox_stats(self) -> tuple[int, float | None]:
         count, oldest = self._read("SELECT count(*), min(created_at) FROM jobs WHERE status = ?", (PENDING,))[0]
@@ -424,12 +463,3 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             if db.in_transaction:
                 db.execute("ROLLBACK")
         raise StoreError(f"SQLite: {exc}") from None
-
-
-def _job(row: tuple[object, ...]) -> Job:
-    job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row
-    return Job(
-        id=str(job_id), destination=str(destination), notice=Notice.from_dict(json.loads(str(notice))),
-        created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),  # type: ignore[arg-type]
-        status=str(status), last_error=str(last_error), seq=int(seq),  # type: ignore[arg-type]
-    )
