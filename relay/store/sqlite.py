@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
@@ -79,6 +80,9 @@ _ORDER_INDEXES = (
 )
 
 log = logging.getLogger(__name__)
+# A row as the sqlite3 module returns it: its values' types are the columns' (see SCHEMA), which
+# the DB-API does not say.
+Row = tuple[Any, ...]
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
@@ -246,12 +250,12 @@ class SQLiteStore(Store):
         self._forget(jobs)
         return orphans
 
-    def _job(self, row: tuple[object, ...]) -> Job:
+    def _job(self, row: Row) -> Job:
         job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row[:9]
         return Job(
             id=str(job_id), destination=str(destination), notice=self._notice(str(job_id), str(notice)),
-            created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),  # type: ignore[arg-type]
-            status=str(status), last_error=str(last_error), seq=int(seq),  # type: ignore[arg-type]
+            created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),
+            status=str(status), last_error=str(last_error), seq=int(seq),
         )
 
     def _notice(self, job_id: str, stored: str) -> Notice:
@@ -294,7 +298,7 @@ class SQLiteStore(Store):
             return True
 
     def watchdog(self) -> tuple[float | None, str]:
-        rows = dict(self._read("SELECT name, value FROM kv WHERE name LIKE 'watchdog_%'"))
+        rows: dict[str, str] = dict(self._read("SELECT name, value FROM kv WHERE name LIKE 'watchdog_%'"))
         last_seen = rows.get("watchdog_last_seen")
         return (float(last_seen) if last_seen else None), rows.get("watchdog_state", "new")
 
@@ -315,7 +319,7 @@ class SQLiteStore(Store):
 
     def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
         rows = self._read("SELECT id, received_at, reason, body FROM dead_payloads ORDER BY id DESC LIMIT ?", (limit,))
-        return [DeadPayload(str(i), float(at), str(reason), bytes(body)) for i, at, reason, body in rows]  # type: ignore[arg-type]
+        return [DeadPayload(str(i), float(at), str(reason), bytes(body)) for i, at, reason, body in rows]
 
     def retry_dead(self, job_id: str, now: float) -> Job | None:
         with self._transaction() as db:
@@ -365,7 +369,7 @@ class SQLiteStore(Store):
         with self._lock:
             self._db.close()
 
-    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[Row]:
         try:
             with self._lock:
                 return self._db.execute(sql, params).fetchall()
