@@ -108,45 +108,46 @@ def decide(
         told = state.told if state is not None else ()
         return Decision("resolve", None, told, severity, state.level if state else 0, False)
 
+    # States are built field by field rather than with dataclasses.replace: this runs for every
+    # key of every webhook, and replace costs several times as much.
     escalation = route.escalation
-    if state is None:
-        first_seen, window_start, window_count, seen, old_level = now, now, 1, 1, 0
+    if state is None:  # the first sighting of this episode: always notified
+        level = escalation_level(1, 0.0, severity, escalation)
+        first = KeyState(
+            key=key, severity=severity, first_seen=now, last_seen=now, last_notified=now, notifications=1, seen=1,
+            window_start=now, window_count=1, level=level, told=route.reach[level],
+            labels=key_labels if key_labels is not None else {},
+        )
+        return Decision("notify", first, route.reach[level], severity, level, False)
+
+    if now - state.window_start >= escalation.within:
+        window_start, window_count = now, 1
     else:
-        first_seen, seen, old_level = state.first_seen, state.seen + 1, state.level
-        if now - state.window_start >= escalation.within:
-            window_start, window_count = now, 1
-        else:
-            window_start, window_count = state.window_start, state.window_count + 1
-    if state is not None and state.acked_at is not None:
-        level = old_level
-    else:
-        level = max(old_level, escalation_level(window_count, now - first_seen, severity, escalation))
-    escalated = state is not None and level > old_level
+        window_start, window_count = state.window_start, state.window_count + 1
+    level = state.level
+    if state.acked_at is None:
+        level = max(level, escalation_level(window_count, now - state.first_seen, severity, escalation))
+    escalated = level > state.level
     due = (
-        state is None
-        or state.last_notified is None
+        state.last_notified is None
         or escalated
         or severity != state.severity
         or now - state.last_notified >= cooldown_for(state, severity, route)
     )
-    # Built field by field rather than with dataclasses.replace: this runs for every key of every
-    # webhook, and replace costs several times as much.
-    if state is None:
-        state = KeyState(key=key, severity=severity, first_seen=now, last_seen=now, labels=dict(key_labels or {}))
-    elif not due:
+    if not due:
         suppressed = KeyState(
-            key=key, severity=state.severity, first_seen=first_seen, last_seen=now, last_notified=state.last_notified,
-            notifications=state.notifications, seen=seen, window_start=window_start, window_count=window_count,
-            level=level, told=state.told, labels=state.labels, acked_at=state.acked_at, acked_by=state.acked_by,
-            ack_comment=state.ack_comment,
+            key=key, severity=state.severity, first_seen=state.first_seen, last_seen=now,
+            last_notified=state.last_notified, notifications=state.notifications, seen=state.seen + 1,
+            window_start=window_start, window_count=window_count, level=level, told=state.told, labels=state.labels,
+            acked_at=state.acked_at, acked_by=state.acked_by, ack_comment=state.ack_comment,
         )
         return Decision("suppress", suppressed, (), severity, level, False)
     destinations = route.reach[level]
     notified = KeyState(
-        key=key, severity=severity, first_seen=first_seen, last_seen=now, last_notified=now,
-        notifications=state.notifications + 1, seen=seen, window_start=window_start, window_count=window_count,
-        level=level, told=tuple(dict.fromkeys(state.told + destinations)), labels=state.labels,
-        acked_at=state.acked_at, acked_by=state.acked_by, ack_comment=state.ack_comment,
+        key=key, severity=severity, first_seen=state.first_seen, last_seen=now, last_notified=now,
+        notifications=state.notifications + 1, seen=state.seen + 1, window_start=window_start,
+        window_count=window_count, level=level, told=tuple(dict.fromkeys(state.told + destinations)),
+        labels=state.labels, acked_at=state.acked_at, acked_by=state.acked_by, ack_comment=state.ack_comment,
     )
     return Decision("notify", notified, destinations, severity, level, escalated)
 

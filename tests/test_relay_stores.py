@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from mlwarden.relay.notice import Notice
 from mlwarden.relay.store import open_store
 from mlwarden.relay.store import redis as redis_store
 from mlwarden.relay.store import sqlite as sqlite_store
-from mlwarden.relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError
+from mlwarden.relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError, new_job_id
 from mlwarden.relay.store.redis import DEAD_JOBS, DEAD_PAYLOADS, RedisStore
 from mlwarden.relay.store.redis import PREFIX as REDIS_PREFIX
 from mlwarden.relay.store.sqlite import SQLiteStore
@@ -105,6 +106,22 @@ def test_the_sqlite_stores_notices_in_memory_are_bounded(tmp_path: Path, monkeyp
     store.delivered(claimed)
     assert len(store._notices) == 0
     store.close()
+
+
+def test_job_ids_are_unique_increasing_and_a_forked_child_does_not_repeat_its_parents() -> None:
+    ids = [new_job_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids) and all(len(i) == 28 for i in ids)
+    assert [i[:16] for i in ids] == sorted(i[:16] for i in ids)  # the time part grows
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, without the parent's counter and random base
+        os.write(write, new_job_id()[16:].encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_tail = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert len(child_tail) == 12 and child_tail != new_job_id()[16:]
 
 
 def test_watchdog_transition_is_recorded_once(store: Store) -> None:
