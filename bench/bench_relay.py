@@ -76,6 +76,11 @@ class Result:
     def rps(self) -> float:
         return self.requests / self.seconds
 
+    @property
+    def cores(self) -> float:
+        """The server's CPU time over the phase's wall time: at a paced rate, the headroom left."""
+        return self.server_cpu_seconds / self.seconds
+
     def percentile(self, p: float) -> float:
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
@@ -316,6 +321,9 @@ def report(
         "",
         f"Targets: >= {TARGET_RPS} requests/s: **{rps_ok}** ({relay.throughput.rps:,.0f}); p99 acknowledgement "
         f"<= {TARGET_P99_MS:.0f} ms at {TARGET_RPS} requests/s: **{p99_ok}** ({relay.paced.percentile(0.99):.1f} ms). "
+        f"At {TARGET_RPS} requests/s the relay kept {relay.paced.cores:.2f} of a core busy "
+        f"({relay.paced.cpu_ms_per_request:.2f} ms of CPU per request, its outbox's deliveries included; "
+        f"baseline {baseline.paced.cores:.2f}): the headroom at the target rate. "
         "The load generator runs on the same cores as the server (and as everyone else's work on this shared "
         f"machine: 1-minute load average {loads[0]:.2f} before the run, {loads[1]:.2f} after), so the absolute "
         "figures are lower bounds; the ratio, and the server CPU per request (measured in the full-load phase, "
