@@ -23,7 +23,6 @@ import json
 import logging
 import sqlite3
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,9 +87,9 @@ _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
-# Notices kept in memory for the outbox (see SQLiteStore._notice): a few seconds of a warning
-# flood, about 1 KiB each.
-NOTICE_CACHE_SIZE = 20_000
+# Notices kept in memory for the outbox (see SQLiteStore._notice): two seconds of a warning flood
+# at the Slack digest's pace (5,000 a second), about 1.5 KiB each.
+NOTICE_CACHE_SIZE = 10_000
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -114,8 +113,8 @@ class SQLiteStore(Store):
         self._path = path
         self._closing = threading.Event()
         self._lock = threading.Lock()  # one connection, one transaction at a time
-        # The notices of jobs this process stored, by job id, newest last (see _notice).
-        self._notices: OrderedDict[str, Notice] = OrderedDict()
+        # The notices of jobs this process stored, by job id (see _notice).
+        self._notices: dict[str, Notice] = {}
         try:
             self._db = _connect(path)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -148,7 +147,11 @@ class SQLiteStore(Store):
     def intake_batch(self, requests: Sequence[IntakeRequest]) -> list[IntakeResult | None]:
         # One transaction for all: each request still sees the states and digests of the ones before it.
         with self._transaction() as db:
-            return [self._intake(db, request) for request in requests]
+            results = [self._intake(db, request) for request in requests]
+        for result in results:
+            if result is not None:
+                self._remember(result.jobs)
+        return results
 
     def _intake(self, db: sqlite3.Connection, request: IntakeRequest) -> IntakeResult | None:
         row = db.execute("SELECT expires_at FROM seen WHERE digest = ?", (request.digest,)).fetchone()
@@ -190,13 +193,6 @@ class SQLiteStore(Store):
                 for i, j in enumerate(jobs)
             ],
         )
-        # Should the transaction roll back, the entries name jobs that do not exist: never
-        # claimed, they only wait to be evicted.
-        notices = self._notices
-        for job in jobs:
-            notices[job.id] = job.notice
-        while len(notices) > NOTICE_CACHE_SIZE:
-            notices.popitem(last=False)
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         with self._transaction() as db:
@@ -205,6 +201,7 @@ class SQLiteStore(Store):
     def enqueue(self, jobs: Sequence[Job]) -> None:
         with self._transaction() as db:
             self._insert_jobs(db, jobs)
+        self._remember(jobs)
 
     def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
         with self._transaction() as db:
@@ -267,6 +264,14 @@ class SQLiteStore(Store):
         """
         notice = self._notices.get(job_id)
         return notice if notice is not None else Notice.from_dict(json.loads(stored))
+
+    def _remember(self, jobs: Sequence[Job]) -> None:
+        """Keep the notices of ``jobs``, just committed, while there is room. When there is none, the
+        newest go without: claims take the oldest first, so those already kept are the next ones
+        claimed (evicting the oldest instead would, under a backlog, keep exactly the wrong ones)."""
+        room = NOTICE_CACHE_SIZE - len(self._notices)
+        for job in jobs[: max(0, room)]:
+            self._notices[job.id] = job.notice
 
     def _forget(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
