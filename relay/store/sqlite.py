@@ -185,14 +185,16 @@ class SQLiteStore(Store):
         if not jobs:
             return
         first = _next_seq(db, len(jobs))
-        db.executemany(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (j.id, j.destination, json.dumps(j.notice.to_dict()), j.created_at, j.due_at, j.attempts,
-                 j.status, j.last_error, first + i, j.notice.key, j.rank)
-                for i, j in enumerate(jobs)
-            ],
-        )
+        # One notice goes to each destination of its escalation level: encoded once for all of them.
+        encoded: dict[int, str] = {}
+        rows = []
+        for i, j in enumerate(jobs):
+            notice = encoded.get(id(j.notice))
+            if notice is None:
+                notice = encoded[id(j.notice)] = json.dumps(j.notice.to_dict())
+            rows.append((j.id, j.destination, notice, j.created_at, j.due_at, j.attempts, j.status, j.last_error,
+                         first + i, j.notice.key, j.rank))
+        db.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         with self._transaction() as db:
