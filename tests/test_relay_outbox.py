@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Awaitable, Callable
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ def test_storm_for_one_slack_webhook_is_coalesced_rate_limited_and_complete(tmp_
     relay = with_outbox(tmp_path, clock, scenario, escalation={"after_repeats": 100, "page_immediately": []})
     names = sorted(text.split("Storm")[1][:5] for text in delivered)
     assert names == [f"{i:05d}" for i in range(storm)]  # every alert, exactly once
-    assert all(b - a >= 1.0 for a, b in pairwise(sent_at))  # at most one message per second
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(sent_at))  # at most one message per second
     assert len(sent_at) <= storm // 20 + 1  # coalesced: 20 alerts per message once they queue up
     assert sample(relay, "mlwarden_relay_deliveries_total", destination="ops", integration="slack") == storm
 
@@ -134,7 +134,7 @@ def test_5xx_backs_off_exponentially_then_dead_letters(tmp_path: Path) -> None:
             clock.advance(0.5)
 
     relay = with_outbox(tmp_path, clock, scenario)  # max_attempts 4, backoff 1s doubling, no jitter
-    gaps = [round(b - a) for a, b in pairwise(tries_at)]
+    gaps = [round(b - a) for a, b in itertools.pairwise(tries_at)]
     assert gaps == [1, 2, 4]
     [job] = relay.store.jobs()
     assert job.status == "dead" and job.attempts == 4 and "503" in job.last_error
@@ -208,7 +208,7 @@ def test_pagerduty_rate_limit_spaces_events(tmp_path: Path) -> None:
 
     with_outbox(tmp_path, clock, scenario)
     assert len(sent_at) == 5
-    assert all(b - a >= 0.5 - 1e-9 for a, b in pairwise(sent_at))  # 120 events/min
+    assert all(b - a >= 0.5 - 1e-9 for a, b in itertools.pairwise(sent_at))  # 120 events/min
 
 
 def test_sqlite_restart_releases_leases(tmp_path: Path) -> None:
@@ -238,7 +238,7 @@ def test_an_unexpected_error_in_a_dispatcher_pass_does_not_stop_deliveries(tmp_p
                 raise ValueError("corrupt job row")
             return real_claim(*args, **kwargs)
 
-        relay.store.claim = claim_once_broken  # type: ignore[method-assign]
+        relay.store.claim = claim_once_broken  # type: ignore[method-assign]  # a store method replaced by a failing one for this test
         runner = asyncio.create_task(outbox.run(tick=0.01))
         for _ in range(200):
             await asyncio.sleep(0.01)

@@ -262,7 +262,7 @@ def test_a_backlog_is_answered_batch_by_batch_not_after_the_next_commit(tmp_path
 
 def dead_payload_bodies(store: Store) -> list[bytes]:
     if isinstance(store, SQLiteStore):
-        return [bytes(r[0]) for r in store._read("SELECT body FROM dead_payloads ORDER BY id")]  # type: ignore[arg-type]
+        return [bytes(r[0]) for r in store._read("SELECT body FROM dead_payloads ORDER BY id")]  # type: ignore[arg-type]  # rows of one BLOB column
     assert isinstance(store, RedisStore)
     return [json.loads(e)["body"].encode() for e in store._redis.lrange(DEAD_PAYLOADS, 0, -1)]
 
@@ -270,7 +270,7 @@ def dead_payload_bodies(store: Store) -> list[bytes]:
 def job_records(store: Store) -> int:
     """Jobs kept in any form (a pruned job must leave nothing behind)."""
     if isinstance(store, SQLiteStore):
-        return int(store._read("SELECT count(*) FROM jobs")[0][0])  # type: ignore[arg-type]
+        return int(store._read("SELECT count(*) FROM jobs")[0][0])  # type: ignore[arg-type]  # count(*) is an integer
     assert isinstance(store, RedisStore)
     return len(store._redis.keys(f"{REDIS_PREFIX}job:*")) + int(store._redis.zcard(DEAD_JOBS))
 
@@ -319,7 +319,7 @@ def test_sqlite_prune_forgets_expired_digests_and_old_payloads(tmp_path: Path) -
     accept(store, config, body(alert(name="Recent")), RECENT)
     accept(store, config, body(alert(name="Fresh")), NOW)
     store.prune(NOW)
-    bodies = [json.loads(r[0])["alerts"][0]["labels"]["alertname"] for r in store._read("SELECT body FROM payloads")]  # type: ignore[arg-type]
+    bodies = [json.loads(r[0])["alerts"][0]["labels"]["alertname"] for r in store._read("SELECT body FROM payloads")]  # type: ignore[arg-type]  # rows of one TEXT column
     assert bodies == ["Recent", "Fresh"]
     assert store._read("SELECT count(*) FROM seen") == [(1,)]  # only Fresh is inside its dedup window
     assert accept(store, config, body(alert(name="Recent")), NOW) is not None  # its digest expired: not a duplicate
@@ -339,7 +339,7 @@ def test_an_existing_database_gets_the_prune_indexes(tmp_path: Path) -> None:
     indexes = {r[0] for r in store._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert indexes >= set(PRUNE_INDEXES)
     for (_, _, statement), index in zip(sqlite_store._PRUNES, PRUNE_INDEXES, strict=True):
-        plan = " ".join(str(r[-1]) for r in store._read(f"EXPLAIN QUERY PLAN {statement}", (0.0, 1)))  # type: ignore[arg-type]
+        plan = " ".join(str(r[-1]) for r in store._read(f"EXPLAIN QUERY PLAN {statement}", (0.0, 1)))  # type: ignore[arg-type]  # the statements' parameters are a time and a limit
         assert f"INDEX {index} " in plan, plan
     store.prune(NOW)
     assert store._read("SELECT count(*) FROM payloads") == [(0,)]
