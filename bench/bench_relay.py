@@ -76,6 +76,10 @@ class Result:
     def rps(self) -> float:
         return self.requests / self.seconds
 
+    def cores_at(self, rate: float) -> float:
+        """Cores this server's CPU per request takes at ``rate`` requests/s (1.0: one core, all of it)."""
+        return self.cpu_ms_per_request * rate / 1000
+
     def percentile(self, p: float) -> float:
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
@@ -316,6 +320,10 @@ def report(
         "",
         f"Targets: >= {TARGET_RPS} requests/s: **{rps_ok}** ({relay.throughput.rps:,.0f}); p99 acknowledgement "
         f"<= {TARGET_P99_MS:.0f} ms at {TARGET_RPS} requests/s: **{p99_ok}** ({relay.paced.percentile(0.99):.1f} ms). "
+        f"At its CPU per request in the paced phase ({relay.paced.cpu_ms_per_request:.2f} ms, its outbox's "
+        f"deliveries included), {TARGET_RPS} requests/s take {relay.paced.cores_at(TARGET_RPS):.2f} of a core "
+        f"(baseline {baseline.paced.cores_at(TARGET_RPS):.2f}): under 1.0 with room to spare is what makes the "
+        "target rate sustainable. "
         "The load generator runs on the same cores as the server (and as everyone else's work on this shared "
         f"machine: 1-minute load average {loads[0]:.2f} before the run, {loads[1]:.2f} after), so the absolute "
         "figures are lower bounds; the ratio, and the server CPU per request (measured in the full-load phase, "

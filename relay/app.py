@@ -27,13 +27,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from mlwarden.relay import intake, oversize, payload, statepage, watchdog
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.config import ConfigError, RelayConfig
-from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.groupcommit import GroupCommit
 from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers import notifier_for
 from mlwarden.relay.notifiers.base import Context, Notifier
 from mlwarden.relay.outbox import Outbox
-from mlwarden.relay.store.base import DEAD, IntakeRequest, Store, StoreError
+from mlwarden.relay.store.base import DEAD, Store, StoreError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mlwarden.logs import RepeatFilter
@@ -300,12 +299,8 @@ async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed)
         log.warning("webhook over %d bytes: kept %d alert(s) of group %s, left out %d (%d bytes)",
                     relay.max_body_bytes, len(notification.alerts), notification.group_key,
                     trimmed.omitted_alerts, trimmed.dropped_bytes)
-    request = IntakeRequest(
-        notification_digest(notification), body, intake.keys_of(notification, config), now,
-        intake.dedup_window(notification, config), lambda states: intake.plan(notification, states, now, config),
-    )
     try:
-        result = await commits.submit(request)
+        result = await commits.submit(intake.request(notification, body, now, config))
     except StoreError as exc:
         relay.metrics.webhooks.labels("unavailable").inc()
         log.error("cannot store webhook, answering 503 so Alertmanager retries: %s", exc)

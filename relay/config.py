@@ -11,6 +11,7 @@ environment variable that holds them (``webhook_url_env: SLACK_WEBHOOK_URL``), a
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -118,7 +119,18 @@ class Route:
     escalating_cooldown: tuple[float, ...] = ()  # successive repeats wait this long; empty: off
     escalation: Escalation = Escalation()
 
+    @functools.cached_property
+    def reach(self) -> tuple[tuple[str, ...], ...]:
+        """The destinations at each escalation level (0: the route's own): the route's, then
+        each level's up to it, in order, without repeats. Computed once per route, not per alert."""
+        return tuple(
+            tuple(dict.fromkeys([*self.destinations, *(d for step in self.escalation.levels[:n] for d in step.destinations)]))
+            for n in range(len(self.escalation.levels) + 1)
+        )
+
     def matches(self, labels: Mapping[str, str]) -> bool:
+        if not (self.match or self.match_re or self.matchers):
+            return True  # a catch-all route, the usual last one: no generators to build
         return (
             all(labels.get(k) == v for k, v in self.match.items())
             and all(p.fullmatch(labels.get(k, "")) for k, p in self.match_re.items())

@@ -16,6 +16,7 @@ a storm without sleeping.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -116,9 +117,12 @@ class Outbox:
             self._limits[name].spend(now)
             task = asyncio.create_task(self._deliver(name, notifier, jobs))
             self._in_flight[name] = task
-            task.add_done_callback(lambda _, name=name: self._in_flight.pop(name, None))
+            task.add_done_callback(functools.partial(self._finished, name))
             started.append(task)
         return started
+
+    def _finished(self, name: str, _: asyncio.Task[None]) -> None:
+        self._in_flight.pop(name, None)
 
     async def _claim_more(self, name: str, now: float, count: int) -> list[Job]:
         """Up to ``count`` more jobs, claimed in steps: each step is a short transaction, so

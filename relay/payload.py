@@ -52,7 +52,7 @@ def parse(body: bytes) -> Notification:
     version = doc.get("version", "4")
     if str(version) != "4":
         raise PayloadError(f"unsupported webhook payload version {str(version)[:20]!r} (expected \"4\")")
-    alerts = doc.get("alerts")
+    alerts, truncated = doc.get("alerts"), doc.get("truncatedAlerts")
     if not isinstance(alerts, list):
         raise PayloadError("field 'alerts' is missing or not a list")
     return Notification(
@@ -62,7 +62,7 @@ def parse(body: bytes) -> Notification:
         alerts=tuple(_alert(item, i) for i, item in enumerate(alerts)),
         external_url=_text(doc, "externalURL"),
         notification_reason=_text(doc, "notification_reason"),
-        truncated_alerts=doc.get("truncatedAlerts") if isinstance(doc.get("truncatedAlerts"), int) else 0,
+        truncated_alerts=truncated if isinstance(truncated, int) else 0,
     )
 
 

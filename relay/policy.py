@@ -95,11 +95,6 @@ def escalation_level(repeats: int, firing_for: float, severity: str, escalation:
     return reached
 
 
-def destinations_at(level: int, route: Route) -> tuple[str, ...]:
-    extra = [d for step in route.escalation.levels[:level] for d in step.destinations]
-    return tuple(dict.fromkeys([*route.destinations, *extra]))  # keep order, drop repeats
-
-
 def decide(
     state: KeyState | None, alert: Alert, key: str, now: float, route: Route, default_severity: str,
     key_labels: Mapping[str, str] | None = None,
@@ -113,34 +108,46 @@ def decide(
         told = state.told if state is not None else ()
         return Decision("resolve", None, told, severity, state.level if state else 0, False)
 
-    previous = state or KeyState(key=key, severity=severity, first_seen=now, last_seen=now, window_start=now,
-                                 labels=dict(key_labels or {}))
-    if now - previous.window_start >= route.escalation.within:
+    # States are built field by field rather than with dataclasses.replace: this runs for every
+    # key of every webhook, and replace costs several times as much.
+    escalation = route.escalation
+    if state is None:  # the first sighting of this episode: always notified
+        level = escalation_level(1, 0.0, severity, escalation)
+        first = KeyState(
+            key=key, severity=severity, first_seen=now, last_seen=now, last_notified=now, notifications=1, seen=1,
+            window_start=now, window_count=1, level=level, told=route.reach[level],
+            labels=key_labels if key_labels is not None else {},
+        )
+        return Decision("notify", first, route.reach[level], severity, level, False)
+
+    if now - state.window_start >= escalation.within:
         window_start, window_count = now, 1
     else:
-        window_start, window_count = previous.window_start, previous.window_count + 1
-    computed = escalation_level(window_count, now - previous.first_seen, severity, route.escalation)
-    level = previous.level if previous.acked_at is not None else max(previous.level, computed)
-    escalated = state is not None and level > state.level
-    destinations = destinations_at(level, route)
-    sighting = {"last_seen": now, "seen": previous.seen + 1, "window_start": window_start,
-                "window_count": window_count, "level": level}
+        window_start, window_count = state.window_start, state.window_count + 1
+    level = state.level
+    if state.acked_at is None:
+        level = max(level, escalation_level(window_count, now - state.first_seen, severity, escalation))
+    escalated = level > state.level
     due = (
-        state is None
-        or state.last_notified is None
+        state.last_notified is None
         or escalated
         or severity != state.severity
         or now - state.last_notified >= cooldown_for(state, severity, route)
     )
     if not due:
-        return Decision("suppress", replace(previous, **sighting), (), severity, level, False)
-    notified = replace(  # one replace per decision: this runs for every key of every webhook
-        previous,
-        **sighting,
-        severity=severity,
-        last_notified=now,
-        notifications=previous.notifications + 1,
-        told=tuple(dict.fromkeys(previous.told + destinations)),
+        suppressed = KeyState(
+            key=key, severity=state.severity, first_seen=state.first_seen, last_seen=now,
+            last_notified=state.last_notified, notifications=state.notifications, seen=state.seen + 1,
+            window_start=window_start, window_count=window_count, level=level, told=state.told, labels=state.labels,
+            acked_at=state.acked_at, acked_by=state.acked_by, ack_comment=state.ack_comment,
+        )
+        return Decision("suppress", suppressed, (), severity, level, False)
+    destinations = route.reach[level]
+    notified = KeyState(
+        key=key, severity=severity, first_seen=state.first_seen, last_seen=now, last_notified=now,
+        notifications=state.notifications + 1, seen=state.seen + 1, window_start=window_start,
+        window_count=window_count, level=level, told=tuple(dict.fromkeys(state.told + destinations)),
+        labels=state.labels, acked_at=state.acked_at, acked_by=state.acked_by, ack_comment=state.ack_comment,
     )
     return Decision("notify", notified, destinations, severity, level, escalated)
 

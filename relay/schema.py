@@ -8,11 +8,12 @@ keys come from its notifier's own model (:func:`relay.notifiers.integrations`), 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import pydantic
 from mlwarden.relay.fields import Doc, Duration, Text, Whole
 from mlwarden.relay.notifiers import integrations
+from mlwarden.relay.notifiers.base import DestinationDoc as BaseDestinationDoc
 from pydantic import Field
 
 Severity = Literal["info", "warning", "critical", "emergency"]
@@ -64,7 +65,7 @@ class DeliveryDoc(Doc):
     backoff_max: Duration = 600.0
     timeout: Duration = 10.0
     max_alerts_per_message: Annotated[Whole, Field(le=48, description="at most 48: Slack allows 50 blocks")] = 20
-    lease: Duration | None = Field(None, description="how long a claimed delivery stays claimed (3 x timeout + 30s)")
+    lease: Duration | None = Field(default=None, description="how long a claimed delivery stays claimed (3 x timeout + 30s)")
 
 
 class TemplatesDoc(Doc):
@@ -75,12 +76,16 @@ class TemplatesDoc(Doc):
 
 
 # One model per registered notifier, told apart by ``type``: each accepts only its own keys.
-# Union[...] spreads a tuple built at run time, which ``X | Y`` cannot: ruff's UP007 fix to a bare
-# tuple made this module fail to import (Annotated needs a type).
-DestinationDoc = Annotated[
-    Union[tuple(i.doc for i in integrations().values())],  # type: ignore[valid-type]  # noqa: UP007 - see above; mypy cannot type a union built from the registry
-    Field(discriminator="type"),
-]
+# Union[...] spreads a tuple built at run time, which ``X | Y`` cannot (ruff's UP007 fix to a bare
+# tuple made this module fail to import: Annotated needs a type). mypy cannot follow a union built
+# from the registry; to it, a destination is any notifier's model.
+if TYPE_CHECKING:
+    DestinationDoc = BaseDestinationDoc
+else:
+    DestinationDoc = Annotated[
+        Union[tuple(i.doc for i in integrations().values())],  # noqa: UP007 - see above
+        Field(discriminator="type"),
+    ]
 
 
 class RelayDoc(Doc):

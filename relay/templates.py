@@ -39,15 +39,24 @@ DEFAULTS: Mapping[str, str] = {
         "[{{ state }}] {{ alertname }}{% if where %} on {{ where }}{% endif %}"
         "{% if alerts > 1 %} ({{ alerts }} alerts){% endif %}"
     ),
-    "slack_text": """{{ icon }} *{{ title }}*
-*Severity:* {{ severity }}  *Escalation level:* {{ level }}{% if machine %}  *Machine:* {{ machine }}{% endif %}{% if gpu %}  *GPU:* {{ gpu }}{% endif %}{% if occurrences > 1 %}  *Seen:* {{ occurrences }}x{% endif %}{% if reason %}  *Reason:* {{ reason }}{% endif %}
-{% if firing_for %}{% if resolved %}*Resolved* after {{ firing_for }}{% else %}*Firing for* {{ firing_for }}{% endif %} (since {{ since }}){% endif %}
-{{ summary }}
-{% if description %}{{ description }}{% endif %}
-{% if labels %}*Labels:* {% for name, value in labels %}`{{ name }}={{ value }}`{% if not loop.last %} {% endif %}{% endfor %}{% endif %}
-{% if members %}*{{ alerts }} alerts differ by:* {% for member in members %}{% for name, value in member %}`{{ name }}={{ value }}`{% if not loop.last %} {% endif %}{% endfor %}{% if not loop.last %}; {% endif %}{% endfor %}{% if alerts > members|length %} (+{{ alerts - members|length }} more){% endif %}{% endif %}
-{% if runbook_url %}<{{ runbook_url }}|Runbook>{% endif %}{% if runbook_url and generator_url %} | {% endif %}{% if generator_url %}<{{ generator_url }}|Source>{% endif %}
-{% if omitted %}_{{ omitted }} more alert(s) of this group did not fit the relay's body limit_{% endif %}""",
+    "slack_text": (  # the line breaks are the "\n"s; each line is cut only between two tags
+        "{{ icon }} *{{ title }}*\n"
+        "*Severity:* {{ severity }}  *Escalation level:* {{ level }}{% if machine %}  *Machine:* {{ machine }}{% endif %}"
+        "{% if gpu %}  *GPU:* {{ gpu }}{% endif %}{% if occurrences > 1 %}  *Seen:* {{ occurrences }}x{% endif %}"
+        "{% if reason %}  *Reason:* {{ reason }}{% endif %}\n"
+        "{% if firing_for %}{% if resolved %}*Resolved* after {{ firing_for }}{% else %}*Firing for* {{ firing_for }}"
+        "{% endif %} (since {{ since }}){% endif %}\n"
+        "{{ summary }}\n"
+        "{% if description %}{{ description }}{% endif %}\n"
+        "{% if labels %}*Labels:* {% for name, value in labels %}`{{ name }}={{ value }}`{% if not loop.last %} {% endif %}"
+        "{% endfor %}{% endif %}\n"
+        "{% if members %}*{{ alerts }} alerts differ by:* {% for member in members %}{% for name, value in member %}"
+        "`{{ name }}={{ value }}`{% if not loop.last %} {% endif %}{% endfor %}{% if not loop.last %}; {% endif %}"
+        "{% endfor %}{% if alerts > members|length %} (+{{ alerts - members|length }} more){% endif %}{% endif %}\n"
+        "{% if runbook_url %}<{{ runbook_url }}|Runbook>{% endif %}{% if runbook_url and generator_url %} | {% endif %}"
+        "{% if generator_url %}<{{ generator_url }}|Source>{% endif %}\n"
+        "{% if omitted %}_{{ omitted }} more alert(s) of this group did not fit the relay's body limit_{% endif %}"
+    ),
     "slack_notification": (
         "{% if notices|length == 1 %}{{ notices[0].title }}: {{ notices[0].summary }}"
         "{% else %}{{ firing }} firing{% if resolved %}, {{ resolved }} resolved{% endif %}: "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import httpx
 import pytest
 import respx
 from mlwarden.relay.notice import FIRING, RESOLVED, Notice
+from mlwarden.relay.notifiers import slack as slack_module
 from mlwarden.relay.notifiers.base import DeliveryError, retry_after
 from mlwarden.relay.notifiers.pagerduty import EVENT_LIMIT_BYTES, PagerDutyNotifier, dedup_key, event
 from mlwarden.relay.notifiers.slack import MAX_BLOCKS, SECTION_TEXT_LIMIT, SlackNotifier, message
@@ -65,6 +67,25 @@ def test_slack_success_posts_block_kit_to_the_webhook() -> None:
     send(lambda c: slack(c).send([notice(), notice(RESOLVED)]))
     sent = json.loads(route.calls.last.request.content)
     assert sent["blocks"][0]["type"] == "header" and sent["text"].startswith("1 firing, 1 resolved: [CRITICAL] GpuHot")
+
+
+@respx.mock
+def test_a_digest_is_rendered_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Thousands of notices take tens of milliseconds to fold: on the event loop, every webhook in
+    # flight would wait for them.
+    route = respx.post(SLACK_URL).mock(return_value=httpx.Response(200, text="ok"))
+    rendered_on: list[str] = []
+    real_digest = slack_module.digest
+
+    def digest(*args: Any) -> dict[str, object]:
+        rendered_on.append(threading.current_thread().name)
+        return real_digest(*args)
+
+    monkeypatch.setattr(slack_module, "digest", digest)
+    flood = [notice(severity="warning", key=f"k{i}", group=f"g{i % 3}") for i in range(100)]
+    send(lambda c: slack(c).send(flood))
+    assert rendered_on and rendered_on[0] != threading.main_thread().name
+    assert json.loads(route.calls.last.request.content)["text"].startswith("Digest: 100 notices in 3 group(s)")
 
 
 @pytest.mark.parametrize(

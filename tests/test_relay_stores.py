@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -18,13 +19,12 @@ import respx
 from mlwarden.relay import intake, payload
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
-from mlwarden.relay.dedup import notification_digest
 from mlwarden.relay.groupcommit import GroupCommit
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.store import open_store
 from mlwarden.relay.store import redis as redis_store
 from mlwarden.relay.store import sqlite as sqlite_store
-from mlwarden.relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError
+from mlwarden.relay.store.base import RETENTION_SECONDS, IntakeRequest, Job, Store, StoreError, new_job_id
 from mlwarden.relay.store.redis import DEAD_JOBS, DEAD_PAYLOADS, RedisStore
 from mlwarden.relay.store.redis import PREFIX as REDIS_PREFIX
 from mlwarden.relay.store.sqlite import SQLiteStore
@@ -79,6 +79,49 @@ def test_claim_lease_reschedule_deliver_and_dead_letter(store: Store) -> None:
     dead = [j for j in store.jobs() if j.status == "dead"]
     assert [j.id for j in dead] == [retry.id] and dead[0].attempts == 2
     assert store.outbox_stats()[0] == 1
+
+
+def test_a_claimed_notice_is_the_one_stored_in_memory_and_after_a_restart(tmp_path: Path) -> None:
+    # The SQLite store hands the outbox the notices intake built while it holds them, and
+    # decodes the stored JSON otherwise: both must be the same notice.
+    config = make_config()
+    raw = body(alert(severity="critical", instance="n\u00f6de1", gpu="3"), alert(name="Other"))
+    first = SQLiteStore(tmp_path / "relay.db")
+    accept(first, config, raw, 100.0)
+    from_memory = {j.id: j.notice for j in first.claim("ops", 100.0, limit=10, lease=1.0)}
+    first.close()
+    again = SQLiteStore(tmp_path / "relay.db")
+    decoded = {j.id: j.notice for j in again.claim("ops", 200.0, limit=10, lease=1.0)}  # the leases ran out
+    again.close()
+    assert len(from_memory) == 2 and decoded == from_memory
+
+
+def test_the_sqlite_stores_notices_in_memory_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "NOTICE_CACHE_SIZE", 3)
+    store = SQLiteStore(tmp_path / "relay.db")
+    store.enqueue(jobs_for("ops", 5, 100.0))
+    assert sorted(n.key for n in store._notices.values()) == ["k0", "k1", "k2"]  # the oldest: claimed first
+    claimed = store.claim("ops", 100.0, limit=10, lease=60)
+    assert [j.notice.key for j in claimed] == [f"k{i}" for i in range(5)]  # the evicted two decoded
+    store.delivered(claimed)
+    assert len(store._notices) == 0
+    store.close()
+
+
+def test_job_ids_are_unique_increasing_and_a_forked_child_does_not_repeat_its_parents() -> None:
+    ids = [new_job_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids) and all(len(i) == 28 for i in ids)
+    assert [i[:16] for i in ids] == sorted(i[:16] for i in ids)  # the time part grows
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, without the parent's counter and random base
+        os.write(write, new_job_id()[16:].encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_tail = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert len(child_tail) == 12 and child_tail != new_job_id()[16:]
 
 
 def test_watchdog_transition_is_recorded_once(store: Store) -> None:
@@ -152,9 +195,7 @@ def test_two_relay_replicas_on_redis_deliver_every_alert_exactly_once(redis_serv
 
 
 def intake_request(config: Any, raw: bytes, now: float) -> IntakeRequest:
-    notification = payload.parse(raw)
-    return IntakeRequest(notification_digest(notification), raw, intake.keys_of(notification, config), now,
-                         config.dedup_window, lambda states: intake.plan(notification, states, now, config))
+    return intake.request(payload.parse(raw), raw, now, config)
 
 
 class CountingStore(SQLiteStore):

@@ -80,13 +80,8 @@ def body(*alerts: dict[str, Any], **kw: Any) -> bytes:
 def accept(store: Any, config: relay_config.RelayConfig, raw: bytes, now: float) -> Any:
     """Run one webhook body through intake into ``store``, as the app does (None: duplicate)."""
     from mlwarden.relay import intake, payload
-    from mlwarden.relay.dedup import notification_digest
 
-    notification = payload.parse(raw)
-    return store.intake(
-        notification_digest(notification), raw, intake.keys_of(notification, config), now, config.dedup_window,
-        lambda states: intake.plan(notification, states, now, config),
-    )
+    return store.intake_batch([intake.request(payload.parse(raw), raw, now, config)])[0]
 
 
 HANG = "hang"  # a Sink answer: hold the request without answering until the sink closes

@@ -13,9 +13,9 @@ kept for the retention and pruned by whichever replica prunes (any number may, a
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from mlwarden.relay.config import SEVERITIES
@@ -171,7 +171,7 @@ def _dump(job: Job) -> str:
     return json.dumps({**job.to_dict(), "rank": job.rank})
 
 
-def _load(raw: bytes, seq: int = 0, dead: bool = False) -> Job:
+def _load(raw: bytes | str, seq: int = 0, dead: bool = False) -> Job:
     data = json.loads(raw)
     data.pop("rank", None)
     data["seq"] = seq or data.get("seq", 0)
@@ -188,6 +188,19 @@ def _state_key(key: str) -> str:
     return f"{PREFIX}state:{key}"
 
 
+def _text(value: Any) -> str:
+    """A reply as text: redis-py types replies as bytes or str (this client never decodes them)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _watch(pipe: Any, *names: str) -> None:
+    """``pipe.watch``: redis-py leaves Pipeline.watch unannotated, which mypy --strict refuses to call."""
+    pipe.watch(*names)
+
+
+T = TypeVar("T")
+
+
 class RedisStore(Store):
     def __init__(self, url: str) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
@@ -196,7 +209,7 @@ class RedisStore(Store):
         self._finish = self._redis.register_script(_FINISH)
         self._prune_dead_payloads = self._redis.register_script(_PRUNE_DEAD_PAYLOADS)
 
-    def _call(self, fn: Any, *args: Any) -> Any:
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
         except redis.RedisError as exc:
@@ -215,11 +228,11 @@ class RedisStore(Store):
         with self._redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(seen_key, *state_keys)
+                    _watch(pipe, seen_key, *state_keys)
                     if pipe.exists(seen_key):
                         return None
                     raw = pipe.mget(state_keys) if state_keys else []
-                    states = {k: KeyState.from_dict(json.loads(v)) for k, v in zip(keys, raw) if v}
+                    states = {k: KeyState.from_dict(json.loads(v)) for k, v in zip(keys, raw, strict=True) if v}
                     result = plan(states)
                     pipe.multi()
                     pipe.set(seen_key, b"1", px=max(1, int(dedup_window * 1000)))
@@ -262,9 +275,9 @@ class RedisStore(Store):
         claimed = self._call(self._claim, queues, [repr(now), limit, repr(lease), SEQS])
         if not claimed:
             return []
-        ids, seqs = [i.decode() for i in claimed[::2]], [int(s) for s in claimed[1::2]]
+        ids, seqs = [_text(i) for i in claimed[::2]], [int(s) for s in claimed[1::2]]
         raw = self._call(self._redis.mget, [_job_key(i) for i in ids])
-        return [_load(r, seq) for r, seq in zip(raw, seqs) if r]
+        return [_load(r, seq) for r, seq in zip(raw, seqs, strict=True) if r]
 
     def delivered(self, jobs: Sequence[Job]) -> None:
         self._call(self._finish_jobs, "delivered", jobs, "")
@@ -281,7 +294,7 @@ class RedisStore(Store):
     def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
         dropped = self._call(self._finish_jobs, "dead", jobs, error)
         if dropped:
-            raw = self._call(self._redis.mget, [_job_key(i.decode()) for i in dropped])
+            raw = self._call(self._redis.mget, [_job_key(_text(i)) for i in dropped])
             pipe = self._redis.pipeline()
             for body in raw:
                 if body:
@@ -304,9 +317,9 @@ class RedisStore(Store):
     def _announce(self, previous: str, current: str, jobs: Sequence[Job]) -> bool:
         with self._redis.pipeline() as pipe:
             try:
-                pipe.watch(WATCHDOG)
+                _watch(pipe, WATCHDOG)
                 recorded = pipe.hget(WATCHDOG, "state")
-                if (recorded.decode() if recorded else "new") != previous:
+                if (_text(recorded) if recorded else "new") != previous:
                     return False
                 pipe.multi()
                 pipe.hset(WATCHDOG, "state", current)
@@ -319,21 +332,21 @@ class RedisStore(Store):
     def watchdog(self) -> tuple[float | None, str]:
         fields = self._call(self._redis.hgetall, WATCHDOG)
         last_seen = fields.get(b"last_seen")
-        return (float(last_seen) if last_seen else None), fields.get(b"state", b"new").decode()
+        return (float(last_seen) if last_seen else None), _text(fields.get(b"state", b"new"))
 
     def key_states(self, limit: int = 1000) -> list[KeyState]:
-        keys = sorted(k.decode() for k in self._call(self._redis.smembers, STATE_INDEX))[:limit]
+        keys = sorted(_text(k) for k in self._call(self._redis.smembers, STATE_INDEX))[:limit]
         raw = self._call(self._redis.mget, [_state_key(k) for k in keys]) if keys else []
         return [KeyState.from_dict(json.loads(r)) for r in raw if r]
 
     def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
-        return self._call(self._acknowledge, key, by, comment, now)  # type: ignore[no-any-return]
+        return self._call(self._acknowledge, key, by, comment, now)
 
     def _acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
         with self._redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(_state_key(key))
+                    _watch(pipe, _state_key(key))
                     raw = pipe.get(_state_key(key))
                     state = self._acknowledged(KeyState.from_dict(json.loads(raw)) if raw else None, by, comment, now)
                     if state is None:
@@ -346,14 +359,14 @@ class RedisStore(Store):
                     continue  # a webhook changed the state meanwhile: acknowledge what it left
 
     def jobs(self, limit: int = 1000) -> list[Job]:
-        pending = [i.decode() for i in self._call(self._redis.zrange, PENDING_BY_AGE, 0, limit - 1)]
-        dead = [i.decode() for i in self._call(self._redis.zrange, DEAD_JOBS, 0, limit - 1)]
+        pending = [_text(i) for i in self._call(self._redis.zrange, PENDING_BY_AGE, 0, limit - 1)]
+        dead = [_text(i) for i in self._call(self._redis.zrange, DEAD_JOBS, 0, limit - 1)]
         ids = [*pending, *dead]
         if not ids:
             return []
         raw = self._call(self._redis.mget, [_job_key(i) for i in ids])
         seqs = self._call(self._redis.hmget, SEQS, pending) if pending else []
-        jobs = [_load(r, int(seq or 0)) for r, seq in zip(raw, seqs) if r]
+        jobs = [_load(r, int(seq or 0)) for r, seq in zip(raw[: len(pending)], seqs, strict=True) if r]
         jobs += [_load(r, dead=True) for r in raw[len(pending):] if r]
         return sorted(jobs, key=lambda j: (j.created_at, j.seq))[:limit]
 
@@ -362,13 +375,13 @@ class RedisStore(Store):
         return [DeadPayload(e.get("id", ""), e["received_at"], e["reason"], e["body"].encode()) for e in reversed(entries)]
 
     def retry_dead(self, job_id: str, now: float) -> Job | None:
-        return self._call(self._retry_dead, job_id, now)  # type: ignore[no-any-return]
+        return self._call(self._retry_dead, job_id, now)
 
     def _retry_dead(self, job_id: str, now: float) -> Job | None:
         with self._redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(DEAD_JOBS, _job_key(job_id))
+                    _watch(pipe, DEAD_JOBS, _job_key(job_id))
                     raw = pipe.get(_job_key(job_id))
                     if raw is None or pipe.zscore(DEAD_JOBS, job_id) is None:
                         return None
@@ -400,7 +413,7 @@ class RedisStore(Store):
         ids = self._redis.zrangebyscore(DEAD_JOBS, "-inf", f"({cutoff!r}", start=0, num=PRUNE_BATCH)
         if ids:
             pipe = self._redis.pipeline()  # MULTI: a job and its index entry go together
-            pipe.delete(*[_job_key(i.decode()) for i in ids])
+            pipe.delete(*[_job_key(_text(i)) for i in ids])
             pipe.zrem(DEAD_JOBS, *ids)
             pipe.execute()
         return len(ids)

@@ -25,6 +25,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
@@ -78,11 +79,17 @@ _ORDER_INDEXES = (
 )
 
 log = logging.getLogger(__name__)
+# A row as the sqlite3 module returns it: its values' types are the columns' (see SCHEMA), which
+# the DB-API does not say.
+Row = tuple[Any, ...]
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
+# Notices kept in memory for the outbox (see SQLiteStore._notice): two seconds of a warning flood
+# at the Slack digest's pace (5,000 a second), about 1.5 KiB each.
+NOTICE_CACHE_SIZE = 10_000
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -106,6 +113,8 @@ class SQLiteStore(Store):
         self._path = path
         self._closing = threading.Event()
         self._lock = threading.Lock()  # one connection, one transaction at a time
+        # The notices of jobs this process stored, by job id (see _notice).
+        self._notices: dict[str, Notice] = {}
         try:
             self._db = _connect(path)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -138,7 +147,11 @@ class SQLiteStore(Store):
     def intake_batch(self, requests: Sequence[IntakeRequest]) -> list[IntakeResult | None]:
         # One transaction for all: each request still sees the states and digests of the ones before it.
         with self._transaction() as db:
-            return [self._intake(db, request) for request in requests]
+            results = [self._intake(db, request) for request in requests]
+        for result in results:
+            if result is not None:
+                self._remember(result.jobs)
+        return results
 
     def _intake(self, db: sqlite3.Connection, request: IntakeRequest) -> IntakeResult | None:
         row = db.execute("SELECT expires_at FROM seen WHERE digest = ?", (request.digest,)).fetchone()
@@ -167,20 +180,21 @@ class SQLiteStore(Store):
                 states[key] = KeyState.from_dict(json.loads(state))
         return states
 
-    @staticmethod
-    def _insert_jobs(db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+    def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
         """Store ``jobs`` numbered in their order, after every job stored before (see base)."""
         if not jobs:
             return
         first = _next_seq(db, len(jobs))
-        db.executemany(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (j.id, j.destination, json.dumps(j.notice.to_dict()), j.created_at, j.due_at, j.attempts,
-                 j.status, j.last_error, first + i, j.notice.key, j.rank)
-                for i, j in enumerate(jobs)
-            ],
-        )
+        # One notice goes to each destination of its escalation level: encoded once for all of them.
+        encoded: dict[int, str] = {}
+        rows = []
+        for i, j in enumerate(jobs):
+            notice = encoded.get(id(j.notice))
+            if notice is None:
+                notice = encoded[id(j.notice)] = json.dumps(j.notice.to_dict())
+            rows.append((j.id, j.destination, notice, j.created_at, j.due_at, j.attempts, j.status, j.last_error,
+                         first + i, j.notice.key, j.rank))
+        db.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         with self._transaction() as db:
@@ -189,19 +203,22 @@ class SQLiteStore(Store):
     def enqueue(self, jobs: Sequence[Job]) -> None:
         with self._transaction() as db:
             self._insert_jobs(db, jobs)
+        self._remember(jobs)
 
     def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
         with self._transaction() as db:
             # A job that waits (for its retry, or leased) keeps the later jobs of its key waiting.
+            # One statement picks and leases (RETURNING gives its rows in no particular order).
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs AS j INDEXED BY jobs_claim WHERE destination = ? AND status = '{PENDING}'"
-                " AND due_at <= ? AND leased_until <= ? AND NOT EXISTS (SELECT 1 FROM jobs AS e"
+                f"UPDATE jobs SET leased_until = ? WHERE id IN (SELECT id FROM jobs AS j INDEXED BY jobs_claim"
+                f" WHERE destination = ? AND status = '{PENDING}' AND due_at <= ? AND leased_until <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM jobs AS e"
                 f" WHERE e.destination = j.destination AND e.key = j.key AND e.status = '{PENDING}'"
-                " AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?",
-                (destination, now, now, limit),
+                f" AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank",
+                (now + lease, destination, now, now, limit),
             ).fetchall()
-            db.executemany("UPDATE jobs SET leased_until = ? WHERE id = ?", [(now + lease, r[0]) for r in rows])
-        return [_job(row) for row in rows]
+        rows.sort(key=lambda r: (-r[-1], r[-2]))  # highest rank first, then in sequence
+        return [self._job(row) for row in rows]
 
     def delivered(self, jobs: Sequence[Job]) -> None:
         # In steps: a digest's thousands of jobs must not hold intake up for one long transaction.
@@ -213,6 +230,7 @@ class SQLiteStore(Store):
                                [(j.destination, j.notice.key) for j in step if j.notice.kind in OPENS])
                 db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
                                [(j.destination, j.notice.key) for j in step if j.notice.kind in CLOSES])
+            self._forget(step)
 
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
@@ -227,7 +245,39 @@ class SQLiteStore(Store):
                 "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(DEAD, error, j.id) for j in jobs],
             )
-            return sum(self._drop_orphan_closes(db, j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS)
+            orphans = sum(self._drop_orphan_closes(db, j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS)
+        self._forget(jobs)
+        return orphans
+
+    def _job(self, row: Row) -> Job:
+        job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row[:9]
+        return Job(
+            id=str(job_id), destination=str(destination), notice=self._notice(str(job_id), str(notice)),
+            created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),
+            status=str(status), last_error=str(last_error), seq=int(seq),
+        )
+
+    def _notice(self, job_id: str, stored: str) -> Notice:
+        """The job's notice: the one intake built, while it is still in memory, else decoded.
+
+        Under a warning flood the outbox claims thousands of notices a second, and decoding
+        each (JSON, then the Notice) cost more than all the rest of its claim. A notice never
+        changes once stored, so the object intake stored is the one a decode would rebuild.
+        """
+        notice = self._notices.get(job_id)
+        return notice if notice is not None else Notice.from_dict(json.loads(stored))
+
+    def _remember(self, jobs: Sequence[Job]) -> None:
+        """Keep the notices of ``jobs``, just committed, while there is room. When there is none, the
+        newest go without: claims take the oldest first, so those already kept are the next ones
+        claimed (evicting the oldest instead would, under a backlog, keep exactly the wrong ones)."""
+        room = NOTICE_CACHE_SIZE - len(self._notices)
+        for job in jobs[: max(0, room)]:
+            self._notices[job.id] = job.notice
+
+    def _forget(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self._notices.pop(job.id, None)
 
     @staticmethod
     def _drop_orphan_closes(db: sqlite3.Connection, destination: str, key: str) -> int:
@@ -255,7 +305,7 @@ class SQLiteStore(Store):
             return True
 
     def watchdog(self) -> tuple[float | None, str]:
-        rows = dict(self._read("SELECT name, value FROM kv WHERE name LIKE 'watchdog_%'"))
+        rows: dict[str, str] = dict(self._read("SELECT name, value FROM kv WHERE name LIKE 'watchdog_%'"))
         last_seen = rows.get("watchdog_last_seen")
         return (float(last_seen) if last_seen else None), rows.get("watchdog_state", "new")
 
@@ -272,11 +322,11 @@ class SQLiteStore(Store):
 
     def jobs(self, limit: int = 1000) -> list[Job]:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq LIMIT ?", (limit,))
-        return [_job(r) for r in rows]
+        return [self._job(r) for r in rows]
 
     def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
         rows = self._read("SELECT id, received_at, reason, body FROM dead_payloads ORDER BY id DESC LIMIT ?", (limit,))
-        return [DeadPayload(str(i), float(at), str(reason), bytes(body)) for i, at, reason, body in rows]  # type: ignore[arg-type]
+        return [DeadPayload(str(i), float(at), str(reason), bytes(body)) for i, at, reason, body in rows]
 
     def retry_dead(self, job_id: str, now: float) -> Job | None:
         with self._transaction() as db:
@@ -286,7 +336,7 @@ class SQLiteStore(Store):
                 f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ? WHERE id = ?",
                 (now, _next_seq(db, 1), job_id),
             )
-            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def outbox_stats(self) -> tuple[int, float | None]:
         count, oldest = self._read("SELECT count(*), min(created_at) FROM jobs WHERE status = ?", (PENDING,))[0]
@@ -326,7 +376,7 @@ class SQLiteStore(Store):
         with self._lock:
             self._db.close()
 
-    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[Row]:
         try:
             with self._lock:
                 return self._db.execute(sql, params).fetchall()
@@ -424,12 +474,3 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             if db.in_transaction:
                 db.execute("ROLLBACK")
         raise StoreError(f"SQLite: {exc}") from None
-
-
-def _job(row: tuple[object, ...]) -> Job:
-    job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row
-    return Job(
-        id=str(job_id), destination=str(destination), notice=Notice.from_dict(json.loads(str(notice))),
-        created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),  # type: ignore[arg-type]
-        status=str(status), last_error=str(last_error), seq=int(seq),  # type: ignore[arg-type]
-    )
