@@ -7,7 +7,11 @@ the exporter's error handling is exercised exactly as a driver would exercise it
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -427,3 +431,41 @@ def test_a_process_is_read_from_proc_once_while_its_entry_stays_and_again_when_t
     start("eval.py")
     assert names() == {"eval.py"}
     assert read == [4242, 4242]
+
+
+_COMPARE_PROCESS_PATHS = """
+import json, pynvml
+from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
+
+def listed(backend):
+    backend.start()
+    found = [[vars(p) for p in backend.processes(index)] for index in range(backend.device_count())]
+    kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
+    backend.close()
+    return found, kinds
+
+direct, direct_kinds = listed(NvmlBackend())
+for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+    wrapped = getattr(pynvml, name)
+    setattr(pynvml, name, lambda handle, wrapped=wrapped: wrapped(handle))  # no longer pynvml's own
+through_pynvml, pynvml_kinds = listed(NvmlBackend())
+print(json.dumps([direct, direct_kinds, through_pynvml, pynvml_kinds], default=str))
+"""
+
+
+def test_the_direct_process_listing_reads_what_pynvml_reads_from_a_real_library(tmp_path: Path) -> None:
+    """The C stand-in for libnvidia-ml.so.1 (bench/) is loaded for real: the ctypes path that skips
+    pynvml's wrapper must find the same processes, memory and MIG placement as pynvml's wrapper."""
+    from bench.bench_exporter import build_fake_nvml
+
+    libdir = build_fake_nvml(tmp_path)
+    pids = [os.getpid(), os.getppid(), *range(700_001, 700_040)]  # more than the first array holds: it must grow
+    env = {**os.environ, "LD_LIBRARY_PATH": str(libdir), "MLWARDEN_FAKE_NVML_GPUS": "3",
+           "MLWARDEN_FAKE_NVML_PIDS": ",".join(map(str, pids))}
+    answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
+    assert direct_kinds == ["_ProcessLister"] and pynvml_kinds == ["function"]
+    assert len(direct) == 3 and [p["pid"] for p in direct[0]] == pids
+    assert direct[0][0]["used_memory_bytes"] == 512 * 2**20 and direct[0][0]["gpu_instance"] is None
+    assert direct == through_pynvml

@@ -9,7 +9,9 @@ Errors that say the GPU itself is in trouble (GPU is lost, timeout, unknown) rai
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +103,61 @@ _FIELD_VALUE_ATTR = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal"
 SLOW_REFRESH_S = 30.0
 
 
+class _ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_t (v2 and v3), as a plain ctypes structure: reading a field of pynvml's own
+    structures runs a Python-level hook, and pynvml copies every record into a new Python object."""
+
+    _fields_ = (("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint))
+
+
+RunningProcess = tuple[int, Any, Any, Any]  # pid, used memory, GPU instance, compute instance, as NVML answered
+
+
+class _ProcessLister:
+    """One of NVML's ``...RunningProcesses_v3`` calls into an array kept from pass to pass.
+
+    Used only while pynvml's own wrapper is in place (see :meth:`load`), so whoever replaces that
+    wrapper (the tests' pynvml-level fake) is still the one asked.
+    """
+
+    def __init__(self, name: str, function: Any) -> None:
+        self.__name__ = name  # for _call's messages and its memory of "not supported" answers
+        self._function = function
+        self._count = ctypes.c_uint(0)
+        self._array = (_ProcessInfo * 32)()
+        self._lock = threading.Lock()  # the array is reused: one call at a time
+
+    @classmethod
+    def load(cls, wrapper: Callable[..., Any], name: str) -> _ProcessLister | None:
+        if getattr(wrapper, "__module__", None) != pynvml.__name__:
+            return None
+        try:
+            return cls(name, pynvml._nvmlGetFunctionPointer(name))
+        except pynvml.NVMLError:  # an old driver: pynvml's wrapper answers for it
+            return None
+
+    def __call__(self, handle: Any) -> list[RunningProcess]:
+        with self._lock:
+            while True:
+                self._count.value = len(self._array)
+                answer = self._function(handle, ctypes.byref(self._count), self._array)
+                if answer == pynvml.NVML_SUCCESS:
+                    break
+                if answer != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+                    raise pynvml.NVMLError(answer)
+                self._array = (_ProcessInfo * (self._count.value * 2 + 8))()  # room for processes starting meanwhile
+            return [(p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId) for p in self._array[: self._count.value]]
+
+
+def _through_pynvml(wrapper: Callable[..., Any]) -> Callable[[Any], list[RunningProcess]]:
+    def running(handle: Any) -> list[RunningProcess]:
+        return [(p.pid, p.usedGpuMemory, getattr(p, "gpuInstanceId", None), getattr(p, "computeInstanceId", None))
+                for p in wrapper(handle)]
+    running.__name__ = wrapper.__name__
+    return running
+
+
 @dataclass(frozen=True)
 class _SlowFacts:
     read_at: float  # monotonic
@@ -173,6 +230,7 @@ class NvmlBackend(GpuBackend):
         self._handle_indexes: dict[int, int] = {}  # id(handle) -> GPU index, for _key
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
         self._slow: dict[int, _SlowFacts] = {}
+        self._process_listers: tuple[Callable[[Any], list[RunningProcess]], ...] = ()
 
     # lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +248,10 @@ class NvmlBackend(GpuBackend):
         self._utilization_seen.clear()
         self._slow.clear()
         self._generation += 1
+        self._process_listers = tuple(
+            _ProcessLister.load(wrapper, f"{wrapper.__name__}_v3") or _through_pynvml(wrapper)
+            for wrapper in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses)
+        )
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
@@ -288,13 +350,13 @@ class NvmlBackend(GpuBackend):
         handle = self._handle(index)
         memory: dict[int, int | None] = {}
         instances: dict[int, tuple[int | None, int | None]] = {}  # pid -> (GPU instance, compute instance) on MIG
-        for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
-            for proc in self._call(getter, handle) or []:
-                pid, used = proc.pid, u64(proc.usedGpuMemory)
+        for lister in self._process_listers:
+            for pid, raw_used, gpu_instance, compute_instance in self._call(lister, handle) or []:
+                used = u64(raw_used)
                 previous = memory.get(pid)
                 memory[pid] = used if previous is None else max(previous, used or 0)
                 # NVML's "not in a MIG instance" is 0xFFFFFFFF, which u32 reads as None
-                instances[pid] = (u32(getattr(proc, "gpuInstanceId", None)), u32(getattr(proc, "computeInstanceId", None)))
+                instances[pid] = (u32(gpu_instance), u32(compute_instance))
         utilization = self._process_utilization(index, handle) if memory else {}
         return [
             GpuProcess(pid=pid, used_memory_bytes=used, sm_utilization_ratio=utilization.get(pid, (None, None))[0],
