@@ -439,23 +439,28 @@ from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
 
 def listed(backend):
     backend.start()
-    found = [[vars(p) for p in backend.processes(index)] for index in range(backend.device_count())]
+    found = []
+    for index in range(backend.device_count()):
+        reading = backend.read(index)  # the parts of a reading that come from nvmlDeviceGetFieldValues
+        fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
+        found.append([[vars(p) for p in backend.processes(index)], fields])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
+    kinds.append(type(backend._get_field_values).__name__)
     backend.close()
     return found, kinds
 
 direct, direct_kinds = listed(NvmlBackend())
-for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetFieldValues"):
     wrapped = getattr(pynvml, name)
-    setattr(pynvml, name, lambda handle, wrapped=wrapped: wrapped(handle))  # no longer pynvml's own
+    setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
 print(json.dumps([direct, direct_kinds, through_pynvml, pynvml_kinds], default=str))
 """
 
 
-def test_the_direct_process_listing_reads_what_pynvml_reads_from_a_real_library(tmp_path: Path) -> None:
-    """The C stand-in for libnvidia-ml.so.1 (bench/) is loaded for real: the ctypes path that skips
-    pynvml's wrapper must find the same processes, memory and MIG placement as pynvml's wrapper."""
+def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_path: Path) -> None:
+    """The C stand-in for libnvidia-ml.so.1 (bench/) is loaded for real: the ctypes paths that skip
+    pynvml's wrappers must find the same processes, memory, MIG placement and field values as pynvml's."""
     from bench.bench_exporter import build_fake_nvml
 
     libdir = build_fake_nvml(tmp_path)
@@ -465,7 +470,10 @@ def test_the_direct_process_listing_reads_what_pynvml_reads_from_a_real_library(
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister"] and pynvml_kinds == ["function"]
-    assert len(direct) == 3 and [p["pid"] for p in direct[0]] == pids
-    assert direct[0][0]["used_memory_bytes"] == 512 * 2**20 and direct[0][0]["gpu_instance"] is None
+    assert direct_kinds == ["_ProcessLister", "_FuncPtr"] and pynvml_kinds == ["function", "NoneType"]
+    processes, (memory_temperature, pcie_bytes, nvlinks) = direct[0]
+    assert len(direct) == 3 and [p["pid"] for p in processes] == pids
+    assert processes[0]["used_memory_bytes"] == 512 * 2**20 and processes[0]["gpu_instance"] is None
+    assert memory_temperature == 70 and pcie_bytes == {"tx": 10**9, "rx": 2 * 10**9}
+    assert nvlinks and nvlinks[1] == [1, {"tx": 2000 * 1024, "rx": 6000 * 1024}]
     assert direct == through_pynvml

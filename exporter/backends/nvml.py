@@ -130,12 +130,8 @@ class _ProcessLister:
 
     @classmethod
     def load(cls, wrapper: Callable[..., Any], name: str) -> _ProcessLister | None:
-        if getattr(wrapper, "__module__", None) != pynvml.__name__:
-            return None
-        try:
-            return cls(name, pynvml._nvmlGetFunctionPointer(name))
-        except pynvml.NVMLError:  # an old driver: pynvml's wrapper answers for it
-            return None
+        function = _pynvml_own(wrapper, name)
+        return None if function is None else cls(name, function)
 
     def __call__(self, handle: Any) -> list[RunningProcess]:
         with self._lock:
@@ -148,6 +144,54 @@ class _ProcessLister:
                     raise pynvml.NVMLError(answer)
                 self._array = (_ProcessInfo * (self._count.value * 2 + 8))()  # room for processes starting meanwhile
             return [(p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId) for p in self._array[: self._count.value]]
+
+
+class _FieldValue(ctypes.Structure):
+    """nvmlFieldValue_t as a plain ctypes structure (see _ProcessInfo)."""
+
+    _fields_ = (("fieldId", ctypes.c_uint32), ("scopeId", ctypes.c_uint32), ("timestamp", ctypes.c_int64),
+                ("latencyUsec", ctypes.c_int64), ("valueType", ctypes.c_uint), ("nvmlReturn", ctypes.c_uint),
+                ("value", pynvml.c_nvmlValue_t))
+
+
+class _FieldReader:
+    """nvmlDeviceGetFieldValues for one GPU's fixed list of fields, into an array filled in once.
+
+    pynvml's wrapper builds the array and sets every field id through a Python hook on every call.
+    """
+
+    __name__ = "nvmlDeviceGetFieldValues"
+
+    def __init__(self, function: Any, ids: list[tuple[int, int]]) -> None:
+        self.ids = ids
+        self._function = function
+        self._array = (_FieldValue * len(ids))()
+        for slot, (field, scope) in zip(self._array, ids, strict=True):
+            slot.fieldId, slot.scopeId = field, scope
+        self._lock = threading.Lock()
+
+    def __call__(self, handle: Any) -> dict[tuple[int, int], int]:
+        with self._lock:
+            answer = self._function(handle, len(self.ids), self._array)
+            if answer != pynvml.NVML_SUCCESS:
+                raise pynvml.NVMLError(answer)
+            result = {}
+            for key, value in zip(self.ids, self._array, strict=True):
+                attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
+                if attr is not None:
+                    result[key] = getattr(value.value, attr)
+            return result
+
+
+def _pynvml_own(wrapper: Callable[..., Any], name: str) -> Any:
+    """The C function behind pynvml's ``wrapper``, or None: not pynvml's own wrapper any more (the
+    tests' fake replaced it, and must be the one asked), or a driver without the function."""
+    if getattr(wrapper, "__module__", None) != pynvml.__name__:
+        return None
+    try:
+        return pynvml._nvmlGetFunctionPointer(name)
+    except pynvml.NVMLError:
+        return None
 
 
 def _through_pynvml(wrapper: Callable[..., Any]) -> Callable[[Any], list[RunningProcess]]:
@@ -231,6 +275,8 @@ class NvmlBackend(GpuBackend):
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
         self._slow: dict[int, _SlowFacts] = {}
         self._process_listers: tuple[Callable[[Any], list[RunningProcess]], ...] = ()
+        self._get_field_values: Any = None  # NVML's own function, when pynvml's wrapper is in place
+        self._field_readers: dict[int, _FieldReader] = {}  # GPU -> its reader of the fields a pass reads
 
     # lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,6 +298,8 @@ class NvmlBackend(GpuBackend):
             _ProcessLister.load(wrapper, f"{wrapper.__name__}_v3") or _through_pynvml(wrapper)
             for wrapper in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses)
         )
+        self._get_field_values = _pynvml_own(pynvml.nvmlDeviceGetFieldValues, "nvmlDeviceGetFieldValues")
+        self._field_readers.clear()
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
@@ -306,7 +354,7 @@ class NvmlBackend(GpuBackend):
         links = self._links(index, handle)
         slow = self._slow_facts(index, handle)
         # every field-value reading of this GPU in one call: memory temperature, PCIe and NVLink bytes
-        fields = self._field_values(handle, [
+        fields = self._field_values(index, handle, [
             (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0), *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
             *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS),
         ])
@@ -481,8 +529,13 @@ class NvmlBackend(GpuBackend):
             return ()
         return key
 
-    def _field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+    def _field_values(self, index: int, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
         """(field id, scope) -> the raw value, for the fields NVML answered."""
+        if self._get_field_values is not None:
+            reader = self._field_readers.get(index)
+            if reader is None or reader.ids != ids:
+                reader = self._field_readers[index] = _FieldReader(self._get_field_values, ids)
+            return self._call(reader, handle) or {}
         values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
         result = {}
         for key, value in zip(ids, values, strict=False):  # a short answer leaves fields out, it does not fail
