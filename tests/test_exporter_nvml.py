@@ -445,12 +445,13 @@ def listed(backend):
         fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
         found.append([[vars(p) for p in backend.processes(index)], fields])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
-    kinds.append(type(backend._get_field_values).__name__)
+    kinds += [type(backend._get_field_values).__name__, type(backend._process_utilization_reader).__name__]
     backend.close()
     return found, kinds
 
 direct, direct_kinds = listed(NvmlBackend())
-for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetFieldValues"):
+for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetFieldValues",
+             "nvmlDeviceGetProcessUtilization"):
     wrapped = getattr(pynvml, name)
     setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
@@ -470,10 +471,12 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_FuncPtr"] and pynvml_kinds == ["function", "NoneType"]
+    assert direct_kinds == ["_ProcessLister", "_FuncPtr", "_UtilizationReader"]
+    assert pynvml_kinds == ["function", "NoneType", "function"]
     processes, (memory_temperature, pcie_bytes, nvlinks) = direct[0]
     assert len(direct) == 3 and [p["pid"] for p in processes] == pids
     assert processes[0]["used_memory_bytes"] == 512 * 2**20 and processes[0]["gpu_instance"] is None
+    assert processes[0]["sm_utilization_ratio"] == 0.1 and processes[40]["memory_utilization_ratio"] == 0.45
     assert memory_temperature == 70 and pcie_bytes == {"tx": 10**9, "rx": 2 * 10**9}
     assert nvlinks and nvlinks[1] == [1, {"tx": 2000 * 1024, "rx": 6000 * 1024}]
     assert direct == through_pynvml

@@ -183,6 +183,44 @@ class _FieldReader:
             return result
 
 
+class _UtilizationSample(ctypes.Structure):
+    """nvmlProcessUtilizationSample_t as a plain ctypes structure (see _ProcessInfo)."""
+
+    _fields_ = (("pid", ctypes.c_uint), ("timeStamp", ctypes.c_ulonglong), ("smUtil", ctypes.c_uint),
+                ("memUtil", ctypes.c_uint), ("encUtil", ctypes.c_uint), ("decUtil", ctypes.c_uint))
+
+
+UtilizationSample = tuple[int, int, Any, Any]  # pid, timestamp (us), SM and memory percent, as NVML answered
+
+
+class _UtilizationReader:
+    """nvmlDeviceGetProcessUtilization into an array kept from pass to pass (see _ProcessLister)."""
+
+    __name__ = "nvmlDeviceGetProcessUtilization"
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+        self._count = ctypes.c_uint(0)
+        self._array = (_UtilizationSample * 32)()
+        self._lock = threading.Lock()
+
+    def __call__(self, handle: Any, since: int) -> list[UtilizationSample]:
+        with self._lock:
+            while True:
+                self._count.value = len(self._array)
+                answer = self._function(handle, self._array, ctypes.byref(self._count), ctypes.c_ulonglong(since))
+                if answer == pynvml.NVML_SUCCESS:
+                    break
+                if answer != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+                    raise pynvml.NVMLError(answer)
+                self._array = (_UtilizationSample * (self._count.value * 2 + 8))()
+            return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in self._array[: self._count.value]]
+
+
+def _utilization_through_pynvml(handle: Any, since: int) -> list[UtilizationSample]:
+    return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in pynvml.nvmlDeviceGetProcessUtilization(handle, since)]
+
+
 def _pynvml_own(wrapper: Callable[..., Any], name: str) -> Any:
     """The C function behind pynvml's ``wrapper``, or None: not pynvml's own wrapper any more (the
     tests' fake replaced it, and must be the one asked), or a driver without the function."""
@@ -275,6 +313,7 @@ class NvmlBackend(GpuBackend):
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
         self._slow: dict[int, _SlowFacts] = {}
         self._process_listers: tuple[Callable[[Any], list[RunningProcess]], ...] = ()
+        self._process_utilization_reader: Callable[[Any, int], list[UtilizationSample]] = _utilization_through_pynvml
         self._get_field_values: Any = None  # NVML's own function, when pynvml's wrapper is in place
         self._field_readers: dict[int, _FieldReader] = {}  # GPU -> its reader of the fields a pass reads
 
@@ -300,6 +339,8 @@ class NvmlBackend(GpuBackend):
         )
         self._get_field_values = _pynvml_own(pynvml.nvmlDeviceGetFieldValues, "nvmlDeviceGetFieldValues")
         self._field_readers.clear()
+        utilization = _pynvml_own(pynvml.nvmlDeviceGetProcessUtilization, "nvmlDeviceGetProcessUtilization")
+        self._process_utilization_reader = _utilization_through_pynvml if utilization is None else _UtilizationReader(utilization)
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
@@ -416,15 +457,15 @@ class NvmlBackend(GpuBackend):
     def _process_utilization(self, index: int, handle: Any) -> dict[int, tuple[float | None, float | None]]:
         """PID -> (SM, memory) ratios from the samples NVML took since the last pass."""
         since = self._utilization_seen.get(index, 0)
-        samples = self._call(pynvml.nvmlDeviceGetProcessUtilization, handle, since) or []
-        newest: dict[int, tuple[int, Any]] = {}  # pid -> (timestamp, sample)
+        samples = self._call(self._process_utilization_reader, handle, since) or []
+        newest: dict[int, UtilizationSample] = {}
         for sample in samples:
-            pid, stamp = sample.pid, sample.timeStamp  # each read of a pynvml structure runs Python code: read once
-            if stamp > since and (pid not in newest or stamp > newest[pid][0]):
-                newest[pid] = (stamp, sample)
+            pid, stamp = sample[0], sample[1]
+            if stamp > since and (pid not in newest or stamp > newest[pid][1]):
+                newest[pid] = sample
         if newest:
-            self._utilization_seen[index] = max(stamp for stamp, _ in newest.values())
-        return {pid: (_scaled(u32(s.smUtil), 0.01), _scaled(u32(s.memUtil), 0.01)) for pid, (_, s) in newest.items()}
+            self._utilization_seen[index] = max(sample[1] for sample in newest.values())
+        return {pid: (_scaled(u32(sm), 0.01), _scaled(u32(mem), 0.01)) for pid, (_, _, sm, mem) in newest.items()}
 
     # XID events ------------------------------------------------------------------------
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
