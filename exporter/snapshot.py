@@ -4,7 +4,9 @@ A collector's pass leaves its metric families in the snapshot; they are rendered
 text when a scrape first asks for them, once, and the text is then shared by every later scrape
 until that collector's next pass. Collection runs every interval whether or not anyone scrapes,
 but formatting some 900 series every second for nobody was half of an idle exporter's CPU; with
-Prometheus scraping every 15 s it is done once per scrape instead of fifteen times. The snapshot
+Prometheus scraping every 15 s it is done about twice per scrape instead of fifteen times (the pass
+after a scraped snapshot is rendered at once, in the collector's thread: scrapers that come as often as
+passes, or more, then never wait for a rendering in the server's event loop). The snapshot
 is the concatenation of the collectors' parts plus the per-collector success, duration and
 freshness families. A scrape touches no NVML and no collector state.
 """
@@ -50,8 +52,7 @@ class _Part:
         part._body = body
         return part
 
-    @property
-    def body(self) -> bytes:
+    def render(self) -> bytes:
         body = self._body
         if body is None:
             with self._lock:
@@ -71,10 +72,12 @@ class Snapshot:
 
     def __init__(self, parts: Sequence[_Part] | bytes) -> None:
         self._parts = (_Part.rendered(parts),) if isinstance(parts, bytes) else tuple(parts)
+        self.scraped = False
 
     @functools.cached_property
     def body(self) -> bytes:
-        return b"".join([part.body for part in self._parts])
+        self.scraped = True
+        return b"".join([part.render() for part in self._parts])
 
     @functools.cached_property
     def gzipped(self) -> bytes:
@@ -115,6 +118,10 @@ class SnapshotStore:
     def publish(self, name: str, collected: Collected, duration: float) -> None:
         """A collector finished a pass: its families replace its previous ones in a new snapshot."""
         part = _Part(collected.families, *self._renderers[name])
+        if self.snapshot.scraped:
+            # scrapes come at least as often as passes (or a burst of them is under way): render here, in
+            # the collector's thread, as a pass always did, not in the server's event loop while it serves
+            part.render()
         with self._lock:
             state = self._states[name]
             if collected.success:

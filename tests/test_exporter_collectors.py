@@ -279,10 +279,13 @@ def test_a_pass_is_rendered_only_when_scraped_and_then_once(monkeypatch: pytest.
     assert tests_rendered() == [["mlwarden_test_a"], ["mlwarden_test_b"]]
     rendered.clear()
     assert store.snapshot.gzipped and store.snapshot.body.decode() == body  # later scrapes share the text
-    publish("b", 5.0)  # a's part is shared by the new snapshot: rendered already, not again
-    body = store.snapshot.body.decode()
-    assert "mlwarden_test_a 4.0\n" in body and "mlwarden_test_b 5.0\n" in body
+    publish("b", 5.0)  # the snapshot it replaces was scraped: rendered now, in the collector's thread
     assert tests_rendered() == [["mlwarden_test_b"]]
+    publish("b", 6.0)  # the one it replaces was not: left for a scrape
+    assert tests_rendered() == [["mlwarden_test_b"]]
+    body = store.snapshot.body.decode()  # a's part is shared by the new snapshot: rendered already, not again
+    assert "mlwarden_test_a 4.0\n" in body and "mlwarden_test_b 6.0\n" in body
+    assert tests_rendered() == [["mlwarden_test_b"], ["mlwarden_test_b"]]
 
 
 def test_processes_collector_works_without_the_gpu_collector() -> None:
