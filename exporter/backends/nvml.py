@@ -334,8 +334,9 @@ class NvmlBackend(GpuBackend):
         self._slow.clear()
         self._generation += 1
         self._process_listers = tuple(
-            _ProcessLister.load(wrapper, f"{wrapper.__name__}_v3") or _through_pynvml(wrapper)
-            for wrapper in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses)
+            _ProcessLister.load(wrapper, name) or _through_pynvml(wrapper)
+            for wrapper, name in ((pynvml.nvmlDeviceGetComputeRunningProcesses, "nvmlDeviceGetComputeRunningProcesses_v3"),
+                                  (pynvml.nvmlDeviceGetGraphicsRunningProcesses, "nvmlDeviceGetGraphicsRunningProcesses_v3"))
         )
         self._get_field_values = _pynvml_own(pynvml.nvmlDeviceGetFieldValues, "nvmlDeviceGetFieldValues")
         self._field_readers.clear()
