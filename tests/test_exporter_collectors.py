@@ -249,6 +249,45 @@ def test_snapshot_freshness_and_staleness() -> None:
     assert 'mlwarden_exporter_collector_success{collector="fixed"} 0.0' in store.snapshot.body.decode()
 
 
+def test_a_pass_is_rendered_only_when_scraped_and_then_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlwarden.exporter import exposition
+
+    rendered: list[list[str]] = []
+    original = exposition.Renderer.render
+
+    def counting(self: exposition.Renderer, families: list[exposition.Family]) -> bytes:
+        rendered.append([family.name for family in families])
+        return original(self, families)
+
+    def tests_rendered() -> list[list[str]]:
+        return [names for names in rendered if names and names[0].startswith("mlwarden_test_")]
+
+    monkeypatch.setattr(exposition.Renderer, "render", counting)
+    store = SnapshotStore([("a", 1.0), ("b", 1.0)], "9.9")
+
+    def publish(name: str, value: float) -> None:
+        family = exposition.gauge(f"mlwarden_test_{name}", "A test gauge.")
+        family.add_metric([], value)
+        store.publish(name, Collected([family]), 0.01)
+
+    for value in range(5):  # passes nobody scrapes are collected, not formatted
+        publish("a", value)
+        publish("b", value)
+    assert tests_rendered() == []
+    body = store.snapshot.body.decode()
+    assert "mlwarden_test_a 4.0\n" in body and "mlwarden_test_b 4.0\n" in body
+    assert tests_rendered() == [["mlwarden_test_a"], ["mlwarden_test_b"]]
+    rendered.clear()
+    assert store.snapshot.gzipped and store.snapshot.body.decode() == body  # later scrapes share the text
+    publish("b", 5.0)  # the snapshot it replaces was scraped: rendered now, in the collector's thread
+    assert tests_rendered() == [["mlwarden_test_b"]]
+    publish("b", 6.0)  # the one it replaces was not: left for a scrape
+    assert tests_rendered() == [["mlwarden_test_b"]]
+    body = store.snapshot.body.decode()  # a's part is shared by the new snapshot: rendered already, not again
+    assert "mlwarden_test_a 4.0\n" in body and "mlwarden_test_b 6.0\n" in body
+    assert tests_rendered() == [["mlwarden_test_b"], ["mlwarden_test_b"]]
+
+
 def test_processes_collector_works_without_the_gpu_collector() -> None:
     from mlwarden.exporter.collectors.processes import ProcessesCollector
 

@@ -7,7 +7,11 @@ the exporter's error handling is exercised exactly as a driver would exercise it
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -427,3 +431,52 @@ def test_a_process_is_read_from_proc_once_while_its_entry_stays_and_again_when_t
     start("eval.py")
     assert names() == {"eval.py"}
     assert read == [4242, 4242]
+
+
+_COMPARE_PROCESS_PATHS = """
+import json, pynvml
+from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
+
+def listed(backend):
+    backend.start()
+    found = []
+    for index in range(backend.device_count()):
+        reading = backend.read(index)  # the parts of a reading that come from nvmlDeviceGetFieldValues
+        fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
+        found.append([[vars(p) for p in backend.processes(index)], fields])
+    kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
+    kinds += [type(backend._get_field_values).__name__, type(backend._process_utilization_reader).__name__]
+    backend.close()
+    return found, kinds
+
+direct, direct_kinds = listed(NvmlBackend())
+for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetFieldValues",
+             "nvmlDeviceGetProcessUtilization"):
+    wrapped = getattr(pynvml, name)
+    setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
+through_pynvml, pynvml_kinds = listed(NvmlBackend())
+print(json.dumps([direct, direct_kinds, through_pynvml, pynvml_kinds], default=str))
+"""
+
+
+def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_path: Path) -> None:
+    """The C stand-in for libnvidia-ml.so.1 (bench/) is loaded for real: the ctypes paths that skip
+    pynvml's wrappers must find the same processes, memory, MIG placement and field values as pynvml's."""
+    from bench.bench_exporter import build_fake_nvml
+
+    libdir = build_fake_nvml(tmp_path)
+    pids = [os.getpid(), os.getppid(), *range(700_001, 700_040)]  # more than the first array holds: it must grow
+    env = {**os.environ, "LD_LIBRARY_PATH": str(libdir), "MLWARDEN_FAKE_NVML_GPUS": "3",
+           "MLWARDEN_FAKE_NVML_PIDS": ",".join(map(str, pids))}
+    answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
+    assert direct_kinds == ["_ProcessLister", "_FuncPtr", "_UtilizationReader"]
+    assert pynvml_kinds == ["function", "NoneType", "function"]
+    processes, (memory_temperature, pcie_bytes, nvlinks) = direct[0]
+    assert len(direct) == 3 and [p["pid"] for p in processes] == pids
+    assert processes[0]["used_memory_bytes"] == 512 * 2**20 and processes[0]["gpu_instance"] is None
+    assert processes[0]["sm_utilization_ratio"] == 0.1 and processes[40]["memory_utilization_ratio"] == 0.45
+    assert memory_temperature == 70 and pcie_bytes == {"tx": 10**9, "rx": 2 * 10**9}
+    assert nvlinks and nvlinks[1] == [1, {"tx": 2000 * 1024, "rx": 6000 * 1024}]
+    assert direct == through_pynvml

@@ -9,7 +9,9 @@ Errors that say the GPU itself is in trouble (GPU is lost, timeout, unknown) rai
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +103,143 @@ _FIELD_VALUE_ATTR = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal"
 SLOW_REFRESH_S = 30.0
 
 
+class _ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_t (v2 and v3), as a plain ctypes structure: reading a field of pynvml's own
+    structures runs a Python-level hook, and pynvml copies every record into a new Python object."""
+
+    _fields_ = (("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint))
+
+
+RunningProcess = tuple[int, Any, Any, Any]  # pid, used memory, GPU instance, compute instance, as NVML answered
+
+
+class _ProcessLister:
+    """One of NVML's ``...RunningProcesses_v3`` calls into an array kept from pass to pass.
+
+    Used only while pynvml's own wrapper is in place (see :meth:`load`), so whoever replaces that
+    wrapper (the tests' pynvml-level fake) is still the one asked.
+    """
+
+    def __init__(self, name: str, function: Any) -> None:
+        self.__name__ = name  # for _call's messages and its memory of "not supported" answers
+        self._function = function
+        self._count = ctypes.c_uint(0)
+        self._array = (_ProcessInfo * 32)()
+        self._lock = threading.Lock()  # the array is reused: one call at a time
+
+    @classmethod
+    def load(cls, wrapper: Callable[..., Any], name: str) -> _ProcessLister | None:
+        function = _pynvml_own(wrapper, name)
+        return None if function is None else cls(name, function)
+
+    def __call__(self, handle: Any) -> list[RunningProcess]:
+        with self._lock:
+            while True:
+                self._count.value = len(self._array)
+                answer = self._function(handle, ctypes.byref(self._count), self._array)
+                if answer == pynvml.NVML_SUCCESS:
+                    break
+                if answer != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+                    raise pynvml.NVMLError(answer)
+                self._array = (_ProcessInfo * (self._count.value * 2 + 8))()  # room for processes starting meanwhile
+            return [(p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId) for p in self._array[: self._count.value]]
+
+
+class _FieldValue(ctypes.Structure):
+    """nvmlFieldValue_t as a plain ctypes structure (see _ProcessInfo)."""
+
+    _fields_ = (("fieldId", ctypes.c_uint32), ("scopeId", ctypes.c_uint32), ("timestamp", ctypes.c_int64),
+                ("latencyUsec", ctypes.c_int64), ("valueType", ctypes.c_uint), ("nvmlReturn", ctypes.c_uint),
+                ("value", pynvml.c_nvmlValue_t))
+
+
+class _FieldReader:
+    """nvmlDeviceGetFieldValues for one GPU's fixed list of fields, into an array filled in once.
+
+    pynvml's wrapper builds the array and sets every field id through a Python hook on every call.
+    """
+
+    __name__ = "nvmlDeviceGetFieldValues"
+
+    def __init__(self, function: Any, ids: list[tuple[int, int]]) -> None:
+        self.ids = ids
+        self._function = function
+        self._array = (_FieldValue * len(ids))()
+        for slot, (field, scope) in zip(self._array, ids, strict=True):
+            slot.fieldId, slot.scopeId = field, scope
+        self._lock = threading.Lock()
+
+    def __call__(self, handle: Any) -> dict[tuple[int, int], int]:
+        with self._lock:
+            answer = self._function(handle, len(self.ids), self._array)
+            if answer != pynvml.NVML_SUCCESS:
+                raise pynvml.NVMLError(answer)
+            result = {}
+            for key, value in zip(self.ids, self._array, strict=True):
+                attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
+                if attr is not None:
+                    result[key] = getattr(value.value, attr)
+            return result
+
+
+class _UtilizationSample(ctypes.Structure):
+    """nvmlProcessUtilizationSample_t as a plain ctypes structure (see _ProcessInfo)."""
+
+    _fields_ = (("pid", ctypes.c_uint), ("timeStamp", ctypes.c_ulonglong), ("smUtil", ctypes.c_uint),
+                ("memUtil", ctypes.c_uint), ("encUtil", ctypes.c_uint), ("decUtil", ctypes.c_uint))
+
+
+UtilizationSample = tuple[int, int, Any, Any]  # pid, timestamp (us), SM and memory percent, as NVML answered
+
+
+class _UtilizationReader:
+    """nvmlDeviceGetProcessUtilization into an array kept from pass to pass (see _ProcessLister)."""
+
+    __name__ = "nvmlDeviceGetProcessUtilization"
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+        self._count = ctypes.c_uint(0)
+        self._array = (_UtilizationSample * 32)()
+        self._lock = threading.Lock()
+
+    def __call__(self, handle: Any, since: int) -> list[UtilizationSample]:
+        with self._lock:
+            while True:
+                self._count.value = len(self._array)
+                answer = self._function(handle, self._array, ctypes.byref(self._count), ctypes.c_ulonglong(since))
+                if answer == pynvml.NVML_SUCCESS:
+                    break
+                if answer != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+                    raise pynvml.NVMLError(answer)
+                self._array = (_UtilizationSample * (self._count.value * 2 + 8))()
+            return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in self._array[: self._count.value]]
+
+
+def _utilization_through_pynvml(handle: Any, since: int) -> list[UtilizationSample]:
+    return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in pynvml.nvmlDeviceGetProcessUtilization(handle, since)]
+
+
+def _pynvml_own(wrapper: Callable[..., Any], name: str) -> Any:
+    """The C function behind pynvml's ``wrapper``, or None: not pynvml's own wrapper any more (the
+    tests' fake replaced it, and must be the one asked), or a driver without the function."""
+    if getattr(wrapper, "__module__", None) != pynvml.__name__:
+        return None
+    try:
+        return pynvml._nvmlGetFunctionPointer(name)
+    except pynvml.NVMLError:
+        return None
+
+
+def _through_pynvml(wrapper: Callable[..., Any]) -> Callable[[Any], list[RunningProcess]]:
+    def running(handle: Any) -> list[RunningProcess]:
+        return [(p.pid, p.usedGpuMemory, getattr(p, "gpuInstanceId", None), getattr(p, "computeInstanceId", None))
+                for p in wrapper(handle)]
+    running.__name__ = wrapper.__name__
+    return running
+
+
 @dataclass(frozen=True)
 class _SlowFacts:
     read_at: float  # monotonic
@@ -173,6 +312,10 @@ class NvmlBackend(GpuBackend):
         self._handle_indexes: dict[int, int] = {}  # id(handle) -> GPU index, for _key
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
         self._slow: dict[int, _SlowFacts] = {}
+        self._process_listers: tuple[Callable[[Any], list[RunningProcess]], ...] = ()
+        self._process_utilization_reader: Callable[[Any, int], list[UtilizationSample]] = _utilization_through_pynvml
+        self._get_field_values: Any = None  # NVML's own function, when pynvml's wrapper is in place
+        self._field_readers: dict[int, _FieldReader] = {}  # GPU -> its reader of the fields a pass reads
 
     # lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +333,15 @@ class NvmlBackend(GpuBackend):
         self._utilization_seen.clear()
         self._slow.clear()
         self._generation += 1
+        self._process_listers = tuple(
+            _ProcessLister.load(wrapper, name) or _through_pynvml(wrapper)
+            for wrapper, name in ((pynvml.nvmlDeviceGetComputeRunningProcesses, "nvmlDeviceGetComputeRunningProcesses_v3"),
+                                  (pynvml.nvmlDeviceGetGraphicsRunningProcesses, "nvmlDeviceGetGraphicsRunningProcesses_v3"))
+        )
+        self._get_field_values = _pynvml_own(pynvml.nvmlDeviceGetFieldValues, "nvmlDeviceGetFieldValues")
+        self._field_readers.clear()
+        utilization = _pynvml_own(pynvml.nvmlDeviceGetProcessUtilization, "nvmlDeviceGetProcessUtilization")
+        self._process_utilization_reader = _utilization_through_pynvml if utilization is None else _UtilizationReader(utilization)
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
@@ -244,7 +396,7 @@ class NvmlBackend(GpuBackend):
         links = self._links(index, handle)
         slow = self._slow_facts(index, handle)
         # every field-value reading of this GPU in one call: memory temperature, PCIe and NVLink bytes
-        fields = self._field_values(handle, [
+        fields = self._field_values(index, handle, [
             (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0), *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
             *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS),
         ])
@@ -288,13 +440,13 @@ class NvmlBackend(GpuBackend):
         handle = self._handle(index)
         memory: dict[int, int | None] = {}
         instances: dict[int, tuple[int | None, int | None]] = {}  # pid -> (GPU instance, compute instance) on MIG
-        for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
-            for proc in self._call(getter, handle) or []:
-                pid, used = proc.pid, u64(proc.usedGpuMemory)
+        for lister in self._process_listers:
+            for pid, raw_used, gpu_instance, compute_instance in self._call(lister, handle) or []:
+                used = u64(raw_used)
                 previous = memory.get(pid)
                 memory[pid] = used if previous is None else max(previous, used or 0)
                 # NVML's "not in a MIG instance" is 0xFFFFFFFF, which u32 reads as None
-                instances[pid] = (u32(getattr(proc, "gpuInstanceId", None)), u32(getattr(proc, "computeInstanceId", None)))
+                instances[pid] = (u32(gpu_instance), u32(compute_instance))
         utilization = self._process_utilization(index, handle) if memory else {}
         return [
             GpuProcess(pid=pid, used_memory_bytes=used, sm_utilization_ratio=utilization.get(pid, (None, None))[0],
@@ -306,15 +458,15 @@ class NvmlBackend(GpuBackend):
     def _process_utilization(self, index: int, handle: Any) -> dict[int, tuple[float | None, float | None]]:
         """PID -> (SM, memory) ratios from the samples NVML took since the last pass."""
         since = self._utilization_seen.get(index, 0)
-        samples = self._call(pynvml.nvmlDeviceGetProcessUtilization, handle, since) or []
-        newest: dict[int, tuple[int, Any]] = {}  # pid -> (timestamp, sample)
+        samples = self._call(self._process_utilization_reader, handle, since) or []
+        newest: dict[int, UtilizationSample] = {}
         for sample in samples:
-            pid, stamp = sample.pid, sample.timeStamp  # each read of a pynvml structure runs Python code: read once
-            if stamp > since and (pid not in newest or stamp > newest[pid][0]):
-                newest[pid] = (stamp, sample)
+            pid, stamp = sample[0], sample[1]
+            if stamp > since and (pid not in newest or stamp > newest[pid][1]):
+                newest[pid] = sample
         if newest:
-            self._utilization_seen[index] = max(stamp for stamp, _ in newest.values())
-        return {pid: (_scaled(u32(s.smUtil), 0.01), _scaled(u32(s.memUtil), 0.01)) for pid, (_, s) in newest.items()}
+            self._utilization_seen[index] = max(sample[1] for sample in newest.values())
+        return {pid: (_scaled(u32(sm), 0.01), _scaled(u32(mem), 0.01)) for pid, (_, _, sm, mem) in newest.items()}
 
     # XID events ------------------------------------------------------------------------
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
@@ -419,8 +571,13 @@ class NvmlBackend(GpuBackend):
             return ()
         return key
 
-    def _field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+    def _field_values(self, index: int, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
         """(field id, scope) -> the raw value, for the fields NVML answered."""
+        if self._get_field_values is not None:
+            reader = self._field_readers.get(index)
+            if reader is None or reader.ids != ids:
+                reader = self._field_readers[index] = _FieldReader(self._get_field_values, ids)
+            return self._call(reader, handle) or {}
         values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
         result = {}
         for key, value in zip(ids, values, strict=False):  # a short answer leaves fields out, it does not fail
