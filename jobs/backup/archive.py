@@ -14,7 +14,6 @@ that GNU tar extracts (``tar --zstd -xf``).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fnmatch
 import gzip
@@ -229,7 +228,8 @@ def write_archive(
                 read_bytes += record.size
                 if dedup is not None:
                     pack = dedup.name if copied.written else dedup.pack_of(record.sha256)
-                    record = dataclasses.replace(record, pack=pack)
+                    # A new record, not dataclasses.replace: that costs more than reading a small file.
+                    record = FileRecord(record.path, record.size, record.sha256, record.mtime, record.mode, pack)
                     dedup.read(copied.key, record, copied.written)
                 if copied.written:
                     members.append(record)
@@ -290,9 +290,9 @@ def _ustar_header(name: bytes, size: int, mtime: int, mode: int) -> bytes:
     return b"%s%06o\0 %s" % (head, _FIXED_CHECKSUM + byte_sum(head), _USTAR_TAIL)
 
 
-def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
     """What changes when a file is written to, truncated, or replaced by a rename."""
-    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
 
 
 def _link_header(link: LinkRecord) -> bytes:
@@ -344,7 +344,9 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
                 out.write(header)
                 _copy_large(fd, before.st_size, digest, out, on_progress)
                 out.write(padding)
-        unchanged = _identity(os.fstat(fd)) == _identity(before) == _identity(os.stat(source_file.path))
+        # The path's stat is the open file's own when device and inode match (as _identity
+        # checks): an fstat after the read would return the same, one syscall per file more.
+        unchanged = _identity(os.stat(source_file.path)) == _identity(before)
     finally:
         os.close(fd)
     key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
