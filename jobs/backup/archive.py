@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import zstandard
 from mlwarden.jobs.backup.dedup import CacheKey, Dedup
@@ -59,8 +59,7 @@ class SourceUnreadable(RuntimeError):
     """Files or directories under the source cannot be read: the backup would miss them."""
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):  # a tuple: one per file, and a frozen dataclass costs more to make
     path: str  # absolute (a str: 20,000 Path objects cost more than reading 20,000 small files)
     relative: str  # '/'-separated, as stored in the archive and the manifest
     size: int
@@ -227,9 +226,8 @@ def write_archive(
                 record = copied.record
                 read_bytes += record.size
                 if dedup is not None:
-                    pack = dedup.name if copied.written else dedup.pack_of(record.sha256)
-                    # A new record, not dataclasses.replace: that costs more than reading a small file.
-                    record = FileRecord(record.path, record.size, record.sha256, record.mtime, record.mode, pack)
+                    if record.pack is None:  # read again without dedup after a torn copy: this pack holds it
+                        record = FileRecord(record.path, record.size, record.sha256, record.mtime, record.mode, dedup.name)
                     dedup.read(copied.key, record, copied.written)
                 if copied.written:
                     members.append(record)
@@ -314,7 +312,8 @@ class _Copied:
 def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None], dedup: Dedup | None) -> _Copied:
     """Stream one file into the archive as one tar member, hashing it on the way; exactly the
     size in its header goes in (zeros if it shrank). With ``dedup``, content a pack already
-    holds is hashed and not written. A None record if the file changed meanwhile."""
+    holds is hashed and not written, and the record names the pack that holds it. A None
+    record if the file changed meanwhile."""
     digest = hashlib.sha256()
     fd = os.open(source_file.path, os.O_RDONLY | os.O_CLOEXEC)
     written = True
@@ -327,7 +326,8 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
             # the header would cost more than hashing a few KB here.
             data = _read_exactly(fd, before.st_size)
             digest.update(data)
-            written = dedup is None or dedup.pack_of(digest.hexdigest()) is None
+            sha = digest.hexdigest()
+            written = dedup is None or dedup.pack_of(sha) is None
             if written:
                 out.write(header + data + padding)
             on_progress(len(data))
@@ -344,6 +344,7 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
                 out.write(header)
                 _copy_large(fd, before.st_size, digest, out, on_progress)
                 out.write(padding)
+            sha = digest.hexdigest()
         # The path's stat is the open file's own when device and inode match (as _identity
         # checks): an fstat after the read would return the same, one syscall per file more.
         unchanged = _identity(os.stat(source_file.path)) == _identity(before)
@@ -352,16 +353,16 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
     key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
     if not unchanged:
         return _Copied(None, written, key)
-    record = FileRecord(
-        path=source_file.relative, size=before.st_size, sha256=digest.hexdigest(), mtime=before.st_mtime, mode=stat.S_IMODE(before.st_mode)
-    )
-    return _Copied(record, written, key)
+    pack = None if dedup is None else dedup.name if written else dedup.pack_of(sha)
+    return _Copied(FileRecord(source_file.relative, before.st_size, sha, before.st_mtime, stat.S_IMODE(before.st_mode), pack), written, key)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
     """``size`` bytes, padded with zeros if the file shrank meanwhile (the tar stays valid;
     the identity check then reports the change)."""
     data = os.read(fd, size)
+    if len(data) == size:
+        return data
     while len(data) < size and (more := os.read(fd, size - len(data))):
         data += more
     return data.ljust(size, b"\0")
