@@ -204,7 +204,8 @@ def write_archive(
     read_bytes = 0
     with atomic_writer(destination) as raw:
         sink = _HashingSink(raw)
-        with _compressor(sink, compression, chosen_level or 0, threads) as out:
+        with _compressor(sink, compression, chosen_level or 0, threads) as stream:
+            out = _Batched(stream)
             for source_file in source.files:
                 known = None if dedup is None else dedup.unchanged(source_file.key)
                 if known is not None and dedup is not None:
@@ -235,6 +236,7 @@ def write_archive(
             for link in source.links:
                 out.write(_link_header(link))
             out.write(_END_OF_ARCHIVE)
+            out.flush()
     return ArchiveResult(
         path=destination,
         sha256=sink.hexdigest(),
@@ -390,6 +392,29 @@ def _copy_large(fd: int, size: int, digest: hashlib._Hash, out: _Writable, on_pr
             out.write(chunk)
             remaining -= len(chunk)
             on_progress(len(chunk))
+
+
+class _Batched:
+    """Small writes gathered into one call of the compressor per ``CHUNK_BYTES``: a call per
+    small member cost about as much as compressing it. Large writes go through as they are."""
+
+    def __init__(self, out: _Writable) -> None:
+        self._out = out
+        self._pending = bytearray()
+
+    def write(self, data: bytes | memoryview) -> int:
+        if len(data) >= CHUNK_BYTES:
+            self.flush()
+            return self._out.write(data)
+        self._pending += data
+        if len(self._pending) >= CHUNK_BYTES:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._out.write(bytes(self._pending))  # a copy: the compressor may keep a reference until it is done
+            self._pending.clear()
 
 
 class _HashingSink:
