@@ -4,18 +4,20 @@ general ones, whatever the chunk boundaries, modes and partial reads."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import tarfile
 from pathlib import Path
 
 import pytest
-from mlwarden.jobs.backup import tarstream
+from mlwarden.jobs.backup import prune, tarstream
 from mlwarden.jobs.backup.restore import restore_entry
 from mlwarden.jobs.backup.verify import verify_archive
 from test_backup_support import backup, flip_byte, only_entry, tree
 
-from mlwarden import fsutil
+from mlwarden import catalog, fsutil
+from mlwarden.catalog import Catalog, FileRecord
 
 
 def small_tree(directory: Path, count: int = 60) -> Path:
@@ -143,3 +145,33 @@ def test_a_large_file_is_handed_to_writeback_as_it_is_restored(tmp_path: Path, m
     assert (tmp_path / "restored" / "weights.bin").read_bytes() == content
     assert ranges and all(offset + length == following for (offset, length), (following, _) in zip(ranges, ranges[1:], strict=False))
     assert ranges[-1][0] + ranges[-1][1] == len(content)
+
+
+def test_file_record_lines_are_what_json_dumps_writes() -> None:
+    """The manifest's own formatting of a file record matches json.dumps(sort_keys=True), for
+    every kind of name, and falls back to it for values of unexpected types."""
+    names = ["a.bin", 'q"uote\\back', "é/ü/日本", "ctl\x01\n\t", "bad-\udcff-utf8", "n" * 300]
+    records = [
+        FileRecord(name, size, "ab" * 32, mtime, mode, pack)
+        for name in names
+        for size, mtime, mode, pack in ((0, 0.0, 0o644, None), (2**40, 1764000000.123456789, 0o600, "m-20261129T220000Z"), (7, 17, 0o755, None))
+    ]
+    records.append(FileRecord("odd", True, "ab" * 32, 1.0))  # type: ignore[arg-type]  # a value JSON from elsewhere could hold
+    for record in records:
+        line = catalog._record_line(record)
+        assert line == json.dumps(catalog._record_dict(record), sort_keys=True)
+        assert json.loads(line) == catalog._record_dict(record)
+
+
+def test_garbage_collection_without_pruned_packs_reads_no_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's fixed cost does not grow with the catalog: nothing to collect, nothing read."""
+    models, backups = tmp_path / "models", tmp_path / "backups"
+    models.mkdir()
+    (models / "a.bin").write_bytes(b"a" * 100)
+    assert backup(models, backups) == 0
+
+    def no_reading(*_: object, **__: object) -> None:
+        raise AssertionError("read every manifest with no pruned pack to collect")
+
+    monkeypatch.setattr(Catalog, "entries", no_reading)
+    assert prune.collect_garbage(Catalog(backups)) == []

@@ -14,7 +14,6 @@ that GNU tar extracts (``tar --zstd -xf``).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fnmatch
 import gzip
@@ -27,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import zstandard
 from mlwarden.jobs.backup.dedup import CacheKey, Dedup
@@ -60,8 +59,7 @@ class SourceUnreadable(RuntimeError):
     """Files or directories under the source cannot be read: the backup would miss them."""
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):  # a tuple: one per file, and a frozen dataclass costs more to make
     path: str  # absolute (a str: 20,000 Path objects cost more than reading 20,000 small files)
     relative: str  # '/'-separated, as stored in the archive and the manifest
     size: int
@@ -206,7 +204,8 @@ def write_archive(
     read_bytes = 0
     with atomic_writer(destination) as raw:
         sink = _HashingSink(raw)
-        with _compressor(sink, compression, chosen_level or 0, threads) as out:
+        with _compressor(sink, compression, chosen_level or 0, threads) as stream:
+            out = _Batched(stream)
             for source_file in source.files:
                 known = None if dedup is None else dedup.unchanged(source_file.key)
                 if known is not None and dedup is not None:
@@ -228,8 +227,8 @@ def write_archive(
                 record = copied.record
                 read_bytes += record.size
                 if dedup is not None:
-                    pack = dedup.name if copied.written else dedup.pack_of(record.sha256)
-                    record = dataclasses.replace(record, pack=pack)
+                    if record.pack is None:  # read again without dedup after a torn copy: this pack holds it
+                        record = FileRecord(record.path, record.size, record.sha256, record.mtime, record.mode, dedup.name)
                     dedup.read(copied.key, record, copied.written)
                 if copied.written:
                     members.append(record)
@@ -237,6 +236,7 @@ def write_archive(
             for link in source.links:
                 out.write(_link_header(link))
             out.write(_END_OF_ARCHIVE)
+            out.flush()
     return ArchiveResult(
         path=destination,
         sha256=sink.hexdigest(),
@@ -290,9 +290,9 @@ def _ustar_header(name: bytes, size: int, mtime: int, mode: int) -> bytes:
     return b"%s%06o\0 %s" % (head, _FIXED_CHECKSUM + byte_sum(head), _USTAR_TAIL)
 
 
-def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
     """What changes when a file is written to, truncated, or replaced by a rename."""
-    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
 
 
 def _link_header(link: LinkRecord) -> bytes:
@@ -314,7 +314,8 @@ class _Copied:
 def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None], dedup: Dedup | None) -> _Copied:
     """Stream one file into the archive as one tar member, hashing it on the way; exactly the
     size in its header goes in (zeros if it shrank). With ``dedup``, content a pack already
-    holds is hashed and not written. A None record if the file changed meanwhile."""
+    holds is hashed and not written, and the record names the pack that holds it. A None
+    record if the file changed meanwhile."""
     digest = hashlib.sha256()
     fd = os.open(source_file.path, os.O_RDONLY | os.O_CLOEXEC)
     written = True
@@ -327,7 +328,8 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
             # the header would cost more than hashing a few KB here.
             data = _read_exactly(fd, before.st_size)
             digest.update(data)
-            written = dedup is None or dedup.pack_of(digest.hexdigest()) is None
+            sha = digest.hexdigest()
+            written = dedup is None or dedup.pack_of(sha) is None
             if written:
                 out.write(header + data + padding)
             on_progress(len(data))
@@ -344,22 +346,25 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
                 out.write(header)
                 _copy_large(fd, before.st_size, digest, out, on_progress)
                 out.write(padding)
-        unchanged = _identity(os.fstat(fd)) == _identity(before) == _identity(os.stat(source_file.path))
+            sha = digest.hexdigest()
+        # The path's stat is the open file's own when device and inode match (as _identity
+        # checks): an fstat after the read would return the same, one syscall per file more.
+        unchanged = _identity(os.stat(source_file.path)) == _identity(before)
     finally:
         os.close(fd)
     key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
     if not unchanged:
         return _Copied(None, written, key)
-    record = FileRecord(
-        path=source_file.relative, size=before.st_size, sha256=digest.hexdigest(), mtime=before.st_mtime, mode=stat.S_IMODE(before.st_mode)
-    )
-    return _Copied(record, written, key)
+    pack = None if dedup is None else dedup.name if written else dedup.pack_of(sha)
+    return _Copied(FileRecord(source_file.relative, before.st_size, sha, before.st_mtime, stat.S_IMODE(before.st_mode), pack), written, key)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
     """``size`` bytes, padded with zeros if the file shrank meanwhile (the tar stays valid;
     the identity check then reports the change)."""
     data = os.read(fd, size)
+    if len(data) == size:
+        return data
     while len(data) < size and (more := os.read(fd, size - len(data))):
         data += more
     return data.ljust(size, b"\0")
@@ -387,6 +392,29 @@ def _copy_large(fd: int, size: int, digest: hashlib._Hash, out: _Writable, on_pr
             out.write(chunk)
             remaining -= len(chunk)
             on_progress(len(chunk))
+
+
+class _Batched:
+    """Small writes gathered into one call of the compressor per ``CHUNK_BYTES``: a call per
+    small member cost about as much as compressing it. Large writes go through as they are."""
+
+    def __init__(self, out: _Writable) -> None:
+        self._out = out
+        self._pending = bytearray()
+
+    def write(self, data: bytes | memoryview) -> int:
+        if len(data) >= CHUNK_BYTES:
+            self.flush()
+            return self._out.write(data)
+        self._pending += data
+        if len(self._pending) >= CHUNK_BYTES:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._out.write(bytes(self._pending))  # a copy: the compressor may keep a reference until it is done
+            self._pending.clear()
 
 
 class _HashingSink:

@@ -39,6 +39,9 @@ def delete_backups(catalog: Catalog, doomed: list[BackupEntry]) -> list[str]:
 
 def collect_garbage(catalog: Catalog) -> list[str]:
     """Remove the pruned packs that no backup in ``catalog`` names any more."""
+    pruned = catalog.pack_only()
+    if not pruned:
+        return []  # nothing to remove: no need to read every manifest (a run's cost would grow with the catalog)
     unreadable: list[str] = []
     entries = catalog.entries(on_unreadable=lambda directory, exc: unreadable.append(f"{directory.name}: {exc}"))
     if unreadable:
@@ -46,7 +49,7 @@ def collect_garbage(catalog: Catalog) -> list[str]:
         return []
     referenced = {name for entry in entries for name in entry.manifest.packs}
     removed = []
-    for directory in catalog.pack_only():
+    for directory in pruned:
         if directory.name in referenced:
             continue
         log.info("removing pack %s: no backup names it any more", directory.name)
