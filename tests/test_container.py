@@ -13,6 +13,7 @@ image storage is a temporary directory, removed after the test.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -189,4 +190,22 @@ def test_exporter_inside_the_image_serves_metrics(container: tuple[Buildah, str]
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        _kill_left_behind(f"127.0.0.1:{port}")
         log.close()
+    # buildah's chroot run starts the command in a session of its own, so signalling buildah's
+    # group does not reach it: without the sweep above, every run left an exporter behind.
+    assert wait_until(lambda: _metrics(f"http://127.0.0.1:{port}/metrics") == "", 30, "the exporter to be gone")
+
+
+def _kill_left_behind(marker: str) -> None:
+    """SIGKILL every `mlwarden exporter` whose command line names ``marker`` (its unique listen address)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if marker.encode() in argv and b"exporter" in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
