@@ -259,8 +259,13 @@ class _Connection:
                 try:
                     async with asyncio.timeout(self.idle_timeout):
                         head = await self.reader.readuntil(b"\r\n\r\n")
-                except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                    return  # idle, gone, or a head beyond the limit: nothing worth answering
+                except (TimeoutError, asyncio.IncompleteReadError):
+                    return  # idle or gone: nothing worth answering
+                except asyncio.LimitOverrunError:
+                    # Say why, so a client with oversized headers (a huge cookie, a proxy's) is not left guessing.
+                    self.keep_alive = False
+                    await self._send_simple(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                    return
                 try:
                     await self._request(head[:-4])
                 except _BadRequest as exc:
