@@ -38,6 +38,7 @@ from pathlib import Path
 
 from mlwarden.jobs.backup.verify import verify_archive
 
+from bench import targets_table
 from mlwarden.catalog import Catalog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,9 +255,7 @@ def run(quick: bool) -> str:
         "",
         *shape_lines,
         "",
-        "| target | met | measured |",
-        "| --- | --- | --- |",
-        *(f"| {what} | {'yes' if ok else '**no**'} | {value} |" for what, ok, value in checks),
+        *targets_table(checks),
         "",
         "Reproduce: `.venv/bin/python -m bench.run_all --only backup` (`--quick` for 100 MB and 5,000 small files).",
     ]

@@ -25,6 +25,7 @@ from pathlib import Path
 import boto3
 from mlwarden.jobs.backup.dedup import CLOCK_GRANULARITY_NS
 
+from bench import targets_table
 from bench.bench_backup import ROOT, generate
 from mlwarden import components
 from mlwarden.catalog import Catalog
@@ -108,9 +109,7 @@ def run(quick: bool) -> str:
         row("second, nothing changed", "second"),
         row("third, one shard rewritten", "changed"),
         "",
-        "| target | met | measured |",
-        "| --- | --- | --- |",
-        *(f"| {what} | {'yes' if ok else '**no**'} | {value} |" for what, ok, value in checks),
+        *targets_table(checks),
         "",
         "Reproduce: `.venv/bin/python -m bench.run_all --only backup_incremental` (`--quick` for 100 MB).",
     ]
