@@ -32,10 +32,12 @@ import pytest
 
 import mlwarden
 from mlwarden.components import free_port, wait_until
+from tests.test_exporter_attribution import kubelet, pod  # noqa: F401  (kubelet is a fixture)
 
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 BASE_IMAGE = "localhost/mlwarden-test-base:latest"
 IMAGE = "localhost/mlwarden-test:latest"
+SIMULATED_GPU_1 = "GPU-5e1a7ed0-0000-4000-8000-000000000001"  # the simulated backend's second GPU
 DEBIAN_PYTHON = "/usr/bin/python3"  # from the same mirror and suite as the debootstrapped base
 pytestmark = pytest.mark.timeout(900)  # a cold run debootstraps: minutes, not seconds
 
@@ -94,7 +96,7 @@ def _context(destination: Path) -> Path:
     # Resolved by Debian's own python3, the release the image runs: dependencies with markers on
     # the Python version (redis needs async-timeout below 3.11.3) come out as the image needs them.
     subprocess.run([sys.executable, "-m", "pip", "--python", DEBIAN_PYTHON, "wheel", "--quiet", "--wheel-dir",
-                    str(destination / "wheelhouse"), str(destination), "setuptools>=77"], check=True, cwd=destination)
+                    str(destination / "wheelhouse"), f"{destination}[kubernetes]", "setuptools>=77"], check=True, cwd=destination)
     return destination
 
 
@@ -167,22 +169,22 @@ def _metrics(url: str) -> str:
         return ""
 
 
-def test_exporter_inside_the_image_serves_metrics(container: tuple[Buildah, str], tmp_path: Path) -> None:
-    buildah, name = container
+@contextlib.contextmanager
+def _exporter_in_image(buildah: Buildah, name: str, log_path: Path, *args: str, run_options: tuple[str, ...] = ()) -> Iterator[str]:
+    """``mlwarden exporter --gpu-backend simulated ARGS`` running inside the image (``buildah run
+    RUN_OPTIONS``: volumes, user); yields its /metrics URL."""
     port = free_port()
-    log = (tmp_path / "exporter.log").open("w")
+    url = f"http://127.0.0.1:{port}/metrics"
+    log = log_path.open("w")
     # chroot isolation shares the host's network: the exporter listens on this machine's loopback.
     process = subprocess.Popen(
-        buildah.command("buildah", "run", "--isolation", "chroot", name, "--", "timeout", "300",
+        buildah.command("buildah", "run", "--isolation", "chroot", *run_options, name, "--", "timeout", "300",
                         "mlwarden", "exporter", "--gpu-backend", "simulated", "--listen-address", f"127.0.0.1:{port}",
-                        "--interval", "0.5"),
+                        "--interval", "0.5", *args),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        body = wait_until(lambda: (text := _metrics(f"http://127.0.0.1:{port}/metrics")) and "mlwarden_gpu_up" in text and text,
-                          60, "the exporter in the image to serve GPU metrics")
-        assert re.search(r'^mlwarden_gpu_up\{.*gpu="0".*\} 1\.0$', body, re.M), body[:2000]
-        assert "mlwarden_exporter_build_info" in body
+        yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -194,7 +196,31 @@ def test_exporter_inside_the_image_serves_metrics(container: tuple[Buildah, str]
         log.close()
     # buildah's chroot run starts the command in a session of its own, so signalling buildah's
     # group does not reach it: without the sweep above, every run left an exporter behind.
-    assert wait_until(lambda: _metrics(f"http://127.0.0.1:{port}/metrics") == "", 30, "the exporter to be gone")
+    assert wait_until(lambda: _metrics(url) == "", 30, "the exporter to be gone")
+
+
+def test_exporter_inside_the_image_serves_metrics(container: tuple[Buildah, str], tmp_path: Path) -> None:
+    buildah, name = container
+    with _exporter_in_image(buildah, name, tmp_path / "exporter.log") as url:
+        body = wait_until(lambda: (text := _metrics(url)) and "mlwarden_gpu_up" in text and text,
+                          60, "the exporter in the image to serve GPU metrics")
+        assert re.search(r'^mlwarden_gpu_up\{.*gpu="0".*\} 1\.0$', body, re.M), body[:2000]
+        assert "mlwarden_exporter_build_info" in body
+
+
+def test_exporter_inside_the_image_attributes_gpus_to_pods_through_the_kubelet_socket(
+    container: tuple[Buildah, str], tmp_path: Path, kubelet: tuple[Path, dict[str, bytes]],
+) -> None:
+    """What overlays/pod-attribution sets up: the kubelet's socket folder mounted, the exporter run
+    as root (the socket accepts only root), grpcio in the image."""
+    buildah, name = container
+    socket_path, answer = kubelet
+    answer["body"] = pod("vision", "from-kubelet", {"trainer": {"nvidia.com/gpu": [SIMULATED_GPU_1]}})
+    with _exporter_in_image(buildah, name, tmp_path / "exporter.log", "--pod-resources-socket", "/kubelet/kubelet.sock",
+                            run_options=("--volume", f"{socket_path.parent}:/kubelet:ro", "--user", "0:0")) as url:
+        wanted = re.compile(r'^mlwarden_gpu_allocation_info\{[^}]*gpu="1"[^}]*namespace="vision",pod="from-kubelet"', re.M)
+        assert wait_until(lambda: wanted.search(_metrics(url)), 60, "a GPU attributed to the kubelet's pod"), \
+            (tmp_path / "exporter.log").read_text()[-2000:]
 
 
 def _kill_left_behind(marker: str) -> None:

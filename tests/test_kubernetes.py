@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from deploy.kubernetes import generate
+from mlwarden import cli
 
 REPO = Path(__file__).resolve().parent.parent
 KUBE = REPO / "deploy" / "kubernetes"
@@ -86,7 +87,10 @@ def test_every_core_object_is_valid(target: Path) -> None:
 @pytest.mark.parametrize("target", TARGETS, ids=_name)
 def test_every_pod_is_non_root_read_only_and_bounded(target: Path) -> None:
     for where, spec, claims in _pod_specs(target):
-        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        # Only pod-attribution's exporter runs as root: the kubelet's socket accepts no one else.
+        root = target.name == "pod-attribution" and where == "DaemonSet/mlwarden-exporter"
+        assert spec["securityContext"]["runAsNonRoot"] is not root, where
+        assert (spec["securityContext"]["runAsUser"] == 0) is root, where
         assert spec["automountServiceAccountToken"] is False, where
         volumes = {volume["name"] for volume in spec.get("volumes", [])} | claims
         for container in spec["containers"]:
@@ -110,6 +114,16 @@ def test_exporter_runs_on_gpu_nodes_with_probes_and_privileges_only_where_opted_
         assert "nvidia.com/gpu" not in json.dumps(container["resources"])  # it takes no GPU away
         assert pod.get("hostPID", False) is (target.name == "host-pid")
         assert pod.get("runtimeClassName") == ("nvidia" if target.name == "nvidia-runtime" else None)
+        host_paths = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
+        if target.name == "pod-attribution":
+            assert host_paths == {"pod-resources": {"path": "/var/lib/kubelet/pod-resources", "type": "Directory"}}
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == "pod-resources"]
+            assert mount["readOnly"] is True
+            # the exporter's own parser takes the flag, pointing inside the mounted folder
+            _, settings = cli._parse(container["args"])
+            assert Path(settings.pod_resources_socket).parent == Path(mount["mountPath"])
+        else:
+            assert not host_paths
     service = _one(KUBE / "base", "Service", "mlwarden-exporter")
     monitor = _one(KUBE / "base", "ServiceMonitor", "mlwarden-exporter")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
