@@ -46,6 +46,8 @@ class Escalation:
     levels: tuple[EscalationLevel, ...] = (EscalationLevel((), after_repeats=5),)
     within: float = 3600.0  # the fixed window after_repeats counts in
     page_immediately: tuple[str, ...] = ("critical", "emergency")  # these start at the top level
+    # An info alert is for dashboards and the channel, not for waking someone: it never escalates.
+    severities: tuple[str, ...] = ("warning", "critical", "emergency")
 
     @property
     def destinations(self) -> tuple[str, ...]:
@@ -291,11 +293,17 @@ def _escalation(doc: schema_doc.EscalationDoc | None, defaults: Escalation, wher
             after_repeats=doc.after_repeats if doc.after_repeats is not None else first.after_repeats,
             after_firing=doc.after_firing if doc.after_firing is not None else first.after_firing,
         ),)
-    return Escalation(
+    escalation = Escalation(
         levels=levels,
         within=doc.within if doc.within is not None else defaults.within,
         page_immediately=tuple(doc.page_immediately) if doc.page_immediately is not None else defaults.page_immediately,
+        severities=tuple(doc.severities) if doc.severities is not None else defaults.severities,
     )
+    not_escalating = [s for s in escalation.page_immediately if s not in escalation.severities]
+    if not_escalating:
+        raise ConfigError(f"{where}.page_immediately: {', '.join(not_escalating)} must also be in {where}.severities "
+                          f"(the severities that escalate at all)")
+    return escalation
 
 
 def _templates(doc: schema_doc.TemplatesDoc | None) -> Templates:

@@ -8,8 +8,9 @@ bounded: sightings are counted in a fixed window of ``within`` (a counter and th
 start), not listed. Escalation is a chain of levels; level n is reached after its
 ``after_repeats`` sightings within the window or after firing for its ``after_firing``, and
 adds the destinations of levels 1..n; severities listed in ``page_immediately`` start at the
-top. An acknowledged key stays at its level until it resolves. A resolved alert clears the
-state and tells every destination that was told it fired.
+top, and those not in ``severities`` (by default: info) never escalate. An acknowledged key
+stays at its level until it resolves. A resolved alert clears the state and tells every
+destination that was told it fired.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def cooldown_for(state: KeyState, severity: str, route: Route) -> float:
 
 def escalation_level(repeats: int, firing_for: float, severity: str, escalation: Escalation) -> int:
     """The highest level of the chain whose condition holds (0: none)."""
+    if severity not in escalation.severities:
+        return 0
     if severity in escalation.page_immediately:
         return len(escalation.levels)
     reached = 0

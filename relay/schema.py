@@ -39,6 +39,7 @@ class EscalationDoc(Doc):
     after_firing: Duration | None = None
     destinations: list[Text] | None = None
     page_immediately: list[Severity] | None = None
+    severities: list[Severity] | None = Field(None, description="the severities that escalate at all (default: all but info)")
 
 
 class RouteDoc(Doc):

@@ -173,6 +173,22 @@ def test_escalation_after_firing_longer_than_t() -> None:
     assert decisions[2].escalated and "oncall" in decisions[2].destinations
 
 
+def test_info_never_escalates_unless_the_config_says_so() -> None:
+    a = parsed(severity="info")
+    events = [(0, a), *((MIN, a) for _ in range(4))]  # a warning seen this often escalates at the third
+    chain = {"after_repeats": 3, "after_firing": "2h", "destinations": ["pd"]}
+    decisions = run(make_config(escalation=chain).routes[0], [*events, (3 * HOUR, a)], FakeClock())
+    assert [d.level for d in decisions] == [0] * 6  # neither by repeats nor by hours of firing
+    assert all("pd" not in d.destinations for d in decisions)
+    opted_in = make_config(escalation={**chain, "severities": ["info", "warning", "critical", "emergency"]})
+    assert run(opted_in.routes[0], events, FakeClock())[2].level == 1
+
+
+def test_a_severity_paged_at_once_must_be_one_that_escalates() -> None:
+    with pytest.raises(relay_config.ConfigError, match=r"escalation.page_immediately: critical, emergency must also be in escalation.severities"):
+        make_config(escalation={"after_repeats": 3, "destinations": ["pd"], "severities": ["warning"]})
+
+
 def test_critical_pages_from_the_start() -> None:
     route = make_config().routes[0]
     decision = run(route, [(0, parsed(severity="critical"))], FakeClock())[0]
