@@ -14,6 +14,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from mlwarden.exporter.collectors.backups import BackupsCollector
 from mlwarden.jobs.backup import dedup, prune
 from mlwarden.jobs.backup.restore import restore_entry
 from test_backup_recovery import FORMAT_2, format_2_source, recover
@@ -214,6 +215,9 @@ def test_retention_keeps_the_packs_kept_backups_name_and_reclaims_the_rest(tmp_p
     # a's pack holds A, which every later backup names: it stays, as a pack; b's (C) too, named by c.
     assert (backups / a / PRUNED).exists() and (backups / a / PACK).exists() and not (backups / a / "manifest.json").exists()
     assert (backups / b / PRUNED).exists()
+    archives = sum(p.stat().st_size for p in backups.rglob("*.tar.zst"))
+    (size,) = [f.samples[0][1] for f in BackupsCollector(backups, 60, 60).collect().families if f.name == "mlwarden_backup_size_bytes"]
+    assert size == archives  # the pruned backups' packs that kept ones need are on disk, and counted
     usage = sum(p.stat().st_size for p in backups.rglob("*") if p.is_file())
     run(models, backups, tmp_path, "--keep-last", "1")  # only the newest: c goes, and with it the last name of b's pack
     assert not (backups / b).exists() and not (backups / c / "manifest.json").exists()

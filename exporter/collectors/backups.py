@@ -55,6 +55,7 @@ class BackupsCollector(Collector):
         catalog = Catalog(self.backup_dir)
         unreadable: dict[Path, Exception] = {}
         entries = catalog.entries(on_unreadable=unreadable.__setitem__)
+        stored_bytes = sum(e.manifest.archive_bytes for e in entries) + self._kept_pack_bytes(catalog, unreadable)
         self._log_unreadable(unreadable)
         incomplete = catalog.incomplete()
         labels = [str(self.backup_dir)]
@@ -64,7 +65,8 @@ class BackupsCollector(Collector):
 
         count = family("mlwarden_backups", "Committed backups in the backup directory.")
         newest = family("mlwarden_backup_newest_timestamp_seconds", "When the newest backup finished (Unix time).")
-        size = family("mlwarden_backup_size_bytes", "Total size of all backup archives, in bytes.")
+        size = family("mlwarden_backup_size_bytes",
+                      "Bytes of every archive in the backup directory: each backup's, and the packs of pruned backups that kept ones still need.")
         verified = family("mlwarden_backup_newest_verified",
                           "1 when the newest backup's last verification passed, 0 when it failed; absent if never verified.")
         offsite = family("mlwarden_backup_newest_offsite", "1 when the newest backup has an off-site copy, else 0.")
@@ -85,7 +87,7 @@ class BackupsCollector(Collector):
         for entry in entries:
             damaged.add_metric([*labels, entry.name], 1 if entry.verified is False else 0)
         count.add_metric(labels, len(entries))
-        size.add_metric(labels, sum(e.manifest.archive_bytes for e in entries))
+        size.add_metric(labels, stored_bytes)
         partial.add_metric(labels, len(incomplete) + len(unreadable))
         if entries:
             latest = entries[-1]
@@ -94,6 +96,17 @@ class BackupsCollector(Collector):
             if latest.verified is not None:
                 verified.add_metric(labels, 1 if latest.verified else 0)
         return Collected([count, newest, size, verified, offsite, partial, damaged, stale])
+
+    @staticmethod
+    def _kept_pack_bytes(catalog: Catalog, unreadable: dict[Path, Exception]) -> int:
+        """Archives of pruned backups that stay while a kept backup's content lives in them (format 3)."""
+        total = 0
+        for directory in catalog.pack_only():
+            try:
+                total += catalog.read_pack(directory).manifest.archive_bytes
+            except (OSError, ValueError) as exc:
+                unreadable[directory] = exc
+        return total
 
     def _log_unreadable(self, unreadable: dict[Path, Exception]) -> None:
         """Warn about each unreadable backup once per distinct state; forget those readable (or gone) now."""
