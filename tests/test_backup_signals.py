@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from mlwarden.exporter.collectors.backups import BackupsCollector
 from mlwarden.exporter.snapshot import render
 from prometheus_client.parser import text_string_to_metric_families
-from test_backup_support import backup, forget_pushed, mlwarden, pushed, tree
+from test_backup_support import backup, forget_pushed, make_models, mlwarden, pushed, tree
 
 from mlwarden import components
 from mlwarden.components import wait_until
@@ -149,3 +150,33 @@ def test_what_a_killed_restore_leaves_is_removed_by_the_next_restore_to_the_same
     assert f"removing {left}: left behind by a restore to {target} that was killed" in capsys.readouterr().err
     assert not left.exists() and other.exists()
     assert tree(target) == tree(models)
+
+
+@pytest.mark.parametrize("job", ["backup", "restore", "drill"])
+def test_sigterm_just_after_a_work_directory_is_made_strands_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, job: str
+) -> None:
+    """The tightest window: the signal lands after the mkdir, before the job holds the path."""
+    from mlwarden.jobs.backup import job as job_module
+    from mlwarden.jobs.backup import restore as restore_module
+
+    models, backups = make_models(tmp_path / "models"), tmp_path / "backups"
+    if job != "backup":
+        assert backup(models, backups) == 0
+    original = restore_module.staging_dir
+
+    def made_then_signalled(parent: Path, prefix: str, name: str = "") -> Path:
+        path = original(parent, prefix, name)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # checks for signals: the handler runs here, before the caller has the path
+        return path
+
+    monkeypatch.setattr(restore_module, "staging_dir", made_then_signalled)
+    monkeypatch.setattr(job_module, "staging_dir", made_then_signalled)
+    before = {p.name for p in tmp_path.iterdir()}
+    argv = {"backup": ["backup", "--model-dir", models, "--backup-dir", backups],
+            "restore": ["restore", "--backup-dir", backups, "--to", tmp_path / "restored"],
+            "drill": ["restore", "--drill", "--backup-dir", backups]}[job]
+    assert mlwarden(*argv) == 143
+    assert {p.name for p in tmp_path.iterdir()} == before | ({"backups"} if job == "backup" else set())
+    assert [p.name for p in backups.iterdir() if p.name.startswith(".") and p.name != ".mlwarden-backup.lock"] == []

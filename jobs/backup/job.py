@@ -56,7 +56,7 @@ from mlwarden.catalog import (
 )
 from mlwarden.exitcodes import ExitCode
 from mlwarden.fsutil import disk_space, fsync_dir
-from mlwarden.interrupts import sigterm_interrupts
+from mlwarden.interrupts import deferred_interrupts, sigterm_interrupts
 from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
 
@@ -224,14 +224,18 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
     except archive.SourceUnreadable as exc:
         raise BackupFailed(str(exc)) from None
     total = sum(f.size for f in scanned.files)
-    directory, name, started = _new_staging(settings.backup_dir, source)
-    archive_path = directory / archive.archive_name(name, settings.compression)
+    # Read before the staging directory exists: nothing to clean up if they fail or a signal lands.
     index, sizes = dedup.content_index(Catalog(settings.backup_dir))
     cache_file = dedup.cache_path(settings.backup_dir, source)
-    known = dedup.Dedup(name, index, dedup.load_cache(cache_file), scan_started_ns, sizes)
-    log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
-    progress = Progress(f"backup {name}", total)
+    cache = dedup.load_cache(cache_file)
+    directory: Path | None = None
     try:
+        with deferred_interrupts():  # SIGTERM between the mkdir and the assignment would strand the directory
+            directory, name, started = _new_staging(settings.backup_dir, source)
+        archive_path = directory / archive.archive_name(name, settings.compression)
+        known = dedup.Dedup(name, index, cache, scan_started_ns, sizes)
+        log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
+        progress = Progress(f"backup {name}", total)
         result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known)
         progress.finish()
         archive.write_checksums(directory, result)
@@ -265,7 +269,8 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
         fsync_dir(settings.backup_dir)
         entry = BackupEntry(directory=final, manifest=manifest, pack=pack)
     except (OSError, archive.SourceChanged) as exc:
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             free = disk_space(settings.backup_dir).available
             raise BackupFailed(
@@ -274,7 +279,8 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             ) from None
         raise BackupFailed(f"{exc}; the partial archive was removed and earlier backups are untouched") from None
     except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing half-made behind
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
         raise
     _save_cache(cache_file, known)
     seconds = max(manifest.finished_at - started, 1e-9)
@@ -448,11 +454,14 @@ def _run_drill(settings: RestoreSettings) -> int:
 
 def _drill(settings: RestoreSettings, parent: Path) -> RestoreResult:
     remove_stale_staging(parent)
-    scratch = staging_dir(parent, DRILL_STAGING)
+    scratch: Path | None = None
     try:
+        with deferred_interrupts():  # SIGTERM between the mkdir and the assignment would strand the directory
+            scratch = staging_dir(parent, DRILL_STAGING)
         return _restore(settings, scratch / "restored", overwrite=False)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ from mlwarden.jobs.backup.tarstream import _check_manifest_paths as check_manife
 
 from mlwarden.catalog import DOWNLOAD_STAGING, PACK, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
 from mlwarden.fsutil import fsync_dir, start_writeback, sync_filesystem
+from mlwarden.interrupts import deferred_interrupts
 from mlwarden.terminal import Progress
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,18 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False, ext
     for stale in stale_staging(target.parent, (_restore_prefix(target),)):
         log.warning("removing %s: left behind by a restore to %s that was killed", stale, target)
         shutil.rmtree(stale)
-    staging = staging_dir(target.parent, _restore_prefix(target))
+    staging: Path | None = None
     try:
+        with deferred_interrupts():  # SIGTERM between the mkdir and the assignment would strand the directory
+            staging = staging_dir(target.parent, _restore_prefix(target))
         umask = _process_umask()
         files = _extract_packs(entry, packs, staging, umask, external_links) if packs else _extract(entry, staging, umask, external_links)
         _swap_into_place(staging, target, overwrite)
     except RestoreStranded:
         raise  # the staging directory holds the only verified copy of the restore: keep it
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.monotonic() - started
     log.info("restored %s (%d files) into %s in %.1fs; every file matches the manifest", entry.name, files, target, seconds)
@@ -366,11 +370,14 @@ def entry_from_s3(location: S3Location, name: str, near: Path) -> Iterator[Backu
     store = OffsiteStore(location)
     manifest: Manifest = store.manifest(name)
     near.mkdir(parents=True, exist_ok=True)
-    directory = staging_dir(near, DOWNLOAD_STAGING)  # private: mode 0700
+    directory: Path | None = None
     try:
+        with deferred_interrupts():  # see restore_entry
+            directory = staging_dir(near, DOWNLOAD_STAGING)  # private: mode 0700
         log.info("downloading %s and the packs it needs (%s) from %s", manifest.name, ", ".join(manifest.packs) or "its archive", location.url)
         entry = Catalog.read(store.download(manifest, directory))
         assert entry is not None  # the manifest was just downloaded
         yield entry
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
