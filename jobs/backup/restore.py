@@ -15,7 +15,9 @@ The order of a restore is what makes it safe on a bad day:
 
 Symlinks come back as symlinks, created after every file, and only where they resolve
 inside the target (an absolute target, or one that leads out, is listed in the log and
-left out, unless ``--restore-external-links``).
+left out, unless ``--restore-external-links``). Hard links (format 3) come back as hard
+links, made after every file is written and verified, before the symlinks, and only
+between two files of the manifest: both inside the target.
 
 Restored files get the archived permission bits without setuid/setgid/sticky, less the
 process umask (what GNU tar does for a user other than root); the restored directories get
@@ -149,11 +151,7 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
                 links.append(record)
                 continue
             assert data is not None  # a file's data
-            parent = record.path.rpartition("/")[0]
-            if parent not in made:
-                os.makedirs(f"{root}/{parent}", exist_ok=True)
-                made.add(parent)
-            _write_file(f"{root}/{record.path}", data, record, umask, progress)
+            _write_file(_new_path(root, record.path, made), data, record, umask, progress)
             files += 1
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
@@ -197,15 +195,20 @@ def _packs(entry: BackupEntry) -> list[BackupEntry]:
 def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, umask: int, external_links: bool) -> int:
     """Format 3: read each pack once and write each member it holds for ``entry`` to every
     path of ``entry`` with that content (the first from the archive, hashed as it is
-    written; the others copied from it), then the links from ``entry``'s own pack."""
-    check_manifest_paths(entry.manifest)
+    written; the others copied from it), then the hard links, then the links from
+    ``entry``'s own pack."""
+    manifest = entry.manifest
+    check_manifest_paths(manifest)
+    linked = {link.path for link in manifest.hardlinks}
     paths: dict[tuple[str, str], list[FileRecord]] = {}
-    for wanted in entry.manifest.files:
-        paths.setdefault((str(wanted.pack), wanted.sha256), []).append(wanted)
+    for wanted in manifest.files:
+        if wanted.path not in linked:
+            paths.setdefault((str(wanted.pack), wanted.sha256), []).append(wanted)
     files = 0
     links: list[LinkRecord] = []
-    made = {staging}
-    progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
+    root = str(staging)
+    made = {""}  # directories under staging that exist, as relative strings: no Path per file
+    progress = Progress(f"restore {entry.name}", manifest.total_bytes)
     for pack in packs:
         digest = ArchiveDigest()
         with members(pack.archive_path, pack.manifest, digest) as found:
@@ -218,29 +221,33 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
                 targets = paths.pop((pack.name, record.sha256), [])
                 if not targets:
                     continue
-                first = _new_path(staging, targets[0].path, made)
+                first = _new_path(root, targets[0].path, made)
                 _write_file(first, data, targets[0], umask, progress)
                 for other in targets[1:]:
-                    _copy_restored(first, _new_path(staging, other.path, made), other, umask, progress)
+                    _copy_restored(first, _new_path(root, other.path, made), other, umask, progress)
                 files += len(targets)
         if digest.sha256 != pack.manifest.archive_sha256:
             raise ArchiveError(f"the archive of pack {pack.name} changed while it was being restored")
     if paths:
         raise ArchiveError(f"{len(paths)} content(s) of the manifest are missing from their packs, e.g. {next(iter(paths.values()))[0].path!r}")
+    # Every file is written and verified: a hard link only joins a name to one of them.
+    for hardlink in manifest.hardlinks:
+        os.link(f"{root}/{hardlink.target}", _new_path(root, hardlink.path, made), follow_symlinks=False)
     progress.finish()
     _finish(staging, links, umask, external_links)
-    return files
+    return files + len(manifest.hardlinks)
 
 
-def _new_path(staging: Path, relative: str, made: set[Path]) -> Path:
-    destination = staging / relative
-    if destination.parent not in made:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        made.add(destination.parent)
-    return destination
+def _new_path(root: str, relative: str, made: set[str]) -> str:
+    """``root/relative``, its parent directories made (once per directory: ``made``)."""
+    parent = relative.rpartition("/")[0]
+    if parent not in made:
+        os.makedirs(f"{root}/{parent}", exist_ok=True)
+        made.add(parent)
+    return f"{root}/{relative}"
 
 
-def _copy_restored(source: Path, destination: Path, record: FileRecord, umask: int, progress: Progress) -> None:
+def _copy_restored(source: str, destination: str, record: FileRecord, umask: int, progress: Progress) -> None:
     """Another path with content just restored and verified: a kernel copy of it (never
     through an existing name)."""
     with open(source, "rb") as src:
@@ -259,7 +266,7 @@ def _copy_restored(source: Path, destination: Path, record: FileRecord, umask: i
     progress.advance(record.size)
 
 
-def _write_file(destination: str | Path, data: MemberData, record: FileRecord, umask: int, progress: Progress) -> None:
+def _write_file(destination: str, data: MemberData, record: FileRecord, umask: int, progress: Progress) -> None:
     """One new file (never through an existing name: O_EXCL, O_NOFOLLOW), hashed as it is written.
 
     It is created with its final permission bits (no fchmod: a file opened by the call that
