@@ -41,15 +41,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
-
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.exposition import pushadd_to_gateway
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mlwarden.backoff import Backoff
 from mlwarden.fsutil import atomic_write_text
 from mlwarden.heartbeat import job_name
 from mlwarden.settings import parse_duration, positive, setting
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,47 @@ def late_severity_setting(default: str) -> Any:
     return setting(default, help="severity of the alert when the job is late", choices=SEVERITIES)
 
 
+class ReportGauge:
+    """One gauge of a run's report. The values stay here until the report is published, and
+    only then become Prometheus metrics: a run with nowhere to publish to (no Pushgateway,
+    no textfile) never loads prometheus_client (about 50 ms of every job's start)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        # What prometheus_client exposes: 0 for a gauge without labels, nothing before a labelled one is set.
+        self.values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
+
+    def set(self, value: float) -> None:
+        self.values[()] = float(value)
+
+    def labels(self, *values: str) -> _LabelledGauge:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} has the labels {self.labelnames}, not {values}")
+        return _LabelledGauge(self, tuple(str(v) for v in values))
+
+
+@dataclass(frozen=True)
+class _LabelledGauge:
+    gauge: ReportGauge
+    labels: tuple[str, ...]
+
+    def set(self, value: float) -> None:
+        self.gauge.values[self.labels] = float(value)
+
+
+def _registry(gauges: list[ReportGauge]) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+    for gauge in gauges:
+        metric = Gauge(gauge.name, gauge.documentation, gauge.labelnames, registry=registry)
+        for labels, value in gauge.values.items():
+            (metric.labels(*labels) if labels else metric).set(value)
+    return registry
+
+
 class JobReport:
     """Collects one run's metrics and publishes them when the run ends.
 
@@ -138,18 +179,17 @@ class JobReport:
         self.textfile_dir = Path(textfile_dir) if textfile_dir else None
         self.instance = instance or socket.gethostname()
         self.schedule = schedule
-        self.registry = CollectorRegistry()
         self._success = False
         self._started = time.time()
-        self._gauges: dict[str, Gauge] = {}
+        self._gauges: dict[str, ReportGauge] = {}
         self._last_run = self.gauge("mlwarden_job_last_run_timestamp_seconds", "When the job last finished, successfully or not.")
         self._duration = self.gauge("mlwarden_job_duration_seconds", "How long the job's last run took.")
         self._success_gauge = self.gauge("mlwarden_job_success", "1 if the job's last run succeeded, else 0.")
 
-    def gauge(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> Gauge:
-        """A gauge in this run's registry (created once per name)."""
+    def gauge(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> ReportGauge:
+        """A gauge of this run's report (created once per name)."""
         if name not in self._gauges:
-            self._gauges[name] = Gauge(name, documentation, labelnames, registry=self.registry)
+            self._gauges[name] = ReportGauge(name, documentation, labelnames)
         return self._gauges[name]
 
     def succeeded(self, success: bool = True) -> None:
@@ -161,21 +201,24 @@ class JobReport:
 
     def __enter__(self) -> JobReport:
         self._started = time.time()
-        self._publish(self._start_registry())
+        self._publish(self._start_gauges())
         return self
 
-    def _start_registry(self) -> CollectorRegistry:
+    def _start_gauges(self) -> list[ReportGauge]:
         """The "started" ping: sent alone, so that a run in progress leaves the last outcome in place."""
-        registry = CollectorRegistry()
-        Gauge("mlwarden_job_last_start_timestamp_seconds", "When the job last started (unix seconds).", registry=registry).set(self._started)
+        started = ReportGauge("mlwarden_job_last_start_timestamp_seconds", "When the job last started (unix seconds).")
+        started.set(self._started)
+        gauges = [started]
         if self.schedule is not None:
             for name, documentation, value in (
                 ("mlwarden_job_expected_interval_seconds", "How often the job is expected to succeed.", self.schedule.expected_interval),
                 ("mlwarden_job_grace_seconds", "How late a success may be before the job counts as late.", self.schedule.grace),
                 ("mlwarden_job_timeout_seconds", "How long one run may take before it counts as running too long.", self.schedule.timeout),
             ):
-                Gauge(name, documentation, ("severity",), registry=registry).labels(self.schedule.late_severity).set(value)
-        return registry
+                gauge = ReportGauge(name, documentation, ("severity",))
+                gauge.labels(self.schedule.late_severity).set(value)
+                gauges.append(gauge)
+        return gauges
 
     def __exit__(
         self,
@@ -194,10 +237,11 @@ class JobReport:
         self._success_gauge.set(1 if self._success else 0)
         if self._success:
             self.gauge(LAST_SUCCESS, "When the job last succeeded (unix seconds).").set(now)
-        self._publish(self.registry)
+        self._publish(list(self._gauges.values()))
 
-    def _publish(self, registry: CollectorRegistry) -> None:
-        publish(registry, self.job, self.instance, self.pushgateway, self.textfile_dir)
+    def _publish(self, gauges: list[ReportGauge]) -> None:
+        if self.pushgateway or self.textfile_dir:
+            publish(_registry(gauges), self.job, self.instance, self.pushgateway, self.textfile_dir)
 
 
 def publish(
@@ -218,6 +262,8 @@ def publish(
 
 
 def _push(registry: CollectorRegistry, job: str, instance: str, pushgateway: str) -> bool:
+    from prometheus_client.exposition import pushadd_to_gateway
+
     for attempt in range(1, PUSH_ATTEMPTS + 1):
         try:
             pushadd_to_gateway(
@@ -233,6 +279,8 @@ def _push(registry: CollectorRegistry, job: str, instance: str, pushgateway: str
 
 
 def _write_textfile(registry: CollectorRegistry, path: Path) -> bool:
+    from prometheus_client import generate_latest
+
     text = generate_latest(registry).decode()
     try:
         atomic_write_text(path, text + _other_families(path, _family_names(text)))

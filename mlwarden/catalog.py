@@ -199,6 +199,16 @@ class LinkRecord:
 
 
 @dataclass(frozen=True)
+class HardLinkRecord:
+    """A file that was a hard link to another file of the backup (the same inode), each listed
+    among the files with the same content: restored as a link to ``target``, which is
+    written and verified first. Format 3."""
+
+    path: str  # relative to the source directory, '/'-separated
+    target: str  # the first path, sorted, of the same inode: a file record that is no hard link record
+
+
+@dataclass(frozen=True)
 class SkippedRecord:
     """Something in the source that a tar of model files does not hold: a FIFO, a socket, a device."""
 
@@ -225,6 +235,7 @@ class Manifest:
     excludes: tuple[str, ...] = ()  # the --exclude patterns of the run
     rewritten: tuple[str, ...] = ()  # files stored twice: changed during the first read, the later copy counts
     format_version: int = 2  # what a manifest without the field is read as; new backups are FORMAT_VERSION
+    hardlinks: tuple[HardLinkRecord, ...] = ()  # format 3: files that were hard links to another file of the backup
 
     def __post_init__(self) -> None:
         check_backup_name(self.name)
@@ -233,8 +244,21 @@ class Manifest:
             # Each name once (a regex per file record cost more than the rest of a manifest's checks).
             for pack in {record.pack for record in self.files}:
                 check_backup_name(pack)  # becomes a directory name, and a key in the bucket
-        elif any(record.pack is not None for record in self.files):
-            raise CatalogError(f"manifest of {self.name}: a format {self.format_version} manifest names a pack")
+            if self.hardlinks:
+                self._check_hardlinks()
+        elif any(record.pack is not None for record in self.files) or self.hardlinks:
+            raise CatalogError(f"manifest of {self.name}: a format {self.format_version} manifest names a pack or a hard link")
+
+    def _check_hardlinks(self) -> None:
+        """Each hard link joins two files of the manifest with the same content, to one that is no link itself."""
+        files = {record.path: record for record in self.files}
+        linked = {link.path for link in self.hardlinks}
+        for link in self.hardlinks:
+            path, target = files.get(link.path), files.get(link.target)
+            if path is None or target is None or link.target in linked or (path.sha256, path.size) != (target.sha256, target.size):
+                raise CatalogError(f"manifest of {self.name}: hard link {link.path!r} -> {link.target!r} does not join two files of the same content")
+        if len(linked) != len(self.hardlinks):
+            raise CatalogError(f"manifest of {self.name}: a path is listed twice as a hard link")
 
     @property
     def packs(self) -> tuple[str, ...]:
@@ -244,18 +268,19 @@ class Manifest:
         return tuple(sorted({str(record.pack) for record in self.files} | {self.name}))
 
     def to_json(self, lines_of: dict[int, str] | None = None) -> str:
-        return _records_json(self, ("files", "links", "skipped"), lines_of)
+        return _records_json(self, ("files", "links", "skipped", "hardlinks"), lines_of)
 
     @classmethod
     def from_json(cls, text: str | bytes, what: str = "manifest") -> Manifest:
         """Parse a manifest from a catalog or a bucket; anything unexpected is a CatalogError naming ``what``."""
         data = _load_json(text, what)
         try:
-            records = ("files", "links", "skipped", "excludes", "rewritten")
+            records = ("files", "links", "skipped", "excludes", "rewritten", "hardlinks")
             fields = {f.name for f in dataclasses.fields(cls)} - set(records)
             return cls(
                 files=tuple(FileRecord(**f) for f in data["files"]),
                 links=tuple(LinkRecord(**f) for f in data.get("links", ())),
+                hardlinks=tuple(HardLinkRecord(**f) for f in data.get("hardlinks", ())),
                 skipped=tuple(SkippedRecord(**f) for f in data.get("skipped", ())),
                 excludes=tuple(str(p) for p in data.get("excludes", ())),
                 rewritten=tuple(str(p) for p in data.get("rewritten", ())),

@@ -16,8 +16,9 @@ The steps are the ones docs/backups.md gives by hand:
 Format 3 (content stored once): the manifest names, for each file, the pack (a backup
 directory next to BACKUP/<name>, with pack.json) whose archive holds its content. Each pack
 is checked as in 1 against its pack.json and extracted into a scratch directory next to
-TARGET; each file of the manifest is copied from the member with its SHA-256, the symlinks
-are made from the manifest, and 3 holds as above.
+TARGET; each file of the manifest is copied from the member with its SHA-256, each hard
+link the manifest lists is made to the file it names, the symlinks are made from the
+manifest, and 3 holds as above (hard links joined, link for link).
 
 Exit 0 when TARGET holds exactly the backup; 1 naming what is wrong. Only the standard
 library: this file is meant to be copied next to the backups and run on a bare machine.
@@ -84,6 +85,10 @@ def check_tree(manifest: dict[str, Any], target: str) -> list[str]:
         path = os.path.join(target, link["path"])
         if not os.path.islink(path) or os.readlink(path) != link["target"]:
             problems.append(f"{link['path']}: not the symlink to {link['target']} the manifest lists")
+    for hardlink in manifest.get("hardlinks", ()):
+        path, other = os.path.join(target, hardlink["path"]), os.path.join(target, hardlink["target"])
+        if not (os.path.isfile(path) and os.path.isfile(other) and os.path.samefile(path, other)):
+            problems.append(f"{hardlink['path']}: not the hard link to {hardlink['target']} the manifest lists")
     problems += [f"{name}: not in the manifest" for name in sorted(extracted(target) - expected)]
     return problems
 
@@ -119,7 +124,9 @@ def extract(archive_path: str, compression: str, target: str) -> None:
 
 def recover(backup: str, target: str) -> list[str]:
     manifest = load(os.path.join(backup, "manifest.json"))
-    unsafe = [r["path"] for r in (*manifest["files"], *manifest.get("links", ())) if not safe(r["path"])]
+    hardlinks = manifest.get("hardlinks", ())
+    names = [r["path"] for r in (*manifest["files"], *manifest.get("links", ()), *hardlinks)] + [h["target"] for h in hardlinks]
+    unsafe = [name for name in names if not safe(name)]
     if unsafe:
         return [f"manifest.json lists unsafe paths, e.g. {unsafe[0]!r}"]
     if manifest.get("format_version", 1) >= 3:
@@ -158,12 +165,19 @@ def recover_packs(backup: str, manifest: dict[str, Any], target: str) -> list[st
     try:
         for name in names:
             extract(archives[name], archives[name + "/compression"], os.path.join(scratch, name))
+        hardlinks = {h["path"]: h["target"] for h in manifest.get("hardlinks", ())}
         for record in manifest["files"]:
+            if record["path"] in hardlinks:
+                continue
             destination = os.path.join(target, record["path"])
             os.makedirs(os.path.dirname(destination), exist_ok=True)
             shutil.copyfile(os.path.join(scratch, record["pack"], members[(record["pack"], record["sha256"])]), destination)
             os.chmod(destination, record.get("mode", 0o644) & 0o777)
             os.utime(destination, (record["mtime"], record["mtime"]))
+        for path, other in hardlinks.items():
+            destination = os.path.join(target, path)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            os.link(os.path.join(target, other), destination, follow_symlinks=False)
         for link in manifest.get("links", ()):
             destination = os.path.join(target, link["path"])
             os.makedirs(os.path.dirname(destination), exist_ok=True)

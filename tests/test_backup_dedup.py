@@ -18,10 +18,10 @@ from mlwarden.exporter.collectors.backups import BackupsCollector
 from mlwarden.jobs.backup import dedup, prune
 from mlwarden.jobs.backup.restore import restore_entry
 from test_backup_recovery import FORMAT_2, format_2_source, recover
-from test_backup_support import backup, flip_byte, make_models, mlwarden, s3_env, tree
+from test_backup_support import backup, flip_byte, hard_links, make_models, mlwarden, s3_env, tree
 
 from mlwarden import components
-from mlwarden.catalog import PACK, PRUNED, Catalog
+from mlwarden.catalog import PACK, PRUNED, Catalog, CatalogError
 
 REPO = Path(__file__).resolve().parent.parent
 __all__ = ["s3_env"]  # a fixture: imported to be used
@@ -360,6 +360,82 @@ def test_hard_links_are_read_and_stored_once(tmp_path: Path) -> None:
     assert entry.pack is not None and [r.path for r in entry.pack.files] == ["same-weights.bin"]
     assert metrics(tmp_path)["mlwarden_backup_read_bytes"] == 9 * 2**20
     assert restored(entry.name, backups, tmp_path / "r") == tree(models)
+    assert hard_links(tmp_path / "r") == {frozenset({"weights.bin", "same-weights.bin"})}
+
+
+def linked_tree(models: Path) -> Path:
+    """Hard links in one directory and across directories, three names for one file, and a
+    copy with the same content that is no link (it must come back as a file of its own)."""
+    (models / "a" / "b").mkdir(parents=True)
+    (models / "a" / "config.json").write_bytes(b'{"hidden_size": 64}')
+    os.link(models / "a" / "config.json", models / "a" / "b" / "config-link.json")
+    os.link(models / "a" / "config.json", models / "config-too.json")
+    (models / "copy.json").write_bytes(b'{"hidden_size": 64}')
+    (models / "weights.bin").write_bytes(os.urandom(100_000))
+    os.link(models / "weights.bin", models / "a" / "weights-link.bin")
+    (models / "empty").write_bytes(b"")
+    os.link(models / "empty", models / "empty-link")
+    os.chmod(models / "weights.bin", 0o640)
+    return models
+
+
+def test_hard_links_come_back_as_hard_links_link_for_link_also_from_an_unread_second_backup(tmp_path: Path) -> None:
+    models, backups = linked_tree(tmp_path / "models"), tmp_path / "backups"
+    expected = {
+        frozenset({"a/config.json", "a/b/config-link.json", "config-too.json"}),
+        frozenset({"weights.bin", "a/weights-link.bin"}),
+        frozenset({"empty", "empty-link"}),
+    }
+    assert hard_links(models) == expected
+    settle()  # a linked file's ctime changes with each link: the cache takes them once the tick has passed
+    run(models, backups, tmp_path)
+    first = Catalog(backups).entries()[0]
+    # Each joined to the first name of its file in path order: the one the archive holds.
+    assert {(h.path, h.target) for h in first.manifest.hardlinks} == {
+        ("a/config.json", "a/b/config-link.json"),
+        ("config-too.json", "a/b/config-link.json"),
+        ("weights.bin", "a/weights-link.bin"),
+        ("empty-link", "empty"),
+    }
+    run(models, backups, tmp_path)  # nothing read: the records come from the files cache
+    assert metrics(tmp_path)["mlwarden_backup_read_bytes"] == 0
+    for entry in Catalog(backups).entries():
+        target = tmp_path / f"r-{entry.name}"
+        assert restored(entry.name, backups, target) == tree(models)
+        assert hard_links(target) == expected
+        assert os.stat(target / "copy.json").st_nlink == 1  # same content, not a link: its own file
+        assert (os.stat(target / "a" / "weights-link.bin").st_mode & 0o777) == 0o640 & ~_umask()
+        assert mlwarden("restore", entry.name, "--backup-dir", backups, "--drill") == 0
+        recovered = recover(entry.directory, tmp_path / f"recovered-{entry.name}")
+        assert recovered.returncode == 0, recovered.stderr
+        assert tree(tmp_path / f"recovered-{entry.name}") == tree(models) and hard_links(tmp_path / f"recovered-{entry.name}") == expected
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("path", "target", "why"),
+    [
+        ("copy.json", "weights.bin", "other content"),
+        ("copy.json", "not-in-the-backup.json", "no such file"),
+        ("../outside.json", "weights.bin", "not a file of the manifest"),
+    ],
+)
+def test_a_hard_link_that_does_not_join_two_files_of_the_same_content_is_refused(tmp_path: Path, path: str, target: str, why: str) -> None:
+    models, backups = linked_tree(tmp_path / "models"), tmp_path / "backups"
+    run(models, backups, tmp_path)
+    (entry,) = Catalog(backups).entries()
+    manifest = json.loads((entry.directory / "manifest.json").read_text())
+    manifest["hardlinks"].append({"path": path, "target": target})
+    (entry.directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CatalogError, match="does not join two files of the same content"):
+        Catalog(backups).get(entry.name)
+    assert mlwarden("restore", entry.name, "--backup-dir", backups, "--to", tmp_path / "r") == 1
+    assert not (tmp_path / "r").exists(), why
 
 
 def test_a_known_file_that_changes_while_it_is_hashed_is_read_again_and_stored_once(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import http.server
 import random
+import subprocess
+import sys
 import threading
 import urllib.parse
 import uuid
@@ -207,3 +209,37 @@ def test_a_byte_flipped_on_the_way_to_s3_fails_the_upload(
     assert f"s3://{bucket}/{archive_key} is damaged: " in capsys.readouterr().err
     assert f"node-1/{entry.name}/manifest.json" not in keys(s3_server, bucket)  # never committed in S3
     assert entry.status.offsite is None
+
+
+_LOADS = """
+import sys
+from mlwarden.cli import main
+code = main(sys.argv[1:])
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules} & {"boto3", "s3transfer", "prometheus_client"})))
+sys.exit(code)
+"""
+
+
+def test_an_archive_under_the_part_size_goes_up_without_boto3s_transfer_manager_or_prometheus_client(
+    tmp_path: Path, s3_server: components.S3Server, bucket: str
+) -> None:
+    """The fixed cost of a daily backup of an unchanged tree: one PUT through botocore's own
+    client (the same checks after it), and no metrics library without a place to send metrics."""
+    models = make_models(tmp_path / "models")
+    argv = ["backup", "--model-dir", models, "--backup-dir", tmp_path / "backups", *s3_args(s3_server, bucket, "--s3-chunk-size", "5MiB")]
+    run = subprocess.run([sys.executable, "-c", _LOADS, *map(str, argv)], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == []
+    entry = only_entry(tmp_path / "backups")
+    assert entry.status.offsite is not None and entry.status.offsite.verified
+    head = boto3.client("s3", endpoint_url=s3_server.url).head_object(
+        Bucket=bucket, Key=f"node-1/{entry.name}/{entry.manifest.archive}", ChecksumMode="ENABLED"
+    )
+    assert head["Metadata"]["sha256"] == entry.manifest.archive_sha256
+    assert head["ChecksumSHA256"] == object_checksums(entry.archive_path, None).sha256
+    # With a textfile to write, the metrics are there as before.
+    again = [*map(str, argv), "--force", "--textfile-dir", str(tmp_path)]
+    run = subprocess.run([sys.executable, "-c", _LOADS, *again], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["prometheus_client"]
+    assert "mlwarden_backup_offsite_success 1.0" in (tmp_path / "mlwarden_backup.prom").read_text()

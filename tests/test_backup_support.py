@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import stat
 import urllib.request
 import uuid
 from pathlib import Path
@@ -60,6 +61,17 @@ def flip_byte(path: Path, offset_from_end: int = 1000) -> None:
 def tree(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` (relative path -> content)."""
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def hard_links(directory: Path) -> set[frozenset[str]]:
+    """The files under ``directory`` that are one file under several names: each group's relative paths."""
+    groups: dict[tuple[int, int], set[str]] = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            info = os.lstat(os.path.join(root, name))
+            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+                groups.setdefault((info.st_dev, info.st_ino), set()).add(Path(root, name).relative_to(directory).as_posix())
+    return {frozenset(group) for group in groups.values() if len(group) > 1}
 
 
 def forget_pushed(pushgateway_url: str, job: str) -> None:

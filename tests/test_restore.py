@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -415,3 +416,35 @@ def test_a_symlinked_target_is_refused_before_anything_starts(
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert tree(real) == {"keep-me.txt": b"precious"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models", "serving", "serving-v3"]  # nothing left behind
+
+
+def test_many_small_files_are_synced_ahead_in_a_helper_thread_and_a_failed_sync_there_fails_the_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    for i in range(12):
+        (models / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (models / f"d{i % 3}" / f"f{i}.json").write_bytes(os.urandom(100 + i))
+    assert backup(models, tmp_path / "backups") == 0
+    monkeypatch.setattr(restore_module, "SYNC_AHEAD_FILES", 5)
+    real = restore_module.sync_filesystem
+    synced: list[str] = []
+
+    def recording(path: Path) -> None:
+        synced.append(threading.current_thread().name)
+        real(path)
+
+    monkeypatch.setattr(restore_module, "sync_filesystem", recording)
+    assert restore("--backup-dir", tmp_path / "backups", "--to", tmp_path / "r") == 0
+    assert tree(tmp_path / "r") == tree(models)
+    assert "mlwarden-sync-ahead" in synced and synced[-1] == threading.main_thread().name  # the last one before the swap
+
+    def failing(path: Path) -> None:
+        if threading.current_thread().name == "mlwarden-sync-ahead":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        real(path)
+
+    monkeypatch.setattr(restore_module, "sync_filesystem", failing)
+    assert restore("--backup-dir", tmp_path / "backups", "--to", tmp_path / "r2") == 1
+    assert not (tmp_path / "r2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r2.restore-")]  # no staging left

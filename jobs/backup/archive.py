@@ -33,7 +33,7 @@ from mlwarden.jobs.backup.dedup import CacheKey, Dedup
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, byte_sum
 
-from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, LinkRecord, SkippedRecord
+from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, HardLinkRecord, LinkRecord, SkippedRecord
 from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,21 @@ def write_archive(
         rewritten=tuple(rewritten),
         members=tuple(members),
     )
+
+
+def hard_links(files: Sequence[SourceFile], records: Sequence[FileRecord]) -> tuple[HardLinkRecord, ...]:
+    """The files that are hard links to an earlier file (by path) of ``files``, as the scan saw
+    them (same device and inode) and as they were read (same content): restored as links.
+    ``records`` are what :func:`write_archive` made of ``files``, in the same order."""
+    first: dict[tuple[int, int], FileRecord] = {}
+    found = []
+    for source_file, record in zip(files, records, strict=True):
+        if not source_file.key[1]:  # no inode: not from a scan
+            continue
+        target = first.setdefault(source_file.key[:2], record)  # device and inode
+        if target is not record and (target.sha256, target.size) == (record.sha256, record.size):
+            found.append(HardLinkRecord(record.path, target.path))
+    return tuple(found)
 
 
 def _unread_record(source_file: SourceFile, sha: str, dedup: Dedup) -> FileRecord:

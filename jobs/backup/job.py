@@ -262,6 +262,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
             excludes=tuple(settings.exclude),
             rewritten=result.rewritten,
             format_version=FORMAT_VERSION,
+            hardlinks=archive.hard_links(scanned.files, result.files),
         )
         Catalog.commit(directory, manifest, pack)
         final = settings.backup_dir / name

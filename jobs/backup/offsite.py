@@ -2,9 +2,10 @@
 
 Layout: ``s3://BUCKET/PREFIX/<name>/<file>`` for the archive, its ``.sha256``,
 ``SHA256SUMS`` and ``manifest.json``; the manifest goes last, so in S3 too a backup without
-its manifest does not exist. The archive goes up with boto3's managed multipart transfer,
-every part with S3's own SHA-256 checksum (``ChecksumAlgorithm``: S3 rejects a part whose
-bytes do not match), its full SHA-256 as object metadata (``x-amz-meta-sha256``). After the
+its manifest does not exist. An archive smaller than the part size goes up in one PUT, a
+larger one with boto3's managed multipart transfer (loaded only then); every part carries
+S3's own SHA-256 checksum (``ChecksumAlgorithm``: S3 rejects a part whose bytes do not
+match), the object its full SHA-256 as metadata (``x-amz-meta-sha256``). After the
 upload, what S3 computed from the bytes it stored must match what is computed locally from
 the archive, part by part the same way: the SHA-256 checksum (``ChecksumMode``; for a
 multipart object the SHA-256 of the parts' SHA-256s) and the ETag (MD5, or for multipart the
@@ -21,25 +22,29 @@ own check failed (a hash or size that does not match), which no request retry ca
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import boto3  # type: ignore[import-untyped]  # boto3, botocore and s3transfer ship no type hints
-import boto3.exceptions  # type: ignore[import-untyped]  # as above
-import botocore.config  # type: ignore[import-untyped]  # as above
+import botocore.config  # type: ignore[import-untyped]  # boto3, botocore and s3transfer ship no type hints
 import botocore.exceptions  # type: ignore[import-untyped]  # as above
-from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]  # as above
+import botocore.loaders  # type: ignore[import-untyped]  # as above
+import botocore.session  # type: ignore[import-untyped]  # as above
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
-from s3transfer.utils import ChunksizeAdjuster  # type: ignore[import-untyped]  # as above
 
 from mlwarden.backoff import Backoff
 from mlwarden.catalog import CHECKSUMS, MANIFEST, PACK, BackupEntry, Catalog, CatalogError, Manifest, OffsiteCopy, Pack, check_backup_name
 from mlwarden.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import S3Transfer  # type: ignore[import-untyped]  # no type hints
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,13 @@ _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 _READ_BYTES = 8 * 2**20
 _ETAG_NOT_MD5 = ("aws:kms", "aws:kms:dsse")  # server-side encryption whose ETag is not the MD5 of the bytes
 MAX_RETRY_SECONDS = 300.0
-_S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error)
+
+
+class TransferFailed(Exception):
+    """boto3's managed transfer gave up (after botocore's retries): an S3 error, like botocore's own."""
+
+
+_S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, TransferFailed)
 
 
 def with_retries(what: str, attempts: int, base_seconds: float, action: Callable[[], T]) -> T:
@@ -107,6 +118,40 @@ def object_checksums(path: Path, part_size: int | None) -> ObjectChecksums:
     return ObjectChecksums(base64.b64encode(composite_sha).decode(), f"{composite_md5}-{len(part_md5)}")
 
 
+class _JSONFiles(botocore.loaders.JSONFileLoader):  # type: ignore[misc]  # an untyped base class
+    """botocore's model files as plain dicts: its own loader builds an OrderedDict of every
+    object (``object_pairs_hook``), which made loading S3's model and the endpoint tables a
+    third of a small backup's S3 set-up. Dicts keep their order too."""
+
+    def load_file(self, file_path: str) -> Any:
+        for extension, opener in ((".json", open), (".json.gz", gzip.open)):
+            try:
+                with opener(file_path + extension, "rb") as handle:
+                    return json.loads(handle.read())
+            except FileNotFoundError:
+                continue
+        return None
+
+
+class _S3Models(botocore.loaders.Loader):  # type: ignore[misc]  # an untyped base class
+    """botocore's data loader, told that S3 is the service there is: its own lists every
+    service's directory (hundreds) to check the name, twice per client."""
+
+    def list_available_services(self, type_name: str) -> list[str]:
+        return ["s3"]
+
+
+def s3_client(location: S3Location, config: botocore.config.Config) -> Any:
+    """An S3 client made by botocore directly (credentials, region and settings found as boto3
+    finds them): boto3's session layer and its transfer manager load only for a transfer that
+    needs them (:meth:`OffsiteStore._transferred`)."""
+    session = botocore.session.get_session()
+    data_path = session.get_config_variable("data_path")  # AWS_DATA_PATH, honoured as botocore does
+    extra = [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)] if data_path else []
+    session.register_component("data_loader", _S3Models(extra_search_paths=extra, file_loader=_JSONFiles()))
+    return session.create_client("s3", endpoint_url=location.endpoint_url, config=config)
+
+
 class OffsiteStore:
     def __init__(self, location: S3Location) -> None:
         self.location = location
@@ -117,7 +162,7 @@ class OffsiteStore:
             read_timeout=60,
             max_pool_connections=max(10, location.concurrency),
         )
-        self._s3: Any = boto3.session.Session().client("s3", endpoint_url=location.endpoint_url, config=config)
+        self._s3: Any = s3_client(location, config)
 
     def _chunk(self, size: int) -> int:
         # Grow the part size for huge archives so that they stay under S3's 10,000 parts.
@@ -126,16 +171,28 @@ class OffsiteStore:
     def _part_size(self, size: int) -> int | None:
         """The part size the transfer will use for ``size`` bytes; None for a single PUT."""
         chunk = self._chunk(size)
-        return None if size < chunk else ChunksizeAdjuster().adjust_chunksize(chunk, size)
+        if size < chunk:
+            return None
+        from s3transfer.utils import ChunksizeAdjuster  # type: ignore[import-untyped]  # no type hints
 
-    def _transfer_config(self, size: int) -> TransferConfig:
+        return int(ChunksizeAdjuster().adjust_chunksize(chunk, size))
+
+    def _transferred(self, size: int, action: Callable[[S3Transfer], object]) -> None:
+        """Run ``action`` with boto3's managed transfer (multipart and parallel above the part
+        size) for an object of ``size`` bytes; its failures are S3 errors (:data:`_S3_ERRORS`)."""
+        from boto3.exceptions import Boto3Error  # type: ignore[import-untyped]  # no type hints
+        from boto3.s3.transfer import S3Transfer, TransferConfig
+
         chunk = self._chunk(size)
-        return TransferConfig(
-            multipart_threshold=chunk,
-            multipart_chunksize=chunk,
-            max_concurrency=self.location.concurrency,
-            use_threads=True,
-        )
+        config = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=self.location.concurrency, use_threads=True)
+        try:
+            with S3Transfer(self._s3, config) as transfer:
+                action(transfer)
+        except Boto3Error as exc:
+            raise TransferFailed(str(exc)) from None
+
+    def _download(self, key: str, path: Path, size: int = 0) -> None:
+        self._transferred(size, lambda transfer: transfer.download_file(self.location.bucket, key, str(path)))
 
     def upload(self, entry: BackupEntry) -> OffsiteCopy:
         """Copy one backup (archive first, manifest last) and check the archive's hash in S3.
@@ -175,13 +232,14 @@ class OffsiteStore:
         archive_key = loc.key(entry.name, manifest.archive)
 
         def copy() -> None:
-            self._s3.upload_file(
-                str(entry.archive_path),
-                loc.bucket,
-                archive_key,
-                ExtraArgs={"Metadata": {"sha256": manifest.archive_sha256}, "StorageClass": loc.storage_class, "ChecksumAlgorithm": "SHA256"},
-                Config=self._transfer_config(manifest.archive_bytes),
-            )
+            extra = {"Metadata": {"sha256": manifest.archive_sha256}, "StorageClass": loc.storage_class, "ChecksumAlgorithm": "SHA256"}
+            if part_size is None:  # the one PUT the transfer manager would send, without loading it
+                with open(entry.archive_path, "rb") as body:
+                    self._s3.put_object(Bucket=loc.bucket, Key=archive_key, Body=body, **extra)
+            else:
+                self._transferred(
+                    manifest.archive_bytes, lambda transfer: transfer.upload_file(str(entry.archive_path), loc.bucket, archive_key, extra_args=extra)
+                )
             self._check_archive(archive_key, manifest, expected)
             for file_name in file_names:
                 self._s3.put_object(
@@ -191,7 +249,8 @@ class OffsiteStore:
                     ChecksumAlgorithm="SHA256",
                 )
 
-        expected = object_checksums(entry.archive_path, self._part_size(manifest.archive_bytes))
+        part_size = self._part_size(manifest.archive_bytes)
+        expected = object_checksums(entry.archive_path, part_size)
         with_retries(f"upload of {entry.name} to {loc.url}", loc.attempts, loc.retry_base_seconds, copy)
         return archive_key
 
@@ -294,7 +353,7 @@ class OffsiteStore:
                 place.mkdir(exist_ok=True)
                 self._fetch_archive(name, pack.archive, pack.archive_bytes, place)
                 atomic_write_text(place / PACK, pack.to_json())
-            self._s3.download_file(loc.bucket, loc.key(manifest.name, CHECKSUMS), str(own / CHECKSUMS))
+            self._download(loc.key(manifest.name, CHECKSUMS), own / CHECKSUMS)
             atomic_write_text(own / MANIFEST, manifest.to_json())
 
         with_retries(f"download of {manifest.name} from {loc.url}", loc.attempts, loc.retry_base_seconds, fetch)
@@ -309,8 +368,8 @@ class OffsiteStore:
                 f"s3://{loc.bucket}/{archive_key} is in {head['StorageClass']}: request a restore first "
                 "(aws s3api restore-object), wait for it, then run the restore again"
             )
-        self._s3.download_file(loc.bucket, archive_key, str(place / archive), Config=self._transfer_config(size))
-        self._s3.download_file(loc.bucket, loc.key(name, archive + ".sha256"), str(place / (archive + ".sha256")))
+        self._download(archive_key, place / archive, size)
+        self._download(loc.key(name, archive + ".sha256"), place / (archive + ".sha256"))
 
     def prune(self, doomed: list[Manifest]) -> None:
         """Delete backups from the bucket without taking content a kept one needs: each

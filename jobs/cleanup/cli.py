@@ -15,13 +15,13 @@ from mlwarden.jobs.cleanup import delete, fileops, plan, rules, safety
 from mlwarden.jobs.report import (
     PUSHGATEWAY_ENV,
     JobReport,
+    ReportGauge,
     expected_interval_setting,
     grace_setting,
     late_severity_setting,
     schedule_of,
     timeout_setting,
 )
-from prometheus_client import Gauge
 
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
@@ -152,7 +152,7 @@ def _run(settings: CleanupSettings, report: JobReport) -> int:
         return _plan_and_delete(settings, gauges)
 
 
-def _plan_and_delete(settings: CleanupSettings, gauges: dict[str, Gauge]) -> int:
+def _plan_and_delete(settings: CleanupSettings, gauges: dict[str, ReportGauge]) -> int:
     plans = _plan(settings)
     files = sum(len(p.files) for p in plans)
     size = sum(p.bytes for p in plans)
@@ -231,7 +231,7 @@ def _confirm(files: int, size: int) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict[str, Gauge]) -> int:
+def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict[str, ReportGauge]) -> int:
     total = delete.DeleteResult()
     progress = Progress("cleanup", sum(p.bytes for p in plans))
     try:
@@ -247,7 +247,7 @@ def _execute(plans: list[plan.RootPlan], settings: CleanupSettings, gauges: dict
     return ExitCode.FAILURE if total.errors else ExitCode.OK
 
 
-def _report_deleted(total: delete.DeleteResult, gauges: dict[str, Gauge]) -> None:
+def _report_deleted(total: delete.DeleteResult, gauges: dict[str, ReportGauge]) -> None:
     gauges["deleted_files"].set(total.files)
     gauges["freed_bytes"].set(total.bytes)
     for reason, count in total.skipped.items():
