@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import os
 import random
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 from mlwarden.jobs.backup.offsite import object_checksums
-from test_backup_support import backup, forget_pushed, make_models, only_entry, pushed
+from test_backup_support import backup, forget_pushed, make_models, mlwarden, only_entry, pushed, s3_env, tree  # noqa: F401  (s3_env is a fixture)
 
 from mlwarden import components
 
@@ -243,3 +245,36 @@ def test_an_archive_under_the_part_size_goes_up_without_boto3s_transfer_manager_
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["prometheus_client"]
     assert "mlwarden_backup_offsite_success 1.0" in (tmp_path / "mlwarden_backup.prom").read_text()
+
+
+def test_a_missing_pack_that_s3_hides_behind_403_is_uploaded(
+    tmp_path: Path, s3_env: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without s3:ListBucket, S3 answers a HEAD of a missing key with 403 Forbidden, not 404."""
+    import botocore.exceptions
+    from mlwarden.jobs.backup import offsite
+
+    real_client = offsite.s3_client
+
+    class WithoutListBucket:
+        def __init__(self, client: Any) -> None:
+            self._client = client
+
+        def head_object(self, **kwargs: Any) -> Any:
+            try:
+                return self._client.head_object(**kwargs)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                raise botocore.exceptions.ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject") from None
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._client, name)
+
+    monkeypatch.setattr(offsite, "s3_client", lambda *args: WithoutListBucket(real_client(*args)))
+    models, backups = make_models(tmp_path / "models"), tmp_path / "backups"
+    assert backup(models, backups) == 0  # no off-site copy yet: its pack is not in the bucket
+    (models / "new.bin").write_bytes(os.urandom(3000))
+    assert backup(models, backups, "--force", *s3_env) == 0  # needs the first pack, which HEAD calls forbidden
+    assert mlwarden("restore", "latest", "--from-s3", *s3_env, "--to", tmp_path / "restored") == 0
+    assert tree(tmp_path / "restored") == tree(models)

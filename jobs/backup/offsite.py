@@ -259,7 +259,14 @@ class OffsiteStore:
         try:
             self._s3.head_object(Bucket=self.location.bucket, Key=self.location.key(check_backup_name(name), PACK))
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return False
+            if code in ("403", "AccessDenied", "Forbidden"):
+                # S3 answers a HEAD of a missing key with 403, not 404, to credentials without
+                # s3:ListBucket (a least-privilege policy). Taken as missing, the pack goes up again
+                # (same bytes); if reading is denied too, the check after the upload says so.
+                log.info("S3 answered 403 for pack %s in %s (no s3:ListBucket?): uploading it", name, self.location.url)
                 return False
             raise OffsiteError(f"cannot look for pack {name} in {self.location.url}: {exc}") from None
         except _S3_ERRORS as exc:
