@@ -38,7 +38,7 @@ if ! (cd "$work" && $PY -c 'import mlwarden.exporter, pynvml, prometheus_client'
 fi
 
 log "what each NVML call costs, idle"
-(cd "$work" && $PY "$ROOT/bench/nvml_call_costs.py" --passes 20 --interval 0.5 --xid-seconds 5) >"$OUT/nvml-call-costs-idle.txt" 2>&1
+(cd "$work" && $PY "$ROOT/bench/nvml_call_costs.py" --passes 40 --interval 0.5 --xid-seconds 5) >"$OUT/nvml-call-costs-idle.txt" 2>&1
 head -2 "$OUT/nvml-call-costs-idle.txt" | tee -a "$OUT/steps.log"
 
 mkdir -p "$work/backups" "$work/experiments" "$work/state"
@@ -116,10 +116,10 @@ wait "$ours"; log "exporter exit status after SIGTERM: $?"
 log "exporter log: $(grep -c '' "$OUT/exporter.log") lines, $(grep -c -i -E 'error|warning' "$OUT/exporter.log") with error/warning"
 
 log "what each NVML call costs, under load"
-$PY bench/gpu_load.py --seconds 20 --memory-gib 4 >>"$OUT/gpu_load.log" 2>&1 &
+$PY bench/gpu_load.py --seconds 25 --memory-gib 4 >>"$OUT/gpu_load.log" 2>&1 &
 load=$!
 sleep 3
-(cd "$work" && $PY "$ROOT/bench/nvml_call_costs.py" --passes 20 --interval 0.5 --xid-seconds 0) >"$OUT/nvml-call-costs-load.txt" 2>&1
+(cd "$work" && $PY "$ROOT/bench/nvml_call_costs.py" --passes 40 --interval 0.5 --xid-seconds 0) >"$OUT/nvml-call-costs-load.txt" 2>&1
 head -2 "$OUT/nvml-call-costs-load.txt" | tee -a "$OUT/steps.log"
 wait "$load"
 rm -rf "$work"
