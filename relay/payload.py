@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mlwarden.relay import jsonio
+
 
 class PayloadError(ValueError):
     """The body is not a usable Alertmanager webhook payload; the message says why."""
@@ -44,7 +46,7 @@ class Notification:
 
 def parse(body: bytes) -> Notification:
     try:
-        doc = json.loads(body)
+        doc = jsonio.decode(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise PayloadError(f"body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):

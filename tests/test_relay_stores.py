@@ -81,6 +81,31 @@ def test_claim_lease_reschedule_deliver_and_dead_letter(store: Store) -> None:
     assert store.outbox_stats()[0] == 1
 
 
+def test_claims_that_go_on_after_the_last_one_take_every_head_once_in_order(store: Store) -> None:
+    # How the outbox gathers a digest: a claim, then steps that each go on behind the last job
+    # claimed. Priority, per-key order and leases hold as for claims from the top.
+    severities = ["warning", "info", "critical", "warning", "info", "warning", "critical", "warning"]
+    jobs = [Job("ops", Notice(kind="firing", key=f"k{i}", alertname=f"a{i}", severity=severity),
+                created_at=100.0, due_at=100.0) for i, severity in enumerate(severities)]
+    later = Job("ops", Notice(kind="resolved", key="k0", alertname="a0", severity="warning"), created_at=100.0, due_at=100.0)
+    store.enqueue([*jobs, later])
+    claimed = store.claim("ops", 100.0, limit=3, lease=60)
+    while (step := store.claim("ops", 100.0, 2, 60, claimed[-1])):
+        claimed += step
+    assert [j.notice.alertname for j in claimed] == ["a2", "a6", "a0", "a3", "a5", "a7", "a1", "a4"]
+    assert later.id not in {j.id for j in claimed}  # its key's trigger is still out
+    assert store.claim("ops", 100.0, limit=10, lease=60) == []  # every one of them is leased
+
+    # The relay dies mid-digest, before recording anything: when the leases run out, the same
+    # jobs come back, each once, in the same order, and the resolve still waits for its trigger.
+    again = store.claim("ops", 200.0, limit=3, lease=60)
+    while (step := store.claim("ops", 200.0, 2, 60, again[-1])):
+        again += step
+    assert [j.id for j in again] == [j.id for j in claimed]
+    store.delivered(again)
+    assert [j.id for j in store.claim("ops", 200.0, limit=10, lease=60)] == [later.id]
+
+
 def test_a_claimed_notice_is_the_one_stored_in_memory_and_after_a_restart(tmp_path: Path) -> None:
     # The SQLite store hands the outbox the notices intake built while it holds them, and
     # decodes the stored JSON otherwise: both must be the same notice.

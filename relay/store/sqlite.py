@@ -19,7 +19,6 @@ out at once instead of after a lease.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
 import threading
@@ -27,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlwarden.relay import jsonio
+from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
@@ -85,6 +86,16 @@ Row = tuple[Any, ...]
 
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
+# Picks and leases, in one statement, the due jobs of one destination and rank after a sequence
+# number that head their key's line: a job that waits (for its retry, or leased) keeps the later
+# jobs of its key waiting. RETURNING gives its rows in no particular order.
+_CLAIM = (
+    f"UPDATE jobs SET leased_until = ? WHERE id IN (SELECT id FROM jobs AS j INDEXED BY jobs_claim"
+    f" WHERE destination = ? AND status = '{PENDING}' AND rank = ? AND seq > ? AND due_at <= ? AND leased_until <= ?"
+    f" AND NOT EXISTS (SELECT 1 FROM jobs AS e WHERE e.destination = j.destination AND e.key = j.key"
+    f" AND e.status = '{PENDING}' AND e.seq < j.seq) ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank"
+)
+TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
 # Notices kept in memory for the outbox (see SQLiteStore._notice): two seconds of a warning flood
@@ -163,7 +174,7 @@ class SQLiteStore(Store):
         db.executemany("DELETE FROM key_state WHERE key = ?", [(k,) for k, s in result.states.items() if s is None])
         db.executemany(
             "INSERT OR REPLACE INTO key_state VALUES (?, ?)",
-            [(k, json.dumps(s.to_dict())) for k, s in result.states.items() if s is not None],
+            [(k, jsonio.encode(s.to_dict())) for k, s in result.states.items() if s is not None],
         )
         self._insert_jobs(db, result.jobs)
         if result.heartbeat:
@@ -177,7 +188,7 @@ class SQLiteStore(Store):
             chunk = keys[start : start + _KEYS_PER_QUERY]
             marks = ",".join("?" * len(chunk))
             for key, state in db.execute(f"SELECT key, state FROM key_state WHERE key IN ({marks})", chunk):
-                states[key] = KeyState.from_dict(json.loads(state))
+                states[key] = KeyState.from_dict(jsonio.decode(state))
         return states
 
     def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
@@ -191,7 +202,7 @@ class SQLiteStore(Store):
         for i, j in enumerate(jobs):
             notice = encoded.get(id(j.notice))
             if notice is None:
-                notice = encoded[id(j.notice)] = json.dumps(j.notice.to_dict())
+                notice = encoded[id(j.notice)] = jsonio.encode(j.notice.to_dict())
             rows.append((j.id, j.destination, notice, j.created_at, j.due_at, j.attempts, j.status, j.last_error,
                          first + i, j.notice.key, j.rank))
         db.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -205,18 +216,20 @@ class SQLiteStore(Store):
             self._insert_jobs(db, jobs)
         self._remember(jobs)
 
-    def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
+    def claim(self, destination: str, now: float, limit: int, lease: float, after: Job | None = None) -> list[Job]:
+        # Rank by rank, each a seek into jobs_claim at the first row it may take: one statement
+        # over all ranks (ORDER BY rank DESC, seq) could only skip the rows before ``after`` one
+        # by one.
+        first_rank, first_seq = (after.rank, after.seq) if after is not None else (TOP_RANK, -1)
+        rows: list[Row] = []
         with self._transaction() as db:
-            # A job that waits (for its retry, or leased) keeps the later jobs of its key waiting.
-            # One statement picks and leases (RETURNING gives its rows in no particular order).
-            rows = db.execute(
-                f"UPDATE jobs SET leased_until = ? WHERE id IN (SELECT id FROM jobs AS j INDEXED BY jobs_claim"
-                f" WHERE destination = ? AND status = '{PENDING}' AND due_at <= ? AND leased_until <= ?"
-                " AND NOT EXISTS (SELECT 1 FROM jobs AS e"
-                f" WHERE e.destination = j.destination AND e.key = j.key AND e.status = '{PENDING}'"
-                f" AND e.seq < j.seq) ORDER BY rank DESC, seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank",
-                (now + lease, destination, now, now, limit),
-            ).fetchall()
+            for rank in range(first_rank, -1, -1):
+                rows += db.execute(
+                    _CLAIM, (now + lease, destination, rank, first_seq if rank == first_rank else -1, now, now,
+                             limit - len(rows)),
+                ).fetchall()
+                if len(rows) >= limit:
+                    break
         rows.sort(key=lambda r: (-r[-1], r[-2]))  # highest rank first, then in sequence
         return [self._job(row) for row in rows]
 
@@ -265,7 +278,7 @@ class SQLiteStore(Store):
         changes once stored, so the object intake stored is the one a decode would rebuild.
         """
         notice = self._notices.get(job_id)
-        return notice if notice is not None else Notice.from_dict(json.loads(stored))
+        return notice if notice is not None else Notice.from_dict(jsonio.decode(stored))
 
     def _remember(self, jobs: Sequence[Job]) -> None:
         """Keep the notices of ``jobs``, just committed, while there is room. When there is none, the
@@ -290,7 +303,7 @@ class SQLiteStore(Store):
                 f"SELECT id, notice FROM jobs WHERE destination = ? AND key = ? AND status = '{PENDING}'"
                 " ORDER BY seq LIMIT 1", (destination, key),
             ).fetchone()
-            if row is None or json.loads(row[1])["kind"] not in CLOSES:
+            if row is None or jsonio.decode(row[1])["kind"] not in CLOSES:
                 return dropped
             db.execute("UPDATE jobs SET status = ?, last_error = ? WHERE id = ?", (DEAD, TRIGGER_UNDELIVERED, row[0]))
             dropped += 1
@@ -311,13 +324,13 @@ class SQLiteStore(Store):
 
     def key_states(self, limit: int = 1000) -> list[KeyState]:
         rows = self._read("SELECT state FROM key_state ORDER BY key LIMIT ?", (limit,))
-        return [KeyState.from_dict(json.loads(r[0])) for r in rows]
+        return [KeyState.from_dict(jsonio.decode(r[0])) for r in rows]
 
     def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
         with self._transaction() as db:
             state = self._acknowledged(self._states(db, [key]).get(key), by, comment, now)
             if state is not None:
-                db.execute("UPDATE key_state SET state = ? WHERE key = ?", (json.dumps(state.to_dict()), key))
+                db.execute("UPDATE key_state SET state = ? WHERE key = ?", (jsonio.encode(state.to_dict()), key))
             return state
 
     def jobs(self, limit: int = 1000) -> list[Job]:
@@ -447,7 +460,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     ordered = db.execute("SELECT id, notice FROM jobs ORDER BY created_at, id").fetchall()
     db.executemany(
         "UPDATE jobs SET key = ?, seq = ?, rank = ? WHERE id = ?",
-        [(json.loads(notice)["key"], i + 1, severity_rank(json.loads(notice)["severity"]), job_id)
+        [(jsonio.decode(notice)["key"], i + 1, severity_rank(jsonio.decode(notice)["severity"]), job_id)
          for i, (job_id, notice) in enumerate(ordered)],
     )
     db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(len(ordered)),))
