@@ -106,6 +106,29 @@ def test_claims_that_go_on_after_the_last_one_take_every_head_once_in_order(stor
     assert [j.id for j in store.claim("ops", 200.0, limit=10, lease=60)] == [later.id]
 
 
+def test_a_transaction_that_fails_leaves_the_sqlite_stores_lines_as_they_were(tmp_path: Path) -> None:
+    # The SQLite store keeps each key's line of pending jobs in memory (see sqlite._Lines): a
+    # webhook whose transaction rolls back must not leave its jobs there, where they would hold
+    # back, for ever, the next job of their keys.
+    config = make_config()
+    store = SQLiteStore(tmp_path / "relay.db")
+    stored = intake.request(payload.parse(body(alert(name="A"))), body(alert(name="A")), 100.0, config)
+
+    def fails(_: Any) -> Any:
+        raise RuntimeError("a bug in the plan")
+
+    broken = IntakeRequest("other", b"{}", [], 100.0, 0.0, fails)
+    with pytest.raises(RuntimeError):
+        store.intake_batch([stored, broken])  # the first one's jobs were written, then rolled back
+    assert store.jobs() == []
+    assert accept(store, config, body(alert(name="A")), 101.0) is not None
+    [job] = store.claim("ops", 101.0, limit=10, lease=60)
+    store.close()
+    reopened = SQLiteStore(tmp_path / "relay.db")  # and the lines read back at open agree
+    assert [j.id for j in reopened.claim("ops", 1000.0, limit=10, lease=60)] == [job.id]
+    reopened.close()
+
+
 def test_a_claimed_notice_is_the_one_stored_in_memory_and_after_a_restart(tmp_path: Path) -> None:
     # The SQLite store hands the outbox the notices intake built while it holds them, and
     # decodes the stored JSON otherwise: both must be the same notice.

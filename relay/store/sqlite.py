@@ -73,10 +73,16 @@ CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (created_at) WHERE status = 'dead';
 # Added with per-key order; a store written by an older relay gets them on open (see _migrate).
 _ORDER_COLUMNS = (("key", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER NOT NULL DEFAULT 0"),
                   ("rank", "INTEGER NOT NULL DEFAULT 1"))
+# Added with the lines in memory (see _Lines): 1 while a pending job is not its line's head.
+_HELD_COLUMN = "held INTEGER NOT NULL DEFAULT 0"
 _ORDER_INDEXES = (
-    f"CREATE INDEX IF NOT EXISTS jobs_line ON jobs (destination, key, seq) WHERE status = '{PENDING}'",
-    # In claim order, so that a claim reads its LIMIT rows and stops, however long the backlog.
-    f"CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, rank DESC, seq) WHERE status = '{PENDING}'",
+    # jobs_line (destination, key, seq) found each line's head for the claim, and jobs_claim was
+    # jobs_ready with held jobs in it: both replaced by the lines in memory and jobs_ready.
+    "DROP INDEX IF EXISTS jobs_line",
+    "DROP INDEX IF EXISTS jobs_claim",
+    # The heads of the lines, in claim order: a claim seeks to its first row and reads its LIMIT
+    # rows, however long the backlog, passing over no job that waits behind another of its key.
+    f"CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (destination, rank DESC, seq) WHERE status = '{PENDING}' AND held = 0",
 )
 
 log = logging.getLogger(__name__)
@@ -88,12 +94,11 @@ _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 # Picks and leases, in one statement, the due jobs of one destination and rank after a sequence
 # number that head their key's line: a job that waits (for its retry, or leased) keeps the later
-# jobs of its key waiting. RETURNING gives its rows in no particular order.
+# jobs of its key waiting (held). RETURNING gives its rows in no particular order.
 _CLAIM = (
-    f"UPDATE jobs SET leased_until = ? WHERE id IN (SELECT id FROM jobs AS j INDEXED BY jobs_claim"
-    f" WHERE destination = ? AND status = '{PENDING}' AND rank = ? AND seq > ? AND due_at <= ? AND leased_until <= ?"
-    f" AND NOT EXISTS (SELECT 1 FROM jobs AS e WHERE e.destination = j.destination AND e.key = j.key"
-    f" AND e.status = '{PENDING}' AND e.seq < j.seq) ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank"
+    f"UPDATE jobs SET leased_until = ? WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_ready"
+    f" WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ? AND due_at <= ?"
+    f" AND leased_until <= ? ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank"
 )
 TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
@@ -124,6 +129,7 @@ class SQLiteStore(Store):
         self._path = path
         self._closing = threading.Event()
         self._lock = threading.Lock()  # one connection, one transaction at a time
+        self._lines = _Lines()
         # The notices of jobs this process stored, by job id (see _notice).
         self._notices: dict[str, Notice] = {}
         try:
@@ -140,6 +146,9 @@ class SQLiteStore(Store):
             for index in _ORDER_INDEXES:
                 self._db.execute(index)
             self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
+            with _transaction(self._db) as db:
+                self._lines.load(db)
+            self._lines.commit()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from None
         self._checkpointer = _Checkpointer(path)
@@ -147,8 +156,15 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, _transaction(self._db) as db:
-            yield db
+        """A write transaction; the changes it made to the lines are kept only if it commits."""
+        with self._lock:
+            try:
+                with _transaction(self._db) as db:
+                    yield db
+            except BaseException:
+                self._lines.rollback()
+                raise
+            self._lines.commit()
 
     def intake(
         self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner
@@ -203,9 +219,11 @@ class SQLiteStore(Store):
             notice = encoded.get(id(j.notice))
             if notice is None:
                 notice = encoded[id(j.notice)] = jsonio.encode(j.notice.to_dict())
+            heads = j.status != PENDING or self._lines.add(j.destination, j.notice.key, j.id)
             rows.append((j.id, j.destination, notice, j.created_at, j.due_at, j.attempts, j.status, j.last_error,
-                         first + i, j.notice.key, j.rank))
-        db.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                         first + i, j.notice.key, j.rank, int(not heads)))
+        db.executemany(
+            f"INSERT INTO jobs ({_JOB_COLUMNS}, key, rank, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
         with self._transaction() as db:
@@ -239,6 +257,7 @@ class SQLiteStore(Store):
             step = jobs[start : start + STEP_ROWS]
             with self._transaction() as db:
                 db.executemany("DELETE FROM jobs WHERE id = ?", [(j.id,) for j in step])
+                self._leave_lines(db, [(j.destination, j.notice.key, j.id) for j in step])
                 db.executemany("INSERT OR IGNORE INTO told VALUES (?, ?)",
                                [(j.destination, j.notice.key) for j in step if j.notice.kind in OPENS])
                 db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
@@ -258,6 +277,7 @@ class SQLiteStore(Store):
                 "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(DEAD, error, j.id) for j in jobs],
             )
+            self._leave_lines(db, [(j.destination, j.notice.key, j.id) for j in jobs])
             orphans = sum(self._drop_orphan_closes(db, j.destination, j.notice.key) for j in jobs if j.notice.kind in OPENS)
         self._forget(jobs)
         return orphans
@@ -292,21 +312,25 @@ class SQLiteStore(Store):
         for job in jobs:
             self._notices.pop(job.id, None)
 
-    @staticmethod
-    def _drop_orphan_closes(db: sqlite3.Connection, destination: str, key: str) -> int:
+    def _leave_lines(self, db: sqlite3.Connection, jobs: Sequence[tuple[str, str, str]]) -> None:
+        """Take jobs (destination, key, id), no longer pending, out of their lines; the next job of
+        each line becomes its head."""
+        heads = [(head,) for line in jobs if (head := self._lines.remove(*line)) is not None]
+        db.executemany("UPDATE jobs SET held = 0 WHERE id = ?", heads)
+
+    def _drop_orphan_closes(self, db: sqlite3.Connection, destination: str, key: str) -> int:
         """Dead-letter the closing notices now heading ``key``'s line if nothing they close was delivered."""
         if db.execute("SELECT 1 FROM told WHERE destination = ? AND key = ?", (destination, key)).fetchone():
             return 0
         dropped = 0
-        while True:
-            row = db.execute(
-                f"SELECT id, notice FROM jobs WHERE destination = ? AND key = ? AND status = '{PENDING}'"
-                " ORDER BY seq LIMIT 1", (destination, key),
-            ).fetchone()
-            if row is None or jsonio.decode(row[1])["kind"] not in CLOSES:
-                return dropped
-            db.execute("UPDATE jobs SET status = ?, last_error = ? WHERE id = ?", (DEAD, TRIGGER_UNDELIVERED, row[0]))
+        while (head := self._lines.head(destination, key)) is not None:
+            row = db.execute("SELECT notice FROM jobs WHERE id = ?", (head,)).fetchone()
+            if jsonio.decode(row[0])["kind"] not in CLOSES:
+                break
+            db.execute("UPDATE jobs SET status = ?, last_error = ? WHERE id = ?", (DEAD, TRIGGER_UNDELIVERED, head))
+            self._leave_lines(db, [(destination, key, head)])
             dropped += 1
+        return dropped
 
     def announce_watchdog(self, previous: str, current: str, jobs: Sequence[Job]) -> bool:
         with self._transaction() as db:
@@ -343,11 +367,14 @@ class SQLiteStore(Store):
 
     def retry_dead(self, job_id: str, now: float) -> Job | None:
         with self._transaction() as db:
-            if not db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND status = '{DEAD}'", (job_id,)).fetchone():
+            row = db.execute(f"SELECT destination, key FROM jobs WHERE id = ? AND status = '{DEAD}'", (job_id,)).fetchone()
+            if row is None:
                 return None
+            held = not self._lines.add(row[0], row[1], job_id)
             db.execute(
-                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ? WHERE id = ?",
-                (now, _next_seq(db, 1), job_id),
+                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ?, held = ?"
+                " WHERE id = ?",
+                (now, _next_seq(db, 1), int(held), job_id),
             )
             return self._job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
@@ -395,6 +422,71 @@ class SQLiteStore(Store):
                 return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite: {exc}") from None
+
+
+class _Lines:
+    """Each (destination, key)'s pending jobs in sequence order, in memory: who heads each line.
+
+    Per-key order asks of every claimed job that it be the first pending job of its key and
+    destination. An index on (destination, key, seq) answered that, but keys are hashes: each job
+    stored or finished wrote a page of that index at random. One process owns the file (see the
+    module's doc), so the lines live here: read from the jobs at open, changed by the
+    transactions that change the jobs, and written to the file only as each pending job's
+    ``held`` (1: not its line's head), which keeps it out of the claim index. A transaction's
+    changes are staged and kept only if it commits.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[tuple[str, str], list[str]] = {}  # job ids, in sequence order
+        self._staged: dict[tuple[str, str], list[str]] = {}
+
+    def load(self, db: sqlite3.Connection) -> None:
+        """Read the lines from the pending jobs (inside a transaction), and mark each job held or not."""
+        self._lines.clear()
+        wrong = []
+        for destination, key, job_id, held in db.execute(
+            f"SELECT destination, key, id, held FROM jobs WHERE status = '{PENDING}' ORDER BY seq"
+        ):
+            head = self.add(destination, key, job_id)
+            if held == head:  # as a store from before the lines left it (held 0 for all)
+                wrong.append((int(not head), job_id))
+        db.executemany("UPDATE jobs SET held = ? WHERE id = ?", wrong)
+
+    def _staged_line(self, destination: str, key: str) -> list[str]:
+        line = self._staged.get((destination, key))
+        if line is None:
+            line = self._staged[(destination, key)] = list(self._lines.get((destination, key), ()))
+        return line
+
+    def add(self, destination: str, key: str, job_id: str) -> bool:
+        """Put a job at the end of its line; True when it heads the line."""
+        line = self._staged_line(destination, key)
+        line.append(job_id)
+        return len(line) == 1
+
+    def remove(self, destination: str, key: str, job_id: str) -> str | None:
+        """Take a job out of its line; the job that heads the line in its place, if any."""
+        line = self._staged_line(destination, key)
+        if job_id not in line:
+            return None
+        was_head = line[0] == job_id
+        line.remove(job_id)
+        return line[0] if was_head and line else None
+
+    def head(self, destination: str, key: str) -> str | None:
+        line = self._staged.get((destination, key), self._lines.get((destination, key)))
+        return line[0] if line else None
+
+    def commit(self) -> None:
+        for name, line in self._staged.items():
+            if line:
+                self._lines[name] = line
+            else:
+                self._lines.pop(name, None)
+        self._staged.clear()
+
+    def rollback(self) -> None:
+        self._staged.clear()
 
 
 class _Checkpointer(threading.Thread):
@@ -452,6 +544,8 @@ def _next_seq(db: sqlite3.Connection, count: int) -> int:
 def _migrate(db: sqlite3.Connection) -> None:
     """Give a store written before per-key order its order columns; its jobs keep their old order."""
     present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "held" not in present:  # its values are set at open, from the lines (see _Lines.load)
+        db.execute(f"ALTER TABLE jobs ADD COLUMN {_HELD_COLUMN}")
     missing = [(name, kind) for name, kind in _ORDER_COLUMNS if name not in present]
     if not missing:
         return
