@@ -200,3 +200,49 @@ def test_a_store_written_before_per_key_order_keeps_its_jobs_in_order(tmp_path: 
         assert trigger.id == "a"
     finally:
         upgraded.close()
+
+
+def test_a_store_from_before_the_lines_in_memory_keeps_its_lines(tmp_path: Path) -> None:
+    # The jobs table as the relay wrote it with per-key order and before the lines moved into
+    # memory: WITHOUT ROWID, no held column, jobs_line and jobs_claim. Opening rebuilds it; every
+    # job keeps its place in its line.
+    import json
+    import sqlite3
+
+    from mlwarden.relay.store.sqlite import SQLiteStore
+
+    db = sqlite3.connect(tmp_path / "relay.db")
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, destination TEXT NOT NULL, notice TEXT NOT NULL,"
+        " created_at REAL NOT NULL, due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0,"
+        " attempts INTEGER NOT NULL, status TEXT NOT NULL, last_error TEXT NOT NULL, key TEXT NOT NULL DEFAULT '',"
+        " seq INTEGER NOT NULL DEFAULT 0, rank INTEGER NOT NULL DEFAULT 1) WITHOUT ROWID;"
+        " CREATE INDEX jobs_line ON jobs (destination, key, seq) WHERE status = 'pending';"
+        " CREATE INDEX jobs_claim ON jobs (destination, rank DESC, seq) WHERE status = 'pending';"
+        " CREATE TABLE kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        " INSERT INTO kv VALUES ('job_seq', '4');"
+    )
+    for job_id, kind, key, seq in (("t1", "firing", "k", 1), ("o", "firing", "other", 2), ("r1", "resolved", "k", 3),
+                                   ("t2", "firing", "k", 4)):
+        notice = {"kind": kind, "key": key, "alertname": "A", "severity": "critical", "level": 0, "labels": {},
+                  "annotations": {}, "starts_at": "", "generator_url": "", "occurrences": 1, "reason": ""}
+        db.execute("INSERT INTO jobs VALUES (?, 'pd', ?, 100.0, 100.0, 0, 0, 'pending', '', ?, ?, 2)",
+                   (job_id, json.dumps(notice), key, seq))
+    db.commit()
+    db.close()
+
+    upgraded = SQLiteStore(tmp_path / "relay.db")
+    try:
+        table = upgraded._read("SELECT sql FROM sqlite_master WHERE name = 'jobs'")[0][0]
+        assert "WITHOUT ROWID" not in table.upper()
+        indexes = {r[0] for r in upgraded._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"jobs_ready", "jobs_dead"} <= indexes and not {"jobs_line", "jobs_claim"} & indexes
+        delivered = []
+        for now in (101.0, 102.0, 103.0):
+            claimed = upgraded.claim("pd", now, 10, lease=60)
+            upgraded.delivered(claimed)
+            delivered.append(sorted(j.id for j in claimed))
+        assert delivered == [["o", "t1"], ["r1"], ["t2"]]
+        assert upgraded.jobs() == []
+    finally:
+        upgraded.close()

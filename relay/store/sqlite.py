@@ -47,35 +47,42 @@ from mlwarden.relay.store.base import (
     severity_rank,
 )
 
-SCHEMA = """
+# A rowid table: as a WITHOUT ROWID table ordered by its text id, its rows of 700 bytes and more
+# rebalanced three pages at every append (7 of the 28 WAL pages a webhook of 10 alerts wrote);
+# a rowid table appends at its end. Stores written before are rebuilt on open (see _migrate).
+_JOBS_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
+    id TEXT NOT NULL UNIQUE, destination TEXT NOT NULL, notice TEXT NOT NULL, created_at REAL NOT NULL,
+    due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL,
+    status TEXT NOT NULL, last_error TEXT NOT NULL, key TEXT NOT NULL DEFAULT '', seq INTEGER NOT NULL DEFAULT 0,
+    rank INTEGER NOT NULL DEFAULT 1, held INTEGER NOT NULL DEFAULT 0)"""
+_JOBS_ALL_COLUMNS = "id, destination, notice, created_at, due_at, leased_until, attempts, status, last_error, key, seq, rank, held"
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_payloads (
     id INTEGER PRIMARY KEY, received_at REAL NOT NULL, reason TEXT NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS key_state (key TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, destination TEXT NOT NULL, notice TEXT NOT NULL, created_at REAL NOT NULL,
-    due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL,
-    status TEXT NOT NULL, last_error TEXT NOT NULL) WITHOUT ROWID;
--- jobs_due (destination, status, due_at) served claims before per-key order; jobs_claim does now.
+{_JOBS_TABLE.format(name="jobs")};
+-- jobs_due (destination, status, due_at) served claims before per-key order; jobs_ready does now.
 DROP INDEX IF EXISTS jobs_due;
 CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- (destination, key) pairs that were delivered a trigger not yet followed by a delivered resolve.
 CREATE TABLE IF NOT EXISTS told (destination TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (destination, key))
     WITHOUT ROWID;
 -- For the prune, which otherwise scans whole tables. Times grow with arrival, so intake appends
--- at the indexes' ends; the partial index holds dead jobs only, so pending ones never touch it.
+-- at the indexes' ends (jobs_dead, with the jobs' other indexes, is in _JOB_INDEXES).
 CREATE INDEX IF NOT EXISTS payloads_received ON payloads (received_at);
 CREATE INDEX IF NOT EXISTS dead_payloads_received ON dead_payloads (received_at);
 CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires_at);
-CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (created_at) WHERE status = 'dead';
 """
-# Added with per-key order; a store written by an older relay gets them on open (see _migrate).
-_ORDER_COLUMNS = (("key", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER NOT NULL DEFAULT 0"),
-                  ("rank", "INTEGER NOT NULL DEFAULT 1"))
-# Added with the lines in memory (see _Lines): 1 while a pending job is not its line's head.
-_HELD_COLUMN = "held INTEGER NOT NULL DEFAULT 0"
-_ORDER_INDEXES = (
+# Added with per-key order (key, seq, rank) and with the lines in memory (held, see _Lines: 1 while
+# a pending job is not its line's head); a store written by an older relay gets them on open.
+_ADDED_COLUMNS = (("key", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER NOT NULL DEFAULT 0"),
+                  ("rank", "INTEGER NOT NULL DEFAULT 1"), ("held", "INTEGER NOT NULL DEFAULT 0"))
+_JOB_INDEXES = (
+    # For the prune; a partial index of dead jobs only, so pending ones never touch it.
+    f"CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (created_at) WHERE status = '{DEAD}'",
     # jobs_line (destination, key, seq) found each line's head for the claim, and jobs_claim was
     # jobs_ready with held jobs in it: both replaced by the lines in memory and jobs_ready.
     "DROP INDEX IF EXISTS jobs_line",
@@ -96,7 +103,7 @@ _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, l
 # number that head their key's line: a job that waits (for its retry, or leased) keeps the later
 # jobs of its key waiting (held). RETURNING gives its rows in no particular order.
 _CLAIM = (
-    f"UPDATE jobs SET leased_until = ? WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_ready"
+    f"UPDATE jobs SET leased_until = ? WHERE rowid IN (SELECT rowid FROM jobs INDEXED BY jobs_ready"
     f" WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ? AND due_at <= ?"
     f" AND leased_until <= ? ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank"
 )
@@ -143,7 +150,7 @@ class SQLiteStore(Store):
             self._db.executescript(SCHEMA)
             with _transaction(self._db) as db:
                 _migrate(db)
-            for index in _ORDER_INDEXES:
+            for index in _JOB_INDEXES:
                 self._db.execute(index)
             self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
             with _transaction(self._db) as db:
@@ -542,22 +549,25 @@ def _next_seq(db: sqlite3.Connection, count: int) -> int:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Give a store written before per-key order its order columns; its jobs keep their old order."""
+    """Bring a store written by an older relay up to date; its jobs keep their order."""
     present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    if "held" not in present:  # its values are set at open, from the lines (see _Lines.load)
-        db.execute(f"ALTER TABLE jobs ADD COLUMN {_HELD_COLUMN}")
-    missing = [(name, kind) for name, kind in _ORDER_COLUMNS if name not in present]
-    if not missing:
-        return
-    for name, kind in missing:
-        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
-    ordered = db.execute("SELECT id, notice FROM jobs ORDER BY created_at, id").fetchall()
-    db.executemany(
-        "UPDATE jobs SET key = ?, seq = ?, rank = ? WHERE id = ?",
-        [(jsonio.decode(notice)["key"], i + 1, severity_rank(jsonio.decode(notice)["severity"]), job_id)
-         for i, (job_id, notice) in enumerate(ordered)],
-    )
-    db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(len(ordered)),))
+    for name, kind in _ADDED_COLUMNS:
+        if name not in present:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+    if "seq" not in present:  # written before per-key order: numbered in the order they were created
+        ordered = db.execute("SELECT id, notice FROM jobs ORDER BY created_at, id").fetchall()
+        db.executemany(
+            "UPDATE jobs SET key = ?, seq = ?, rank = ? WHERE id = ?",
+            [(jsonio.decode(notice)["key"], i + 1, severity_rank(jsonio.decode(notice)["severity"]), job_id)
+             for i, (job_id, notice) in enumerate(ordered)],
+        )
+        db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(len(ordered)),))
+    table = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()[0]
+    if "WITHOUT ROWID" in table.upper():  # its indexes go with it; _JOB_INDEXES makes them again
+        db.execute(_JOBS_TABLE.format(name="jobs_rowid"))
+        db.execute(f"INSERT INTO jobs_rowid ({_JOBS_ALL_COLUMNS}) SELECT {_JOBS_ALL_COLUMNS} FROM jobs ORDER BY seq")
+        db.execute("DROP TABLE jobs")
+        db.execute("ALTER TABLE jobs_rowid RENAME TO jobs")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
