@@ -542,10 +542,15 @@ class _Checkpointer(threading.Thread):
 
 def _next_seq(db: sqlite3.Connection, count: int) -> int:
     """Reserve ``count`` sequence numbers (inside the caller's transaction); returns the first."""
-    row = db.execute("SELECT value FROM kv WHERE name = 'job_seq'").fetchone()
-    first = int(row[0]) + 1 if row else 1
-    db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(first + count - 1),))
-    return first
+    # One statement that changes the row in place: INSERT OR REPLACE deleted and inserted it,
+    # writing a page of kv's key index too, at every webhook.
+    row = db.execute(
+        "UPDATE kv SET value = CAST(value AS INTEGER) + ? WHERE name = 'job_seq' RETURNING value", (count,)
+    ).fetchone()
+    if row is None:
+        db.execute("INSERT INTO kv VALUES ('job_seq', ?)", (str(count),))
+        return 1
+    return int(row[0]) - count + 1
 
 
 def _migrate(db: sqlite3.Connection) -> None:
