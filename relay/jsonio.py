@@ -4,7 +4,7 @@ orjson does these several times faster than the standard library (encoding a key
 notice: about 1 us instead of 8), which at hundreds of webhooks a second is a good part of a
 core. What orjson refuses, the standard library does, so the relay accepts and stores exactly
 what it did before: JSON that orjson rejects but Python reads (NaN, a lone UTF-16 surrogate
-escape, nesting beyond 1,024 levels) is read by :mod:`json`, which also gives the error message
+escape) is read by :mod:`json`, which also gives the error message
 for a body that is not JSON at all; a value orjson cannot write (an integer beyond 64 bits, a
 non-string key) is written by :mod:`json`. Both write compact UTF-8 (no ASCII escapes).
 

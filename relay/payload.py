@@ -93,6 +93,16 @@ def _string_map(value: Any, where: str, required: bool) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise PayloadError(f"{where} must be an object of strings")
+    try:
+        # The usual map, checked whole: every value a string (join raises TypeError otherwise) and
+        # no lone surrogate anywhere (encode raises), so nothing to clean; as fast as one label
+        # checked in the loop below, which does the rest (and says which value is wrong).
+        "".join(value).encode()
+        "".join(value.values()).encode()
+    except (TypeError, UnicodeEncodeError):
+        pass
+    else:
+        return value
     result = {}
     for key, item in value.items():
         if not isinstance(item, str):
