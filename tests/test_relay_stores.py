@@ -270,6 +270,29 @@ def test_webhooks_arriving_together_share_one_commit_and_keep_their_own_answers(
     assert store.outbox_stats()[0] == 10
 
 
+def test_under_steady_load_a_commit_waits_for_company_and_after_a_quiet_spell_it_does_not(tmp_path: Path) -> None:
+    # Webhooks one after another (each sent once the one before was answered) shared no commit:
+    # under steady load a commit now lingers for the next. The linger here is long, so that the
+    # test says what is batched, not how fast anything is.
+    config = make_config()
+    store = CountingStore(tmp_path / "relay.db")
+    store.batches = []
+
+    async def main() -> None:
+        commits = GroupCommit(store, linger=1.0)
+        await commits.submit(intake_request(config, body(alert(name="Quiet")), 100.0))  # nothing before it: no wait
+
+        async def later(name: str) -> None:
+            await asyncio.sleep(0.01)
+            await commits.submit(intake_request(config, body(alert(name=name)), 100.0))
+
+        await asyncio.gather(commits.submit(intake_request(config, body(alert(name="Steady")), 100.0)), later("Company"))
+
+    asyncio.run(main())
+    assert store.batches == [1, 2]
+    store.close()
+
+
 def test_a_failed_group_commit_fails_every_webhook_in_it(tmp_path: Path) -> None:
     config = make_config()
     store = SQLiteStore(tmp_path / "relay.db")
