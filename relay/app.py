@@ -345,7 +345,8 @@ async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed)
             relay.metrics.escalations.labels(decision.severity).inc()
     if relay.outbox is not None and result.jobs:
         relay.outbox.wake()
-    return JSONResponse({"status": "accepted", "jobs": len(result.jobs)})
+    # Written by hand: JSONResponse's encoder costs more than the rest of the answer, at every webhook.
+    return Response(f'{{"status":"accepted","jobs":{len(result.jobs)}}}', media_type="application/json")
 
 
 def _reload_logged(relay: Relay) -> None:
