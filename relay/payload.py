@@ -21,7 +21,7 @@ class PayloadError(ValueError):
     """The body is not a usable Alertmanager webhook payload; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see notice.Notice
 class Alert:
     status: str  # "firing" | "resolved"
     labels: Mapping[str, str]

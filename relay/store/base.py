@@ -73,7 +73,7 @@ class StoreError(RuntimeError):
     """The store cannot read or commit right now (disk full, Redis down); worth retrying later."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see notice.Notice
 class Job:
     destination: str
     notice: Notice
