@@ -240,7 +240,7 @@ class SQLiteStore(Store):
         self._remember(jobs)
 
     def claim(self, destination: str, now: float, limit: int, lease: float, after: Job | None = None) -> list[Job]:
-        # Rank by rank, each a seek into jobs_claim at the first row it may take: one statement
+        # Rank by rank, each a seek into jobs_ready at the first row it may take: one statement
         # over all ranks (ORDER BY rank DESC, seq) could only skip the rows before ``after`` one
         # by one.
         first_rank, first_seq = (after.rank, after.seq) if after is not None else (TOP_RANK, -1)
@@ -541,9 +541,10 @@ class _Checkpointer(threading.Thread):
 def _insert(db: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
     """``head`` (``INSERT INTO t (columns)``) with ``rows``, many rows to a statement.
 
-    executemany runs a statement once per row, and the sqlite3 module lets go of the GIL around
-    each run: with the event loop's thread waiting for it, every row became a GIL handoff
-    between threads, which cost more CPU than the row (a webhook of 10 alerts writes 20 rows).
+    executemany runs the statement once per row, each run a trip through the sqlite3 module
+    (which lets go of the GIL around it, for the event loop's thread to take); one statement of
+    many rows is one trip. Measured on the delivered steps of a digest: 0.18 -> 0.13 ms of CPU per
+    webhook of 10 alerts.
     """
     if not rows:
         return
