@@ -8,14 +8,12 @@ acknowledges a repeat without processing it again.
 from __future__ import annotations
 
 import hashlib
-import json
 
+from mlwarden.relay import jsonio
 from mlwarden.relay.payload import Notification
 
 
 def notification_digest(notification: Notification) -> str:
     alerts = sorted((a.fingerprint, a.status) for a in notification.alerts)
-    canonical = json.dumps(
-        [notification.receiver, notification.group_key, notification.status, alerts], ensure_ascii=False
-    )
+    canonical = jsonio.encode([notification.receiver, notification.group_key, notification.status, alerts])
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -113,7 +113,7 @@ class Outbox:
                 # A flood of warnings (claims come highest priority first, so nothing urgent waits):
                 # one digest instead of a message per max_batch, which at Slack's 1 message/s
                 # would hold the destination for minutes.
-                jobs += await self._claim_more(name, now, notifier.digest_batch - len(jobs))
+                jobs += await self._claim_more(name, now, notifier.digest_batch - len(jobs), jobs[-1])
             self._limits[name].spend(now)
             task = asyncio.create_task(self._deliver(name, notifier, jobs))
             self._in_flight[name] = task
@@ -124,15 +124,20 @@ class Outbox:
     def _finished(self, name: str, _: asyncio.Task[None]) -> None:
         self._in_flight.pop(name, None)
 
-    async def _claim_more(self, name: str, now: float, count: int) -> list[Job]:
-        """Up to ``count`` more jobs, claimed in steps: each step is a short transaction, so
-        webhooks are taken between them instead of waiting for one long claim."""
+    async def _claim_more(self, name: str, now: float, count: int, after: Job) -> list[Job]:
+        """Up to ``count`` more jobs after ``after`` (the last one claimed), in steps: each step is a
+        short transaction, so webhooks are taken between them instead of waiting for one long claim.
+        Each step goes on behind the previous one: started from the top, the 25th step of a digest
+        of 5,000 read past 4,800 leased jobs first, and the steps together cost more than the rest
+        of the delivery."""
         claimed: list[Job] = []
         while len(claimed) < count:
-            step = await asyncio.to_thread(self._store.claim, name, now, min(CLAIM_STEP, count - len(claimed)), self._lease)
+            step = await asyncio.to_thread(
+                self._store.claim, name, now, min(CLAIM_STEP, count - len(claimed)), self._lease, after)
             claimed += step
             if len(step) < CLAIM_STEP:
                 break
+            after = step[-1]
         return claimed
 
     async def run_once(self) -> int:

@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mlwarden.relay import jsonio
+
 
 class PayloadError(ValueError):
     """The body is not a usable Alertmanager webhook payload; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see notice.Notice
 class Alert:
     status: str  # "firing" | "resolved"
     labels: Mapping[str, str]
@@ -44,7 +46,7 @@ class Notification:
 
 def parse(body: bytes) -> Notification:
     try:
-        doc = json.loads(body)
+        doc = jsonio.decode(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise PayloadError(f"body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -91,6 +93,16 @@ def _string_map(value: Any, where: str, required: bool) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise PayloadError(f"{where} must be an object of strings")
+    try:
+        # The usual map, checked whole: every value a string (join raises TypeError otherwise) and
+        # no lone surrogate anywhere (encode raises), so nothing to clean; as fast as one label
+        # checked in the loop below, which does the rest (and says which value is wrong).
+        "".join(value).encode()
+        "".join(value.values()).encode()
+    except (TypeError, UnicodeEncodeError):
+        pass
+    else:
+        return value
     result = {}
     for key, item in value.items():
         if not isinstance(item, str):

@@ -23,7 +23,7 @@ from mlwarden.relay.config import SEVERITIES, Escalation, Route
 from mlwarden.relay.payload import Alert
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see notice.Notice
 class KeyState:
     key: str
     severity: str
@@ -60,7 +60,7 @@ class KeyState:
         return cls(**{**data, "told": tuple(data["told"]), "labels": data.get("labels") or {}})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see notice.Notice
 class Decision:
     action: str  # "notify" | "suppress" | "resolve"
     state: KeyState | None  # None: the key's state is cleared

@@ -55,6 +55,17 @@ def test_accepted_webhook_is_stored_with_its_jobs_before_the_answer(app: tuple[T
     assert state["level"] == 1
 
 
+def test_the_webhook_answers_as_a_fastapi_route_would_outside_its_plain_post(app: tuple[TestClient, Relay]) -> None:
+    # A POST to the exact path skips FastAPI (see app._WebhookFirst); the rest still reaches its route.
+    client, relay = app
+    assert client.get(WEBHOOK_PATH, headers=AUTH).status_code == 405
+    response = client.post(WEBHOOK_PATH + "/", content=body(alert()), headers=AUTH, follow_redirects=False)
+    assert response.status_code == 307 and response.headers["location"].endswith(WEBHOOK_PATH)
+    assert outcome(relay, "accepted") == 0
+    assert client.post(WEBHOOK_PATH, content=body(alert()), headers=AUTH).json() == {"status": "accepted", "jobs": 1}
+    assert outcome(relay, "accepted") == 1
+
+
 def test_basic_auth_is_accepted(app: tuple[TestClient, Relay]) -> None:
     client, _ = app
     credentials = base64.b64encode(b"am:basic-pass").decode()

@@ -174,23 +174,29 @@ def test_two_replicas_on_redis_keep_order_when_one_is_killed_mid_delivery(
             replica.stop()
 
 
-def test_a_store_written_before_per_key_order_keeps_its_jobs_in_order(tmp_path: Path) -> None:
+def old_store(path: Path, schema: str, insert: str, jobs: list[tuple[Any, ...]]) -> None:
+    """A store as an older relay left it: its ``schema``, then each of ``jobs``, (id, kind, key,
+    the rest of ``insert``'s parameters), with a notice to ``pd`` of that kind and key."""
     import json
     import sqlite3
 
-    db = sqlite3.connect(tmp_path / "relay.db")
+    db = sqlite3.connect(path)
     db.executescript(
         "CREATE TABLE jobs (id TEXT PRIMARY KEY, destination TEXT NOT NULL, notice TEXT NOT NULL,"
         " created_at REAL NOT NULL, due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0,"
-        " attempts INTEGER NOT NULL, status TEXT NOT NULL, last_error TEXT NOT NULL) WITHOUT ROWID;"
+        f" attempts INTEGER NOT NULL, status TEXT NOT NULL, last_error TEXT NOT NULL{schema}"
     )
-    for job_id, kind, created, due in (("a", "firing", 100.0, 110.0), ("b", "resolved", 101.0, 101.0)):
-        notice = {"kind": kind, "key": "k", "alertname": "A", "severity": "critical", "level": 0, "labels": {},
+    for job_id, kind, key, *rest in jobs:
+        notice = {"kind": kind, "key": key, "alertname": "A", "severity": "critical", "level": 0, "labels": {},
                   "annotations": {}, "starts_at": "", "generator_url": "", "occurrences": 1, "reason": ""}
-        db.execute("INSERT INTO jobs VALUES (?, 'pd', ?, ?, ?, 0, 1, 'pending', '')",
-                   (job_id, json.dumps(notice), created, due))
+        db.execute(insert, (job_id, json.dumps(notice), *rest))
     db.commit()
     db.close()
+
+
+def test_a_store_written_before_per_key_order_keeps_its_jobs_in_order(tmp_path: Path) -> None:
+    old_store(tmp_path / "relay.db", ") WITHOUT ROWID;", "INSERT INTO jobs VALUES (?, 'pd', ?, ?, ?, 0, 1, 'pending', '')",
+              [("a", "firing", "k", 100.0, 110.0), ("b", "resolved", "k", 101.0, 101.0)])
     from mlwarden.relay.store.sqlite import SQLiteStore
 
     upgraded = SQLiteStore(tmp_path / "relay.db")
@@ -198,5 +204,39 @@ def test_a_store_written_before_per_key_order_keeps_its_jobs_in_order(tmp_path: 
         assert upgraded.claim("pd", 105.0, 10, lease=60) == []  # the old resolve waits for the old trigger
         [trigger] = upgraded.claim("pd", 110.0, 10, lease=60)
         assert trigger.id == "a"
+    finally:
+        upgraded.close()
+
+
+def test_a_store_from_before_the_lines_in_memory_keeps_its_lines(tmp_path: Path) -> None:
+    # The jobs table as the relay wrote it with per-key order and before the lines moved into
+    # memory: WITHOUT ROWID, no held column, jobs_line and jobs_claim. Opening rebuilds it; every
+    # job keeps its place in its line.
+    from mlwarden.relay.store.sqlite import SQLiteStore
+
+    old_store(
+        tmp_path / "relay.db",
+        ", key TEXT NOT NULL DEFAULT '', seq INTEGER NOT NULL DEFAULT 0, rank INTEGER NOT NULL DEFAULT 1) WITHOUT ROWID;"
+        " CREATE INDEX jobs_line ON jobs (destination, key, seq) WHERE status = 'pending';"
+        " CREATE INDEX jobs_claim ON jobs (destination, rank DESC, seq) WHERE status = 'pending';"
+        " CREATE TABLE kv (name TEXT PRIMARY KEY, value TEXT NOT NULL); INSERT INTO kv VALUES ('job_seq', '4');",
+        "INSERT INTO jobs VALUES (?, 'pd', ?, 100.0, 100.0, 0, 0, 'pending', '', ?, ?, 2)",
+        [("t1", "firing", "k", "k", 1), ("o", "firing", "other", "other", 2), ("r1", "resolved", "k", "k", 3),
+         ("t2", "firing", "k", "k", 4)],
+    )
+
+    upgraded = SQLiteStore(tmp_path / "relay.db")
+    try:
+        table = upgraded._read("SELECT sql FROM sqlite_master WHERE name = 'jobs'")[0][0]
+        assert "WITHOUT ROWID" not in table.upper()
+        indexes = {r[0] for r in upgraded._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"jobs_ready", "jobs_dead"} <= indexes and not {"jobs_line", "jobs_claim"} & indexes
+        delivered = []
+        for now in (101.0, 102.0, 103.0):
+            claimed = upgraded.claim("pd", now, 10, lease=60)
+            upgraded.delivered(claimed)
+            delivered.append(sorted(j.id for j in claimed))
+        assert delivered == [["o", "t1"], ["r1"], ["t2"]]
+        assert upgraded.jobs() == []
     finally:
         upgraded.close()

@@ -81,6 +81,54 @@ def test_claim_lease_reschedule_deliver_and_dead_letter(store: Store) -> None:
     assert store.outbox_stats()[0] == 1
 
 
+def test_claims_that_go_on_after_the_last_one_take_every_head_once_in_order(store: Store) -> None:
+    # How the outbox gathers a digest: a claim, then steps that each go on behind the last job
+    # claimed. Priority, per-key order and leases hold as for claims from the top.
+    severities = ["warning", "info", "critical", "warning", "info", "warning", "critical", "warning"]
+    jobs = [Job("ops", Notice(kind="firing", key=f"k{i}", alertname=f"a{i}", severity=severity),
+                created_at=100.0, due_at=100.0) for i, severity in enumerate(severities)]
+    later = Job("ops", Notice(kind="resolved", key="k0", alertname="a0", severity="warning"), created_at=100.0, due_at=100.0)
+    store.enqueue([*jobs, later])
+    claimed = store.claim("ops", 100.0, limit=3, lease=60)
+    while (step := store.claim("ops", 100.0, 2, 60, claimed[-1])):
+        claimed += step
+    assert [j.notice.alertname for j in claimed] == ["a2", "a6", "a0", "a3", "a5", "a7", "a1", "a4"]
+    assert later.id not in {j.id for j in claimed}  # its key's trigger is still out
+    assert store.claim("ops", 100.0, limit=10, lease=60) == []  # every one of them is leased
+
+    # The relay dies mid-digest, before recording anything: when the leases run out, the same
+    # jobs come back, each once, in the same order, and the resolve still waits for its trigger.
+    again = store.claim("ops", 200.0, limit=3, lease=60)
+    while (step := store.claim("ops", 200.0, 2, 60, again[-1])):
+        again += step
+    assert [j.id for j in again] == [j.id for j in claimed]
+    store.delivered(again)
+    assert [j.id for j in store.claim("ops", 200.0, limit=10, lease=60)] == [later.id]
+
+
+def test_a_transaction_that_fails_leaves_the_sqlite_stores_lines_as_they_were(tmp_path: Path) -> None:
+    # The SQLite store keeps each key's line of pending jobs in memory (see sqlite._Lines): a
+    # webhook whose transaction rolls back must not leave its jobs there, where they would hold
+    # back, for ever, the next job of their keys.
+    config = make_config()
+    store = SQLiteStore(tmp_path / "relay.db")
+    stored = intake.request(payload.parse(body(alert(name="A"))), body(alert(name="A")), 100.0, config)
+
+    def fails(_: Any) -> Any:
+        raise RuntimeError("a bug in the plan")
+
+    broken = IntakeRequest("other", b"{}", [], 100.0, 0.0, fails)
+    with pytest.raises(RuntimeError):
+        store.intake_batch([stored, broken])  # the first one's jobs were written, then rolled back
+    assert store.jobs() == []
+    assert accept(store, config, body(alert(name="A")), 101.0) is not None
+    [job] = store.claim("ops", 101.0, limit=10, lease=60)
+    store.close()
+    reopened = SQLiteStore(tmp_path / "relay.db")  # and the lines read back at open agree
+    assert [j.id for j in reopened.claim("ops", 1000.0, limit=10, lease=60)] == [job.id]
+    reopened.close()
+
+
 def test_a_claimed_notice_is_the_one_stored_in_memory_and_after_a_restart(tmp_path: Path) -> None:
     # The SQLite store hands the outbox the notices intake built while it holds them, and
     # decodes the stored JSON otherwise: both must be the same notice.
@@ -220,6 +268,29 @@ def test_webhooks_arriving_together_share_one_commit_and_keep_their_own_answers(
     assert store.batches == [11]
     assert [len(r.jobs) for r in results[:10]] == [1] * 10 and results[10] is None
     assert store.outbox_stats()[0] == 10
+
+
+def test_under_steady_load_a_commit_waits_for_company_and_after_a_quiet_spell_it_does_not(tmp_path: Path) -> None:
+    # Webhooks one after another (each sent once the one before was answered) shared no commit:
+    # under steady load a commit now lingers for the next. The linger here is long, so that the
+    # test says what is batched, not how fast anything is.
+    config = make_config()
+    store = CountingStore(tmp_path / "relay.db")
+    store.batches = []
+
+    async def main() -> None:
+        commits = GroupCommit(store, linger=1.0)
+        await commits.submit(intake_request(config, body(alert(name="Quiet")), 100.0))  # nothing before it: no wait
+
+        async def later(name: str) -> None:
+            await asyncio.sleep(0.01)
+            await commits.submit(intake_request(config, body(alert(name=name)), 100.0))
+
+        await asyncio.gather(commits.submit(intake_request(config, body(alert(name="Steady")), 100.0)), later("Company"))
+
+    asyncio.run(main())
+    assert store.batches == [1, 2]
+    store.close()
 
 
 def test_a_failed_group_commit_fails_every_webhook_in_it(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ class StoreError(RuntimeError):
     """The store cannot read or commit right now (disk full, Redis down); worth retrying later."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see notice.Notice
 class Job:
     destination: str
     notice: Notice
@@ -174,9 +174,11 @@ class Store(ABC):
     def enqueue(self, jobs: Sequence[Job]) -> None: ...
 
     @abstractmethod
-    def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
+    def claim(self, destination: str, now: float, limit: int, lease: float, after: Job | None = None) -> list[Job]:
         """Up to ``limit`` due jobs of ``destination`` that head their key's line, highest
-        priority first, then in sequence, leased to the caller."""
+        priority first, then in sequence, leased to the caller. ``after``, the last job of the
+        previous claim of the same pass, says where to go on: only jobs behind it in that order
+        are taken (a store whose claims pass over leased jobs at no cost may ignore it)."""
 
     @abstractmethod
     def delivered(self, jobs: Sequence[Job]) -> None:

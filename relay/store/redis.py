@@ -12,12 +12,12 @@ kept for the retention and pruned by whichever replica prunes (any number may, a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis
+from mlwarden.relay import jsonio
 from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
@@ -168,11 +168,11 @@ def _kind_class(job: Job) -> str:
 
 def _dump(job: Job) -> str:
     """The stored JSON; ``rank`` rides along for the scripts, which cannot map severities."""
-    return json.dumps({**job.to_dict(), "rank": job.rank})
+    return jsonio.encode({**job.to_dict(), "rank": job.rank})
 
 
 def _load(raw: bytes | str, seq: int = 0, dead: bool = False) -> Job:
-    data = json.loads(raw)
+    data = jsonio.decode(raw)
     data.pop("rank", None)
     data["seq"] = seq or data.get("seq", 0)
     if dead:  # a closing notice dropped by _FINISH keeps its pending body until its caller marks it
@@ -232,7 +232,7 @@ class RedisStore(Store):
                     if pipe.exists(seen_key):
                         return None
                     raw = pipe.mget(state_keys) if state_keys else []
-                    states = {k: KeyState.from_dict(json.loads(v)) for k, v in zip(keys, raw, strict=True) if v}
+                    states = {k: KeyState.from_dict(jsonio.decode(v)) for k, v in zip(keys, raw, strict=True) if v}
                     result = plan(states)
                     pipe.multi()
                     pipe.set(seen_key, b"1", px=max(1, int(dedup_window * 1000)))
@@ -242,7 +242,7 @@ class RedisStore(Store):
                             pipe.delete(_state_key(key))
                             pipe.srem(STATE_INDEX, key)
                         else:
-                            pipe.set(_state_key(key), json.dumps(state.to_dict()))
+                            pipe.set(_state_key(key), jsonio.encode(state.to_dict()))
                             pipe.sadd(STATE_INDEX, key)
                     self._add_jobs(pipe, result.jobs)
                     if result.heartbeat:
@@ -261,8 +261,8 @@ class RedisStore(Store):
         self._enqueue(keys=[], args=args, client=pipe)
 
     def dead_letter_payload(self, body: bytes, reason: str, now: float) -> None:
-        entry = json.dumps({"id": new_job_id(), "received_at": now, "reason": reason,
-                            "body": body.decode("utf-8", "replace")})
+        entry = jsonio.encode({"id": new_job_id(), "received_at": now, "reason": reason,
+                              "body": body.decode("utf-8", "replace")})
         self._call(self._redis.rpush, DEAD_PAYLOADS, entry)
 
     def enqueue(self, jobs: Sequence[Job]) -> None:
@@ -270,7 +270,8 @@ class RedisStore(Store):
         self._add_jobs(pipe, jobs)
         self._call(pipe.execute)
 
-    def claim(self, destination: str, now: float, limit: int, lease: float) -> list[Job]:
+    def claim(self, destination: str, now: float, limit: int, lease: float, after: Job | None = None) -> list[Job]:
+        # ``after`` is not needed: a claimed job's score moves past the lease, out of the range read.
         queues = [_queue(destination, rank) for rank in reversed(range(len(SEVERITIES)))]
         claimed = self._call(self._claim, queues, [repr(now), limit, repr(lease), SEQS])
         if not claimed:
@@ -337,7 +338,7 @@ class RedisStore(Store):
     def key_states(self, limit: int = 1000) -> list[KeyState]:
         keys = sorted(_text(k) for k in self._call(self._redis.smembers, STATE_INDEX))[:limit]
         raw = self._call(self._redis.mget, [_state_key(k) for k in keys]) if keys else []
-        return [KeyState.from_dict(json.loads(r)) for r in raw if r]
+        return [KeyState.from_dict(jsonio.decode(r)) for r in raw if r]
 
     def acknowledge(self, key: str, by: str, comment: str, now: float) -> KeyState | None:
         return self._call(self._acknowledge, key, by, comment, now)
@@ -348,11 +349,11 @@ class RedisStore(Store):
                 try:
                     _watch(pipe, _state_key(key))
                     raw = pipe.get(_state_key(key))
-                    state = self._acknowledged(KeyState.from_dict(json.loads(raw)) if raw else None, by, comment, now)
+                    state = self._acknowledged(KeyState.from_dict(jsonio.decode(raw)) if raw else None, by, comment, now)
                     if state is None:
                         return None
                     pipe.multi()
-                    pipe.set(_state_key(key), json.dumps(state.to_dict()))
+                    pipe.set(_state_key(key), jsonio.encode(state.to_dict()))
                     pipe.execute()
                     return state
                 except redis.WatchError:
@@ -371,7 +372,7 @@ class RedisStore(Store):
         return sorted(jobs, key=lambda j: (j.created_at, j.seq))[:limit]
 
     def dead_payloads(self, limit: int = 100) -> list[DeadPayload]:
-        entries = [json.loads(e) for e in self._call(self._redis.lrange, DEAD_PAYLOADS, -limit, -1)]
+        entries = [jsonio.decode(e) for e in self._call(self._redis.lrange, DEAD_PAYLOADS, -limit, -1)]
         return [DeadPayload(e.get("id", ""), e["received_at"], e["reason"], e["body"].encode()) for e in reversed(entries)]
 
     def retry_dead(self, job_id: str, now: float) -> Job | None:
