@@ -77,6 +77,8 @@ class Allocations:
 
     def complete(self, info: ProcessInfo, index: int, uuid: str, device: MigDevice | None = None) -> ProcessInfo:
         """``info`` with its GPU's (or MIG device's) pod and job filled in where it has exactly one."""
+        if not self.pods and not self.jobs:
+            return info  # no allocation source on this machine: every pass of every process
         workload = info.workload
         pods = self.pods_on(uuid, device)
         if not workload.pod and len(pods) == 1:

@@ -38,7 +38,7 @@ class Family:
         self.samples: list[tuple[tuple[str, ...], float]] = []
 
     def add_metric(self, labels: Sequence[str], value: float) -> None:
-        self.samples.append((tuple(labels), value))
+        self.samples.append((labels if type(labels) is tuple else tuple(labels), value))
 
 
 def gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Family:

@@ -50,6 +50,11 @@ class ProcessInfo:
     name: str = ""
     workload: Workload = Workload()
 
+    @functools.cached_property
+    def label_values(self) -> tuple[str, ...]:
+        """The ``process`` label and the WORKLOAD_LABELS, made once per process (the Describer keeps it across passes)."""
+        return (self.name, *self.workload.labels())
+
 
 def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
     base = proc / str(pid)

@@ -322,7 +322,7 @@ def test_a_hung_nvml_call_marks_data_stale_and_scrapes_still_answer(fake: FakeNv
     supervisor = supervisor_for(NvmlBackend())
     collector = GpuCollector(supervisor, interval=0.2, timeout=0.3)
     store = SnapshotStore([(collector.name, collector.interval)], "test")
-    loop = CollectionLoop([collector], store, watchdog_period=0.05)
+    loop = CollectionLoop([collector], store)
     server = ExporterServer(store, ("127.0.0.1", free_port()))
     url = f"http://127.0.0.1:{server.port}"
     loop.start()
