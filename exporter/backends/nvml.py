@@ -322,17 +322,19 @@ class _SlowFacts:
 
 def u32(value: Any) -> int | None:
     """A 32-bit NVML value, or None when it is NVML's "not available" sentinel."""
-    if value is None or isinstance(value, str):
-        return None
-    value = int(value)
+    if type(value) is not int:  # most answers are plain ints: a pass makes hundreds of these checks
+        if value is None or isinstance(value, str):
+            return None
+        value = int(value)
     return None if value in _U32_SENTINELS or value < 0 else value
 
 
 def u64(value: Any) -> int | None:
     """A 64-bit NVML value, or None when it is a sentinel."""
-    if value is None or isinstance(value, str):
-        return None
-    value = int(value)
+    if type(value) is not int:
+        if value is None or isinstance(value, str):
+            return None
+        value = int(value)
     return None if value >= _U64_SENTINEL_FLOOR or value < 0 else value
 
 

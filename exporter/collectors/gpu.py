@@ -226,57 +226,57 @@ class GpuCollector(Collector):
             for key, (name, text) in PROFILING.items()
         }
         for index, uuid in down:
-            up.add_metric((str(index), uuid), 0)
+            up.samples.append(((str(index), uuid), 0))
         known, self._labels = self._labels, {}
         for reading in readings:
             ident = reading.identity
-            key = (ident.index, ident.uuid)
-            labels = self._labels[key] = known.get(key) or _Labels(*key)
+            gpu_key = (ident.index, ident.uuid)
+            labels = self._labels[gpu_key] = known.get(gpu_key) or _Labels(*gpu_key)
             gpu = labels.gpu
-            info.add_metric((*gpu, ident.name, ident.pci_bus_id, driver, cuda), 1)
-            up.add_metric(gpu, 1)
+            info.samples.append(((*gpu, ident.name, ident.pci_bus_id, driver, cuda), 1))
+            up.samples.append((gpu, 1))
             for attr, family in gauges.items():
                 value = getattr(reading, attr)
                 if value is not None:
-                    family.add_metric(gpu, value)
+                    family.samples.append((gpu, value))
             if reading.energy_joules is not None:
-                energy.add_metric(gpu, reading.energy_joules)
+                energy.samples.append((gpu, reading.energy_joules))
             for clock, value in (("sm", reading.sm_clock_hz), ("memory", reading.memory_clock_hz)):
                 if value is not None:
-                    clocks.add_metric(labels.clocks[clock], value)
+                    clocks.samples.append((labels.clocks[clock], value))
             for reason, active in (reading.throttle_reasons or {}).items():
-                throttle.add_metric(labels.of(reason), 1 if active else 0)
+                throttle.samples.append((labels.of(reason), 1 if active else 0))
             for ecc_key, ecc_labels in labels.ecc.items():
                 value = reading.ecc_errors.get(ecc_key)
                 if value is not None:
-                    ecc.add_metric(ecc_labels, value)
+                    ecc.samples.append((ecc_labels, value))
             for cause, pages in (reading.retired_pages or {}).items():
-                retired.add_metric(labels.of(cause), pages)
+                retired.samples.append((labels.of(cause), pages))
             for state, rows in (reading.remapped_rows or {}).items():
-                remapped.add_metric(labels.of(state), rows)
+                remapped.samples.append((labels.of(state), rows))
             self._add_signals(reading, labels, pending, profiling, pipes, replays, violations)
             for family, by_direction in ((pcie_rate, reading.pcie_throughput_bytes_per_second), (pcie_bytes, reading.pcie_bytes),
                                          (nvlink_rate, reading.nvlink_throughput_bytes_per_second)):
                 for direction in DIRECTIONS:
                     if direction in by_direction:
-                        family.add_metric(labels.of(direction), by_direction[direction])
+                        family.samples.append((labels.of(direction), by_direction[direction]))
             for link in reading.nvlinks:
-                nvlink_up.add_metric(labels.link(link.link), 1 if link.up else 0)
+                nvlink_up.samples.append((labels.link(link.link), 1 if link.up else 0))
                 for direction, count in link.bytes.items():
-                    nvlink_bytes.add_metric(labels.on_link(link.link, direction), count)
+                    nvlink_bytes.samples.append((labels.on_link(link.link, direction), count))
                 for error in NVLINK_ERRORS:
                     if error in link.errors:
-                        nvlink_errors.add_metric(labels.on_link(link.link, error), link.errors[error])
+                        nvlink_errors.samples.append((labels.on_link(link.link, error), link.errors[error]))
             for mig in reading.mig:
                 device = mig.device
-                mig_labels = (*gpu, str(device.gpu_instance), str(device.compute_instance), device.profile)
+                instance = (*gpu, str(device.gpu_instance), str(device.compute_instance), device.profile)
                 if mig.memory_used_bytes is not None:
-                    mig_used.add_metric(mig_labels, mig.memory_used_bytes)
+                    mig_used.samples.append((instance, mig.memory_used_bytes))
                 if mig.memory_total_bytes is not None:
-                    mig_total.add_metric(mig_labels, mig.memory_total_bytes)
-                for key, value in mig.profiling.items():
-                    if key in mig_profiling:
-                        mig_profiling[key].add_metric(mig_labels, value)
+                    mig_total.samples.append((instance, mig.memory_total_bytes))
+                for ratio, value in mig.profiling.items():
+                    if ratio in mig_profiling:
+                        mig_profiling[ratio].samples.append((instance, value))
         return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
                 pipes, pcie_rate, pcie_bytes, replays, nvlink_rate, nvlink_up, nvlink_bytes, nvlink_errors, violations,
                 mig_used, mig_total, *mig_profiling.values()]
@@ -286,16 +286,16 @@ class GpuCollector(Collector):
                      pipes: Family, replays: Family, violations: Family) -> None:
         gpu = labels.gpu
         if reading.retired_pages_pending is not None:
-            pending.add_metric(gpu, 1 if reading.retired_pages_pending else 0)
+            pending.samples.append((gpu, 1 if reading.retired_pages_pending else 0))
         for key, value in reading.profiling.items():
             if key in profiling:
-                profiling[key].add_metric(gpu, value)
+                profiling[key].samples.append((gpu, value))
             elif key in PIPES:
-                pipes.add_metric(labels.of(PIPES[key]), value)
+                pipes.samples.append((labels.of(PIPES[key]), value))
         if reading.pcie_replays is not None:
-            replays.add_metric(gpu, reading.pcie_replays)
+            replays.samples.append((gpu, reading.pcie_replays))
         for reason, seconds in reading.violation_seconds.items():
-            violations.add_metric(labels.of(reason), seconds)
+            violations.samples.append((labels.of(reason), seconds))
 
 
 def _build(_: NoSettings, context: CollectorContext) -> Collector:

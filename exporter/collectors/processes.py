@@ -82,7 +82,7 @@ class ProcessesCollector(Collector):
                 continue  # the gpu collector reports the GPU as down
             self.supervisor.remember(identity)
             gpu = (str(index), identity.uuid)
-            count.add_metric(gpu, len(processes))
+            count.samples.append((gpu, len(processes)))
             # processes by the MIG device they run in (None: the whole GPU, or NVML did not say)
             placed: dict[MigDevice | None, list[procinfo.ProcessInfo]] = {None: [], **{device: [] for device in migs.values()}}
             for process in self._largest(processes):
@@ -91,15 +91,15 @@ class ProcessesCollector(Collector):
                 placed[device].append(info)
                 labels = (*gpu, str(process.pid), *info.label_values)
                 if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
-                    memory.add_metric(labels, process.used_memory_bytes)
+                    memory.samples.append((labels, process.used_memory_bytes))
                 if process.sm_utilization_ratio is not None:
-                    sm.add_metric(labels, process.sm_utilization_ratio)
+                    sm.samples.append((labels, process.sm_utilization_ratio))
                 if process.memory_utilization_ratio is not None:
-                    mem_util.add_metric(labels, process.memory_utilization_ratio)
+                    mem_util.samples.append((labels, process.memory_utilization_ratio))
             for device, infos in placed.items():
                 instance = ("", "") if device is None else (str(device.gpu_instance), str(device.compute_instance))
                 for workload in allocations.workloads(index, identity.uuid, infos, device):
-                    allocation.add_metric((*gpu, *instance, *workload.labels()), 1)
+                    allocation.samples.append(((*gpu, *instance, *workload.labels()), 1))
         self.describer.end_pass()
         return Collected([count, memory, sm, mem_util, allocation])
 
