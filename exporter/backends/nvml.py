@@ -274,6 +274,75 @@ class _UtilizationReader:
             return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in self._array[: self._count.value]]
 
 
+class _Utilization(ctypes.Structure):
+    """nvmlUtilization_t as a plain ctypes structure (see _ProcessInfo)."""
+
+    _fields_ = (("gpu", ctypes.c_uint), ("memory", ctypes.c_uint))
+
+
+class _Getter:
+    """One of NVML's getters that answer through out-parameters, called directly into out-parameters kept
+    from call to call: pynvml's wrapper takes a lock to look the function up and builds its out-parameters
+    on every call, which was a third of a pass's NVML time. Used, like _ProcessLister, only while pynvml's
+    own wrapper is in place."""
+
+    def __init__(self, name: str, function: Any, outs: tuple[Any, ...]) -> None:
+        self.__name__ = name
+        self._function = function
+        self._outs = tuple(out() for out in outs)
+        self._refs = tuple(ctypes.byref(out) for out in self._outs)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, wrapper: Callable[..., Any], *outs: Any) -> Callable[..., Any]:
+        """The direct call for pynvml's ``wrapper``, or the wrapper itself when it is not pynvml's own."""
+        function = _pynvml_own(wrapper, wrapper.__name__)
+        return wrapper if function is None else cls(wrapper.__name__, function, outs)
+
+    def __call__(self, handle: Any, *args: Any) -> Any:
+        with self._lock:
+            answer = self._function(handle, *args, *self._refs)
+            if answer != pynvml.NVML_SUCCESS:
+                raise pynvml.NVMLError(answer)
+            outs = self._outs
+            if len(outs) > 1:
+                return [out.value for out in outs]  # as pynvml answers: [value, sampling period]
+            out = outs[0]
+            return type(out).from_buffer_copy(out) if isinstance(out, ctypes.Structure) else out.value
+
+
+@dataclass(frozen=True)
+class _Getters:
+    """The getters a pass calls for every GPU, direct where pynvml's own wrappers are in place."""
+
+    temperature: Callable[..., Any]
+    power: Callable[..., Any]
+    fan: Callable[..., Any]
+    pstate: Callable[..., Any]
+    clock: Callable[..., Any]
+    clock_events: Callable[..., Any]
+    pcie_generation: Callable[..., Any]
+    pcie_width: Callable[..., Any]
+    utilization: Callable[..., Any]
+    encoder: Callable[..., Any]
+    decoder: Callable[..., Any]
+
+    @classmethod
+    def load(cls) -> _Getters:
+        load, uint = _Getter.load, ctypes.c_uint
+        return cls(
+            temperature=load(pynvml.nvmlDeviceGetTemperature, uint), power=load(pynvml.nvmlDeviceGetPowerUsage, uint),
+            fan=load(pynvml.nvmlDeviceGetFanSpeed, uint), pstate=load(pynvml.nvmlDeviceGetPerformanceState, uint),
+            clock=load(pynvml.nvmlDeviceGetClockInfo, uint),
+            clock_events=load(pynvml.nvmlDeviceGetCurrentClocksEventReasons, ctypes.c_ulonglong),
+            pcie_generation=load(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, uint),
+            pcie_width=load(pynvml.nvmlDeviceGetCurrPcieLinkWidth, uint),
+            utilization=load(pynvml.nvmlDeviceGetUtilizationRates, _Utilization),
+            encoder=load(pynvml.nvmlDeviceGetEncoderUtilization, uint, uint),
+            decoder=load(pynvml.nvmlDeviceGetDecoderUtilization, uint, uint),
+        )
+
+
 def _utilization_through_pynvml(handle: Any, since: int) -> list[UtilizationSample]:
     return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in pynvml.nvmlDeviceGetProcessUtilization(handle, since)]
 
@@ -390,6 +459,7 @@ class NvmlBackend(GpuBackend):
         self._process_utilization_reader: Callable[[Any, int], list[UtilizationSample]] = _utilization_through_pynvml
         self._get_field_values: Any = None  # NVML's own function, when pynvml's wrapper is in place
         self._field_readers: dict[int, _FieldReader] = {}  # GPU -> its reader of the fields a pass reads
+        self._get = _Getters.load()  # again at start(): whoever replaced pynvml's functions by then is asked
         self._fields_unsupported: dict[int, set[tuple[int, int]]] = {}  # GPU -> fields left out until the re-probe
         self._counters: dict[int, _Counters] = {}
 
@@ -414,6 +484,7 @@ class NvmlBackend(GpuBackend):
                                   (pynvml.nvmlDeviceGetGraphicsRunningProcesses, "nvmlDeviceGetGraphicsRunningProcesses_v3"))
         )
         self._get_field_values = _pynvml_own(pynvml.nvmlDeviceGetFieldValues, "nvmlDeviceGetFieldValues")
+        self._get = _Getters.load()
         self._field_readers.clear()
         utilization = _pynvml_own(pynvml.nvmlDeviceGetProcessUtilization, "nvmlDeviceGetProcessUtilization")
         self._process_utilization_reader = _utilization_through_pynvml if utilization is None else _UtilizationReader(utilization)
@@ -461,16 +532,16 @@ class NvmlBackend(GpuBackend):
 
     def read(self, index: int) -> GpuReading:
         handle = self._handle(index)
-        call = self._call
+        call, get = self._call, self._get
         now = self._clock()
         if now >= self._reprobe_at:
             self._forget_unsupported()
             self._reprobe_at = now + REPROBE_S
-        util = call(pynvml.nvmlDeviceGetUtilizationRates, handle)
+        util = call(get.utilization, handle)
         memory = call(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2) or call(
             pynvml.nvmlDeviceGetMemoryInfo, handle
         )
-        pstate = u32(call(pynvml.nvmlDeviceGetPerformanceState, handle))
+        pstate = u32(call(get.pstate, handle))
         profile = self._gpm.read(index, handle)
         slow = self._slow_facts(index, handle, now)
         counters = self._counters.get(index)
@@ -486,7 +557,7 @@ class NvmlBackend(GpuBackend):
         assert counters is not None  # read above on the first pass
         return GpuReading(
             identity=self.identity(index),
-            temperature_celsius=u32(call(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
+            temperature_celsius=u32(call(get.temperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
             memory_temperature_celsius=u32(fields.get(_MEMORY_TEMPERATURE)),
             utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
             memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
@@ -494,17 +565,17 @@ class NvmlBackend(GpuBackend):
             memory_free_bytes=u64(getattr(memory, "free", None)),
             memory_total_bytes=u64(getattr(memory, "total", None)),
             memory_reserved_bytes=u64(getattr(memory, "reserved", None)),
-            power_watts=_scaled(u32(call(pynvml.nvmlDeviceGetPowerUsage, handle)), 0.001),
+            power_watts=_scaled(u32(call(get.power, handle)), 0.001),
             power_limit_watts=slow.power_limit_watts,
             energy_joules=counters.energy_joules,
-            fan_speed_ratio=_scaled(u32(call(pynvml.nvmlDeviceGetFanSpeed, handle)), 0.01),
+            fan_speed_ratio=_scaled(u32(call(get.fan, handle)), 0.01),
             performance_state=None if pstate == _PSTATE_UNKNOWN else pstate,
-            sm_clock_hz=_scaled(u32(call(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM)), 1e6),
-            memory_clock_hz=_scaled(u32(call(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_MEM)), 1e6),
+            sm_clock_hz=_scaled(u32(call(get.clock, handle, pynvml.NVML_CLOCK_SM)), 1e6),
+            memory_clock_hz=_scaled(u32(call(get.clock, handle, pynvml.NVML_CLOCK_MEM)), 1e6),
             throttle_reasons=self._throttle_reasons(handle),
             ecc_errors=counters.ecc_errors,
-            pcie_link_generation=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)),
-            pcie_link_width=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle)),
+            pcie_link_generation=u32(call(get.pcie_generation, handle)),
+            pcie_link_width=u32(call(get.pcie_width, handle)),
             retired_pages=slow.retired_pages,
             remapped_rows=slow.remapped_rows,
             retired_pages_pending=slow.retired_pages_pending,
@@ -514,8 +585,8 @@ class NvmlBackend(GpuBackend):
             pcie_replays=counters.pcie_replays,
             nvlink_throughput_bytes_per_second={d: v for (bus, d), v in profile.bandwidth.items() if bus == "nvlink"},
             nvlinks=counters.nvlinks,
-            encoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetEncoderUtilization, handle)),
-            decoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetDecoderUtilization, handle)),
+            encoder_utilization_ratio=_engine_ratio(call(get.encoder, handle)),
+            decoder_utilization_ratio=_engine_ratio(call(get.decoder, handle)),
             violation_seconds=counters.violation_seconds,
             mig=self._mig(index, handle, slow.mig),
         )
@@ -709,7 +780,7 @@ class NvmlBackend(GpuBackend):
         return values, unsupported
 
     def _throttle_reasons(self, handle: Any) -> dict[str, bool] | None:
-        mask = self._call(pynvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
+        mask = self._call(self._get.clock_events, handle)
         if mask is None:
             mask = self._call(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle)
         mask = u64(mask)
