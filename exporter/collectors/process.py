@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import weakref
 from pathlib import Path
 
 from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, NoSettings, register
@@ -35,10 +36,9 @@ class ProcessCollector(Collector):
         # kept open and read again from offset 0, where the kernel writes it anew: opening it every
         # pass was a third of this collector's cost
         self._stat = os.open(proc / "self" / "stat", os.O_RDONLY | os.O_CLOEXEC)
+        # closed with the collector, not at stop(): a pass still running then must not read a reused descriptor
+        weakref.finalize(self, os.close, self._stat)
         self._boot = _boot_time(proc)
-
-    def stop(self) -> None:
-        os.close(self._stat)
 
     def collect(self) -> Collected:
         # /proc/self/stat: the fields after the command name, which may itself hold spaces or ")"
