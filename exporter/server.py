@@ -89,8 +89,9 @@ class _App:
         self.auth = auth
         self.simulator = simulator
         self.scrape_slots = asyncio.Semaphore(max_concurrent_scrapes)
-        # one thread, started at the first render it is given: renders are serialised by the snapshot anyway
-        self.renderer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+        # one thread, made at the first scrape that needs a render: while scrapers keep up with collection,
+        # passes are rendered in the collectors' threads and this one never exists
+        self.renderer: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,6 +145,8 @@ class _App:
                 # the first scrape of a snapshot nobody scraped while it was published: it is rendered in a
                 # worker thread, so that the loop goes on serving while it waits; scrapes that come meanwhile
                 # queue behind it and find it made
+                if self.renderer is None:
+                    self.renderer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
                 body = await asyncio.get_running_loop().run_in_executor(self.renderer, snapshot.render, gzipped)
             await _respond(send, HTTPStatus.OK, body, CONTENT_TYPE, headers=_GZIP_HEADERS if gzipped else _VARY)
         finally:
@@ -386,7 +389,8 @@ class ExporterServer:
             loop.call_soon_threadsafe(stopping.set)
             self._thread.join(timeout=5.0)
         self._socket.close()
-        self.app.renderer.shutdown(wait=False)
+        if self.app.renderer is not None:
+            self.app.renderer.shutdown(wait=False)
 
     def _run(self) -> None:
         asyncio.run(self._serve())
