@@ -141,21 +141,27 @@ def _gauge(name: str, value: float) -> exposition.Family:
     return family
 
 
-def test_a_scrape_during_rendering_gets_the_previous_complete_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SnapshotStore([("a", 1.0), ("b", 1.0)], "9.9")
-    store.publish("a", Collected([_gauge("mlwarden_test_a", 1.0)]), 0.01)
-    store.publish("b", Collected([_gauge("mlwarden_test_b", 1.0)]), 0.01)
-    before = store.snapshot.body  # scraped: the next pass is rendered when it is published
+def _render_blocks(monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[threading.Event, threading.Event]:
+    """Rendering the family ``name`` sets the first event and waits for the second."""
     entered, release = threading.Event(), threading.Event()
     original = exposition.Renderer.render
 
     def slow(self: exposition.Renderer, families: list[exposition.Family]) -> bytes:
-        if any(family.name == "mlwarden_test_a" for family in families):
+        if any(family.name == name for family in families):
             entered.set()
             assert release.wait(30)
         return original(self, families)
 
     monkeypatch.setattr(exposition.Renderer, "render", slow)
+    return entered, release
+
+
+def test_a_scrape_during_rendering_gets_the_previous_complete_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SnapshotStore([("a", 1.0), ("b", 1.0)], "9.9")
+    store.publish("a", Collected([_gauge("mlwarden_test_a", 1.0)]), 0.01)
+    store.publish("b", Collected([_gauge("mlwarden_test_b", 1.0)]), 0.01)
+    before = store.snapshot.body  # scraped: the next pass is rendered when it is published
+    entered, release = _render_blocks(monkeypatch, "mlwarden_test_a")
     publisher = threading.Thread(target=store.publish, args=("a", Collected([_gauge("mlwarden_test_a", 2.0)]), 0.01))
     publisher.start()
     try:
@@ -173,16 +179,8 @@ def test_a_snapshot_published_later_is_not_replaced_by_one_made_earlier(monkeypa
     store = SnapshotStore([("a", 1.0), ("b", 1.0)], "9.9")
     store.publish("a", Collected([_gauge("mlwarden_test_a", 1.0)]), 0.01)
     assert store.snapshot.body
-    entered, release = threading.Event(), threading.Event()
     original = exposition.Renderer.render
-
-    def slow(self: exposition.Renderer, families: list[exposition.Family]) -> bytes:
-        if any(family.name == "mlwarden_test_a" for family in families):
-            entered.set()
-            assert release.wait(30)
-        return original(self, families)
-
-    monkeypatch.setattr(exposition.Renderer, "render", slow)
+    entered, release = _render_blocks(monkeypatch, "mlwarden_test_a")
     publisher = threading.Thread(target=store.publish, args=("a", Collected([_gauge("mlwarden_test_a", 2.0)]), 0.01))
     publisher.start()
     assert entered.wait(30)

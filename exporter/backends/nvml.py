@@ -545,16 +545,15 @@ class NvmlBackend(GpuBackend):
         profile = self._gpm.read(index, handle)
         slow = self._slow_facts(index, handle, now)
         counters = self._counters.get(index)
-        wanted = [_MEMORY_TEMPERATURE]
-        links: list[int] = []
-        if counters is None or now - counters.read_at >= COUNTER_REFRESH_S:
-            links = self._links(index, handle)
-            wanted += [*_COUNTER_FIELDS, *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS)]
+        due = counters is None or now - counters.read_at >= COUNTER_REFRESH_S
+        links = self._links(index, handle) if due else []
         # every field-value reading of this GPU in one call: memory temperature, and the counters when due
+        wanted = [_MEMORY_TEMPERATURE]
+        if due:
+            wanted += [*_COUNTER_FIELDS, *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS)]
         fields = self._field_values(index, handle, wanted)
-        if len(wanted) > 1:
+        if counters is None or due:
             counters = self._counters[index] = self._read_counters(handle, now, links, fields)
-        assert counters is not None  # read above on the first pass
         return GpuReading(
             identity=self.identity(index),
             temperature_celsius=u32(call(get.temperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
