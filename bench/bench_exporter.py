@@ -333,7 +333,8 @@ def run(quick: bool) -> str:
     return "\n".join([
         "## GPU exporter",
         "",
-        f"mlwarden's exporter (background collection; each pass rendered once, when first scraped; one event loop serves) against a "
+        f"mlwarden's exporter (background collection; each pass rendered and gzipped once: in its collector's thread while "
+        f"scrapers keep up with passes, else at the first scrape in a worker thread; one event loop serves) against a "
         f"naive exporter: prometheus_client's `start_http_server` with a collector that builds the same series at "
         f"scrape time. mlwarden collects every second throughout, and each of its runs spans several collections. "
         f"Simulated GPUs, {PROCESSES_PER_GPU} processes each; each server is its own process; the scrapers are "

@@ -254,6 +254,13 @@ nvmlReturn_t nvmlDeviceGetFieldValues(void *h, int count, field_value_t *values)
         f->valueType = 3; /* unsigned long long */
         switch (f->fieldId) {
         case 82: f->valueType = 1; f->value.uiVal = 70; break;              /* memory temperature */
+        /* the same counters the calls above answer, with the value types an H200 (driver 580) answers */
+        case 3: case 5: f->value.ullVal = 3; break;                          /* ECC single-bit (corrected) */
+        case 4: case 6: f->value.ullVal = 0; break;                          /* ECC double-bit (uncorrected) */
+        case 74: f->value.ullVal = 2500000000ULL; break;                     /* violation time, power (ns) */
+        case 75: case 76: case 77: case 78: case 80: case 81: f->value.ullVal = 0; break;
+        case 83: f->value.ullVal = 1500000; break;                           /* energy (mJ) */
+        case 94: f->valueType = 1; f->value.uiVal = 3; break;                /* PCIe replays */
         case 197: f->value.ullVal = 1000000000ULL; break;                    /* PCIe TX bytes */
         case 198: f->value.ullVal = 2000000000ULL; break;                    /* PCIe RX bytes */
         case 138: case 140:                                                   /* NVLink TX (data, raw), KiB */

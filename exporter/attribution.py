@@ -77,6 +77,8 @@ class Allocations:
 
     def complete(self, info: ProcessInfo, index: int, uuid: str, device: MigDevice | None = None) -> ProcessInfo:
         """``info`` with its GPU's (or MIG device's) pod and job filled in where it has exactly one."""
+        if not self.pods and not self.jobs:
+            return info  # no allocation source on this machine: every pass of every process
         workload = info.workload
         pods = self.pods_on(uuid, device)
         if not workload.pod and len(pods) == 1:
@@ -91,7 +93,9 @@ class Allocations:
 
         Slurm's job map names whole GPUs: its jobs are listed with the GPU, not with each MIG device.
         """
-        found = {info.workload for info in processes}
+        # by identity first: the processes of one workload share its object (procinfo), and hashing a
+        # workload's six labels for each of its processes was most of this function's cost
+        found = set({id(info.workload): info.workload for info in processes}.values())
         pods_seen = {(w.namespace, w.pod, w.container) for w in found}
         jobs_seen = {w.slurm_job for w in found}
         for pod in self.pods_on(uuid, device):

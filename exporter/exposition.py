@@ -38,7 +38,7 @@ class Family:
         self.samples: list[tuple[tuple[str, ...], float]] = []
 
     def add_metric(self, labels: Sequence[str], value: float) -> None:
-        self.samples.append((tuple(labels), value))
+        self.samples.append((labels if type(labels) is tuple else tuple(labels), value))
 
 
 def gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Family:
@@ -52,19 +52,29 @@ def counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Family
 class _Layout:
     """What never changes for a family: its header lines, sample name and label order."""
 
-    __slots__ = ("header", "sample_name", "order")
+    __slots__ = ("header", "sample_name", "order", "labels")
 
     def __init__(self, family: Family) -> None:
         exposed = family.name + "_total" if family.type == "counter" else family.name
         help_text = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         self.header = f"# HELP {exposed} {help_text}\n# TYPE {exposed} {family.type}\n"
         self.sample_name = exposed
+        self.labels = family.labels
         # prometheus_client writes labels sorted by name
         self.order = sorted(range(len(family.labels)), key=lambda i: family.labels[i])
+
+    def prefix(self, values: tuple[str, ...]) -> str:
+        """``name{label="value",...} `` for one series."""
+        if not values:
+            return self.sample_name + " "
+        pairs = ",".join(f'{self.labels[i]}="{_escape(values[i])}"' for i in self.order)
+        return f"{self.sample_name}{{{pairs}}} "
 
 
 _layouts: dict[tuple[str, str, str, tuple[str, ...]], _Layout] = {}
 _values: dict[float, str] = {}
+_lines: dict[float, str] = {}  # value -> its text and the line's end, for the renderer
+_NO_PREFIXES: dict[tuple[str, ...], str] = {}
 
 
 def _layout(family: Family) -> _Layout:
@@ -103,35 +113,45 @@ def format_value(value: float) -> str:
     return text
 
 
+def _line_end(value: float) -> str:
+    """``format_value(value)`` and a newline, remembered like the value's text."""
+    text = format_value(value) + "\n"
+    if text != "NaN\n":
+        if len(_lines) >= _VALUES_KEPT:
+            _lines.clear()
+        _lines[value] = text
+    return text
+
+
 class Renderer:
-    """Renders one collector's families, pass after pass, reusing the label text of its series."""
+    """Renders one collector's families, pass after pass, reusing the label text of its series.
+
+    The text is remembered per family by label values; a collector that hands the same label tuple
+    every pass (the gpu and processes collectors do) makes the lookup an identity check.
+    """
 
     def __init__(self) -> None:
-        self._prefixes: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._prefixes: dict[str, dict[tuple[str, ...], str]] = {}
 
     def render(self, families: Iterable[Family]) -> bytes:
         previous = self._prefixes
-        current: dict[tuple[str, tuple[str, ...]], str] = {}
+        current: dict[str, dict[tuple[str, ...], str]] = {}
         out: list[str] = []
+        append = out.append
+        lines = _lines
         for family in families:
             if not family.samples:
                 continue
             layout = _layout(family)
-            out.append(layout.header)
-            name, order, labels = layout.sample_name, layout.order, family.labels
+            append(layout.header)
+            before = previous.get(layout.sample_name, _NO_PREFIXES)
+            now = current.setdefault(layout.sample_name, {})
             for values, value in family.samples:
-                key = (name, values)
-                prefix = previous.get(key)
+                prefix = before.get(values) or now.get(values)
                 if prefix is None:
-                    prefix = current.get(key)
-                if prefix is None:
-                    if values:
-                        pairs = ",".join(f'{labels[i]}="{_escape(values[i])}"' for i in order)
-                        prefix = f"{name}{{{pairs}}} "
-                    else:
-                        prefix = name + " "
-                current[key] = prefix
-                out.append(prefix + format_value(value) + "\n")
+                    prefix = layout.prefix(values)
+                now[values] = prefix
+                append(prefix + (lines.get(value) or _line_end(value)))
         self._prefixes = current
         return "".join(out).encode()
 

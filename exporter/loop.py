@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class _Runner:
-    def __init__(self, collector: Collector, store: SnapshotStore, stop: threading.Event) -> None:
+    def __init__(self, collector: Collector, store: SnapshotStore, stop: threading.Event, phase: float = 0.0) -> None:
         self.collector = collector
+        self.phase = phase  # seconds before the first pass
         self._store = store
         self._stop = stop
         self.pass_started: float | None = None  # monotonic start of the pass in progress
@@ -34,6 +35,8 @@ class _Runner:
         self.thread = threading.Thread(target=self._run, name=f"collector-{collector.name}", daemon=True)
 
     def _run(self) -> None:
+        if self._stop.wait(self.phase):
+            return
         while not self._stop.is_set():
             started = time.monotonic()
             self.pass_started = started
@@ -55,21 +58,33 @@ class _Runner:
             log.exception("collector %s failed", self.collector.name)
             return Collected(success=False)
 
-    def check_overdue(self, now: float) -> None:
+    def check_overdue(self, now: float) -> float | None:
+        """Mark the pass in progress stale if it is overdue; else when it will be (None: no pass to watch)."""
         with self._state:
             started = self.pass_started
-            if started is None or self.marked_stale or now - started <= self.collector.timeout:
-                return
+            if started is None or self.marked_stale:
+                return None
+            if now - started <= self.collector.timeout:
+                return started + self.collector.timeout
             self.marked_stale = True
             self._store.mark_stale(self.collector.name)
         log.warning("collector %s has not finished after %.1fs; its data is stale", self.collector.name, now - started)
+        return None
+
+
+_PHASE_STEP_S = 0.1
+_WATCHDOG_RESOLUTION_S = 0.01  # the watchdog never sleeps less, so a pass due this instant cannot spin it
 
 
 class CollectionLoop:
-    def __init__(self, collectors: Sequence[Collector], store: SnapshotStore, watchdog_period: float = 0.2) -> None:
+    def __init__(self, collectors: Sequence[Collector], store: SnapshotStore) -> None:
         self._stop = threading.Event()
-        self._runners = [_Runner(c, store, self._stop) for c in collectors]
-        self._watchdog_period = watchdog_period
+        # Passes start staggered, not all at once: collectors that run together take turns at the GIL every
+        # switch interval, and each turn is a context switch that an idle exporter pays for.
+        self._runners = [
+            _Runner(c, store, self._stop, phase=min(i * _PHASE_STEP_S, c.interval * i / len(collectors)))
+            for i, c in enumerate(collectors)
+        ]
         self._watchdog = threading.Thread(target=self._watch, name="collector-watchdog", daemon=True)
 
     def start(self) -> None:
@@ -88,7 +103,20 @@ class CollectionLoop:
         self._watchdog.join(timeout=1.0)
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._watchdog_period):
+        """Wake when a pass could first be overdue, not on a short period: an idle exporter's wakeups cost CPU.
+
+        A pass that starts after this check is overdue one timeout after its start at the earliest, so the
+        shortest timeout from now bounds the sleep; a pass in progress is looked at again when it is due.
+        """
+        if not self._runners:
+            return
+        shortest = min(runner.collector.timeout for runner in self._runners)
+        while True:
             now = time.monotonic()
+            wake = now + shortest
             for runner in self._runners:
-                runner.check_overdue(now)
+                due = runner.check_overdue(now)
+                if due is not None:
+                    wake = min(wake, due)
+            if self._stop.wait(max(_WATCHDOG_RESOLUTION_S, wake - now)):
+                return

@@ -50,6 +50,11 @@ class ProcessInfo:
     name: str = ""
     workload: Workload = Workload()
 
+    @functools.cached_property
+    def label_values(self) -> tuple[str, ...]:
+        """The ``process`` label and the WORKLOAD_LABELS, made once per process (the Describer keeps it across passes)."""
+        return (self.name, *self.workload.labels())
+
 
 def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
     base = proc / str(pid)
@@ -59,7 +64,13 @@ def describe(pid: int, proc: Path = Path("/proc")) -> ProcessInfo:
         cgroup = (base / "cgroup").read_text()
     except OSError:
         return ProcessInfo()
-    return ProcessInfo(name, Workload(user=user_name(uid), container_id=container_of(cgroup), slurm_job=slurm_job_of(cgroup)))
+    return ProcessInfo(name, _workload(user_name(uid), container_of(cgroup), slurm_job_of(cgroup)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _workload(user: str, container_id: str, slurm_job: str) -> Workload:
+    """One object per workload: the processes of a container or job share it, so that a pass groups them by identity."""
+    return Workload(user=user, container_id=container_id, slurm_job=slurm_job)
 
 
 @functools.lru_cache(maxsize=256)
@@ -95,6 +106,7 @@ class Describer:
 
     def __init__(self, proc: Path = Path("/proc"), max_age: float = 60.0) -> None:
         self.proc = proc
+        self._root = str(proc)
         self.max_age = max_age
         self._known: dict[int, tuple[tuple[int, int], float, ProcessInfo]] = {}
         self._seen: set[int] = set()
@@ -102,7 +114,7 @@ class Describer:
     def describe(self, pid: int) -> ProcessInfo:
         self._seen.add(pid)
         try:
-            st = os.stat(self.proc / str(pid))
+            st = os.stat(f"{self._root}/{pid}")  # not a Path: joining one cost more than the stat
         except OSError:
             self._known.pop(pid, None)
             return describe(pid, self.proc)  # gone or another PID namespace: empty labels, as describe says

@@ -1,6 +1,7 @@
 """The exporter's HTTP server: ``/metrics``, ``/healthz``, and the simulator's fault endpoint.
 
-A scrape returns the bytes of the latest snapshot; nothing is computed per request. The
+A scrape returns the bytes of the latest snapshot; nothing is computed per request on the event loop
+(a snapshot not rendered yet is rendered in a worker thread while the loop serves on). The
 server is one asyncio event loop (a small HTTP/1.1 server on asyncio streams) in its own thread, so
 requests are answered in the order they arrive, a scrape storm uses at most one core, and
 an idle connection costs a few kilobytes instead of a thread. At most
@@ -17,6 +18,7 @@ is fresh.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import socket
@@ -87,6 +89,9 @@ class _App:
         self.auth = auth
         self.simulator = simulator
         self.scrape_slots = asyncio.Semaphore(max_concurrent_scrapes)
+        # one thread, made at the first scrape that needs a render: while scrapers keep up with collection,
+        # passes are rendered in the collectors' threads and this one never exists
+        self.renderer: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,10 +139,16 @@ class _App:
             return
         try:
             snapshot = self.store.snapshot
-            if _accepts_gzip(scope):
-                await _respond(send, HTTPStatus.OK, snapshot.gzipped, CONTENT_TYPE, headers=_GZIP_HEADERS)
-            else:
-                await _respond(send, HTTPStatus.OK, snapshot.body, CONTENT_TYPE, headers=_VARY)
+            gzipped = _accepts_gzip(scope)
+            body = snapshot.ready(gzipped)
+            if body is None:
+                # the first scrape of a snapshot nobody scraped while it was published: it is rendered in a
+                # worker thread, so that the loop goes on serving while it waits; scrapes that come meanwhile
+                # queue behind it and find it made
+                if self.renderer is None:
+                    self.renderer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+                body = await asyncio.get_running_loop().run_in_executor(self.renderer, snapshot.render, gzipped)
+            await _respond(send, HTTPStatus.OK, body, CONTENT_TYPE, headers=_GZIP_HEADERS if gzipped else _VARY)
         finally:
             slots.release()
 
@@ -378,6 +389,8 @@ class ExporterServer:
             loop.call_soon_threadsafe(stopping.set)
             self._thread.join(timeout=5.0)
         self._socket.close()
+        if self.app.renderer is not None:
+            self.app.renderer.shutdown(wait=False)
 
     def _run(self) -> None:
         asyncio.run(self._serve())

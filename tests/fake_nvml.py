@@ -69,6 +69,8 @@ class FakeNvml:
     mig_gpm_percent: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict)
     gpm_samples: dict[int, tuple[Any, int]] = field(default_factory=dict)  # sample address -> (GPU or (GPU, GI), when taken)
     gpm_clock: int = 0
+    field_values: dict[tuple[int, int], tuple[int, str, int]] = field(default_factory=lambda: dict(FIELD_VALUES))  # what fields answer
+    field_requests: list[list[tuple[int, int]]] = field(default_factory=list)  # the ids of every nvmlDeviceGetFieldValues call
     _buffers: list[Any] = field(default_factory=list)
 
     def install(self, monkeypatch: Any) -> None:
@@ -131,9 +133,10 @@ class FakeNvml:
 
     def nvmlDeviceGetFieldValues(self, h: Handle, ids: list[Any]) -> Any:  # noqa: N802
         values = []
+        self.field_requests.append([wanted if isinstance(wanted, tuple) else (wanted, 0) for wanted in ids])
         for wanted in ids:
             key = wanted if isinstance(wanted, tuple) else (wanted, 0)
-            known = FIELD_VALUES.get(key)
+            known = self.field_values.get(key)
             if known is None:
                 values.append(SimpleNamespace(nvmlReturn=pynvml.NVML_ERROR_NOT_SUPPORTED, valueType=0, value=SimpleNamespace(uiVal=0)))
             else:

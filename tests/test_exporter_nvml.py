@@ -322,7 +322,7 @@ def test_a_hung_nvml_call_marks_data_stale_and_scrapes_still_answer(fake: FakeNv
     supervisor = supervisor_for(NvmlBackend())
     collector = GpuCollector(supervisor, interval=0.2, timeout=0.3)
     store = SnapshotStore([(collector.name, collector.interval)], "test")
-    loop = CollectionLoop([collector], store, watchdog_period=0.05)
+    loop = CollectionLoop([collector], store)
     server = ExporterServer(store, ("127.0.0.1", free_port()))
     url = f"http://127.0.0.1:{server.port}"
     loop.start()
@@ -443,15 +443,21 @@ def listed(backend):
     for index in range(backend.device_count()):
         reading = backend.read(index)  # the parts of a reading that come from nvmlDeviceGetFieldValues
         fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
-        found.append([[vars(p) for p in backend.processes(index)], fields])
+        whole = {key: str(value) if key == "ecc_errors" else value  # JSON keys: no tuples
+                 for key, value in vars(reading).items() if key != "profiling"}  # GPM: one sample, no interval
+        found.append([[vars(p) for p in backend.processes(index)], fields, whole])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
     kinds += [type(backend._get_field_values).__name__, type(backend._process_utilization_reader).__name__]
+    kinds += sorted({type(getter).__name__ for getter in vars(backend._get).values()})
     backend.close()
     return found, kinds
 
 direct, direct_kinds = listed(NvmlBackend())
 for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetFieldValues",
-             "nvmlDeviceGetProcessUtilization"):
+             "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetFanSpeed",
+             "nvmlDeviceGetPerformanceState", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
+             "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetUtilizationRates",
+             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization"):
     wrapped = getattr(pynvml, name)
     setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
@@ -471,9 +477,12 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_FuncPtr", "_UtilizationReader"]
-    assert pynvml_kinds == ["function", "NoneType", "function"]
-    processes, (memory_temperature, pcie_bytes, nvlinks) = direct[0]
+    assert direct_kinds == ["_ProcessLister", "_FuncPtr", "_UtilizationReader", "_Getter"]
+    assert pynvml_kinds == ["function", "NoneType", "function", "function"]
+    processes, (memory_temperature, pcie_bytes, nvlinks), whole = direct[0]
+    assert whole["temperature_celsius"] == 60 and whole["utilization_ratio"] == 0.5 and whole["encoder_utilization_ratio"] == 0.12
+    assert whole["throttle_reasons"]["hw_thermal_slowdown"] and whole["sm_clock_hz"] and whole["pcie_link_width"] == 16
+    assert whole["energy_joules"] == 1500 and whole["violation_seconds"]["power"] == 2.5 and whole["pcie_replays"] == 3
     assert len(direct) == 3 and [p["pid"] for p in processes] == pids
     assert processes[0]["used_memory_bytes"] == 512 * 2**20 and processes[0]["gpu_instance"] is None
     assert processes[0]["sm_utilization_ratio"] == 0.1 and processes[40]["memory_utilization_ratio"] == 0.45

@@ -11,7 +11,9 @@ reports nothing. A GPU without GPM gets no series at all (and one info line), ne
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,16 +72,27 @@ class _Sampler:
     primed: bool = False  # ``previous`` holds a sample
 
 
+# Where each metric's return code and value lie in the request: read from its bytes, because every
+# attribute read of pynvml's structures runs Python code (three per metric, a third of a GPM read).
+_METRICS_AT = pynvml.c_nvmlGpmMetricsGet_t.metrics.offset
+_METRIC_SIZE = ctypes.sizeof(pynvml.c_nvmlGpmMetric_t)
+_RETURN = struct.Struct("=I")
+_RETURN_AT = pynvml.c_nvmlGpmMetric_t.nvmlReturn.offset
+_VALUE = struct.Struct("=d")
+_VALUE_AT = pynvml.c_nvmlGpmMetric_t.value.offset
+
+
 def metrics_between(request: Any, earlier: Any, later: Any) -> list[float | None]:
     """The request's GPM metrics between two samples, None where NVML could not compute one."""
     request.sample1 = earlier
     request.sample2 = later
     answer = pynvml.nvmlGpmMetricsGet(request)
+    memory = memoryview(answer).cast("B")
     success = pynvml.NVML_SUCCESS
-    # one attribute read per field: pynvml's structures answer every read through Python code
     values: list[float | None] = []
-    for metric in answer.metrics[:answer.numMetrics]:
-        values.append(float(metric.value) if metric.nvmlReturn == success else None)
+    for at in range(_METRICS_AT, _METRICS_AT + answer.numMetrics * _METRIC_SIZE, _METRIC_SIZE):
+        returned = _RETURN.unpack_from(memory, at + _RETURN_AT)[0]
+        values.append(_VALUE.unpack_from(memory, at + _VALUE_AT)[0] if returned == success else None)
     return values
 
 

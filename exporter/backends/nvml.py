@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -93,14 +94,51 @@ _NVLINK_ERROR_COUNTER = dict(zip(NVLINK_ERRORS, (
 _KIB = 1024
 _PCIE_UTIL = {"tx": pynvml.NVML_PCIE_UTIL_TX_BYTES, "rx": pynvml.NVML_PCIE_UTIL_RX_BYTES}
 _PCIE_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES), ("rx", pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES))
+_MEMORY_TEMPERATURE = (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0)
 _NVLINK_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX), ("rx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX))
 _FIELD_VALUE_ATTR = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+# The field values that hold what nvmlDeviceGetTotalEccErrors, nvmlDeviceGetViolationStatus,
+# nvmlDeviceGetTotalEnergyConsumption and nvmlDeviceGetPcieReplayCounter answer (same counters, same units:
+# compared on an H200 with driver 580), so one nvmlDeviceGetFieldValues call replaces 14 calls. A field the
+# driver does not have falls back to its own call.
+_ECC_FIELDS = {
+    ("corrected", "volatile"): pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, ("uncorrected", "volatile"): pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+    ("corrected", "aggregate"): pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL, ("uncorrected", "aggregate"): pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
+}
+_VIOLATION_FIELDS = {
+    "power": pynvml.NVML_FI_DEV_PERF_POLICY_POWER,
+    "thermal": pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL,
+    "sync_boost": pynvml.NVML_FI_DEV_PERF_POLICY_SYNC_BOOST,
+    "board_limit": pynvml.NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT,
+    "low_utilization": pynvml.NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION,
+    "reliability": pynvml.NVML_FI_DEV_PERF_POLICY_RELIABILITY,
+    "total_app_clocks": pynvml.NVML_FI_DEV_PERF_POLICY_TOTAL_APP_CLOCKS,
+    "total_base_clocks": pynvml.NVML_FI_DEV_PERF_POLICY_TOTAL_BASE_CLOCKS,
+}
+# A field answered with one of these is left out of the request until the next re-probe: the driver does
+# not know the field id (INVALID_ARGUMENT) or the GPU does not have it (NOT_SUPPORTED).
+_FIELD_UNSUPPORTED = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_INVALID_ARGUMENT})
+_COUNTER_FIELDS = (
+    *((field, 0) for field in _ECC_FIELDS.values()), *((field, 0) for field in _VIOLATION_FIELDS.values()),
+    (pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, 0), (pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, 0),
+    *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
+)
+_FIELD_VALUE = struct.Struct("=IIqqIIQ")  # nvmlFieldValue_t, the value union read as its 8 bytes
 
 
 # Power limit, retired pages, remapped rows and the MIG layout change only by an administrator or a rare
-# hardware event (and a page retirement or row remap shows at once in the ECC counters, read every pass):
+# hardware event (and a page retirement or row remap shows in the ECC counters):
 # reading them every SLOW_REFRESH_S instead of every pass saves a fifth of the calls of a pass.
 SLOW_REFRESH_S = 30.0
+# Counters (energy, ECC, clock violations, PCIe replays and bytes, NVLink state, bytes and errors) are read
+# with rate() or increase() over minutes, and some are the dearest calls NVML has: on an H200 (driver 580)
+# the energy counter costs 4.4 ms of CPU per read and the eight violation counters 0.85 ms, where a
+# temperature costs 3 us. They are read every COUNTER_REFRESH_S (dcgm-exporter reads everything every 30 s).
+COUNTER_REFRESH_S = 10.0
+# An answer of "not supported" is remembered and not asked again (each answer costs a Python exception,
+# and an old GPU gives dozens a pass) until NVML is re-initialised or REPROBE_S has passed: a driver
+# update, a mode change or a GPU reset can bring a field.
+REPROBE_S = 300.0
 
 
 class _ProcessInfo(ctypes.Structure):
@@ -157,7 +195,8 @@ class _FieldValue(ctypes.Structure):
 class _FieldReader:
     """nvmlDeviceGetFieldValues for one GPU's fixed list of fields, into an array filled in once.
 
-    pynvml's wrapper builds the array and sets every field id through a Python hook on every call.
+    pynvml's wrapper builds the array and sets every field id through a Python hook on every call;
+    here the answers are unpacked from the array's bytes in one go.
     """
 
     __name__ = "nvmlDeviceGetFieldValues"
@@ -170,17 +209,35 @@ class _FieldReader:
             slot.fieldId, slot.scopeId = field, scope
         self._lock = threading.Lock()
 
-    def __call__(self, handle: Any) -> dict[tuple[int, int], int]:
+    def __call__(self, handle: Any) -> tuple[dict[tuple[int, int], Any], set[tuple[int, int]]]:
         with self._lock:
             answer = self._function(handle, len(self.ids), self._array)
             if answer != pynvml.NVML_SUCCESS:
                 raise pynvml.NVMLError(answer)
-            result = {}
-            for key, value in zip(self.ids, self._array, strict=True):
-                attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
-                if attr is not None:
-                    result[key] = getattr(value.value, attr)
-            return result
+            raw = bytes(self._array)
+        result: dict[tuple[int, int], Any] = {}
+        unsupported = set()
+        for key, (_, _, _, _, value_type, returned, bits) in zip(self.ids, _FIELD_VALUE.iter_unpack(raw), strict=True):
+            if returned == pynvml.NVML_SUCCESS:
+                result[key] = _from_bits(value_type, bits)
+            elif returned in _FIELD_UNSUPPORTED:
+                unsupported.add(key)
+        return result, unsupported
+
+
+def _from_bits(value_type: int, bits: int) -> Any:
+    """A field value's union, read as 8 little-endian bytes, as the member ``value_type`` names."""
+    if value_type == pynvml.NVML_VALUE_TYPE_DOUBLE:
+        return struct.unpack("=d", struct.pack("=Q", bits))[0]
+    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+        return bits & 0xFFFFFFFF
+    if value_type == pynvml.NVML_VALUE_TYPE_SIGNED_INT:
+        return ctypes.c_int32(bits & 0xFFFFFFFF).value
+    if value_type == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
+        return ctypes.c_int64(bits).value
+    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT:
+        return bits & 0xFFFF
+    return bits  # unsigned long (64 bits here) and unsigned long long
 
 
 class _UtilizationSample(ctypes.Structure):
@@ -217,6 +274,75 @@ class _UtilizationReader:
             return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in self._array[: self._count.value]]
 
 
+class _Utilization(ctypes.Structure):
+    """nvmlUtilization_t as a plain ctypes structure (see _ProcessInfo)."""
+
+    _fields_ = (("gpu", ctypes.c_uint), ("memory", ctypes.c_uint))
+
+
+class _Getter:
+    """One of NVML's getters that answer through out-parameters, called directly into out-parameters kept
+    from call to call: pynvml's wrapper takes a lock to look the function up and builds its out-parameters
+    on every call, which was a third of a pass's NVML time. Used, like _ProcessLister, only while pynvml's
+    own wrapper is in place."""
+
+    def __init__(self, name: str, function: Any, outs: tuple[Any, ...]) -> None:
+        self.__name__ = name
+        self._function = function
+        self._outs = tuple(out() for out in outs)
+        self._refs = tuple(ctypes.byref(out) for out in self._outs)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, wrapper: Callable[..., Any], *outs: Any) -> Callable[..., Any]:
+        """The direct call for pynvml's ``wrapper``, or the wrapper itself when it is not pynvml's own."""
+        function = _pynvml_own(wrapper, wrapper.__name__)
+        return wrapper if function is None else cls(wrapper.__name__, function, outs)
+
+    def __call__(self, handle: Any, *args: Any) -> Any:
+        with self._lock:
+            answer = self._function(handle, *args, *self._refs)
+            if answer != pynvml.NVML_SUCCESS:
+                raise pynvml.NVMLError(answer)
+            outs = self._outs
+            if len(outs) > 1:
+                return [out.value for out in outs]  # as pynvml answers: [value, sampling period]
+            out = outs[0]
+            return type(out).from_buffer_copy(out) if isinstance(out, ctypes.Structure) else out.value
+
+
+@dataclass(frozen=True)
+class _Getters:
+    """The getters a pass calls for every GPU, direct where pynvml's own wrappers are in place."""
+
+    temperature: Callable[..., Any]
+    power: Callable[..., Any]
+    fan: Callable[..., Any]
+    pstate: Callable[..., Any]
+    clock: Callable[..., Any]
+    clock_events: Callable[..., Any]
+    pcie_generation: Callable[..., Any]
+    pcie_width: Callable[..., Any]
+    utilization: Callable[..., Any]
+    encoder: Callable[..., Any]
+    decoder: Callable[..., Any]
+
+    @classmethod
+    def load(cls) -> _Getters:
+        load, uint = _Getter.load, ctypes.c_uint
+        return cls(
+            temperature=load(pynvml.nvmlDeviceGetTemperature, uint), power=load(pynvml.nvmlDeviceGetPowerUsage, uint),
+            fan=load(pynvml.nvmlDeviceGetFanSpeed, uint), pstate=load(pynvml.nvmlDeviceGetPerformanceState, uint),
+            clock=load(pynvml.nvmlDeviceGetClockInfo, uint),
+            clock_events=load(pynvml.nvmlDeviceGetCurrentClocksEventReasons, ctypes.c_ulonglong),
+            pcie_generation=load(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, uint),
+            pcie_width=load(pynvml.nvmlDeviceGetCurrPcieLinkWidth, uint),
+            utilization=load(pynvml.nvmlDeviceGetUtilizationRates, _Utilization),
+            encoder=load(pynvml.nvmlDeviceGetEncoderUtilization, uint, uint),
+            decoder=load(pynvml.nvmlDeviceGetDecoderUtilization, uint, uint),
+        )
+
+
 def _utilization_through_pynvml(handle: Any, since: int) -> list[UtilizationSample]:
     return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in pynvml.nvmlDeviceGetProcessUtilization(handle, since)]
 
@@ -241,6 +367,19 @@ def _through_pynvml(wrapper: Callable[..., Any]) -> Callable[[Any], list[Running
 
 
 @dataclass(frozen=True)
+class _Counters:
+    """A GPU's counters as read at ``read_at`` (monotonic), every ``COUNTER_REFRESH_S``."""
+
+    read_at: float
+    energy_joules: float | None
+    ecc_errors: dict[tuple[str, str], int]
+    violation_seconds: dict[str, float]
+    pcie_replays: int | None
+    pcie_bytes: dict[str, int]
+    nvlinks: tuple[NvLinkReading, ...]
+
+
+@dataclass(frozen=True)
 class _SlowFacts:
     read_at: float  # monotonic
     power_limit_watts: float | None
@@ -252,17 +391,19 @@ class _SlowFacts:
 
 def u32(value: Any) -> int | None:
     """A 32-bit NVML value, or None when it is NVML's "not available" sentinel."""
-    if value is None or isinstance(value, str):
-        return None
-    value = int(value)
+    if type(value) is not int:  # most answers are plain ints: a pass makes hundreds of these checks
+        if value is None or isinstance(value, str):
+            return None
+        value = int(value)
     return None if value in _U32_SENTINELS or value < 0 else value
 
 
 def u64(value: Any) -> int | None:
     """A 64-bit NVML value, or None when it is a sentinel."""
-    if value is None or isinstance(value, str):
-        return None
-    value = int(value)
+    if type(value) is not int:
+        if value is None or isinstance(value, str):
+            return None
+        value = int(value)
     return None if value >= _U64_SENTINEL_FLOOR or value < 0 else value
 
 
@@ -297,7 +438,9 @@ def _engine_ratio(answer: Any) -> float | None:
 class NvmlBackend(GpuBackend):
     kind = "nvml"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # monotonic seconds: when slow facts and counters are due, when to re-probe
+        self._reprobe_at = 0.0
         self._handles: dict[int, Any] = {}
         self._identities: dict[int, GpuIdentity] = {}
         self._driver = ""
@@ -316,6 +459,9 @@ class NvmlBackend(GpuBackend):
         self._process_utilization_reader: Callable[[Any, int], list[UtilizationSample]] = _utilization_through_pynvml
         self._get_field_values: Any = None  # NVML's own function, when pynvml's wrapper is in place
         self._field_readers: dict[int, _FieldReader] = {}  # GPU -> its reader of the fields a pass reads
+        self._get = _Getters.load()  # again at start(): whoever replaced pynvml's functions by then is asked
+        self._fields_unsupported: dict[int, set[tuple[int, int]]] = {}  # GPU -> fields left out until the re-probe
+        self._counters: dict[int, _Counters] = {}
 
     # lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -326,12 +472,11 @@ class NvmlBackend(GpuBackend):
         # start() runs before collection begins or under the supervisor's lock: no lock of its own.
         self._handles.clear()
         self._identities.clear()
-        self._nvlinks.clear()
-        self._unsupported.clear()
-        self._unsupported_fns.clear()
+        self._forget_unsupported()
         self._handle_indexes.clear()
         self._utilization_seen.clear()
         self._slow.clear()
+        self._counters.clear()
         self._generation += 1
         self._process_listers = tuple(
             _ProcessLister.load(wrapper, name) or _through_pynvml(wrapper)
@@ -339,6 +484,7 @@ class NvmlBackend(GpuBackend):
                                   (pynvml.nvmlDeviceGetGraphicsRunningProcesses, "nvmlDeviceGetGraphicsRunningProcesses_v3"))
         )
         self._get_field_values = _pynvml_own(pynvml.nvmlDeviceGetFieldValues, "nvmlDeviceGetFieldValues")
+        self._get = _Getters.load()
         self._field_readers.clear()
         utilization = _pynvml_own(pynvml.nvmlDeviceGetProcessUtilization, "nvmlDeviceGetProcessUtilization")
         self._process_utilization_reader = _utilization_through_pynvml if utilization is None else _UtilizationReader(utilization)
@@ -386,55 +532,89 @@ class NvmlBackend(GpuBackend):
 
     def read(self, index: int) -> GpuReading:
         handle = self._handle(index)
-        call = self._call
-        util = call(pynvml.nvmlDeviceGetUtilizationRates, handle)
+        call, get = self._call, self._get
+        now = self._clock()
+        if now >= self._reprobe_at:
+            self._forget_unsupported()
+            self._reprobe_at = now + REPROBE_S
+        util = call(get.utilization, handle)
         memory = call(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2) or call(
             pynvml.nvmlDeviceGetMemoryInfo, handle
         )
-        pstate = u32(call(pynvml.nvmlDeviceGetPerformanceState, handle))
+        pstate = u32(call(get.pstate, handle))
         profile = self._gpm.read(index, handle)
-        links = self._links(index, handle)
-        slow = self._slow_facts(index, handle)
-        # every field-value reading of this GPU in one call: memory temperature, PCIe and NVLink bytes
-        fields = self._field_values(index, handle, [
-            (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0), *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
-            *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS),
-        ])
+        slow = self._slow_facts(index, handle, now)
+        counters = self._counters.get(index)
+        due = counters is None or now - counters.read_at >= COUNTER_REFRESH_S
+        links = self._links(index, handle) if due else []
+        # every field-value reading of this GPU in one call: memory temperature, and the counters when due
+        wanted = [_MEMORY_TEMPERATURE]
+        if due:
+            wanted += [*_COUNTER_FIELDS, *((field, link) for link in links for _, field in _NVLINK_BYTES_FIELDS)]
+        fields = self._field_values(index, handle, wanted)
+        if counters is None or due:
+            counters = self._counters[index] = self._read_counters(handle, now, links, fields)
         return GpuReading(
             identity=self.identity(index),
-            temperature_celsius=u32(call(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
-            memory_temperature_celsius=u32(fields.get((pynvml.NVML_FI_DEV_MEMORY_TEMP, 0))),
+            temperature_celsius=u32(call(get.temperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
+            memory_temperature_celsius=u32(fields.get(_MEMORY_TEMPERATURE)),
             utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
             memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
             memory_used_bytes=u64(getattr(memory, "used", None)),
             memory_free_bytes=u64(getattr(memory, "free", None)),
             memory_total_bytes=u64(getattr(memory, "total", None)),
             memory_reserved_bytes=u64(getattr(memory, "reserved", None)),
-            power_watts=_scaled(u32(call(pynvml.nvmlDeviceGetPowerUsage, handle)), 0.001),
+            power_watts=_scaled(u32(call(get.power, handle)), 0.001),
             power_limit_watts=slow.power_limit_watts,
-            energy_joules=_scaled(u64(call(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)), 0.001),
-            fan_speed_ratio=_scaled(u32(call(pynvml.nvmlDeviceGetFanSpeed, handle)), 0.01),
+            energy_joules=counters.energy_joules,
+            fan_speed_ratio=_scaled(u32(call(get.fan, handle)), 0.01),
             performance_state=None if pstate == _PSTATE_UNKNOWN else pstate,
-            sm_clock_hz=_scaled(u32(call(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM)), 1e6),
-            memory_clock_hz=_scaled(u32(call(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_MEM)), 1e6),
+            sm_clock_hz=_scaled(u32(call(get.clock, handle, pynvml.NVML_CLOCK_SM)), 1e6),
+            memory_clock_hz=_scaled(u32(call(get.clock, handle, pynvml.NVML_CLOCK_MEM)), 1e6),
             throttle_reasons=self._throttle_reasons(handle),
-            ecc_errors=self._ecc_errors(handle),
-            pcie_link_generation=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)),
-            pcie_link_width=u32(call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle)),
+            ecc_errors=counters.ecc_errors,
+            pcie_link_generation=u32(call(get.pcie_generation, handle)),
+            pcie_link_width=u32(call(get.pcie_width, handle)),
             retired_pages=slow.retired_pages,
             remapped_rows=slow.remapped_rows,
             retired_pages_pending=slow.retired_pages_pending,
             profiling=profile.ratios,
             pcie_throughput_bytes_per_second=self._pcie_throughput(handle, profile.bandwidth),
-            pcie_bytes=_counters(fields, _PCIE_BYTES_FIELDS, 0, 1),
-            pcie_replays=u32(call(pynvml.nvmlDeviceGetPcieReplayCounter, handle)),
+            pcie_bytes=counters.pcie_bytes,
+            pcie_replays=counters.pcie_replays,
             nvlink_throughput_bytes_per_second={d: v for (bus, d), v in profile.bandwidth.items() if bus == "nvlink"},
-            nvlinks=self._nvlink_readings(handle, links, fields),
-            encoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetEncoderUtilization, handle)),
-            decoder_utilization_ratio=_engine_ratio(call(pynvml.nvmlDeviceGetDecoderUtilization, handle)),
-            violation_seconds=self._violations(handle),
+            nvlinks=counters.nvlinks,
+            encoder_utilization_ratio=_engine_ratio(call(get.encoder, handle)),
+            decoder_utilization_ratio=_engine_ratio(call(get.decoder, handle)),
+            violation_seconds=counters.violation_seconds,
             mig=self._mig(index, handle, slow.mig),
         )
+
+    def _read_counters(self, handle: Any, now: float, links: list[int], fields: dict[tuple[int, int], Any]) -> _Counters:
+        """The counters from the field values read, each one a field could not give through its own call."""
+        call = self._call
+        energy = fields.get((pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, 0))
+        if energy is None:
+            energy = call(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)
+        replays = fields.get((pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, 0))
+        if replays is None:
+            replays = call(pynvml.nvmlDeviceGetPcieReplayCounter, handle)
+        return _Counters(
+            read_at=now,
+            energy_joules=_scaled(u64(energy), 0.001),
+            ecc_errors=self._ecc_errors(handle, fields),
+            violation_seconds=self._violations(handle, fields),
+            pcie_replays=u32(replays),
+            pcie_bytes=_counters(fields, _PCIE_BYTES_FIELDS, 0, 1),
+            nvlinks=self._nvlink_readings(handle, links, fields),
+        )
+
+    def _forget_unsupported(self) -> None:
+        """Ask again what answered "not supported" (NVML re-initialised, or the re-probe is due)."""
+        self._unsupported.clear()
+        self._unsupported_fns.clear()
+        self._fields_unsupported.clear()
+        self._nvlinks.clear()
 
     def processes(self, index: int) -> list[GpuProcess]:
         handle = self._handle(index)
@@ -571,23 +751,35 @@ class NvmlBackend(GpuBackend):
             return ()
         return key
 
-    def _field_values(self, index: int, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
-        """(field id, scope) -> the raw value, for the fields NVML answered."""
+    def _field_values(self, index: int, handle: Any, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+        """(field id, scope) -> the raw value, for the fields NVML answered; fields it does not have are not asked again."""
+        skipped = self._fields_unsupported.setdefault(index, set())
+        ids = [key for key in wanted if key not in skipped] if skipped else wanted
+        if not ids:
+            return {}
         if self._get_field_values is not None:
             reader = self._field_readers.get(index)
             if reader is None or reader.ids != ids:
                 reader = self._field_readers[index] = _FieldReader(self._get_field_values, ids)
-            return self._call(reader, handle) or {}
-        values = self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or []
-        result = {}
-        for key, value in zip(ids, values, strict=False):  # a short answer leaves fields out, it does not fail
+            values, unsupported = self._call(reader, handle) or ({}, set())
+        else:
+            values, unsupported = self._fields_through_pynvml(handle, ids)
+        skipped |= unsupported
+        return values
+
+    def _fields_through_pynvml(self, handle: Any, ids: list[tuple[int, int]]) -> tuple[dict[tuple[int, int], Any], set[tuple[int, int]]]:
+        values: dict[tuple[int, int], Any] = {}
+        unsupported = set()
+        for key, value in zip(ids, self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or [], strict=False):  # a short answer leaves fields out
             attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
             if attr is not None:
-                result[key] = getattr(value.value, attr)
-        return result
+                values[key] = getattr(value.value, attr)
+            elif value.nvmlReturn in _FIELD_UNSUPPORTED:
+                unsupported.add(key)
+        return values, unsupported
 
     def _throttle_reasons(self, handle: Any) -> dict[str, bool] | None:
-        mask = self._call(pynvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
+        mask = self._call(self._get.clock_events, handle)
         if mask is None:
             mask = self._call(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle)
         mask = u64(mask)
@@ -595,11 +787,14 @@ class NvmlBackend(GpuBackend):
             return None
         return {reason: bool(mask & bit) for reason, bit in _THROTTLE_BITS.items()}
 
-    def _ecc_errors(self, handle: Any) -> dict[tuple[str, str], int]:
+    def _ecc_errors(self, handle: Any, fields: dict[tuple[int, int], Any]) -> dict[tuple[str, str], int]:
         result = {}
         for error_type in ECC_ERROR_TYPES:
             for counter in ECC_COUNTERS:
-                value = u64(self._call(pynvml.nvmlDeviceGetTotalEccErrors, handle, _ECC_TYPE[error_type], _ECC_COUNTER[counter]))
+                raw = fields.get((_ECC_FIELDS[(error_type, counter)], 0))
+                if raw is None:
+                    raw = self._call(pynvml.nvmlDeviceGetTotalEccErrors, handle, _ECC_TYPE[error_type], _ECC_COUNTER[counter])
+                value = u64(raw)
                 if value is not None:
                     result[(error_type, counter)] = value
         return result
@@ -649,11 +844,13 @@ class NvmlBackend(GpuBackend):
             ))
         return tuple(readings)
 
-    def _violations(self, handle: Any) -> dict[str, float]:
+    def _violations(self, handle: Any, fields: dict[tuple[int, int], Any]) -> dict[str, float]:
         result = {}
         for reason, policy in _VIOLATION_POLICY.items():
-            status = self._call(pynvml.nvmlDeviceGetViolationStatus, handle, policy)
-            nanoseconds = None if status is None else u64(status.violationTime)
+            nanoseconds = u64(fields.get((_VIOLATION_FIELDS[reason], 0)))
+            if nanoseconds is None:
+                status = self._call(pynvml.nvmlDeviceGetViolationStatus, handle, policy)
+                nanoseconds = None if status is None else u64(status.violationTime)
             if nanoseconds is not None:
                 result[reason] = nanoseconds / 1e9
         return result
@@ -694,12 +891,11 @@ class NvmlBackend(GpuBackend):
         return tuple(readings)
 
     def mig_devices(self, index: int) -> tuple[MigDevice, ...]:
-        return tuple(device for device, _ in self._slow_facts(index, self._handle(index)).mig)
+        return tuple(device for device, _ in self._slow_facts(index, self._handle(index), self._clock()).mig)
 
-    def _slow_facts(self, index: int, handle: Any) -> _SlowFacts:
+    def _slow_facts(self, index: int, handle: Any, now: float) -> _SlowFacts:
         """What only an administrator or a rare hardware event changes, read at most every ``SLOW_REFRESH_S``."""
         facts = self._slow.get(index)
-        now = time.monotonic()
         if facts is not None and now - facts.read_at < SLOW_REFRESH_S:
             return facts
         facts = _SlowFacts(

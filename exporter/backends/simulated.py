@@ -9,6 +9,7 @@ that reach the XID collector through the same path NVML events take.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -53,6 +54,7 @@ class _SimulatedGpu:
     pcie_bytes: float = 0.0
 
 
+@functools.lru_cache(maxsize=4096)  # one identity per process, as the NVML backend's Describer keeps it
 def _workload(gpu: int, k: int) -> ProcessInfo:
     """Even GPUs run a Kubernetes pod each, odd GPUs a Slurm job each: the demo shows both kinds."""
     if gpu % 2 == 0:

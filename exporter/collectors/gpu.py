@@ -69,6 +69,39 @@ PROFILING = {
 PIPES = {"fp16_activity": "fp16", "fp32_activity": "fp32", "fp64_activity": "fp64"}
 
 
+class _Labels:
+    """The label values of one GPU's series, made when the GPU is first seen instead of every pass.
+
+    Label values whose set is open (links, retirement causes, row states) are added as they appear.
+    """
+
+    def __init__(self, index: int, uuid: str) -> None:
+        gpu = self.gpu = (str(index), uuid)
+        self.clocks = {clock: (*gpu, clock) for clock in ("sm", "memory")}
+        self.extra: dict[str, tuple[str, ...]] = {}  # reason, cause, state, direction, pipe -> (*gpu, it)
+        self.ecc = {(t, c): (*gpu, t, c) for t in ECC_ERROR_TYPES for c in ECC_COUNTERS}
+        self.links: dict[int, tuple[str, ...]] = {}
+        self.link_extra: dict[tuple[int, str], tuple[str, ...]] = {}  # (link, direction or error) -> labels
+
+    def of(self, value: str) -> tuple[str, ...]:
+        labels = self.extra.get(value)
+        if labels is None:
+            labels = self.extra[value] = (*self.gpu, value)
+        return labels
+
+    def link(self, link: int) -> tuple[str, ...]:
+        labels = self.links.get(link)
+        if labels is None:
+            labels = self.links[link] = (*self.gpu, str(link))
+        return labels
+
+    def on_link(self, link: int, value: str) -> tuple[str, ...]:
+        labels = self.link_extra.get((link, value))
+        if labels is None:
+            labels = self.link_extra[(link, value)] = (*self.gpu, str(link), value)
+        return labels
+
+
 class GpuCollector(Collector):
     name = "gpu"
 
@@ -79,6 +112,7 @@ class GpuCollector(Collector):
         self._lost: set[int] = set()
         self._seen: set[GpuLabels] = set()  # every GPU reported since start
         self._vanished: set[GpuLabels] = set()  # seen, but no longer in the device list
+        self._labels: dict[GpuLabels, _Labels] = {}  # the GPUs of the last pass
 
     def collect(self) -> Collected:
         nvml_up = gauge("mlwarden_nvml_up", "1 when the GPU library (NVML) is initialised and answering, else 0.")
@@ -192,73 +226,76 @@ class GpuCollector(Collector):
             for key, (name, text) in PROFILING.items()
         }
         for index, uuid in down:
-            up.add_metric([str(index), uuid], 0)
+            up.samples.append(((str(index), uuid), 0))
+        known, self._labels = self._labels, {}
         for reading in readings:
             ident = reading.identity
-            gpu = [str(ident.index), ident.uuid]
-            info.add_metric([*gpu, ident.name, ident.pci_bus_id, driver, cuda], 1)
-            up.add_metric(gpu, 1)
+            gpu_key = (ident.index, ident.uuid)
+            labels = self._labels[gpu_key] = known.get(gpu_key) or _Labels(*gpu_key)
+            gpu = labels.gpu
+            info.samples.append(((*gpu, ident.name, ident.pci_bus_id, driver, cuda), 1))
+            up.samples.append((gpu, 1))
             for attr, family in gauges.items():
                 value = getattr(reading, attr)
                 if value is not None:
-                    family.add_metric(gpu, value)
+                    family.samples.append((gpu, value))
             if reading.energy_joules is not None:
-                energy.add_metric(gpu, reading.energy_joules)
+                energy.samples.append((gpu, reading.energy_joules))
             for clock, value in (("sm", reading.sm_clock_hz), ("memory", reading.memory_clock_hz)):
                 if value is not None:
-                    clocks.add_metric([*gpu, clock], value)
+                    clocks.samples.append((labels.clocks[clock], value))
             for reason, active in (reading.throttle_reasons or {}).items():
-                throttle.add_metric([*gpu, reason], 1 if active else 0)
-            for error_type in ECC_ERROR_TYPES:
-                for ecc_counter in ECC_COUNTERS:
-                    value = reading.ecc_errors.get((error_type, ecc_counter))
-                    if value is not None:
-                        ecc.add_metric([*gpu, error_type, ecc_counter], value)
+                throttle.samples.append((labels.of(reason), 1 if active else 0))
+            for ecc_key, ecc_labels in labels.ecc.items():
+                value = reading.ecc_errors.get(ecc_key)
+                if value is not None:
+                    ecc.samples.append((ecc_labels, value))
             for cause, pages in (reading.retired_pages or {}).items():
-                retired.add_metric([*gpu, cause], pages)
+                retired.samples.append((labels.of(cause), pages))
             for state, rows in (reading.remapped_rows or {}).items():
-                remapped.add_metric([*gpu, state], rows)
-            self._add_signals(reading, gpu, pending, profiling, pipes, replays, violations)
+                remapped.samples.append((labels.of(state), rows))
+            self._add_signals(reading, labels, pending, profiling, pipes, replays, violations)
             for family, by_direction in ((pcie_rate, reading.pcie_throughput_bytes_per_second), (pcie_bytes, reading.pcie_bytes),
                                          (nvlink_rate, reading.nvlink_throughput_bytes_per_second)):
                 for direction in DIRECTIONS:
                     if direction in by_direction:
-                        family.add_metric([*gpu, direction], by_direction[direction])
+                        family.samples.append((labels.of(direction), by_direction[direction]))
             for link in reading.nvlinks:
-                nvlink_up.add_metric([*gpu, str(link.link)], 1 if link.up else 0)
+                nvlink_up.samples.append((labels.link(link.link), 1 if link.up else 0))
                 for direction, count in link.bytes.items():
-                    nvlink_bytes.add_metric([*gpu, str(link.link), direction], count)
+                    nvlink_bytes.samples.append((labels.on_link(link.link, direction), count))
                 for error in NVLINK_ERRORS:
                     if error in link.errors:
-                        nvlink_errors.add_metric([*gpu, str(link.link), error], link.errors[error])
+                        nvlink_errors.samples.append((labels.on_link(link.link, error), link.errors[error]))
             for mig in reading.mig:
                 device = mig.device
-                labels = [*gpu, str(device.gpu_instance), str(device.compute_instance), device.profile]
+                instance = (*gpu, str(device.gpu_instance), str(device.compute_instance), device.profile)
                 if mig.memory_used_bytes is not None:
-                    mig_used.add_metric(labels, mig.memory_used_bytes)
+                    mig_used.samples.append((instance, mig.memory_used_bytes))
                 if mig.memory_total_bytes is not None:
-                    mig_total.add_metric(labels, mig.memory_total_bytes)
-                for key, value in mig.profiling.items():
-                    if key in mig_profiling:
-                        mig_profiling[key].add_metric(labels, value)
+                    mig_total.samples.append((instance, mig.memory_total_bytes))
+                for ratio, value in mig.profiling.items():
+                    if ratio in mig_profiling:
+                        mig_profiling[ratio].samples.append((instance, value))
         return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
                 pipes, pcie_rate, pcie_bytes, replays, nvlink_rate, nvlink_up, nvlink_bytes, nvlink_errors, violations,
                 mig_used, mig_total, *mig_profiling.values()]
 
     @staticmethod
-    def _add_signals(reading: GpuReading, gpu: list[str], pending: Family, profiling: dict[str, Family],
+    def _add_signals(reading: GpuReading, labels: _Labels, pending: Family, profiling: dict[str, Family],
                      pipes: Family, replays: Family, violations: Family) -> None:
+        gpu = labels.gpu
         if reading.retired_pages_pending is not None:
-            pending.add_metric(gpu, 1 if reading.retired_pages_pending else 0)
+            pending.samples.append((gpu, 1 if reading.retired_pages_pending else 0))
         for key, value in reading.profiling.items():
             if key in profiling:
-                profiling[key].add_metric(gpu, value)
+                profiling[key].samples.append((gpu, value))
             elif key in PIPES:
-                pipes.add_metric([*gpu, PIPES[key]], value)
+                pipes.samples.append((labels.of(PIPES[key]), value))
         if reading.pcie_replays is not None:
-            replays.add_metric(gpu, reading.pcie_replays)
+            replays.samples.append((gpu, reading.pcie_replays))
         for reason, seconds in reading.violation_seconds.items():
-            violations.add_metric([*gpu, reason], seconds)
+            violations.samples.append((labels.of(reason), seconds))
 
 
 def _build(_: NoSettings, context: CollectorContext) -> Collector:

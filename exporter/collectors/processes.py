@@ -44,6 +44,9 @@ class ProcessesCollector(Collector):
         self.proc = proc
         self.attributor = attributor or Attributor()
         self.describer = procinfo.Describer(proc)
+        # (GPU index, pid) -> (its identity, its label values) of the last pass: the same tuple every pass
+        # while the identity holds, so that rendering finds the series' text by identity, not by content
+        self._labels: dict[tuple[int, int], tuple[procinfo.ProcessInfo, tuple[str, ...]]] = {}
 
     def collect(self) -> Collected:
         if not self.supervisor.ensure():
@@ -71,6 +74,7 @@ class ProcessesCollector(Collector):
             return Collected(success=False)
         allocations = self.attributor.allocations()
         described: dict[int, procinfo.ProcessInfo] = {}  # a process on several GPUs is read from /proc once a pass
+        known, self._labels = self._labels, {}
         for index in range(gpus):
             try:
                 identity = backend.identity(index)
@@ -81,30 +85,40 @@ class ProcessesCollector(Collector):
             except GpuLost:
                 continue  # the gpu collector reports the GPU as down
             self.supervisor.remember(identity)
-            gpu = [str(index), identity.uuid]
-            count.add_metric(gpu, len(processes))
+            gpu = (str(index), identity.uuid)
+            count.samples.append((gpu, len(processes)))
             # processes by the MIG device they run in (None: the whole GPU, or NVML did not say)
             placed: dict[MigDevice | None, list[procinfo.ProcessInfo]] = {None: [], **{device: [] for device in migs.values()}}
             for process in self._largest(processes):
                 device = migs.get((process.gpu_instance, process.compute_instance)) if migs else None
                 info = self._describe(process, allocations, index, identity.uuid, device, described)
                 placed[device].append(info)
-                labels = [*gpu, str(process.pid), info.name, *info.workload.labels()]
+                labels = self._labels_of(known, gpu, index, process.pid, info)
                 if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
-                    memory.add_metric(labels, process.used_memory_bytes)
+                    memory.samples.append((labels, process.used_memory_bytes))
                 if process.sm_utilization_ratio is not None:
-                    sm.add_metric(labels, process.sm_utilization_ratio)
+                    sm.samples.append((labels, process.sm_utilization_ratio))
                 if process.memory_utilization_ratio is not None:
-                    mem_util.add_metric(labels, process.memory_utilization_ratio)
+                    mem_util.samples.append((labels, process.memory_utilization_ratio))
             for device, infos in placed.items():
-                instance = ["", ""] if device is None else [str(device.gpu_instance), str(device.compute_instance)]
+                instance = ("", "") if device is None else (str(device.gpu_instance), str(device.compute_instance))
                 for workload in allocations.workloads(index, identity.uuid, infos, device):
-                    allocation.add_metric([*gpu, *instance, *workload.labels()], 1)
+                    allocation.samples.append(((*gpu, *instance, *workload.labels()), 1))
         self.describer.end_pass()
         return Collected([count, memory, sm, mem_util, allocation])
 
     def stop(self) -> None:
         self.attributor.close()
+
+    def _labels_of(self, known: dict[tuple[int, int], tuple[procinfo.ProcessInfo, tuple[str, ...]]], gpu: tuple[str, str],
+                   index: int, pid: int, info: procinfo.ProcessInfo) -> tuple[str, ...]:
+        cached = known.get((index, pid))
+        if cached is not None and cached[0] is info and cached[1][1] == gpu[1]:
+            labels = cached[1]
+        else:
+            labels = (*gpu, str(pid), *info.label_values)
+        self._labels[(index, pid)] = (info, labels)
+        return labels
 
     def _largest(self, processes: list[GpuProcess]) -> list[GpuProcess]:
         return sorted(processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[: self.max_processes]

@@ -1,0 +1,213 @@
+"""What keeps the exporter cheap, and what it must not cost in correctness: answers of "not supported"
+remembered until a re-probe, counters read on a slower cadence yet present in every scrape, snapshots
+rendered off the event loop and never served half-made, gzip bodies joined from per-part blocks."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import threading
+import zlib
+
+import pynvml
+import pytest
+from mlwarden.exporter import exposition
+from mlwarden.exporter.backends import nvml as nvml_backend
+from mlwarden.exporter.backends.nvml import NvmlBackend
+from mlwarden.exporter.collectors.base import Collected, Collector
+from mlwarden.exporter.collectors.gpu import GpuCollector
+from mlwarden.exporter.loop import _Runner
+from mlwarden.exporter.snapshot import SnapshotStore
+
+from tests.fake_nvml import FakeNvml, nvml_error
+from tests.test_exporter_nvml import _counting, samples, supervisor_for, value
+
+GPU0 = {"gpu": "0", "uuid": "GPU-fake-0"}
+MEMORY_TEMPERATURE = (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0)
+ENERGY = (pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, 0)
+ULL = (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal")
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    nvml = FakeNvml()
+    nvml.install(monkeypatch)
+    return nvml
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_unsupported_call_is_not_asked_again_until_the_reprobe(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.fail[("nvmlDeviceGetFanSpeed", 0)] = nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    fans = _counting(fake, monkeypatch, "nvmlDeviceGetFanSpeed")
+    clock = Clock()
+    collector = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
+    for _ in range(3):
+        assert value(samples(collector), "mlwarden_gpu_fan_speed_ratio", **GPU0) is None
+        clock.now += 1.0
+    assert [args[0].index for args in fans].count(0) == 1
+    del fake.fail[("nvmlDeviceGetFanSpeed", 0)]  # a fan appears (say, a firmware update): not seen before the re-probe
+    clock.now += nvml_backend.REPROBE_S - 10
+    assert value(samples(collector), "mlwarden_gpu_fan_speed_ratio", **GPU0) is None
+    clock.now += 10
+    assert value(samples(collector), "mlwarden_gpu_fan_speed_ratio", **GPU0) == 0.4
+
+
+def test_an_unsupported_field_is_left_out_of_the_request_until_the_reprobe(fake: FakeNvml) -> None:
+    del fake.field_values[MEMORY_TEMPERATURE]
+    clock = Clock()
+    collector = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
+    assert value(samples(collector), "mlwarden_gpu_memory_temperature_celsius", **GPU0) is None
+    assert MEMORY_TEMPERATURE in fake.field_requests[0]
+    fake.field_requests.clear()
+    clock.now += 1.0
+    samples(collector)
+    assert fake.field_requests == []  # the one field a pass reads between counter reads: no call at all
+    fake.field_values[MEMORY_TEMPERATURE] = (pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, "uiVal", 71)
+    clock.now += nvml_backend.REPROBE_S
+    assert value(samples(collector), "mlwarden_gpu_memory_temperature_celsius", **GPU0) == 71
+
+
+def test_counters_come_from_one_field_values_call_and_appear_in_every_pass_between_reads(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake.field_values[ENERGY] = (*ULL, 2_000_000)  # mJ; the call would answer 1 500 000
+    fake.field_values[(pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL, 0)] = (*ULL, 4 * 10**9)  # ns
+    fake.field_values[(pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, 0)] = (*ULL, 7)
+    energy_calls = _counting(fake, monkeypatch, "nvmlDeviceGetTotalEnergyConsumption")
+    violation_calls = _counting(fake, monkeypatch, "nvmlDeviceGetViolationStatus")
+    clock = Clock()
+    collector = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
+    for _ in range(3):  # within COUNTER_REFRESH_S: read once, served every pass
+        found = samples(collector)
+        assert value(found, "mlwarden_gpu_energy_joules_total", **GPU0) == 2000
+        assert value(found, "mlwarden_gpu_clock_violation_seconds_total", **GPU0, reason="thermal") == 4
+        assert value(found, "mlwarden_gpu_clock_violation_seconds_total", **GPU0, reason="power") == 2.5  # no field: its call
+        assert value(found, "mlwarden_gpu_ecc_errors_total", **GPU0, error_type="uncorrected", counter="volatile") == 7
+        assert value(found, "mlwarden_gpu_pcie_bytes_total", **GPU0, direction="tx") == 10**9
+        assert value(found, "mlwarden_gpu_nvlink_up", **GPU0, link="0") == 1
+        clock.now += 1.0
+    assert energy_calls == []
+    requests = [ids for ids in fake.field_requests if ENERGY in ids]
+    assert len(requests) == 2  # one call per GPU in three passes
+    assert len(violation_calls) == 2 * 7  # the seven policies without a field, once per GPU
+    assert all(ids == [MEMORY_TEMPERATURE] for ids in fake.field_requests if ENERGY not in ids)
+    fake.field_values[ENERGY] = (*ULL, 3_000_000)
+    clock.now += nvml_backend.COUNTER_REFRESH_S
+    assert value(samples(collector), "mlwarden_gpu_energy_joules_total", **GPU0) == 3000
+
+
+def test_field_values_are_unpacked_from_the_bytes_as_their_value_type_says() -> None:
+    bits = int.from_bytes((-5).to_bytes(8, "little", signed=True), "little")
+    assert nvml_backend._from_bits(pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG, bits) == -5
+    assert nvml_backend._from_bits(pynvml.NVML_VALUE_TYPE_SIGNED_INT, bits) == -5
+    assert nvml_backend._from_bits(pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, bits) == 0xFFFFFFFB
+    assert nvml_backend._from_bits(pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT, bits) == 0xFFFB
+    assert nvml_backend._from_bits(pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, 2**63) == 2**63
+    double = int.from_bytes(struct.pack("<d", 2.5), "little")
+    assert nvml_backend._from_bits(pynvml.NVML_VALUE_TYPE_DOUBLE, double) == 2.5
+
+
+class _Slow(Collector):
+    name = "slow"
+    interval = 5.0
+    timeout = 5.0
+
+    def collect(self) -> Collected:
+        return Collected()
+
+
+def test_the_watchdog_is_told_when_a_pass_will_be_overdue_and_marks_it_then() -> None:
+    store = SnapshotStore([("slow", 5.0)], "test")
+    runner = _Runner(_Slow(), store, threading.Event())
+    assert runner.check_overdue(100.0) is None  # no pass in progress: nothing to wake for
+    runner.pass_started = 100.0
+    assert runner.check_overdue(101.0) == 105.0
+    assert 'collector_success{collector="slow"} 0.0' in store.snapshot.body.decode()  # never succeeded yet
+    store.publish("slow", Collected([_gauge("mlwarden_test_slow", 1.0)]), 0.1)
+    assert runner.check_overdue(105.5) is None
+    assert "mlwarden_test_slow" not in store.snapshot.body.decode()  # stale: dropped
+
+
+def _gauge(name: str, value: float) -> exposition.Family:
+    family = exposition.gauge(name, "A test gauge.")
+    family.add_metric([], value)
+    return family
+
+
+def _render_blocks(monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[threading.Event, threading.Event]:
+    """Rendering the family ``name`` sets the first event and waits for the second."""
+    entered, release = threading.Event(), threading.Event()
+    original = exposition.Renderer.render
+
+    def slow(self: exposition.Renderer, families: list[exposition.Family]) -> bytes:
+        if any(family.name == name for family in families):
+            entered.set()
+            assert release.wait(30)
+        return original(self, families)
+
+    monkeypatch.setattr(exposition.Renderer, "render", slow)
+    return entered, release
+
+
+def test_a_scrape_during_rendering_gets_the_previous_complete_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SnapshotStore([("a", 1.0), ("b", 1.0)], "9.9")
+    store.publish("a", Collected([_gauge("mlwarden_test_a", 1.0)]), 0.01)
+    store.publish("b", Collected([_gauge("mlwarden_test_b", 1.0)]), 0.01)
+    before = store.snapshot.body  # scraped: the next pass is rendered when it is published
+    entered, release = _render_blocks(monkeypatch, "mlwarden_test_a")
+    publisher = threading.Thread(target=store.publish, args=("a", Collected([_gauge("mlwarden_test_a", 2.0)]), 0.01))
+    publisher.start()
+    try:
+        assert entered.wait(30)
+        assert store.snapshot.ready(False) == before  # served at once, whole, while the new one is made
+        assert store.snapshot.ready(True) is None  # never asked for gzip: made by the server's worker when asked
+    finally:
+        release.set()
+        publisher.join(30)
+    after = store.snapshot.ready(False)
+    assert after is not None and b"mlwarden_test_a 2.0\n" in after and b"mlwarden_test_b 1.0\n" in after
+
+
+def test_a_snapshot_published_later_is_not_replaced_by_one_made_earlier(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SnapshotStore([("a", 1.0), ("b", 1.0)], "9.9")
+    store.publish("a", Collected([_gauge("mlwarden_test_a", 1.0)]), 0.01)
+    assert store.snapshot.body
+    original = exposition.Renderer.render
+    entered, release = _render_blocks(monkeypatch, "mlwarden_test_a")
+    publisher = threading.Thread(target=store.publish, args=("a", Collected([_gauge("mlwarden_test_a", 2.0)]), 0.01))
+    publisher.start()
+    assert entered.wait(30)
+    monkeypatch.setattr(exposition.Renderer, "render", original)
+    store.mark_stale("b")  # made after a's pass was assembled, served before it is rendered
+    release.set()
+    publisher.join(30)
+    body = store.snapshot.body
+    assert b'collector_success{collector="b"} 0.0' in body and b"mlwarden_test_a 2.0\n" in body
+
+
+def test_the_gzip_body_is_the_plain_body_compressed_and_reuses_unchanged_parts() -> None:
+    store = SnapshotStore([("a", 1.0), ("b", 1.0), ("empty", 1.0)], "9.9")
+    big = exposition.gauge("mlwarden_test_big", "A test gauge.", labels=["n"])
+    for n in range(5000):
+        big.add_metric([str(n)], n * 1.5)
+    store.publish("a", Collected([big]), 0.01)
+    store.publish("b", Collected([_gauge("mlwarden_test_b", 1.0)]), 0.01)
+    store.publish("empty", Collected([]), 0.01)
+    for published in range(2):
+        snapshot = store.snapshot
+        body, gzipped = snapshot.body, snapshot.gzipped
+        assert gzip.decompress(gzipped) == body
+        stream = zlib.decompressobj(wbits=31)  # one gzip member, as Go's and zlib's readers expect
+        assert stream.decompress(gzipped) == body and stream.eof and stream.unused_data == b""
+        assert len(gzipped) * 5 < len(body)
+        assert snapshot.gzipped is gzipped  # made once, shared by every scrape of this snapshot
+        if not published:
+            store.publish("b", Collected([_gauge("mlwarden_test_b", 2.0)]), 0.01)
+    assert b"mlwarden_test_b 2.0\n" in gzip.decompress(store.snapshot.gzipped)
