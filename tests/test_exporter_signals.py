@@ -15,6 +15,7 @@ from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.snapshot import render
 
+from tests.test_exporter_cost import Clock
 from tests.test_exporter_nvml import MIB, FakeNvml, _counting, nvml_error, samples, supervisor_for, value
 
 GPU0 = {"gpu": "0", "uuid": "GPU-fake-0"}
@@ -130,10 +131,14 @@ def test_mig_instances_report_memory_by_gpu_and_compute_instance_and_profile(fak
     assert "mlwarden_gpu_mig_memory_used_bytes" not in names_for(found, "0")  # MIG disabled there
 
 
-def test_per_process_utilization_takes_each_processes_newest_sample_since_the_last_pass(fake: FakeNvml) -> None:
+def test_per_process_utilization_takes_each_processes_newest_sample_since_the_last_read(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = _counting(fake, monkeypatch, "nvmlDeviceGetProcessUtilization")
     fake.processes[0] = [(4242, 3 * MIB), (4243, 1 * MIB)]
     fake.process_utilization[0] = [(4242, 100, 10, 5), (4242, 200, 80, 40), (4243, 150, 7, 1)]
-    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8)
+    clock = Clock()
+    collector = ProcessesCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0, 8)
 
     def ratios(found: dict, metric: str) -> dict[str, float]:
         return {dict(lbl)["pid"]: v for (name, lbl), v in found.items() if name == metric}
@@ -142,9 +147,16 @@ def test_per_process_utilization_takes_each_processes_newest_sample_since_the_la
     assert ratios(found, "mlwarden_gpu_process_sm_utilization_ratio") == {"4242": 0.8, "4243": 0.07}
     assert ratios(found, "mlwarden_gpu_process_memory_utilization_ratio") == {"4242": 0.4, "4243": 0.01}
     fake.process_utilization[0].append((4243, 300, 50, 2))
+    reads = len(asked)
+    clock.now += nvml_backend.PROCESS_UTILIZATION_REFRESH_S - 1
+    found = samples(collector)  # not due: the last read's ratios, without asking NVML
+    assert ratios(found, "mlwarden_gpu_process_sm_utilization_ratio") == {"4242": 0.8, "4243": 0.07}
+    assert len(asked) == reads
+    clock.now += 1
     found = samples(collector)  # only 4243 was sampled since: 4242 has no value for this interval
     assert ratios(found, "mlwarden_gpu_process_sm_utilization_ratio") == {"4243": 0.5}
     assert len(ratios(found, "mlwarden_gpu_process_memory_used_bytes")) == 2
+    clock.now += nvml_backend.PROCESS_UTILIZATION_REFRESH_S
     found = samples(collector)  # nothing sampled since (NVML answers NOT_FOUND): no ratios, processes still there
     assert ratios(found, "mlwarden_gpu_process_sm_utilization_ratio") == {}
     assert len(ratios(found, "mlwarden_gpu_process_memory_used_bytes")) == 2

@@ -135,6 +135,9 @@ SLOW_REFRESH_S = 30.0
 # the energy counter costs 4.4 ms of CPU per read and the eight violation counters 0.85 ms, where a
 # temperature costs 3 us. They are read every COUNTER_REFRESH_S (dcgm-exporter reads everything every 30 s).
 COUNTER_REFRESH_S = 10.0
+# Per-process utilization costs 2.8 ms of CPU per GPU and read on that H200 while a process ran: it is
+# read on the counters' cadence too, each process' newest sample of the last PROCESS_UTILIZATION_REFRESH_S.
+PROCESS_UTILIZATION_REFRESH_S = COUNTER_REFRESH_S
 # An answer of "not supported" is remembered and not asked again (each answer costs a Python exception,
 # and an old GPU gives dozens a pass) until NVML is re-initialised or REPROBE_S has passed: a driver
 # update, a mode change or a GPU reset can bring a field.
@@ -454,6 +457,8 @@ class NvmlBackend(GpuBackend):
         self._unsupported_fns: set[Callable[..., Any]] = set()  # the functions of those calls
         self._handle_indexes: dict[int, int] = {}  # id(handle) -> GPU index, for _key
         self._utilization_seen: dict[int, int] = {}  # GPU -> newest process-utilization timestamp read (us)
+        # GPU -> (when read, PID -> (SM, memory) ratios): served until the next read is due
+        self._utilization_read: dict[int, tuple[float, dict[int, tuple[float | None, float | None]]]] = {}
         self._slow: dict[int, _SlowFacts] = {}
         self._process_listers: tuple[Callable[[Any], list[RunningProcess]], ...] = ()
         self._process_utilization_reader: Callable[[Any, int], list[UtilizationSample]] = _utilization_through_pynvml
@@ -475,6 +480,7 @@ class NvmlBackend(GpuBackend):
         self._forget_unsupported()
         self._handle_indexes.clear()
         self._utilization_seen.clear()
+        self._utilization_read.clear()
         self._slow.clear()
         self._counters.clear()
         self._generation += 1
@@ -636,7 +642,12 @@ class NvmlBackend(GpuBackend):
         ]
 
     def _process_utilization(self, index: int, handle: Any) -> dict[int, tuple[float | None, float | None]]:
-        """PID -> (SM, memory) ratios from the samples NVML took since the last pass."""
+        """PID -> (SM, memory) ratios: each process' newest sample NVML took since the read before,
+        read every PROCESS_UTILIZATION_REFRESH_S."""
+        now = self._clock()
+        read = self._utilization_read.get(index)
+        if read is not None and now - read[0] < PROCESS_UTILIZATION_REFRESH_S:
+            return read[1]
         since = self._utilization_seen.get(index, 0)
         samples = self._call(self._process_utilization_reader, handle, since) or []
         newest: dict[int, UtilizationSample] = {}
@@ -646,7 +657,9 @@ class NvmlBackend(GpuBackend):
                 newest[pid] = sample
         if newest:
             self._utilization_seen[index] = max(sample[1] for sample in newest.values())
-        return {pid: (_scaled(u32(sm), 0.01), _scaled(u32(mem), 0.01)) for pid, (_, _, sm, mem) in newest.items()}
+        ratios = {pid: (_scaled(u32(sm), 0.01), _scaled(u32(mem), 0.01)) for pid, (_, _, sm, mem) in newest.items()}
+        self._utilization_read[index] = (now, ratios)
+        return ratios
 
     # XID events ------------------------------------------------------------------------
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
