@@ -20,6 +20,9 @@ work=$(mktemp -d)
 export PYTHONPATH="$PWD/$PKGS/mlwarden"
 export PYTHONDONTWRITEBYTECODE=1
 
+ours= theirs= load=
+# An early exit (the exporter failed to start) must not leave the other exporter or the load running.
+trap 'kill $ours $theirs $load 2>/dev/null; rm -rf "$work"' EXIT
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/steps.log"; }
 smi() { nvidia-smi --query-gpu=index,name,uuid,driver_version,temperature.gpu,utilization.gpu,utilization.memory,memory.used,memory.total,power.draw,clocks.sm,clocks.mem,pcie.link.gen.current,pcie.link.width.current,mig.mode.current,ecc.mode.current --format=csv >"$1" 2>&1
       nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv >>"$1" 2>&1; }
@@ -48,7 +51,6 @@ mkdir -p "$work/backups" "$work/experiments" "$work/state"
     --backup-dir "$work/backups" --experiments-dir "$work/experiments" --state-dir "$work/state" \
     --expected-jobs none --log-level info) >"$OUT/exporter.log" 2>&1 &
 ours=$!
-theirs=
 if [ -d "$PKGS/nvitop" ]; then
     PYTHONPATH="$PWD/$PKGS/nvitop" $PY -m nvitop_exporter --bind-address 127.0.0.1 --port "$NVITOP_PORT" \
         --interval 1 >"$OUT/nvitop-exporter.log" 2>&1 &
