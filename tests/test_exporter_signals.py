@@ -220,3 +220,13 @@ def test_facts_only_an_administrator_changes_are_read_every_30_s_not_every_pass(
     monkeypatch.setattr(nvml_backend, "SLOW_REFRESH_S", 0.0)
     samples(collector)
     assert len(limits) == 4  # stale now: read again
+
+
+def test_pcie_byte_counters_answered_in_32_bits_are_left_out(fake: FakeNvml) -> None:
+    """An H200 with driver 580 answers them as unsigned ints: they wrap every 4 GiB, no counter."""
+    for field, value_bytes in ((pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, 10**9), (pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, 2 * 10**9)):
+        fake.field_values[(field, 0)] = (pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, "uiVal", value_bytes)
+    found = samples(GpuCollector(supervisor_for(NvmlBackend()), 1.0, 1.0))
+    assert value(found, "mlwarden_gpu_pcie_bytes_total", **GPU0, direction="tx") is None
+    assert value(found, "mlwarden_gpu_pcie_bytes_total", **GPU0, direction="rx") is None
+    assert value(found, "mlwarden_gpu_memory_temperature_celsius", **GPU0) == 70  # a 32-bit gauge is fine

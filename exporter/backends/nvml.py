@@ -124,6 +124,20 @@ _COUNTER_FIELDS = (
     *((field, 0) for _, field in _PCIE_BYTES_FIELDS),
 )
 _FIELD_VALUE = struct.Struct("=IIqqIIQ")  # nvmlFieldValue_t, the value union read as its 8 bytes
+# The PCIe byte counters are only counters when NVML answers them in 64 bits: an H200 with driver 580
+# answers 32-bit values, which wrap every 4 GiB (a fraction of a second at PCIe 5 speeds), so that no
+# rate() over them means anything. Such an answer is taken as "not supported"; GPM's PCIe throughput stays.
+_WIDE_ONLY = frozenset(field for _, field in _PCIE_BYTES_FIELDS)
+_WIDE_TYPES = frozenset({pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
+                         pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG})
+
+
+def _field_usable(field: int, returned: int, value_type: int) -> bool | None:
+    """True: take the value; False: the field is not supported here (not asked again until the
+    re-probe); None: a passing failure."""
+    if returned == pynvml.NVML_SUCCESS:
+        return field not in _WIDE_ONLY or value_type in _WIDE_TYPES
+    return False if returned in _FIELD_UNSUPPORTED else None
 
 
 # Power limit, retired pages, remapped rows and the MIG layout change only by an administrator or a rare
@@ -221,9 +235,10 @@ class _FieldReader:
         result: dict[tuple[int, int], Any] = {}
         unsupported = set()
         for key, (_, _, _, _, value_type, returned, bits) in zip(self.ids, _FIELD_VALUE.iter_unpack(raw), strict=True):
-            if returned == pynvml.NVML_SUCCESS:
+            usable = _field_usable(key[0], returned, value_type)
+            if usable:
                 result[key] = _from_bits(value_type, bits)
-            elif returned in _FIELD_UNSUPPORTED:
+            elif usable is False:
                 unsupported.add(key)
         return result, unsupported
 
@@ -784,10 +799,11 @@ class NvmlBackend(GpuBackend):
         values: dict[tuple[int, int], Any] = {}
         unsupported = set()
         for key, value in zip(ids, self._call(pynvml.nvmlDeviceGetFieldValues, handle, ids) or [], strict=False):  # a short answer leaves fields out
-            attr = _FIELD_VALUE_ATTR.get(value.valueType) if value.nvmlReturn == pynvml.NVML_SUCCESS else None
+            usable = _field_usable(key[0], value.nvmlReturn, value.valueType)
+            attr = _FIELD_VALUE_ATTR.get(value.valueType) if usable else None
             if attr is not None:
                 values[key] = getattr(value.value, attr)
-            elif value.nvmlReturn in _FIELD_UNSUPPORTED:
+            elif usable is False:
                 unsupported.add(key)
         return values, unsupported
 
