@@ -30,6 +30,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 import zstandard
 from mlwarden.jobs.backup.dedup import CacheKey, Dedup
+from mlwarden.jobs.backup.follow import Follower
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, byte_sum
 
@@ -184,6 +185,7 @@ def write_archive(
     threads: int = 0,
     on_progress: Callable[[int], None] = lambda _: None,
     dedup: Dedup | None = None,
+    follower: Follower | None = None,
 ) -> ArchiveResult:
     """Archive ``source`` into ``destination`` (complete or absent, never partial).
 
@@ -196,6 +198,9 @@ def write_archive(
     in one pass and cannot take the torn copy back, so the manifest lists the file in
     ``rewritten`` and readers skip its first copy (GNU tar simply overwrites it with the
     second). A second change raises :class:`SourceChanged` naming the file.
+
+    With ``follower``, a verifier process reads the archive as it is written (started here,
+    once the file exists; the caller asks it for the result and closes it).
     """
     chosen_level = DEFAULT_LEVELS[compression] if level is None else level
     records: list[FileRecord] = []
@@ -203,7 +208,9 @@ def write_archive(
     rewritten: list[str] = []
     read_bytes = 0
     with atomic_writer(destination) as raw:
-        sink = _HashingSink(raw)
+        if follower is not None:
+            follower.start(raw)  # before the compressor's threads exist: a fork copies only this one
+        sink = _HashingSink(raw, follower)
         with _compressor(sink, compression, chosen_level or 0, threads) as stream:
             out = _Batched(stream)
             for source_file in source.files:
@@ -237,6 +244,8 @@ def write_archive(
                 out.write(_link_header(link))
             out.write(_END_OF_ARCHIVE)
             out.flush()
+        if follower is not None:
+            follower.done()  # the compressor's last bytes went through the sink as it closed
     return ArchiveResult(
         path=destination,
         sha256=sink.hexdigest(),
@@ -435,15 +444,19 @@ class _Batched:
 class _HashingSink:
     """A write-only file that hashes and counts what passes through it."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, follower: Follower | None) -> None:
         self._raw = raw
         self._hash = hashlib.sha256()
+        self._follower = follower
         self.count = 0
 
     def write(self, data: bytes | memoryview) -> int:
         self._hash.update(data)
         written = self._raw.write(data)
         self.count += len(data)
+        if self._follower is not None:
+            self._raw.flush()  # in the file before the verifier is told it is there
+            self._follower.advance(self.count)
         return written if written is not None else len(data)
 
     def flush(self) -> None:

@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlwarden.jobs.backup import archive, dedup, prune, retention
+from mlwarden.jobs.backup.follow import Follower
 from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveError
-from mlwarden.jobs.backup.verify import verify_and_record
+from mlwarden.jobs.backup.verify import VerifyResult, verify_and_record
 from mlwarden.jobs.report import JobReport, schedule_of
 
 from mlwarden.catalog import (
@@ -163,9 +164,9 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
             outcome.damaged.append(entry.name)
             entry = None
     if entry is None:
-        entry = _create(settings, source, outcome)
-        if settings.verify:
-            entry, result = verify_and_record(entry)
+        entry, followed = _create(settings, source, outcome)
+        if followed is not None:
+            entry, result = verify_and_record(entry, followed)
             outcome.verified = result.ok
     ok = outcome.verified is not False
     location = settings.offsite
@@ -217,7 +218,9 @@ def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
         time.sleep(1.0 - started % 1.0 + 0.01)
 
 
-def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupEntry:
+def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[BackupEntry, VerifyResult | None]:
+    """The new backup, committed, and (unless ``--no-verify``) its verification, made by a
+    process that read the archive while it was written (:mod:`~mlwarden.jobs.backup.follow`)."""
     scan_started_ns = time.time_ns()
     try:
         scanned = archive.scan(source, settings.exclude)
@@ -228,62 +231,70 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
     index, sizes = dedup.content_index(Catalog(settings.backup_dir))
     cache_file = dedup.cache_path(settings.backup_dir, source)
     cache = dedup.load_cache(cache_file)
-    directory: Path | None = None
+    follower = Follower(settings.compression) if settings.verify else None
     try:
-        with deferred_interrupts():  # SIGTERM between the mkdir and the assignment would strand the directory
-            directory, name, started = _new_staging(settings.backup_dir, source)
-        archive_path = directory / archive.archive_name(name, settings.compression)
-        known = dedup.Dedup(name, index, cache, scan_started_ns, sizes)
-        log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
-        progress = Progress(f"backup {name}", total)
-        result = archive.write_archive(scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known)
-        progress.finish()
-        archive.write_checksums(directory, result)
-        level = settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression]
-        pack = Pack(
-            name=name, compression=settings.compression, level=level, archive=archive_path.name, archive_bytes=result.archive_bytes,
-            archive_sha256=result.sha256, files=result.members, links=tuple(scanned.links), rewritten=result.rewritten,
-        )
-        manifest = Manifest(
-            name=name,
-            source=str(source),
-            host=socket.gethostname(),
-            started_at=started,
-            finished_at=time.time(),
-            compression=settings.compression,
-            level=level,
-            archive=archive_path.name,
-            archive_bytes=result.archive_bytes,
-            archive_sha256=result.sha256,
-            total_bytes=sum(record.size for record in result.files),
-            files=result.files,
-            links=tuple(scanned.links),
-            skipped=tuple(scanned.skipped),
-            excludes=tuple(settings.exclude),
-            rewritten=result.rewritten,
-            format_version=FORMAT_VERSION,
-            hardlinks=archive.hard_links(scanned.files, result.files),
-        )
-        Catalog.commit(directory, manifest, pack)
-        final = settings.backup_dir / name
-        os.rename(directory, final)  # the commit: from here on the backup exists
-        fsync_dir(settings.backup_dir)
-        entry = BackupEntry(directory=final, manifest=manifest, pack=pack)
-    except (OSError, archive.SourceChanged) as exc:
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            free = disk_space(settings.backup_dir).available
-            raise BackupFailed(
-                f"no space left on the device of {settings.backup_dir} ({human_bytes(free)} free, the models are "
-                f"{human_bytes(total)} before compression); the partial archive was removed and earlier backups are untouched"
-            ) from None
-        raise BackupFailed(f"{exc}; the partial archive was removed and earlier backups are untouched") from None
-    except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing half-made behind
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
-    _save_cache(cache_file, known)
+        directory: Path | None = None
+        try:
+            with deferred_interrupts():  # SIGTERM between the mkdir and the assignment would strand the directory
+                directory, name, started = _new_staging(settings.backup_dir, source)
+            archive_path = directory / archive.archive_name(name, settings.compression)
+            known = dedup.Dedup(name, index, cache, scan_started_ns, sizes)
+            log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
+            progress = Progress(f"backup {name}", total)
+            result = archive.write_archive(
+                scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, follower
+            )
+            progress.finish()
+            archive.write_checksums(directory, result)
+            level = settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression]
+            pack = Pack(
+                name=name, compression=settings.compression, level=level, archive=archive_path.name, archive_bytes=result.archive_bytes,
+                archive_sha256=result.sha256, files=result.members, links=tuple(scanned.links), rewritten=result.rewritten,
+            )
+            manifest = Manifest(
+                name=name,
+                source=str(source),
+                host=socket.gethostname(),
+                started_at=started,
+                finished_at=time.time(),
+                compression=settings.compression,
+                level=level,
+                archive=archive_path.name,
+                archive_bytes=result.archive_bytes,
+                archive_sha256=result.sha256,
+                total_bytes=sum(record.size for record in result.files),
+                files=result.files,
+                links=tuple(scanned.links),
+                skipped=tuple(scanned.skipped),
+                excludes=tuple(settings.exclude),
+                rewritten=result.rewritten,
+                format_version=FORMAT_VERSION,
+                hardlinks=archive.hard_links(scanned.files, result.files),
+            )
+            Catalog.commit(directory, manifest, pack)
+            final = settings.backup_dir / name
+            os.rename(directory, final)  # the commit: from here on the backup exists
+            fsync_dir(settings.backup_dir)
+            entry = BackupEntry(directory=final, manifest=manifest, pack=pack)
+        except (OSError, archive.SourceChanged) as exc:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                free = disk_space(settings.backup_dir).available
+                raise BackupFailed(
+                    f"no space left on the device of {settings.backup_dir} ({human_bytes(free)} free, the models are "
+                    f"{human_bytes(total)} before compression); the partial archive was removed and earlier backups are untouched"
+                ) from None
+            raise BackupFailed(f"{exc}; the partial archive was removed and earlier backups are untouched") from None
+        except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing half-made behind
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        _save_cache(cache_file, known)  # while the verifier finishes the archive's last chunk
+        followed = follower.result(entry) if follower is not None else None
+    finally:
+        if follower is not None:
+            follower.close()  # kills a verifier left running by an error or a signal
     seconds = max(manifest.finished_at - started, 1e-9)
     outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
     outcome.skipped = len(manifest.skipped)
@@ -292,7 +303,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> BackupE
         name, seconds, human_bytes(manifest.total_bytes), human_bytes(result.read_bytes), human_bytes(result.read_bytes / seconds),
         human_bytes(pack.new_bytes), len(pack.files), human_bytes(result.archive_bytes),
     )
-    return entry
+    return entry, followed
 
 
 def _save_cache(path: Path, known: dedup.Dedup) -> None:

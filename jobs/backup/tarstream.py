@@ -19,7 +19,6 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from io import FileIO
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -47,10 +46,10 @@ class _Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-class _HashingReader:
+class HashingReader:
     """A read-only file that hashes and counts every byte read through it."""
 
-    def __init__(self, raw: FileIO, overlap: Overlap) -> None:
+    def __init__(self, raw: _Readable, overlap: Overlap) -> None:
         self._raw = raw
         self._hash = hashlib.sha256()
         self._overlap = overlap
@@ -103,7 +102,7 @@ def check_name(name: str) -> str:
 
 
 @contextmanager
-def _decompressed(reader: _HashingReader, compression: str) -> Iterator[_Readable]:
+def decompressed(reader: HashingReader, compression: str) -> Iterator[_Readable]:
     if compression == "zstd":
         # Both only call read(); their stubs ask for a whole file object (zstd: IO[bytes], gzip: seek too).
         with zstandard.ZstdDecompressor().stream_reader(reader, read_size=CHUNK_BYTES, closefd=False) as stream:  # type: ignore[arg-type]  # read() only
@@ -137,9 +136,9 @@ Member = tuple[FileRecord, "MemberData"] | tuple[LinkRecord, None]
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)  # the end of the archive
 _MAX_PAX = 2**20  # a path and a link target; anything larger is damage, not a name to hold in memory
-_REGULAR = (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
+REGULAR = (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
 _NOT_RESTORED = {b"1": "hard link", b"3": "character device", b"4": "block device", b"6": "fifo"}
-_KNOWN_TYPES = frozenset((*_REGULAR, b"2", b"5", *_NOT_RESTORED))
+_KNOWN_TYPES = frozenset((*REGULAR, b"2", b"5", *_NOT_RESTORED))
 _SPACES_CHECKSUM = 8 * ord(" ")  # the checksum field counts as eight spaces in its own sum
 
 
@@ -233,7 +232,7 @@ class MemberData:
         self.remaining = 0
 
 
-class _Header(NamedTuple):  # a tuple: 20,000 frozen dataclasses cost more than their headers' parsing
+class Header(NamedTuple):  # a tuple: 20,000 frozen dataclasses cost more than their headers' parsing
     name: str
     type: bytes
     size: int
@@ -323,7 +322,7 @@ def _next_header(blocks: _Blocks) -> bytes:
     return block
 
 
-def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
+def _headers(blocks: _Blocks) -> Iterator[tuple[Header, MemberData]]:
     """Each member's header (pax records applied) and content, up to the end-of-archive block.
 
     This loop runs once per file, so it is written for the common case: the header and a
@@ -350,10 +349,10 @@ def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
         if block[257:263] == b"ustar\0" and block[345] != 0:
             name = _text(block[345:500]) + "/" + name
         if pax:
-            header = _Header(pax.get("path", name), kind, size, pax.get("linkpath", _text(block[157:257])))
+            header = Header(pax.get("path", name), kind, size, pax.get("linkpath", _text(block[157:257])))
             pax = {}
         else:
-            header = _Header(name, kind, size, _text(block[157:257]) if kind == b"2" else "")
+            header = Header(name, kind, size, _text(block[157:257]) if kind == b"2" else "")
         if kind not in _KNOWN_TYPES:
             raise ArchiveError(f"refusing {header.name!r}: unsupported tar member type {kind!r}")
         start = blocks.pos
@@ -368,6 +367,41 @@ def _headers(blocks: _Blocks) -> Iterator[tuple[_Header, MemberData]]:
         blocks.skip(-size % _BLOCK, repr(header.name))
 
 
+class MemberCheck:
+    """The checks every member of an archive passes, against one manifest: :func:`members`
+    makes them as it reads, a verifier that followed the archive while it was written makes
+    them on what it found (:mod:`mlwarden.jobs.backup.follow`)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        _check_manifest_paths(manifest)
+        self._expected: dict[str, FileRecord | LinkRecord] = {record.path: record for record in manifest.files}
+        self._expected.update((link.path, link) for link in manifest.links)
+        self._seen: set[str] = set()
+        self._torn = {path for path in manifest.rewritten if isinstance(self._expected.get(path), FileRecord)}  # first copies to skip
+
+    def member(self, header: Header) -> FileRecord | LinkRecord | None:
+        """The manifest's record of this member; None for what readers pass over (a directory,
+        the torn first copy of a file that changed while it was archived); ArchiveError if refused."""
+        if self._torn and header.type in REGULAR and header.name in self._torn:
+            self._torn.discard(header.name)  # the next copy counts
+            return None
+        return _check_member(header, self._expected, self._seen)
+
+    def finish(self) -> None:
+        """After the last member: ArchiveError if the manifest lists what the archive lacks."""
+        missing = sorted(set(self._expected) - self._seen)
+        if missing:
+            raise ArchiveError(f"{len(missing)} file(s) of the manifest are missing from the archive, e.g. {missing[0]!r}")
+
+
+def read_members(stream: _Readable) -> Iterator[tuple[Header, MemberData]]:
+    """Each member of a decompressed tar stream, unchecked (see :class:`MemberCheck`)."""
+    return _headers(_Blocks(stream))
+
+
+DAMAGE = (zstandard.ZstdError, zlib.error, gzip.BadGzipFile, EOFError)  # what damage in the compressed stream raises
+
+
 @contextmanager
 def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterator[Iterator[Member]]:
     """Yield an iterator of (manifest record, member data) for each file in the archive, and
@@ -377,22 +411,15 @@ def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterato
     normally, the whole archive has been read and ``digest`` holds its hash and size; any
     damage or refused member raises :class:`ArchiveError`.
     """
-    _check_manifest_paths(manifest)
-    expected: dict[str, FileRecord | LinkRecord] = {record.path: record for record in manifest.files}
-    expected.update((link.path, link) for link in manifest.links)
-    seen: set[str] = set()
-    torn = {path for path in manifest.rewritten if isinstance(expected.get(path), FileRecord)}  # first copies to skip
+    check = MemberCheck(manifest)
     with open(archive, "rb", buffering=0) as raw, Overlap() as overlap:
-        reader = _HashingReader(raw, overlap)
+        reader = HashingReader(raw, overlap)
         try:
-            with _decompressed(reader, manifest.compression) as stream:
+            with decompressed(reader, manifest.compression) as stream:
 
                 def checked() -> Iterator[Member]:
-                    for header, data in _headers(_Blocks(stream)):
-                        if torn and header.type in _REGULAR and header.name in torn:
-                            torn.discard(header.name)  # changed while it was archived; the next copy counts
-                            continue
-                        record = _check_member(header, expected, seen)
+                    for header, data in read_members(stream):
+                        record = check.member(header)
                         if isinstance(record, LinkRecord):
                             yield record, None
                         elif record is not None:
@@ -400,17 +427,15 @@ def members(archive: Path, manifest: Manifest, digest: ArchiveDigest) -> Iterato
 
                 yield checked()
                 reader.drain()  # the end-of-archive padding and compression trailer count too
-        except (zstandard.ZstdError, zlib.error, gzip.BadGzipFile, EOFError) as exc:
+        except DAMAGE as exc:
             # Damage in the archive; a real I/O error (OSError with an errno) propagates as is.
             raise ArchiveError(f"archive is damaged: {exc}") from None
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ArchiveError(f"{len(missing)} file(s) of the manifest are missing from the archive, e.g. {missing[0]!r}")
+    check.finish()
     digest.sha256 = reader.hexdigest()
     digest.size = reader.count
 
 
-def _check_member(header: _Header, expected: dict[str, FileRecord | LinkRecord], seen: set[str]) -> FileRecord | LinkRecord | None:
+def _check_member(header: Header, expected: dict[str, FileRecord | LinkRecord], seen: set[str]) -> FileRecord | LinkRecord | None:
     name = check_name(header.name)
     if header.type == b"5":
         return None
@@ -418,7 +443,7 @@ def _check_member(header: _Header, expected: dict[str, FileRecord | LinkRecord],
     if header.type == b"2":
         if not isinstance(record, LinkRecord) or record.target != header.linkname:
             raise ArchiveError(f"refusing link {header.name!r}: only regular files and the symlinks the manifest lists are restored")
-    elif header.type not in _REGULAR:
+    elif header.type not in REGULAR:
         raise ArchiveError(f"refusing {header.name!r}: only regular files and symlinks are restored, not a {_NOT_RESTORED[header.type]}")
     elif not isinstance(record, FileRecord):
         raise ArchiveError(f"refusing {header.name!r}: not listed in the manifest")

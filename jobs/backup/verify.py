@@ -40,7 +40,7 @@ def verify_archive(entry: BackupEntry) -> VerifyResult:
                 if isinstance(record, LinkRecord):
                     continue  # a symlink: its target was checked against the manifest
                 assert data is not None  # a file's data
-                if _member_sha256(data, record.size) != record.sha256:
+                if member_sha256(data, record.size) != record.sha256:
                     raise ArchiveError(f"{record.path}: content does not match its SHA-256 in the manifest")
                 files += 1
     except FileNotFoundError:
@@ -52,7 +52,7 @@ def verify_archive(entry: BackupEntry) -> VerifyResult:
     return VerifyResult(True, f"{files} files and the archive hash match the manifest", files, digest.size)
 
 
-def _member_sha256(data: MemberData, size: int) -> str:
+def member_sha256(data: MemberData, size: int) -> str:
     if size < CHUNK_BYTES:  # one read: handing it to the helper thread would cost more than it saves
         digest = hashlib.sha256(data.read())
         while chunk := data.read():
@@ -65,10 +65,12 @@ def _member_sha256(data: MemberData, size: int) -> str:
     return digest.hexdigest()
 
 
-def verify_and_record(entry: BackupEntry) -> tuple[BackupEntry, VerifyResult]:
-    """Verify, log the outcome and record it in the catalog."""
+def verify_and_record(entry: BackupEntry, result: VerifyResult | None = None) -> tuple[BackupEntry, VerifyResult]:
+    """Verify (unless ``result`` is the verification already made while the archive was
+    written), log the outcome and record it in the catalog."""
     started = time.monotonic()
-    result = verify_archive(entry)
+    if result is None:
+        result = verify_archive(entry)
     if result.ok:
         log.info("verified %s in %.1fs: %s", entry.name, time.monotonic() - started, result.detail)
     else:

@@ -1,0 +1,212 @@
+"""Verify an archive while it is being written, on the second core.
+
+A backup's verification reads the archive back, decompresses it and hashes every member:
+for many small files that is as much Python per file as writing them, and it ran after the
+write, on the one core the writer had used. :class:`Follower` forks a process when the
+archive's temporary file exists; the writer tells it (through a pipe) how many bytes are in
+the file so far, and it reads those bytes from the file itself (a descriptor of its own,
+not the writer's buffers), hashes them, decompresses them and hashes each member, while the
+writer goes on. What it found (each member's header and SHA-256, the archive's SHA-256 and
+size) comes back at the end and is checked against the manifest with the same checks as a
+verification after the fact (:class:`~mlwarden.jobs.backup.tarstream.MemberCheck`).
+
+The bytes read are the file's, as a later read would find them in the page cache; a byte the
+writer did not mean to write (or did not write) changes the archive's hash, which is checked
+against the writer's own. The child never touches the backup directory: when the writer
+stops (an error, a signal, kill -9), the pipe closes and the child exits; :meth:`close`
+kills and reaps it if it is still there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import traceback
+from typing import BinaryIO
+
+from mlwarden.jobs.backup.overlap import Overlap
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, DAMAGE, REGULAR, ArchiveError, HashingReader, Header, MemberCheck, decompressed, read_members
+from mlwarden.jobs.backup.verify import VerifyResult, member_sha256
+
+from mlwarden.catalog import BackupEntry, FileRecord
+
+_COUNT = struct.Struct("<q")  # bytes in the file so far; _DONE after the last count
+_DONE = -1
+
+Found = tuple[Header, str | None]  # a member and its content's SHA-256 (None: not a regular file)
+
+
+class Follower:
+    """The verifier process of one archive: :meth:`start` once its file exists, :meth:`advance`
+    after each write, :meth:`done` when it is complete, then :meth:`result`; :meth:`close`
+    always (a ``with`` block does it)."""
+
+    def __init__(self, compression: str) -> None:
+        self._compression = compression
+        self._pid: int | None = None
+        self._to_child = -1
+        self._from_child = -1
+
+    def start(self, handle: BinaryIO) -> None:
+        """Fork the verifier; ``handle`` is the archive's file, opened for writing and still empty."""
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns, never runs the parent's cleanup
+            status = 1
+            try:
+                os.close(to_child_w)
+                os.close(from_child_r)
+                status = _child(handle.fileno(), self._compression, to_child_r, from_child_w)
+            finally:
+                os._exit(status)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._pid, self._to_child, self._from_child = pid, to_child_w, from_child_r
+
+    def advance(self, count: int) -> None:
+        """The file now holds ``count`` bytes, written and flushed."""
+        self._tell(count)
+
+    def done(self) -> None:
+        """Nothing more will be written."""
+        self._tell(_DONE)
+        os.close(self._to_child)
+        self._to_child = -1
+
+    def _tell(self, count: int) -> None:
+        with contextlib.suppress(BrokenPipeError):  # the verifier died: result() says so; the writer goes on
+            os.write(self._to_child, _COUNT.pack(count))
+
+    def result(self, entry: BackupEntry) -> VerifyResult:
+        """The finished archive, checked against ``entry``'s manifest: what
+        :func:`~mlwarden.jobs.backup.verify.verify_archive` would say of it."""
+        chunks = []
+        while chunk := os.read(self._from_child, CHUNK_BYTES):
+            chunks.append(chunk)
+        self._reap()
+        if not chunks:
+            return VerifyResult(False, "the verifier process ended without a result", 0, 0)
+        found, damage, sha256, size = pickle.loads(b"".join(chunks))
+        return _checked(entry, found, damage, sha256, size)
+
+    def close(self) -> None:
+        if self._to_child >= 0:
+            os.close(self._to_child)  # the child sees the end of the pipe without _DONE and stops
+            self._to_child = -1
+        if self._pid is not None:
+            os.kill(self._pid, signal.SIGKILL)  # it may be hashing a large chunk: no need to wait for it
+            self._reap()
+
+    def _reap(self) -> None:
+        if self._from_child >= 0:
+            os.close(self._from_child)
+            self._from_child = -1
+        if self._pid is not None:
+            os.waitpid(self._pid, 0)
+            self._pid = None
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _checked(entry: BackupEntry, found: list[Found], damage: str | None, sha256: str, size: int) -> VerifyResult:
+    manifest = entry.stored().manifest  # format 3: the archive holds the backup's pack
+    files = 0
+    try:
+        check = MemberCheck(manifest)
+        for header, digest in found:
+            record = check.member(header)
+            if isinstance(record, FileRecord):
+                if digest != record.sha256:
+                    raise ArchiveError(f"{record.path}: content does not match its SHA-256 in the manifest")
+                files += 1
+        if damage is not None:
+            raise ArchiveError(damage)
+        check.finish()
+    except ArchiveError as exc:
+        return VerifyResult(False, str(exc), files, size)
+    if sha256 != manifest.archive_sha256 or size != manifest.archive_bytes:
+        return VerifyResult(False, "archive SHA-256 or size does not match the manifest", files, size)
+    return VerifyResult(True, f"{files} files and the archive hash match the manifest", files, size)
+
+
+class _Following:
+    """The archive's bytes as the writer announces them: a read waits for the next count."""
+
+    def __init__(self, fd: int, counts: int) -> None:
+        self._fd = fd
+        self._counts = counts
+        self._offset = 0
+        self._available = 0
+        self.done = False
+
+    def read(self, size: int = -1) -> bytes:
+        while self._offset == self._available:
+            if self.done:
+                return b""
+            self.next_count()
+        want = self._available - self._offset if size < 0 else min(size, self._available - self._offset)
+        data = os.pread(self._fd, want, self._offset)
+        if not data:
+            raise ArchiveError(f"archive is damaged: it has {self._offset} bytes, the writer wrote {self._available}")
+        self._offset += len(data)
+        return data
+
+    def next_count(self) -> None:
+        """Wait for the writer's next count; _WriterGone if it stopped before it was done."""
+        message = b""
+        while len(message) < _COUNT.size:
+            more = os.read(self._counts, _COUNT.size - len(message))
+            if not more:
+                raise _WriterGone
+            message += more
+        (count,) = _COUNT.unpack(message)
+        if count == _DONE:
+            self.done = True
+        else:
+            self._available = count
+
+
+class _WriterGone(Exception):
+    """The writer stopped before the archive was complete: nothing to verify."""
+
+
+def _child(fd: int, compression: str, counts: int, results: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group; the writer decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A descriptor of its own, opened for reading: the writer's may be write-only.
+    own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    following = _Following(own, counts)
+    found: list[Found] = []
+    damage = None
+    with Overlap() as overlap:
+        reader = HashingReader(following, overlap)
+        try:
+            with decompressed(reader, compression) as stream:
+                for header, data in read_members(stream):
+                    found.append((header, member_sha256(data, header.size) if header.type in REGULAR else None))
+            reader.drain()
+        except ArchiveError as exc:
+            damage = str(exc)
+        except DAMAGE as exc:
+            damage = f"archive is damaged: {exc}"
+        except _WriterGone:
+            return 1
+        except Exception:  # anything else fails the verification, and the parent reports it
+            damage = "the verifier failed: " + traceback.format_exc(limit=-1).strip().splitlines()[-1]
+        sha256 = reader.hexdigest()
+    try:
+        while not following.done:  # after damage: the writer must never wait on a full pipe
+            following.next_count()
+    except _WriterGone:
+        return 1
+    with os.fdopen(results, "wb") as out:
+        pickle.dump((found, damage, sha256, reader.count), out)
+    return 0
