@@ -20,6 +20,7 @@ kills and reaps it if it is still there.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -32,6 +33,8 @@ from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, DAMAGE, REGULAR, Archive
 from mlwarden.jobs.backup.verify import VerifyResult, member_sha256
 
 from mlwarden.catalog import BackupEntry, FileRecord
+
+log = logging.getLogger(__name__)
 
 _COUNT = struct.Struct("<q")  # bytes in the file so far; _DONE after the last count
 _DONE = -1
@@ -81,15 +84,18 @@ class Follower:
         with contextlib.suppress(BrokenPipeError):  # the verifier died: result() says so; the writer goes on
             os.write(self._to_child, _COUNT.pack(count))
 
-    def result(self, entry: BackupEntry) -> VerifyResult:
+    def result(self, entry: BackupEntry) -> VerifyResult | None:
         """The finished archive, checked against ``entry``'s manifest: what
-        :func:`~mlwarden.jobs.backup.verify.verify_archive` would say of it."""
+        :func:`~mlwarden.jobs.backup.verify.verify_archive` would say of it. None if the
+        verifier died (killed by the OOM killer, say): the archive is then to be verified
+        after the fact."""
         chunks = []
         while chunk := os.read(self._from_child, CHUNK_BYTES):
             chunks.append(chunk)
-        self._reap()
+        status = self._reap()
         if not chunks:
-            return VerifyResult(False, "the verifier process ended without a result", 0, 0)
+            log.warning("the verifier process of %s ended without a result (wait status %d): verifying the archive again", entry.name, status)
+            return None
         found, damage, sha256, size = pickle.loads(b"".join(chunks))
         return _checked(entry, found, damage, sha256, size)
 
@@ -101,13 +107,16 @@ class Follower:
             os.kill(self._pid, signal.SIGKILL)  # it may be hashing a large chunk: no need to wait for it
             self._reap()
 
-    def _reap(self) -> None:
+    def _reap(self) -> int:
+        """The child's wait status, once it has exited."""
         if self._from_child >= 0:
             os.close(self._from_child)
             self._from_child = -1
+        status = 0
         if self._pid is not None:
-            os.waitpid(self._pid, 0)
+            status = os.waitpid(self._pid, 0)[1]
             self._pid = None
+        return status
 
     def __enter__(self) -> Follower:
         return self

@@ -165,7 +165,7 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
             entry = None
     if entry is None:
         entry, followed = _create(settings, source, outcome)
-        if followed is not None:
+        if settings.verify:
             entry, result = verify_and_record(entry, followed)
             outcome.verified = result.ok
     ok = outcome.verified is not False
@@ -220,7 +220,8 @@ def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
 
 def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[BackupEntry, VerifyResult | None]:
     """The new backup, committed, and (unless ``--no-verify``) its verification, made by a
-    process that read the archive while it was written (:mod:`~mlwarden.jobs.backup.follow`)."""
+    process that read the archive while it was written (:mod:`~mlwarden.jobs.backup.follow`);
+    None when there is none to record."""
     scan_started_ns = time.time_ns()
     try:
         scanned = archive.scan(source, settings.exclude)

@@ -1,0 +1,147 @@
+"""The verification made while the archive is written (a forked process follows the file):
+it reads the bytes the file holds, not what the writer meant to write, so damage on the
+way to the disk fails the backup; a verifier that dies or a writer that fails leaves no
+process behind and never blocks the writer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+from mlwarden.jobs.backup import archive, follow
+from test_backup_support import backup, make_models, only_entry
+
+from mlwarden.catalog import Catalog
+
+
+class _Damaging:
+    """The archive's file, with ``damage`` applied to each write on its way to it."""
+
+    def __init__(self, handle: BinaryIO, damage: Callable[[bytes], bytes]) -> None:
+        self._handle = handle
+        self._damage = damage
+
+    def write(self, data: bytes) -> int:
+        self._handle.write(self._damage(bytes(data)))
+        return len(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+
+def _damage_writes(monkeypatch: pytest.MonkeyPatch, damage: Callable[[bytes], bytes]) -> None:
+    real = archive.atomic_writer
+
+    @contextmanager
+    def damaged(path: Path) -> Iterator[_Damaging]:
+        with real(path) as handle:
+            yield _Damaging(handle, damage)
+
+    monkeypatch.setattr(archive, "atomic_writer", damaged)
+
+
+def _flip_first(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :] if len(data) > at else data
+
+
+@pytest.mark.parametrize(
+    ("compression", "expected"),
+    [("none", "content does not match its SHA-256"), ("zstd", "archive is damaged"), ("gzip", "archive is damaged")],
+)
+def test_a_byte_flipped_on_its_way_to_the_disk_fails_the_backup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], compression: str, expected: str
+) -> None:
+    models = make_models(tmp_path / "models")
+    # none: byte 515 is in the first member's content (after its 512-byte header); zstd and
+    # gzip: inside the compressed data.
+    _damage_writes(monkeypatch, lambda data: _flip_first(data, 515))
+    assert backup(models, tmp_path / "backups", "--compression", compression) == 1
+    entry = only_entry(tmp_path / "backups")  # committed, kept for inspection, marked failed
+    assert entry.verified is False
+    assert expected in entry.status.verification.detail  # type: ignore[union-attr]  # verified is False: there is a verification
+    assert "FAILED verification" in capsys.readouterr().err
+
+
+def test_an_archive_shorter_than_what_was_written_fails_the_backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = make_models(tmp_path / "models")
+    _damage_writes(monkeypatch, lambda data: data[:-1])  # every write loses its last byte
+    assert backup(models, tmp_path / "backups", "--compression", "none") == 1
+    assert only_entry(tmp_path / "backups").verified is False
+
+
+def test_damage_in_a_long_archive_does_not_block_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After damage the verifier stops reading the archive but still reads the writer's
+    counts before it sends what it found: with one count per member and damage at the
+    1000th, what it found fills its pipe to the writer and the counts still to come fill the
+    other; a verifier that answered at once would wait for a writer that waits for it."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for i in range(10_000):
+        (models / f"f{i:05d}").write_bytes(b"%d" % i)
+    monkeypatch.setattr(archive, "CHUNK_BYTES", 512)  # each member goes to the file in a write of its own
+    writes = iter(range(1_000_000))
+    _damage_writes(monkeypatch, lambda data: _flip_first(data, 0) if next(writes) == 1000 else data)
+    assert backup(models, tmp_path / "backups", "--compression", "none") == 1
+    entry = only_entry(tmp_path / "backups")
+    assert entry.verified is False
+    assert "checksum does not match" in entry.status.verification.detail  # type: ignore[union-attr]  # verified is False: there is a verification
+
+
+def test_a_verifier_that_dies_leaves_the_verification_to_a_read_after_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = make_models(tmp_path / "models")
+    monkeypatch.setattr(follow, "_child", lambda *args: os._exit(3))
+    assert backup(models, tmp_path / "backups") == 0
+    entry = only_entry(tmp_path / "backups")
+    assert entry.verified is True
+    assert "ended without a result (wait status 768): verifying the archive again" in capsys.readouterr().err
+
+
+def test_damage_is_still_found_when_the_verifier_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = make_models(tmp_path / "models")
+    monkeypatch.setattr(follow, "_child", lambda *args: os._exit(3))
+    _damage_writes(monkeypatch, lambda data: _flip_first(data, 515))
+    assert backup(models, tmp_path / "backups", "--compression", "none") == 1
+    assert only_entry(tmp_path / "backups").verified is False
+
+
+def test_a_writer_that_fails_leaves_no_verifier_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = make_models(tmp_path / "models")
+    started: list[int] = []
+    real_start, real_store = follow.Follower.start, archive._store_file
+
+    def start(self: follow.Follower, handle: BinaryIO) -> None:
+        real_start(self, handle)
+        started.append(self._pid or 0)
+
+    def store(source_file: archive.SourceFile, *args: object) -> object:
+        if source_file.relative == "shards/model-00002.safetensors":
+            raise OSError(5, "Input/output error")
+        return real_store(source_file, *args)  # type: ignore[arg-type]  # the same arguments, passed on
+
+    monkeypatch.setattr(follow.Follower, "start", start)
+    monkeypatch.setattr(archive, "_store_file", store)
+    assert backup(models, tmp_path / "backups") == 1
+    assert Catalog(tmp_path / "backups").entries() == []
+    assert len(started) == 1 and started[0] > 0
+    with pytest.raises(ChildProcessError):  # reaped: not a zombie, not still running
+        os.waitpid(started[0], os.WNOHANG)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
+def test_the_followed_verification_passes_a_sound_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str) -> None:
+    models = make_models(tmp_path / "models", weights_bytes=3_000_000)
+    monkeypatch.setattr(archive, "CHUNK_BYTES", 64 * 1024)  # many writes: the verifier catches up with the writer often
+    (models / "link").symlink_to("config.json")
+    assert backup(models, tmp_path / "backups", "--compression", compression) == 0
+    entry = only_entry(tmp_path / "backups")
+    assert entry.verified is True
+    assert entry.status.verification.detail == "4 files and the archive hash match the manifest"  # type: ignore[union-attr]  # verified: there is a verification
