@@ -469,3 +469,17 @@ def test_a_pack_name_that_is_not_a_backup_name_is_refused_before_anything_is_rea
     assert mlwarden("restore", entry.name, "--backup-dir", backups, "--to", tmp_path / "r") == 1
     assert "not a backup name" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_files_cache_is_written_as_json_dumps_writes_it_and_read_back(tmp_path: Path) -> None:
+    """save_cache formats its entries by hand: byte for byte what json.dumps writes, so a
+    cache written before reads the same and any JSON reader reads it."""
+    entries = {(2**63 - 1, 0, 5, 1_700_000_000_123_456_789, 1), (64769, 12, 0, 0, 1_700_000_000_000_000_000)}
+    cache = {key: f"{n:064x}" for n, key in enumerate(sorted(entries))}
+    dedup.save_cache(tmp_path / "cache.json", cache)
+    header, _, body = (tmp_path / "cache.json").read_bytes().partition(b"\n")
+    assert body == json.dumps([[*key, sha] for key, sha in sorted(cache.items())], separators=(",", ":")).encode()
+    assert json.loads(header)["version"] == dedup.CACHE_VERSION
+    assert dedup.load_cache(tmp_path / "cache.json") == cache
+    dedup.save_cache(tmp_path / "empty.json", {})
+    assert dedup.load_cache(tmp_path / "empty.json") == {}

@@ -32,7 +32,7 @@ from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, DAMAGE, REGULAR, ArchiveError, HashingReader, Header, MemberCheck, decompressed, read_members
 from mlwarden.jobs.backup.verify import VerifyResult, member_sha256
 
-from mlwarden.catalog import BackupEntry, FileRecord
+from mlwarden.catalog import BackupEntry, FileRecord, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +129,37 @@ def _checked(entry: BackupEntry, found: list[Found], damage: str | None, sha256:
     manifest = entry.stored().manifest  # format 3: the archive holds the backup's pack
     files = 0
     try:
-        check = MemberCheck(manifest)
-        for header, digest in found:
-            record = check.member(header)
-            if isinstance(record, FileRecord):
-                if digest != record.sha256:
-                    raise ArchiveError(f"{record.path}: content does not match its SHA-256 in the manifest")
-                files += 1
-        if damage is not None:
-            raise ArchiveError(damage)
-        check.finish()
+        if damage is None and _as_written(manifest, found):
+            files = len(manifest.files)
+        else:  # member by member, for the message that says what is wrong
+            check = MemberCheck(manifest)
+            for header, digest in found:
+                record = check.member(header)
+                if isinstance(record, FileRecord):
+                    if digest != record.sha256:
+                        raise ArchiveError(f"{record.path}: content does not match its SHA-256 in the manifest")
+                    files += 1
+            if damage is not None:
+                raise ArchiveError(damage)
+            check.finish()
     except ArchiveError as exc:
         return VerifyResult(False, str(exc), files, size)
     if sha256 != manifest.archive_sha256 or size != manifest.archive_bytes:
         return VerifyResult(False, "archive SHA-256 or size does not match the manifest", files, size)
     return VerifyResult(True, f"{files} files and the archive hash match the manifest", files, size)
+
+
+def _as_written(manifest: Manifest, found: list[Found]) -> bool:
+    """Whether the archive holds exactly the manifest's files (each once, with its size and
+    SHA-256) then its links, in the order the writer wrote them, and the manifest's paths
+    pass :class:`MemberCheck`'s rules: then every member passes its checks, and one
+    comparison of two lists costs less than checking 20,000 members one by one. A file
+    stored twice (changed while it was read) takes the member-by-member way."""
+    if manifest.rewritten:
+        return False
+    MemberCheck(manifest)  # the manifest's own paths: safe, listed once, none under a symlink
+    expected = [(r.path, b"0", r.size, "", r.sha256) for r in manifest.files] + [(link.path, b"2", 0, link.target, None) for link in manifest.links]
+    return expected == [(*header, digest) for header, digest in found]
 
 
 class _Following:
