@@ -85,7 +85,7 @@ def test_damage_in_a_long_archive_does_not_block_the_writer(tmp_path: Path, monk
     models.mkdir()
     for i in range(10_000):
         (models / f"f{i:05d}").write_bytes(b"%d" % i)
-    monkeypatch.setattr(archive, "CHUNK_BYTES", 512)  # each member goes to the file in a write of its own
+    monkeypatch.setattr(archive, "BATCH_BYTES", 512)  # each member goes to the file in a write of its own
     writes = iter(range(1_000_000))
     _damage_writes(monkeypatch, lambda data: _flip_first(data, 0) if next(writes) == 1000 else data)
     assert backup(models, tmp_path / "backups", "--compression", "none") == 1
@@ -139,7 +139,8 @@ def test_a_writer_that_fails_leaves_no_verifier_behind(tmp_path: Path, monkeypat
 @pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
 def test_the_followed_verification_passes_a_sound_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str) -> None:
     models = make_models(tmp_path / "models", weights_bytes=3_000_000)
-    monkeypatch.setattr(archive, "CHUNK_BYTES", 64 * 1024)  # many writes: the verifier catches up with the writer often
+    monkeypatch.setattr(archive, "CHUNK_BYTES", 64 * 1024)  # a large file in many pieces
+    monkeypatch.setattr(archive, "BATCH_BYTES", 16 * 1024)  # many writes: the verifier catches up with the writer often
     (models / "link").symlink_to("config.json")
     assert backup(models, tmp_path / "backups", "--compression", compression) == 0
     entry = only_entry(tmp_path / "backups")

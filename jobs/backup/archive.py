@@ -49,6 +49,10 @@ _OCTAL_11 = 8**11  # what fits an 11-digit octal field of a ustar header
 # After the checksum: the type (regular file), no link name, the magic, no owner names.
 _USTAR_TAIL = (tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC).ljust(_BLOCK - 156, b"\0")
 _FIXED_CHECKSUM = 8 * ord(" ") + sum(_USTAR_TAIL)  # the checksum field counts as spaces
+# Small members reach the compressor, and compressed bytes the file, in pieces of this size:
+# large enough that a call per piece costs nothing, small enough that the verifier following
+# the file (mlwarden.jobs.backup.follow) has little left to read when the writer is done.
+BATCH_BYTES = 2**20
 _USTAR_NUMBERS = b"%07o\0" + b"0000000\0" * 2 + b"%011o\0%011o\0"  # mode, uid and gid 0, size, mtime
 
 
@@ -419,7 +423,7 @@ def _copy_large(fd: int, size: int, digest: hashlib._Hash, out: _Writable, on_pr
 
 
 class _Batched:
-    """Small writes gathered into one call of the compressor per ``CHUNK_BYTES``: a call per
+    """Small writes gathered into one call of the compressor per ``BATCH_BYTES``: a call per
     small member cost about as much as compressing it. Large writes go through as they are."""
 
     def __init__(self, out: _Writable) -> None:
@@ -427,11 +431,11 @@ class _Batched:
         self._pending = bytearray()
 
     def write(self, data: bytes | memoryview) -> int:
-        if len(data) >= CHUNK_BYTES:
+        if len(data) >= BATCH_BYTES:
             self.flush()
             return self._out.write(data)
         self._pending += data
-        if len(self._pending) >= CHUNK_BYTES:
+        if len(self._pending) >= BATCH_BYTES:
             self.flush()
         return len(data)
 
@@ -478,5 +482,5 @@ def _compressor(sink: _HashingSink, compression: str, level: int, threads: int) 
         return
     # threads=-1: as many zstd workers as cores; the calling thread only feeds and drains.
     compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1, write_checksum=True)
-    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK_BYTES) as stream:  # type: ignore[arg-type]  # it only calls write() and flush()
+    with compressor.stream_writer(sink, closefd=False, write_size=BATCH_BYTES) as stream:  # type: ignore[arg-type]  # it only calls write() and flush()
         yield stream
