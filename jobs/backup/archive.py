@@ -45,6 +45,7 @@ DEFAULT_LEVELS = {"zstd": 1, "gzip": 6, "none": None}
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9)}
 _BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
+_PADDING = [b"\0" * n for n in range(_BLOCK)]  # a member's padding to the next block, by length
 _OCTAL_11 = 8**11  # what fits an 11-digit octal field of a ustar header
 # After the checksum: the type (regular file), no link name, the magic, no owner names.
 _USTAR_TAIL = (tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC).ljust(_BLOCK - 156, b"\0")
@@ -332,8 +333,7 @@ def _link_header(link: LinkRecord) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
-class _Copied:
+class _Copied(NamedTuple):  # one per file: a tuple costs less to make than a frozen dataclass
     record: FileRecord | None  # None: the file changed while it was read
     written: bool  # a member went into the archive (whole, or torn if record is None)
     key: CacheKey
@@ -344,24 +344,23 @@ def _store_file(source_file: SourceFile, out: _Writable, on_progress: Callable[[
     size in its header goes in (zeros if it shrank). With ``dedup``, content a pack already
     holds is hashed and not written, and the record names the pack that holds it. A None
     record if the file changed meanwhile."""
-    digest = hashlib.sha256()
     fd = os.open(source_file.path, os.O_RDONLY | os.O_CLOEXEC)
     written = True
     try:
         before = os.fstat(fd)
         header = _header(source_file.relative, before)
-        padding = b"\0" * (-before.st_size % _BLOCK)
+        padding = _PADDING[-before.st_size % _BLOCK]
         if before.st_size < CHUNK_BYTES:
             # One read and one write per small file: a helper thread or a separate write for
             # the header would cost more than hashing a few KB here.
             data = _read_exactly(fd, before.st_size)
-            digest.update(data)
-            sha = digest.hexdigest()
+            sha = hashlib.sha256(data).hexdigest()
             written = dedup is None or dedup.pack_of(sha) is None
             if written:
                 out.write(header + data + padding)
             on_progress(len(data))
         else:
+            digest = hashlib.sha256()
             if dedup is not None and dedup.may_hold(before.st_size):
                 first = _hash_fd(fd, before.st_size)
                 written = dedup.pack_of(first.hexdigest()) is None
