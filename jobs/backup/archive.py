@@ -35,7 +35,7 @@ from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, byte_sum
 
 from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, HardLinkRecord, LinkRecord, SkippedRecord
-from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
+from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -456,9 +456,12 @@ class _HashingSink:
     def write(self, data: bytes | memoryview) -> int:
         self._hash.update(data)
         written = self._raw.write(data)
+        self._raw.flush()  # in the file: for the verifier, and for the writeback below
+        # Written to disk from now on, not all at the final fsync (45 ms of a 26 MB archive
+        # here, seconds for a large one); the fsync stays.
+        start_writeback(self._raw.fileno(), self.count, len(data))
         self.count += len(data)
         if self._follower is not None:
-            self._raw.flush()  # in the file before the verifier is told it is there
             self._follower.advance(self.count)
         return written if written is not None else len(data)
 
