@@ -57,6 +57,7 @@ from mlwarden.catalog import (
 )
 from mlwarden.exitcodes import ExitCode
 from mlwarden.fsutil import disk_space, fsync_dir
+from mlwarden.gcpause import cyclic_gc_paused
 from mlwarden.interrupts import deferred_interrupts, sigterm_interrupts
 from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
@@ -164,7 +165,8 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
             outcome.damaged.append(entry.name)
             entry = None
     if entry is None:
-        entry, followed = _create(settings, source, outcome)
+        with cyclic_gc_paused():  # 15-20% of a many-file backup's scan and write, for no cycle
+            entry, followed = _create(settings, source, outcome)
         if settings.verify:
             entry, result = verify_and_record(entry, followed)
             outcome.verified = result.ok
@@ -434,10 +436,11 @@ def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> Restor
         assert location is not None
         # The download goes next to the target, like the restore's staging directory: the
         # disk the operator made room on (for a drill, its scratch directory).
-        with entry_from_s3(location, settings.name, target.absolute().parent) as entry:
+        with entry_from_s3(location, settings.name, target.absolute().parent) as entry, cyclic_gc_paused():
             return restore_entry(entry, target, overwrite, settings.restore_external_links)
     assert settings.backup_dir is not None
-    return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite, settings.restore_external_links)
+    with cyclic_gc_paused():  # reading the manifest and writing the files make many objects and no cycle
+        return restore_entry(Catalog(settings.backup_dir).get(settings.name), target, overwrite, settings.restore_external_links)
 
 
 def _run_drill(settings: RestoreSettings) -> int:

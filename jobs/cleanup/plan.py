@@ -18,13 +18,10 @@ need the whole tree (the newest checkpoints, the emptied directories) are applie
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
@@ -32,6 +29,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from mlwarden.jobs.cleanup import fileops, forked, rules
+
+from mlwarden.gcpause import cyclic_gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def build(root: Path, plan_rules: PlanRules, workers: int = 1) -> RootPlan:
     try:
         st = os.fstat(root_fd)
         fence = _Fence(st.st_dev, fileops.mount_id(root_fd))
-        with _cyclic_gc_paused():
+        with cyclic_gc_paused():
             found = _walk_root(root_fd, fence, plan_rules, workers)
     finally:
         os.close(root_fd)
@@ -198,24 +197,6 @@ def _without_kept_checkpoints(found: _Findings, kept_checkpoints: set[str]) -> l
         else:
             files.append(candidate)
     return files
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Hold off the cyclic garbage collector while the walk runs.
-
-    The walk allocates a few tracked objects per file (stat results, plan entries) but
-    makes no reference cycles, yet every few hundred allocations would start a collection
-    that traverses them all again: a few percent of the planning time, for nothing. Reference
-    counting still frees everything at once; the collector resumes right after.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _parent(relative: str) -> str:
