@@ -6,6 +6,7 @@ process behind and never blocks the writer."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -146,3 +147,31 @@ def test_the_followed_verification_passes_a_sound_archive(tmp_path: Path, monkey
     entry = only_entry(tmp_path / "backups")
     assert entry.verified is True
     assert entry.status.verification.detail == "4 files and the archive hash match the manifest"  # type: ignore[union-attr]  # verified: there is a verification
+
+
+_SIGNAL_IN_FORK: list[signal.Signals] = []  # armed by the test below: the signal to send while forking
+
+
+def _signal_in_fork() -> None:
+    if _SIGNAL_IN_FORK:
+        os.kill(os.getpid(), _SIGNAL_IN_FORK.pop())
+
+
+os.register_at_fork(after_in_parent=_signal_in_fork)  # at-fork handlers cannot be removed: armed per test
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_that_lands_while_the_verifier_is_forked_stops_the_backup(
+    tmp_path: Path, sig: signal.Signals, status: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Handled inside an at-fork handler, the signal's exception was printed and dropped and
+    the backup ran to its end (exit 0); SIGTERM was ignored from then on."""
+    models = make_models(tmp_path / "models")
+    _SIGNAL_IN_FORK.append(sig)
+    try:
+        assert backup(models, tmp_path / "backups") == status
+    finally:
+        _SIGNAL_IN_FORK.clear()
+    assert [p.name for p in (tmp_path / "backups").iterdir()] == [".mlwarden-backup.lock"]  # nothing half made
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handler is gone again, not left ignoring
