@@ -445,8 +445,10 @@ def listed(backend):
         fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
         whole = {key: str(value) if key == "ecc_errors" else value  # JSON keys: no tuples
                  for key, value in vars(reading).items() if key != "profiling"}  # GPM: one sample, no interval
-        found.append([[vars(p) for p in backend.processes(index)], fields, whole])
+        profiling = backend.read(index).profiling  # GPM between this pass's sample and the one before
+        found.append([[vars(p) for p in backend.processes(index)], fields, whole, profiling])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
+    kinds.append(type(backend._gpm._samplers[(0, None)].metrics).__name__)
     kinds += [type(backend._get_field_values).__name__, type(backend._process_utilization_reader).__name__]
     kinds += sorted({type(getter).__name__ for getter in vars(backend._get).values()})
     backend.close()
@@ -457,7 +459,7 @@ for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunni
              "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetFanSpeed",
              "nvmlDeviceGetPerformanceState", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
              "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetUtilizationRates",
-             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization"):
+             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet"):
     wrapped = getattr(pynvml, name)
     setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
@@ -477,9 +479,10 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_FuncPtr", "_UtilizationReader", "_Getter"]
-    assert pynvml_kinds == ["function", "NoneType", "function", "function"]
-    processes, (memory_temperature, pcie_bytes, nvlinks), whole = direct[0]
+    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader", "_Getter"]
+    assert pynvml_kinds == ["function", "function", "NoneType", "function", "function"]
+    processes, (memory_temperature, pcie_bytes, nvlinks), whole, profiling = direct[0]
+    assert profiling["sm_activity"] == 0.42 and profiling["fp32_activity"] == 0.125 and "fp64_activity" in profiling
     assert whole["temperature_celsius"] == 60 and whole["utilization_ratio"] == 0.5 and whole["encoder_utilization_ratio"] == 0.12
     assert whole["throttle_reasons"]["hw_thermal_slowdown"] and whole["sm_clock_hz"] and whole["pcie_link_width"] == 16
     assert whole["energy_joules"] == 1500 and whole["violation_seconds"]["power"] == 2.5 and whole["pcie_replays"] == 3

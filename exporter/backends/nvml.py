@@ -466,7 +466,7 @@ class NvmlBackend(GpuBackend):
         self._generation = 0  # bumped by every (re)initialisation; the XID listener follows it
         self._event_set: Any = None
         self._event_generation = -1
-        self._gpm = GpmReader(self._call)
+        self._gpm = GpmReader(self._call, _pynvml_own)
         self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
         self._unsupported: set[tuple[Any, ...]] = set()  # calls (see _key) that answered a _PERMANENT error
         self._unsupported_fns: set[Callable[..., Any]] = set()  # the functions of those calls
