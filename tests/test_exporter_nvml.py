@@ -433,6 +433,44 @@ def test_a_process_is_read_from_proc_once_while_its_entry_stays_and_again_when_t
     assert read == [4242, 4242]
 
 
+
+def test_a_pass_like_the_one_before_serves_the_same_series_and_every_change_shows(fake: FakeNvml, tmp_path: Path) -> None:
+    """A GPU whose processes, their /proc entries and the allocation sources did not change keeps its series
+    from the pass before (the collector's shortcut); each kind of change must still reach the series."""
+    from mlwarden.exporter.attribution import Attributor
+
+    proc, mapping = tmp_path / "proc", tmp_path / "jobs"
+    mapping.mkdir()
+
+    def start(name: str) -> None:
+        (proc / "4242").mkdir(parents=True)
+        (proc / "4242" / "comm").write_text(name + "\n")
+        (proc / "4242" / "cgroup").write_text("0::/\n")
+
+    start("train.py")
+    fake.processes = {0: [(4242, 3 * MIB)]}
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=proc, attributor=Attributor(None, mapping))
+
+    def memory(found: dict) -> dict[str, float]:
+        return {dict(labels)["process"]: v for (name, labels), v in found.items() if name == "mlwarden_gpu_process_memory_used_bytes"}
+
+    first = samples(collector)
+    assert memory(first) == {"train.py": 3 * MIB} and samples(collector) == first
+    fake.processes = {0: [(4242, 4 * MIB)]}  # the memory moved
+    assert memory(samples(collector)) == {"train.py": 4 * MIB}
+    for entry in (proc / "4242").iterdir():  # the process exits; another one gets its PID, and the same memory
+        entry.unlink()
+    (proc / "4242").rmdir()
+    start("eval.py")
+    assert memory(samples(collector)) == {"eval.py": 4 * MIB}
+    # two Slurm jobs are given the GPU: NVML's answer and the process are the same (with two jobs, neither is its)
+    (mapping / "0").write_text("777\n778\n")
+    found = samples(collector)
+    jobs = {dict(labels)["slurm_job"] for name, labels in found if name == "mlwarden_gpu_allocation_info" and dict(labels)["gpu"] == "0"}
+    assert jobs == {"", "777", "778"}
+    fake.processes = {0: [(4242, 4 * MIB), (4343, 1 * MIB)]}
+    assert value(samples(collector), "mlwarden_gpu_processes", gpu="0", uuid="GPU-fake-0") == 2
+
 _COMPARE_PROCESS_PATHS = """
 import json, pynvml
 from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
