@@ -381,7 +381,9 @@ class _HttpProtocol(asyncio.Protocol):
         self.eof = True
         if not self.busy:
             self.close()
-        return True  # half-closed: the answers still due go out, then the connection closes
+        # half-closed: the answers still due go out, then the connection closes; TLS has no half-close (and
+        # asyncio warns of a True there), so its transport closes at once
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def _next_request(self) -> None:
         """Answer the request in the buffer, if it is complete."""
