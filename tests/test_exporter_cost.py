@@ -211,3 +211,21 @@ def test_the_gzip_body_is_the_plain_body_compressed_and_reuses_unchanged_parts()
         if not published:
             store.publish("b", Collected([_gauge("mlwarden_test_b", 2.0)]), 0.01)
     assert b"mlwarden_test_b 2.0\n" in gzip.decompress(store.snapshot.gzipped)
+
+
+def test_a_snapshot_rendered_late_shows_the_collector_states_of_its_own_publication() -> None:
+    """The success, duration and freshness families are made only when a snapshot is rendered: from the
+    states captured when it was published, not from the states at rendering time."""
+    now = [1000.0]
+    store = SnapshotStore([("gpu", 1.0)], "test", wall=lambda: now[0], monotonic=lambda: now[0])
+    gauge = exposition.gauge("mlwarden_test", "test.")
+    store.publish("gpu", Collected([gauge], success=True), 0.25)
+    published = store.snapshot
+    now[0] = 2000.0
+    store.publish("gpu", Collected([gauge], success=False), 0.5)
+    early, late = published.body.decode(), store.snapshot.body.decode()
+    assert 'mlwarden_exporter_collector_success{collector="gpu"} 1.0' in early
+    assert 'mlwarden_exporter_collector_duration_seconds{collector="gpu"} 0.25' in early
+    assert 'mlwarden_exporter_collector_success{collector="gpu"} 0.0' in late
+    assert 'mlwarden_exporter_collector_duration_seconds{collector="gpu"} 0.5' in late
+    assert 'mlwarden_exporter_last_collection_timestamp_seconds{collector="gpu"} 1000.0' in late  # the last success

@@ -433,6 +433,44 @@ def test_a_process_is_read_from_proc_once_while_its_entry_stays_and_again_when_t
     assert read == [4242, 4242]
 
 
+
+def test_a_pass_like_the_one_before_serves_the_same_series_and_every_change_shows(fake: FakeNvml, tmp_path: Path) -> None:
+    """A GPU whose processes, their /proc entries and the allocation sources did not change keeps its series
+    from the pass before (the collector's shortcut); each kind of change must still reach the series."""
+    from mlwarden.exporter.attribution import Attributor
+
+    proc, mapping = tmp_path / "proc", tmp_path / "jobs"
+    mapping.mkdir()
+
+    def start(name: str) -> None:
+        (proc / "4242").mkdir(parents=True)
+        (proc / "4242" / "comm").write_text(name + "\n")
+        (proc / "4242" / "cgroup").write_text("0::/\n")
+
+    start("train.py")
+    fake.processes = {0: [(4242, 3 * MIB)]}
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=proc, attributor=Attributor(None, mapping))
+
+    def memory(found: dict) -> dict[str, float]:
+        return {dict(labels)["process"]: v for (name, labels), v in found.items() if name == "mlwarden_gpu_process_memory_used_bytes"}
+
+    first = samples(collector)
+    assert memory(first) == {"train.py": 3 * MIB} and samples(collector) == first
+    fake.processes = {0: [(4242, 4 * MIB)]}  # the memory moved
+    assert memory(samples(collector)) == {"train.py": 4 * MIB}
+    for entry in (proc / "4242").iterdir():  # the process exits; another one gets its PID, and the same memory
+        entry.unlink()
+    (proc / "4242").rmdir()
+    start("eval.py")
+    assert memory(samples(collector)) == {"eval.py": 4 * MIB}
+    # two Slurm jobs are given the GPU: NVML's answer and the process are the same (with two jobs, neither is its)
+    (mapping / "0").write_text("777\n778\n")
+    found = samples(collector)
+    jobs = {dict(labels)["slurm_job"] for name, labels in found if name == "mlwarden_gpu_allocation_info" and dict(labels)["gpu"] == "0"}
+    assert jobs == {"", "777", "778"}
+    fake.processes = {0: [(4242, 4 * MIB), (4343, 1 * MIB)]}
+    assert value(samples(collector), "mlwarden_gpu_processes", gpu="0", uuid="GPU-fake-0") == 2
+
 _COMPARE_PROCESS_PATHS = """
 import json, pynvml
 from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
@@ -445,8 +483,10 @@ def listed(backend):
         fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
         whole = {key: str(value) if key == "ecc_errors" else value  # JSON keys: no tuples
                  for key, value in vars(reading).items() if key != "profiling"}  # GPM: one sample, no interval
-        found.append([[vars(p) for p in backend.processes(index)], fields, whole])
+        profiling = backend.read(index).profiling  # GPM between this pass's sample and the one before
+        found.append([[vars(p) for p in backend.processes(index)], fields, whole, profiling])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
+    kinds.append(type(backend._gpm._samplers[(0, None)].metrics).__name__)
     kinds += [type(backend._get_field_values).__name__, type(backend._process_utilization_reader).__name__]
     kinds += sorted({type(getter).__name__ for getter in vars(backend._get).values()})
     backend.close()
@@ -457,7 +497,7 @@ for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunni
              "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetFanSpeed",
              "nvmlDeviceGetPerformanceState", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
              "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetUtilizationRates",
-             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization"):
+             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet"):
     wrapped = getattr(pynvml, name)
     setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
@@ -477,9 +517,10 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_FuncPtr", "_UtilizationReader", "_Getter"]
-    assert pynvml_kinds == ["function", "NoneType", "function", "function"]
-    processes, (memory_temperature, pcie_bytes, nvlinks), whole = direct[0]
+    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader", "_Getter"]
+    assert pynvml_kinds == ["function", "function", "NoneType", "function", "function"]
+    processes, (memory_temperature, pcie_bytes, nvlinks), whole, profiling = direct[0]
+    assert profiling["sm_activity"] == 0.42 and profiling["fp32_activity"] == 0.125 and "fp64_activity" in profiling
     assert whole["temperature_celsius"] == 60 and whole["utilization_ratio"] == 0.5 and whole["encoder_utilization_ratio"] == 0.12
     assert whole["throttle_reasons"]["hw_thermal_slowdown"] and whole["sm_clock_hz"] and whole["pcie_link_width"] == 16
     assert whole["energy_joules"] == 1500 and whole["violation_seconds"]["power"] == 2.5 and whole["pcie_replays"] == 3

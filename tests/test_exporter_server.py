@@ -403,3 +403,61 @@ def test_the_server_refuses_requests_it_cannot_frame_and_closes_the_connection()
         assert _exchange(server.port, b"GET http://elsewhere/ HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
     finally:
         server.stop()
+
+
+def test_pipelined_requests_are_answered_in_order_and_a_half_closed_client_gets_every_answer() -> None:
+    store = SnapshotStore([], "test")
+    server = ExporterServer(store, ("127.0.0.1", free_port()), idle_timeout=5.0)
+    server.start()
+    try:
+        body = store.snapshot.body
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"GET /metrics HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\nHEAD /metrics HTTP/1.1\r\n\r\n")
+            client.shutdown(socket.SHUT_WR)  # the server must answer all three, then close (recv ends)
+            received = b""
+            while chunk := client.recv(65536):
+                received += chunk
+        first, rest = received.split(b"\r\n\r\n", 1)
+        assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(body)
+        second, third = rest[len(body):].split(b"ok\n", 1)
+        assert second.startswith(b"HTTP/1.1 ") and third.startswith(b"HTTP/1.1 200 ") and third.endswith(b"\r\n\r\n")
+    finally:
+        server.stop()
+
+
+def test_a_scraper_that_stops_reading_loses_its_slot_after_the_idle_timeout() -> None:
+    store = SnapshotStore([], "test")
+    store.snapshot = Snapshot(b"# a body far larger than the socket buffers\n" * (32 * 2**20 // 45))
+    server = ExporterServer(store, ("127.0.0.1", free_port()), max_concurrent_scrapes=1, idle_timeout=0.5)
+    server.start()
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", server.port))
+        client.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert wait_until(lambda: server.app.scrape_slots.locked(), 10, "the scrape to start")
+        # the client never reads: the server gives up on it and its slot is free for others
+        assert wait_until(lambda: not server.app.scrape_slots.locked(), 10, "the stalled scrape to be dropped")
+        assert not server.connections
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_render_that_fails_drops_the_connection_and_frees_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SnapshotStore([], "test")
+    server = ExporterServer(store, ("127.0.0.1", free_port()), max_concurrent_scrapes=1, idle_timeout=5.0)
+    server.start()
+    try:
+        def broken(self: Snapshot, gzipped: bool) -> bytes:
+            raise RuntimeError("render failed")
+
+        monkeypatch.setattr(Snapshot, "render", broken)
+        monkeypatch.setattr(Snapshot, "ready", lambda self, gzipped: None)  # never rendered yet: the worker renders
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            request(f"http://127.0.0.1:{server.port}/metrics")
+        assert wait_until(lambda: not server.app.scrape_slots.locked(), 10, "the slot to be freed")
+        monkeypatch.undo()
+        assert request(f"http://127.0.0.1:{server.port}/metrics")[0] == 200
+    finally:
+        server.stop()

@@ -68,7 +68,7 @@ def metrics_request(metric_ids: list[int]) -> Any:
 class _Sampler:
     previous: Any
     current: Any
-    request: Any  # metrics_request(_METRIC_IDS); each pass sets only its two samples
+    metrics: Callable[[Any, Any], list[float | None]]  # the metrics between two samples (see _MetricsGetter)
     primed: bool = False  # ``previous`` holds a sample
 
 
@@ -96,11 +96,58 @@ def metrics_between(request: Any, earlier: Any, later: Any) -> list[float | None
     return values
 
 
-class GpmReader:
-    """GPM samples per GPU and per MIG GPU instance, kept between passes; ``call`` is the backend's error-sorting call."""
+# A request's answers at once: (return code, value) per metric, from 40-byte records (id, return, value, three pointers).
+_ANSWERS = struct.Struct("=" + "4xId24x" * len(_METRIC_IDS))
+_SAMPLE1_AT = pynvml.c_nvmlGpmMetricsGet_t.sample1.offset
+_SAMPLE2_AT = pynvml.c_nvmlGpmMetricsGet_t.sample2.offset
+assert _METRIC_SIZE == 40 and _RETURN_AT == 4 and _VALUE_AT == 8, "nvmlGpmMetric_t is not laid out as _ANSWERS reads it"
 
-    def __init__(self, call: Callable[..., Any]) -> None:
+
+class _MetricsGetter:
+    """``nvmlGpmMetricsGet`` called directly on a request filled in once: pynvml's wrapper looks the function
+    up under a lock, and every field of its structures set or read runs a Python hook (two to set the samples,
+    a third of a GPM read). The samples' addresses are written into the request through views made once."""
+
+    __name__ = "nvmlGpmMetricsGet"  # for the backend's messages
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+        self._request = metrics_request(_METRIC_IDS)
+        self._ref = ctypes.byref(self._request)
+        self._first = ctypes.c_void_p.from_buffer(self._request, _SAMPLE1_AT)
+        self._second = ctypes.c_void_p.from_buffer(self._request, _SAMPLE2_AT)
+        self._addresses: dict[int, int | None] = {}  # id(sample) -> its address; samples live as long as their sampler
+
+    def __call__(self, earlier: Any, later: Any) -> list[float | None]:
+        self._first.value = self._address(earlier)
+        self._second.value = self._address(later)
+        answer = self._function(self._ref)
+        if answer != pynvml.NVML_SUCCESS:
+            raise pynvml.NVMLError(answer)
+        raw = _ANSWERS.unpack_from(self._request, _METRICS_AT)
+        success = pynvml.NVML_SUCCESS
+        return [raw[at + 1] if raw[at] == success else None for at in range(0, len(raw), 2)]
+
+    def _address(self, sample: Any) -> int | None:
+        address = self._addresses.get(id(sample))
+        if address is None:
+            address = self._addresses[id(sample)] = ctypes.cast(sample, ctypes.c_void_p).value
+        return address
+
+
+def _through_pynvml(request: Any) -> Callable[[Any, Any], list[float | None]]:
+    def nvmlGpmMetricsGet(earlier: Any, later: Any) -> list[float | None]:  # noqa: N802 - named as NVML's, for messages
+        return metrics_between(request, earlier, later)
+    return nvmlGpmMetricsGet
+
+
+class GpmReader:
+    """GPM samples per GPU and per MIG GPU instance, kept between passes; ``call`` is the backend's error-sorting call,
+    ``own`` finds the C function behind one of pynvml's own wrappers (None: call the wrapper, whoever replaced it)."""
+
+    def __init__(self, call: Callable[..., Any], own: Callable[[Callable[..., Any], str], Any] = lambda wrapper, name: None) -> None:
         self._call = call
+        self._own = own
         self._supported: dict[int, bool] = {}  # GPU -> GPM there at all
         self._samplers: dict[tuple[int, int | None], _Sampler | None] = {}  # (GPU, GPU instance or None); None: no GPM
         self._said_unsupported: set[int] = set()
@@ -133,7 +180,7 @@ class GpmReader:
             return _NOTHING
         values: list[float | None] = []
         if sampler.primed:
-            values = self._call(metrics_between, sampler.request, sampler.previous, sampler.current) or []
+            values = self._call(sampler.metrics, sampler.previous, sampler.current) or []
         sampler.previous, sampler.current, sampler.primed = sampler.current, sampler.previous, True
         if not values:
             return _NOTHING
@@ -156,7 +203,9 @@ class GpmReader:
             first = self._call(pynvml.nvmlGpmSampleAlloc)
             second = self._call(pynvml.nvmlGpmSampleAlloc) if first is not None else None
             if second is not None:
-                sampler = _Sampler(first, second, metrics_request(_METRIC_IDS))
+                function = self._own(pynvml.nvmlGpmMetricsGet, "nvmlGpmMetricsGet")
+                metrics = _through_pynvml(metrics_request(_METRIC_IDS)) if function is None else _MetricsGetter(function)
+                sampler = _Sampler(first, second, metrics)
             elif first is not None:
                 self._free(first)
         if sampler is None and index not in self._said_unsupported:

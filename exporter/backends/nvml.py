@@ -466,7 +466,7 @@ class NvmlBackend(GpuBackend):
         self._generation = 0  # bumped by every (re)initialisation; the XID listener follows it
         self._event_set: Any = None
         self._event_generation = -1
-        self._gpm = GpmReader(self._call)
+        self._gpm = GpmReader(self._call, _pynvml_own)
         self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
         self._unsupported: set[tuple[Any, ...]] = set()  # calls (see _key) that answered a _PERMANENT error
         self._unsupported_fns: set[Callable[..., Any]] = set()  # the functions of those calls
@@ -475,6 +475,8 @@ class NvmlBackend(GpuBackend):
         # GPU -> (when read, PID -> (SM, memory) ratios): served until the next read is due
         self._utilization_read: dict[int, tuple[float, dict[int, tuple[float | None, float | None]]]] = {}
         self._slow: dict[int, _SlowFacts] = {}
+        # GPU -> (NVML's process lists, the utilization read served, the processes made from both) of the last pass
+        self._processes: dict[int, tuple[tuple[list[RunningProcess], ...], dict[int, tuple[float | None, float | None]], list[GpuProcess]]] = {}
         self._process_listers: tuple[Callable[[Any], list[RunningProcess]], ...] = ()
         self._process_utilization_reader: Callable[[Any, int], list[UtilizationSample]] = _utilization_through_pynvml
         self._get_field_values: Any = None  # NVML's own function, when pynvml's wrapper is in place
@@ -498,6 +500,7 @@ class NvmlBackend(GpuBackend):
         self._utilization_read.clear()
         self._slow.clear()
         self._counters.clear()
+        self._processes.clear()
         self._generation += 1
         self._process_listers = tuple(
             _ProcessLister.load(wrapper, name) or _through_pynvml(wrapper)
@@ -638,17 +641,31 @@ class NvmlBackend(GpuBackend):
         self._nvlinks.clear()
 
     def processes(self, index: int) -> list[GpuProcess]:
+        """The GPU's processes; the very list of the pass before when NVML answered the same (callers must not
+        change it): processes and their memory barely change from second to second under a caching allocator,
+        and making ten GpuProcess objects per GPU anew each pass was two fifths of a ``processes`` pass."""
         handle = self._handle(index)
+        answers = tuple(self._call(lister, handle) or [] for lister in self._process_listers)
+        listed = any(answers)
+        utilization = self._process_utilization(index, handle) if listed else {}
+        previous = self._processes.get(index)
+        if previous is not None and previous[0] == answers and previous[1] is utilization:
+            return previous[2]
+        processes = self._processes_from(answers, utilization)
+        self._processes[index] = (answers, utilization, processes)
+        return processes
+
+    @staticmethod
+    def _processes_from(answers: tuple[list[RunningProcess], ...], utilization: dict[int, tuple[float | None, float | None]]) -> list[GpuProcess]:
         memory: dict[int, int | None] = {}
         instances: dict[int, tuple[int | None, int | None]] = {}  # pid -> (GPU instance, compute instance) on MIG
-        for lister in self._process_listers:
-            for pid, raw_used, gpu_instance, compute_instance in self._call(lister, handle) or []:
+        for answer in answers:
+            for pid, raw_used, gpu_instance, compute_instance in answer:
                 used = u64(raw_used)
                 previous = memory.get(pid)
                 memory[pid] = used if previous is None else max(previous, used or 0)
                 # NVML's "not in a MIG instance" is 0xFFFFFFFF, which u32 reads as None
                 instances[pid] = (u32(gpu_instance), u32(compute_instance))
-        utilization = self._process_utilization(index, handle) if memory else {}
         return [
             GpuProcess(pid=pid, used_memory_bytes=used, sm_utilization_ratio=utilization.get(pid, (None, None))[0],
                        memory_utilization_ratio=utilization.get(pid, (None, None))[1],

@@ -102,6 +102,23 @@ class _Labels:
         return labels
 
 
+Sample = tuple[tuple[str, ...], float]
+
+
+class _Steady:
+    """A GPU's samples of the families that change only when counters (10 s) or slow facts (30 s) are read,
+    with what they were made from: served again while the backend hands out the same readings."""
+
+    __slots__ = ("labels", "sources", "scalars", "samples")
+
+    def __init__(self, labels: _Labels, sources: tuple[object, ...], scalars: tuple[object, ...],
+                 samples: tuple[list[Sample], ...]) -> None:
+        self.labels = labels
+        self.sources = sources
+        self.scalars = scalars
+        self.samples = samples
+
+
 class GpuCollector(Collector):
     name = "gpu"
 
@@ -113,6 +130,7 @@ class GpuCollector(Collector):
         self._seen: set[GpuLabels] = set()  # every GPU reported since start
         self._vanished: set[GpuLabels] = set()  # seen, but no longer in the device list
         self._labels: dict[GpuLabels, _Labels] = {}  # the GPUs of the last pass
+        self._steady: dict[GpuLabels, _Steady] = {}  # the GPUs of the last pass: their counter and slow-fact samples
 
     def collect(self) -> Collected:
         nvml_up = gauge("mlwarden_nvml_up", "1 when the GPU library (NVML) is initialised and answering, else 0.")
@@ -228,6 +246,9 @@ class GpuCollector(Collector):
         for index, uuid in down:
             up.samples.append(((str(index), uuid), 0))
         known, self._labels = self._labels, {}
+        previous, self._steady = self._steady, {}
+        # in the order of _Steady.samples
+        steady_families = (energy, ecc, retired, remapped, pending, replays, violations, pcie_bytes, nvlink_up, nvlink_bytes, nvlink_errors)
         for reading in readings:
             ident = reading.identity
             gpu_key = (ident.index, ident.uuid)
@@ -239,34 +260,21 @@ class GpuCollector(Collector):
                 value = getattr(reading, attr)
                 if value is not None:
                     family.samples.append((gpu, value))
-            if reading.energy_joules is not None:
-                energy.samples.append((gpu, reading.energy_joules))
             for clock, value in (("sm", reading.sm_clock_hz), ("memory", reading.memory_clock_hz)):
                 if value is not None:
                     clocks.samples.append((labels.clocks[clock], value))
             for reason, active in (reading.throttle_reasons or {}).items():
                 throttle.samples.append((labels.of(reason), 1 if active else 0))
-            for ecc_key, ecc_labels in labels.ecc.items():
-                value = reading.ecc_errors.get(ecc_key)
-                if value is not None:
-                    ecc.samples.append((ecc_labels, value))
-            for cause, pages in (reading.retired_pages or {}).items():
-                retired.samples.append((labels.of(cause), pages))
-            for state, rows in (reading.remapped_rows or {}).items():
-                remapped.samples.append((labels.of(state), rows))
-            self._add_signals(reading, labels, pending, profiling, pipes, replays, violations)
-            for family, by_direction in ((pcie_rate, reading.pcie_throughput_bytes_per_second), (pcie_bytes, reading.pcie_bytes),
+            steady = self._steady_samples(reading, labels, previous.get(gpu_key))
+            self._steady[gpu_key] = steady
+            for family, made in zip(steady_families, steady.samples, strict=True):
+                family.samples += made
+            self._add_signals(reading, labels, profiling, pipes)
+            for family, by_direction in ((pcie_rate, reading.pcie_throughput_bytes_per_second),
                                          (nvlink_rate, reading.nvlink_throughput_bytes_per_second)):
                 for direction in DIRECTIONS:
                     if direction in by_direction:
                         family.samples.append((labels.of(direction), by_direction[direction]))
-            for link in reading.nvlinks:
-                nvlink_up.samples.append((labels.link(link.link), 1 if link.up else 0))
-                for direction, count in link.bytes.items():
-                    nvlink_bytes.samples.append((labels.on_link(link.link, direction), count))
-                for error in NVLINK_ERRORS:
-                    if error in link.errors:
-                        nvlink_errors.samples.append((labels.on_link(link.link, error), link.errors[error]))
             for mig in reading.mig:
                 device = mig.device
                 instance = (*gpu, str(device.gpu_instance), str(device.compute_instance), device.profile)
@@ -282,20 +290,47 @@ class GpuCollector(Collector):
                 mig_used, mig_total, *mig_profiling.values()]
 
     @staticmethod
-    def _add_signals(reading: GpuReading, labels: _Labels, pending: Family, profiling: dict[str, Family],
-                     pipes: Family, replays: Family, violations: Family) -> None:
+    def _add_signals(reading: GpuReading, labels: _Labels, profiling: dict[str, Family], pipes: Family) -> None:
         gpu = labels.gpu
-        if reading.retired_pages_pending is not None:
-            pending.samples.append((gpu, 1 if reading.retired_pages_pending else 0))
         for key, value in reading.profiling.items():
             if key in profiling:
                 profiling[key].samples.append((gpu, value))
             elif key in PIPES:
                 pipes.samples.append((labels.of(PIPES[key]), value))
-        if reading.pcie_replays is not None:
-            replays.samples.append((gpu, reading.pcie_replays))
-        for reason, seconds in reading.violation_seconds.items():
-            violations.samples.append((labels.of(reason), seconds))
+
+    @staticmethod
+    def _steady_samples(reading: GpuReading, labels: _Labels, previous: _Steady | None) -> _Steady:
+        """The GPU's counter and slow-fact samples: those of the pass before while the backend serves the same
+        readings (counters are read every 10 s, slow facts every 30 s), else made anew."""
+        sources = (reading.ecc_errors, reading.violation_seconds, reading.pcie_bytes, reading.nvlinks,
+                   reading.retired_pages, reading.remapped_rows)
+        scalars = (reading.energy_joules, reading.pcie_replays, reading.retired_pages_pending)
+        if (previous is not None and previous.labels is labels and previous.scalars == scalars
+                and all(now is then for now, then in zip(sources, previous.sources, strict=True))):
+            return previous
+        gpu = labels.gpu
+        energy: list[Sample] = [] if reading.energy_joules is None else [(gpu, reading.energy_joules)]
+        errors = reading.ecc_errors
+        ecc: list[Sample] = [(ecc_labels, errors[key]) for key, ecc_labels in labels.ecc.items() if errors.get(key) is not None]
+        retired: list[Sample] = [(labels.of(cause), pages) for cause, pages in (reading.retired_pages or {}).items()]
+        remapped: list[Sample] = [(labels.of(state), rows) for state, rows in (reading.remapped_rows or {}).items()]
+        pending: list[Sample] = [] if reading.retired_pages_pending is None else [(gpu, 1 if reading.retired_pages_pending else 0)]
+        replays: list[Sample] = [] if reading.pcie_replays is None else [(gpu, reading.pcie_replays)]
+        violations: list[Sample] = [(labels.of(reason), seconds) for reason, seconds in reading.violation_seconds.items()]
+        pcie: dict[str, int] = reading.pcie_bytes
+        pcie_bytes: list[Sample] = [(labels.of(direction), pcie[direction]) for direction in DIRECTIONS if direction in pcie]
+        nvlink_up: list[Sample] = []
+        nvlink_bytes: list[Sample] = []
+        nvlink_errors: list[Sample] = []
+        for link in reading.nvlinks:
+            nvlink_up.append((labels.link(link.link), 1 if link.up else 0))
+            for direction, count in link.bytes.items():
+                nvlink_bytes.append((labels.on_link(link.link, direction), count))
+            for error in NVLINK_ERRORS:
+                if error in link.errors:
+                    nvlink_errors.append((labels.on_link(link.link, error), link.errors[error]))
+        samples = (energy, ecc, retired, remapped, pending, replays, violations, pcie_bytes, nvlink_up, nvlink_bytes, nvlink_errors)
+        return _Steady(labels, sources, scalars, samples)
 
 
 def _build(_: NoSettings, context: CollectorContext) -> Collector:

@@ -30,6 +30,54 @@ PROCESS_LABELS = (*GPU_LABELS, "pid", "process", *WORKLOAD_LABELS)
 ALLOCATION_LABELS = (*GPU_LABELS, "gpu_instance", "compute_instance", *WORKLOAD_LABELS)
 
 
+_KnownLabels = dict[tuple[int, int], tuple[procinfo.ProcessInfo, tuple[str, ...]]]
+Sample = tuple[tuple[str, ...], float]
+
+
+@dataclasses.dataclass
+class _Series:
+    memory: list[Sample]
+    sm: list[Sample]
+    memory_utilization: list[Sample]
+    allocations: list[Sample]
+    labels: _KnownLabels
+
+
+class _GpuPart:
+    """One GPU's share of a pass: what its series are made from and, once made, the series.
+
+    A pass whose NVML answer, MIG layout, process identities and allocation sources are those of the
+    pass before serves the series made then: processes and their memory barely change from second to
+    second, and rebuilding them was most of a ``processes`` pass.
+    """
+
+    def __init__(self, processes: list[GpuProcess], gpu: tuple[str, str], migs: tuple[MigDevice, ...],
+                 largest: list[GpuProcess], devices: list[MigDevice | None], infos: list[procinfo.ProcessInfo]) -> None:
+        self.processes = processes
+        self.gpu = gpu
+        self.migs = migs
+        self.largest = largest
+        self.devices = devices
+        self.infos = infos
+        self.memory: list[Sample] = []
+        self.sm: list[Sample] = []
+        self.memory_utilization: list[Sample] = []
+        self.allocations: list[Sample] = []
+        self.labels: _KnownLabels = {}
+
+    def same_as(self, later: _GpuPart) -> bool:
+        """Whether ``later`` (not yet made into series) would make the same series as this part.
+
+        The backend hands back the very list of the pass before when NVML answered the same; a process'
+        description is the same object while its /proc entry is the same directory."""
+        return (later.processes is self.processes and later.gpu == self.gpu and later.migs == self.migs
+                and len(later.infos) == len(self.infos) and all(a is b for a, b in zip(later.infos, self.infos, strict=True)))
+
+    def add_series(self, series: _Series) -> None:
+        self.memory, self.sm, self.memory_utilization = series.memory, series.sm, series.memory_utilization
+        self.allocations, self.labels = series.allocations, series.labels
+
+
 class ProcessesCollector(Collector):
     name = "processes"
 
@@ -46,7 +94,9 @@ class ProcessesCollector(Collector):
         self.describer = procinfo.Describer(proc)
         # (GPU index, pid) -> (its identity, its label values) of the last pass: the same tuple every pass
         # while the identity holds, so that rendering finds the series' text by identity, not by content
-        self._labels: dict[tuple[int, int], tuple[procinfo.ProcessInfo, tuple[str, ...]]] = {}
+        self._labels: _KnownLabels = {}
+        self._parts: dict[int, _GpuPart] = {}  # GPU index -> what its series were made from last pass, and them
+        self._allocations: Allocations | None = None  # the allocation sources' answer of the last pass
 
     def collect(self) -> Collected:
         if not self.supervisor.ensure():
@@ -73,51 +123,83 @@ class ProcessesCollector(Collector):
         except BackendUnavailable:
             return Collected(success=False)
         allocations = self.attributor.allocations()
+        same_allocations, self._allocations = allocations == self._allocations, allocations
         described: dict[int, procinfo.ProcessInfo] = {}  # a process on several GPUs is read from /proc once a pass
         known, self._labels = self._labels, {}
+        parts, self._parts = self._parts, {}
         for index in range(gpus):
             try:
                 identity = backend.identity(index)
                 processes = backend.processes(index)
-                migs: dict[tuple[int | None, int | None], MigDevice] = {
-                    (d.gpu_instance, d.compute_instance): d for d in backend.mig_devices(index)
-                }
+                migs = backend.mig_devices(index)
             except GpuLost:
                 continue  # the gpu collector reports the GPU as down
             self.supervisor.remember(identity)
             gpu = (str(index), identity.uuid)
             count.samples.append((gpu, len(processes)))
-            # processes by the MIG device they run in (None: the whole GPU, or NVML did not say)
-            placed: dict[MigDevice | None, list[procinfo.ProcessInfo]] = {None: [], **{device: [] for device in migs.values()}}
-            for process in self._largest(processes):
-                device = migs.get((process.gpu_instance, process.compute_instance)) if migs else None
-                info = self._describe(process, allocations, index, identity.uuid, device, described)
-                placed[device].append(info)
-                labels = self._labels_of(known, gpu, index, process.pid, info)
-                if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
-                    memory.samples.append((labels, process.used_memory_bytes))
-                if process.sm_utilization_ratio is not None:
-                    sm.samples.append((labels, process.sm_utilization_ratio))
-                if process.memory_utilization_ratio is not None:
-                    mem_util.samples.append((labels, process.memory_utilization_ratio))
-            for device, infos in placed.items():
-                instance = ("", "") if device is None else (str(device.gpu_instance), str(device.compute_instance))
-                for workload in allocations.workloads(index, identity.uuid, infos, device):
-                    allocation.samples.append(((*gpu, *instance, *workload.labels()), 1))
+            previous = parts.get(index)
+            part = self._gpu_part(index, gpu, processes, migs, allocations, known, described)
+            if previous is not None and same_allocations and previous.same_as(part):
+                part = previous  # nothing changed: its series, already made, are the ones to serve
+            else:
+                part.add_series(self._series(part, index, gpu, allocations, known))
+            self._parts[index] = part
+            self._labels.update(part.labels)
+            memory.samples += part.memory
+            sm.samples += part.sm
+            mem_util.samples += part.memory_utilization
+            allocation.samples += part.allocations
         self.describer.end_pass()
         return Collected([count, memory, sm, mem_util, allocation])
+
+    def _gpu_part(self, index: int, gpu: tuple[str, str], processes: list[GpuProcess], migs: tuple[MigDevice, ...],
+                  allocations: Allocations, known: _KnownLabels, described: dict[int, procinfo.ProcessInfo]) -> _GpuPart:
+        """What a GPU's series are made from: its largest processes, who they are, and where they run.
+
+        Every process is described every pass (its /proc entry checked), so a reused PID is noticed even
+        when NVML answers the same."""
+        by_instance: dict[tuple[int | None, int | None], MigDevice] = {(d.gpu_instance, d.compute_instance): d for d in migs}
+        largest = self._largest(processes)
+        devices = [by_instance.get((p.gpu_instance, p.compute_instance)) if by_instance else None for p in largest]
+        infos = [self._describe(p, allocations, index, gpu[1], device, described) for p, device in zip(largest, devices, strict=True)]
+        return _GpuPart(processes, gpu, migs, largest, devices, infos)
+
+    def _series(self, part: _GpuPart, index: int, gpu: tuple[str, str], allocations: Allocations,
+                known: _KnownLabels) -> _Series:
+        memory: list[tuple[tuple[str, ...], float]] = []
+        sm: list[tuple[tuple[str, ...], float]] = []
+        mem_util: list[tuple[tuple[str, ...], float]] = []
+        labels_of: _KnownLabels = {}
+        # processes by the MIG device they run in (None: the whole GPU, or NVML did not say)
+        placed: dict[MigDevice | None, list[procinfo.ProcessInfo]] = {None: [], **{device: [] for device in part.migs}}
+        for process, device, info in zip(part.largest, part.devices, part.infos, strict=True):
+            placed[device].append(info)
+            labels = self._labels_of(known, labels_of, gpu, index, process.pid, info)
+            if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
+                memory.append((labels, process.used_memory_bytes))
+            if process.sm_utilization_ratio is not None:
+                sm.append((labels, process.sm_utilization_ratio))
+            if process.memory_utilization_ratio is not None:
+                mem_util.append((labels, process.memory_utilization_ratio))
+        held: list[Sample] = []
+        for device, infos in placed.items():
+            instance = ("", "") if device is None else (str(device.gpu_instance), str(device.compute_instance))
+            for workload in allocations.workloads(index, gpu[1], infos, device):
+                held.append(((*gpu, *instance, *workload.labels()), 1))
+        return _Series(memory, sm, mem_util, held, labels_of)
 
     def stop(self) -> None:
         self.attributor.close()
 
-    def _labels_of(self, known: dict[tuple[int, int], tuple[procinfo.ProcessInfo, tuple[str, ...]]], gpu: tuple[str, str],
+    @staticmethod
+    def _labels_of(known: _KnownLabels, labels_of: _KnownLabels, gpu: tuple[str, str],
                    index: int, pid: int, info: procinfo.ProcessInfo) -> tuple[str, ...]:
         cached = known.get((index, pid))
         if cached is not None and cached[0] is info and cached[1][1] == gpu[1]:
             labels = cached[1]
         else:
             labels = (*gpu, str(pid), *info.label_values)
-        self._labels[(index, pid)] = (info, labels)
+        labels_of[(index, pid)] = (info, labels)
         return labels
 
     def _largest(self, processes: list[GpuProcess]) -> list[GpuProcess]:
