@@ -81,6 +81,18 @@ def test_claim_lease_reschedule_deliver_and_dead_letter(store: Store) -> None:
     assert store.outbox_stats()[0] == 1
 
 
+def test_a_claim_passes_over_more_leased_jobs_than_its_limit(store: Store) -> None:
+    # SQLite keeps leases in memory and reads candidates in pages of the claim's size: with more
+    # leased jobs ahead than that, the claim must read on past them, not come back empty.
+    store.enqueue(jobs_for("ops", 7, 100.0))
+    leased = store.claim("ops", 100.0, limit=5, lease=60)
+    rest = store.claim("ops", 100.0, limit=2, lease=60)
+    assert [j.notice.key for j in leased] == ["k0", "k1", "k2", "k3", "k4"]
+    assert [j.notice.key for j in rest] == ["k5", "k6"]
+    store.reschedule(leased[1:2], due_at=100.0, error="HTTP 503")  # its lease ends with the reschedule
+    assert [j.notice.key for j in store.claim("ops", 100.0, limit=2, lease=60)] == ["k1"]
+
+
 def test_claims_that_go_on_after_the_last_one_take_every_head_once_in_order(store: Store) -> None:
     # How the outbox gathers a digest: a claim, then steps that each go on behind the last job
     # claimed. Priority, per-key order and leases hold as for claims from the top.

@@ -12,8 +12,8 @@ disk busy with someone's backup would stall every webhook in flight for as long 
 takes. Most calls come from the relay's event loop thread, so one connection suffices; a lock
 keeps the calls other threads make (the watchdog check) out of each other's transactions, and
 :meth:`SQLiteStore.prune`, long, opens a connection of its own rather than hold that lock.
-Leases only matter within the process: a restart releases them all, so undelivered jobs go
-out at once instead of after a lease.
+Leases only matter within the process, so they live in its memory (see claim): a restart
+releases them all, so undelivered jobs go out at once instead of after a lease.
 """
 
 from __future__ import annotations
@@ -99,13 +99,13 @@ Row = tuple[Any, ...]
 
 _PARAMETERS_PER_STATEMENT = 999  # SQLite's lowest limit on bound parameters (builds before 3.32)
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
-# Picks and leases, in one statement, the due jobs of one destination and rank after a sequence
-# number that head their key's line: a job that waits (for its retry, or leased) keeps the later
-# jobs of its key waiting (held). RETURNING gives its rows in no particular order.
+# The due jobs of one destination and rank after a sequence number that head their key's line: a
+# job that waits (for its retry, or leased) keeps the later jobs of its key waiting (held). The
+# notice is read only for jobs whose notice is not in memory (see SQLiteStore._notice).
 _CLAIM = (
-    f"UPDATE jobs SET leased_until = ? WHERE rowid IN (SELECT rowid FROM jobs INDEXED BY jobs_ready"
-    f" WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ? AND due_at <= ?"
-    f" AND leased_until <= ? ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank"
+    "SELECT id, destination, created_at, due_at, attempts, status, last_error, seq, rank FROM jobs"
+    f" INDEXED BY jobs_ready WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ?"
+    " AND due_at <= ? ORDER BY seq LIMIT ?"
 )
 TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
@@ -139,6 +139,7 @@ class SQLiteStore(Store):
         self._lines = _Lines()
         # The notices of jobs this process stored, by job id (see _notice).
         self._notices: dict[str, Notice] = {}
+        self._leases: dict[str, float] = {}  # job id: leased until (see claim)
         try:
             self._db = _connect(path)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -152,6 +153,7 @@ class SQLiteStore(Store):
                 _migrate(db)
             for index in _JOB_INDEXES:
                 self._db.execute(index)
+            # Leases live in memory now (see claim); a store written by an older relay may hold some.
             self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
             with _transaction(self._db) as db:
                 self._lines.load(db)
@@ -261,21 +263,40 @@ class SQLiteStore(Store):
         self._remember(jobs)
 
     def claim(self, destination: str, now: float, limit: int, lease: float, after: Job | None = None) -> list[Job]:
+        """Leases are kept in memory, not written: a claim is a read. One process owns the file
+        and a restart releases every lease anyway (see the module's doc), and a lease written
+        into each claimed row cost a write of its page, which the delivery wrote again."""
         # Rank by rank, each a seek into jobs_ready at the first row it may take: one statement
         # over all ranks (ORDER BY rank DESC, seq) could only skip the rows before ``after`` one
         # by one.
         first_rank, first_seq = (after.rank, after.seq) if after is not None else (TOP_RANK, -1)
         rows: list[Row] = []
-        with self._transaction() as db:
-            for rank in range(first_rank, -1, -1):
-                rows += db.execute(
-                    _CLAIM, (now + lease, destination, rank, first_seq if rank == first_rank else -1, now, now,
-                             limit - len(rows)),
-                ).fetchall()
-                if len(rows) >= limit:
-                    break
-        rows.sort(key=lambda r: (-r[-1], r[-2]))  # highest rank first, then in sequence
-        return [self._job(row) for row in rows]
+        try:
+            with self._lock:
+                for rank in range(first_rank, -1, -1):
+                    rows += self._claimable(destination, rank, first_seq if rank == first_rank else -1, now,
+                                            limit - len(rows))
+                    if len(rows) >= limit:
+                        break
+                for row in rows:
+                    self._leases[row[0]] = now + lease
+                stored = dict(_select_in(self._db, "SELECT id, notice FROM jobs WHERE id IN ({})",
+                                         [row[0] for row in rows if row[0] not in self._notices]))
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from None
+        return [self._job((*row[:2], stored.get(row[0], ""), *row[2:8])) for row in rows]
+
+    def _claimable(self, destination: str, rank: int, after_seq: int, now: float, limit: int) -> list[Row]:
+        """Up to ``limit`` rows of _CLAIM whose jobs are not leased."""
+        rows: list[Row] = []
+        while len(rows) < limit:
+            want = limit - len(rows)
+            found = self._db.execute(_CLAIM, (destination, rank, after_seq, now, want)).fetchall()
+            rows += [row for row in found if self._leases.get(row[0], 0.0) <= now]
+            if len(found) < want:
+                break
+            after_seq = found[-1][7]
+        return rows
 
     def delivered(self, jobs: Sequence[Job]) -> None:
         # In steps: a digest's thousands of jobs must not hold intake up for one long transaction.
@@ -293,14 +314,16 @@ class SQLiteStore(Store):
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
             db.executemany(
-                "UPDATE jobs SET due_at = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
+                "UPDATE jobs SET due_at = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(due_at, error, j.id) for j in jobs],
             )
+        for job in jobs:
+            self._leases.pop(job.id, None)
 
     def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
         with self._transaction() as db:
             db.executemany(
-                "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(DEAD, error, j.id) for j in jobs],
             )
             self._leave_lines(db, [(j.destination, j.notice.key, j.id) for j in jobs])
@@ -337,6 +360,7 @@ class SQLiteStore(Store):
     def _forget(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
             self._notices.pop(job.id, None)
+            self._leases.pop(job.id, None)
 
     def _leave_lines(self, db: sqlite3.Connection, jobs: Sequence[tuple[str, str, str]]) -> None:
         """Take jobs (destination, key, id), no longer pending, out of their lines; the next job of
@@ -398,7 +422,7 @@ class SQLiteStore(Store):
                 return None
             held = not self._lines.add(row[0], row[1], job_id)
             db.execute(
-                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ?, held = ?"
+                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, attempts = 0, seq = ?, held = ?"
                 " WHERE id = ?",
                 (now, _next_seq(db, 1), int(held), job_id),
             )
