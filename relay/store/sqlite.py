@@ -131,6 +131,10 @@ _PRUNES = (
 
 
 class SQLiteStore(Store):
+    # A commit of a few webhooks takes a few milliseconds; a disk that stalls one holds the event
+    # loop this long at most (see GroupCommit).
+    loop_waits_for_commit = 0.025
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
