@@ -284,7 +284,7 @@ class SQLiteStore(Store):
                         break
                 for row in rows:
                     self._leases[row[0]] = now + lease
-                stored = dict(_select_in(self._db, "SELECT id, notice FROM jobs WHERE id IN ({})",
+                stored: dict[str, str] = dict(_select_in(self._db, "SELECT id, notice FROM jobs WHERE id IN ({})",
                                          [row[0] for row in rows if row[0] not in self._notices]))
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite: {exc}") from None
