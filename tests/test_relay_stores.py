@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from mlwarden.relay import intake, payload
+from mlwarden.relay import dedup, intake, payload
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.groupcommit import GroupCommit
@@ -139,6 +139,51 @@ def test_a_transaction_that_fails_leaves_the_sqlite_stores_lines_as_they_were(tm
     reopened = SQLiteStore(tmp_path / "relay.db")  # and the lines read back at open agree
     assert [j.id for j in reopened.claim("ops", 1000.0, limit=10, lease=60)] == [job.id]
     reopened.close()
+
+
+def test_the_sqlite_stores_dedup_digests_in_memory_roll_back_and_come_back_after_a_restart(tmp_path: Path) -> None:
+    # The SQLite store checks digests in memory only (see sqlite._Digests): a batch that rolls back
+    # must not leave its digests there (its webhook, retried, would be dropped as a duplicate), and
+    # a restart must read back every digest still inside its window.
+    config = make_config()
+    window = config.dedup_window
+    store = SQLiteStore(tmp_path / "relay.db")
+    assert accept(store, config, body(alert(name="A")), 100.0) is not None
+    retried = intake.request(payload.parse(body(alert(name="B"))), body(alert(name="B")), 100.0, config)
+
+    def fails(_: Any) -> Any:
+        raise RuntimeError("a bug in the plan")
+
+    broken = IntakeRequest("other", b"{}", [], 100.0, 0.0, fails)
+    with pytest.raises(RuntimeError):
+        store.intake_batch([retried, broken])
+    assert accept(store, config, body(alert(name="B")), 100.5) is not None  # its first try rolled back
+    store.close()
+    reopened = SQLiteStore(tmp_path / "relay.db")
+    assert accept(reopened, config, body(alert(name="A")), 101.0) is None  # the HA peer's copy, after a restart
+    assert accept(reopened, config, body(alert(name="B")), 101.0) is None
+    assert accept(reopened, config, body(alert(name="A")), 100.0 + window + 1) is not None  # its window is over
+    assert accept(reopened, config, body(alert(name="A")), 100.0 + window + 2) is None  # and a new one began
+    reopened.close()
+
+
+def test_a_store_with_digests_keyed_by_digest_keeps_deduplicating_after_the_upgrade(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    raw = body(alert(name="A"))
+    SQLiteStore(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the seen table as relays before _Digests wrote it
+        db.execute("DROP TABLE seen")
+        db.execute("CREATE TABLE seen (digest TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID")
+        db.execute("CREATE INDEX seen_expires ON seen (expires_at)")
+        db.execute("INSERT INTO seen VALUES (?, ?)", (dedup.notification_digest(payload.parse(raw)), 400.0))
+        db.commit()
+    store = SQLiteStore(path)
+    assert accept(store, make_config(), raw, 399.0) is None
+    assert accept(store, make_config(), raw, 401.0) is not None
+    table = store._read("SELECT sql FROM sqlite_master WHERE name = 'seen'")[0][0]
+    assert "WITHOUT ROWID" not in str(table).upper()
+    assert store._read("SELECT count(*) FROM sqlite_master WHERE name = 'seen_expires'") == [(1,)]
+    store.close()
 
 
 def test_a_claimed_notice_is_the_one_stored_in_memory_and_after_a_restart(tmp_path: Path) -> None:
