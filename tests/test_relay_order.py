@@ -230,7 +230,7 @@ def test_a_store_from_before_the_lines_in_memory_keeps_its_lines(tmp_path: Path)
         table = upgraded._read("SELECT sql FROM sqlite_master WHERE name = 'jobs'")[0][0]
         assert "WITHOUT ROWID" not in table.upper()
         indexes = {r[0] for r in upgraded._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"jobs_ready", "jobs_dead"} <= indexes and not {"jobs_line", "jobs_claim"} & indexes
+        assert {"jobs_heads", "jobs_dead"} <= indexes and not {"jobs_line", "jobs_claim", "jobs_ready"} & indexes
         delivered = []
         for now in (101.0, 102.0, 103.0):
             claimed = upgraded.claim("pd", now, 10, lease=60)

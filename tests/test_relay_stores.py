@@ -205,11 +205,11 @@ def test_the_sqlite_stores_notices_in_memory_are_bounded(tmp_path: Path, monkeyp
     monkeypatch.setattr(sqlite_store, "NOTICE_CACHE_SIZE", 3)
     store = SQLiteStore(tmp_path / "relay.db")
     store.enqueue(jobs_for("ops", 5, 100.0))
-    assert sorted(n.key for n in store._notices.values()) == ["k0", "k1", "k2"]  # the oldest: claimed first
+    assert sorted(n.key for n in (j.notice for j in store._pending.values())) == ["k0", "k1", "k2"]  # the oldest: claimed first
     claimed = store.claim("ops", 100.0, limit=10, lease=60)
     assert [j.notice.key for j in claimed] == [f"k{i}" for i in range(5)]  # the evicted two decoded
     store.delivered(claimed)
-    assert len(store._notices) == 0
+    assert len(store._pending) == 0
     store.close()
 
 

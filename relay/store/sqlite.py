@@ -19,6 +19,7 @@ releases them all, so undelivered jobs go out at once instead of after a lease.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -90,7 +91,12 @@ _JOB_INDEXES = (
     "DROP INDEX IF EXISTS jobs_claim",
     # The heads of the lines, in claim order: a claim seeks to its first row and reads its LIMIT
     # rows, however long the backlog, passing over no job that waits behind another of its key.
-    f"CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (destination, rank DESC, seq) WHERE status = '{PENDING}' AND held = 0",
+    # Covering (every column _CLAIM reads is in it, status and held too, which SQLite does not take
+    # from the WHERE; the rowid is in every index), so a claim reads no row of the table, whose pages
+    # hold the notices: jobs_ready (destination, rank DESC, seq) read each claimed job's row.
+    "DROP INDEX IF EXISTS jobs_ready",
+    f"CREATE INDEX IF NOT EXISTS jobs_heads ON jobs (destination, rank DESC, seq, due_at, status, held)"
+    f" WHERE status = '{PENDING}' AND held = 0",
 )
 
 log = logging.getLogger(__name__)
@@ -102,17 +108,17 @@ _PARAMETERS_PER_STATEMENT = 999  # SQLite's lowest limit on bound parameters (bu
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 # The due jobs of one destination and rank after a sequence number that head their key's line: a
 # job that waits (for its retry, or leased) keeps the later jobs of its key waiting (held). The
-# notice is read only for jobs whose notice is not in memory (see SQLiteStore._notice).
+# rest of a job is read only when the job is not in memory (see SQLiteStore._remember).
 _CLAIM = (
-    "SELECT id, destination, created_at, due_at, attempts, status, last_error, seq, rank FROM jobs"
-    f" INDEXED BY jobs_ready WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ?"
+    "SELECT rowid, seq FROM jobs"
+    f" INDEXED BY jobs_heads WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ?"
     " AND due_at <= ? ORDER BY seq LIMIT ?"
 )
 TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
-# Notices kept in memory for the outbox (see SQLiteStore._notice): two seconds of a warning flood
-# at the Slack digest's pace (5,000 a second), about 1.5 KiB each.
+# Jobs (with their notices) kept in memory for the outbox (see SQLiteStore._remember): two seconds
+# of a warning flood at the Slack digest's pace (5,000 a second), about 1.6 KiB each.
 NOTICE_CACHE_SIZE = 10_000
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
@@ -143,9 +149,9 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()  # one connection, one transaction at a time
         self._lines = _Lines()
         self._digests = _Digests()
-        # The notices of jobs this process stored, by job id (see _notice).
-        self._notices: dict[str, Notice] = {}
-        self._leases: dict[str, float] = {}  # job id: leased until (see claim)
+        # The jobs this process stored, by id, as they are in the file (see _remember).
+        self._pending: dict[int, Job] = {}  # by seq, which the claim index has and ids are not
+        self._leases: dict[int, float] = {}  # job seq: leased until (see claim)
         try:
             self._db = _connect(path)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -254,6 +260,7 @@ class SQLiteStore(Store):
         encoded: dict[int, str] = {}
         rows = []
         for i, j in enumerate(jobs):
+            j.seq = first + i  # as a claim that hands out this very object must say (see _remember)
             notice = encoded.get(id(j.notice))
             if notice is None:
                 notice = encoded[id(j.notice)] = jsonio.encode(j.notice.to_dict())
@@ -275,7 +282,7 @@ class SQLiteStore(Store):
         """Leases are kept in memory, not written: a claim is a read. One process owns the file
         and a restart releases every lease anyway (see the module's doc), and a lease written
         into each claimed row cost a write of its page, which the delivery wrote again."""
-        # Rank by rank, each a seek into jobs_ready at the first row it may take: one statement
+        # Rank by rank, each a seek into jobs_heads at the first row it may take: one statement
         # over all ranks (ORDER BY rank DESC, seq) could only skip the rows before ``after`` one
         # by one.
         first_rank, first_seq = (after.rank, after.seq) if after is not None else (TOP_RANK, -1)
@@ -287,13 +294,14 @@ class SQLiteStore(Store):
                                             limit - len(rows))
                     if len(rows) >= limit:
                         break
-                for row in rows:
-                    self._leases[row[0]] = now + lease
-                stored: dict[str, str] = dict(_select_in(self._db, "SELECT id, notice FROM jobs WHERE id IN ({})",
-                                         [row[0] for row in rows if row[0] not in self._notices]))
+                for _, seq in rows:
+                    self._leases[seq] = now + lease
+                read = {job.seq: job for job in map(self._job, _select_in(
+                    self._db, f"SELECT {_JOB_COLUMNS} FROM jobs WHERE rowid IN ({{}})",
+                    [rowid for rowid, seq in rows if seq not in self._pending]))}
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite: {exc}") from None
-        return [self._job((*row[:2], stored.get(row[0], ""), *row[2:8])) for row in rows]
+        return [self._pending.get(seq) or read[seq] for _, seq in rows]
 
     def _claimable(self, destination: str, rank: int, after_seq: int, now: float, limit: int) -> list[Row]:
         """Up to ``limit`` rows of _CLAIM whose jobs are not leased."""
@@ -301,10 +309,10 @@ class SQLiteStore(Store):
         while len(rows) < limit:
             want = limit - len(rows)
             found = self._db.execute(_CLAIM, (destination, rank, after_seq, now, want)).fetchall()
-            rows += [row for row in found if self._leases.get(row[0], 0.0) <= now]
+            rows += [row for row in found if self._leases.get(row[1], 0.0) <= now]
             if len(found) < want:
                 break
-            after_seq = found[-1][7]
+            after_seq = found[-1][1]
         return rows
 
     def delivered(self, jobs: Sequence[Job]) -> None:
@@ -327,7 +335,10 @@ class SQLiteStore(Store):
                 [(due_at, error, j.id) for j in jobs],
             )
         for job in jobs:
-            self._leases.pop(job.id, None)
+            self._leases.pop(job.seq, None)
+            kept = self._pending.get(job.seq)
+            if kept is not None:  # as the row now says
+                self._pending[job.seq] = dataclasses.replace(kept, due_at=due_at, attempts=kept.attempts + 1, last_error=error)
 
     def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
         with self._transaction() as db:
@@ -343,33 +354,34 @@ class SQLiteStore(Store):
     def _job(self, row: Row) -> Job:
         job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row[:9]
         return Job(
-            id=str(job_id), destination=str(destination), notice=self._notice(str(job_id), str(notice)),
+            id=str(job_id), destination=str(destination), notice=self._notice(int(seq), str(notice)),
             created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),
             status=str(status), last_error=str(last_error), seq=int(seq),
         )
 
-    def _notice(self, job_id: str, stored: str) -> Notice:
-        """The job's notice: the one intake built, while it is still in memory, else decoded.
-
-        Under a warning flood the outbox claims thousands of notices a second, and decoding
-        each (JSON, then the Notice) cost more than all the rest of its claim. A notice never
-        changes once stored, so the object intake stored is the one a decode would rebuild.
-        """
-        notice = self._notices.get(job_id)
-        return notice if notice is not None else Notice.from_dict(jsonio.decode(stored))
+    def _notice(self, seq: int, stored: str) -> Notice:
+        """The job's notice: the one intake built, while it is still in memory, else decoded."""
+        job = self._pending.get(seq)
+        return job.notice if job is not None else Notice.from_dict(jsonio.decode(stored))
 
     def _remember(self, jobs: Sequence[Job]) -> None:
-        """Keep the notices of ``jobs``, just committed, while there is room. When there is none, the
-        newest go without: claims take the oldest first, so those already kept are the next ones
-        claimed (evicting the oldest instead would, under a backlog, keep exactly the wrong ones)."""
-        room = NOTICE_CACHE_SIZE - len(self._notices)
+        """Keep ``jobs``, just committed, while there is room, for claims to hand out as they are.
+
+        Under a warning flood the outbox claims thousands of jobs a second: decoding each notice
+        (JSON, then the Notice) cost more than all the rest of its claim, and reading each job's
+        row and building its Job, once the notices were kept, about half of what was left. A job
+        here is what its row says (reschedule keeps it so; delivered and dead ones leave).
+        When there is no room, the newest go without: claims take the oldest first, so those
+        already kept are the next ones claimed (evicting the oldest instead would, under a
+        backlog, keep exactly the wrong ones)."""
+        room = NOTICE_CACHE_SIZE - len(self._pending)
         for job in jobs[: max(0, room)]:
-            self._notices[job.id] = job.notice
+            self._pending[job.seq] = job
 
     def _forget(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
-            self._notices.pop(job.id, None)
-            self._leases.pop(job.id, None)
+            self._pending.pop(job.seq, None)
+            self._leases.pop(job.seq, None)
 
     def _leave_lines(self, db: sqlite3.Connection, jobs: Sequence[tuple[str, str, str]]) -> None:
         """Take jobs (destination, key, id), no longer pending, out of their lines; the next job of
@@ -383,10 +395,11 @@ class SQLiteStore(Store):
             return 0
         dropped = 0
         while (head := self._lines.head(destination, key)) is not None:
-            row = db.execute("SELECT notice FROM jobs WHERE id = ?", (head,)).fetchone()
-            if jsonio.decode(row[0])["kind"] not in CLOSES:
+            notice, seq = db.execute("SELECT notice, seq FROM jobs WHERE id = ?", (head,)).fetchone()
+            if jsonio.decode(notice)["kind"] not in CLOSES:
                 break
             db.execute("UPDATE jobs SET status = ?, last_error = ? WHERE id = ?", (DEAD, TRIGGER_UNDELIVERED, head))
+            self._pending.pop(seq, None)  # should the transaction roll back, a claim reads it again
             self._leave_lines(db, [(destination, key, head)])
             dropped += 1
         return dropped
