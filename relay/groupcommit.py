@@ -10,13 +10,22 @@ a commit first waits :data:`LINGER_SECONDS` for company: at 500 webhooks a secon
 every commit writes (the ends of the jobs and payloads tables and of their indexes, the sequence
 counter, the database header: 14 of a lone webhook's 22 WAL pages), and for the thread handoff.
 Under a backlog, a batch's webhooks are answered before the next batch is written: an answer
-waits for the commits before its own, never for the one after it. Commits run in a worker
-thread, one at a time, while the event loop goes on serving.
+waits for the commits before its own, never for the one after it.
+
+Commits run in one writer thread, one batch at a time. For a store that allows it
+(:attr:`Store.loop_waits_for_commit`: SQLite, a local file) the event loop waits for the batch,
+blocked, up to that long, and goes on serving (awaiting the rest) only if the commit takes
+longer: a store that stalls still holds up only the webhooks that need it, after that short
+wait. Awaited from the start, a commit of a few milliseconds handed the GIL back and forth
+between the writer and the busy event loop at every SQLite statement (each lets go of the GIL
+around it), each handoff a sleep and a wake-up of a thread: measured at 500 webhooks a second,
+4.4-5.8 context switches per webhook against 2.5-2.7, and 10 % more CPU per webhook.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 from mlwarden.relay.store.base import IntakeRequest, IntakeResult, Store
 
@@ -33,6 +42,7 @@ class GroupCommit:
         self._last_commit = float("-inf")  # when the last commit ended (the loop's clock)
         self._waiting: list[tuple[IntakeRequest, asyncio.Future[IntakeResult | None]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "relay-intake")
 
     async def submit(self, request: IntakeRequest) -> IntakeResult | None:
         """Store ``request`` (None: a duplicate); raises what the store raised for its batch."""
@@ -63,7 +73,7 @@ class GroupCommit:
         try:
             # In a thread: a store that stalls (Redis, up to its socket timeout) must not stop the
             # event loop answering health checks and reading the next webhooks meanwhile.
-            results = await asyncio.to_thread(self._store.intake_batch, [request for request, _ in batch])
+            results = await self._written([request for request, _ in batch])
         except Exception as exc:  # the whole batch failed together; each webhook gets the error
             for _, future in batch:
                 if not future.done():
@@ -72,3 +82,12 @@ class GroupCommit:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    async def _written(self, requests: list[IntakeRequest]) -> list[IntakeResult | None]:
+        pending = self._writer.submit(self._store.intake_batch, requests)
+        if self._store.loop_waits_for_commit > 0:
+            try:
+                return pending.result(timeout=self._store.loop_waits_for_commit)
+            except concurrent.futures.TimeoutError:
+                pass  # the store is slow right now: serve meanwhile
+        return await asyncio.wrap_future(pending)

@@ -92,6 +92,22 @@ def test_a_resolve_whose_trigger_never_left_is_not_sent(store: Store) -> None:  
     assert dead["firing"].status == "dead"
 
 
+def test_a_dropped_resolve_leaves_the_sqlite_stores_memory(tmp_path: Path) -> None:
+    # The SQLite store keeps up to NOTICE_CACHE_SIZE queued jobs in memory until they are delivered
+    # or dead; a resolve dead-lettered because its trigger never left stayed there for good, one
+    # slot fewer for the jobs still queued each time.
+    from mlwarden.relay.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "relay.db")
+    config = make_config()
+    accept(store, config, body(alert(**PAGE)), 100.0)
+    accept(store, config, body(alert(**PAGE, status="resolved")), 101.0)
+    [trigger] = store.claim("pd", 101.0, 10, lease=60)
+    assert store.dead_letter([trigger], "HTTP 400 invalid routing key") == 1
+    assert {j.destination for j in store._pending.values()} == {"ops"}  # only the Slack ones, still queued
+    store.close()
+
+
 def test_a_resolve_goes_out_when_an_earlier_trigger_of_the_episode_did(store: Store) -> None:  # noqa: F811
     config = make_config(cooldown={"critical": "1m"})
     accept(store, config, body(alert(**PAGE)), 100.0)
@@ -230,7 +246,7 @@ def test_a_store_from_before_the_lines_in_memory_keeps_its_lines(tmp_path: Path)
         table = upgraded._read("SELECT sql FROM sqlite_master WHERE name = 'jobs'")[0][0]
         assert "WITHOUT ROWID" not in table.upper()
         indexes = {r[0] for r in upgraded._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"jobs_ready", "jobs_dead"} <= indexes and not {"jobs_line", "jobs_claim"} & indexes
+        assert {"jobs_heads", "jobs_dead"} <= indexes and not {"jobs_line", "jobs_claim", "jobs_ready"} & indexes
         delivered = []
         for now in (101.0, 102.0, 103.0):
             claimed = upgraded.claim("pd", now, 10, lease=60)

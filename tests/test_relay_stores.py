@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from mlwarden.relay import intake, payload
+from mlwarden.relay import dedup, intake, payload
 from mlwarden.relay.app import Relay
 from mlwarden.relay.auth import Credentials
 from mlwarden.relay.groupcommit import GroupCommit
@@ -81,6 +81,18 @@ def test_claim_lease_reschedule_deliver_and_dead_letter(store: Store) -> None:
     assert store.outbox_stats()[0] == 1
 
 
+def test_a_claim_passes_over_more_leased_jobs_than_its_limit(store: Store) -> None:
+    # SQLite keeps leases in memory and reads candidates in pages of the claim's size: with more
+    # leased jobs ahead than that, the claim must read on past them, not come back empty.
+    store.enqueue(jobs_for("ops", 7, 100.0))
+    leased = store.claim("ops", 100.0, limit=5, lease=60)
+    rest = store.claim("ops", 100.0, limit=2, lease=60)
+    assert [j.notice.key for j in leased] == ["k0", "k1", "k2", "k3", "k4"]
+    assert [j.notice.key for j in rest] == ["k5", "k6"]
+    store.reschedule(leased[1:2], due_at=100.0, error="HTTP 503")  # its lease ends with the reschedule
+    assert [j.notice.key for j in store.claim("ops", 100.0, limit=2, lease=60)] == ["k1"]
+
+
 def test_claims_that_go_on_after_the_last_one_take_every_head_once_in_order(store: Store) -> None:
     # How the outbox gathers a digest: a claim, then steps that each go on behind the last job
     # claimed. Priority, per-key order and leases hold as for claims from the top.
@@ -129,6 +141,51 @@ def test_a_transaction_that_fails_leaves_the_sqlite_stores_lines_as_they_were(tm
     reopened.close()
 
 
+def test_the_sqlite_stores_dedup_digests_in_memory_roll_back_and_come_back_after_a_restart(tmp_path: Path) -> None:
+    # The SQLite store checks digests in memory only (see sqlite._Digests): a batch that rolls back
+    # must not leave its digests there (its webhook, retried, would be dropped as a duplicate), and
+    # a restart must read back every digest still inside its window.
+    config = make_config()
+    window = config.dedup_window
+    store = SQLiteStore(tmp_path / "relay.db")
+    assert accept(store, config, body(alert(name="A")), 100.0) is not None
+    retried = intake.request(payload.parse(body(alert(name="B"))), body(alert(name="B")), 100.0, config)
+
+    def fails(_: Any) -> Any:
+        raise RuntimeError("a bug in the plan")
+
+    broken = IntakeRequest("other", b"{}", [], 100.0, 0.0, fails)
+    with pytest.raises(RuntimeError):
+        store.intake_batch([retried, broken])
+    assert accept(store, config, body(alert(name="B")), 100.5) is not None  # its first try rolled back
+    store.close()
+    reopened = SQLiteStore(tmp_path / "relay.db")
+    assert accept(reopened, config, body(alert(name="A")), 101.0) is None  # the HA peer's copy, after a restart
+    assert accept(reopened, config, body(alert(name="B")), 101.0) is None
+    assert accept(reopened, config, body(alert(name="A")), 100.0 + window + 1) is not None  # its window is over
+    assert accept(reopened, config, body(alert(name="A")), 100.0 + window + 2) is None  # and a new one began
+    reopened.close()
+
+
+def test_a_store_with_digests_keyed_by_digest_keeps_deduplicating_after_the_upgrade(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    raw = body(alert(name="A"))
+    SQLiteStore(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the seen table as relays before _Digests wrote it
+        db.execute("DROP TABLE seen")
+        db.execute("CREATE TABLE seen (digest TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID")
+        db.execute("CREATE INDEX seen_expires ON seen (expires_at)")
+        db.execute("INSERT INTO seen VALUES (?, ?)", (dedup.notification_digest(payload.parse(raw)), 400.0))
+        db.commit()
+    store = SQLiteStore(path)
+    assert accept(store, make_config(), raw, 399.0) is None
+    assert accept(store, make_config(), raw, 401.0) is not None
+    table = store._read("SELECT sql FROM sqlite_master WHERE name = 'seen'")[0][0]
+    assert "WITHOUT ROWID" not in str(table).upper()
+    assert store._read("SELECT count(*) FROM sqlite_master WHERE name = 'seen_expires'") == [(1,)]
+    store.close()
+
+
 def test_a_claimed_notice_is_the_one_stored_in_memory_and_after_a_restart(tmp_path: Path) -> None:
     # The SQLite store hands the outbox the notices intake built while it holds them, and
     # decodes the stored JSON otherwise: both must be the same notice.
@@ -148,11 +205,11 @@ def test_the_sqlite_stores_notices_in_memory_are_bounded(tmp_path: Path, monkeyp
     monkeypatch.setattr(sqlite_store, "NOTICE_CACHE_SIZE", 3)
     store = SQLiteStore(tmp_path / "relay.db")
     store.enqueue(jobs_for("ops", 5, 100.0))
-    assert sorted(n.key for n in store._notices.values()) == ["k0", "k1", "k2"]  # the oldest: claimed first
+    assert sorted(n.key for n in (j.notice for j in store._pending.values())) == ["k0", "k1", "k2"]  # the oldest: claimed first
     claimed = store.claim("ops", 100.0, limit=10, lease=60)
     assert [j.notice.key for j in claimed] == [f"k{i}" for i in range(5)]  # the evicted two decoded
     store.delivered(claimed)
-    assert len(store._notices) == 0
+    assert len(store._pending) == 0
     store.close()
 
 

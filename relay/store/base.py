@@ -145,6 +145,11 @@ class Store(ABC):
     """Every method may be called from any thread (the relay checks the watchdog and prunes in
     threads, so that a slow store holds up neither intake nor its own answers)."""
 
+    # How long the event loop may wait, blocked, for a batch of webhooks to commit in the writer
+    # thread before it goes on serving while the commit runs on (see GroupCommit). 0: never (a
+    # network store, which may hang for its socket timeout).
+    loop_waits_for_commit: float = 0.0
+
     @abstractmethod
     def intake(
         self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner

@@ -12,13 +12,14 @@ disk busy with someone's backup would stall every webhook in flight for as long 
 takes. Most calls come from the relay's event loop thread, so one connection suffices; a lock
 keeps the calls other threads make (the watchdog check) out of each other's transactions, and
 :meth:`SQLiteStore.prune`, long, opens a connection of its own rather than hold that lock.
-Leases only matter within the process: a restart releases them all, so undelivered jobs go
-out at once instead of after a lease.
+Leases only matter within the process, so they live in its memory (see claim): a restart
+releases them all, so undelivered jobs go out at once instead of after a lease.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -61,7 +62,8 @@ SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_payloads (
     id INTEGER PRIMARY KEY, received_at REAL NOT NULL, reason TEXT NOT NULL, body BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
+-- Dedup digests, appended in arrival order: looked up in memory (see _Digests), never by digest here.
+CREATE TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY, digest TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS key_state (key TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
 {_JOBS_TABLE.format(name="jobs")};
 -- jobs_due (destination, status, due_at) served claims before per-key order; jobs_ready does now.
@@ -89,7 +91,12 @@ _JOB_INDEXES = (
     "DROP INDEX IF EXISTS jobs_claim",
     # The heads of the lines, in claim order: a claim seeks to its first row and reads its LIMIT
     # rows, however long the backlog, passing over no job that waits behind another of its key.
-    f"CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (destination, rank DESC, seq) WHERE status = '{PENDING}' AND held = 0",
+    # Covering (every column _CLAIM reads is in it, status and held too, which SQLite does not take
+    # from the WHERE; the rowid is in every index), so a claim reads no row of the table, whose pages
+    # hold the notices: jobs_ready (destination, rank DESC, seq) read each claimed job's row.
+    "DROP INDEX IF EXISTS jobs_ready",
+    f"CREATE INDEX IF NOT EXISTS jobs_heads ON jobs (destination, rank DESC, seq, due_at, status, held)"
+    f" WHERE status = '{PENDING}' AND held = 0",
 )
 
 log = logging.getLogger(__name__)
@@ -97,22 +104,21 @@ log = logging.getLogger(__name__)
 # the DB-API does not say.
 Row = tuple[Any, ...]
 
-_KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 _PARAMETERS_PER_STATEMENT = 999  # SQLite's lowest limit on bound parameters (builds before 3.32)
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
-# Picks and leases, in one statement, the due jobs of one destination and rank after a sequence
-# number that head their key's line: a job that waits (for its retry, or leased) keeps the later
-# jobs of its key waiting (held). RETURNING gives its rows in no particular order.
+# The due jobs of one destination and rank after a sequence number that head their key's line: a
+# job that waits (for its retry, or leased) keeps the later jobs of its key waiting (held). The
+# rest of a job is read only when the job is not in memory (see SQLiteStore._remember).
 _CLAIM = (
-    f"UPDATE jobs SET leased_until = ? WHERE rowid IN (SELECT rowid FROM jobs INDEXED BY jobs_ready"
-    f" WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ? AND due_at <= ?"
-    f" AND leased_until <= ? ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}, rank"
+    "SELECT rowid, seq FROM jobs"
+    f" INDEXED BY jobs_heads WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ?"
+    " AND due_at <= ? ORDER BY seq LIMIT ?"
 )
 TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
-# Notices kept in memory for the outbox (see SQLiteStore._notice): two seconds of a warning flood
-# at the Slack digest's pace (5,000 a second), about 1.5 KiB each.
+# Jobs (with their notices) kept in memory for the outbox (see SQLiteStore._remember): two seconds
+# of a warning flood at the Slack digest's pace (5,000 a second), about 1.6 KiB each.
 NOTICE_CACHE_SIZE = 10_000
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
@@ -121,7 +127,7 @@ PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write loc
 # spelled out as a literal: SQLite uses a partial index only when the query repeats its WHERE.
 _PRUNES = (
     ("digests", 0.0,
-     "DELETE FROM seen WHERE digest IN (SELECT digest FROM seen WHERE expires_at <= :before LIMIT :rows)"),
+     "DELETE FROM seen WHERE id IN (SELECT id FROM seen WHERE expires_at <= :before LIMIT :rows)"),
     ("payloads", RETENTION_SECONDS,
      "DELETE FROM payloads WHERE id IN (SELECT id FROM payloads WHERE received_at < :before LIMIT :rows)"),
     ("dead payloads", RETENTION_SECONDS,
@@ -132,14 +138,20 @@ _PRUNES = (
 
 
 class SQLiteStore(Store):
+    # A commit of a few webhooks takes a few milliseconds; a disk that stalls one holds the event
+    # loop this long at most (see GroupCommit).
+    loop_waits_for_commit = 0.025
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._closing = threading.Event()
         self._lock = threading.Lock()  # one connection, one transaction at a time
         self._lines = _Lines()
-        # The notices of jobs this process stored, by job id (see _notice).
-        self._notices: dict[str, Notice] = {}
+        self._digests = _Digests()
+        # The jobs this process stored, by id, as they are in the file (see _remember).
+        self._pending: dict[int, Job] = {}  # by seq, which the claim index has and ids are not
+        self._leases: dict[int, float] = {}  # job seq: leased until (see claim)
         try:
             self._db = _connect(path)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -153,9 +165,11 @@ class SQLiteStore(Store):
                 _migrate(db)
             for index in _JOB_INDEXES:
                 self._db.execute(index)
+            # Leases live in memory now (see claim); a store written by an older relay may hold some.
             self._db.execute("UPDATE jobs SET leased_until = 0 WHERE leased_until > 0")
             with _transaction(self._db) as db:
                 self._lines.load(db)
+                self._digests.load(db)
             self._lines.commit()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from None
@@ -171,8 +185,10 @@ class SQLiteStore(Store):
                     yield db
             except BaseException:
                 self._lines.rollback()
+                self._digests.rollback()
                 raise
             self._lines.commit()
+            self._digests.commit()
 
     def intake(
         self, digest: str, body: bytes, keys: Sequence[str], now: float, dedup_window: float, plan: Planner
@@ -180,38 +196,60 @@ class SQLiteStore(Store):
         return self.intake_batch([IntakeRequest(digest, body, keys, now, dedup_window, plan)])[0]
 
     def intake_batch(self, requests: Sequence[IntakeRequest]) -> list[IntakeResult | None]:
-        # One transaction for all: each request still sees the states and digests of the ones before it.
+        """All of ``requests`` in one transaction, each planned with the states and digests the
+        ones before it left, and written together: a statement per table for the whole batch,
+        not per webhook. Each statement is a trip through the sqlite3 module, which lets go of
+        the GIL around it for the event loop to take, and back: at 500 webhooks a second, eight
+        statements a webhook were most of the store's cost next to a busy event loop."""
         with self._transaction() as db:
-            results = [self._intake(db, request) for request in requests]
+            results = self._intake(db, requests)
         for result in results:
             if result is not None:
                 self._remember(result.jobs)
         return results
 
-    def _intake(self, db: sqlite3.Connection, request: IntakeRequest) -> IntakeResult | None:
-        row = db.execute("SELECT expires_at FROM seen WHERE digest = ?", (request.digest,)).fetchone()
-        if row is not None and row[0] > request.now:
-            return None
-        result = request.plan(self._states(db, list(dict.fromkeys(request.keys))))
-        db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (request.digest, request.now + request.dedup_window))
-        db.execute("INSERT INTO payloads (received_at, body) VALUES (?, ?)", (request.now, request.body))
-        _in_list(db, "DELETE FROM key_state WHERE key IN ({})", [k for k, s in result.states.items() if s is None])
+    def _intake(self, db: sqlite3.Connection, requests: Sequence[IntakeRequest]) -> list[IntakeResult | None]:
+        if requests:
+            self._digests.evict(requests[0].now)
+        states = self._states(db, list(dict.fromkeys(k for r in requests for k in r.keys)))
+        results: list[IntakeResult | None] = []
+        changed: dict[str, KeyState | None] = {}  # each key's last change in the batch
+        seen: dict[str, float] = {}
+        payloads: list[tuple[float, bytes]] = []
+        jobs: list[Job] = []
+        heartbeat: float | None = None
+        for request in requests:
+            if self._digests.seen(request.digest, request.now):
+                results.append(None)
+                continue
+            result = request.plan({k: states[k] for k in request.keys if k in states})
+            seen[request.digest] = request.now + request.dedup_window
+            self._digests.add(request.digest, seen[request.digest])
+            payloads.append((request.now, request.body))
+            for key, state in result.states.items():
+                changed[key] = state
+                if state is None:
+                    states.pop(key, None)
+                else:
+                    states[key] = state
+            jobs += result.jobs
+            if result.heartbeat:
+                heartbeat = request.now
+            results.append(result)
+        _insert(db, "INSERT INTO seen (digest, expires_at)", list(seen.items()))
+        _insert(db, "INSERT INTO payloads (received_at, body)", payloads)
+        _in_list(db, "DELETE FROM key_state WHERE key IN ({})", [k for k, s in changed.items() if s is None])
         _insert(db, "INSERT OR REPLACE INTO key_state (key, state)",
-                [(k, jsonio.encode(s.to_dict())) for k, s in result.states.items() if s is not None])
-        self._insert_jobs(db, result.jobs)
-        if result.heartbeat:
-            db.execute("INSERT OR REPLACE INTO kv VALUES ('watchdog_last_seen', ?)", (repr(request.now),))
-        return result
+                [(k, jsonio.encode(s.to_dict())) for k, s in changed.items() if s is not None])
+        self._insert_jobs(db, jobs)
+        if heartbeat is not None:
+            db.execute("INSERT OR REPLACE INTO kv VALUES ('watchdog_last_seen', ?)", (repr(heartbeat),))
+        return results
 
     @staticmethod
     def _states(db: sqlite3.Connection, keys: list[str]) -> dict[str, KeyState]:
-        states = {}
-        for start in range(0, len(keys), _KEYS_PER_QUERY):
-            chunk = keys[start : start + _KEYS_PER_QUERY]
-            marks = ",".join("?" * len(chunk))
-            for key, state in db.execute(f"SELECT key, state FROM key_state WHERE key IN ({marks})", chunk):
-                states[key] = KeyState.from_dict(jsonio.decode(state))
-        return states
+        return {key: KeyState.from_dict(jsonio.decode(state))
+                for key, state in _select_in(db, "SELECT key, state FROM key_state WHERE key IN ({})", keys)}
 
     def _insert_jobs(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> None:
         """Store ``jobs`` numbered in their order, after every job stored before (see base)."""
@@ -222,6 +260,7 @@ class SQLiteStore(Store):
         encoded: dict[int, str] = {}
         rows = []
         for i, j in enumerate(jobs):
+            j.seq = first + i  # as a claim that hands out this very object must say (see _remember)
             notice = encoded.get(id(j.notice))
             if notice is None:
                 notice = encoded[id(j.notice)] = jsonio.encode(j.notice.to_dict())
@@ -240,21 +279,41 @@ class SQLiteStore(Store):
         self._remember(jobs)
 
     def claim(self, destination: str, now: float, limit: int, lease: float, after: Job | None = None) -> list[Job]:
-        # Rank by rank, each a seek into jobs_ready at the first row it may take: one statement
+        """Leases are kept in memory, not written: a claim is a read. One process owns the file
+        and a restart releases every lease anyway (see the module's doc), and a lease written
+        into each claimed row cost a write of its page, which the delivery wrote again."""
+        # Rank by rank, each a seek into jobs_heads at the first row it may take: one statement
         # over all ranks (ORDER BY rank DESC, seq) could only skip the rows before ``after`` one
         # by one.
         first_rank, first_seq = (after.rank, after.seq) if after is not None else (TOP_RANK, -1)
         rows: list[Row] = []
-        with self._transaction() as db:
-            for rank in range(first_rank, -1, -1):
-                rows += db.execute(
-                    _CLAIM, (now + lease, destination, rank, first_seq if rank == first_rank else -1, now, now,
-                             limit - len(rows)),
-                ).fetchall()
-                if len(rows) >= limit:
-                    break
-        rows.sort(key=lambda r: (-r[-1], r[-2]))  # highest rank first, then in sequence
-        return [self._job(row) for row in rows]
+        try:
+            with self._lock:
+                for rank in range(first_rank, -1, -1):
+                    rows += self._claimable(destination, rank, first_seq if rank == first_rank else -1, now,
+                                            limit - len(rows))
+                    if len(rows) >= limit:
+                        break
+                for _, seq in rows:
+                    self._leases[seq] = now + lease
+                read = {job.seq: job for job in map(self._job, _select_in(
+                    self._db, f"SELECT {_JOB_COLUMNS} FROM jobs WHERE rowid IN ({{}})",
+                    [rowid for rowid, seq in rows if seq not in self._pending]))}
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from None
+        return [self._pending.get(seq) or read[seq] for _, seq in rows]
+
+    def _claimable(self, destination: str, rank: int, after_seq: int, now: float, limit: int) -> list[Row]:
+        """Up to ``limit`` rows of _CLAIM whose jobs are not leased."""
+        rows: list[Row] = []
+        while len(rows) < limit:
+            want = limit - len(rows)
+            found = self._db.execute(_CLAIM, (destination, rank, after_seq, now, want)).fetchall()
+            rows += [row for row in found if self._leases.get(row[1], 0.0) <= now]
+            if len(found) < want:
+                break
+            after_seq = found[-1][1]
+        return rows
 
     def delivered(self, jobs: Sequence[Job]) -> None:
         # In steps: a digest's thousands of jobs must not hold intake up for one long transaction.
@@ -272,14 +331,19 @@ class SQLiteStore(Store):
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
             db.executemany(
-                "UPDATE jobs SET due_at = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
+                "UPDATE jobs SET due_at = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(due_at, error, j.id) for j in jobs],
             )
+        for job in jobs:
+            self._leases.pop(job.seq, None)
+            kept = self._pending.get(job.seq)
+            if kept is not None:  # as the row now says
+                self._pending[job.seq] = dataclasses.replace(kept, due_at=due_at, attempts=kept.attempts + 1, last_error=error)
 
     def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
         with self._transaction() as db:
             db.executemany(
-                "UPDATE jobs SET status = ?, leased_until = 0, attempts = attempts + 1, last_error = ? WHERE id = ?",
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 [(DEAD, error, j.id) for j in jobs],
             )
             self._leave_lines(db, [(j.destination, j.notice.key, j.id) for j in jobs])
@@ -290,32 +354,34 @@ class SQLiteStore(Store):
     def _job(self, row: Row) -> Job:
         job_id, destination, notice, created_at, due_at, attempts, status, last_error, seq = row[:9]
         return Job(
-            id=str(job_id), destination=str(destination), notice=self._notice(str(job_id), str(notice)),
+            id=str(job_id), destination=str(destination), notice=self._notice(int(seq), str(notice)),
             created_at=float(created_at), due_at=float(due_at), attempts=int(attempts),
             status=str(status), last_error=str(last_error), seq=int(seq),
         )
 
-    def _notice(self, job_id: str, stored: str) -> Notice:
-        """The job's notice: the one intake built, while it is still in memory, else decoded.
-
-        Under a warning flood the outbox claims thousands of notices a second, and decoding
-        each (JSON, then the Notice) cost more than all the rest of its claim. A notice never
-        changes once stored, so the object intake stored is the one a decode would rebuild.
-        """
-        notice = self._notices.get(job_id)
-        return notice if notice is not None else Notice.from_dict(jsonio.decode(stored))
+    def _notice(self, seq: int, stored: str) -> Notice:
+        """The job's notice: the one intake built, while it is still in memory, else decoded."""
+        job = self._pending.get(seq)
+        return job.notice if job is not None else Notice.from_dict(jsonio.decode(stored))
 
     def _remember(self, jobs: Sequence[Job]) -> None:
-        """Keep the notices of ``jobs``, just committed, while there is room. When there is none, the
-        newest go without: claims take the oldest first, so those already kept are the next ones
-        claimed (evicting the oldest instead would, under a backlog, keep exactly the wrong ones)."""
-        room = NOTICE_CACHE_SIZE - len(self._notices)
+        """Keep ``jobs``, just committed, while there is room, for claims to hand out as they are.
+
+        Under a warning flood the outbox claims thousands of jobs a second: decoding each notice
+        (JSON, then the Notice) cost more than all the rest of its claim, and reading each job's
+        row and building its Job, once the notices were kept, about half of what was left. A job
+        here is what its row says (reschedule keeps it so; delivered and dead ones leave).
+        When there is no room, the newest go without: claims take the oldest first, so those
+        already kept are the next ones claimed (evicting the oldest instead would, under a
+        backlog, keep exactly the wrong ones)."""
+        room = NOTICE_CACHE_SIZE - len(self._pending)
         for job in jobs[: max(0, room)]:
-            self._notices[job.id] = job.notice
+            self._pending[job.seq] = job
 
     def _forget(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
-            self._notices.pop(job.id, None)
+            self._pending.pop(job.seq, None)
+            self._leases.pop(job.seq, None)
 
     def _leave_lines(self, db: sqlite3.Connection, jobs: Sequence[tuple[str, str, str]]) -> None:
         """Take jobs (destination, key, id), no longer pending, out of their lines; the next job of
@@ -329,10 +395,11 @@ class SQLiteStore(Store):
             return 0
         dropped = 0
         while (head := self._lines.head(destination, key)) is not None:
-            row = db.execute("SELECT notice FROM jobs WHERE id = ?", (head,)).fetchone()
-            if jsonio.decode(row[0])["kind"] not in CLOSES:
+            notice, seq = db.execute("SELECT notice, seq FROM jobs WHERE id = ?", (head,)).fetchone()
+            if jsonio.decode(notice)["kind"] not in CLOSES:
                 break
             db.execute("UPDATE jobs SET status = ?, last_error = ? WHERE id = ?", (DEAD, TRIGGER_UNDELIVERED, head))
+            self._pending.pop(seq, None)  # should the transaction roll back, a claim reads it again
             self._leave_lines(db, [(destination, key, head)])
             dropped += 1
         return dropped
@@ -377,7 +444,7 @@ class SQLiteStore(Store):
                 return None
             held = not self._lines.add(row[0], row[1], job_id)
             db.execute(
-                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, leased_until = 0, attempts = 0, seq = ?, held = ?"
+                f"UPDATE jobs SET status = '{PENDING}', due_at = ?, attempts = 0, seq = ?, held = ?"
                 " WHERE id = ?",
                 (now, _next_seq(db, 1), int(held), job_id),
             )
@@ -494,6 +561,59 @@ class _Lines:
         self._staged.clear()
 
 
+class _Digests:
+    """The dedup digests within their window, in memory, each with its expiry: a webhook's
+    check reads no page of the file, and its digest is appended to ``seen`` instead of being
+    written into a B-tree keyed by the digest, where every webhook wrote a page at random.
+
+    One process owns the file (see the module's doc), so this map is the whole truth while it
+    runs; the file's rows only rebuild it at open. Digests go in arrival order (a digest seen
+    again after its window moves to the end), so with one window the oldest expire first and
+    eviction is from the front. Memory: about 200 bytes per notification within the window
+    (at 500 webhooks a second and the default 300 s window, about 30 MB). Staged like _Lines.
+    """
+
+    def __init__(self) -> None:
+        self._expiries: dict[str, float] = {}  # digest: expires at, in arrival order
+        self._staged: dict[str, float] = {}
+
+    def load(self, db: sqlite3.Connection) -> None:
+        self._expiries.clear()
+        for digest, expires_at in db.execute("SELECT digest, expires_at FROM seen ORDER BY id"):
+            self._arrived(digest, expires_at)
+
+    def seen(self, digest: str, now: float) -> bool:
+        """Whether ``digest`` was seen within its window, at ``now``."""
+        expires_at = self._staged.get(digest, self._expiries.get(digest))
+        return expires_at is not None and expires_at > now
+
+    def add(self, digest: str, expires_at: float) -> None:
+        self._staged[digest] = expires_at
+
+    def evict(self, now: float) -> None:
+        """Forget the digests at the front that expired by ``now``; one that outlives an
+        expired one behind it (the window was shortened by a reload) goes at the prune."""
+        expired = []
+        for digest, expires_at in self._expiries.items():
+            if expires_at > now:
+                break
+            expired.append(digest)
+        for digest in expired:
+            del self._expiries[digest]
+
+    def commit(self) -> None:
+        for digest, expires_at in self._staged.items():
+            self._arrived(digest, expires_at)
+        self._staged.clear()
+
+    def rollback(self) -> None:
+        self._staged.clear()
+
+    def _arrived(self, digest: str, expires_at: float) -> None:
+        self._expiries.pop(digest, None)  # to the end: arrival order
+        self._expiries[digest] = expires_at
+
+
 class _Checkpointer(threading.Thread):
     """Copies committed WAL frames into the database, off the event loop, with PASSIVE
     checkpoints only: they never take the write lock, so no commit ever waits for one.
@@ -562,6 +682,15 @@ def _in_list(db: sqlite3.Connection, statement: str, values: Sequence[Any]) -> N
         db.execute(statement.format(",".join("?" * len(chunk))), chunk)
 
 
+def _select_in(db: sqlite3.Connection, query: str, values: Sequence[Any]) -> list[Row]:
+    """The rows of ``query``, whose ``{}`` is an IN list, over ``values``: few statements (see _insert)."""
+    rows: list[Row] = []
+    for start in range(0, len(values), _PARAMETERS_PER_STATEMENT):
+        chunk = values[start : start + _PARAMETERS_PER_STATEMENT]
+        rows += db.execute(query.format(",".join("?" * len(chunk))), chunk).fetchall()
+    return rows
+
+
 def _next_seq(db: sqlite3.Connection, count: int) -> int:
     """Reserve ``count`` sequence numbers (inside the caller's transaction); returns the first."""
     # One statement that changes the row in place: INSERT OR REPLACE deleted and inserted it,
@@ -589,6 +718,13 @@ def _migrate(db: sqlite3.Connection) -> None:
              for i, (job_id, notice) in enumerate(ordered)],
         )
         db.execute("INSERT OR REPLACE INTO kv VALUES ('job_seq', ?)", (str(len(ordered)),))
+    seen = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'seen'").fetchone()[0]
+    if "WITHOUT ROWID" in seen.upper():  # keyed by digest (before _Digests): rows in expiry order now
+        db.execute("CREATE TABLE seen_rowid (id INTEGER PRIMARY KEY, digest TEXT NOT NULL, expires_at REAL NOT NULL)")
+        db.execute("INSERT INTO seen_rowid (digest, expires_at) SELECT digest, expires_at FROM seen ORDER BY expires_at")
+        db.execute("DROP TABLE seen")
+        db.execute("ALTER TABLE seen_rowid RENAME TO seen")
+        db.execute("CREATE INDEX seen_expires ON seen (expires_at)")
     table = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()[0]
     if "WITHOUT ROWID" in table.upper():  # its indexes go with it; _JOB_INDEXES makes them again
         db.execute(_JOBS_TABLE.format(name="jobs_rowid"))
