@@ -100,6 +100,11 @@ def test_payload_is_parsed_leniently_and_uses_notification_reason() -> None:
         (b'{"alerts": "many"}', "'alerts' is missing or not a list"),
         (b'{"alerts": [{"status": "firing", "labels": {"a": 1}}]}', "alerts[0].labels.a must be a string"),
         (b'{"alerts": [{"status": "burning", "labels": {}}]}', "alerts[0].status"),
+        (b'{"alerts": [{"status": "firing", "labels": {}}, 5]}', "alerts[1] must be an object"),
+        (b'{"alerts": [{"status": "firing", "labels": ["a"]}]}', "alerts[0].labels must be an object of strings"),
+        (b'{"alerts": [{"status": "firing"}]}', "alerts[0].labels must be an object of strings"),
+        (b'{"alerts": [{"status": "firing", "labels": {}, "annotations": {"s": null}}]}',
+         "alerts[0].annotations.s must be a string"),
         (b'{"version": "3", "alerts": []}', "unsupported webhook payload version"),
     ],
 )
@@ -107,6 +112,15 @@ def test_bad_payloads_say_why(raw: bytes, message: str) -> None:
     with pytest.raises(payload.PayloadError) as caught:
         payload.parse(raw)
     assert message in str(caught.value)
+
+
+def test_text_fields_that_are_not_strings_read_as_absent() -> None:
+    raw = (b'{"alerts": [{"status": "resolved", "labels": {"alertname": "x"}, "fingerprint": 7,'
+           b' "startsAt": 1, "endsAt": null, "generatorURL": ["u"]}]}')
+    alert = payload.parse(raw).alerts[0]
+    assert (alert.starts_at, alert.ends_at, alert.generator_url) == ("", "", "")
+    assert alert.fingerprint == payload.label_fingerprint({"alertname": "x"})
+    assert payload.parse(raw).alerts[0].annotations == {}
 
 
 def test_lone_surrogates_are_replaced_so_they_can_be_stored() -> None:
