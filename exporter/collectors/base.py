@@ -39,6 +39,9 @@ class Collector(abc.ABC):
     name: str
     interval: float  # seconds between passes
     timeout: float  # a pass running longer than this is stale
+    # True for a collector whose pass only reads memory or /proc/self and so cannot hang: the loop runs such
+    # collectors of one interval back to back in one thread, one wakeup a second for all of them.
+    light: bool = False
 
     @abc.abstractmethod
     def collect(self) -> Collected: ...
