@@ -1,13 +1,14 @@
-"""Background collection: a thread per collector that may hang, one for the light ones, and a watchdog.
+"""Background collection: a thread per collector or group of collectors, one of which is the watchdog.
 
-Each collector that calls NVML (or walks directories) runs in its own thread at its own interval and
-publishes into the :class:`SnapshotStore`. The light collectors (``Collector.light``: their passes only
-read memory or ``/proc/self``) of one interval run back to back in one thread, each publishing its own
-success and duration; the first such thread is also the watchdog. An idle exporter pays for every
-thread that wakes with cold caches, so each wakeup does all it can.
+Collectors of one group (``Collector.group``: ``gpu`` and ``processes``, which both call NVML) and
+interval run back to back in one thread, and so do the light ones (``Collector.light``: their passes
+only read memory or ``/proc/self``); the others (directory walks) have a thread each. Every collector
+publishes its own success and duration into the :class:`SnapshotStore`. The light collectors' thread
+is also the watchdog. An idle exporter pays for every thread that wakes with cold caches, so each
+wakeup does all it can.
 
 A pass that overruns its timeout (an NVML call that hangs) is marked stale by the watchdog: its series
-disappear from the snapshot and its success is 0, while scrapes keep answering from memory. The hung
+(and those of the collectors sharing its thread) disappear from the snapshot and its success is 0, while scrapes keep answering from memory. The hung
 thread is not abandoned and no second thread is started for that collector, so hung calls cannot pile
 up; when the call returns, the collector carries on.
 """
@@ -98,7 +99,10 @@ class _Runner:
         return wake
 
     def check_overdue(self, now: float) -> float | None:
-        """Mark the pass in progress stale if it is overdue; else when it will be (None: no pass to watch)."""
+        """Mark the pass in progress stale if it is overdue; else when it will be (None: no pass to watch).
+
+        The thread's other collectors are marked stale with it: they cannot run until the hung pass returns.
+        """
         with self._state:
             started, collector = self.pass_started, self.current
             if started is None or collector is None or self.marked_stale:
@@ -106,8 +110,11 @@ class _Runner:
             if now - started <= collector.timeout:
                 return started + collector.timeout
             self.marked_stale = True
-            self._store.mark_stale(collector.name)
+            for each in self.collectors:
+                self._store.mark_stale(each.name)
         log.warning("collector %s has not finished after %.1fs; its data is stale", collector.name, now - started)
+        if len(self.collectors) > 1:
+            log.warning("so is the data of %s, which runs in its thread", ", ".join(c.name for c in self.collectors if c is not collector))
         return None
 
 
@@ -116,13 +123,12 @@ _WATCHDOG_RESOLUTION_S = 0.01  # the watchdog never sleeps less, so a pass due t
 
 
 def _groups(collectors: Sequence[Collector]) -> list[list[Collector]]:
-    """A group per collector that may hang, then one per interval for the light ones, in the order given."""
-    heavy = [[c] for c in collectors if not c.light]
-    light: dict[float, list[Collector]] = {}
+    """Collectors in one thread each, except those of one group (light ones: one group) and interval, in the order given."""
+    groups: dict[object, list[Collector]] = {}
     for collector in collectors:
-        if collector.light:
-            light.setdefault(collector.interval, []).append(collector)
-    return heavy + list(light.values())
+        group = "light" if collector.light else collector.group
+        groups.setdefault(collector if group is None else (group, collector.interval), []).append(collector)
+    return sorted(groups.values(), key=lambda group: group[0].light)  # light ones last: their thread watches
 
 
 class CollectionLoop:

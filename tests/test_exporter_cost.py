@@ -139,8 +139,8 @@ def test_the_watchdog_is_told_when_a_pass_will_be_overdue_and_marks_it_then() ->
 class _Counting(Collector):
     """A collector that counts its passes; ``hang`` blocks them until it is set again."""
 
-    def __init__(self, name: str, *, light: bool, interval: float = 0.05, timeout: float = 0.2) -> None:
-        self.name, self.light, self.interval, self.timeout = name, light, interval, timeout
+    def __init__(self, name: str, *, light: bool, interval: float = 0.05, timeout: float = 0.2, group: str | None = None) -> None:
+        self.name, self.light, self.interval, self.timeout, self.group = name, light, interval, timeout, group
         self.passes = 0
         self.threads: set[str] = set()
         self.go = threading.Event()
@@ -199,6 +199,34 @@ def test_a_hung_pass_is_marked_stale_by_the_light_thread_or_a_bare_watchdog(with
         loop.stop()
     names = {t.name for t in threading.enumerate()}
     assert "collector-gpu" not in names
+
+
+def test_the_nvml_collectors_share_a_thread_and_a_hung_call_marks_them_all_stale_until_it_returns() -> None:
+    gpu, processes, alone = (_Counting("gpu", light=False, group="nvml"), _Counting("processes", light=False, group="nvml"),
+                             _Counting("jobs", light=False))
+    loop, store = _loop_of(gpu, processes, alone)
+
+    def success(name: str) -> str:
+        line = next(line for line in store.snapshot.body.decode().splitlines() if f'collector_success{{collector="{name}"}}' in line)
+        return line.rsplit(" ", 1)[1]
+
+    loop.start()
+    try:
+        wait_until(lambda: processes.passes >= 2 and alone.passes >= 1, 20, "passes of each")
+        assert gpu.threads == processes.threads == {"collector-gpu+processes"}
+        assert alone.threads == {"collector-jobs"}  # no group: a thread of its own
+        gpu.go.clear()
+        wait_until(lambda: success("gpu") == "0.0" and success("processes") == "0.0", 20, "both marked stale")
+        body = store.snapshot.body.decode()
+        assert "mlwarden_test_gpu" not in body and "mlwarden_test_processes" not in body
+        seen = alone.passes
+        wait_until(lambda: alone.passes > seen + 2, 20, "the collector in its own thread to go on")
+        assert success("jobs") == "1.0"
+        gpu.go.set()
+        wait_until(lambda: success("gpu") == "1.0" and success("processes") == "1.0", 20, "both to recover")
+    finally:
+        gpu.go.set()
+        loop.stop()
 
 
 def _gauge(name: str, value: float) -> exposition.Family:
