@@ -123,12 +123,15 @@ _WATCHDOG_RESOLUTION_S = 0.01  # the watchdog never sleeps less, so a pass due t
 
 
 def _groups(collectors: Sequence[Collector]) -> list[list[Collector]]:
-    """Collectors in one thread each, except those of one group (light ones: one group) and interval, in the order given."""
+    """A thread's worth of collectors each: one per group (the light ones are one) and interval, else one per collector.
+
+    In the order given, except that light groups come last: the first of them watches the others.
+    """
     groups: dict[object, list[Collector]] = {}
     for collector in collectors:
         group = "light" if collector.light else collector.group
         groups.setdefault(collector if group is None else (group, collector.interval), []).append(collector)
-    return sorted(groups.values(), key=lambda group: group[0].light)  # light ones last: their thread watches
+    return sorted(groups.values(), key=lambda group: group[0].light)
 
 
 class CollectionLoop:
