@@ -16,9 +16,10 @@ from mlwarden.exporter.backends import nvml as nvml_backend
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.base import Collected, Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
-from mlwarden.exporter.loop import _Runner
+from mlwarden.exporter.loop import CollectionLoop, _Runner
 from mlwarden.exporter.snapshot import SnapshotStore
 
+from mlwarden.components import wait_until
 from tests.fake_nvml import FakeNvml, nvml_error
 from tests.test_exporter_nvml import _counting, samples, supervisor_for, value
 
@@ -125,14 +126,107 @@ class _Slow(Collector):
 
 def test_the_watchdog_is_told_when_a_pass_will_be_overdue_and_marks_it_then() -> None:
     store = SnapshotStore([("slow", 5.0)], "test")
-    runner = _Runner(_Slow(), store, threading.Event())
+    runner = _Runner([_Slow()], store, threading.Event())
     assert runner.check_overdue(100.0) is None  # no pass in progress: nothing to wake for
-    runner.pass_started = 100.0
+    runner.current, runner.pass_started = runner.collectors[0], 100.0
     assert runner.check_overdue(101.0) == 105.0
     assert 'collector_success{collector="slow"} 0.0' in store.snapshot.body.decode()  # never succeeded yet
     store.publish("slow", Collected([_gauge("mlwarden_test_slow", 1.0)]), 0.1)
     assert runner.check_overdue(105.5) is None
     assert "mlwarden_test_slow" not in store.snapshot.body.decode()  # stale: dropped
+
+
+class _Counting(Collector):
+    """A collector that counts its passes; ``hang`` blocks them until it is set again."""
+
+    def __init__(self, name: str, *, light: bool, interval: float = 0.05, timeout: float = 0.2, group: str | None = None) -> None:
+        self.name, self.light, self.interval, self.timeout, self.group = name, light, interval, timeout, group
+        self.passes = 0
+        self.threads: set[str] = set()
+        self.go = threading.Event()
+        self.go.set()
+
+    def collect(self) -> Collected:
+        self.passes += 1
+        self.threads.add(threading.current_thread().name)
+        assert self.go.wait(30)
+        return Collected([_gauge(f"mlwarden_test_{self.name}", float(self.passes))])
+
+
+def _loop_of(*collectors: _Counting) -> tuple[CollectionLoop, SnapshotStore]:
+    store = SnapshotStore([(c.name, c.interval) for c in collectors], "test")
+    return CollectionLoop(collectors, store), store
+
+
+def test_light_collectors_of_one_interval_share_a_thread_and_each_keeps_its_own_success_and_duration() -> None:
+    gpu, lightweight, xid, slow = (_Counting("gpu", light=False), _Counting("own", light=True),
+                                   _Counting("xid", light=True), _Counting("slowlight", light=True, interval=0.07))
+    loop, store = _loop_of(gpu, lightweight, xid, slow)
+    loop.start()
+    try:
+        wait_until(lambda: min(c.passes for c in (gpu, lightweight, xid, slow)) >= 3, 20, "three passes of each")
+    finally:
+        loop.stop()
+    assert gpu.threads == {"collector-gpu"}
+    assert lightweight.threads == xid.threads == {"collector-own+xid"}  # one thread, one wakeup a round for both
+    assert slow.threads == {"collector-slowlight"}  # another interval: its own schedule
+    body = store.snapshot.body.decode()
+    for name in ("gpu", "own", "xid", "slowlight"):
+        assert f'mlwarden_exporter_collector_success{{collector="{name}"}} 1.0' in body
+        assert f'mlwarden_exporter_collector_duration_seconds{{collector="{name}"}}' in body
+    # no watchdog thread of its own: the light thread watches
+    assert not any(t.name == "collector-watchdog" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("with_light", [True, False])
+def test_a_hung_pass_is_marked_stale_by_the_light_thread_or_a_bare_watchdog(with_light: bool) -> None:
+    hung = _Counting("gpu", light=False)
+    light = [_Counting("own", light=True)] if with_light else []
+    loop, store = _loop_of(hung, *light)
+    loop.start()
+    try:
+        wait_until(lambda: 'collector_success{collector="gpu"} 1.0' in store.snapshot.body.decode(), 20, "a first pass")
+        hung.go.clear()
+        wait_until(lambda: 'collector_success{collector="gpu"} 0.0' in store.snapshot.body.decode(), 20, "the hung pass marked stale")
+        assert "mlwarden_test_gpu" not in store.snapshot.body.decode()
+        if light:  # the light collectors go on while the other pass hangs
+            seen = light[0].passes
+            wait_until(lambda: light[0].passes > seen + 2, 20, "more light passes")
+        hung.go.set()
+        wait_until(lambda: 'collector_success{collector="gpu"} 1.0' in store.snapshot.body.decode(), 20, "the collector to recover")
+    finally:
+        hung.go.set()
+        loop.stop()
+    names = {t.name for t in threading.enumerate()}
+    assert "collector-gpu" not in names
+
+
+def test_the_nvml_collectors_share_a_thread_and_a_hung_call_marks_them_all_stale_until_it_returns() -> None:
+    gpu, processes, alone = (_Counting("gpu", light=False, group="nvml"), _Counting("processes", light=False, group="nvml"),
+                             _Counting("jobs", light=False))
+    loop, store = _loop_of(gpu, processes, alone)
+
+    def success(name: str) -> str:
+        line = next(line for line in store.snapshot.body.decode().splitlines() if f'collector_success{{collector="{name}"}}' in line)
+        return line.rsplit(" ", 1)[1]
+
+    loop.start()
+    try:
+        wait_until(lambda: processes.passes >= 2 and alone.passes >= 1, 20, "passes of each")
+        assert gpu.threads == processes.threads == {"collector-gpu+processes"}
+        assert alone.threads == {"collector-jobs"}  # no group: a thread of its own
+        gpu.go.clear()
+        wait_until(lambda: success("gpu") == "0.0" and success("processes") == "0.0", 20, "both marked stale")
+        body = store.snapshot.body.decode()
+        assert "mlwarden_test_gpu" not in body and "mlwarden_test_processes" not in body
+        seen = alone.passes
+        wait_until(lambda: alone.passes > seen + 2, 20, "the collector in its own thread to go on")
+        assert success("jobs") == "1.0"
+        gpu.go.set()
+        wait_until(lambda: success("gpu") == "1.0" and success("processes") == "1.0", 20, "both to recover")
+    finally:
+        gpu.go.set()
+        loop.stop()
 
 
 def _gauge(name: str, value: float) -> exposition.Family:

@@ -39,6 +39,13 @@ class Collector(abc.ABC):
     name: str
     interval: float  # seconds between passes
     timeout: float  # a pass running longer than this is stale
+    # True for a collector whose pass only reads memory or /proc/self and so cannot hang: the loop runs such
+    # collectors of one interval back to back in one thread, one wakeup a second for all of them.
+    light: bool = False
+    # Collectors naming the same group (at the same interval) run back to back in one thread: the second pass
+    # finds the caches the first warmed, and the thread wakes once. Those that call NVML share "nvml": a hung
+    # call holds NVML's own lock anyway, so the others could not have answered meanwhile.
+    group: str | None = None
 
     @abc.abstractmethod
     def collect(self) -> Collected: ...

@@ -121,6 +121,7 @@ class _Steady:
 
 class GpuCollector(Collector):
     name = "gpu"
+    group = "nvml"
 
     def __init__(self, supervisor: BackendSupervisor, interval: float, timeout: float) -> None:
         self.supervisor = supervisor

@@ -28,6 +28,7 @@ def _boot_time(proc: Path) -> float:
 
 class ProcessCollector(Collector):
     name = "process"
+    light = True
 
     def __init__(self, interval: float, timeout: float, proc: Path = Path("/proc")) -> None:
         self.interval = interval

@@ -80,6 +80,7 @@ class _GpuPart:
 
 class ProcessesCollector(Collector):
     name = "processes"
+    group = "nvml"
 
     def __init__(
         self, supervisor: BackendSupervisor, interval: float, timeout: float, max_processes: int,

@@ -35,6 +35,7 @@ class _Count:
 
 class XidCollector(Collector):
     name = "xid"
+    light = True
 
     def __init__(self, supervisor: BackendSupervisor, interval: float, timeout: float) -> None:
         self.supervisor = supervisor
