@@ -389,6 +389,12 @@ class _HttpProtocol(asyncio.Protocol):
         """Answer the request in the buffer, if it is complete."""
         buffer = self.buffer
         end = buffer.find(b"\r\n\r\n")
+        bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))
+        if bare >= 0:
+            # Lines ended by LF alone: refused at once (a CRLF head never holds two LFs in a row),
+            # rather than left waiting for a CRLF end that never comes until the idle timeout.
+            self._refuse(HTTPStatus.BAD_REQUEST)
+            return
         if end < 0:
             if len(buffer) > _HEAD_LIMIT:
                 # Say why, so a client with oversized headers (a huge cookie, a proxy's) is not left guessing.

@@ -405,6 +405,19 @@ def test_the_server_refuses_requests_it_cannot_frame_and_closes_the_connection()
         server.stop()
 
 
+def test_a_head_whose_lines_end_in_lf_alone_is_refused_at_once() -> None:
+    # The idle timeout is longer than _exchange waits: before, such a head waited for it, unanswered.
+    store = SnapshotStore([], "test")
+    server = ExporterServer(store, ("127.0.0.1", free_port()), idle_timeout=60.0)
+    server.start()
+    try:
+        assert _exchange(server.port, b"GET /metrics HTTP/1.1\nHost: x\n\n").startswith(b"HTTP/1.1 400 ")
+        assert _exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\n\n").startswith(b"HTTP/1.1 400 ")
+        assert _exchange(server.port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").endswith(store.snapshot.body)
+    finally:
+        server.stop()
+
+
 def test_pipelined_requests_are_answered_in_order_and_a_half_closed_client_gets_every_answer() -> None:
     store = SnapshotStore([], "test")
     server = ExporterServer(store, ("127.0.0.1", free_port()), idle_timeout=5.0)
