@@ -134,6 +134,42 @@ def test_what_a_killed_drill_leaves_is_seen_by_the_exporter_and_removed_by_the_n
     assert _stale_bytes(backups) == 0
 
 
+def _processes_naming(path: Path) -> list[int]:
+    """Live processes whose command line names ``path`` (a forked child keeps its parent's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # ended meanwhile
+    return pids
+
+
+def test_a_backup_killed_while_its_verifier_follows_is_cleaned_up_by_the_next_backup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9 while the forked verifier reads the archive: the next backup (which needs the
+    lock the dead run held) removes what the dead run left and makes a whole backup."""
+    models = _big_models(tmp_path / "models", 48)
+    backups = tmp_path / "backups"
+
+    def verifier_following() -> bool:  # the backup and its forked verifier both run
+        return len(_processes_naming(backups)) == 2
+
+    argv: list[str | Path] = ["backup", "--model-dir", models, "--backup-dir", backups, "--compression", "gzip", "--level", "9",
+                              "--threads", "1"]
+    code, _ = _stop_when(argv, verifier_following, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    [left] = [p for p in backups.iterdir() if p.name.startswith(".") and p.name != ".mlwarden-backup.lock"]
+    capsys.readouterr()
+    assert backup(models, backups) == 0
+    assert f"removing {left}: left behind by a run that was killed" in capsys.readouterr().err
+    assert not left.exists()
+    [made] = [p for p in backups.iterdir() if not p.name.startswith(".")]
+    assert (made / "manifest.json").is_file()
+
+
 def test_what_a_killed_restore_leaves_is_removed_by_the_next_restore_to_the_same_target(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
