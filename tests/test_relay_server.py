@@ -253,3 +253,21 @@ def test_only_a_relay_app_gets_the_short_way(tmp_path: Path) -> None:
     assert isinstance(app, RelayApp)
     assert not app.admits(b"Bearer nope", 10) and not app.admits(None, 10)
     assert app.admits(f"Bearer {TOKEN}".encode(), 10) and not app.admits(f"Bearer {TOKEN}".encode(), 1 << 40)
+
+
+SMUGGLING = [
+    ("two lengths", f"Content-Length: 5\r\nContent-Length: 6\r\nAuthorization: Bearer {TOKEN}"),
+    ("length and chunked", f"Content-Length: 5\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer {TOKEN}"),
+    ("length not a number", f"Content-Length: 5x\r\nAuthorization: Bearer {TOKEN}"),
+]
+
+
+@pytest.mark.parametrize(("name", "headers"), SMUGGLING, ids=[s[0] for s in SMUGGLING])
+def test_ambiguous_framing_is_refused_and_nothing_stored(server: Server, name: str, headers: str) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: relay\r\n{headers}\r\n\r\n".encode() + body(alert()))
+        received = b""
+        while chunk := sock.recv(65536):  # uvicorn answers 400 and closes
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400"), name
+    assert server.relay.store.jobs() == [] and server.through_asgi == []
