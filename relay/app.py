@@ -138,7 +138,7 @@ class RelayApp:
         if isinstance(taken, payload.PayloadError):
             task = asyncio.get_running_loop().create_task(_rejected(self._relay, body, taken, now))
             self._rejecting.add(task)
-            task.add_done_callback(functools.partial(self._rejected, answer))
+            task.add_done_callback(functools.partial(self._answer_rejected, answer))
             return
         notification, request = taken
         self._commits.enqueue(request).add_done_callback(functools.partial(self._committed, notification, answer))
@@ -157,7 +157,7 @@ class RelayApp:
         else:
             answer(response)
 
-    def _rejected(self, answer: Callable[[Response | Exception], None], task: asyncio.Task[Response]) -> None:
+    def _answer_rejected(self, answer: Callable[[Response | Exception], None], task: asyncio.Task[Response]) -> None:
         self._rejecting.discard(task)
         if not task.cancelled():
             failure = task.exception()
