@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -32,9 +33,9 @@ from mlwarden.relay.metrics import RelayMetrics
 from mlwarden.relay.notifiers import notifier_for
 from mlwarden.relay.notifiers.base import Context, Notifier
 from mlwarden.relay.outbox import Outbox
-from mlwarden.relay.store.base import DEAD, Store, StoreError
+from mlwarden.relay.store.base import DEAD, IntakeRequest, IntakeResult, Store, StoreError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from mlwarden.logs import RepeatFilter
 
@@ -93,7 +94,7 @@ class Relay:
         return config
 
 
-class _WebhookFirst:
+class RelayApp:
     """The ASGI app: the webhook straight, everything else through FastAPI.
 
     FastAPI's middleware stack, routing and endpoint wrapper cost 0.2 ms of CPU per request
@@ -102,11 +103,18 @@ class _WebhookFirst:
     second is a tenth of a core. The webhook uses none of what they add: it reads its own
     headers and body and answers with a ready Response. Its FastAPI route stays, for what is
     not a plain POST to its exact path (a 405 for a GET, for one).
+
+    It also takes webhooks without ASGI at all, from :class:`mlwarden.relay.server.WebhookProtocol`
+    (:meth:`admits`, :meth:`take`): the same answers, without a request cycle of uvicorn's.
     """
 
-    def __init__(self, app: FastAPI, webhook: Callable[[Request], Awaitable[Response]]) -> None:
+    def __init__(self, app: FastAPI, relay: Relay, commits: GroupCommit,
+                 webhook: Callable[[Request], Awaitable[Response]]) -> None:
         self.app = app
+        self._relay = relay
+        self._commits = commits
         self._webhook = webhook
+        self._rejecting: set[asyncio.Task[Response]] = set()  # referenced until done: the loop holds tasks weakly
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST":
@@ -115,8 +123,48 @@ class _WebhookFirst:
         else:
             await self.app(scope, receive, send)
 
+    def admits(self, authorization: bytes | None, content_length: int) -> bool:
+        """Whether a webhook POST with these headers may go to :meth:`take`: one with the right
+        credentials and a body within the limit. The rest (401, a body to trim) goes through ASGI."""
+        credentials = None if authorization is None else authorization.decode("latin-1")
+        return content_length <= self._relay.max_body_bytes and self._relay.credentials.allows(credentials)
 
-def create_app(relay: Relay, background: bool = True) -> ASGIApp:
+    def take(self, body: bytes, answer: Callable[[Response | Exception], None]) -> None:
+        """Take a webhook :meth:`admits` let through and call ``answer`` with what the webhook
+        route answers, once that is known (after the commit), or with the exception that
+        unexpectedly stopped it."""
+        now = self._relay.clock()
+        taken = _taken(self._relay, oversize.Trimmed(body), now)
+        if isinstance(taken, payload.PayloadError):
+            task = asyncio.get_running_loop().create_task(_rejected(self._relay, body, taken, now))
+            self._rejecting.add(task)
+            task.add_done_callback(functools.partial(self._answer_rejected, answer))
+            return
+        notification, request = taken
+        self._commits.enqueue(request).add_done_callback(functools.partial(self._committed, notification, answer))
+
+    def _committed(self, notification: payload.Notification, answer: Callable[[Response | Exception], None],
+                   future: asyncio.Future[IntakeResult | None]) -> None:
+        try:
+            try:
+                result = future.result()
+            except StoreError as exc:
+                response = _unavailable(self._relay, exc)
+            else:
+                response = _accepted(self._relay, notification, result)
+        except Exception as exc:  # noqa: BLE001 - answered 500 and logged, as uvicorn does for an ASGI app
+            answer(exc)
+        else:
+            answer(response)
+
+    def _answer_rejected(self, answer: Callable[[Response | Exception], None], task: asyncio.Task[Response]) -> None:
+        self._rejecting.discard(task)
+        if not task.cancelled():
+            failure = task.exception()
+            answer(failure if isinstance(failure, Exception) else task.result())  # result() raises the rest
+
+
+def create_app(relay: Relay, background: bool = True) -> RelayApp:
     """The ASGI app. ``background=False`` leaves the outbox and watchdog to the caller (tests)."""
     relay.watching_since = relay.clock()
     relay.metrics.watch_store(relay.store, lambda: relay.config.watchdog, relay.clock, relay.watching_since)
@@ -276,7 +324,7 @@ def create_app(relay: Relay, background: bool = True) -> ASGIApp:
 
         return await _view(queue)
 
-    return _WebhookFirst(app, webhook)
+    return RelayApp(app, relay, commits, webhook)
 
 
 async def _view(read: Callable[[], dict[str, object]]) -> JSONResponse:
@@ -303,19 +351,26 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed) -> Response:
     now = relay.clock()
-    config = relay.config  # one config for the whole webhook, should a reload land meanwhile
-    body = trimmed.body
+    taken = _taken(relay, trimmed, now)
+    if isinstance(taken, payload.PayloadError):
+        return await _rejected(relay, trimmed.body, taken, now)
+    notification, request = taken
     try:
-        notification = payload.parse(body)
+        result = await commits.submit(request)
+    except StoreError as exc:
+        return _unavailable(relay, exc)
+    return _accepted(relay, notification, result)
+
+
+def _taken(
+    relay: Relay, trimmed: oversize.Trimmed, now: float
+) -> tuple[payload.Notification, IntakeRequest] | payload.PayloadError:
+    """The webhook parsed and planned for the store, or why its payload cannot be used."""
+    config = relay.config  # one config for the whole webhook, should a reload land meanwhile
+    try:
+        notification = payload.parse(trimmed.body)
     except payload.PayloadError as exc:
-        relay.metrics.webhooks.labels("invalid").inc()
-        relay.metrics.dead_letters.labels("invalid_payload").inc()
-        try:
-            await asyncio.to_thread(relay.store.dead_letter_payload, body, str(exc), now)
-        except StoreError as store_exc:
-            log.error("cannot keep an invalid payload: %s", store_exc)
-        log.warning("rejected webhook payload: %s", exc)
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return exc
     if trimmed.omitted_alerts:
         # Kept what fits rather than answer 413: Alertmanager never retries a 4xx.
         notification = dataclasses.replace(notification, omitted_alerts=trimmed.omitted_alerts)
@@ -323,12 +378,27 @@ async def _accept(relay: Relay, commits: GroupCommit, trimmed: oversize.Trimmed)
         log.warning("webhook over %d bytes: kept %d alert(s) of group %s, left out %d (%d bytes)",
                     relay.max_body_bytes, len(notification.alerts), notification.group_key,
                     trimmed.omitted_alerts, trimmed.dropped_bytes)
+    return notification, intake.request(notification, trimmed.body, now, config)
+
+
+async def _rejected(relay: Relay, body: bytes, exc: payload.PayloadError, now: float) -> Response:
+    relay.metrics.webhooks.labels("invalid").inc()
+    relay.metrics.dead_letters.labels("invalid_payload").inc()
     try:
-        result = await commits.submit(intake.request(notification, body, now, config))
-    except StoreError as exc:
-        relay.metrics.webhooks.labels("unavailable").inc()
-        log.error("cannot store webhook, answering 503 so Alertmanager retries: %s", exc)
-        return JSONResponse({"error": "state store unavailable, retry later"}, status_code=503)
+        await asyncio.to_thread(relay.store.dead_letter_payload, body, str(exc), now)
+    except StoreError as store_exc:
+        log.error("cannot keep an invalid payload: %s", store_exc)
+    log.warning("rejected webhook payload: %s", exc)
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+def _unavailable(relay: Relay, exc: StoreError) -> Response:
+    relay.metrics.webhooks.labels("unavailable").inc()
+    log.error("cannot store webhook, answering 503 so Alertmanager retries: %s", exc)
+    return JSONResponse({"error": "state store unavailable, retry later"}, status_code=503)
+
+
+def _accepted(relay: Relay, notification: payload.Notification, result: IntakeResult | None) -> Response:
     if result is None:
         relay.metrics.webhooks.labels("duplicate").inc()
         return JSONResponse({"status": "duplicate"})

@@ -14,6 +14,7 @@ import uvicorn
 from mlwarden.relay import config as relay_config
 from mlwarden.relay.app import DEFAULT_MAX_BODY_BYTES, Relay, create_app
 from mlwarden.relay.auth import Credentials
+from mlwarden.relay.server import WebhookProtocol
 from mlwarden.relay.store import StoreError, check_url, open_store
 
 from mlwarden import logs
@@ -125,7 +126,8 @@ def run(settings: RelaySettings) -> int:
     # runs every 20,000 allocations.
     gc.set_threshold(GC_YOUNG_ALLOCATIONS, 20, 100)
     try:
-        uvicorn.run(app, host=host, port=port, **logs.uvicorn_options(), timeout_graceful_shutdown=10)
+        uvicorn.run(app, host=host, port=port, http=WebhookProtocol, **logs.uvicorn_options(),
+                    timeout_graceful_shutdown=10)
     finally:
         store.close()
     return ExitCode.OK

@@ -46,6 +46,11 @@ class GroupCommit:
 
     async def submit(self, request: IntakeRequest) -> IntakeResult | None:
         """Store ``request`` (None: a duplicate); raises what the store raised for its batch."""
+        return await self.enqueue(request)
+
+    def enqueue(self, request: IntakeRequest) -> asyncio.Future[IntakeResult | None]:
+        """:meth:`submit` for a caller that is not a coroutine (the webhook's HTTP fast path):
+        the future is done once ``request``'s batch is committed (or failed)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[IntakeResult | None] = loop.create_future()
         self._waiting.append((request, future))
@@ -53,7 +58,7 @@ class GroupCommit:
             # Its first step runs after every handler that is ready in this turn of the loop
             # has queued its webhook.
             self._committer = loop.create_task(self._commit_waiting())
-        return await future
+        return future
 
     async def _commit_waiting(self) -> None:
         loop = asyncio.get_running_loop()

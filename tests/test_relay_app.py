@@ -56,7 +56,7 @@ def test_accepted_webhook_is_stored_with_its_jobs_before_the_answer(app: tuple[T
 
 
 def test_the_webhook_answers_as_a_fastapi_route_would_outside_its_plain_post(app: tuple[TestClient, Relay]) -> None:
-    # A POST to the exact path skips FastAPI (see app._WebhookFirst); the rest still reaches its route.
+    # A POST to the exact path skips FastAPI (see app.RelayApp); the rest still reaches its route.
     client, relay = app
     assert client.get(WEBHOOK_PATH, headers=AUTH).status_code == 405
     response = client.post(WEBHOOK_PATH + "/", content=body(alert()), headers=AUTH, follow_redirects=False)
