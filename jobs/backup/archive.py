@@ -302,11 +302,7 @@ def write_checksums(directory: Path, result: ArchiveResult) -> None:
     """``<archive>.sha256`` and ``SHA256SUMS``, both for ``sha256sum -c``, written atomically."""
     atomic_write_text(result.path.with_name(result.path.name + ".sha256"), sha256sum_line(result.sha256, result.path.name))
     # A name that is not UTF-8 is written as the bytes it has on disk, so `sha256sum -c` finds it.
-    paths = "".join([r.path for r in result.files])
-    if "\\" in paths or "\n" in paths or "\r" in paths:
-        lines = "".join([sha256sum_line(r.sha256, r.path) for r in result.files])
-    else:  # no name to escape (every name, usually): the lines sha256sum_line would make, without a call per file
-        lines = "".join([f"{r.sha256}  {r.path}\n" for r in result.files])
+    lines = "".join(sha256sum_line(r.sha256, r.path) for r in result.files)
     atomic_write_bytes(directory / CHECKSUMS, lines.encode("utf-8", "surrogateescape"))
 
 
