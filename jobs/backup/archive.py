@@ -250,7 +250,8 @@ def write_archive(
                 if written:
                     members.append(record)
                 records.append(record)
-            on_progress(unreported)
+            if unreported:
+                on_progress(unreported)
             for link in source.links:
                 out.write(_link_header(link))
             out.write(_END_OF_ARCHIVE)
