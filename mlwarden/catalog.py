@@ -159,10 +159,11 @@ def _records_json(obj: object, record_fields: tuple[str, ...], lines_of: dict[in
 
 def _record_line(record: object) -> str:
     """One record as JSON with sorted keys. A file record, one per file, is formatted here
-    (what ``json.dumps(sort_keys=True)`` writes for it, at a third of the cost: a manifest of
-    20,000 files is written twice per backup); anything unusual goes through ``json.dumps``.
+    (what ``json.dumps(sort_keys=True)`` writes for it, at a fraction of the cost: a manifest
+    of 20,000 files is written twice per backup); anything unusual goes through ``json.dumps``.
     The fields are read once and their types tested one by one, and the pack's field is
-    formatted once per pack (1.7 µs a record instead of 2.9 µs here)."""
+    formatted once per pack (``pack.json`` and ``manifest.json`` of 20,000 files: 64 ms of
+    CPU here, 74 ms when each record built a tuple of its types and its pack's field)."""
     if type(record) is FileRecord:
         size, mode, mtime, path, sha256, pack = record.size, record.mode, record.mtime, record.path, record.sha256, record.pack
         if (

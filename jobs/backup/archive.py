@@ -273,7 +273,8 @@ def hard_links(files: Sequence[SourceFile], records: Sequence[FileRecord]) -> tu
     """The files that are hard links to an earlier file (by path) of ``files``, as the scan saw
     them (same device and inode) and as they were read (same content): restored as links.
     ``records`` are what :func:`write_archive` made of ``files``, in the same order."""
-    if len({source_file.key[1] for source_file in files}) == len(files):  # no two share an inode: the usual tree, a third of the walk's cost
+    # No two files share an inode in most trees: this set costs a third of the walk below.
+    if len({source_file.key[1] for source_file in files}) == len(files):
         return ()
     first: dict[tuple[int, int], FileRecord] = {}
     found = []
