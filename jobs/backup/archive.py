@@ -122,9 +122,10 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
     skipped: list[SkippedRecord] = []
     unreadable: list[str] = []
     # The owner's read bit is what access() checks for the owner (a POSIX ACL's owner entry
-    # is those bits): one system call a file fewer. Other files are asked about; a security
-    # module that still refuses an open fails the run then, naming the file.
-    euid = os.geteuid()
+    # is those bits; access() asks as the real uid): one system call a file fewer. Other
+    # files are asked about; a security module that still refuses an open fails the run
+    # then, naming the file.
+    uid = os.getuid()
     pending = [""]
     while pending:
         relative_dir = pending.pop()
@@ -143,7 +144,7 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
                 info = child.stat(follow_symlinks=False)
                 file_type = stat.S_IFMT(info.st_mode)
                 if file_type == stat.S_IFREG:  # most entries: tested first
-                    if not (info.st_uid == euid and info.st_mode & stat.S_IRUSR) and not os.access(child.path, os.R_OK):
+                    if not (info.st_uid == uid and info.st_mode & stat.S_IRUSR) and not os.access(child.path, os.R_OK):
                         raise PermissionError(errno.EACCES, "Permission denied")
                     key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
                     files.append(SourceFile(child.path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode), key))
