@@ -32,6 +32,7 @@ changes once written; what happens to a backup later (verification, upload) goes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -149,32 +150,41 @@ def _records_json(obj: object, record_fields: tuple[str, ...], lines_of: dict[in
     for field_ in sorted(dataclasses.fields(obj), key=lambda f: f.name):  # type: ignore[arg-type]  # a dataclass instance
         value = getattr(obj, field_.name)
         if field_.name in record_fields and value:
-            rows = ",\n".join(["  " + (memo.get(id(record)) or memo.setdefault(id(record), _record_line(record))) for record in value])
-            lines.append(f' "{field_.name}": [\n{rows}\n ]')
+            rows = ",\n  ".join([memo[key] if (key := id(record)) in memo else memo.setdefault(key, _record_line(record)) for record in value])
+            lines.append(f' "{field_.name}": [\n  {rows}\n ]')
         else:
             lines.append(f' "{field_.name}": {json.dumps(value)}')
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-_FILE_RECORD_TYPES = (int, int, float, str, str)  # size, mode, mtime, path, sha256: what the fast formatting handles
-
-
 def _record_line(record: object) -> str:
     """One record as JSON with sorted keys. A file record, one per file, is formatted here
-    (what ``json.dumps(sort_keys=True)`` writes for it, at half the cost: a manifest of
-    20,000 files is written twice per backup); anything unusual goes through ``json.dumps``."""
-    if (
-        type(record) is FileRecord
-        and (type(record.size), type(record.mode), type(record.mtime), type(record.path), type(record.sha256)) == _FILE_RECORD_TYPES
-        and type(record.pack) in (str, type(None))
-        and math.isfinite(record.mtime)
-    ):
-        pack = "" if record.pack is None else f', "pack": {_json_str(record.pack)}'
-        return (
-            f'{{"mode": {record.mode}, "mtime": {float.__repr__(record.mtime)}{pack}, "path": {_json_str(record.path)}, '
-            f'"sha256": {_json_str(record.sha256)}, "size": {record.size}}}'
-        )
+    (what ``json.dumps(sort_keys=True)`` writes for it, at a fraction of the cost: a manifest
+    of 20,000 files is written twice per backup); anything unusual goes through ``json.dumps``.
+    The fields are read once and their types tested one by one, and the pack's field is
+    formatted once per pack (``pack.json`` and ``manifest.json`` of 20,000 files: 64 ms of
+    CPU here, 74 ms when each record built a tuple of its types and its pack's field)."""
+    if type(record) is FileRecord:
+        size, mode, mtime, path, sha256, pack = record.size, record.mode, record.mtime, record.path, record.sha256, record.pack
+        if (
+            type(size) is int
+            and type(mode) is int
+            and type(mtime) is float
+            and math.isfinite(mtime)
+            and type(path) is str
+            and type(sha256) is str
+            and (pack is None or type(pack) is str)
+        ):
+            return (
+                f'{{"mode": {mode}, "mtime": {float.__repr__(mtime)}{"" if pack is None else _pack_field(pack)}, "path": {_json_str(path)}, '
+                f'"sha256": {_json_str(sha256)}, "size": {size}}}'
+            )
     return json.dumps(_record_dict(record), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)  # a backup's records name a few packs, each thousands of times
+def _pack_field(pack: str) -> str:
+    return f', "pack": {_json_str(pack)}'
 
 
 def _record_dict(record: object) -> dict[str, Any]:

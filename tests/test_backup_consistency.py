@@ -3,11 +3,14 @@ read is read once more; a second change fails the run naming it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
+from mlwarden.jobs.backup import archive
 from mlwarden.jobs.backup import job as job_module
 from test_backup_support import backup, mlwarden, only_entry, tree
 
@@ -82,3 +85,35 @@ def test_a_file_that_keeps_changing_fails_the_run_naming_it(
     assert Catalog(tmp_path / "backups").entries() == []
     assert [p.name for p in (tmp_path / "backups").iterdir()] == [".mlwarden-backup.lock"]
     assert os.path.getsize(models / "checkpoint.pt") == SIZE
+
+
+def test_small_files_changed_or_replaced_after_the_scan_are_stored_as_read_then_once(tmp_path: Path) -> None:
+    """A small file is checked against the scan's stat after its read (not before and after):
+    one rewritten in place, or replaced by a rename, between the scan and its read no longer
+    matches it, is read afresh and stored once, whole, with the record of what was read."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("grown.json", "replaced.json", "same.json"):
+        (models / name).write_bytes(b"old " * 100)
+    source = archive.scan(models)
+    (models / "grown.json").write_bytes(b"new, longer " * 100)
+    (models / "replacement").write_bytes(b"renamed over " * 100)
+    os.rename(models / "replacement", models / "replaced.json")
+    result = archive.write_archive(source, tmp_path / "a.tar", "none", None)
+    assert result.rewritten == ()
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        stored = {member.name: tar.extractfile(member).read() for member in tar.getmembers()}  # type: ignore[union-attr]  # regular files
+    expected = {name: (models / name).read_bytes() for name in ("grown.json", "replaced.json", "same.json")}
+    assert stored == expected  # one member each: no torn copy went in first
+    assert {r.path: (r.size, r.sha256) for r in result.files} == {n: (len(d), hashlib.sha256(d).hexdigest()) for n, d in expected.items()}
+
+
+def test_a_small_file_removed_after_the_scan_fails_the_write_naming_it(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "gone.json").write_bytes(b"{}")
+    source = archive.scan(models)
+    (models / "gone.json").unlink()
+    with pytest.raises(FileNotFoundError, match="gone.json"):
+        archive.write_archive(source, tmp_path / "a.tar", "none", None)
+    assert not (tmp_path / "a.tar").exists()

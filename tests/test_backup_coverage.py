@@ -86,6 +86,25 @@ def test_an_unreadable_path_fails_the_run_naming_it(nobody_models: tuple[Path, P
     assert [p.name for p in backups.iterdir() if p.name != ".mlwarden-backup.lock"] == []
 
 
+@pytest.mark.parametrize(("mode", "readable"), [(0o400, True), (0o200, False), (0o044, False)])
+def test_the_owners_read_bit_decides_for_the_owner(nobody_models: tuple[Path, Path, Path], mode: int, readable: bool) -> None:
+    """The scan trusts the owner's read bit for files the user owns (access() says the same
+    for the owner: the group's and others' bits do not count) and asks access() otherwise."""
+    models, backups, log_file = nobody_models
+    own = models / "own.bin"
+    own.write_bytes(b"mine")
+    os.chown(own, NOBODY, NOBODY)
+    own.chmod(mode)
+    code = run_as_nobody("backup", "--model-dir", models, "--backup-dir", backups, log_file=log_file)
+    if readable:
+        assert code == 0
+        assert "own.bin" in {f.path for f in only_entry(backups).manifest.files}
+    else:
+        assert code == 1
+        assert f"cannot read {own} (Permission denied)" in log_file.read_text()
+        assert Catalog(backups).entries() == []
+
+
 def test_an_excluded_unreadable_directory_is_left_out_on_purpose_and_recorded(
     nobody_models: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -117,19 +117,23 @@ def test_damage_is_still_found_when_the_verifier_dies(tmp_path: Path, monkeypatc
 def test_a_writer_that_fails_leaves_no_verifier_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     models = make_models(tmp_path / "models")
     started: list[int] = []
-    real_start, real_store = follow.Follower.start, archive._store_file
+    real_start = follow.Follower.start
 
     def start(self: follow.Follower, handle: BinaryIO) -> None:
         real_start(self, handle)
         started.append(self._pid or 0)
 
-    def store(source_file: archive.SourceFile, *args: object) -> object:
-        if source_file.relative == "shards/model-00002.safetensors":
-            raise OSError(5, "Input/output error")
-        return real_store(source_file, *args)  # type: ignore[arg-type]  # the same arguments, passed on
+    def failing(real: Callable[..., object]) -> Callable[..., object]:
+        def store(source_file: archive.SourceFile, *args: object) -> object:
+            if source_file.relative == "shards/model-00002.safetensors":
+                raise OSError(5, "Input/output error")
+            return real(source_file, *args)
+
+        return store
 
     monkeypatch.setattr(follow.Follower, "start", start)
-    monkeypatch.setattr(archive, "_store_file", store)
+    for name in ("_store_small", "_store_file"):  # whichever path the file takes: small ones have their own
+        monkeypatch.setattr(archive, name, failing(getattr(archive, name)))
     assert backup(models, tmp_path / "backups") == 1
     assert Catalog(tmp_path / "backups").entries() == []
     assert len(started) == 1 and started[0] > 0

@@ -89,7 +89,7 @@ def test_fast_headers_are_the_ones_tarfile_writes(tmp_path: Path) -> None:
         reference = tarfile.TarInfo(name)
         reference.size, reference.mtime, reference.mode = info.st_size, int(info.st_mtime), 0o640
         reference.uname = reference.gname = ""
-        assert archive._header(name, info) == reference.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        assert archive._header(name, info.st_size, int(info.st_mtime), 0o640) == reference.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def test_a_damaged_tar_header_is_reported_as_damage(tmp_path: Path) -> None:
