@@ -22,6 +22,7 @@ a backup that finds a drill running fails at once, like one that finds another b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -248,12 +249,18 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, follower
             )
             progress.finish()
-            archive.write_checksums(directory, result)
+            # Nothing new to store (every file's content is in an earlier pack, no links): no
+            # pack of its own, so nothing to upload but the manifest, and nothing to verify but its references.
+            keep = bool(result.members or scanned.links)
+            if not keep:
+                archive_path.unlink()
+                result = dataclasses.replace(result, archive_bytes=0, sha256="")
+            archive.write_checksums(directory, result, archive=keep)
             level = settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression]
             pack = Pack(
                 name=name, compression=settings.compression, level=level, archive=archive_path.name, archive_bytes=result.archive_bytes,
                 archive_sha256=result.sha256, files=result.members, links=tuple(scanned.links), rewritten=result.rewritten,
-            )
+            ) if keep else None
             manifest = Manifest(
                 name=name,
                 source=str(source),
@@ -262,7 +269,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 finished_at=time.time(),
                 compression=settings.compression,
                 level=level,
-                archive=archive_path.name,
+                archive=archive_path.name if keep else "",
                 archive_bytes=result.archive_bytes,
                 archive_sha256=result.sha256,
                 total_bytes=sum(record.size for record in result.files),
@@ -294,7 +301,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 shutil.rmtree(directory, ignore_errors=True)
             raise
         _save_cache(cache_file, known)  # while the verifier finishes the archive's last chunk
-        followed = follower.result(entry) if follower is not None else None
+        followed = follower.result(entry) if follower is not None and keep else None
     finally:
         if follower is not None:
             follower.close()  # kills a verifier left running by an error or a signal
@@ -304,7 +311,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
     log.info(
         "backup %s written in %.1fs: %s of files, %s read (%s/s), %s new in %d file(s), stored in %s",
         name, seconds, human_bytes(manifest.total_bytes), human_bytes(result.read_bytes), human_bytes(result.read_bytes / seconds),
-        human_bytes(pack.new_bytes), len(pack.files), human_bytes(result.archive_bytes),
+        human_bytes(pack.new_bytes if pack else 0), len(pack.files) if pack else 0, human_bytes(result.archive_bytes),
     )
     return entry, followed
 
@@ -323,7 +330,7 @@ def _save_cache(path: Path, known: dedup.Dedup) -> None:
 
 def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry, bool]:
     offsite = entry.status.offsite
-    key = location.key(entry.name, entry.manifest.archive)
+    key = location.copy_key(entry.manifest)
     if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == key:
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True

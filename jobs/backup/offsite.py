@@ -203,7 +203,7 @@ class OffsiteStore:
         loc = self.location
         manifest = entry.manifest
         started = time.monotonic()
-        if entry.pack is not None:
+        if manifest.format_version >= 3:
             for name in manifest.packs:
                 if name != entry.name and not self._has_pack(name):
                     log.info("pack %s, which %s needs, is not in %s: uploading it", name, entry.name, loc.url)
@@ -212,18 +212,17 @@ class OffsiteStore:
                     except (OSError, CatalogError) as exc:
                         raise OffsiteError(f"{entry.name} needs pack {name}, which is neither in {loc.url} nor readable here: {exc}") from None
                     self._copy(pack, (pack.manifest.archive + ".sha256", PACK))
-        extra = (PACK,) if entry.pack is not None else ()
-        archive_key = self._copy(entry, (manifest.archive + ".sha256", *extra, CHECKSUMS, MANIFEST))
+        if manifest.has_archive:
+            extra = (PACK,) if entry.pack is not None else ()
+            key = self._copy(entry, (manifest.archive + ".sha256", *extra, CHECKSUMS, MANIFEST))
+            sha256 = manifest.archive_sha256
+        else:  # nothing new: every pack it names is in the bucket (checked above), its index goes up
+            key = loc.copy_key(manifest)
+            with_retries(f"upload of {entry.name} to {loc.url}", loc.attempts, loc.retry_base_seconds, lambda: self._put_files(entry, (CHECKSUMS, MANIFEST)))
+            sha256 = hashlib.sha256((entry.directory / MANIFEST).read_bytes()).hexdigest()
         seconds = time.monotonic() - started
-        log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, archive_key, seconds)
-        return OffsiteCopy(
-            uploaded_at=time.time(),
-            bucket=loc.bucket,
-            key=archive_key,
-            sha256=manifest.archive_sha256,
-            storage_class=loc.storage_class,
-            verified=True,
-        )
+        log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, key, seconds)
+        return OffsiteCopy(uploaded_at=time.time(), bucket=loc.bucket, key=key, sha256=sha256, storage_class=loc.storage_class, verified=True)
 
     def _copy(self, entry: BackupEntry, file_names: tuple[str, ...]) -> str:
         """Upload ``entry``'s archive, check it as S3 stored it, then ``file_names`` in order (the commit marker last)."""
@@ -241,18 +240,22 @@ class OffsiteStore:
                     manifest.archive_bytes, lambda transfer: transfer.upload_file(str(entry.archive_path), loc.bucket, archive_key, extra_args=extra)
                 )
             self._check_archive(archive_key, manifest, expected)
-            for file_name in file_names:
-                self._s3.put_object(
-                    Bucket=loc.bucket,
-                    Key=loc.key(entry.name, file_name),
-                    Body=(entry.directory / file_name).read_bytes(),
-                    ChecksumAlgorithm="SHA256",
-                )
+            self._put_files(entry, file_names)
 
         part_size = self._part_size(manifest.archive_bytes)
         expected = object_checksums(entry.archive_path, part_size)
         with_retries(f"upload of {entry.name} to {loc.url}", loc.attempts, loc.retry_base_seconds, copy)
         return archive_key
+
+    def _put_files(self, entry: BackupEntry, file_names: tuple[str, ...]) -> None:
+        """Upload ``file_names`` of ``entry``'s directory in order, each checked by S3 against its SHA-256."""
+        for file_name in file_names:
+            self._s3.put_object(
+                Bucket=self.location.bucket,
+                Key=self.location.key(entry.name, file_name),
+                Body=(entry.directory / file_name).read_bytes(),
+                ChecksumAlgorithm="SHA256",
+            )
 
     def _has_pack(self, name: str) -> bool:
         """Whether the bucket holds pack ``name``: its pack.json goes up only after its archive was checked."""
