@@ -123,6 +123,12 @@ def test_a_pack_an_unchanged_backup_names_must_be_there_and_hold_its_content(tmp
     run(models, backups, tmp_path)
     run(models, backups, tmp_path)
     first, second = Catalog(backups).entries()
+    data = first.archive_path.read_bytes()
+    first.archive_path.write_bytes(data[:-10])  # verified when it was made, cut short since
+    entry, result = verify_and_record(second)
+    assert not result.ok and f"pack {first.name}: archive {first.manifest.archive} is missing or has" in result.detail
+    first.archive_path.write_bytes(data)
+    assert verify_and_record(second)[1].ok
     pack = json.loads((first.directory / PACK).read_text())
     pack["files"] = pack["files"][1:]
     (first.directory / PACK).write_text(json.dumps(pack))

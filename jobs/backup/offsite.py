@@ -218,7 +218,8 @@ class OffsiteStore:
             sha256 = manifest.archive_sha256
         else:  # nothing new: every pack it names is in the bucket (checked above), its index goes up
             key = loc.copy_key(manifest)
-            with_retries(f"upload of {entry.name} to {loc.url}", loc.attempts, loc.retry_base_seconds, lambda: self._put_files(entry, (CHECKSUMS, MANIFEST)))
+            index = (CHECKSUMS, MANIFEST)
+            with_retries(f"upload of {entry.name} to {loc.url}", loc.attempts, loc.retry_base_seconds, lambda: self._put_files(entry, index))
             sha256 = hashlib.sha256((entry.directory / MANIFEST).read_bytes()).hexdigest()
         seconds = time.monotonic() - started
         log.info("uploaded %s to s3://%s/%s in %.1fs, checked by S3's SHA-256 and ETag", entry.name, loc.bucket, key, seconds)

@@ -6,8 +6,8 @@ where, and the result is recorded in the backup's ``status.json`` for the export
 
 A format-3 backup with no archive of its own (nothing new was stored) is verified by its
 references: every pack it names is in the backup directory, holds each content the manifest
-names it for with its size, and passed its own verification (a pack never verified is read
-now, as its backup's verification would have).
+names it for with its size, and passed its own verification with its archive still there at
+its size (a pack never verified is read now, as its backup's verification would have).
 """
 
 from __future__ import annotations
@@ -91,14 +91,19 @@ def verify_references(entry: BackupEntry) -> VerifyResult:
         verification = pack.status.verification
         if verification is not None and not verification.ok:
             problems.append(f"pack {name} failed its verification ({verification.detail})")
-        elif verification is None:
+        elif verification is not None:  # verified when it was made: still there, whole?
+            size = pack.archive_path.stat().st_size if pack.archive_path.is_file() else None
+            if size != pack.manifest.archive_bytes:
+                problems.append(f"pack {name}: archive {pack.manifest.archive} is missing or has {size} bytes, not {pack.manifest.archive_bytes}")
+        else:
             result = verify_archive(pack)
             read += result.archive_bytes
             if not result.ok:
                 problems.append(f"pack {name}: {result.detail}")
     if problems:
         return VerifyResult(False, "; ".join(problems), 0, read)
-    return VerifyResult(True, f"no archive of its own: {len(entry.manifest.files)} files found in {len(packs)} verified pack(s)", len(entry.manifest.files), read)
+    files = len(entry.manifest.files)
+    return VerifyResult(True, f"no archive of its own: {files} files found in {len(packs)} verified pack(s)", files, read)
 
 
 def member_sha256(data: MemberData, size: int) -> str:
