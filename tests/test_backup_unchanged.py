@@ -234,3 +234,13 @@ def test_a_manifest_without_an_archive_must_store_nothing() -> None:
     for changes in bad:
         with pytest.raises(CatalogError):
             _manifest(**changes)
+
+
+@pytest.mark.parametrize("model", ["endpoints", "partitions", "sdk-default-configuration", "s3/2006-03-01/service-2", "s3/2006-03-01/endpoint-rule-set-1"])
+def test_the_s3_clients_models_read_as_botocore_reads_them(model: str) -> None:
+    import botocore.loaders  # type: ignore[import-untyped]  # no type hints
+    from mlwarden.jobs.backup.offsite import _JSONFiles
+
+    path = str(Path(botocore.loaders.__file__).parent / "data" / model)
+    ours, theirs = _JSONFiles().load_file(path), botocore.loaders.JSONFileLoader().load_file(path)
+    assert ours is not None and ours == theirs

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import json
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ import botocore.exceptions  # type: ignore[import-untyped]  # as above
 import botocore.loaders  # type: ignore[import-untyped]  # as above
 import botocore.session  # type: ignore[import-untyped]  # as above
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
+from mlwarden.relay import jsonio
 
 from mlwarden.backoff import Backoff
 from mlwarden.catalog import CHECKSUMS, MANIFEST, PACK, BackupEntry, Catalog, CatalogError, Manifest, OffsiteCopy, Pack, check_backup_name
@@ -121,13 +121,15 @@ def object_checksums(path: Path, part_size: int | None) -> ObjectChecksums:
 class _JSONFiles(botocore.loaders.JSONFileLoader):  # type: ignore[misc]  # an untyped base class
     """botocore's model files as plain dicts: its own loader builds an OrderedDict of every
     object (``object_pairs_hook``), which made loading S3's model and the endpoint tables a
-    third of a small backup's S3 set-up. Dicts keep their order too."""
+    third of a small backup's S3 set-up. Dicts keep their order too. Parsed by orjson (the
+    relay's decoder, with the standard library's as its fallback): 3.3 MB of JSON in a cold
+    process, about 34 ms instead of 48."""
 
     def load_file(self, file_path: str) -> Any:
         for extension, opener in ((".json", open), (".json.gz", gzip.open)):
             try:
                 with opener(file_path + extension, "rb") as handle:
-                    return json.loads(handle.read())
+                    return jsonio.decode(handle.read())
             except FileNotFoundError:
                 continue
         return None
