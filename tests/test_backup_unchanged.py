@@ -244,3 +244,21 @@ def test_the_s3_clients_models_read_as_botocore_reads_them(model: str) -> None:
     path = str(Path(botocore.loaders.__file__).parent / "data" / model)
     ours, theirs = _JSONFiles().load_file(path), botocore.loaders.JSONFileLoader().load_file(path)
     assert ours is not None and ours == theirs
+
+
+def test_no_verifier_is_forked_for_a_backup_that_will_store_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlwarden.jobs.backup.follow import Follower
+
+    started: list[int] = []
+    start = Follower.start
+    monkeypatch.setattr(Follower, "start", lambda self, handle: started.append(1) or start(self, handle))
+    models, backups = _models(tmp_path / "models"), tmp_path / "backups"
+    settle()
+    run(models, backups, tmp_path)
+    run(models, backups, tmp_path)
+    assert len(started) == 1 and Catalog(backups).entries()[-1].verified is True
+    (models / "new.bin").write_bytes(b"new content")
+    settle()
+    run(models, backups, tmp_path)
+    latest = Catalog(backups).entries()[-1]
+    assert len(started) == 2 and latest.manifest.has_archive and latest.verified is True

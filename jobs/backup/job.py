@@ -243,10 +243,15 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 directory, name, started = _new_staging(settings.backup_dir, source)
             archive_path = directory / archive.archive_name(name, settings.compression)
             known = dedup.Dedup(name, index, cache, scan_started_ns, sizes)
+            # Every file unchanged with its content in a pack, and no links: the archive will hold
+            # nothing, so no verifier is forked to follow it (if a file changes after all, the
+            # archive is verified once written).
+            expect_nothing = not scanned.links and all(known.unchanged(f.key) is not None for f in scanned.files)
+            following = None if expect_nothing else follower
             log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
             progress = Progress(f"backup {name}", total)
             result = archive.write_archive(
-                scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, follower
+                scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, following
             )
             progress.finish()
             # Nothing new to store (every file's content is in an earlier pack, no links): no
@@ -301,7 +306,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 shutil.rmtree(directory, ignore_errors=True)
             raise
         _save_cache(cache_file, known)  # while the verifier finishes the archive's last chunk
-        followed = follower.result(entry) if follower is not None and keep else None
+        followed = following.result(entry) if following is not None and keep else None
     finally:
         if follower is not None:
             follower.close()  # kills a verifier left running by an error or a signal
