@@ -236,7 +236,10 @@ def test_a_manifest_without_an_archive_must_store_nothing() -> None:
             _manifest(**changes)
 
 
-@pytest.mark.parametrize("model", ["endpoints", "partitions", "sdk-default-configuration", "s3/2006-03-01/service-2", "s3/2006-03-01/endpoint-rule-set-1"])
+S3_MODELS = ["endpoints", "partitions", "sdk-default-configuration", "s3/2006-03-01/service-2", "s3/2006-03-01/endpoint-rule-set-1"]
+
+
+@pytest.mark.parametrize("model", S3_MODELS)
 def test_the_s3_clients_models_read_as_botocore_reads_them(model: str) -> None:
     import botocore.loaders  # type: ignore[import-untyped]  # no type hints
     from mlwarden.jobs.backup.offsite import _JSONFiles

@@ -175,7 +175,10 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
     location = settings.offsite
     if location is not None:
         if ok:
-            entry, outcome.offsite_ok = _copy_offsite(entry, location)
+            # botocore's modules and its client's models are most of the objects of a small
+            # backup's process: the collector would traverse them again and again as they are made.
+            with cyclic_gc_paused():
+                entry, outcome.offsite_ok = _copy_offsite(entry, location)
         else:
             log.error("not uploading %s: it failed verification", entry.name)
             outcome.offsite_ok = False
