@@ -2,7 +2,8 @@
 
 Layout: ``s3://BUCKET/PREFIX/<name>/<file>`` for the archive, its ``.sha256``,
 ``SHA256SUMS`` and ``manifest.json``; the manifest goes last, so in S3 too a backup without
-its manifest does not exist. An archive smaller than the part size goes up in one PUT, a
+its manifest does not exist. A backup that stored nothing new has only ``SHA256SUMS`` and
+its manifest there, uploaded once every pack it names is known to be in the bucket. An archive smaller than the part size goes up in one PUT, a
 larger one with boto3's managed multipart transfer (loaded only then); every part carries
 S3's own SHA-256 checksum (``ChecksumAlgorithm``: S3 rejects a part whose bytes do not
 match), the object its full SHA-256 as metadata (``x-amz-meta-sha256``). After the
@@ -199,9 +200,9 @@ class OffsiteStore:
     def upload(self, entry: BackupEntry) -> OffsiteCopy:
         """Copy one backup (archive first, manifest last) and check the archive's hash in S3.
 
-        Format 3: the backup's own pack, and any pack it names that the bucket lacks (an
-        earlier copy failed, or S3 was configured later), so that in the bucket too the
-        backup is complete before its manifest appears."""
+        Format 3: the backup's own pack (if it has one), and any pack it names that the
+        bucket lacks (an earlier copy failed, or S3 was configured later), so that in the
+        bucket too the backup is complete before its manifest appears."""
         loc = self.location
         manifest = entry.manifest
         started = time.monotonic()
