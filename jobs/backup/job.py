@@ -175,10 +175,7 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
     location = settings.offsite
     if location is not None:
         if ok:
-            # botocore's modules and its client's models are most of the objects of a small
-            # backup's process: the collector would traverse them again and again as they are made.
-            with cyclic_gc_paused():
-                entry, outcome.offsite_ok = _copy_offsite(entry, location)
+            entry, outcome.offsite_ok = _copy_offsite(entry, location)
         else:
             log.error("not uploading %s: it failed verification", entry.name)
             outcome.offsite_ok = False
@@ -342,10 +339,15 @@ def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry
     if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == key:
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True
-    from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
+    # botocore's modules and its client's models are most of the objects of a small backup's
+    # process: the collector would traverse them again and again as they are made. Not the
+    # upload: a retried part's traceback can hold its chunk in a cycle.
+    with cyclic_gc_paused():
+        from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
 
+        store = OffsiteStore(location)
     try:
-        copy = OffsiteStore(location).upload(entry)
+        copy = store.upload(entry)
     except OffsiteError as exc:
         log.error("off-site copy FAILED: %s. The local backup %s is kept (and verified); the job reports failure", exc, entry.directory)
         return entry, False
