@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlwarden import __version__, logs, registry, settings
+from mlwarden import __version__, gcpause, logs, registry, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.interrupts import Terminated
@@ -135,6 +135,7 @@ def entry() -> int:
     backup with an off-site copy: botocore's modules and models, 30-60 ms of a second backup
     that takes 0.6 s). They die with the process anyway: frozen, the collector skips them.
     Only for the process itself: tests call :func:`main` in theirs."""
+    gcpause.command_owns_process()
     code = main()
     gc.freeze()
     return code

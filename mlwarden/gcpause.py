@@ -24,3 +24,26 @@ def cyclic_gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+# The ``mlwarden`` process itself (not a test or a program that imports mlwarden) ends with its
+# command: what it keeps until then may be taken out of the collector's reach. Its entry sets this.
+_COMMAND_OWNS_PROCESS = False
+
+
+def command_owns_process() -> None:
+    """Called by the ``mlwarden`` process entry only: :func:`kept_until_exit` may freeze."""
+    global _COMMAND_OWNS_PROCESS
+    _COMMAND_OWNS_PROCESS = True
+
+
+@contextmanager
+def kept_until_exit() -> Iterator[None]:
+    """Objects made inside the block stay until the process ends (modules, an S3 client and its
+    models): no cyclic collection while they are made, and in the ``mlwarden`` process they are
+    then frozen, never traversed again (the first collection after a pause would go over all of
+    them: 25-45 ms of a second backup's CPU). Elsewhere the collector simply resumes."""
+    with cyclic_gc_paused():
+        yield
+        if _COMMAND_OWNS_PROCESS:
+            gc.freeze()

@@ -58,7 +58,7 @@ from mlwarden.catalog import (
 )
 from mlwarden.exitcodes import ExitCode
 from mlwarden.fsutil import disk_space, fsync_dir
-from mlwarden.gcpause import cyclic_gc_paused
+from mlwarden.gcpause import cyclic_gc_paused, kept_until_exit
 from mlwarden.interrupts import deferred_interrupts, sigterm_interrupts
 from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
@@ -340,9 +340,9 @@ def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True
     # botocore's modules and its client's models are most of the objects of a small backup's
-    # process: the collector would traverse them again and again as they are made. Not the
+    # process and stay to its end: the collector would traverse them again and again. Not the
     # upload: a retried part's traceback can hold its chunk in a cycle.
-    with cyclic_gc_paused():
+    with kept_until_exit():
         from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
 
         store = OffsiteStore(location)
