@@ -265,3 +265,21 @@ def test_no_verifier_is_forked_for_a_backup_that_will_store_nothing(tmp_path: Pa
     run(models, backups, tmp_path)
     latest = Catalog(backups).entries()[-1]
     assert len(started) == 2 and latest.manifest.has_archive and latest.verified is True
+
+
+def test_the_days_unchanged_backup_is_verified_again_and_found_off_site_by_the_next_run(
+    tmp_path: Path, s3_env: list[str], s3_server: components.S3Server
+) -> None:
+    models, backups = _models(tmp_path / "models"), tmp_path / "backups"
+    settle()
+    assert mlwarden("backup", "--model-dir", models, "--backup-dir", backups, *s3_env) == 0
+    assert mlwarden("backup", "--model-dir", models, "--backup-dir", backups, "--force", *s3_env) == 0
+    second = Catalog(backups).entries()[-1]
+    assert not second.manifest.has_archive and second.status.offsite is not None
+    uploaded = _bucket_files(s3_server, s3_env)
+    assert mlwarden("backup", "--model-dir", models, "--backup-dir", backups, *s3_env) == 0  # the day's backup exists
+    assert [e.name for e in Catalog(backups).entries()][-1] == second.name and _bucket_files(s3_server, s3_env) == uploaded
+    again = Catalog(backups).entries()[-1]
+    assert again.verified is True and again.status.offsite == second.status.offsite
+    assert again.status.verification is not None and second.status.verification is not None
+    assert again.status.verification.checked_at > second.status.verification.checked_at
