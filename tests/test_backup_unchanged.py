@@ -106,15 +106,27 @@ def test_an_unchanged_backup_is_verified_through_the_packs_it_names(tmp_path: Pa
     models, backups = _models(tmp_path / "models"), tmp_path / "backups"
     settle()
     run(models, backups, tmp_path, "--no-verify")
-    run(models, backups, tmp_path)  # the first pack was never verified: it is read now
+    run(models, backups, tmp_path)  # the first pack was never verified: it is read now, and that is recorded
     first, second = Catalog(backups).entries()
-    assert first.verified is None and second.verified is True
+    assert first.verified is True and second.verified is True
+    flip_byte(first.archive_path)  # damaged after its verification: the drill and --read-data catch it
+    assert mlwarden("backup-check", "--backup-dir", backups, "--read-data") == 1
+
+
+def test_an_unchanged_backup_fails_with_a_damaged_pack_that_was_never_verified(tmp_path: Path) -> None:
+    models, backups = _models(tmp_path / "models"), tmp_path / "backups"
+    settle()
+    run(models, backups, tmp_path, "--no-verify")
+    first = Catalog(backups).entries()[0]
     flip_byte(first.archive_path)
     assert mlwarden("backup", "--model-dir", models, "--backup-dir", backups, "--period", "run") == 1
+    first, second = Catalog(backups).entries()
+    assert not second.manifest.has_archive and second.verified is False and first.verified is False
+    assert second.status.verification is not None and first.name in second.status.verification.detail
+    run(models, backups, tmp_path)  # the damaged pack is no longer used: everything is stored again
     third = Catalog(backups).entries()[-1]
-    assert not third.manifest.has_archive and third.verified is False
-    assert third.status.verification is not None and first.name in third.status.verification.detail
-    assert mlwarden("backup-check", "--backup-dir", backups, "--read-data") == 1
+    assert third.manifest.has_archive and third.manifest.packs == (third.name,) and third.verified is True
+    assert restored(third.name, backups, tmp_path / "r") == tree(models)
 
 
 def test_a_pack_an_unchanged_backup_names_must_be_there_and_hold_its_content(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ where, and the result is recorded in the backup's ``status.json`` for the export
 A format-3 backup with no archive of its own (nothing new was stored) is verified by its
 references: every pack it names is in the backup directory, holds each content the manifest
 names it for with its size, and passed its own verification with its archive still there at
-its size (a pack never verified is read now, as its backup's verification would have).
+its size (a pack never verified is read now, as its backup's verification would have, and
+the result recorded on it).
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def verify_references(entry: BackupEntry) -> VerifyResult:
             size = pack.archive_path.stat().st_size if pack.archive_path.is_file() else None
             if size != pack.manifest.archive_bytes:
                 problems.append(f"pack {name}: archive {pack.manifest.archive} is missing or has {size} bytes, not {pack.manifest.archive_bytes}")
-        else:
+        else:  # recorded on the pack: the next backup that names it need not read it again
             result = verify_archive(pack)
             read += result.archive_bytes
+            Catalog.update_status(pack, verification=Verification(checked_at=time.time(), ok=result.ok, detail=result.detail))
             if not result.ok:
                 problems.append(f"pack {name}: {result.detail}")
     if problems:
