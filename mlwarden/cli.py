@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import logging
 import sys
 import textwrap
@@ -129,16 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The ``mlwarden`` process: :func:`main`, then no last full traversal of its objects.
-
-    At exit the interpreter runs the cyclic collector over every object still alive (after a
-    backup with an off-site copy: botocore's modules and models, 30-60 ms of a second backup
-    that takes 0.6 s). They die with the process anyway: frozen, the collector skips them.
-    Only for the process itself: tests call :func:`main` in theirs."""
+    """The ``mlwarden`` process: :func:`main`, in a process that ends with the command, so
+    that what it keeps to its end may be frozen out of the collector's reach
+    (:func:`mlwarden.gcpause.kept_until_exit`). Tests call :func:`main` in their own process."""
     gcpause.command_owns_process()
-    code = main()
-    gc.freeze()
-    return code
+    return main()
 
 
 if __name__ == "__main__":
