@@ -13,7 +13,10 @@ Layout under the backup directory::
 
 Format 3 stores content once: a backup's archive (its *pack*) holds only content that no
 earlier pack in the backup directory holds, and each file record of its manifest names the
-pack that holds its SHA-256. A pruned backup whose pack is still named by a kept manifest
+pack that holds its SHA-256. A backup with nothing new to store (no new content, no
+symlinks) has no pack of its own: its manifest's ``archive`` is ``""`` (size 0, no hash), its
+directory holds ``manifest.json``, ``SHA256SUMS`` and ``status.json`` only, and every file
+record names an earlier pack. A pruned backup whose pack is still named by a kept manifest
 stays as a directory with ``pack.json`` and its manifest renamed to ``manifest.pruned.json``:
 a pack, not a backup, removed once no kept manifest names it.
 
@@ -235,7 +238,7 @@ class Manifest:
     finished_at: float
     compression: str  # "zstd" | "gzip" | "none"
     level: int | None
-    archive: str  # file name inside the backup's directory
+    archive: str  # file name inside the backup's directory; "" for a format-3 backup with no pack of its own
     archive_bytes: int
     archive_sha256: str
     total_bytes: int  # sum of the files' sizes before compression
@@ -249,7 +252,10 @@ class Manifest:
 
     def __post_init__(self) -> None:
         check_backup_name(self.name)
-        _check_archive_name(self.name, self.compression, self.archive, "manifest")
+        if self.has_archive:
+            _check_archive_name(self.name, self.compression, self.archive, "manifest")
+        else:
+            self._check_without_archive()
         if self.format_version >= 3:
             # Each name once (a regex per file record cost more than the rest of a manifest's checks).
             for pack in {record.pack for record in self.files}:
@@ -258,6 +264,19 @@ class Manifest:
                 self._check_hardlinks()
         elif any(record.pack is not None for record in self.files) or self.hardlinks:
             raise CatalogError(f"manifest of {self.name}: a format {self.format_version} manifest names a pack or a hard link")
+
+    @property
+    def has_archive(self) -> bool:
+        """False for a format-3 backup that stored nothing new: its content is all in earlier packs."""
+        return self.archive != ""
+
+    def _check_without_archive(self) -> None:
+        """A backup without an archive stores nothing: every file lives in an earlier pack, and it
+        has no links (a backup's links are members of its own pack)."""
+        if self.format_version < 3:
+            raise CatalogError(f"manifest of {self.name}: a format {self.format_version} manifest names no archive")
+        if self.archive_bytes != 0 or self.archive_sha256 != "" or self.links or any(record.pack == self.name for record in self.files):
+            raise CatalogError(f"manifest of {self.name}: no archive of its own, yet it has archive bytes, a hash, links or files in its own pack")
 
     def _check_hardlinks(self) -> None:
         """Each hard link joins two files of the manifest with the same content, to one that is no link itself."""
@@ -272,10 +291,12 @@ class Manifest:
 
     @property
     def packs(self) -> tuple[str, ...]:
-        """The packs whose archives hold this backup's content (format 3), sorted; none before."""
+        """The packs whose archives hold this backup's content (format 3), sorted, its own among
+        them when it has one; none before format 3."""
         if self.format_version < 3:
             return ()
-        return tuple(sorted({str(record.pack) for record in self.files} | {self.name}))
+        own = {self.name} if self.has_archive else set()
+        return tuple(sorted({str(record.pack) for record in self.files} | own))
 
     def to_json(self, lines_of: dict[int, str] | None = None) -> str:
         return _records_json(self, ("files", "links", "skipped", "hardlinks"), lines_of)
@@ -401,7 +422,7 @@ class BackupEntry:
     directory: Path
     manifest: Manifest
     status: Status = field(default_factory=Status)
-    pack: Pack | None = None  # format 3: what this backup's own archive holds
+    pack: Pack | None = None  # format 3: what this backup's own archive holds; None before, or without an archive
 
     def stored(self) -> BackupEntry:
         """This backup as its archive holds it: itself before format 3; its pack from then on
@@ -513,7 +534,7 @@ class Catalog:
         except OSError as exc:
             raise CatalogError(f"cannot read {manifest_path}: {exc.strerror}") from None
         pack = None
-        if manifest.format_version >= 3:
+        if manifest.format_version >= 3 and manifest.has_archive:
             pack = _read_pack(directory)
             if (pack.name, pack.archive, pack.archive_sha256) != (manifest.name, manifest.archive, manifest.archive_sha256):
                 raise CatalogError(f"{directory / PACK} does not describe the archive of {manifest_path}")

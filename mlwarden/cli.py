@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlwarden import __version__, logs, registry, settings
+from mlwarden import __version__, gcpause, logs, registry, settings
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
 from mlwarden.interrupts import Terminated
@@ -127,5 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.FAILURE
 
 
+def entry() -> int:
+    """The ``mlwarden`` process: :func:`main`, in a process that ends with the command, so
+    that what it keeps to its end may be frozen out of the collector's reach
+    (:func:`mlwarden.gcpause.kept_until_exit`). Tests call :func:`main` in their own process."""
+    gcpause.command_owns_process()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -18,7 +18,9 @@ directory next to BACKUP/<name>, with pack.json) whose archive holds its content
 is checked as in 1 against its pack.json and extracted into a scratch directory next to
 TARGET; each file of the manifest is copied from the member with its SHA-256, each hard
 link the manifest lists is made to the file it names, the symlinks are made from the
-manifest, and 3 holds as above (hard links joined, link for link).
+manifest, and 3 holds as above (hard links joined, link for link). A backup that stored
+nothing new has no pack of its own (its manifest's "archive" is ""): all of its files are
+in earlier packs.
 
 Exit 0 when TARGET holds exactly the backup; 1 naming what is wrong. Only the standard
 library: this file is meant to be copied next to the backups and run on a bare machine.
@@ -142,7 +144,8 @@ def recover_packs(backup: str, manifest: dict[str, Any], target: str) -> list[st
     """Format 3: check every pack first (nothing is extracted if one is damaged), extract
     them into a scratch directory, then copy each file's content to its path."""
     root = os.path.dirname(os.path.abspath(backup))
-    names = sorted({r["pack"] for r in manifest["files"]} | {manifest["name"]})
+    own = {manifest["name"]} if manifest["archive"] else set()  # "": nothing new was stored, no pack of its own
+    names = sorted({r["pack"] for r in manifest["files"]} | own)
     if any(not safe(name) or "/" in name or name.startswith(".") for name in names):
         return ["manifest.json names a pack that is not a directory name"]
     members: dict[tuple[str, str], str] = {}  # (pack, SHA-256) -> member path

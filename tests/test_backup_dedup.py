@@ -64,8 +64,11 @@ def test_a_second_backup_of_an_unchanged_tree_reads_nothing_and_stores_nothing_n
     assert metrics(tmp_path)["mlwarden_backup_read_bytes"] == 0  # the files cache: not one byte read
     first, second = Catalog(backups).entries()
     assert first_read == first.manifest.total_bytes == second.manifest.total_bytes
-    assert second.manifest.archive_bytes < 0.01 * first.manifest.archive_bytes
-    assert second.pack is not None and second.pack.files == ()
+    # Nothing new: no pack of its own, nothing but its index and its checksums.
+    assert second.pack is None and not second.manifest.has_archive and second.manifest.archive_bytes == 0
+    assert sorted(p.name for p in second.directory.iterdir()) == ["SHA256SUMS", "manifest.json", "status.json"]
+    assert second.manifest.packs == (first.name,) and second.verified is True
+    assert metrics(tmp_path)["mlwarden_backup_written_bytes"] == 0
     assert {r.pack for r in second.manifest.files} == {first.name}
     # Content is stored once even inside one backup: the copy and the empty files.
     assert first.pack is not None and len(first.pack.files) == len(first.manifest.files) - 2
@@ -343,11 +346,12 @@ def test_offsite_moves_only_the_packs_needed_and_prunes_the_bucket_by_reference(
     assert {name for name, files in groups.items() if "manifest.json" in files} == {fourth}
     assert second not in groups  # its pack (C) was named by no kept manifest: deleted
     assert "pack.json" in groups[first] and "pack.json" in groups[third]  # A and D live there
+    assert groups[fourth] == {"manifest.json", "SHA256SUMS"}  # it stored nothing new: no pack of its own
     shutil.rmtree(backups)  # the machine lost its disk
     downloaded.clear()
     assert mlwarden("restore", "latest", "--from-s3", *s3_env, "--to", tmp_path / "r") == 0
     assert tree(tmp_path / "r") == expected
-    assert sorted(downloaded) == sorted([first, third, fourth])
+    assert sorted(downloaded) == sorted([first, third])
 
 
 def test_hard_links_are_read_and_stored_once(tmp_path: Path) -> None:

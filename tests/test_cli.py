@@ -75,3 +75,21 @@ def test_the_installed_command_prints_one_line_for_a_mistyped_command() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("mlwarden: unknown command 'relya' (did you mean relay?)")
     assert result.stderr.count("\n") == 1
+
+
+def test_the_process_entry_lets_a_command_freeze_what_it_keeps_to_its_end(tmp_path: Path) -> None:
+    """``mlwarden`` (the console script, ``python -m mlwarden.cli``) marks its process as the
+    command's own: what a command keeps to its end is frozen there, never in a caller's process."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mlwarden"]
+    assert script.value == "mlwarden.cli:entry"
+    code = (
+        "import gc, sys; from mlwarden import cli, gcpause; "
+        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; code = cli.entry(); "
+        "before = gc.get_freeze_count()\n"
+        "with gcpause.kept_until_exit(): kept = [{'i': i} for i in range(1000)]\n"
+        "print(gc.get_freeze_count() - before >= 1000, code)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["True", "0"], done.stderr  # after backup-list's (empty) table

@@ -301,9 +301,11 @@ def sha256sum_line(digest: str, name: str) -> str:
     return f"{digest}  {name}\n"
 
 
-def write_checksums(directory: Path, result: ArchiveResult) -> None:
-    """``<archive>.sha256`` and ``SHA256SUMS``, both for ``sha256sum -c``, written atomically."""
-    atomic_write_text(result.path.with_name(result.path.name + ".sha256"), sha256sum_line(result.sha256, result.path.name))
+def write_checksums(directory: Path, result: ArchiveResult, archive: bool = True) -> None:
+    """``<archive>.sha256`` (unless ``archive`` is False: a backup that keeps no archive) and
+    ``SHA256SUMS``, both for ``sha256sum -c``, written atomically."""
+    if archive:
+        atomic_write_text(result.path.with_name(result.path.name + ".sha256"), sha256sum_line(result.sha256, result.path.name))
     # A name that is not UTF-8 is written as the bytes it has on disk, so `sha256sum -c` finds it.
     lines = "".join(sha256sum_line(r.sha256, r.path) for r in result.files)
     atomic_write_bytes(directory / CHECKSUMS, lines.encode("utf-8", "surrogateescape"))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlwarden.jobs.backup.archive import sha256sum_line
-from mlwarden.jobs.backup.verify import verify_archive
+from mlwarden.jobs.backup.verify import pack_references, verify_archive
 
 from mlwarden.catalog import CHECKSUMS, BackupEntry, Catalog
 from mlwarden.exitcodes import ExitCode
@@ -38,7 +38,8 @@ def describe(entry: BackupEntry, referenced_by: tuple[str, ...] = ()) -> dict[st
     """One backup (or, with ``referenced_by``, a pruned backup's pack) as ``backup-list --json`` gives it."""
     manifest, status = entry.manifest, entry.status
     offsite = status.offsite
-    is_pack = entry.pack is None and manifest.format_version >= 3  # a pack's own view (Catalog.read_pack)
+    # A pack's own view (Catalog.read_pack); a backup without an archive of its own is no pack.
+    is_pack = entry.pack is None and manifest.format_version >= 3 and manifest.has_archive
     row: dict[str, Any] = {
         "kind": "pack" if is_pack else "backup",
         "name": entry.name,
@@ -46,7 +47,7 @@ def describe(entry: BackupEntry, referenced_by: tuple[str, ...] = ()) -> dict[st
         "files": len(manifest.files),
         "links": len(manifest.links),
         "total_bytes": manifest.total_bytes,
-        "new_bytes": entry.pack.new_bytes if entry.pack is not None else manifest.total_bytes,
+        "new_bytes": entry.pack.new_bytes if entry.pack is not None else manifest.total_bytes if manifest.has_archive else 0,
         "stored_bytes": manifest.archive_bytes,
         "verified": entry.verified,
         "verified_at": _utc(status.verification.checked_at) if status.verification else None,
@@ -108,13 +109,15 @@ def references(entry: BackupEntry, packs: dict[str, BackupEntry] | None = None) 
     stored = entry.stored()
     manifest = stored.manifest
     problems = []
-    try:
-        size = entry.archive_path.stat().st_size
-        if size != manifest.archive_bytes:
-            problems.append(f"archive {manifest.archive} has {size} bytes, the manifest says {manifest.archive_bytes}")
-    except FileNotFoundError:
-        problems.append(f"archive {manifest.archive} is missing")
-    expected = {entry.archive_path.with_name(manifest.archive + ".sha256"): sha256sum_line(manifest.archive_sha256, manifest.archive)}
+    expected = {}
+    if manifest.has_archive:
+        try:
+            size = entry.archive_path.stat().st_size
+            if size != manifest.archive_bytes:
+                problems.append(f"archive {manifest.archive} has {size} bytes, the manifest says {manifest.archive_bytes}")
+        except FileNotFoundError:
+            problems.append(f"archive {manifest.archive} is missing")
+        expected[entry.archive_path.with_name(manifest.archive + ".sha256")] = sha256sum_line(manifest.archive_sha256, manifest.archive)
     if packs is not None:
         expected[entry.directory / CHECKSUMS] = "".join(sha256sum_line(f.sha256, f.path) for f in entry.manifest.files)
     for path, text in expected.items():
@@ -123,23 +126,8 @@ def references(entry: BackupEntry, packs: dict[str, BackupEntry] | None = None) 
                 problems.append(f"{path.name} does not match the manifest")
         except FileNotFoundError:
             problems.append(f"{path.name} is missing")
-    if entry.pack is not None and packs is not None:
-        problems += _pack_references(entry, packs)
-    return problems
-
-
-def _pack_references(entry: BackupEntry, packs: dict[str, BackupEntry]) -> list[str]:
-    """Every content the manifest names a pack for is a member of that pack, with its size."""
-    problems = []
-    held = {name: {(r.sha256, r.size) for r in pack.manifest.files} for name, pack in packs.items()}
-    for name in entry.manifest.packs:
-        if name not in held:
-            living = sum(r.pack == name for r in entry.manifest.files)
-            problems.append(f"pack {name} is missing or unreadable: {living} file(s) of this backup live in it")
-            continue
-        lacking = [r.path for r in entry.manifest.files if r.pack == name and (r.sha256, r.size) not in held[name]]
-        if lacking:
-            problems.append(f"pack {name} does not hold the content of {len(lacking)} file(s), e.g. {lacking[0]!r}")
+    if entry.manifest.format_version >= 3 and packs is not None:
+        problems += pack_references(entry, packs)
     return problems
 
 
@@ -164,7 +152,7 @@ def check_backups(backup_dir: Path, read_data: bool) -> CheckResult:
     # A pruned backup's pack is checked as a pack: its archive, and with --read-data its bytes.
     for entry in entries + [pack for name, pack in packs.items() if name in pruned]:
         found = references(entry, None if entry.name in pruned else packs)
-        if read_data and not found:
+        if read_data and not found and entry.manifest.has_archive:  # one without stores nothing: its packs are read as theirs
             result = verify_archive(entry)
             if not result.ok:
                 found.append(result.detail)

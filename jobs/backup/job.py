@@ -22,6 +22,7 @@ a backup that finds a drill running fails at once, like one that finds another b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -57,7 +58,7 @@ from mlwarden.catalog import (
 )
 from mlwarden.exitcodes import ExitCode
 from mlwarden.fsutil import disk_space, fsync_dir
-from mlwarden.gcpause import cyclic_gc_paused
+from mlwarden.gcpause import cyclic_gc_paused, kept_until_exit
 from mlwarden.interrupts import deferred_interrupts, sigterm_interrupts
 from mlwarden.lock import JobLock, LockHeld
 from mlwarden.terminal import Progress, human_bytes
@@ -242,18 +243,29 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 directory, name, started = _new_staging(settings.backup_dir, source)
             archive_path = directory / archive.archive_name(name, settings.compression)
             known = dedup.Dedup(name, index, cache, scan_started_ns, sizes)
+            # Every file unchanged with its content in a pack, and no links: the archive will hold
+            # nothing, so no verifier is forked to follow it (if a file changes after all, the
+            # archive is verified once written).
+            expect_nothing = not scanned.links and all(known.unchanged(f.key) is not None for f in scanned.files)
+            following = None if expect_nothing else follower
             log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
             progress = Progress(f"backup {name}", total)
             result = archive.write_archive(
-                scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, follower
+                scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, following
             )
             progress.finish()
-            archive.write_checksums(directory, result)
+            # Nothing new to store (every file's content is in an earlier pack, no links): no
+            # pack of its own, so nothing to upload but the manifest, and nothing to verify but its references.
+            keep = bool(result.members or scanned.links)
+            if not keep:
+                archive_path.unlink()
+                result = dataclasses.replace(result, archive_bytes=0, sha256="")
+            archive.write_checksums(directory, result, archive=keep)
             level = settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression]
             pack = Pack(
                 name=name, compression=settings.compression, level=level, archive=archive_path.name, archive_bytes=result.archive_bytes,
                 archive_sha256=result.sha256, files=result.members, links=tuple(scanned.links), rewritten=result.rewritten,
-            )
+            ) if keep else None
             manifest = Manifest(
                 name=name,
                 source=str(source),
@@ -262,7 +274,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 finished_at=time.time(),
                 compression=settings.compression,
                 level=level,
-                archive=archive_path.name,
+                archive=archive_path.name if keep else "",
                 archive_bytes=result.archive_bytes,
                 archive_sha256=result.sha256,
                 total_bytes=sum(record.size for record in result.files),
@@ -294,7 +306,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 shutil.rmtree(directory, ignore_errors=True)
             raise
         _save_cache(cache_file, known)  # while the verifier finishes the archive's last chunk
-        followed = follower.result(entry) if follower is not None else None
+        followed = following.result(entry) if following is not None and keep else None
     finally:
         if follower is not None:
             follower.close()  # kills a verifier left running by an error or a signal
@@ -304,7 +316,7 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
     log.info(
         "backup %s written in %.1fs: %s of files, %s read (%s/s), %s new in %d file(s), stored in %s",
         name, seconds, human_bytes(manifest.total_bytes), human_bytes(result.read_bytes), human_bytes(result.read_bytes / seconds),
-        human_bytes(pack.new_bytes), len(pack.files), human_bytes(result.archive_bytes),
+        human_bytes(pack.new_bytes if pack else 0), len(pack.files) if pack else 0, human_bytes(result.archive_bytes),
     )
     return entry, followed
 
@@ -323,14 +335,19 @@ def _save_cache(path: Path, known: dedup.Dedup) -> None:
 
 def _copy_offsite(entry: BackupEntry, location: S3Location) -> tuple[BackupEntry, bool]:
     offsite = entry.status.offsite
-    key = location.key(entry.name, entry.manifest.archive)
+    key = location.copy_key(entry.manifest)
     if offsite is not None and offsite.verified and offsite.bucket == location.bucket and offsite.key == key:
         log.info("%s is already in %s", entry.name, location.url)
         return entry, True
-    from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
+    # botocore's modules and its client's models are most of the objects of a small backup's
+    # process and stay to its end: the collector would traverse them again and again. Not the
+    # upload: a retried part's traceback can hold its chunk in a cycle.
+    with kept_until_exit():
+        from mlwarden.jobs.backup.offsite import OffsiteStore  # boto3 loads only when S3 is used
 
+        store = OffsiteStore(location)
     try:
-        copy = OffsiteStore(location).upload(entry)
+        copy = store.upload(entry)
     except OffsiteError as exc:
         log.error("off-site copy FAILED: %s. The local backup %s is kept (and verified); the job reports failure", exc, entry.directory)
         return entry, False

@@ -8,9 +8,9 @@ removed only after the last manifest that names it is gone, and a ``kill -9`` at
 leaves either a backup (intact), a pruned pack (removed by the next run once unreferenced) or
 a staging directory (removed by the next run); every kept backup stays restorable.
 
-A format-2 backup holds all of its content: it is renamed to a staging name and removed, as
-before. Nothing is removed while any manifest in the directory cannot be read: it might name
-the pack.
+A format-2 backup holds all of its content, and a format-3 backup that stored nothing new
+holds none (no pack of its own): either is renamed to a staging name and removed whole.
+Nothing is removed while any manifest in the directory cannot be read: it might name the pack.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False, ext
     check_target(target, overwrite)
     manifest = entry.manifest
     packs = _packs(entry)
-    for pack in packs if packs else [entry]:
+    for pack in [entry] if packs is None else packs:
         actual, size = hash_file(pack.archive_path)
         if actual != pack.manifest.archive_sha256 or size != pack.manifest.archive_bytes:
             raise ArchiveError(f"archive {pack.archive_path} does not match its manifest's SHA-256: it is damaged; nothing was extracted")
@@ -93,7 +93,7 @@ def restore_entry(entry: BackupEntry, target: Path, overwrite: bool = False, ext
         with deferred_interrupts():  # SIGTERM between the mkdir and the assignment would strand the directory
             staging = staging_dir(target.parent, _restore_prefix(target))
         umask = _process_umask()
-        files = _extract_packs(entry, packs, staging, umask, external_links) if packs else _extract(entry, staging, umask, external_links)
+        files = _extract(entry, staging, umask, external_links) if packs is None else _extract_packs(entry, packs, staging, umask, external_links)
         _swap_into_place(staging, target, overwrite)
     except RestoreStranded:
         raise  # the staging directory holds the only verified copy of the restore: keep it
@@ -213,17 +213,17 @@ class _SyncAhead:
             raise self._error
 
 
-def _packs(entry: BackupEntry) -> list[BackupEntry]:
-    """Format 3: every pack that holds content of ``entry`` (its own first), each checked to
-    hold what the manifest expects of it; empty before format 3 (one archive holds it all).
-    Pack names come from the manifest, validated as backup names: one path component."""
-    if entry.pack is None:
-        return []
+def _packs(entry: BackupEntry) -> list[BackupEntry] | None:
+    """Format 3: every pack that holds content of ``entry`` (its own first, when it has one),
+    each checked to hold what the manifest expects of it; None before format 3 (one archive
+    holds it all). Pack names come from the manifest, validated as backup names: one path component."""
+    if entry.manifest.format_version < 3:
+        return None
     root = entry.directory.parent
     wanted: dict[str, set[str]] = {}
     for record in entry.manifest.files:
         wanted.setdefault(str(record.pack), set()).add(record.sha256)
-    packs = [entry.stored()]
+    packs = [entry.stored()] if entry.manifest.has_archive else []
     for name in entry.manifest.packs:
         if name == entry.name:
             continue

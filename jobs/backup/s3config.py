@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlwarden.catalog import MANIFEST, Manifest
+
 ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")  # objects that need a restore request before a download
 STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", *ARCHIVE_STORAGE_CLASSES)
 
@@ -34,6 +36,11 @@ class S3Location:
     def key(self, name: str, file_name: str) -> str:
         prefix = self.prefix.strip("/")
         return f"{prefix}/{name}/{file_name}" if prefix else f"{name}/{file_name}"
+
+    def copy_key(self, manifest: Manifest) -> str:
+        """The key that stands for a backup's off-site copy: its archive's, or its manifest's
+        for a backup with no archive of its own."""
+        return self.key(manifest.name, manifest.archive if manifest.has_archive else MANIFEST)
 
     @property
     def url(self) -> str:
