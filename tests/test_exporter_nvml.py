@@ -472,7 +472,7 @@ def test_a_pass_like_the_one_before_serves_the_same_series_and_every_change_show
     assert value(samples(collector), "mlwarden_gpu_processes", gpu="0", uuid="GPU-fake-0") == 2
 
 _COMPARE_PROCESS_PATHS = """
-import json, pynvml
+import dataclasses, json, pynvml
 from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
 
 def listed(backend):
@@ -482,7 +482,7 @@ def listed(backend):
         reading = backend.read(index)  # the parts of a reading that come from nvmlDeviceGetFieldValues
         fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
         whole = {key: str(value) if key == "ecc_errors" else value  # JSON keys: no tuples
-                 for key, value in vars(reading).items() if key != "profiling"}  # GPM: one sample, no interval
+                 for key, value in ((f.name, getattr(reading, f.name)) for f in dataclasses.fields(reading)) if key != "profiling"}  # GPM: one sample, no interval
         profiling = backend.read(index).profiling  # GPM between this pass's sample and the one before
         found.append([[vars(p) for p in backend.processes(index)], fields, whole, profiling])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
@@ -517,7 +517,7 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader", "_Getter"]
+    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader", "_Getter", "_PairGetter", "_StructGetter"]
     assert pynvml_kinds == ["function", "function", "NoneType", "function", "function"]
     processes, (memory_temperature, pcie_bytes, nvlinks), whole, profiling = direct[0]
     assert profiling["sm_activity"] == 0.42 and profiling["fp32_activity"] == 0.125 and "fp64_activity" in profiling

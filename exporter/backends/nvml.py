@@ -302,31 +302,53 @@ class _Getter:
     """One of NVML's getters that answer through out-parameters, called directly into out-parameters kept
     from call to call: pynvml's wrapper takes a lock to look the function up and builds its out-parameters
     on every call, which was a third of a pass's NVML time. Used, like _ProcessLister, only while pynvml's
-    own wrapper is in place."""
+    own wrapper is in place.
+
+    No lock of its own (taking one was a third of a call): only :meth:`NvmlBackend.read` calls these, and it
+    is called by one thread at a time (the ``gpu`` collector's), as its GPM samples already require."""
 
     def __init__(self, name: str, function: Any, outs: tuple[Any, ...]) -> None:
         self.__name__ = name
         self._function = function
         self._outs = tuple(out() for out in outs)
         self._refs = tuple(ctypes.byref(out) for out in self._outs)
-        self._lock = threading.Lock()
+        self._out = self._outs[0]
+        self._ref = self._refs[0]
 
     @classmethod
     def load(cls, wrapper: Callable[..., Any], *outs: Any) -> Callable[..., Any]:
         """The direct call for pynvml's ``wrapper``, or the wrapper itself when it is not pynvml's own."""
         function = _pynvml_own(wrapper, wrapper.__name__)
-        return wrapper if function is None else cls(wrapper.__name__, function, outs)
+        if function is None:
+            return wrapper
+        kind = _PairGetter if len(outs) > 1 else _StructGetter if issubclass(outs[0], ctypes.Structure) else cls
+        return kind(wrapper.__name__, function, outs)
 
     def __call__(self, handle: Any, *args: Any) -> Any:
-        with self._lock:
-            answer = self._function(handle, *args, *self._refs)
-            if answer != pynvml.NVML_SUCCESS:
-                raise pynvml.NVMLError(answer)
-            outs = self._outs
-            if len(outs) > 1:
-                return [out.value for out in outs]  # as pynvml answers: [value, sampling period]
-            out = outs[0]
-            return type(out).from_buffer_copy(out) if isinstance(out, ctypes.Structure) else out.value
+        answer = self._function(handle, *args, self._ref)
+        if answer:  # NVML_SUCCESS is 0
+            raise pynvml.NVMLError(answer)
+        return self._out.value
+
+
+class _PairGetter(_Getter):
+    """A getter with two out-parameters, answered as pynvml does: [value, sampling period]."""
+
+    def __call__(self, handle: Any, *args: Any) -> Any:
+        answer = self._function(handle, *args, *self._refs)
+        if answer:
+            raise pynvml.NVMLError(answer)
+        return [out.value for out in self._outs]
+
+
+class _StructGetter(_Getter):
+    """A getter that fills in a structure: answered as a copy, since the one filled in is reused."""
+
+    def __call__(self, handle: Any, *args: Any) -> Any:
+        answer = self._function(handle, *args, self._ref)
+        if answer:
+            raise pynvml.NVMLError(answer)
+        return type(self._out).from_buffer_copy(self._out)
 
 
 @dataclass(frozen=True)
