@@ -481,8 +481,8 @@ def listed(backend):
     for index in range(backend.device_count()):
         reading = backend.read(index)  # the parts of a reading that come from nvmlDeviceGetFieldValues
         fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
-        whole = {key: str(value) if key == "ecc_errors" else value  # JSON keys: no tuples
-                 for key, value in ((f.name, getattr(reading, f.name)) for f in dataclasses.fields(reading)) if key != "profiling"}  # GPM: one sample, no interval
+        whole = {f.name: getattr(reading, f.name) for f in dataclasses.fields(reading) if f.name != "profiling"}  # GPM: one sample, no interval
+        whole["ecc_errors"] = str(whole["ecc_errors"])  # JSON keys: no tuples
         profiling = backend.read(index).profiling  # GPM between this pass's sample and the one before
         found.append([[vars(p) for p in backend.processes(index)], fields, whole, profiling])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})

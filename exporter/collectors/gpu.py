@@ -12,6 +12,7 @@ A field the GPU does not support is omitted, never reported as 0.
 from __future__ import annotations
 
 import logging
+import operator
 
 from mlwarden.exporter.backends.base import (
     DIRECTIONS,
@@ -29,6 +30,7 @@ from mlwarden.exporter.exposition import Family, counter, gauge
 log = logging.getLogger(__name__)
 
 GpuLabels = tuple[int, str]  # (index, uuid) as in the series' labels; uuid "" when never read
+Sample = tuple[tuple[str, ...], float]
 
 # (reading attribute, metric name, help): the plain per-GPU gauges.
 GAUGES = (
@@ -67,6 +69,7 @@ PROFILING = {
         "DRAM bandwidth used as a fraction of the theoretical maximum, over the collection interval (GPM)."),
 }
 PIPES = {"fp16_activity": "fp16", "fp32_activity": "fp32", "fp64_activity": "fp64"}
+_GAUGE_VALUES = operator.attrgetter(*(attr for attr, _, _ in GAUGES))  # a reading's GAUGES values in one call
 
 
 class _Labels:
@@ -82,6 +85,23 @@ class _Labels:
         self.ecc = {(t, c): (*gpu, t, c) for t in ECC_ERROR_TYPES for c in ECC_COUNTERS}
         self.links: dict[int, tuple[str, ...]] = {}
         self.link_extra: dict[tuple[int, str], tuple[str, ...]] = {}  # (link, direction or error) -> labels
+        self._info: tuple[str, ...] = ()
+        # the throttle samples made from the backend's reasons dict, served again while it hands the same dict
+        self._throttle: tuple[dict[str, bool] | None, list[Sample]] = (None, [])
+
+    def info(self, name: str, pci_bus_id: str, driver: str, cuda: str) -> tuple[str, ...]:
+        """The labels of the GPU's ``mlwarden_gpu_info``: the same tuple while they are the same."""
+        labels = self._info
+        if labels[2:] != (name, pci_bus_id, driver, cuda):
+            labels = self._info = (*self.gpu, name, pci_bus_id, driver, cuda)
+        return labels
+
+    def throttle(self, reasons: dict[str, bool] | None) -> list[Sample]:
+        source, samples = self._throttle
+        if reasons is not source:
+            samples = [(self.of(reason), 1 if active else 0) for reason, active in (reasons or {}).items()]
+            self._throttle = (reasons, samples)
+        return samples
 
     def of(self, value: str) -> tuple[str, ...]:
         labels = self.extra.get(value)
@@ -100,9 +120,6 @@ class _Labels:
         if labels is None:
             labels = self.link_extra[(link, value)] = (*self.gpu, str(link), value)
         return labels
-
-
-Sample = tuple[tuple[str, ...], float]
 
 
 class _Steady:
@@ -250,22 +267,21 @@ class GpuCollector(Collector):
         previous, self._steady = self._steady, {}
         # in the order of _Steady.samples
         steady_families = (energy, ecc, retired, remapped, pending, replays, violations, pcie_bytes, nvlink_up, nvlink_bytes, nvlink_errors)
+        plain = tuple(gauges.values())  # in the order of GAUGES, as _GAUGE_VALUES answers
         for reading in readings:
             ident = reading.identity
             gpu_key = (ident.index, ident.uuid)
             labels = self._labels[gpu_key] = known.get(gpu_key) or _Labels(*gpu_key)
             gpu = labels.gpu
-            info.samples.append(((*gpu, ident.name, ident.pci_bus_id, driver, cuda), 1))
+            info.samples.append((labels.info(ident.name, ident.pci_bus_id, driver, cuda), 1))
             up.samples.append((gpu, 1))
-            for attr, family in gauges.items():
-                value = getattr(reading, attr)
+            for family, value in zip(plain, _GAUGE_VALUES(reading), strict=True):
                 if value is not None:
                     family.samples.append((gpu, value))
             for clock, value in (("sm", reading.sm_clock_hz), ("memory", reading.memory_clock_hz)):
                 if value is not None:
                     clocks.samples.append((labels.clocks[clock], value))
-            for reason, active in (reading.throttle_reasons or {}).items():
-                throttle.samples.append((labels.of(reason), 1 if active else 0))
+            throttle.samples += labels.throttle(reading.throttle_reasons)
             steady = self._steady_samples(reading, labels, previous.get(gpu_key))
             self._steady[gpu_key] = steady
             for family, made in zip(steady_families, steady.samples, strict=True):
