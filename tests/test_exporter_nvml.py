@@ -497,7 +497,7 @@ for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunni
              "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetFanSpeed",
              "nvmlDeviceGetPerformanceState", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
              "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetUtilizationRates",
-             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet"):
+             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet", "nvmlDeviceGetMemoryInfo"):
     wrapped = getattr(pynvml, name)
     setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
@@ -517,13 +517,15 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader", "_Getter", "_PairGetter", "_StructGetter"]
+    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader",
+                            "_Getter", "_MemoryGetter", "_PairGetter", "_StructGetter"]
     assert pynvml_kinds == ["function", "function", "NoneType", "function", "function"]
     processes, (memory_temperature, pcie_bytes, nvlinks), whole, profiling = direct[0]
     assert profiling["sm_activity"] == 0.42 and profiling["fp32_activity"] == 0.125 and "fp64_activity" in profiling
     assert whole["temperature_celsius"] == 60 and whole["utilization_ratio"] == 0.5 and whole["encoder_utilization_ratio"] == 0.12
     assert whole["throttle_reasons"]["hw_thermal_slowdown"] and whole["sm_clock_hz"] and whole["pcie_link_width"] == 16
     assert whole["energy_joules"] == 1500 and whole["violation_seconds"]["power"] == 2.5 and whole["pcie_replays"] == 3
+    assert whole["memory_reserved_bytes"] == 500 * 2**20 and whole["memory_used_bytes"] == 30000 * 2**20
     assert len(direct) == 3 and [p["pid"] for p in processes] == pids
     assert processes[0]["used_memory_bytes"] == 512 * 2**20 and processes[0]["gpu_instance"] is None
     assert processes[0]["sm_utilization_ratio"] == 0.1 and processes[40]["memory_utilization_ratio"] == 0.45

@@ -183,6 +183,8 @@ class _ProcessLister:
         self._count = ctypes.c_uint(0)
         self._array = (_ProcessInfo * 32)()
         self._lock = threading.Lock()  # the array is reused: one call at a time
+        # id(handle) -> NVML's answer as bytes, and the list made from it: the same list while the bytes are the same
+        self._answered: dict[int, tuple[bytes, list[RunningProcess]]] = {}
 
     @classmethod
     def load(cls, wrapper: Callable[..., Any], name: str) -> _ProcessLister | None:
@@ -199,7 +201,14 @@ class _ProcessLister:
                 if answer != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
                     raise pynvml.NVMLError(answer)
                 self._array = (_ProcessInfo * (self._count.value * 2 + 8))()  # room for processes starting meanwhile
-            return [(p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId) for p in self._array[: self._count.value]]
+            count = self._count.value
+            raw = ctypes.string_at(self._array, count * ctypes.sizeof(_ProcessInfo))
+            answered = self._answered.get(id(handle))
+            if answered is not None and answered[0] == raw:
+                return answered[1]  # processes and their memory barely change from second to second
+            listed = [(p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId) for p in self._array[:count]]
+            self._answered[id(handle)] = (raw, listed)
+            return listed
 
 
 class _FieldValue(ctypes.Structure):
@@ -368,6 +377,32 @@ class _StructGetter(_Getter):
         return type(self._out).from_buffer_copy(self._out)
 
 
+class _Memory(ctypes.Structure):
+    """nvmlMemory_v2_t as a plain ctypes structure (see _ProcessInfo), its version filled in once: NVML reads it."""
+
+    _fields_ = (("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong))
+
+    def __init__(self) -> None:
+        super().__init__(version=pynvml.nvmlMemory_v2)
+
+
+class _MemoryGetter(_StructGetter):
+    """nvmlDeviceGetMemoryInfo_v2 into a _Memory; called as pynvml's wrapper is, with the version (which _Memory holds)."""
+
+    @classmethod
+    def load_memory(cls) -> Callable[..., Any]:
+        wrapper = pynvml.nvmlDeviceGetMemoryInfo
+        function = _pynvml_own(wrapper, "nvmlDeviceGetMemoryInfo_v2")
+        return wrapper if function is None else cls(wrapper.__name__, function, (_Memory,))
+
+    def __call__(self, handle: Any, *version: Any) -> Any:
+        return super().__call__(handle)
+
+    def arguments(self, handle: Any, *version: Any) -> tuple[Any, ...]:
+        return (handle, self._ref)
+
+
 # One getter of a pass's batch (see NvmlBackend._batch): the getter, its arguments, and for a direct getter the
 # C function's arguments and its scalar out-parameter (None: ask answer()); the wrapper itself is called otherwise.
 _Prepared = tuple[Callable[..., Any], tuple[Any, ...], "tuple[Any, ...] | None", Any]
@@ -388,6 +423,7 @@ class _Getters:
     utilization: Callable[..., Any]
     encoder: Callable[..., Any]
     decoder: Callable[..., Any]
+    memory: Callable[..., Any]  # with the v2 structure's version as its second argument
 
     @classmethod
     def load(cls) -> _Getters:
@@ -402,6 +438,7 @@ class _Getters:
             utilization=load(pynvml.nvmlDeviceGetUtilizationRates, _Utilization),
             encoder=load(pynvml.nvmlDeviceGetEncoderUtilization, uint, uint),
             decoder=load(pynvml.nvmlDeviceGetDecoderUtilization, uint, uint),
+            memory=_MemoryGetter.load_memory(),
         )
 
     def batch(self, handle: Any) -> tuple[_Prepared, ...]:
@@ -410,6 +447,7 @@ class _Getters:
             (self.utilization, ()), (self.pstate, ()), (self.temperature, (pynvml.NVML_TEMPERATURE_GPU,)), (self.power, ()),
             (self.fan, ()), (self.clock, (pynvml.NVML_CLOCK_SM,)), (self.clock, (pynvml.NVML_CLOCK_MEM,)), (self.clock_events, ()),
             (self.pcie_generation, ()), (self.pcie_width, ()), (self.encoder, ()), (self.decoder, ()),
+            (self.memory, (pynvml.nvmlMemory_v2,)),
         )
         prepared: list[_Prepared] = []
         for getter, args in calls:
@@ -623,11 +661,9 @@ class NvmlBackend(GpuBackend):
         if now >= self._reprobe_at:
             self._forget_unsupported()
             self._reprobe_at = now + REPROBE_S
-        util, raw_pstate, temperature, power, fan, sm_clock, memory_clock, events, generation, width, encoder, decoder = (
+        util, raw_pstate, temperature, power, fan, sm_clock, memory_clock, events, generation, width, encoder, decoder, memory = (
             self._get_batch(index, handle))
-        memory = call(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2) or call(
-            pynvml.nvmlDeviceGetMemoryInfo, handle
-        )
+        memory = memory or call(pynvml.nvmlDeviceGetMemoryInfo, handle)  # a driver without the v2 structure
         pstate = u32(raw_pstate)
         profile = self._gpm.read(index, handle)
         slow = self._slow_facts(index, handle, now)
@@ -1022,6 +1058,8 @@ class NvmlBackend(GpuBackend):
         return tuple(devices)
 
     def _mig(self, index: int, handle: Any, layout: tuple[tuple[MigDevice, Any], ...]) -> tuple[MigReading, ...]:
+        if not layout:
+            return ()
         profiles = {gi: self._gpm.read_mig(index, handle, gi) for gi in sorted({device.gpu_instance for device, _ in layout})}
         readings = []
         for device, mig in layout:
