@@ -70,6 +70,19 @@ PROFILING = {
 }
 PIPES = {"fp16_activity": "fp16", "fp32_activity": "fp32", "fp64_activity": "fp64"}
 _GAUGE_VALUES = operator.attrgetter(*(attr for attr, _, _ in GAUGES))  # a reading's GAUGES values in one call
+# MIG instances' GPM ratios: key in MigReading.profiling -> (metric name, help)
+MIG_PROFILING = {
+    key: (name.replace("mlwarden_gpu_", "mlwarden_gpu_mig_", 1),
+          f"{text[:-1]}, for the MIG device's GPU instance (compute instances of one GPU instance share its value).")
+    for key, (name, text) in PROFILING.items()
+}
+# label names, made once: a pass makes some 45 families
+_INFO_LABELS = (*GPU_LABELS, "name", "pci_bus_id", "driver_version", "cuda_version")
+_MIG_LABELS = (*GPU_LABELS, "gpu_instance", "compute_instance", "profile")
+_BY = {extra: (*GPU_LABELS, extra) for extra in ("clock", "reason", "cause", "state", "pipe", "direction", "link")}
+_ECC_LABELS = (*GPU_LABELS, "error_type", "counter")
+_LINK_DIRECTION_LABELS = (*GPU_LABELS, "link", "direction")
+_LINK_ERROR_LABELS = (*GPU_LABELS, "link", "error")
 
 
 class _Labels:
@@ -216,51 +229,45 @@ class GpuCollector(Collector):
     def _families(self, readings: list[GpuReading], down: list[GpuLabels], driver: str, cuda: str) -> list[Family]:
         info = gauge(
             "mlwarden_gpu_info", "GPU identity; the value is always 1.",
-            labels=[*GPU_LABELS, "name", "pci_bus_id", "driver_version", "cuda_version"],
+            labels=_INFO_LABELS,
         )
         up = gauge("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung, no longer listed).",
             labels=GPU_LABELS)
         gauges = {attr: gauge(name, text, labels=GPU_LABELS) for attr, name, text in GAUGES}
         energy = counter("mlwarden_gpu_energy_joules", "Energy consumed since the driver was loaded, in joules.", labels=GPU_LABELS)
-        clocks = gauge("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=[*GPU_LABELS, "clock"])
+        clocks = gauge("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=_BY["clock"])
         throttle = gauge("mlwarden_gpu_throttle_reason_active", "1 when this clock throttle (event) reason is active, else 0.",
-            labels=[*GPU_LABELS, "reason"])
+            labels=_BY["reason"])
         ecc = counter("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).",
-            labels=[*GPU_LABELS, "error_type", "counter"])
-        retired = gauge("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=[*GPU_LABELS, "cause"])
-        remapped = gauge("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=[*GPU_LABELS, "state"])
+            labels=_ECC_LABELS)
+        retired = gauge("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=_BY["cause"])
+        remapped = gauge("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=_BY["state"])
         pending = gauge("mlwarden_gpu_retired_pages_pending", "1 when retired pages await a GPU reset or driver reload to take effect, else 0.",
             labels=GPU_LABELS)
         profiling = {key: gauge(name, text, labels=GPU_LABELS) for key, (name, text) in PROFILING.items()}
         pipes = gauge("mlwarden_gpu_pipe_activity_ratio",
             "Fraction of the collection interval the SMs spent on non-tensor math of this precision (GPM).",
-            labels=[*GPU_LABELS, "pipe"])
+            labels=_BY["pipe"])
         pcie_rate = gauge("mlwarden_gpu_pcie_throughput_bytes_per_second",
             "PCIe traffic in bytes per second (GPM: averaged over the collection interval; else NVML's 20 ms sample).",
-            labels=[*GPU_LABELS, "direction"])
-        pcie_bytes = counter("mlwarden_gpu_pcie_bytes", "PCIe bytes transferred since the driver was loaded.", labels=[*GPU_LABELS, "direction"])
+            labels=_BY["direction"])
+        pcie_bytes = counter("mlwarden_gpu_pcie_bytes", "PCIe bytes transferred since the driver was loaded.", labels=_BY["direction"])
         replays = counter("mlwarden_gpu_pcie_replays", "PCIe replays (retransmissions after link errors) since the driver was loaded.",
             labels=GPU_LABELS)
         nvlink_rate = gauge("mlwarden_gpu_nvlink_throughput_bytes_per_second",
             "NVLink traffic over all links in bytes per second, averaged over the collection interval (GPM).",
-            labels=[*GPU_LABELS, "direction"])
-        nvlink_up = gauge("mlwarden_gpu_nvlink_up", "1 when the NVLink link is active, else 0.", labels=[*GPU_LABELS, "link"])
+            labels=_BY["direction"])
+        nvlink_up = gauge("mlwarden_gpu_nvlink_up", "1 when the NVLink link is active, else 0.", labels=_BY["link"])
         nvlink_bytes = counter("mlwarden_gpu_nvlink_bytes", "NVLink data bytes transferred on the link since the driver was loaded.",
-            labels=[*GPU_LABELS, "link", "direction"])
+            labels=_LINK_DIRECTION_LABELS)
         nvlink_errors = counter("mlwarden_gpu_nvlink_errors", "NVLink data-link errors on the link since the driver was loaded.",
-            labels=[*GPU_LABELS, "link", "error"])
+            labels=_LINK_ERROR_LABELS)
         violations = counter("mlwarden_gpu_clock_violation_seconds",
             "Time the clocks were held below their target for this reason, since the driver was loaded.",
-            labels=[*GPU_LABELS, "reason"])
-        mig_labels = [*GPU_LABELS, "gpu_instance", "compute_instance", "profile"]
-        mig_used = gauge("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=mig_labels)
-        mig_total = gauge("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=mig_labels)
-        mig_profiling = {
-            key: gauge(name.replace("mlwarden_gpu_", "mlwarden_gpu_mig_", 1),
-                       f"{text[:-1]}, for the MIG device's GPU instance (compute instances of one GPU instance share its value).",
-                       labels=mig_labels)
-            for key, (name, text) in PROFILING.items()
-        }
+            labels=_BY["reason"])
+        mig_used = gauge("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=_MIG_LABELS)
+        mig_total = gauge("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=_MIG_LABELS)
+        mig_profiling = {key: gauge(name, text, labels=_MIG_LABELS) for key, (name, text) in MIG_PROFILING.items()}
         for index, uuid in down:
             up.samples.append(((str(index), uuid), 0))
         known, self._labels = self._labels, {}
