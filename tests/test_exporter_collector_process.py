@@ -6,13 +6,16 @@ the only files that name it (its flag, help and docs row come from its registrat
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from mlwarden.exporter.app import Exporter
 from mlwarden.exporter.collectors.base import registered
 from mlwarden.exporter.collectors.process import ProcessCollector
 from mlwarden.exporter.exposition import Renderer
+from mlwarden.exporter.snapshot import SnapshotStore
 from prometheus_client import ProcessCollector as PrometheusProcessCollector
 from prometheus_client.exposition import generate_latest
 
@@ -33,7 +36,7 @@ NAMES = re.compile(
 
 
 def test_the_process_collector_serves_what_prometheus_client_s_process_collector_serves() -> None:
-    ours = parsed(Renderer().render(ProcessCollector(1.0, 1.0).collect().families))
+    ours = parsed(Renderer().render(ProcessCollector(1.0, 1.0).read()))
     theirs = parsed(generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))))  # type: ignore[arg-type]  # prometheus_client's families, as its renderer takes them
     assert ours.keys() == theirs.keys()
     assert {name for name, _ in ours} >= {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"}
@@ -41,10 +44,40 @@ def test_the_process_collector_serves_what_prometheus_client_s_process_collector
         assert ours[(same, ())] == theirs[(same, ())]
     for close in ("process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds"):
         assert abs(ours[(close, ())] - theirs[(close, ())]) <= 0.1 * theirs[(close, ())], close
-    ours_text = Renderer().render(ProcessCollector(1.0, 1.0).collect().families).decode()
+    ours_text = Renderer().render(ProcessCollector(1.0, 1.0).read()).decode()
     theirs_text = generate_latest(_Registry(list(PrometheusProcessCollector(registry=None).collect()))).decode()  # type: ignore[arg-type]  # prometheus_client's families, as its renderer takes them
     assert [line for line in ours_text.splitlines() if line.startswith("#")] == \
         [line for line in theirs_text.splitlines() if line.startswith("#")]  # same HELP and TYPE lines
+
+
+def _stat_line(cpu_ticks: int) -> str:
+    """A /proc/PID/stat line: the fields after the command name from index 11 (utime) on."""
+    fields = ["S", *["0"] * 10, str(cpu_ticks), "0", *["0"] * 6, "100", str(64 * 2**20), "2048", *["0"] * 20]
+    return "4242 (mlwarden exporter) " + " ".join(fields) + "\n"
+
+
+def test_a_pass_reads_proc_self_only_when_its_snapshot_is_rendered(tmp_path: Path) -> None:
+    """Nobody needs the exporter's own process_* between scrapes: a pass publishes what reads them, and the
+    values are those of the moment its snapshot is rendered. Descriptors that cannot be listed omit one series."""
+    (tmp_path / "self" / "fd").mkdir(parents=True)
+    (tmp_path / "stat").write_text("cpu 1 2 3 4\nbtime 1700000000\n")
+    stat = tmp_path / "self" / "stat"
+    stat.write_text(_stat_line(cpu_ticks=100))
+    collector = ProcessCollector(1.0, 1.0, proc=tmp_path)
+    store = SnapshotStore([("process", 1.0)], "test")
+    store.publish("process", collector.collect(), 0.0)
+    stat.write_text(_stat_line(cpu_ticks=900))  # after the pass, before the scrape; the same file, kept open
+    (tmp_path / "self" / "fd" / "3").touch()
+    body = store.snapshot.body.decode()
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert sample(body, "process_cpu_seconds_total") == 900 / ticks and sample(body, "process_open_fds") == 1
+    assert sample(body, "process_resident_memory_bytes") == 2048 * os.sysconf("SC_PAGE_SIZE")
+    assert sample(body, "mlwarden_exporter_collector_success", collector="process") == 1
+    (tmp_path / "self" / "fd" / "3").unlink()
+    (tmp_path / "self" / "fd").rmdir()
+    store.publish("process", collector.collect(), 0.0)
+    body = store.snapshot.body.decode()
+    assert sample(body, "process_open_fds") is None and sample(body, "process_cpu_seconds_total") == 900 / ticks
 
 
 def test_the_exporter_reports_its_own_process_metrics_and_the_registry_s_flag_turns_them_off(

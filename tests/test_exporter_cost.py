@@ -4,10 +4,13 @@ rendered off the event loop and never served half-made, gzip bodies joined from 
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import gzip
 import struct
 import threading
 import zlib
+from types import SimpleNamespace
 
 import pynvml
 import pytest
@@ -20,7 +23,7 @@ from mlwarden.exporter.loop import CollectionLoop, _Runner
 from mlwarden.exporter.snapshot import SnapshotStore
 
 from mlwarden.components import wait_until
-from tests.fake_nvml import FakeNvml, nvml_error
+from tests.fake_nvml import MIB, FakeNvml, nvml_error
 from tests.test_exporter_nvml import _counting, samples, supervisor_for, value
 
 GPU0 = {"gpu": "0", "uuid": "GPU-fake-0"}
@@ -58,6 +61,81 @@ def test_an_unsupported_call_is_not_asked_again_until_the_reprobe(fake: FakeNvml
     assert value(samples(collector), "mlwarden_gpu_fan_speed_ratio", **GPU0) is None
     clock.now += 10
     assert value(samples(collector), "mlwarden_gpu_fan_speed_ratio", **GPU0) == 0.4
+
+
+# Every per-pass and slow reading of GPU 1, changed: the values a warm collector must not serve from what it kept.
+_CHANGED_GPU1 = {
+    "nvmlDeviceGetTemperature": 83, "nvmlDeviceGetPowerUsage": 611_000, "nvmlDeviceGetFanSpeed": 95,
+    "nvmlDeviceGetPerformanceState": 2, "nvmlDeviceGetClockInfo": 1410, "nvmlDeviceGetCurrentClocksEventReasons": 0x1 | 0x8,
+    "nvmlDeviceGetCurrPcieLinkGeneration": 3, "nvmlDeviceGetCurrPcieLinkWidth": 8,
+    "nvmlDeviceGetUtilizationRates": SimpleNamespace(gpu=97, memory=88),
+    "nvmlDeviceGetEncoderUtilization": [1, 167_000], "nvmlDeviceGetDecoderUtilization": [2, 167_000],
+    "nvmlDeviceGetMemoryInfo": SimpleNamespace(total=80_000 * MIB, used=70_000 * MIB, free=9_500 * MIB, reserved=500 * MIB),
+    "nvmlDeviceGetEnforcedPowerLimit": 500_000, "nvmlDeviceGetTotalEnergyConsumption": 9_000_000,
+}
+
+
+def test_a_warm_collector_renders_what_a_fresh_one_renders_after_every_reading_of_a_gpu_changed(fake: FakeNvml) -> None:
+    """The collector and backend keep label tuples, throttle samples, counter samples and prepared calls between
+    passes: after GPU 1's readings all change, the next pass's text must be byte for byte what a collector that
+    never saw the old values renders (none of what was kept may leak a stale value)."""
+    clock = Clock()
+    warm = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
+    renderer = exposition.Renderer()  # kept across passes, as the snapshot store keeps it
+    before = [renderer.render(warm.collect().families) for _ in range(2)]
+    assert before[0] != before[1]  # GPM needs two samples
+    clock.now += 1.0
+    assert renderer.render(warm.collect().families) == before[1]
+    for name, answer in _CHANGED_GPU1.items():
+        fake.fail[(name, 1)] = answer
+    clock.now += nvml_backend.SLOW_REFRESH_S  # counters and slow facts are due again too
+    after = renderer.render(warm.collect().families)
+    fresh = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
+    fresh.collect()  # its first GPM sample
+    expected = exposition.render(fresh.collect().families)
+    assert after == expected and after != before[1]
+    found = samples(warm)
+    gpu1 = {"gpu": "1", "uuid": "GPU-fake-1"}
+    assert value(found, "mlwarden_gpu_temperature_celsius", **gpu1) == 83
+    assert value(found, "mlwarden_gpu_throttle_reason_active", **gpu1, reason="hw_slowdown") == 1
+    assert value(found, "mlwarden_gpu_throttle_reason_active", **gpu1, reason="hw_thermal_slowdown") == 0
+    assert value(found, "mlwarden_gpu_throttle_reason_active", gpu="0", uuid="GPU-fake-0", reason="hw_thermal_slowdown") == 1
+    assert value(found, "mlwarden_gpu_energy_joules_total", **gpu1) == 9000
+
+
+def test_a_direct_getter_answering_not_supported_or_lost_is_handled_as_a_call_through_pynvml(fake: FakeNvml) -> None:
+    """The getters a pass calls directly (their C functions, in one loop) answer errors as return codes: "not
+    supported" omits the series and is not asked again until the re-probe; any other error is that GPU lost only."""
+    clock = Clock()
+    backend = NvmlBackend(clock=clock)
+    collector = GpuCollector(supervisor_for(backend), 1.0, 1.0)
+    samples(collector)
+    codes: dict[int, int] = {0: pynvml.NVML_ERROR_NOT_SUPPORTED}
+    asked: list[int] = []
+
+    def fan_speed(handle: object, out: object) -> int:  # what NVML's C function does: a return code, the answer in out
+        asked.append(handle.index)  # type: ignore[attr-defined]  # the fake's handles
+        code = codes.get(handle.index, pynvml.NVML_SUCCESS)  # type: ignore[attr-defined]
+        if code == pynvml.NVML_SUCCESS:
+            getter.scalar.value = 55
+        return code
+
+    getter = nvml_backend._Getter("nvmlDeviceGetFanSpeed", fan_speed, (ctypes.c_uint,))
+    backend._get = dataclasses.replace(backend._get, fan=getter)
+    backend._prepared.clear()
+    for _ in range(2):
+        clock.now += 1.0
+        found = samples(collector)
+        assert value(found, "mlwarden_gpu_fan_speed_ratio", **GPU0) is None
+        assert value(found, "mlwarden_gpu_fan_speed_ratio", gpu="1", uuid="GPU-fake-1") == 0.55
+    assert asked == [0, 1, 1]  # GPU 0's "not supported" is remembered
+    clock.now += nvml_backend.REPROBE_S
+    del codes[0]
+    codes[1] = pynvml.NVML_ERROR_GPU_IS_LOST
+    found = samples(collector)
+    assert value(found, "mlwarden_gpu_fan_speed_ratio", **GPU0) == 0.55
+    assert value(found, "mlwarden_gpu_up", **GPU0) == 1 and value(found, "mlwarden_gpu_up", gpu="1", uuid="GPU-fake-1") == 0
+    assert value(found, "mlwarden_gpu_temperature_celsius", gpu="1", uuid="GPU-fake-1") is None
 
 
 def test_an_unsupported_field_is_left_out_of_the_request_until_the_reprobe(fake: FakeNvml) -> None:

@@ -472,7 +472,7 @@ def test_a_pass_like_the_one_before_serves_the_same_series_and_every_change_show
     assert value(samples(collector), "mlwarden_gpu_processes", gpu="0", uuid="GPU-fake-0") == 2
 
 _COMPARE_PROCESS_PATHS = """
-import json, pynvml
+import dataclasses, json, pynvml
 from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
 
 def listed(backend):
@@ -481,8 +481,8 @@ def listed(backend):
     for index in range(backend.device_count()):
         reading = backend.read(index)  # the parts of a reading that come from nvmlDeviceGetFieldValues
         fields = [reading.memory_temperature_celsius, reading.pcie_bytes, [(l.link, l.bytes) for l in reading.nvlinks]]
-        whole = {key: str(value) if key == "ecc_errors" else value  # JSON keys: no tuples
-                 for key, value in vars(reading).items() if key != "profiling"}  # GPM: one sample, no interval
+        whole = {f.name: getattr(reading, f.name) for f in dataclasses.fields(reading) if f.name != "profiling"}  # GPM: one sample, no interval
+        whole["ecc_errors"] = str(whole["ecc_errors"])  # JSON keys: no tuples
         profiling = backend.read(index).profiling  # GPM between this pass's sample and the one before
         found.append([[vars(p) for p in backend.processes(index)], fields, whole, profiling])
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
@@ -497,7 +497,7 @@ for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunni
              "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetFanSpeed",
              "nvmlDeviceGetPerformanceState", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
              "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetUtilizationRates",
-             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet"):
+             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet", "nvmlDeviceGetMemoryInfo"):
     wrapped = getattr(pynvml, name)
     setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
@@ -517,13 +517,15 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader", "_Getter"]
+    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader",
+                            "_Getter", "_MemoryGetter", "_PairGetter", "_StructGetter"]
     assert pynvml_kinds == ["function", "function", "NoneType", "function", "function"]
     processes, (memory_temperature, pcie_bytes, nvlinks), whole, profiling = direct[0]
     assert profiling["sm_activity"] == 0.42 and profiling["fp32_activity"] == 0.125 and "fp64_activity" in profiling
     assert whole["temperature_celsius"] == 60 and whole["utilization_ratio"] == 0.5 and whole["encoder_utilization_ratio"] == 0.12
     assert whole["throttle_reasons"]["hw_thermal_slowdown"] and whole["sm_clock_hz"] and whole["pcie_link_width"] == 16
     assert whole["energy_joules"] == 1500 and whole["violation_seconds"]["power"] == 2.5 and whole["pcie_replays"] == 3
+    assert whole["memory_reserved_bytes"] == 500 * 2**20 and whole["memory_used_bytes"] == 30000 * 2**20
     assert len(direct) == 3 and [p["pid"] for p in processes] == pids
     assert processes[0]["used_memory_bytes"] == 512 * 2**20 and processes[0]["gpu_instance"] is None
     assert processes[0]["sm_utilization_ratio"] == 0.1 and processes[40]["memory_utilization_ratio"] == 0.45

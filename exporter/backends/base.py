@@ -81,7 +81,9 @@ class MigReading:
     profiling: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+# Not frozen, and with slots: a frozen dataclass's __init__ sets each of these 35 fields through
+# object.__setattr__, 20 us per GPU per pass (a fifth of reading a GPU); readings are not changed once made.
+@dataclass(slots=True)
 class GpuReading:
     identity: GpuIdentity
     temperature_celsius: float | None = None

@@ -184,7 +184,9 @@ class GpmReader:
         sampler.previous, sampler.current, sampler.primed = sampler.current, sampler.previous, True
         if not values:
             return _NOTHING
-        ratios = {key: _ratio(value) for (_, key), value in zip(RATIOS, values[:len(RATIOS)], strict=True) if value is not None}
+        # percent to a ratio, clamped to 0..1 (inline: a call per metric was a tenth of a GPM read)
+        ratios = {key: min(1.0, max(0.0, value / 100.0))
+                  for (_, key), value in zip(RATIOS, values[:len(RATIOS)], strict=True) if value is not None}
         bandwidth = {
             (bus, direction): value * _MIB
             for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):], strict=True) if value is not None
@@ -229,6 +231,3 @@ class GpmReader:
         with contextlib.suppress(pynvml.NVMLError):  # NVML already gone: so is the sample
             pynvml.nvmlGpmSampleFree(sample)
 
-
-def _ratio(percent: float) -> float:
-    return min(1.0, max(0.0, percent / 100.0))

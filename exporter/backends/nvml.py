@@ -58,6 +58,7 @@ _U32_SENTINELS = {0xFFFFFFFF, 0xFFFFFFFE}
 # not-supported markers (e.g. 9223372036854775794) that DCGM-based tools leak.
 _U64_SENTINEL_FLOOR = 0x7FFFFFFFFFFFFFF0
 _PSTATE_UNKNOWN = 32
+_THROTTLE_MASKS_KEPT = 64  # clock-event masks remembered: a GPU has a few in turn, unknown bits may add more
 
 _THROTTLE_BITS = {
     "gpu_idle": 0x1,
@@ -182,6 +183,8 @@ class _ProcessLister:
         self._count = ctypes.c_uint(0)
         self._array = (_ProcessInfo * 32)()
         self._lock = threading.Lock()  # the array is reused: one call at a time
+        # id(handle) -> NVML's answer as bytes, and the list made from it: the same list while the bytes are the same
+        self._answered: dict[int, tuple[bytes, list[RunningProcess]]] = {}
 
     @classmethod
     def load(cls, wrapper: Callable[..., Any], name: str) -> _ProcessLister | None:
@@ -198,7 +201,14 @@ class _ProcessLister:
                 if answer != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
                     raise pynvml.NVMLError(answer)
                 self._array = (_ProcessInfo * (self._count.value * 2 + 8))()  # room for processes starting meanwhile
-            return [(p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId) for p in self._array[: self._count.value]]
+            count = self._count.value
+            raw = ctypes.string_at(self._array, count * ctypes.sizeof(_ProcessInfo))
+            answered = self._answered.get(id(handle))
+            if answered is not None and answered[0] == raw:
+                return answered[1]  # processes and their memory barely change from second to second
+            listed = [(p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId) for p in self._array[:count]]
+            self._answered[id(handle)] = (raw, listed)
+            return listed
 
 
 class _FieldValue(ctypes.Structure):
@@ -302,31 +312,100 @@ class _Getter:
     """One of NVML's getters that answer through out-parameters, called directly into out-parameters kept
     from call to call: pynvml's wrapper takes a lock to look the function up and builds its out-parameters
     on every call, which was a third of a pass's NVML time. Used, like _ProcessLister, only while pynvml's
-    own wrapper is in place."""
+    own wrapper is in place.
+
+    No lock of its own (taking one was a third of a call): only :meth:`NvmlBackend.read` calls these, and it
+    is called by one thread at a time (the ``gpu`` collector's), as its GPM samples already require."""
 
     def __init__(self, name: str, function: Any, outs: tuple[Any, ...]) -> None:
         self.__name__ = name
         self._function = function
         self._outs = tuple(out() for out in outs)
         self._refs = tuple(ctypes.byref(out) for out in self._outs)
-        self._lock = threading.Lock()
+        self._out = self._outs[0]
+        self._ref = self._refs[0]
+        self.function = function  # for NvmlBackend's batch of a pass's getters, which calls it in one loop
+        self.scalar: Any = self._out if type(self) is _Getter else None  # the one out-parameter, when .value is the answer
 
     @classmethod
     def load(cls, wrapper: Callable[..., Any], *outs: Any) -> Callable[..., Any]:
         """The direct call for pynvml's ``wrapper``, or the wrapper itself when it is not pynvml's own."""
         function = _pynvml_own(wrapper, wrapper.__name__)
-        return wrapper if function is None else cls(wrapper.__name__, function, outs)
+        if function is None:
+            return wrapper
+        kind = _PairGetter if len(outs) > 1 else _StructGetter if issubclass(outs[0], ctypes.Structure) else cls
+        return kind(wrapper.__name__, function, outs)
+
+    def arguments(self, handle: Any, *args: Any) -> tuple[Any, ...]:
+        """What the C function is called with for ``self(handle, *args)``."""
+        return (handle, *args, *self._refs)
 
     def __call__(self, handle: Any, *args: Any) -> Any:
-        with self._lock:
-            answer = self._function(handle, *args, *self._refs)
-            if answer != pynvml.NVML_SUCCESS:
-                raise pynvml.NVMLError(answer)
-            outs = self._outs
-            if len(outs) > 1:
-                return [out.value for out in outs]  # as pynvml answers: [value, sampling period]
-            out = outs[0]
-            return type(out).from_buffer_copy(out) if isinstance(out, ctypes.Structure) else out.value
+        answer = self._function(handle, *args, self._ref)
+        if answer:  # NVML_SUCCESS is 0
+            raise pynvml.NVMLError(answer)
+        return self._out.value
+
+    def answer(self) -> Any:
+        """The answer of the call just made, from the out-parameters."""
+        return self._out.value
+
+
+class _PairGetter(_Getter):
+    """A getter with two out-parameters, answered as pynvml does: [value, sampling period]."""
+
+    def __call__(self, handle: Any, *args: Any) -> Any:
+        answer = self._function(handle, *args, *self._refs)
+        if answer:
+            raise pynvml.NVMLError(answer)
+        return self.answer()
+
+    def answer(self) -> Any:
+        return [out.value for out in self._outs]
+
+
+class _StructGetter(_Getter):
+    """A getter that fills in a structure: answered as a copy, since the one filled in is reused."""
+
+    def __call__(self, handle: Any, *args: Any) -> Any:
+        answer = self._function(handle, *args, self._ref)
+        if answer:
+            raise pynvml.NVMLError(answer)
+        return self.answer()
+
+    def answer(self) -> Any:
+        return type(self._out).from_buffer_copy(self._out)
+
+
+class _Memory(ctypes.Structure):
+    """nvmlMemory_v2_t as a plain ctypes structure (see _ProcessInfo), its version filled in once: NVML reads it."""
+
+    _fields_ = (("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong))
+
+    def __init__(self) -> None:
+        super().__init__(version=pynvml.nvmlMemory_v2)
+
+
+class _MemoryGetter(_StructGetter):
+    """nvmlDeviceGetMemoryInfo_v2 into a _Memory; called as pynvml's wrapper is, with the version (which _Memory holds)."""
+
+    @classmethod
+    def load_memory(cls) -> Callable[..., Any]:
+        wrapper = pynvml.nvmlDeviceGetMemoryInfo
+        function = _pynvml_own(wrapper, "nvmlDeviceGetMemoryInfo_v2")
+        return wrapper if function is None else cls(wrapper.__name__, function, (_Memory,))
+
+    def __call__(self, handle: Any, *version: Any) -> Any:
+        return super().__call__(handle)
+
+    def arguments(self, handle: Any, *version: Any) -> tuple[Any, ...]:
+        return (handle, self._ref)
+
+
+# One getter of a pass's batch (see NvmlBackend._batch): the getter, its arguments, and for a direct getter the
+# C function's arguments and its scalar out-parameter (None: ask answer()); the wrapper itself is called otherwise.
+_Prepared = tuple[Callable[..., Any], tuple[Any, ...], "tuple[Any, ...] | None", Any]
 
 
 @dataclass(frozen=True)
@@ -344,6 +423,7 @@ class _Getters:
     utilization: Callable[..., Any]
     encoder: Callable[..., Any]
     decoder: Callable[..., Any]
+    memory: Callable[..., Any]  # with the v2 structure's version as its second argument
 
     @classmethod
     def load(cls) -> _Getters:
@@ -358,7 +438,24 @@ class _Getters:
             utilization=load(pynvml.nvmlDeviceGetUtilizationRates, _Utilization),
             encoder=load(pynvml.nvmlDeviceGetEncoderUtilization, uint, uint),
             decoder=load(pynvml.nvmlDeviceGetDecoderUtilization, uint, uint),
+            memory=_MemoryGetter.load_memory(),
         )
+
+    def batch(self, handle: Any) -> tuple[_Prepared, ...]:
+        """The getters every pass calls for the GPU of ``handle``, in the order NvmlBackend.read unpacks them."""
+        calls = (
+            (self.utilization, ()), (self.pstate, ()), (self.temperature, (pynvml.NVML_TEMPERATURE_GPU,)), (self.power, ()),
+            (self.fan, ()), (self.clock, (pynvml.NVML_CLOCK_SM,)), (self.clock, (pynvml.NVML_CLOCK_MEM,)), (self.clock_events, ()),
+            (self.pcie_generation, ()), (self.pcie_width, ()), (self.encoder, ()), (self.decoder, ()),
+            (self.memory, (pynvml.nvmlMemory_v2,)),
+        )
+        prepared: list[_Prepared] = []
+        for getter, args in calls:
+            if isinstance(getter, _Getter):
+                prepared.append((getter, (handle, *args), getter.arguments(handle, *args), getter.scalar))
+            else:
+                prepared.append((getter, (handle, *args), None, None))
+        return tuple(prepared)
 
 
 def _utilization_through_pynvml(handle: Any, since: int) -> list[UtilizationSample]:
@@ -484,6 +581,8 @@ class NvmlBackend(GpuBackend):
         self._get = _Getters.load()  # again at start(): whoever replaced pynvml's functions by then is asked
         self._fields_unsupported: dict[int, set[tuple[int, int]]] = {}  # GPU -> fields left out until the re-probe
         self._counters: dict[int, _Counters] = {}
+        self._throttle_masks: dict[int, dict[str, bool]] = {}  # clock-event mask -> the reasons it answers
+        self._prepared: dict[int, tuple[_Prepared, ...]] = {}  # GPU -> its batch of getters (see _get_batch)
 
     # lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -509,6 +608,7 @@ class NvmlBackend(GpuBackend):
         )
         self._get_field_values = _pynvml_own(pynvml.nvmlDeviceGetFieldValues, "nvmlDeviceGetFieldValues")
         self._get = _Getters.load()
+        self._prepared.clear()
         self._field_readers.clear()
         utilization = _pynvml_own(pynvml.nvmlDeviceGetProcessUtilization, "nvmlDeviceGetProcessUtilization")
         self._process_utilization_reader = _utilization_through_pynvml if utilization is None else _UtilizationReader(utilization)
@@ -556,16 +656,15 @@ class NvmlBackend(GpuBackend):
 
     def read(self, index: int) -> GpuReading:
         handle = self._handle(index)
-        call, get = self._call, self._get
+        call = self._call
         now = self._clock()
         if now >= self._reprobe_at:
             self._forget_unsupported()
             self._reprobe_at = now + REPROBE_S
-        util = call(get.utilization, handle)
-        memory = call(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2) or call(
-            pynvml.nvmlDeviceGetMemoryInfo, handle
-        )
-        pstate = u32(call(get.pstate, handle))
+        util, raw_pstate, temperature, power, fan, sm_clock, memory_clock, events, generation, width, encoder, decoder, memory = (
+            self._get_batch(index, handle))
+        memory = memory or call(pynvml.nvmlDeviceGetMemoryInfo, handle)  # a driver without the v2 structure
+        pstate = u32(raw_pstate)
         profile = self._gpm.read(index, handle)
         slow = self._slow_facts(index, handle, now)
         counters = self._counters.get(index)
@@ -580,7 +679,7 @@ class NvmlBackend(GpuBackend):
             counters = self._counters[index] = self._read_counters(handle, now, links, fields)
         return GpuReading(
             identity=self.identity(index),
-            temperature_celsius=u32(call(get.temperature, handle, pynvml.NVML_TEMPERATURE_GPU)),
+            temperature_celsius=u32(temperature),
             memory_temperature_celsius=u32(fields.get(_MEMORY_TEMPERATURE)),
             utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
             memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
@@ -588,17 +687,17 @@ class NvmlBackend(GpuBackend):
             memory_free_bytes=u64(getattr(memory, "free", None)),
             memory_total_bytes=u64(getattr(memory, "total", None)),
             memory_reserved_bytes=u64(getattr(memory, "reserved", None)),
-            power_watts=_scaled(u32(call(get.power, handle)), 0.001),
+            power_watts=_scaled(u32(power), 0.001),
             power_limit_watts=slow.power_limit_watts,
             energy_joules=counters.energy_joules,
-            fan_speed_ratio=_scaled(u32(call(get.fan, handle)), 0.01),
+            fan_speed_ratio=_scaled(u32(fan), 0.01),
             performance_state=None if pstate == _PSTATE_UNKNOWN else pstate,
-            sm_clock_hz=_scaled(u32(call(get.clock, handle, pynvml.NVML_CLOCK_SM)), 1e6),
-            memory_clock_hz=_scaled(u32(call(get.clock, handle, pynvml.NVML_CLOCK_MEM)), 1e6),
-            throttle_reasons=self._throttle_reasons(handle),
+            sm_clock_hz=_scaled(u32(sm_clock), 1e6),
+            memory_clock_hz=_scaled(u32(memory_clock), 1e6),
+            throttle_reasons=self._throttle_reasons(handle, events),
             ecc_errors=counters.ecc_errors,
-            pcie_link_generation=u32(call(get.pcie_generation, handle)),
-            pcie_link_width=u32(call(get.pcie_width, handle)),
+            pcie_link_generation=u32(generation),
+            pcie_link_width=u32(width),
             retired_pages=slow.retired_pages,
             remapped_rows=slow.remapped_rows,
             retired_pages_pending=slow.retired_pages_pending,
@@ -608,11 +707,35 @@ class NvmlBackend(GpuBackend):
             pcie_replays=counters.pcie_replays,
             nvlink_throughput_bytes_per_second={d: v for (bus, d), v in profile.bandwidth.items() if bus == "nvlink"},
             nvlinks=counters.nvlinks,
-            encoder_utilization_ratio=_engine_ratio(call(get.encoder, handle)),
-            decoder_utilization_ratio=_engine_ratio(call(get.decoder, handle)),
+            encoder_utilization_ratio=_engine_ratio(encoder),
+            decoder_utilization_ratio=_engine_ratio(decoder),
             violation_seconds=counters.violation_seconds,
             mig=self._mig(index, handle, slow.mig),
         )
+
+    def _get_batch(self, index: int, handle: Any) -> list[Any]:
+        """The answers of the getters every pass calls (see _Getters.batch), as ``_call`` would give them one by one.
+
+        A direct getter's C function is called in this one loop, its out-parameter read here: two Python calls
+        fewer per getter, a sixth of reading a GPU. A call that answered "not supported" before, and every
+        wrapper that is not pynvml's own, goes through ``_call``."""
+        prepared = self._prepared.get(index)
+        if prepared is None:
+            prepared = self._prepared[index] = self._get.batch(handle)
+        answers: list[Any] = []
+        append = answers.append
+        remembered = self._unsupported_fns
+        for getter, args, direct, scalar in prepared:
+            if direct is None or getter in remembered:
+                append(self._call(getter, *args))
+                continue
+            answer = getter.function(*direct)  # type: ignore[attr-defined]  # direct is set for _Getter only
+            if answer:
+                self._failed(getter, args, pynvml.NVMLError(answer))  # raises, or the answer is "not supported"
+                append(None)
+            else:
+                append(scalar.value if scalar is not None else getter.answer())  # type: ignore[attr-defined]  # as above
+        return answers
 
     def _read_counters(self, handle: Any, now: float, links: list[int], fields: dict[tuple[int, int], Any]) -> _Counters:
         """The counters from the field values read, each one a field could not give through its own call."""
@@ -771,14 +894,18 @@ class NvmlBackend(GpuBackend):
             return None
         try:
             return fn(*args)
-        except _UNSUPPORTED as exc:
-            key = self._key(fn, args)
-            if key and isinstance(exc, _PERMANENT):
-                self._unsupported.add(key)
-                self._unsupported_fns.add(fn)
-            return None
         except pynvml.NVMLError as exc:
+            self._failed(fn, args, exc)
+            return None
+
+    def _failed(self, fn: Callable[..., Any], args: tuple[Any, ...], exc: pynvml.NVMLError) -> None:
+        """Returns for an "unsupported" answer (remembered while it holds, see _PERMANENT); else raises GpuLost."""
+        if not isinstance(exc, _UNSUPPORTED):
             raise GpuLost(f"{fn.__name__}: {exc}") from None
+        key = self._key(fn, args)
+        if key and isinstance(exc, _PERMANENT):
+            self._unsupported.add(key)
+            self._unsupported_fns.add(fn)
 
     def _key(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
         """What identifies a call across passes: a GPU's handle (a ctypes pointer, unhashable), always
@@ -824,14 +951,21 @@ class NvmlBackend(GpuBackend):
                 unsupported.add(key)
         return values, unsupported
 
-    def _throttle_reasons(self, handle: Any) -> dict[str, bool] | None:
-        mask = self._call(self._get.clock_events, handle)
+    def _throttle_reasons(self, handle: Any, mask: Any) -> dict[str, bool] | None:
+        """The reasons of the clock-event ``mask`` read (None: ask the older call that answers it)."""
         if mask is None:
             mask = self._call(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle)
         mask = u64(mask)
         if mask is None:
             return None
-        return {reason: bool(mask & bit) for reason, bit in _THROTTLE_BITS.items()}
+        # the same dict for the same mask (callers must not change it): the mask rarely changes, and the gpu
+        # collector serves the series it made from this dict again while it is handed the same one
+        reasons = self._throttle_masks.get(mask)
+        if reasons is None:
+            if len(self._throttle_masks) >= _THROTTLE_MASKS_KEPT:
+                self._throttle_masks.clear()
+            reasons = self._throttle_masks[mask] = {reason: bool(mask & bit) for reason, bit in _THROTTLE_BITS.items()}
+        return reasons
 
     def _ecc_errors(self, handle: Any, fields: dict[tuple[int, int], Any]) -> dict[tuple[str, str], int]:
         result = {}
@@ -924,6 +1058,8 @@ class NvmlBackend(GpuBackend):
         return tuple(devices)
 
     def _mig(self, index: int, handle: Any, layout: tuple[tuple[MigDevice, Any], ...]) -> tuple[MigReading, ...]:
+        if not layout:
+            return ()
         profiles = {gi: self._gpm.read_mig(index, handle, gi) for gi in sorted({device.gpu_instance for device, _ in layout})}
         readings = []
         for device, mig in layout:

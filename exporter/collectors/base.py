@@ -14,7 +14,7 @@ import functools
 import importlib
 import pkgutil
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -31,7 +31,9 @@ GPU_LABELS = ("gpu", "uuid")
 
 @dataclass(frozen=True)
 class Collected:
-    families: list[Family] = field(default_factory=list)
+    # the pass's families, or what makes them when its snapshot is first rendered: for values that are read, not
+    # collected (the exporter's own process_*), which nobody needs between scrapes
+    families: Sequence[Family] | Callable[[], Sequence[Family]] = field(default_factory=list)
     success: bool = True
 
 

@@ -12,6 +12,7 @@ A field the GPU does not support is omitted, never reported as 0.
 from __future__ import annotations
 
 import logging
+import operator
 
 from mlwarden.exporter.backends.base import (
     DIRECTIONS,
@@ -29,6 +30,7 @@ from mlwarden.exporter.exposition import Family, counter, gauge
 log = logging.getLogger(__name__)
 
 GpuLabels = tuple[int, str]  # (index, uuid) as in the series' labels; uuid "" when never read
+Sample = tuple[tuple[str, ...], float]
 
 # (reading attribute, metric name, help): the plain per-GPU gauges.
 GAUGES = (
@@ -67,6 +69,20 @@ PROFILING = {
         "DRAM bandwidth used as a fraction of the theoretical maximum, over the collection interval (GPM)."),
 }
 PIPES = {"fp16_activity": "fp16", "fp32_activity": "fp32", "fp64_activity": "fp64"}
+_GAUGE_VALUES = operator.attrgetter(*(attr for attr, _, _ in GAUGES))  # a reading's GAUGES values in one call
+# MIG instances' GPM ratios: key in MigReading.profiling -> (metric name, help)
+MIG_PROFILING = {
+    key: (name.replace("mlwarden_gpu_", "mlwarden_gpu_mig_", 1),
+          f"{text[:-1]}, for the MIG device's GPU instance (compute instances of one GPU instance share its value).")
+    for key, (name, text) in PROFILING.items()
+}
+# label names, made once: a pass makes some 45 families
+_INFO_LABELS = (*GPU_LABELS, "name", "pci_bus_id", "driver_version", "cuda_version")
+_MIG_LABELS = (*GPU_LABELS, "gpu_instance", "compute_instance", "profile")
+_BY = {extra: (*GPU_LABELS, extra) for extra in ("clock", "reason", "cause", "state", "pipe", "direction", "link")}
+_ECC_LABELS = (*GPU_LABELS, "error_type", "counter")
+_LINK_DIRECTION_LABELS = (*GPU_LABELS, "link", "direction")
+_LINK_ERROR_LABELS = (*GPU_LABELS, "link", "error")
 
 
 class _Labels:
@@ -82,6 +98,23 @@ class _Labels:
         self.ecc = {(t, c): (*gpu, t, c) for t in ECC_ERROR_TYPES for c in ECC_COUNTERS}
         self.links: dict[int, tuple[str, ...]] = {}
         self.link_extra: dict[tuple[int, str], tuple[str, ...]] = {}  # (link, direction or error) -> labels
+        self._info: tuple[str, ...] = ()
+        # the throttle samples made from the backend's reasons dict, served again while it hands the same dict
+        self._throttle: tuple[dict[str, bool] | None, list[Sample]] = (None, [])
+
+    def info(self, name: str, pci_bus_id: str, driver: str, cuda: str) -> tuple[str, ...]:
+        """The labels of the GPU's ``mlwarden_gpu_info``: the same tuple while they are the same."""
+        labels = self._info
+        if labels[2:] != (name, pci_bus_id, driver, cuda):
+            labels = self._info = (*self.gpu, name, pci_bus_id, driver, cuda)
+        return labels
+
+    def throttle(self, reasons: dict[str, bool] | None) -> list[Sample]:
+        source, samples = self._throttle
+        if reasons is not source:
+            samples = [(self.of(reason), 1 if active else 0) for reason, active in (reasons or {}).items()]
+            self._throttle = (reasons, samples)
+        return samples
 
     def of(self, value: str) -> tuple[str, ...]:
         labels = self.extra.get(value)
@@ -100,9 +133,6 @@ class _Labels:
         if labels is None:
             labels = self.link_extra[(link, value)] = (*self.gpu, str(link), value)
         return labels
-
-
-Sample = tuple[tuple[str, ...], float]
 
 
 class _Steady:
@@ -199,73 +229,66 @@ class GpuCollector(Collector):
     def _families(self, readings: list[GpuReading], down: list[GpuLabels], driver: str, cuda: str) -> list[Family]:
         info = gauge(
             "mlwarden_gpu_info", "GPU identity; the value is always 1.",
-            labels=[*GPU_LABELS, "name", "pci_bus_id", "driver_version", "cuda_version"],
+            labels=_INFO_LABELS,
         )
         up = gauge("mlwarden_gpu_up", "1 when the GPU answered at the last collection, 0 when it did not (lost, hung, no longer listed).",
             labels=GPU_LABELS)
         gauges = {attr: gauge(name, text, labels=GPU_LABELS) for attr, name, text in GAUGES}
         energy = counter("mlwarden_gpu_energy_joules", "Energy consumed since the driver was loaded, in joules.", labels=GPU_LABELS)
-        clocks = gauge("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=[*GPU_LABELS, "clock"])
+        clocks = gauge("mlwarden_gpu_clock_hz", "Current clock frequency in hertz.", labels=_BY["clock"])
         throttle = gauge("mlwarden_gpu_throttle_reason_active", "1 when this clock throttle (event) reason is active, else 0.",
-            labels=[*GPU_LABELS, "reason"])
+            labels=_BY["reason"])
         ecc = counter("mlwarden_gpu_ecc_errors", "ECC memory errors (volatile: since the driver loaded; aggregate: lifetime).",
-            labels=[*GPU_LABELS, "error_type", "counter"])
-        retired = gauge("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=[*GPU_LABELS, "cause"])
-        remapped = gauge("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=[*GPU_LABELS, "state"])
+            labels=_ECC_LABELS)
+        retired = gauge("mlwarden_gpu_retired_pages", "Memory pages retired, by cause (GPUs before Ampere).", labels=_BY["cause"])
+        remapped = gauge("mlwarden_gpu_remapped_rows", "Memory rows remapped, by state (Ampere and later).", labels=_BY["state"])
         pending = gauge("mlwarden_gpu_retired_pages_pending", "1 when retired pages await a GPU reset or driver reload to take effect, else 0.",
             labels=GPU_LABELS)
         profiling = {key: gauge(name, text, labels=GPU_LABELS) for key, (name, text) in PROFILING.items()}
         pipes = gauge("mlwarden_gpu_pipe_activity_ratio",
             "Fraction of the collection interval the SMs spent on non-tensor math of this precision (GPM).",
-            labels=[*GPU_LABELS, "pipe"])
+            labels=_BY["pipe"])
         pcie_rate = gauge("mlwarden_gpu_pcie_throughput_bytes_per_second",
             "PCIe traffic in bytes per second (GPM: averaged over the collection interval; else NVML's 20 ms sample).",
-            labels=[*GPU_LABELS, "direction"])
-        pcie_bytes = counter("mlwarden_gpu_pcie_bytes", "PCIe bytes transferred since the driver was loaded.", labels=[*GPU_LABELS, "direction"])
+            labels=_BY["direction"])
+        pcie_bytes = counter("mlwarden_gpu_pcie_bytes", "PCIe bytes transferred since the driver was loaded.", labels=_BY["direction"])
         replays = counter("mlwarden_gpu_pcie_replays", "PCIe replays (retransmissions after link errors) since the driver was loaded.",
             labels=GPU_LABELS)
         nvlink_rate = gauge("mlwarden_gpu_nvlink_throughput_bytes_per_second",
             "NVLink traffic over all links in bytes per second, averaged over the collection interval (GPM).",
-            labels=[*GPU_LABELS, "direction"])
-        nvlink_up = gauge("mlwarden_gpu_nvlink_up", "1 when the NVLink link is active, else 0.", labels=[*GPU_LABELS, "link"])
+            labels=_BY["direction"])
+        nvlink_up = gauge("mlwarden_gpu_nvlink_up", "1 when the NVLink link is active, else 0.", labels=_BY["link"])
         nvlink_bytes = counter("mlwarden_gpu_nvlink_bytes", "NVLink data bytes transferred on the link since the driver was loaded.",
-            labels=[*GPU_LABELS, "link", "direction"])
+            labels=_LINK_DIRECTION_LABELS)
         nvlink_errors = counter("mlwarden_gpu_nvlink_errors", "NVLink data-link errors on the link since the driver was loaded.",
-            labels=[*GPU_LABELS, "link", "error"])
+            labels=_LINK_ERROR_LABELS)
         violations = counter("mlwarden_gpu_clock_violation_seconds",
             "Time the clocks were held below their target for this reason, since the driver was loaded.",
-            labels=[*GPU_LABELS, "reason"])
-        mig_labels = [*GPU_LABELS, "gpu_instance", "compute_instance", "profile"]
-        mig_used = gauge("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=mig_labels)
-        mig_total = gauge("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=mig_labels)
-        mig_profiling = {
-            key: gauge(name.replace("mlwarden_gpu_", "mlwarden_gpu_mig_", 1),
-                       f"{text[:-1]}, for the MIG device's GPU instance (compute instances of one GPU instance share its value).",
-                       labels=mig_labels)
-            for key, (name, text) in PROFILING.items()
-        }
+            labels=_BY["reason"])
+        mig_used = gauge("mlwarden_gpu_mig_memory_used_bytes", "Memory allocated in the MIG instance, in bytes.", labels=_MIG_LABELS)
+        mig_total = gauge("mlwarden_gpu_mig_memory_total_bytes", "Memory of the MIG instance, in bytes.", labels=_MIG_LABELS)
+        mig_profiling = {key: gauge(name, text, labels=_MIG_LABELS) for key, (name, text) in MIG_PROFILING.items()}
         for index, uuid in down:
             up.samples.append(((str(index), uuid), 0))
         known, self._labels = self._labels, {}
         previous, self._steady = self._steady, {}
         # in the order of _Steady.samples
         steady_families = (energy, ecc, retired, remapped, pending, replays, violations, pcie_bytes, nvlink_up, nvlink_bytes, nvlink_errors)
+        plain = tuple(gauges.values())  # in the order of GAUGES, as _GAUGE_VALUES answers
         for reading in readings:
             ident = reading.identity
             gpu_key = (ident.index, ident.uuid)
             labels = self._labels[gpu_key] = known.get(gpu_key) or _Labels(*gpu_key)
             gpu = labels.gpu
-            info.samples.append(((*gpu, ident.name, ident.pci_bus_id, driver, cuda), 1))
+            info.samples.append((labels.info(ident.name, ident.pci_bus_id, driver, cuda), 1))
             up.samples.append((gpu, 1))
-            for attr, family in gauges.items():
-                value = getattr(reading, attr)
+            for family, value in zip(plain, _GAUGE_VALUES(reading), strict=True):
                 if value is not None:
                     family.samples.append((gpu, value))
             for clock, value in (("sm", reading.sm_clock_hz), ("memory", reading.memory_clock_hz)):
                 if value is not None:
                     clocks.samples.append((labels.clocks[clock], value))
-            for reason, active in (reading.throttle_reasons or {}).items():
-                throttle.samples.append((labels.of(reason), 1 if active else 0))
+            throttle.samples += labels.throttle(reading.throttle_reasons)
             steady = self._steady_samples(reading, labels, previous.get(gpu_key))
             self._steady[gpu_key] = steady
             for family, made in zip(steady_families, steady.samples, strict=True):

@@ -139,7 +139,7 @@ class ProcessesCollector(Collector):
             gpu = (str(index), identity.uuid)
             count.samples.append((gpu, len(processes)))
             previous = parts.get(index)
-            part = self._gpu_part(index, gpu, processes, migs, allocations, known, described)
+            part = self._gpu_part(index, gpu, processes, migs, allocations, described, previous)
             if previous is not None and same_allocations and previous.same_as(part):
                 part = previous  # nothing changed: its series, already made, are the ones to serve
             else:
@@ -154,14 +154,18 @@ class ProcessesCollector(Collector):
         return Collected([count, memory, sm, mem_util, allocation])
 
     def _gpu_part(self, index: int, gpu: tuple[str, str], processes: list[GpuProcess], migs: tuple[MigDevice, ...],
-                  allocations: Allocations, known: _KnownLabels, described: dict[int, procinfo.ProcessInfo]) -> _GpuPart:
+                  allocations: Allocations, described: dict[int, procinfo.ProcessInfo], previous: _GpuPart | None) -> _GpuPart:
         """What a GPU's series are made from: its largest processes, who they are, and where they run.
 
         Every process is described every pass (its /proc entry checked), so a reused PID is noticed even
-        when NVML answers the same."""
-        by_instance: dict[tuple[int | None, int | None], MigDevice] = {(d.gpu_instance, d.compute_instance): d for d in migs}
-        largest = self._largest(processes)
-        devices = [by_instance.get((p.gpu_instance, p.compute_instance)) if by_instance else None for p in largest]
+        when NVML answers the same. The largest and their MIG devices are those of the pass before while
+        the backend hands back the very same list and the MIG layout is the same."""
+        if previous is not None and previous.processes is processes and previous.migs == migs:
+            largest, devices = previous.largest, previous.devices
+        else:
+            by_instance: dict[tuple[int | None, int | None], MigDevice] = {(d.gpu_instance, d.compute_instance): d for d in migs}
+            largest = self._largest(processes)
+            devices = [by_instance.get((p.gpu_instance, p.compute_instance)) if by_instance else None for p in largest]
         infos = [self._describe(p, allocations, index, gpu[1], device, described) for p, device in zip(largest, devices, strict=True)]
         return _GpuPart(processes, gpu, migs, largest, devices, infos)
 
