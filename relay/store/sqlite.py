@@ -383,8 +383,9 @@ class SQLiteStore(Store):
 
         Each kept Job and Notice is taken out of the garbage collector's sight (see _untracked):
         a full collection, which stops every thread, walked every one of them (with 50,000 kept:
-        72-128 ms against 37-90 with 10,000, and 34-50 with 50,000 untracked), and the cap could not grow to hold a flood's
-        backlog, whose jobs were then read from the file at 15-25 us each against 2-3 from here."""
+        72-128 ms against 37-90 with 10,000, and 34-50 with 50,000 untracked), so the cap could
+        not grow to hold a flood's backlog, whose jobs were then read from the file at 15-25 us
+        each against 2-3 from here."""
         room = NOTICE_CACHE_SIZE - len(self._pending)
         for job in jobs[: max(0, room)]:
             _untracked(job.notice)  # again for each destination of a notice: cheaper than looking
@@ -516,7 +517,7 @@ _gc_untrack.restype = None
 
 
 def _untracked(obj: _T) -> _T:
-    """``obj``, which must hold no reference cycle, untracked by the garbage collector: for the
+    """``obj``, through which no reference cycle may run, untracked by the garbage collector: for the
     SQLite store's kept jobs and notices, which hold strings, numbers and dicts of strings (a Job
     its Notice, a Notice its labels), never themselves. The collector untracks tuples and dicts of
     such atoms on its own, but not a dataclass instance. Keeping each job as a tuple of plain values
