@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from mlwarden.relay.store.sqlite import NOTICE_CACHE_SIZE
 
 from mlwarden import components
 
@@ -334,7 +335,8 @@ def report(
         "",
         f"Relay memory (RSS) through the storm of {alerts:,} alerts: median of the first quarter "
         f"{early / mib:.0f} MiB, peak {max(memory) / mib:.0f} MiB, end {memory[-1] / mib:.0f} MiB "
-        f"({len(memory)} samples). Queued jobs live in SQLite, not in memory.",
+        f"({len(memory)} samples). Queued jobs live in SQLite; the oldest {NOTICE_CACHE_SIZE:,} are also kept in "
+        "memory for the outbox (see docs/relay.md).",
         "",
         "Reproduce: `.venv/bin/python -m bench.run_all --only relay` (add `--quick` for a smaller run).",
     ])

@@ -19,13 +19,14 @@ releases them all, so undelivered jobs go out at once instead of after a lease.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mlwarden.relay import jsonio
 from mlwarden.relay.config import SEVERITIES
@@ -103,6 +104,7 @@ log = logging.getLogger(__name__)
 # A row as the sqlite3 module returns it: its values' types are the columns' (see SCHEMA), which
 # the DB-API does not say.
 Row = tuple[Any, ...]
+_T = TypeVar("_T")
 
 _PARAMETERS_PER_STATEMENT = 999  # SQLite's lowest limit on bound parameters (builds before 3.32)
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
@@ -117,9 +119,12 @@ _CLAIM = (
 TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
-# Jobs (with their notices) kept in memory for the outbox (see SQLiteStore._remember): two seconds
-# of a warning flood at the Slack digest's pace (5,000 a second), about 1.6 KiB each.
-NOTICE_CACHE_SIZE = 10_000
+# Queued jobs (with their notices) kept in memory for the outbox (see SQLiteStore._remember): ten
+# seconds of a warning flood at the Slack digest's pace (5,000 a second), twice the backlog the
+# bench's full-load phase leaves. Each, for a notice of 6 labels and 2 annotations: 1.6 KiB of
+# objects (tracemalloc: the Job, the Notice, their strings and dicts), 3.3 KB of RSS with the
+# allocator's overhead, so up to about 165 MB at the cap (see docs/relay.md).
+NOTICE_CACHE_SIZE = 50_000
 PRUNE_BATCH_ROWS = 1000  # per prune transaction: intake waits for the write lock one batch at most
 
 # (what, kept for how long after its time, a statement deleting up to :rows of those whose time is
@@ -338,7 +343,8 @@ class SQLiteStore(Store):
             self._leases.pop(job.seq, None)
             kept = self._pending.get(job.seq)
             if kept is not None:  # as the row now says
-                self._pending[job.seq] = dataclasses.replace(kept, due_at=due_at, attempts=kept.attempts + 1, last_error=error)
+                self._pending[job.seq] = _untracked(
+                    dataclasses.replace(kept, due_at=due_at, attempts=kept.attempts + 1, last_error=error))
 
     def dead_letter(self, jobs: Sequence[Job], error: str) -> int:
         with self._transaction() as db:
@@ -373,10 +379,17 @@ class SQLiteStore(Store):
         here is what its row says (reschedule keeps it so; delivered and dead ones leave).
         When there is no room, the newest go without: claims take the oldest first, so those
         already kept are the next ones claimed (evicting the oldest instead would, under a
-        backlog, keep exactly the wrong ones)."""
+        backlog, keep exactly the wrong ones).
+
+        Each kept Job and Notice is taken out of the garbage collector's sight (see _untracked):
+        a full collection, which stops every thread, walked every one of them (with 50,000 kept:
+        72-128 ms against 37-90 with 10,000, and 34-50 with 50,000 untracked), so the cap could
+        not grow to hold a flood's backlog, whose jobs were then read from the file at 15-25 us
+        each against 2-3 from here."""
         room = NOTICE_CACHE_SIZE - len(self._pending)
         for job in jobs[: max(0, room)]:
-            self._pending[job.seq] = job
+            _untracked(job.notice)  # again for each destination of a notice: cheaper than looking
+            self._pending[job.seq] = _untracked(job)
 
     def _forget(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
@@ -496,6 +509,24 @@ class SQLiteStore(Store):
             raise StoreError(f"SQLite: {exc}") from None
 
 
+# CPython's PyObject_GC_UnTrack: the collector no longer walks the object (nor finds cycles through
+# it; it is freed by its reference count as before). Untracking twice does nothing.
+_gc_untrack = ctypes.pythonapi.PyObject_GC_UnTrack
+_gc_untrack.argtypes = [ctypes.py_object]
+_gc_untrack.restype = None
+
+
+def _untracked(obj: _T) -> _T:
+    """``obj``, through which no reference cycle may run, untracked by the garbage collector: for the
+    SQLite store's kept jobs and notices, which hold strings, numbers and dicts of strings (a Job
+    its Notice, a Notice its labels), never themselves. The collector untracks tuples and dicts of
+    such atoms on its own, but not a dataclass instance. Keeping each job as a tuple of plain values
+    instead, rebuilt at claim, was tried: the full collection was as short, but a claim cost 9-12 us
+    a job (touching some 30 cold objects to build two new ones) against 2-3 for a kept Job."""
+    _gc_untrack(obj)
+    return obj
+
+
 class _Lines:
     """Each (destination, key)'s pending jobs in sequence order, in memory: who heads each line.
 
@@ -506,10 +537,14 @@ class _Lines:
     transactions that change the jobs, and written to the file only as each pending job's
     ``held`` (1: not its line's head), which keeps it out of the claim index. A transaction's
     changes are staged and kept only if it commits.
+
+    Most lines hold one job (a key seen once while its notice waits): such a line is kept as the
+    job's id alone, which the garbage collector does not track, not as a list, which it does (a
+    backlog of 50,000 jobs made 50,000 lists for every full collection to walk).
     """
 
     def __init__(self) -> None:
-        self._lines: dict[tuple[str, str], list[str]] = {}  # job ids, in sequence order
+        self._lines: dict[tuple[str, str], str | list[str]] = {}  # job ids in sequence order; one: the id
         self._staged: dict[tuple[str, str], list[str]] = {}
 
     def load(self, db: sqlite3.Connection) -> None:
@@ -527,7 +562,8 @@ class _Lines:
     def _staged_line(self, destination: str, key: str) -> list[str]:
         line = self._staged.get((destination, key))
         if line is None:
-            line = self._staged[(destination, key)] = list(self._lines.get((destination, key), ()))
+            kept = self._lines.get((destination, key), [])
+            line = self._staged[(destination, key)] = [kept] if isinstance(kept, str) else list(kept)
         return line
 
     def add(self, destination: str, key: str, job_id: str) -> bool:
@@ -547,12 +583,14 @@ class _Lines:
 
     def head(self, destination: str, key: str) -> str | None:
         line = self._staged.get((destination, key), self._lines.get((destination, key)))
+        if isinstance(line, str):
+            return line
         return line[0] if line else None
 
     def commit(self) -> None:
         for name, line in self._staged.items():
             if line:
-                self._lines[name] = line
+                self._lines[name] = line[0] if len(line) == 1 else line
             else:
                 self._lines.pop(name, None)
         self._staged.clear()
