@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 
-from mlwarden.relay import jsonio
 from mlwarden.relay.payload import Notification
+
+from mlwarden import jsonio
 
 
 def notification_digest(notification: Notification) -> str:

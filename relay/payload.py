@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mlwarden.relay import jsonio
+from mlwarden import jsonio
 
 
 class PayloadError(ValueError):

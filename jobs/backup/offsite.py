@@ -38,8 +38,8 @@ import botocore.exceptions  # type: ignore[import-untyped]  # as above
 import botocore.loaders  # type: ignore[import-untyped]  # as above
 import botocore.session  # type: ignore[import-untyped]  # as above
 from mlwarden.jobs.backup.s3config import ARCHIVE_STORAGE_CLASSES, ObjectArchived, OffsiteError, S3Location
-from mlwarden.relay import jsonio
 
+from mlwarden import jsonio
 from mlwarden.backoff import Backoff
 from mlwarden.catalog import CHECKSUMS, MANIFEST, PACK, BackupEntry, Catalog, CatalogError, Manifest, OffsiteCopy, Pack, check_backup_name
 from mlwarden.fsutil import atomic_write_text

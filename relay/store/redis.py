@@ -17,7 +17,6 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis
-from mlwarden.relay import jsonio
 from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.policy import KeyState
 from mlwarden.relay.store.base import (
@@ -35,6 +34,8 @@ from mlwarden.relay.store.base import (
     StoreError,
     new_job_id,
 )
+
+from mlwarden import jsonio
 
 PREFIX = "mlwarden:relay:"
 PENDING_BY_AGE = PREFIX + "pending"  # every pending job, scored by creation time (depth, oldest age)

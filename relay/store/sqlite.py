@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlwarden.relay import jsonio
 from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
@@ -48,6 +47,8 @@ from mlwarden.relay.store.base import (
     StoreError,
     severity_rank,
 )
+
+from mlwarden import jsonio
 
 # A rowid table: as a WITHOUT ROWID table ordered by its text id, its rows of 700 bytes and more
 # rebalanced three pages at every append (7 of the 28 WAL pages a webhook of 10 alerts wrote);

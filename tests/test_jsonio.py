@@ -1,15 +1,16 @@
-"""The relay's JSON helper (relay/jsonio.py): orjson where it can, the standard library for the
-rest, so the relay reads and writes exactly what it did with the standard library alone."""
+"""The JSON helper (mlwarden/jsonio.py): orjson where it can, the standard library for the
+rest, so its callers read and write exactly what they did with the standard library alone."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from mlwarden.relay import jsonio, payload
+from mlwarden.relay import payload
 from mlwarden.relay.notice import Notice
 from mlwarden.relay.policy import KeyState
 
+from mlwarden import jsonio
 from tests.test_relay_support import alert, body
 
 

@@ -1,8 +1,9 @@
-"""JSON for the relay's hot paths: webhook bodies in, key states and notices to and from the store.
+"""JSON where there is a lot of it: the relay's webhook bodies, key states and notices, backup
+manifests, botocore's service models.
 
 orjson does these several times faster than the standard library (encoding a key state or a
 notice: about 1 us instead of 8), which at hundreds of webhooks a second is a good part of a
-core. What orjson refuses, the standard library does, so the relay accepts and stores exactly
+core. What orjson refuses, the standard library does, so every caller accepts and stores exactly
 what it did before: JSON that orjson rejects but Python reads (NaN, a lone UTF-16 surrogate
 escape) is read by :mod:`json`, which also gives the error message
 for a body that is not JSON at all; a value orjson cannot write (an integer beyond 64 bits, a
