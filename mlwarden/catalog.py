@@ -172,7 +172,8 @@ def _file_records(items: object) -> tuple[FileRecord, ...]:
                 and len(item) == 6  # and each of the six looked up: no other key
                 and type(item["path"]) is str
                 and type(item["sha256"]) is str
-                and type(item["size"]) is int
+                and type(size := item["size"]) is int
+                and 0 <= size < 1 << 63  # what an off_t holds; orjson reads a larger one as a float, json as an int
                 and type(item["mode"]) is int
                 and type(mtime := item["mtime"]) is float
                 and isfinite(mtime)
@@ -195,12 +196,13 @@ def _checked_file_record(item: Any) -> FileRecord:
         type(record.path) is str
         and type(record.sha256) is str
         and type(record.size) is int
+        and 0 <= record.size < 1 << 63
         and type(record.mode) is int
         and type(mtime) in (float, int)
         and math.isfinite(mtime)
         and (pack is None or type(pack) is str)
     ):
-        raise TypeError(f"a file record has a field of the wrong type or not finite: {_clipped(record)}")
+        raise TypeError(f"a file record has a field of the wrong type or out of range: {_clipped(record)}")
     return record
 
 
