@@ -3,7 +3,6 @@ without tarfile's stream reader and without an fsync per file, byte for byte and
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from mlwarden.jobs.backup.restore import restore_entry
 from mlwarden.jobs.backup.verify import verify_archive
 from test_backup_support import backup, only_entry, tree
 
+from bench.bench_backup import hf_cache, links
 from mlwarden import fsutil
 
 
@@ -21,17 +21,6 @@ def restore(*argv: str | Path) -> int:
     from test_backup_support import mlwarden
 
     return mlwarden("restore", *argv)
-
-
-def links(directory: Path) -> dict[str, str]:
-    """Every symlink under ``directory`` (relative path -> target), none followed."""
-    found = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = Path(root) / name
-            if path.is_symlink():
-                found[path.relative_to(directory).as_posix()] = os.readlink(path)
-    return found
 
 
 def odd_tree(directory: Path) -> Path:
@@ -106,35 +95,14 @@ def test_a_damaged_tar_header_is_reported_as_damage(tmp_path: Path) -> None:
     assert not result.ok and "checksum" in result.detail
 
 
-def hf_cache(directory: Path) -> tuple[Path, int]:
-    """A Hugging Face hub cache: content in blobs/, each revision's snapshot links to it."""
-    repo = directory / "models--acme--tiny"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("rev3")
-    blob_bytes = 0
-    shared = os.urandom(200_000)
-    for revision in ("rev1", "rev2", "rev3"):
-        snapshot = repo / "snapshots" / revision
-        snapshot.mkdir(parents=True)
-        for name, content in (("model.safetensors", os.urandom(300_000)), ("config.json", shared)):
-            sha = hashlib.sha256(content).hexdigest()
-            blob = repo / "blobs" / sha
-            if not blob.exists():
-                blob.write_bytes(content)
-                blob_bytes += len(content)
-            (snapshot / name).symlink_to(f"../../blobs/{sha}")
-    return directory, blob_bytes
-
-
 def test_a_hugging_face_cache_comes_back_with_every_symlink_and_is_stored_once(tmp_path: Path) -> None:
-    cache, blob_bytes = hf_cache(tmp_path / "hub")
+    cache, blob_bytes = hf_cache(tmp_path / "hub", 300_000)
     assert backup(cache, tmp_path / "backups") == 0
     entry = only_entry(tmp_path / "backups")
     assert entry.manifest.archive_bytes <= 1.05 * blob_bytes
     assert restore("--backup-dir", tmp_path / "backups", "--to", tmp_path / "restored") == 0
     expected = links(cache)
-    assert len(expected) == 6 and links(tmp_path / "restored") == expected
+    assert len(expected) == 9 and links(tmp_path / "restored") == expected
     assert tree(tmp_path / "restored") == tree(cache)  # through the links too: every blob is there
 
 
