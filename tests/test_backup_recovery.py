@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_backup_scale import hf_cache, links, odd_tree
+from test_backup_scale import odd_tree
 from test_backup_support import backup, flip_byte, make_models, mlwarden, only_entry, tree
+
+from bench.bench_backup import hf_cache, links
 
 REPO = Path(__file__).resolve().parent.parent
 RECOVER = REPO / "scripts" / "mlwarden-recover.py"
@@ -46,7 +48,7 @@ def test_the_recovery_interpreter_cannot_import_mlwarden() -> None:
 @pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
 def test_the_recovery_script_rebuilds_a_backup_byte_for_byte_and_link_for_link(tmp_path: Path, compression: str) -> None:
     models = odd_tree(tmp_path / "models")
-    hf_cache(models / "hub")
+    hf_cache(models / "hub", 300_000)
     (models / "weights.bin").write_bytes(os.urandom(100_000))
     assert backup(models, tmp_path / "backups", "--compression", compression) == 0
     result = recover(only_entry(tmp_path / "backups").directory, tmp_path / "recovered")
