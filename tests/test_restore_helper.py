@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlwarden.jobs.backup import restore as restore_module
-from test_backup_support import backup, hard_links, mlwarden, only_entry, tree
+from test_backup_support import SIGNAL_IN_FORK, backup, hard_links, mlwarden, only_entry, tree
 
 from mlwarden.catalog import FileRecord, Manifest
 from mlwarden.components import wait_until
@@ -185,3 +185,19 @@ def test_neither_sigterm_nor_kill_9_of_a_restore_leaves_its_helper_running(tmp_p
         assert process.returncode == -signal.SIGKILL
         assert not (tmp_path / "r").exists()
     assert only_entry(tmp_path / "backups").manifest.files  # the backup is untouched
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_that_lands_while_the_helper_is_forked_stops_the_restore_and_its_helper(
+    tmp_path: Path, helper_always: None, capsys: pytest.CaptureFixture[str], sig: signal.Signals, status: int
+) -> None:
+    models = _small_tree(tmp_path / "models", 20)
+    assert backup(models, tmp_path / "backups") == 0
+    SIGNAL_IN_FORK.append(sig)
+    try:
+        assert restore("--backup-dir", tmp_path / "backups", "--to", tmp_path / "r") == status
+    finally:
+        SIGNAL_IN_FORK.clear()
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups", "models"]  # no target, no staging
+    assert not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()  # the helper was reaped

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlwarden.jobs.backup.fork import fork_with_pipes
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
@@ -347,26 +348,21 @@ class _Helper:
         self._batch_bytes = 0
         self._in_flight = 0
         self._handed = 0  # files in the batches handed over
-        jobs_r, jobs_w = os.pipe()
-        acks_r, acks_w = os.pipe()
-        with contextlib.suppress(OSError):  # a smaller pipe only makes this process wait more often
-            fcntl.fcntl(jobs_w, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        self._pid: int | None = None
+        self._jobs = self._acks = -1
         parent = os.getpid()
-        with deferred_interrupts():  # see Follower.start: a signal during the fork is raised once the child is known
-            pid = os.fork()
-            if pid == 0:  # the child: never returns, never runs the parent's cleanup
-                status = 1
-                try:
-                    os.close(jobs_w)
-                    os.close(acks_r)
-                    status = _helper_main(parent, jobs_r, acks_w, paths, root, umask)
-                finally:
-                    os._exit(status)
-            os.close(jobs_r)
-            os.close(acks_w)
-        os.set_blocking(acks_r, False)
-        self._pid: int | None = pid
-        self._jobs, self._acks = jobs_w, acks_r
+
+        def keep(pid: int, jobs: int, acks: int) -> None:
+            self._pid, self._jobs, self._acks = pid, jobs, acks
+
+        try:
+            fork_with_pipes(lambda jobs, acks: _helper_main(parent, jobs, acks, paths, root, umask), keep)
+        except BaseException:  # a signal during the fork, raised once the helper is known: no with-block will close it
+            self.close()
+            raise
+        with contextlib.suppress(OSError):  # a smaller pipe only makes this process wait more often
+            fcntl.fcntl(self._jobs, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        os.set_blocking(self._acks, False)
 
     def take(self, key: tuple[str, str], content: bytes, targets: list[FileRecord]) -> None:
         """Write ``content`` to ``targets``: in the helper, or here if it is behind."""
