@@ -75,6 +75,15 @@ def test_a_restore_with_the_helper_gives_back_the_same_tree_and_links(
     assert (os.getpid() in map(int, pids)) and len(pids) == (2 if in_flight else 1)
 
 
+def test_a_drill_takes_the_same_way_with_its_helper(tmp_path: Path, helper_always: None, capsys: pytest.CaptureFixture[str]) -> None:
+    models = _small_tree(tmp_path / "models", 30)
+    assert backup(models, tmp_path / "backups") == 0
+    assert restore("--drill", "--backup-dir", tmp_path / "backups") == 0
+    assert "every file matches the manifest" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "backups").iterdir() if p.name.startswith(".drill-")]  # no scratch left
+    assert not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()  # the helper was reaped
+
+
 def test_every_file_the_helper_wrote_is_in_place_before_the_final_syncfs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper_always: None
 ) -> None:
