@@ -20,8 +20,9 @@ A Hugging Face hub cache of three revisions (``snapshots/<rev>/<file>`` links in
 
 Two more shapes, each against ``tar -cf - | zstd -1 -T0`` (+ ``sha256sum``) and
 ``zstd -dc | tar -x`` (+ ``sha256sum -c`` of every file for the weights), run interleaved:
-20,000 files of 1-4 KB (``mlwarden backup`` with its verification, ``mlwarden restore``), and
-the weights' restore.
+20,000 files of 1-4 KB (``mlwarden backup`` with its verification, ``mlwarden restore``; best
+of 5 rounds, with the range), and the weights' restore (best of 2). Each run writes into a
+directory of its own, removed after the last round (see :func:`side_by_side`).
 
     python -m bench.run_all --only backup [--quick]
 """
@@ -29,6 +30,7 @@ the weights' restore.
 from __future__ import annotations
 
 import array
+import functools
 import hashlib
 import os
 import random
@@ -185,65 +187,88 @@ def mlwarden_restore(backups: Path, target: Path) -> None:
     subprocess.run(argv, cwd=ROOT, check=True)
 
 
-def side_by_side(actions: dict[str, tuple[Callable[[], object], Path | None]], repeat: int) -> dict[str, float]:
-    """Best time of each action, the contenders taking turns so that noise hits them alike;
-    the directory an action writes into is emptied before it, and everything written so far is
-    flushed to disk (``sync``), both outside the timing. Without the flush, an action that
-    syncs its own writes (mlwarden's fsyncs and syncfs) also paid for writing out what the
-    action before it left dirty (tar's 20,000 files, the deletions): on this ext4 a commit
-    takes the journal's other dirty data with it. Measured 2026-11-30 without it, two runs
-    minutes apart: small-file backup 2.79x and 3.38x, the untar baseline 2.38 s and 7.92 s."""
-    best = dict.fromkeys(actions, float("inf"))
-    for _ in range(repeat):
-        for label, (action, output) in actions.items():
-            if output is not None:
-                shutil.rmtree(output, ignore_errors=True)
-            if label == "untar" and output is not None:
-                output.mkdir()  # tar -C needs it; mlwarden restore makes its own
-            os.sync()
-            best[label] = min(best[label], timed(action))
-    return best
+def side_by_side(work: Path, actions: dict[str, tuple[Callable[[Path], object], bool]], rounds: int) -> dict[str, list[float]]:
+    """Each action's times over ``rounds`` rounds, the contenders taking turns so that noise
+    hits them alike. Each run writes into a directory of its own (made first when the action
+    needs it to exist), and everything written so far is flushed to disk (``sync``) before
+    it, outside the timing. Without the flush, an action that syncs its own writes
+    (mlwarden's fsyncs and syncfs) also paid for writing out what the action before it left
+    dirty (tar's 20,000 files): measured 2026-11-30 without it, two runs minutes apart gave
+    the small-file backup 2.79x and 3.38x, the untar baseline 2.38 s and 7.92 s. The
+    directories are removed only after the last round: on an ext4 without a journal (this
+    VM's) a file created within a minute or more of many deletions makes the kernel step
+    over each recently freed inode (``recently_deleted`` in ``find_inode_bit``, 30% of
+    untar's samples under ``perf``), so a run after the previous run's tree was deleted paid
+    for that deletion, and more so the later in a round it came."""
+    times: dict[str, list[float]] = {label: [] for label in actions}
+    outputs: list[Path] = []
+    try:
+        for round_ in range(rounds):
+            for label, (action, make_dir) in actions.items():
+                output = work / f"{label}-{round_}"
+                outputs.append(output)
+                if make_dir:
+                    output.mkdir()  # tar -C needs it; mlwarden makes its own
+                os.sync()
+                times[label].append(timed(functools.partial(action, output)))
+    finally:
+        for output in outputs:
+            shutil.rmtree(output, ignore_errors=True)
+    return times
 
 
-def shapes(work: Path, weights_dir: Path, weights_backups: Path, count: int, repeat: int) -> tuple[list[str], list[tuple[str, bool, str]]]:
+def _spread(times: list[float]) -> str:
+    """Best, and the range of all rounds."""
+    return f"{min(times):.2f} ({min(times):.2f}-{max(times):.2f})"
+
+
+def shapes(work: Path, weights_dir: Path, weights_backups: Path, count: int, rounds: int) -> tuple[list[str], list[tuple[str, bool, str]]]:
     """Small files (backup with verify, restore) and the weights' restore, against tar and zstd."""
     source = work / "small"
     small_bytes = small_files(source, count)
     archive = work / "small.tar.zst"
+    backups = work / "b-small"
+    backup_command(source, backups)  # what every timed restore reads (each timed backup writes a directory of its own)
     small = side_by_side(
+        work,
         {
-            "tar": (lambda: shell(f"tar -cf - -C {source} . | zstd -1 -T0 -q -f -o {archive} && sha256sum {archive}"), None),
+            "tar": (lambda _: shell(f"tar -cf - -C {source} . | zstd -1 -T0 -q -f -o {archive} && sha256sum {archive}"), False),
             # The command alone: reading its 20,000-file manifest back here, to find an archive
             # this row does not use, took 0.36 s of the bench's own time (charged to mlwarden until 2026-11-30).
-            "mlwarden": (lambda: backup_command(source, work / "b-small", "--verify"), work / "b-small"),
-            "untar": (lambda: shell(f"zstd -dc {archive} | tar -xf - -C {work / 'untar'}"), work / "untar"),
-            "restore": (lambda: mlwarden_restore(work / "b-small", work / "r-small"), work / "r-small"),
+            "mlwarden": (lambda output: backup_command(source, output, "--verify"), False),
+            "untar": (lambda output: shell(f"zstd -dc {archive} | tar -xf - -C {output}"), True),
+            "restore": (lambda output: mlwarden_restore(backups, output), False),
         },
-        repeat,
+        rounds,
     )
     entry = Catalog(weights_backups).latest()
     assert entry is not None
     sums = entry.directory / "SHA256SUMS"
     big = side_by_side(
+        work,
         {
-            "untar": (lambda: shell(f"zstd -dc {entry.archive_path} | tar -xf - -C {work / 'untar'} "
-                                    f"&& cd {work / 'untar'} && sha256sum -c --quiet {sums}"), work / "untar"),
-            "restore": (lambda: mlwarden_restore(weights_backups, work / "r-big"), work / "r-big"),
+            "untar": (lambda output: shell(f"zstd -dc {entry.archive_path} | tar -xf - -C {output} && cd {output} && sha256sum -c --quiet {sums}"),
+                      True),
+            "restore": (lambda output: mlwarden_restore(weights_backups, output), False),
         },
-        repeat,
+        min(rounds, 2),  # 500 MB a run, and far from its target
     )
-    backup_ratio, restore_ratio, big_ratio = small["mlwarden"] / small["tar"], small["restore"] / small["untar"], big["restore"] / big["untar"]
+    best = {f"small-{label}": min(times) for label, times in small.items()} | {f"big-{label}": min(times) for label, times in big.items()}
+    backup_ratio, restore_ratio = best["small-mlwarden"] / best["small-tar"], best["small-restore"] / best["small-untar"]
+    big_ratio = best["big-restore"] / best["big-untar"]
     lines = [
-        f"{count:,} files of 1-4 KB ({small_bytes / 1e6:.0f} MB), and the weights above; best of {repeat}, contenders "
-        "taking turns, each starting with nothing left to write back (`sync` before it, untimed).",
+        f"{count:,} files of 1-4 KB ({small_bytes / 1e6:.0f} MB; best of {rounds} rounds, the range of all rounds in brackets), and the "
+        f"weights above (best of {min(rounds, 2)}); contenders taking turns, each starting with nothing left to write back (`sync` "
+        "before it, untimed) and writing into a directory of its own (all removed after the last round, untimed).",
         "",
         "| shape | baseline | seconds | `mlwarden` | seconds | ratio |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| {count:,} small files: backup | `tar -cf - \\| zstd -1 -T0` + `sha256sum` | {small['tar']:.2f} "
-        f"| `backup` (with its verification) | {small['mlwarden']:.2f} | {backup_ratio:.2f}x |",
-        f"| {count:,} small files: restore | `zstd -dc \\| tar -x` | {small['untar']:.2f} "
-        f"| `restore` (every file hashed, one syncfs) | {small['restore']:.2f} | {restore_ratio:.2f}x |",
-        f"| weights: restore | `zstd -dc \\| tar -x` + `sha256sum -c` | {big['untar']:.2f} | `restore` | {big['restore']:.2f} | {big_ratio:.2f}x |",
+        f"| {count:,} small files: backup | `tar -cf - \\| zstd -1 -T0` + `sha256sum` | {_spread(small['tar'])} "
+        f"| `backup` (with its verification) | {_spread(small['mlwarden'])} | {backup_ratio:.2f}x |",
+        f"| {count:,} small files: restore | `zstd -dc \\| tar -x` | {_spread(small['untar'])} "
+        f"| `restore` (every file hashed, one syncfs) | {_spread(small['restore'])} | {restore_ratio:.2f}x |",
+        f"| weights: restore | `zstd -dc \\| tar -x` + `sha256sum -c` | {_spread(big['untar'])} "
+        f"| `restore` | {_spread(big['restore'])} | {big_ratio:.2f}x |",
     ]
     checks = [
         ("small files: backup with verify within 3x of `tar \\| zstd -1 -T0` + `sha256sum`", backup_ratio <= 3, f"{backup_ratio:.2f}x"),
@@ -276,7 +301,7 @@ def run(quick: bool) -> str:
         t_verify = timed(lambda: verify_archive(entry).ok or sys.exit("verify failed"), repeat)
         t_sha = timed(lambda: shell(f"sha256sum {entry.archive_path}"), repeat)
         t_cat = timed(lambda: shell(f"cat {entry.archive_path} > /dev/null"), repeat)
-        shape_lines, shape_checks = shapes(work, source, work / "b-default", 5_000 if quick else 20_000, repeat)
+        shape_lines, shape_checks = shapes(work, source, work / "b-default", 5_000 if quick else 20_000, 2 if quick else 5)
         hub_lines, hub_checks = hugging_face(work, (2 if quick else 10) * 10**6)
         gzip_entry = Catalog(work / "b-gzip").latest()
         assert gzip_entry is not None

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import pytest
 from mlwarden.jobs.backup import archive, follow
-from test_backup_support import backup, make_models, only_entry
+from test_backup_support import SIGNAL_IN_FORK, backup, make_models, only_entry
 
 from mlwarden.catalog import Catalog
 
@@ -153,17 +153,6 @@ def test_the_followed_verification_passes_a_sound_archive(tmp_path: Path, monkey
     assert entry.status.verification.detail == "4 files and the archive hash match the manifest"  # type: ignore[union-attr]  # verified: there is a verification
 
 
-_SIGNAL_IN_FORK: list[signal.Signals] = []  # armed by the test below: the signal to send while forking
-
-
-def _signal_in_fork() -> None:
-    if _SIGNAL_IN_FORK:
-        os.kill(os.getpid(), _SIGNAL_IN_FORK.pop())
-
-
-os.register_at_fork(after_in_parent=_signal_in_fork)  # at-fork handlers cannot be removed: armed per test
-
-
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_that_lands_while_the_verifier_is_forked_stops_the_backup(
     tmp_path: Path, sig: signal.Signals, status: int, capsys: pytest.CaptureFixture[str]
@@ -171,11 +160,11 @@ def test_a_signal_that_lands_while_the_verifier_is_forked_stops_the_backup(
     """Handled inside an at-fork handler, the signal's exception was printed and dropped and
     the backup ran to its end (exit 0); SIGTERM was ignored from then on."""
     models = make_models(tmp_path / "models")
-    _SIGNAL_IN_FORK.append(sig)
+    SIGNAL_IN_FORK.append(sig)
     try:
         assert backup(models, tmp_path / "backups") == status
     finally:
-        _SIGNAL_IN_FORK.clear()
+        SIGNAL_IN_FORK.clear()
     assert [p.name for p in (tmp_path / "backups").iterdir()] == [".mlwarden-backup.lock"]  # nothing half made
     assert "Exception ignored" not in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handler is gone again, not left ignoring

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import urllib.request
@@ -18,6 +19,15 @@ import pytest
 from mlwarden import cli, components
 from mlwarden.catalog import Catalog
 
+SIGNAL_IN_FORK: list[signal.Signals] = []  # armed by a test: the signal this process sends itself when it next forks
+
+
+def _signal_in_fork() -> None:
+    if SIGNAL_IN_FORK:
+        os.kill(os.getpid(), SIGNAL_IN_FORK.pop())
+
+
+os.register_at_fork(after_in_parent=_signal_in_fork)  # at-fork handlers cannot be removed: armed per test
 
 def make_models(directory: Path, weights_bytes: int = 300_000, seed: int = 0) -> Path:
     """A tiny model directory: random weights in a subdirectory, JSON configs, a tokenizer."""

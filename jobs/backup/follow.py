@@ -28,12 +28,12 @@ import struct
 import traceback
 from typing import BinaryIO
 
+from mlwarden.jobs.backup.fork import fork_with_pipes
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, DAMAGE, REGULAR, ArchiveError, HashingReader, Header, MemberCheck, decompressed, read_members
 from mlwarden.jobs.backup.verify import VerifyResult, member_sha256
 
 from mlwarden.catalog import BackupEntry, FileRecord, Manifest
-from mlwarden.interrupts import deferred_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +58,11 @@ class Follower:
 
     def start(self, handle: BinaryIO) -> None:
         """Fork the verifier; ``handle`` is the archive's file, opened for writing and still empty."""
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        # A SIGTERM or SIGINT handled during the fork would raise inside an at-fork handler
-        # (logging's), where the exception is printed and dropped: the backup went on to
-        # the end. Noted here, it is raised once the child is known, so close() can end it.
-        with deferred_interrupts():
-            pid = os.fork()
-            if pid == 0:  # the child: never returns, never runs the parent's cleanup
-                status = 1
-                try:
-                    os.close(to_child_w)
-                    os.close(from_child_r)
-                    status = _child(handle.fileno(), self._compression, to_child_r, from_child_w)
-                finally:
-                    os._exit(status)
-            os.close(to_child_r)
-            os.close(from_child_w)
-            self._pid, self._to_child, self._from_child = pid, to_child_w, from_child_r
+
+        def keep(pid: int, to_child: int, from_child: int) -> None:
+            self._pid, self._to_child, self._from_child = pid, to_child, from_child
+
+        fork_with_pipes(lambda counts, results: _child(handle.fileno(), self._compression, counts, results), keep)
 
     def advance(self, count: int) -> None:
         """The file now holds ``count`` bytes, written and flushed."""

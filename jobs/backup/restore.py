@@ -32,23 +32,28 @@ verifies, times it, deletes it, and pushes
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import pickle
 import shutil
+import signal
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlwarden.jobs.backup.fork import fork_with_pipes
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
 from mlwarden.jobs.backup.tarstream import _check_manifest_paths as check_manifest_paths  # the archive reader's own path rules
 
 from mlwarden.catalog import DOWNLOAD_STAGING, PACK, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
-from mlwarden.fsutil import fsync_dir, start_writeback, sync_filesystem
+from mlwarden.fsutil import _libc, fsync_dir, start_writeback, sync_filesystem
 from mlwarden.interrupts import deferred_interrupts
 from mlwarden.terminal import Progress
 
@@ -157,8 +162,8 @@ def _extract(entry: BackupEntry, staging: Path, umask: int, external_links: bool
                 links.append(record)
                 continue
             assert data is not None  # a file's data
-            _write_file(_new_path(root, record.path, made), data, record, umask, progress)
-            sync_ahead.wrote()
+            _write_file(_new_path(root, record.path, made), data, record, umask, progress.advance)
+            sync_ahead.wrote(1)
             files += 1
     progress.finish()
     if digest.sha256 != entry.manifest.archive_sha256:
@@ -193,8 +198,8 @@ class _SyncAhead:
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
 
-    def wrote(self) -> None:
-        self._files += 1
+    def wrote(self, files: int) -> None:
+        self._files += files
         if self._files >= SYNC_AHEAD_FILES and (self._thread is None or not self._thread.is_alive()):
             self._files = 0
             self._thread = threading.Thread(target=self._sync, name="mlwarden-sync-ahead", daemon=True)
@@ -243,7 +248,8 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
     """Format 3: read each pack once and write each member it holds for ``entry`` to every
     path of ``entry`` with that content (the first from the archive, hashed as it is
     written; the others copied from it), then the hard links, then the links from
-    ``entry``'s own pack."""
+    ``entry``'s own pack. With many small files, a second process writes most of them
+    (:class:`_Helper`) while this one reads and checks the members."""
     manifest = entry.manifest
     check_manifest_paths(manifest)
     linked = {link.path for link in manifest.hardlinks}
@@ -257,27 +263,39 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
     made = {""}  # directories under staging that exist, as relative strings: no Path per file
     progress = Progress(f"restore {entry.name}", manifest.total_bytes)
     sync_ahead = _SyncAhead(staging)
-    for pack in packs:
-        digest = ArchiveDigest()
-        with members(pack.archive_path, pack.manifest, digest) as found:
-            for record, data in found:
-                if isinstance(record, LinkRecord):
-                    if pack.name == entry.name:  # another pack's links are its own backup's
-                        links.append(record)
-                    continue
-                assert data is not None  # a file's data
-                targets = paths.pop((pack.name, record.sha256), [])
-                if not targets:
-                    continue
-                first = _new_path(root, targets[0].path, made)
-                _write_file(first, data, targets[0], umask, progress)
-                sync_ahead.wrote()
-                for other in targets[1:]:
-                    _copy_restored(first, _new_path(root, other.path, made), other, umask, progress)
-                    sync_ahead.wrote()
-                files += len(targets)
-        if digest.sha256 != pack.manifest.archive_sha256:
-            raise ArchiveError(f"the archive of pack {pack.name} changed while it was being restored")
+
+    def write_here(batch: list[_Job]) -> None:  # what the helper could not take in time
+        for _, content, targets in batch:
+            _write_content(content, targets, root, umask, made)
+
+    with _Helper(paths, root, umask, write_here) if _worth_a_helper(manifest) else contextlib.nullcontext() as helper:
+        for pack in packs:
+            digest = ArchiveDigest()
+            with members(pack.archive_path, pack.manifest, digest) as found:
+                for record, data in found:
+                    if isinstance(record, LinkRecord):
+                        if pack.name == entry.name:  # another pack's links are its own backup's
+                            links.append(record)
+                        continue
+                    assert data is not None  # a file's data
+                    key = (pack.name, record.sha256)
+                    targets = paths.pop(key, None)
+                    if targets is None:
+                        continue
+                    if helper is not None and not data.remaining and record.size <= HELPER_MAX_FILE_BYTES:
+                        helper.take(key, data.read(), targets)
+                        progress.advance(record.size * len(targets))
+                    else:
+                        first = _new_path(root, targets[0].path, made)
+                        _write_file(first, data, targets[0], umask, progress.advance)
+                        for other in targets[1:]:
+                            _copy_restored(first, _new_path(root, other.path, made), other, umask, progress.advance)
+                    files += len(targets)
+                    sync_ahead.wrote(len(targets))
+            if digest.sha256 != pack.manifest.archive_sha256:
+                raise ArchiveError(f"the archive of pack {pack.name} changed while it was being restored")
+        if helper is not None:
+            helper.finish()  # every file it took is written and verified, or this raises its error
     if paths:
         raise ArchiveError(f"{len(paths)} content(s) of the manifest are missing from their packs, e.g. {next(iter(paths.values()))[0].path!r}")
     # Every file is written and verified: a hard link only joins a name to one of them.
@@ -286,6 +304,191 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
     progress.finish()
     _finish(staging, links, umask, external_links, sync_ahead)
     return files + len(manifest.hardlinks)
+
+
+# A helper pays when a restore is mostly small files: reading and checking a member costs
+# this process about 18 µs, writing it as a file (open, write, futimens, close, the
+# SHA-256) about as much again, which the helper does on the second core.
+HELPER_MIN_FILES = 1000
+HELPER_MAX_FILE_BYTES = 2**18  # larger members are written here, as they are read
+HELPER_BATCH_FILES = 128
+HELPER_BATCH_BYTES = 2**18
+HELPER_IN_FLIGHT = 2  # batches handed over and not yet written; beyond that this process writes them
+_PIPE_BYTES = 2**20  # room for a batch in the pipe while the helper writes the one before
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+_LENGTH = struct.Struct("<q")
+
+_Job = tuple[tuple[str, str], bytes, list[FileRecord]]  # (pack, SHA-256), content, the paths it goes to
+
+
+def _worth_a_helper(manifest: Manifest) -> bool:
+    """Many small files, and a second core this process may run on."""
+    small = sum(1 for record in manifest.files if record.size <= HELPER_MAX_FILE_BYTES)
+    return small >= HELPER_MIN_FILES and len(os.sched_getaffinity(0)) >= 2
+
+
+class _Helper:
+    """A second process that writes the small files this one has read and checked.
+
+    Forked before the first member is read, it holds the same table of paths by content:
+    what crosses to it is a batch of (pack, SHA-256, content) at a time, through a pipe; it
+    writes each content to its paths, checking its SHA-256 as the first writer does, and
+    acknowledges each batch. When :data:`HELPER_IN_FLIGHT` batches are unacknowledged (its
+    core is busy with other work), this process writes the next batch itself, so a busy
+    machine costs no more than one process would. :meth:`finish` waits for every batch and
+    raises the helper's error if it had one; :meth:`close` (also on an error or a signal
+    here) kills and reaps it before anyone removes the staging directory. If this process
+    dies (kill -9), the kernel kills the helper too (``PR_SET_PDEATHSIG``), so it never
+    writes into a staging directory that the next restore removes as left over. SIGINT is
+    the first process's to handle; SIGTERM ends the helper."""
+
+    def __init__(self, paths: dict[tuple[str, str], list[FileRecord]], root: str, umask: int, write_here: Callable[[list[_Job]], None]) -> None:
+        self._write_here = write_here
+        self._batch: list[_Job] = []
+        self._batch_bytes = 0
+        self._in_flight = 0
+        self._handed = 0  # files in the batches handed over
+        self._pid: int | None = None
+        self._jobs = self._acks = -1
+        parent = os.getpid()
+
+        def keep(pid: int, jobs: int, acks: int) -> None:
+            self._pid, self._jobs, self._acks = pid, jobs, acks
+
+        try:
+            fork_with_pipes(lambda jobs, acks: _helper_main(parent, jobs, acks, paths, root, umask), keep)
+        except BaseException:  # a signal during the fork, raised once the helper is known: no with-block will close it
+            self.close()
+            raise
+        with contextlib.suppress(OSError):  # a smaller pipe only makes this process wait more often
+            fcntl.fcntl(self._jobs, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        os.set_blocking(self._acks, False)
+
+    def take(self, key: tuple[str, str], content: bytes, targets: list[FileRecord]) -> None:
+        """Write ``content`` to ``targets``: in the helper, or here if it is behind."""
+        self._batch.append((key, content, targets))
+        self._batch_bytes += len(content)
+        if len(self._batch) >= HELPER_BATCH_FILES or self._batch_bytes >= HELPER_BATCH_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        with contextlib.suppress(BlockingIOError):
+            self._in_flight -= len(os.read(self._acks, 4096))
+        if self._in_flight >= HELPER_IN_FLIGHT:
+            self._write_here(batch)
+            return
+        self._send(pickle.dumps([(key, content) for key, content, _ in batch], pickle.HIGHEST_PROTOCOL))
+        self._in_flight += 1
+        self._handed += sum(len(targets) for _, _, targets in batch)
+
+    def _send(self, message: bytes) -> None:
+        try:
+            _write_all(self._jobs, _LENGTH.pack(len(message)) + message)
+        except BrokenPipeError:
+            raise ArchiveError(f"the restore's helper process ended early ({self._wait()}): nothing was restored") from None
+
+    def finish(self) -> None:
+        """Hand over what is left and wait until the helper wrote it all; its error if it failed."""
+        if self._batch:
+            self._hand_over()
+        self._send(b"")  # the end
+        os.close(self._jobs)
+        self._jobs = -1
+        os.set_blocking(self._acks, True)
+        answer = b""
+        while chunk := os.read(self._acks, 2**16):
+            answer += chunk
+        status = self._wait()
+        outcome = answer.lstrip(b".")  # an acknowledgement per batch, then the outcome
+        if not outcome:
+            raise ArchiveError(f"the restore's helper process ended without a result ({status}): nothing was restored")
+        result: int | BaseException = pickle.loads(outcome)
+        if isinstance(result, BaseException):
+            raise result
+        if result != self._handed:
+            raise ArchiveError(f"the restore's helper process wrote {result} files of {self._handed}: nothing was restored")
+
+    def _wait(self) -> str:
+        """Reap the helper; how it ended, for a message."""
+        if self._pid is None:
+            return "already reaped"
+        status = os.waitpid(self._pid, 0)[1]
+        self._pid = None
+        return f"wait status {status}"
+
+    def close(self) -> None:
+        if self._pid is not None:
+            os.kill(self._pid, signal.SIGKILL)
+            self._wait()
+        for fd in (self._jobs, self._acks):
+            if fd >= 0:
+                os.close(fd)
+        self._jobs = self._acks = -1
+
+    def __enter__(self) -> _Helper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _helper_main(parent: int, jobs: int, acks: int, paths: dict[tuple[str, str], list[FileRecord]], root: str, umask: int) -> int:
+    """The helper: write each batch, acknowledge it; at the end, the files written or the
+    first error. After an error it still reads (and drops) every batch, so the first
+    process never waits on a full pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group; the first process decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # killed with the first process, not after its current batch
+    if os.getppid() != parent:  # it died before that call
+        return 1
+    made = {""}
+    files = 0
+    failure: Exception | None = None
+    while True:
+        length = _LENGTH.unpack(_read_exactly(jobs, _LENGTH.size))[0]
+        if not length:
+            break
+        batch: list[tuple[tuple[str, str], bytes]] = pickle.loads(_read_exactly(jobs, length))
+        if failure is None:
+            try:
+                for key, content in batch:
+                    targets = paths.pop(key)
+                    _write_content(content, targets, root, umask, made)
+                    files += len(targets)
+            except Exception as exc:  # noqa: BLE001  # any failure is the first process's to report
+                failure = exc
+        os.write(acks, b".")
+    try:
+        outcome = pickle.dumps(failure if failure is not None else files)
+    except Exception:  # noqa: BLE001  # an exception that does not pickle: its text
+        outcome = pickle.dumps(ArchiveError(f"the restore's helper process failed: {failure}"))
+    _write_all(acks, outcome)
+    return 0
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """``size`` bytes from a pipe; the end of the pipe first means the first process is gone."""
+    parts = []
+    while size:
+        data = os.read(fd, size)
+        if not data:
+            os._exit(1)
+        parts.append(data)
+        size -= len(data)
+    return b"".join(parts)
+
+
+def _write_content(content: bytes, targets: list[FileRecord], root: str, umask: int, made: set[str]) -> None:
+    """A small member's content, whole in memory, written to each of its paths."""
+    first = _new_path(root, targets[0].path, made)
+    _write_whole(first, content, targets[0], umask)
+    for other in targets[1:]:
+        _copy_restored(first, _new_path(root, other.path, made), other, umask, _ignore)
+
+
+def _ignore(amount: int) -> None:
+    """Progress that is reported elsewhere: where a file was handed to the helper."""
 
 
 def _new_path(root: str, relative: str, made: set[str]) -> str:
@@ -297,11 +500,11 @@ def _new_path(root: str, relative: str, made: set[str]) -> str:
     return f"{root}/{relative}"
 
 
-def _copy_restored(source: str, destination: str, record: FileRecord, umask: int, progress: Progress) -> None:
+def _copy_restored(source: str, destination: str, record: FileRecord, umask: int, advance: Callable[[int], None]) -> None:
     """Another path with content just restored and verified: a kernel copy of it (never
     through an existing name)."""
     with open(source, "rb") as src:
-        fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(destination, _CREATE, 0o600)
         try:
             remaining = record.size
             while remaining:
@@ -313,35 +516,54 @@ def _copy_restored(source: str, destination: str, record: FileRecord, umask: int
             os.utime(fd, (record.mtime, record.mtime))
         finally:
             os.close(fd)
-    progress.advance(record.size)
+    advance(record.size)
 
 
-def _write_file(destination: str, data: MemberData, record: FileRecord, umask: int, progress: Progress) -> None:
+def _write_file(destination: str, data: MemberData, record: FileRecord, umask: int, advance: Callable[[int], None]) -> None:
     """One new file (never through an existing name: O_EXCL, O_NOFOLLOW), hashed as it is written.
 
     It is created with its final permission bits (no fchmod: a file opened by the call that
     creates it is writable whatever its mode); the staging directory is private to this
     process until the restore is complete and verified."""
-    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, _restored_mode(record.mode, umask))
+    if not data.remaining:  # a small file: its content is whole in memory
+        content = data.read()
+        _write_whole(destination, content, record, umask)
+        advance(len(content))
+        return
+    fd = os.open(destination, _CREATE, _restored_mode(record.mode, umask))
     try:
         chunk = data.read()
-        file_hash = hashlib.sha256(chunk)  # one call for a small file, which comes in one piece
-        if chunk:
-            _write_all(fd, chunk)
-            progress.advance(len(chunk))
-        if data.remaining:  # a large file: hash each chunk in the helper thread while this one decompresses and writes
-            offset = len(chunk)
-            with Overlap() as overlap:
-                while chunk := data.read():
-                    overlap.run(file_hash.update, chunk)
-                    _write_all(fd, chunk)
-                    start_writeback(fd, offset, len(chunk))  # the disk writes while the rest is decompressed
-                    offset += len(chunk)
-                    progress.advance(len(chunk))
+        file_hash = hashlib.sha256(chunk)
+        _write_all(fd, chunk)
+        advance(len(chunk))
+        offset = len(chunk)
+        with Overlap() as overlap:  # hash each chunk in the helper thread while this one decompresses and writes
+            while chunk := data.read():
+                overlap.run(file_hash.update, chunk)
+                _write_all(fd, chunk)
+                start_writeback(fd, offset, len(chunk))  # the disk writes while the rest is decompressed
+                offset += len(chunk)
+                advance(len(chunk))
         os.utime(fd, (record.mtime, record.mtime))
     finally:
         os.close(fd)
     if file_hash.hexdigest() != record.sha256:
+        raise ArchiveError(f"{record.path}: restored content does not match its SHA-256 in the manifest")
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _write_whole(destination: str, content: bytes, record: FileRecord, umask: int) -> None:
+    """:func:`_write_file` of a content whole in memory: four system calls, the SHA-256 in one call."""
+    fd = os.open(destination, _CREATE, _restored_mode(record.mode, umask))
+    try:
+        if content:
+            _write_all(fd, content)
+        os.utime(fd, (record.mtime, record.mtime))
+    finally:
+        os.close(fd)
+    if hashlib.sha256(content).hexdigest() != record.sha256:
         raise ArchiveError(f"{record.path}: restored content does not match its SHA-256 in the manifest")
 
 
