@@ -31,8 +31,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -237,10 +238,12 @@ class Measurement:
 def outbox_depth(port: int) -> int:
     """Jobs the server has queued for delivery (the relay's gauge; 0 for a server without one)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
             found = _DEPTH.search(response.read())
-    except OSError:  # the baseline has no /metrics: it queues nothing
-        return 0
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:  # the baseline has no /metrics: it queues nothing
+            return 0
+        raise  # anything else would pass for an empty outbox
     return int(float(found.group(1))) if found else 0
 
 
@@ -321,15 +324,20 @@ def report(
     rounds = len(relays)
     baseline, relay = best(baselines), best(relays)
 
-    def each_round(measurements: list[Measurement], phase: str) -> str:
-        results = [getattr(m, phase) for m in measurements]
-        return ", ".join(f"{r.percentile(0.99):.1f}/{r.percentile(1.0):.0f}" for r in results)
+    def each_round(measurements: list[Measurement], phase: Callable[[Measurement], Result]) -> str:
+        return ", ".join(f"{phase(m).percentile(0.99):.1f}/{phase(m).percentile(1.0):.0f}" for m in measurements)
 
     def row(name: str, m: Measurement) -> str:
         t, p = m.throughput, m.paced
         return (f"| {name} | {t.rps:,.0f} | {t.rps * ALERTS_PER_PAYLOAD:,.0f} | {t.percentile(0.99):.0f} | "
                 f"{t.cpu_ms_per_request:.2f} | {p.percentile(0.5):.1f} | {p.percentile(0.99):.1f} | "
                 f"{t.failures + m.behind.failures + p.failures} |")
+
+    def steady(m: Measurement) -> Result:
+        return m.paced
+
+    def after_full_load(m: Measurement) -> Result:
+        return m.behind
 
     def paced_row(name: str, phase: str, queued: str, r: Result) -> str:
         return (f"| {name} | {phase} | {queued} | {r.percentile(0.5):.1f} | {r.percentile(0.99):.1f} | "
@@ -397,8 +405,8 @@ def report(
         "figures are lower bounds; the ratio, and the server CPU per request (measured in the full-load phase, "
         "hardly moved by other work), are the figures to compare. Both servers run under uvicorn with uvloop "
         "and httptools (`uvicorn[standard]`). p99/slowest acknowledgement at 500 requests/s in each round (ms), "
-        f"steady: relay {each_round(relays, 'paced')}; baseline {each_round(baselines, 'paced')}; right after full "
-        f"load: relay {each_round(relays, 'behind')}; baseline {each_round(baselines, 'behind')}. A slowest answer "
+        f"steady: relay {each_round(relays, steady)}; baseline {each_round(baselines, steady)}; right after full "
+        f"load: relay {each_round(relays, after_full_load)}; baseline {each_round(baselines, after_full_load)}. A slowest answer "
         "well above the p99 in both servers' rounds alike is the host (other work, the load generator), not the "
         "relay.",
         "",
