@@ -79,3 +79,23 @@ def test_a_growing_wal_is_restarted_without_waiting_for_anyone(tmp_path: Path, m
     seen, statements = checkpoints_after_writes(tmp_path, monkeypatch, every=0.01, restart_bytes=1)
     assert any("RESTART" in statement for statement in seen)
     assert "PRAGMA busy_timeout=0" in statements  # a RESTART that would wait gives up instead
+
+
+def test_a_waiting_intake_goes_before_the_next_turn_of_whoever_holds_the_store(tmp_path: Path) -> None:
+    # The outbox claims and delivers a digest in steps, each a turn of the store's lock, one right
+    # after the other; with a plain lock the thread that let go took it again before the woken
+    # writer ran, for turn after turn, while the event loop waited for the writer.
+    store = SQLiteStore(tmp_path / "relay.db")
+    try:
+        store._lock.acquire()  # an outbox step in progress
+        writer = threading.Thread(target=accept, args=(store, make_config(), body(alert(name="A")), 100.0))
+        writer.start()
+        try:
+            components.wait_until(store._lock.writer_waits, 20, "the writer waiting for the lock")
+        finally:
+            store._lock.release()
+        claimed = store.claim("ops", 100.0, limit=10, lease=60)  # the outbox's next step, asked at once
+        writer.join()
+        assert [job.notice.alertname for job in claimed] == ["A"]  # it ran after the writer's commit
+    finally:
+        store.close()
