@@ -54,7 +54,7 @@ def serve_baseline(gpus: int, port: int) -> None:
     class AtScrapeTime:
         def collect(self) -> Iterable:
             for collector in collectors:
-                yield from (to_prometheus_client(family) for family in collector.collect().families)
+                yield from (to_prometheus_client(family) for family in collector.collect().made())
 
     REGISTRY.register(AtScrapeTime())
     start_http_server(port, addr="127.0.0.1")

@@ -82,17 +82,17 @@ def test_a_warm_collector_renders_what_a_fresh_one_renders_after_every_reading_o
     clock = Clock()
     warm = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
     renderer = exposition.Renderer()  # kept across passes, as the snapshot store keeps it
-    before = [renderer.render(warm.collect().families) for _ in range(2)]
+    before = [renderer.render(warm.collect().made()) for _ in range(2)]
     assert before[0] != before[1]  # GPM needs two samples
     clock.now += 1.0
-    assert renderer.render(warm.collect().families) == before[1]
+    assert renderer.render(warm.collect().made()) == before[1]
     for name, answer in _CHANGED_GPU1.items():
         fake.fail[(name, 1)] = answer
     clock.now += nvml_backend.SLOW_REFRESH_S  # counters and slow facts are due again too
-    after = renderer.render(warm.collect().families)
+    after = renderer.render(warm.collect().made())
     fresh = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
     fresh.collect()  # its first GPM sample
-    expected = exposition.render(fresh.collect().families)
+    expected = exposition.render(fresh.collect().made())
     assert after == expected and after != before[1]
     found = samples(warm)
     gpu1 = {"gpu": "1", "uuid": "GPU-fake-1"}

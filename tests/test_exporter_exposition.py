@@ -56,7 +56,7 @@ def snapshot(monkeypatch: pytest.MonkeyPatch) -> list[Family]:
     gpu.collect()  # GPM needs two samples
     xid = XidCollector(supervisor, 1.0, 1.0)
     xid.record(XidEvent(gpu=0, xid=79, timestamp=1_700_000_000.25))
-    families = [*gpu.collect().families, *ProcessesCollector(supervisor, 1.0, 1.0, 8).collect().families, *xid.collect().families]
+    families = [*gpu.collect().made(), *ProcessesCollector(supervisor, 1.0, 1.0, 8).collect().made(), *xid.collect().made()]
     assert all(isinstance(f, Family) for f in families)
     return families  # type: ignore[return-value]  # every family is a Family: asserted on the line above
 

@@ -69,7 +69,7 @@ def supervisor_for(backend: GpuBackend) -> BackendSupervisor:
 
 def samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     collected = collector.collect()
-    text = render(collected.families).decode()
+    text = render(collected.made()).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
