@@ -10,6 +10,7 @@ import gzip
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pynvml
@@ -19,6 +20,7 @@ from mlwarden.exporter.backends import nvml as nvml_backend
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.base import Collected, Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
+from mlwarden.exporter.collectors.processes import ProcessesCollector
 from mlwarden.exporter.loop import CollectionLoop, _Runner
 from mlwarden.exporter.snapshot import SnapshotStore
 
@@ -401,3 +403,35 @@ def test_a_snapshot_rendered_late_shows_the_collector_states_of_its_own_publicat
     assert 'mlwarden_exporter_collector_success{collector="gpu"} 0.0' in late
     assert 'mlwarden_exporter_collector_duration_seconds{collector="gpu"} 0.5' in late
     assert 'mlwarden_exporter_last_collection_timestamp_seconds{collector="gpu"} 1000.0' in late  # the last success
+
+
+def test_a_pass_makes_its_series_only_when_rendered_and_a_late_render_shows_that_pass(
+        fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gpu and processes passes leave their series to the rendering of their snapshot: an unscraped pass makes
+    none, and a snapshot rendered after later passes (a slow scrape's) still shows its own pass's readings."""
+    fake.processes = {0: [(4242, 100 * MIB)]}
+    supervisor = supervisor_for(NvmlBackend())
+    gpu, processes = GpuCollector(supervisor, 1.0, 1.0), ProcessesCollector(supervisor, 1.0, 1.0, 8)
+    made = []
+    for cls in (GpuCollector, ProcessesCollector):
+        original = cls._families
+
+        def counted(self: object, *args: object, original: Callable[..., object] = original) -> object:
+            made.append(type(self).__name__)
+            return original(self, *args)
+
+        monkeypatch.setattr(cls, "_families", counted)
+    store = SnapshotStore([("gpu", 1.0), ("processes", 1.0)], "9.9")
+    snapshots = []
+    for celsius, used in ((61, 100), (62, 200), (63, 300)):
+        fake.fail[("nvmlDeviceGetTemperature", 0)] = celsius
+        fake.processes = {0: [(4242, used * MIB)]}
+        store.publish("gpu", gpu.collect(), 0.01)
+        store.publish("processes", processes.collect(), 0.01)
+        snapshots.append(store.snapshot)
+    assert made == []  # nobody scraped: no series made
+    for snapshot, (celsius, used) in reversed(list(zip(snapshots, ((61, 100), (62, 200), (63, 300)), strict=True))):
+        body = snapshot.body.decode()
+        assert f'mlwarden_gpu_temperature_celsius{{gpu="0",uuid="GPU-fake-0"}} {float(celsius)}\n' in body
+        assert f'pid="4242",pod="",process="",slurm_job="",user="",uuid="GPU-fake-0"}} {exposition.format_value(used * MIB)}\n' in body
+    assert sorted(made) == ["GpuCollector"] * 3 + ["ProcessesCollector"] * 3
