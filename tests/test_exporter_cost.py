@@ -435,3 +435,24 @@ def test_a_pass_makes_its_series_only_when_rendered_and_a_late_render_shows_that
         assert f'mlwarden_gpu_temperature_celsius{{gpu="0",uuid="GPU-fake-0"}} {float(celsius)}\n' in body
         assert f'pid="4242",pod="",process="",slurm_job="",user="",uuid="GPU-fake-0"}} {exposition.format_value(used * MIB)}\n' in body
     assert sorted(made) == ["GpuCollector"] * 3 + ["ProcessesCollector"] * 3
+
+
+def test_rendering_a_pass_asks_nvml_nothing(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass reads NVML; the conversion of its answers into readings and series waits for the render, which
+    runs in a scrape's worker thread: it must not call NVML (a hung GPU would hang the scrape)."""
+    fake.processes = {0: [(4242, 100 * MIB)]}
+    supervisor = supervisor_for(NvmlBackend())
+    gpu, processes = GpuCollector(supervisor, 1.0, 1.0), ProcessesCollector(supervisor, 1.0, 1.0, 8)
+    gpu.collect()  # GPM's first sample
+    passes = [gpu.collect(), processes.collect()]
+
+    def hung(*args: object) -> None:
+        raise AssertionError("NVML called while rendering")
+
+    for name in dir(pynvml):
+        if name.startswith("nvml") and callable(getattr(pynvml, name)):
+            monkeypatch.setattr(pynvml, name, hung)
+    text = exposition.render([family for collected in passes for family in collected.made()]).decode()
+    for series in ('mlwarden_gpu_temperature_celsius{gpu="1",uuid="GPU-fake-1"} 61.0', 'mlwarden_gpu_sm_activity_ratio{gpu="0"',
+                   'mlwarden_gpu_pcie_throughput_bytes_per_second{direction="rx",gpu="1"', 'mlwarden_gpu_process_memory_used_bytes{'):
+        assert series in text

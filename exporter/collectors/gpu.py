@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+from collections.abc import Callable
 
 from mlwarden.exporter.backends.base import (
     DIRECTIONS,
@@ -21,6 +22,7 @@ from mlwarden.exporter.backends.base import (
     ECC_ERROR_TYPES,
     NVLINK_ERRORS,
     BackendUnavailable,
+    GpuIdentity,
     GpuLost,
     GpuReading,
 )
@@ -187,11 +189,12 @@ class GpuCollector(Collector):
             log.warning("%s", exc)
             self.supervisor.gpu_failed()
             return Collected([_nvml_up(0)], success=False)
-        readings: list[GpuReading] = []
+        readings: list[Callable[[], GpuReading]] = []
+        answered: list[GpuIdentity] = []
         lost: list[int] = []
         for index in range(count):
             try:
-                reading = backend.read(index)
+                identity, reading = backend.read_later(index)
             except GpuLost as exc:
                 if index not in self._lost:
                     log.warning("GPU %d is not answering: %s", index, exc)
@@ -199,10 +202,11 @@ class GpuCollector(Collector):
                 continue
             if index in self._lost:
                 log.info("GPU %d answers again", index)
-            self.supervisor.remember(reading.identity)
+            self.supervisor.remember(identity)
+            answered.append(identity)
             readings.append(reading)
         self._lost = set(lost)
-        down = self._down(readings, lost, count)
+        down = self._down(answered, lost, count)
         if down:
             # re-initialise (with backoff) while a GPU is down or gone: it may come back
             self.supervisor.gpu_failed()
@@ -210,9 +214,9 @@ class GpuCollector(Collector):
             self.supervisor.all_gpus_answered()
         return Collected(functools.partial(self._families, readings, down, backend.driver_version(), backend.cuda_version()))
 
-    def _down(self, readings: list[GpuReading], lost: list[int], count: int) -> list[GpuLabels]:
+    def _down(self, identities: list[GpuIdentity], lost: list[int], count: int) -> list[GpuLabels]:
         """The GPUs to report as down: those that did not answer, and those seen before but now gone."""
-        answered = {(r.identity.index, r.identity.uuid) for r in readings}
+        answered = {(identity.index, identity.uuid) for identity in identities}
         answered_uuids = {uuid for _, uuid in answered}
         not_answering = {(index, self._last_uuid(index, answered_uuids)) for index in lost}
         now = answered | not_answering
@@ -236,8 +240,9 @@ class GpuCollector(Collector):
         uuid = self.supervisor.uuid(index)
         return "" if uuid in answered_uuids else uuid
 
-    def _families(self, readings: list[GpuReading], down: list[GpuLabels], driver: str, cuda: str) -> list[Family]:
+    def _families(self, later: list[Callable[[], GpuReading]], down: list[GpuLabels], driver: str, cuda: str) -> list[Family]:
         """The pass's series, from its readings; under the render lock (see collect)."""
+        readings = [reading() for reading in later]
         info = gauge(
             "mlwarden_gpu_info", "GPU identity; the value is always 1.",
             labels=_INFO_LABELS,
