@@ -464,6 +464,33 @@ def _utilization_through_pynvml(handle: Any, since: int) -> list[UtilizationSamp
     return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in pynvml.nvmlDeviceGetProcessUtilization(handle, since)]
 
 
+class _EventWaiter:
+    """nvmlEventSetWait_v2 called directly into an event structure kept from call to call; None when the wait
+    timed out. pynvml's wrapper looks the function up under a lock, builds a structure and raises an exception
+    for every wait that times out, which is nearly every one: most of what the XID listener cost an idle
+    exporter each second. Only the XID listener's thread waits (see _ProcessLister for when it is used)."""
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+        self._data = pynvml.c_nvmlEventData_t()
+        self._ref = ctypes.byref(self._data)
+
+    def __call__(self, event_set: Any, timeout_ms: int) -> Any:
+        answer = self._function(event_set, self._ref, timeout_ms)
+        if answer == pynvml.NVML_ERROR_TIMEOUT:
+            return None
+        if answer:
+            raise pynvml.NVMLError(answer)
+        return self._data  # read before the next wait
+
+
+def _events_through_pynvml(event_set: Any, timeout_ms: int) -> Any:
+    try:
+        return pynvml.nvmlEventSetWait(event_set, timeout_ms)
+    except pynvml.NVMLError_Timeout:
+        return None
+
+
 def _pynvml_own(wrapper: Callable[..., Any], name: str) -> Any:
     """The C function behind pynvml's ``wrapper``, or None: not pynvml's own wrapper any more (the
     tests' fake replaced it, and must be the one asked), or a driver without the function."""
@@ -609,6 +636,7 @@ class NvmlBackend(GpuBackend):
         self._cuda = ""
         self._generation = 0  # bumped by every (re)initialisation; the XID listener follows it
         self._event_set: Any = None
+        self._wait_events: Callable[[Any, int], Any] = _events_through_pynvml  # see _EventWaiter
         self._event_generation = -1
         self._gpm = GpmReader(self._call, _pynvml_own)
         self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
@@ -659,6 +687,8 @@ class NvmlBackend(GpuBackend):
         self._field_readers.clear()
         utilization = _pynvml_own(pynvml.nvmlDeviceGetProcessUtilization, "nvmlDeviceGetProcessUtilization")
         self._process_utilization_reader = _utilization_through_pynvml if utilization is None else _UtilizationReader(utilization)
+        waiter = _pynvml_own(pynvml.nvmlEventSetWait, "nvmlEventSetWait_v2")
+        self._wait_events = _events_through_pynvml if waiter is None else _EventWaiter(waiter)
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
@@ -845,15 +875,13 @@ class NvmlBackend(GpuBackend):
             time.sleep(timeout_s)
             return []
         try:
-            data = pynvml.nvmlEventSetWait(event_set, max(1, int(timeout_s * 1000)))
-        except pynvml.NVMLError_Timeout:
-            return []
+            data = self._wait_events(event_set, max(1, int(timeout_s * 1000)))
         except pynvml.NVMLError as exc:
             log.debug("XID event wait failed (%s); the event set is rebuilt", exc)
             self._event_generation = -1
             time.sleep(timeout_s)
             return []
-        if not data.eventType & pynvml.nvmlEventTypeXidCriticalError:
+        if data is None or not data.eventType & pynvml.nvmlEventTypeXidCriticalError:
             return []
         try:
             gpu = int(pynvml.nvmlDeviceGetIndex(data.device))
