@@ -471,6 +471,30 @@ def test_a_pass_like_the_one_before_serves_the_same_series_and_every_change_show
     fake.processes = {0: [(4242, 4 * MIB), (4343, 1 * MIB)]}
     assert value(samples(collector), "mlwarden_gpu_processes", gpu="0", uuid="GPU-fake-0") == 2
 
+
+def test_a_process_whose_job_comes_from_the_mapping_keeps_its_series_while_nothing_changes(fake: FakeNvml, tmp_path: Path) -> None:
+    """The allocation sources fill in a process' job (or pod) when the series are made: the part of a pass like
+    the one before is served again with them too (it was made anew every pass wherever a kubelet or a job map
+    named the workload, the completed description being a new object each pass)."""
+    from mlwarden.exporter.attribution import Attributor
+
+    proc, mapping = tmp_path / "proc", tmp_path / "jobs"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "comm").write_text("train.py\n")
+    (proc / "4242" / "cgroup").write_text("0::/\n")
+    mapping.mkdir()
+    (mapping / "0").write_text("777\n")
+    fake.processes = {0: [(4242, 3 * MIB)]}
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=proc, attributor=Attributor(None, mapping))
+    first = samples(collector)
+    part = collector._parts[0]
+    assert samples(collector) == first and collector._parts[0] is part
+    [(_, labels)] = [key for key in first if key[0] == "mlwarden_gpu_process_memory_used_bytes" and dict(key[1])["gpu"] == "0"]
+    assert dict(labels)["slurm_job"] == "777" and dict(labels)["process"] == "train.py"
+    (mapping / "0").write_text("778\n")  # the job map changed: the series change with it
+    [(_, labels)] = [key for key in samples(collector) if key[0] == "mlwarden_gpu_process_memory_used_bytes" and dict(key[1])["gpu"] == "0"]
+    assert dict(labels)["slurm_job"] == "778" and collector._parts[0] is not part
+
 _COMPARE_PROCESS_PATHS = """
 import dataclasses, json, pynvml
 from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister

@@ -167,25 +167,28 @@ class ProcessesCollector(Collector):
 
         Every process is described every pass (its /proc entry checked), so a reused PID is noticed even
         when NVML answers the same. The largest and their MIG devices are those of the pass before while
-        the backend hands back the very same list and the MIG layout is the same."""
+        the backend hands back the very same list and the MIG layout is the same. The allocation sources
+        complete the processes' workloads when the series are made (see _series)."""
         if previous is not None and previous.processes is processes and previous.migs == migs:
             largest, devices = previous.largest, previous.devices
         else:
             by_instance: dict[tuple[int | None, int | None], MigDevice] = {(d.gpu_instance, d.compute_instance): d for d in migs}
             largest = self._largest(processes)
             devices = [by_instance.get((p.gpu_instance, p.compute_instance)) if by_instance else None for p in largest]
-        infos = [self._describe(p, allocations, index, gpu[1], device, described) for p, device in zip(largest, devices, strict=True)]
+        # the backend may already know who a process is (simulated processes have no /proc entry)
+        infos = [p.info or described.get(p.pid) or self._describe(p.pid, described) for p in largest]
         return _GpuPart(index, processes, gpu, migs, largest, devices, infos, allocations)
 
     def _series(self, part: _GpuPart, known: _KnownLabels) -> _Series:
         index, gpu, allocations = part.index, part.gpu, part.allocations
+        infos = [allocations.complete(info, index, gpu[1], device) for info, device in zip(part.infos, part.devices, strict=True)]
         memory: list[tuple[tuple[str, ...], float]] = []
         sm: list[tuple[tuple[str, ...], float]] = []
         mem_util: list[tuple[tuple[str, ...], float]] = []
         labels_of: _KnownLabels = {}
         # processes by the MIG device they run in (None: the whole GPU, or NVML did not say)
         placed: dict[MigDevice | None, list[procinfo.ProcessInfo]] = {None: [], **{device: [] for device in part.migs}}
-        for process, device, info in zip(part.largest, part.devices, part.infos, strict=True):
+        for process, device, info in zip(part.largest, part.devices, infos, strict=True):
             placed[device].append(info)
             labels = self._labels_of(known, labels_of, gpu, index, process.pid, info)
             if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
@@ -218,13 +221,9 @@ class ProcessesCollector(Collector):
     def _largest(self, processes: list[GpuProcess]) -> list[GpuProcess]:
         return sorted(processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[: self.max_processes]
 
-    def _describe(self, process: GpuProcess, allocations: Allocations, index: int, uuid: str, device: MigDevice | None,
-                  described: dict[int, procinfo.ProcessInfo]) -> procinfo.ProcessInfo:
-        # the backend may already know (simulated processes have no /proc entry)
-        info = process.info or described.get(process.pid)
-        if info is None:
-            info = described[process.pid] = self.describer.describe(process.pid)
-        return allocations.complete(info, index, uuid, device)
+    def _describe(self, pid: int, described: dict[int, procinfo.ProcessInfo]) -> procinfo.ProcessInfo:
+        info = described[pid] = self.describer.describe(pid)
+        return info
 
 
 @dataclasses.dataclass(frozen=True)
