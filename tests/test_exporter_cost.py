@@ -21,7 +21,7 @@ from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.base import Collected, Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
 from mlwarden.exporter.collectors.processes import ProcessesCollector
-from mlwarden.exporter.loop import CollectionLoop, _Runner
+from mlwarden.exporter.loop import CollectionLoop, StopSignal, _Runner
 from mlwarden.exporter.snapshot import SnapshotStore
 
 from mlwarden.components import wait_until
@@ -206,7 +206,7 @@ class _Slow(Collector):
 
 def test_the_watchdog_is_told_when_a_pass_will_be_overdue_and_marks_it_then() -> None:
     store = SnapshotStore([("slow", 5.0)], "test")
-    runner = _Runner([_Slow()], store, threading.Event())
+    runner = _Runner([_Slow()], store, StopSignal())
     assert runner.check_overdue(100.0) is None  # no pass in progress: nothing to wake for
     runner.current, runner.pass_started = runner.collectors[0], 100.0
     assert runner.check_overdue(101.0) == 105.0
@@ -456,3 +456,17 @@ def test_rendering_a_pass_asks_nvml_nothing(fake: FakeNvml, monkeypatch: pytest.
     for series in ('mlwarden_gpu_temperature_celsius{gpu="1",uuid="GPU-fake-1"} 61.0', 'mlwarden_gpu_sm_activity_ratio{gpu="0"',
                    'mlwarden_gpu_pcie_throughput_bytes_per_second{direction="rx",gpu="1"', 'mlwarden_gpu_process_memory_used_bytes{'):
         assert series in text
+
+
+def test_the_stop_signal_wakes_every_runner_and_stays_set() -> None:
+    stop = StopSignal()
+    assert stop.wait(0.01) is False and not stop.is_set()
+    woken: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woken.append(stop.wait(60))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    stop.set()
+    stop.set()  # twice: still set, no error
+    for waiter in waiters:
+        waiter.join(30)
+    assert woken == [True, True, True] and stop.is_set() and stop.wait(0) is True
