@@ -54,7 +54,7 @@ def serve_baseline(gpus: int, port: int) -> None:
     class AtScrapeTime:
         def collect(self) -> Iterable:
             for collector in collectors:
-                yield from (to_prometheus_client(family) for family in collector.collect().families)
+                yield from (to_prometheus_client(family) for family in collector.collect().made())
 
     REGISTRY.register(AtScrapeTime())
     start_http_server(port, addr="127.0.0.1")
@@ -166,8 +166,8 @@ def side_by_side(quick: bool) -> list[str]:
     return [
         f"Idle cost next to nvitop-exporter: {gpus} GPUs x {PROCESSES_PER_GPU} live processes on the C stand-in "
         f"for `libnvidia-ml.so.1` (`bench/fake_libnvidia_ml.c`, built with gcc at bench time and loaded by both "
-        f"through `LD_LIBRARY_PATH`), both collecting every 1 s, not scraped, CPU over the same {window:.0f} s "
-        f"window (both running at once), RSS at its end:",
+        f"through `LD_LIBRARY_PATH`), both collecting every 1 s, not scraped, CPU (user + system) over the same {window:.0f} s "
+        f"window from 5 s after both answered their first scrape (both running at once), RSS at its end:",
         "",
         "| exporter | CPU, % of one core | RSS | samples | /metrics | target |",
         "| --- | ---: | ---: | ---: | --- | --- |",
@@ -278,6 +278,9 @@ def cpu_rows(quick: bool) -> tuple[list[str], str]:
     project_port, baseline_port = free_port(), free_port()
     project, baseline = start_project(8, project_port), start_baseline(8, baseline_port)
     try:
+        # past start-up, as side_by_side: the window began at once, with the baseline's start next to it and the
+        # rendering the readiness scrape asked for (its snapshot was scraped, so the next pass is rendered at once)
+        time.sleep(5.0)
         idle_before = cpu_seconds(project.pid)
         time.sleep(window)
         idle = (cpu_seconds(project.pid) - idle_before) / window
@@ -290,7 +293,8 @@ def cpu_rows(quick: bool) -> tuple[list[str], str]:
                 _scrape(conn)
                 time.sleep(1.0)
             loaded[name] = (cpu_seconds(process.pid) - before) / (time.monotonic() - began)
-        rows.append(f"| 8 GPUs, collection every 1 s, no scrapes | {idle * 100:.2f}% | — | — | <= 2% ({'meets' if idle <= 0.02 else 'misses'}) |")
+        rows.append(f"| 8 GPUs, collection every 1 s, no scrapes (from 5 s after start) | {idle * 100:.2f}% | — | — "
+                    f"| <= 2% ({'meets' if idle <= 0.02 else 'misses'}) |")
         rows.append(
             f"| 8 GPUs, 1 scrape/s (mlwarden also collects every 1 s) | {loaded['project'] * 100:.2f}% | {loaded['baseline'] * 100:.2f}% "
             f"| {loaded['baseline'] / max(loaded['project'], 1e-9):.1f}x | |"

@@ -8,7 +8,9 @@
  * reports as NVML_ERROR_FUNCTION_NOT_FOUND (an old driver), as it would be on a real machine.
  *
  * Environment: MLWARDEN_FAKE_NVML_GPUS (default 8), MLWARDEN_FAKE_NVML_PIDS (comma-separated
- * PIDs every GPU lists as compute processes; default: 10 PIDs that do not exist).
+ * PIDs every GPU lists as compute processes; default: 10 PIDs that do not exist),
+ * MLWARDEN_FAKE_NVML_XIDS (comma-separated GPU:XID events the event wait hands out, one a wait, after
+ * each nvmlInit; default: none, every wait times out).
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -33,6 +35,8 @@ static unsigned gpu_count = 8;
 static unsigned pids[MAX_PIDS];
 static unsigned pid_count;
 static int initialised;
+#define MAX_XIDS 64
+static unsigned xid_gpu[MAX_XIDS], xid_code[MAX_XIDS], xid_count, xid_next;
 
 static void configure(void) {
     const char *count = getenv("MLWARDEN_FAKE_NVML_GPUS");
@@ -48,6 +52,19 @@ static void configure(void) {
         free(copy);
     } else {
         for (unsigned k = 0; k < 10; k++) pids[pid_count++] = 4000000 + k;
+    }
+    xid_count = xid_next = 0;
+    const char *xids = getenv("MLWARDEN_FAKE_NVML_XIDS");
+    if (xids && *xids) {
+        char *copy = strdup(xids), *save = NULL;
+        for (char *tok = strtok_r(copy, ",", &save); tok && xid_count < MAX_XIDS; tok = strtok_r(NULL, ",", &save)) {
+            unsigned gpu, code;
+            if (sscanf(tok, "%u:%u", &gpu, &code) == 2 && gpu < gpu_count) {
+                xid_gpu[xid_count] = gpu;
+                xid_code[xid_count++] = code;
+            }
+        }
+        free(copy);
     }
 }
 
@@ -360,7 +377,7 @@ nvmlReturn_t nvmlGpmMetricsGet(gpm_metrics_get_t *request) {
     return OK;
 }
 
-/* XID events: none ever come; a wait blocks for its timeout, as NVML's does ---------------- */
+/* XID events: those of MLWARDEN_FAKE_NVML_XIDS, then none; a wait without one blocks for its timeout, as NVML's does */
 typedef struct { void *device; unsigned long long eventType, eventData; unsigned gpuInstanceId, computeInstanceId; } event_data_t;
 static int event_set_token;
 
@@ -369,7 +386,14 @@ nvmlReturn_t nvmlEventSetFree(void *set) { (void)set; return OK; }
 nvmlReturn_t nvmlDeviceGetSupportedEventTypes(void *h, unsigned long long *types) { CHECK(h); *types = 0x8; return OK; }
 nvmlReturn_t nvmlDeviceRegisterEvents(void *h, unsigned long long types, void *set) { CHECK(h); (void)types; (void)set; return OK; }
 nvmlReturn_t nvmlEventSetWait_v2(void *set, event_data_t *data, unsigned timeout_ms) {
-    (void)set; (void)data;
+    (void)set;
+    if (xid_next < xid_count) {
+        data->device = &gpus[xid_gpu[xid_next]];
+        data->eventType = 0x8; /* nvmlEventTypeXidCriticalError */
+        data->eventData = xid_code[xid_next++];
+        data->gpuInstanceId = data->computeInstanceId = 0xFFFFFFFFu;
+        return OK;
+    }
     struct timespec pause = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
     nanosleep(&pause, NULL);
     return ERR_TIMEOUT;

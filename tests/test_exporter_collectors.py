@@ -25,7 +25,7 @@ from mlwarden.catalog import Catalog, FileRecord, Manifest, OffsiteCopy, Verific
 
 
 def samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = render(collector.collect().families).decode()
+    text = render(collector.collect().made()).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

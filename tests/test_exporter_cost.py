@@ -10,6 +10,7 @@ import gzip
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pynvml
@@ -19,7 +20,8 @@ from mlwarden.exporter.backends import nvml as nvml_backend
 from mlwarden.exporter.backends.nvml import NvmlBackend
 from mlwarden.exporter.collectors.base import Collected, Collector
 from mlwarden.exporter.collectors.gpu import GpuCollector
-from mlwarden.exporter.loop import CollectionLoop, _Runner
+from mlwarden.exporter.collectors.processes import ProcessesCollector
+from mlwarden.exporter.loop import CollectionLoop, StopSignal, _Runner
 from mlwarden.exporter.snapshot import SnapshotStore
 
 from mlwarden.components import wait_until
@@ -82,17 +84,17 @@ def test_a_warm_collector_renders_what_a_fresh_one_renders_after_every_reading_o
     clock = Clock()
     warm = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
     renderer = exposition.Renderer()  # kept across passes, as the snapshot store keeps it
-    before = [renderer.render(warm.collect().families) for _ in range(2)]
+    before = [renderer.render(warm.collect().made()) for _ in range(2)]
     assert before[0] != before[1]  # GPM needs two samples
     clock.now += 1.0
-    assert renderer.render(warm.collect().families) == before[1]
+    assert renderer.render(warm.collect().made()) == before[1]
     for name, answer in _CHANGED_GPU1.items():
         fake.fail[(name, 1)] = answer
     clock.now += nvml_backend.SLOW_REFRESH_S  # counters and slow facts are due again too
-    after = renderer.render(warm.collect().families)
+    after = renderer.render(warm.collect().made())
     fresh = GpuCollector(supervisor_for(NvmlBackend(clock=clock)), 1.0, 1.0)
     fresh.collect()  # its first GPM sample
-    expected = exposition.render(fresh.collect().families)
+    expected = exposition.render(fresh.collect().made())
     assert after == expected and after != before[1]
     found = samples(warm)
     gpu1 = {"gpu": "1", "uuid": "GPU-fake-1"}
@@ -204,7 +206,7 @@ class _Slow(Collector):
 
 def test_the_watchdog_is_told_when_a_pass_will_be_overdue_and_marks_it_then() -> None:
     store = SnapshotStore([("slow", 5.0)], "test")
-    runner = _Runner([_Slow()], store, threading.Event())
+    runner = _Runner([_Slow()], store, StopSignal())
     assert runner.check_overdue(100.0) is None  # no pass in progress: nothing to wake for
     runner.current, runner.pass_started = runner.collectors[0], 100.0
     assert runner.check_overdue(101.0) == 105.0
@@ -401,3 +403,70 @@ def test_a_snapshot_rendered_late_shows_the_collector_states_of_its_own_publicat
     assert 'mlwarden_exporter_collector_success{collector="gpu"} 0.0' in late
     assert 'mlwarden_exporter_collector_duration_seconds{collector="gpu"} 0.5' in late
     assert 'mlwarden_exporter_last_collection_timestamp_seconds{collector="gpu"} 1000.0' in late  # the last success
+
+
+def test_a_pass_makes_its_series_only_when_rendered_and_a_late_render_shows_that_pass(
+        fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gpu and processes passes leave their series to the rendering of their snapshot: an unscraped pass makes
+    none, and a snapshot rendered after later passes (a slow scrape's) still shows its own pass's readings."""
+    fake.processes = {0: [(4242, 100 * MIB)]}
+    supervisor = supervisor_for(NvmlBackend())
+    gpu, processes = GpuCollector(supervisor, 1.0, 1.0), ProcessesCollector(supervisor, 1.0, 1.0, 8)
+    made = []
+    for cls in (GpuCollector, ProcessesCollector):
+        original = cls._families
+
+        def counted(self: object, *args: object, original: Callable[..., object] = original) -> object:
+            made.append(type(self).__name__)
+            return original(self, *args)
+
+        monkeypatch.setattr(cls, "_families", counted)
+    store = SnapshotStore([("gpu", 1.0), ("processes", 1.0)], "9.9")
+    snapshots = []
+    for celsius, used in ((61, 100), (62, 200), (63, 300)):
+        fake.fail[("nvmlDeviceGetTemperature", 0)] = celsius
+        fake.processes = {0: [(4242, used * MIB)]}
+        store.publish("gpu", gpu.collect(), 0.01)
+        store.publish("processes", processes.collect(), 0.01)
+        snapshots.append(store.snapshot)
+    assert made == []  # nobody scraped: no series made
+    for snapshot, (celsius, used) in reversed(list(zip(snapshots, ((61, 100), (62, 200), (63, 300)), strict=True))):
+        body = snapshot.body.decode()
+        assert f'mlwarden_gpu_temperature_celsius{{gpu="0",uuid="GPU-fake-0"}} {float(celsius)}\n' in body
+        assert f'pid="4242",pod="",process="",slurm_job="",user="",uuid="GPU-fake-0"}} {exposition.format_value(used * MIB)}\n' in body
+    assert sorted(made) == ["GpuCollector"] * 3 + ["ProcessesCollector"] * 3
+
+
+def test_rendering_a_pass_asks_nvml_nothing(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass reads NVML; the conversion of its answers into readings and series waits for the render, which
+    runs in a scrape's worker thread: it must not call NVML (a hung GPU would hang the scrape)."""
+    fake.processes = {0: [(4242, 100 * MIB)]}
+    supervisor = supervisor_for(NvmlBackend())
+    gpu, processes = GpuCollector(supervisor, 1.0, 1.0), ProcessesCollector(supervisor, 1.0, 1.0, 8)
+    gpu.collect()  # GPM's first sample
+    passes = [gpu.collect(), processes.collect()]
+
+    def hung(*args: object) -> None:
+        raise AssertionError("NVML called while rendering")
+
+    for name in dir(pynvml):
+        if name.startswith("nvml") and callable(getattr(pynvml, name)):
+            monkeypatch.setattr(pynvml, name, hung)
+    text = exposition.render([family for collected in passes for family in collected.made()]).decode()
+    for series in ('mlwarden_gpu_temperature_celsius{gpu="1",uuid="GPU-fake-1"} 61.0', 'mlwarden_gpu_sm_activity_ratio{gpu="0"',
+                   'mlwarden_gpu_pcie_throughput_bytes_per_second{direction="rx",gpu="1"', 'mlwarden_gpu_process_memory_used_bytes{'):
+        assert series in text
+
+
+def test_the_stop_signal_wakes_every_runner_and_stays_set() -> None:
+    stop = StopSignal()
+    assert stop.wait(0.01) is False and not stop.is_set()
+    woken: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woken.append(stop.wait(60))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    stop.set()
+    stop.set()  # twice: still set, no error
+    for waiter in waiters:
+        waiter.join(30)
+    assert woken == [True, True, True] and stop.is_set() and stop.wait(0) is True

@@ -69,7 +69,7 @@ def supervisor_for(backend: GpuBackend) -> BackendSupervisor:
 
 def samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     collected = collector.collect()
-    text = render(collected.families).decode()
+    text = render(collected.made()).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -471,6 +471,30 @@ def test_a_pass_like_the_one_before_serves_the_same_series_and_every_change_show
     fake.processes = {0: [(4242, 4 * MIB), (4343, 1 * MIB)]}
     assert value(samples(collector), "mlwarden_gpu_processes", gpu="0", uuid="GPU-fake-0") == 2
 
+
+def test_a_process_whose_job_comes_from_the_mapping_keeps_its_series_while_nothing_changes(fake: FakeNvml, tmp_path: Path) -> None:
+    """The allocation sources fill in a process' job (or pod) when the series are made: the part of a pass like
+    the one before is served again with them too (it was made anew every pass wherever a kubelet or a job map
+    named the workload, the completed description being a new object each pass)."""
+    from mlwarden.exporter.attribution import Attributor
+
+    proc, mapping = tmp_path / "proc", tmp_path / "jobs"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "comm").write_text("train.py\n")
+    (proc / "4242" / "cgroup").write_text("0::/\n")
+    mapping.mkdir()
+    (mapping / "0").write_text("777\n")
+    fake.processes = {0: [(4242, 3 * MIB)]}
+    collector = ProcessesCollector(supervisor_for(NvmlBackend()), 1.0, 1.0, 8, proc=proc, attributor=Attributor(None, mapping))
+    first = samples(collector)
+    part = collector._parts[0]
+    assert samples(collector) == first and collector._parts[0] is part
+    [(_, labels)] = [key for key in first if key[0] == "mlwarden_gpu_process_memory_used_bytes" and dict(key[1])["gpu"] == "0"]
+    assert dict(labels)["slurm_job"] == "777" and dict(labels)["process"] == "train.py"
+    (mapping / "0").write_text("778\n")  # the job map changed: the series change with it
+    [(_, labels)] = [key for key in samples(collector) if key[0] == "mlwarden_gpu_process_memory_used_bytes" and dict(key[1])["gpu"] == "0"]
+    assert dict(labels)["slurm_job"] == "778" and collector._parts[0] is not part
+
 _COMPARE_PROCESS_PATHS = """
 import dataclasses, json, pynvml
 from mlwarden.exporter.backends.nvml import NvmlBackend, _ProcessLister
@@ -485,9 +509,11 @@ def listed(backend):
         whole["ecc_errors"] = str(whole["ecc_errors"])  # JSON keys: no tuples
         profiling = backend.read(index).profiling  # GPM between this pass's sample and the one before
         found.append([[vars(p) for p in backend.processes(index)], fields, whole, profiling])
+    found.append([[(e.gpu, e.xid) for e in backend.wait_xid_events(0.01)] for _ in range(3)])  # two events, then none
     kinds = sorted({type(lister).__name__ for lister in backend._process_listers})
     kinds.append(type(backend._gpm._samplers[(0, None)].metrics).__name__)
-    kinds += [type(backend._get_field_values).__name__, type(backend._process_utilization_reader).__name__]
+    kinds += [type(backend._get_field_values).__name__, type(backend._process_utilization_reader).__name__,
+              type(backend._wait_events).__name__]
     kinds += sorted({type(getter).__name__ for getter in vars(backend._get).values()})
     backend.close()
     return found, kinds
@@ -497,7 +523,8 @@ for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunni
              "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetFanSpeed",
              "nvmlDeviceGetPerformanceState", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
              "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetUtilizationRates",
-             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet", "nvmlDeviceGetMemoryInfo"):
+             "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlGpmMetricsGet", "nvmlDeviceGetMemoryInfo",
+             "nvmlEventSetWait"):
     wrapped = getattr(pynvml, name)
     setattr(pynvml, name, lambda *args, wrapped=wrapped: wrapped(*args))  # no longer pynvml's own
 through_pynvml, pynvml_kinds = listed(NvmlBackend())
@@ -513,13 +540,14 @@ def test_the_direct_ctypes_calls_read_what_pynvml_reads_from_a_real_library(tmp_
     libdir = build_fake_nvml(tmp_path)
     pids = [os.getpid(), os.getppid(), *range(700_001, 700_040)]  # more than the first array holds: it must grow
     env = {**os.environ, "LD_LIBRARY_PATH": str(libdir), "MLWARDEN_FAKE_NVML_GPUS": "3",
-           "MLWARDEN_FAKE_NVML_PIDS": ",".join(map(str, pids))}
+           "MLWARDEN_FAKE_NVML_PIDS": ",".join(map(str, pids)), "MLWARDEN_FAKE_NVML_XIDS": "2:79,0:48"}
     answer = subprocess.run([sys.executable, "-c", _COMPARE_PROCESS_PATHS], env=env, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     direct, direct_kinds, through_pynvml, pynvml_kinds = json.loads(answer.stdout)
-    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader",
+    assert direct_kinds == ["_ProcessLister", "_MetricsGetter", "_FuncPtr", "_UtilizationReader", "_EventWaiter",
                             "_Getter", "_MemoryGetter", "_PairGetter", "_StructGetter"]
-    assert pynvml_kinds == ["function", "function", "NoneType", "function", "function"]
+    assert pynvml_kinds == ["function", "function", "NoneType", "function", "function", "function"]
+    assert direct.pop() == [[[2, 79]], [[0, 48]], []] == through_pynvml.pop()  # XID events, then a wait that times out
     processes, (memory_temperature, pcie_bytes, nvlinks), whole, profiling = direct[0]
     assert profiling["sm_activity"] == 0.42 and profiling["fp32_activity"] == 0.125 and "fp64_activity" in profiling
     assert whole["temperature_celsius"] == 60 and whole["utilization_ratio"] == 0.5 and whole["encoder_utilization_ratio"] == 0.12

@@ -171,7 +171,7 @@ def test_promtool_accepts_every_new_family(fake: FakeNvml, promtool: str) -> Non
     supervisor = supervisor_for(NvmlBackend())
     gpu = GpuCollector(supervisor, 1.0, 1.0)
     gpu.collect()
-    families = gpu.collect().families + ProcessesCollector(supervisor, 1.0, 1.0, 8).collect().families
+    families = [*gpu.collect().made(), *ProcessesCollector(supervisor, 1.0, 1.0, 8).collect().made()]
     text = render(families)
     for family in ("mlwarden_gpu_sm_activity_ratio", "mlwarden_gpu_pipe_activity_ratio", "mlwarden_gpu_nvlink_errors_total",
                    "mlwarden_gpu_clock_violation_seconds_total", "mlwarden_gpu_mig_memory_used_bytes", "mlwarden_gpu_mig_sm_activity_ratio",

@@ -7,6 +7,7 @@ collectors omit that series instead of inventing a zero.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mlwarden.exporter.procinfo import ProcessInfo
@@ -170,6 +171,15 @@ class GpuBackend(abc.ABC):
     @abc.abstractmethod
     def read(self, index: int) -> GpuReading:
         """Raises GpuLost when the GPU does not answer."""
+
+    def read_later(self, index: int) -> tuple[GpuIdentity, Callable[[], GpuReading]]:
+        """Read the GPU now, and make the reading from what was read when it is asked for (``read``, split in two).
+
+        The gpu collector asks only when a snapshot is rendered: a backend whose answers need converting
+        (NVML's units, sentinels, structures) converts only the passes someone scrapes. Raises as ``read`` does.
+        """
+        reading = self.read(index)
+        return reading.identity, lambda: reading
 
     @abc.abstractmethod
     def processes(self, index: int) -> list[GpuProcess]:

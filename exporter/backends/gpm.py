@@ -141,6 +141,24 @@ def _through_pynvml(request: Any) -> Callable[[Any, Any], list[float | None]]:
     return nvmlGpmMetricsGet
 
 
+def profile_of(values: list[float | None]) -> Profile:
+    """The Profile of a request's answers (in _METRIC_IDS' order), in base units; empty without answers."""
+    if not values:
+        return _NOTHING
+    # percent to a ratio, clamped to 0..1 (inline: a call per metric was a tenth of a GPM read)
+    ratios = {key: min(1.0, max(0.0, value / 100.0))
+              for (_, key), value in zip(RATIOS, values[:len(RATIOS)], strict=True) if value is not None}
+    bandwidth = {
+        (bus, direction): value * _MIB
+        for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):], strict=True) if value is not None
+    }
+    return Profile(ratios, bandwidth)
+
+
+# Where the PCIe bandwidths lie in a request's answers: GPM measured PCIe when either is there.
+PCIE_AT = tuple(len(RATIOS) + at for at, (_, bus, _) in enumerate(BANDWIDTHS) if bus == "pcie")
+
+
 class GpmReader:
     """GPM samples per GPU and per MIG GPU instance, kept between passes; ``call`` is the backend's error-sorting call,
     ``own`` finds the C function behind one of pynvml's own wrappers (None: call the wrapper, whoever replaced it)."""
@@ -154,11 +172,15 @@ class GpmReader:
 
     def read(self, index: int, handle: Any) -> Profile:
         """The whole GPU's metrics over the interval since the last read."""
+        return profile_of(self.read_values(index, handle))
+
+    def read_values(self, index: int, handle: Any) -> list[float | None]:
+        """``read``'s metrics as NVML answered them (``profile_of`` makes the Profile): empty where there are none."""
         return self._read((index, None), handle, pynvml.nvmlGpmSampleGet, handle)
 
     def read_mig(self, index: int, handle: Any, gpu_instance: int) -> Profile:
         """One MIG GPU instance's metrics (``nvmlGpmMigSampleGet`` on the parent GPU's handle)."""
-        return self._read((index, gpu_instance), handle, pynvml.nvmlGpmMigSampleGet, handle, gpu_instance)
+        return profile_of(self._read((index, gpu_instance), handle, pynvml.nvmlGpmMigSampleGet, handle, gpu_instance))
 
     def forget_mig(self, index: int, gpu_instances: set[int]) -> None:
         """Free the samples of this GPU's instances that are no longer there (MIG reconfigured)."""
@@ -168,30 +190,21 @@ class GpmReader:
                 self._free(sampler.previous)
                 self._free(sampler.current)
 
-    def _read(self, key: tuple[int, int | None], handle: Any, sample_get: Callable[..., Any], *where: Any) -> Profile:
+    def _read(self, key: tuple[int, int | None], handle: Any, sample_get: Callable[..., Any], *where: Any) -> list[float | None]:
         sampler = self._sampler(key, handle)
         if sampler is None:
-            return _NOTHING
+            return []
         if self._call(sample_get, *where, sampler.current) is None:
             if not sampler.primed:  # never sampled here (a MIG instance GPM cannot see): not asked again until re-initialised
                 self._samplers[key] = None
                 self._free(sampler.previous)
                 self._free(sampler.current)
-            return _NOTHING
+            return []
         values: list[float | None] = []
         if sampler.primed:
             values = self._call(sampler.metrics, sampler.previous, sampler.current) or []
         sampler.previous, sampler.current, sampler.primed = sampler.current, sampler.previous, True
-        if not values:
-            return _NOTHING
-        # percent to a ratio, clamped to 0..1 (inline: a call per metric was a tenth of a GPM read)
-        ratios = {key: min(1.0, max(0.0, value / 100.0))
-                  for (_, key), value in zip(RATIOS, values[:len(RATIOS)], strict=True) if value is not None}
-        bandwidth = {
-            (bus, direction): value * _MIB
-            for (_, bus, direction), value in zip(BANDWIDTHS, values[len(RATIOS):], strict=True) if value is not None
-        }
-        return Profile(ratios, bandwidth)
+        return values
 
     def _sampler(self, key: tuple[int, int | None], handle: Any) -> _Sampler | None:
         if key in self._samplers:

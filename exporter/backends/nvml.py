@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import struct
 import threading
@@ -35,7 +36,7 @@ from mlwarden.exporter.backends.base import (
     NvLinkReading,
     XidEvent,
 )
-from mlwarden.exporter.backends.gpm import GpmReader
+from mlwarden.exporter.backends.gpm import PCIE_AT, GpmReader, profile_of
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ _KIB = 1024
 _PCIE_UTIL = {"tx": pynvml.NVML_PCIE_UTIL_TX_BYTES, "rx": pynvml.NVML_PCIE_UTIL_RX_BYTES}
 _PCIE_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES), ("rx", pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES))
 _MEMORY_TEMPERATURE = (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0)
+_EVENTS_AT, _MEMORY_AT = 7, 12  # where the clock-event mask and the memory info are among a batch's answers (_Getters.batch)
 _NVLINK_BYTES_FIELDS = (("tx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX), ("rx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX))
 _FIELD_VALUE_ATTR = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 # The field values that hold what nvmlDeviceGetTotalEccErrors, nvmlDeviceGetViolationStatus,
@@ -442,7 +444,7 @@ class _Getters:
         )
 
     def batch(self, handle: Any) -> tuple[_Prepared, ...]:
-        """The getters every pass calls for the GPU of ``handle``, in the order NvmlBackend.read unpacks them."""
+        """The getters every pass calls for the GPU of ``handle``, in the order _reading unpacks them."""
         calls = (
             (self.utilization, ()), (self.pstate, ()), (self.temperature, (pynvml.NVML_TEMPERATURE_GPU,)), (self.power, ()),
             (self.fan, ()), (self.clock, (pynvml.NVML_CLOCK_SM,)), (self.clock, (pynvml.NVML_CLOCK_MEM,)), (self.clock_events, ()),
@@ -460,6 +462,33 @@ class _Getters:
 
 def _utilization_through_pynvml(handle: Any, since: int) -> list[UtilizationSample]:
     return [(s.pid, s.timeStamp, s.smUtil, s.memUtil) for s in pynvml.nvmlDeviceGetProcessUtilization(handle, since)]
+
+
+class _EventWaiter:
+    """nvmlEventSetWait_v2 called directly into an event structure kept from call to call; None when the wait
+    timed out. pynvml's wrapper looks the function up under a lock, builds a structure and raises an exception
+    for every wait that times out, which is nearly every one: most of what the XID listener cost an idle
+    exporter each second. Only the XID listener's thread waits (see _ProcessLister for when it is used)."""
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+        self._data = pynvml.c_nvmlEventData_t()
+        self._ref = ctypes.byref(self._data)
+
+    def __call__(self, event_set: Any, timeout_ms: int) -> Any:
+        answer = self._function(event_set, self._ref, timeout_ms)
+        if answer == pynvml.NVML_ERROR_TIMEOUT:
+            return None
+        if answer:
+            raise pynvml.NVMLError(answer)
+        return self._data  # read before the next wait
+
+
+def _events_through_pynvml(event_set: Any, timeout_ms: int) -> Any:
+    try:
+        return pynvml.nvmlEventSetWait(event_set, timeout_ms)
+    except pynvml.NVMLError_Timeout:
+        return None
 
 
 def _pynvml_own(wrapper: Callable[..., Any], name: str) -> Any:
@@ -550,6 +579,51 @@ def _engine_ratio(answer: Any) -> float | None:
     return _scaled(u32(answer[0]), 0.01) if answer else None
 
 
+def _reading(identity: GpuIdentity, answers: list[Any], memory: Any, memory_temperature: Any, throttle: dict[str, bool] | None,
+             gpm: list[float | None], pcie: dict[str, float] | None, slow: _SlowFacts, counters: _Counters,
+             mig: tuple[MigReading, ...]) -> GpuReading:
+    """A GPU's reading from NVML's answers to one read (see NvmlBackend.read_later); ``pcie`` None: GPM's."""
+    util, raw_pstate, temperature, power, fan, sm_clock, memory_clock, _, generation, width, encoder, decoder, _ = answers
+    pstate = u32(raw_pstate)
+    profile = profile_of(gpm)
+    return GpuReading(
+        identity=identity,
+        temperature_celsius=u32(temperature),
+        memory_temperature_celsius=u32(memory_temperature),
+        utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
+        memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
+        memory_used_bytes=u64(getattr(memory, "used", None)),
+        memory_free_bytes=u64(getattr(memory, "free", None)),
+        memory_total_bytes=u64(getattr(memory, "total", None)),
+        memory_reserved_bytes=u64(getattr(memory, "reserved", None)),
+        power_watts=_scaled(u32(power), 0.001),
+        power_limit_watts=slow.power_limit_watts,
+        energy_joules=counters.energy_joules,
+        fan_speed_ratio=_scaled(u32(fan), 0.01),
+        performance_state=None if pstate == _PSTATE_UNKNOWN else pstate,
+        sm_clock_hz=_scaled(u32(sm_clock), 1e6),
+        memory_clock_hz=_scaled(u32(memory_clock), 1e6),
+        throttle_reasons=throttle,
+        ecc_errors=counters.ecc_errors,
+        pcie_link_generation=u32(generation),
+        pcie_link_width=u32(width),
+        retired_pages=slow.retired_pages,
+        remapped_rows=slow.remapped_rows,
+        retired_pages_pending=slow.retired_pages_pending,
+        profiling=profile.ratios,
+        pcie_throughput_bytes_per_second=(
+            pcie if pcie is not None else {d: v for (bus, d), v in profile.bandwidth.items() if bus == "pcie"}),
+        pcie_bytes=counters.pcie_bytes,
+        pcie_replays=counters.pcie_replays,
+        nvlink_throughput_bytes_per_second={d: v for (bus, d), v in profile.bandwidth.items() if bus == "nvlink"},
+        nvlinks=counters.nvlinks,
+        encoder_utilization_ratio=_engine_ratio(encoder),
+        decoder_utilization_ratio=_engine_ratio(decoder),
+        violation_seconds=counters.violation_seconds,
+        mig=mig,
+    )
+
+
 class NvmlBackend(GpuBackend):
     kind = "nvml"
 
@@ -562,6 +636,7 @@ class NvmlBackend(GpuBackend):
         self._cuda = ""
         self._generation = 0  # bumped by every (re)initialisation; the XID listener follows it
         self._event_set: Any = None
+        self._wait_events: Callable[[Any, int], Any] = _events_through_pynvml  # see _EventWaiter
         self._event_generation = -1
         self._gpm = GpmReader(self._call, _pynvml_own)
         self._nvlinks: dict[int, list[int]] = {}  # GPU -> links that exist, found once per initialisation
@@ -612,6 +687,8 @@ class NvmlBackend(GpuBackend):
         self._field_readers.clear()
         utilization = _pynvml_own(pynvml.nvmlDeviceGetProcessUtilization, "nvmlDeviceGetProcessUtilization")
         self._process_utilization_reader = _utilization_through_pynvml if utilization is None else _UtilizationReader(utilization)
+        waiter = _pynvml_own(pynvml.nvmlEventSetWait, "nvmlEventSetWait_v2")
+        self._wait_events = _events_through_pynvml if waiter is None else _EventWaiter(waiter)
         self._driver = _text(self._optional(pynvml.nvmlSystemGetDriverVersion) or "")
         cuda = u32(self._optional(pynvml.nvmlSystemGetCudaDriverVersion))
         self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
@@ -655,17 +732,20 @@ class NvmlBackend(GpuBackend):
         return identity
 
     def read(self, index: int) -> GpuReading:
+        return self.read_later(index)[1]()
+
+    def read_later(self, index: int) -> tuple[GpuIdentity, Callable[[], GpuReading]]:
+        """Every NVML call of a reading now; NVML's answers made into the reading (units, sentinels, structures,
+        GPM's percentages) when it is asked for: the gpu collector asks when a snapshot is rendered, so an
+        unscraped pass does not convert. The answers are not changed after this call."""
         handle = self._handle(index)
-        call = self._call
         now = self._clock()
         if now >= self._reprobe_at:
             self._forget_unsupported()
             self._reprobe_at = now + REPROBE_S
-        util, raw_pstate, temperature, power, fan, sm_clock, memory_clock, events, generation, width, encoder, decoder, memory = (
-            self._get_batch(index, handle))
-        memory = memory or call(pynvml.nvmlDeviceGetMemoryInfo, handle)  # a driver without the v2 structure
-        pstate = u32(raw_pstate)
-        profile = self._gpm.read(index, handle)
+        answers = self._get_batch(index, handle)
+        memory = answers[_MEMORY_AT] or self._call(pynvml.nvmlDeviceGetMemoryInfo, handle)  # a driver without the v2 structure
+        profile = self._gpm.read_values(index, handle)
         slow = self._slow_facts(index, handle, now)
         counters = self._counters.get(index)
         due = counters is None or now - counters.read_at >= COUNTER_REFRESH_S
@@ -677,40 +757,12 @@ class NvmlBackend(GpuBackend):
         fields = self._field_values(index, handle, wanted)
         if counters is None or due:
             counters = self._counters[index] = self._read_counters(handle, now, links, fields)
-        return GpuReading(
-            identity=self.identity(index),
-            temperature_celsius=u32(temperature),
-            memory_temperature_celsius=u32(fields.get(_MEMORY_TEMPERATURE)),
-            utilization_ratio=_scaled(u32(getattr(util, "gpu", None)), 0.01),
-            memory_utilization_ratio=_scaled(u32(getattr(util, "memory", None)), 0.01),
-            memory_used_bytes=u64(getattr(memory, "used", None)),
-            memory_free_bytes=u64(getattr(memory, "free", None)),
-            memory_total_bytes=u64(getattr(memory, "total", None)),
-            memory_reserved_bytes=u64(getattr(memory, "reserved", None)),
-            power_watts=_scaled(u32(power), 0.001),
-            power_limit_watts=slow.power_limit_watts,
-            energy_joules=counters.energy_joules,
-            fan_speed_ratio=_scaled(u32(fan), 0.01),
-            performance_state=None if pstate == _PSTATE_UNKNOWN else pstate,
-            sm_clock_hz=_scaled(u32(sm_clock), 1e6),
-            memory_clock_hz=_scaled(u32(memory_clock), 1e6),
-            throttle_reasons=self._throttle_reasons(handle, events),
-            ecc_errors=counters.ecc_errors,
-            pcie_link_generation=u32(generation),
-            pcie_link_width=u32(width),
-            retired_pages=slow.retired_pages,
-            remapped_rows=slow.remapped_rows,
-            retired_pages_pending=slow.retired_pages_pending,
-            profiling=profile.ratios,
-            pcie_throughput_bytes_per_second=self._pcie_throughput(handle, profile.bandwidth),
-            pcie_bytes=counters.pcie_bytes,
-            pcie_replays=counters.pcie_replays,
-            nvlink_throughput_bytes_per_second={d: v for (bus, d), v in profile.bandwidth.items() if bus == "nvlink"},
-            nvlinks=counters.nvlinks,
-            encoder_utilization_ratio=_engine_ratio(encoder),
-            decoder_utilization_ratio=_engine_ratio(decoder),
-            violation_seconds=counters.violation_seconds,
-            mig=self._mig(index, handle, slow.mig),
+        identity = self.identity(index)
+        # NVML's own 20 ms PCIe sample where GPM did not measure PCIe (no GPM, or not this time)
+        pcie = None if any(profile[at] is not None for at in PCIE_AT if at < len(profile)) else self._pcie_sampled(handle)
+        return identity, functools.partial(
+            _reading, identity, answers, memory, fields.get(_MEMORY_TEMPERATURE), self._throttle_reasons(handle, answers[_EVENTS_AT]),
+            profile, pcie, slow, counters, self._mig(index, handle, slow.mig),
         )
 
     def _get_batch(self, index: int, handle: Any) -> list[Any]:
@@ -823,15 +875,13 @@ class NvmlBackend(GpuBackend):
             time.sleep(timeout_s)
             return []
         try:
-            data = pynvml.nvmlEventSetWait(event_set, max(1, int(timeout_s * 1000)))
-        except pynvml.NVMLError_Timeout:
-            return []
+            data = self._wait_events(event_set, max(1, int(timeout_s * 1000)))
         except pynvml.NVMLError as exc:
             log.debug("XID event wait failed (%s); the event set is rebuilt", exc)
             self._event_generation = -1
             time.sleep(timeout_s)
             return []
-        if not data.eventType & pynvml.nvmlEventTypeXidCriticalError:
+        if data is None or not data.eventType & pynvml.nvmlEventTypeXidCriticalError:
             return []
         try:
             gpu = int(pynvml.nvmlDeviceGetIndex(data.device))
@@ -987,11 +1037,9 @@ class NvmlBackend(GpuBackend):
                 result[cause] = len(pages)
         return result or None
 
-    def _pcie_throughput(self, handle: Any, gpm: dict[tuple[str, str], float]) -> dict[str, float]:
-        """GPM's average over the interval where it exists, else NVML's 20 ms sample."""
-        measured = {direction: value for (bus, direction), value in gpm.items() if bus == "pcie"}
-        if measured:
-            return measured
+    def _pcie_sampled(self, handle: Any) -> dict[str, float]:
+        """NVML's 20 ms sample of the PCIe throughput (where GPM does not measure it)."""
+        measured = {}
         for direction, counter in _PCIE_UTIL.items():
             value = u32(self._call(pynvml.nvmlDeviceGetPcieThroughput, handle, counter))
             if value is not None:

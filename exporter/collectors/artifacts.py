@@ -15,7 +15,6 @@ from pathlib import Path
 from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import gauge
 
-from mlwarden.fsutil import disk_space, tree_usage
 from mlwarden.settings import setting
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,10 @@ class ArtifactsCollector(Collector):
         self._unreadable: set[Path] = set()  # logged once, not on every pass
 
     def collect(self) -> Collected:
+        # here, not at the top: the exporter loads this module whether or not it has a directory to walk, and
+        # mlwarden.fsutil's imports (tempfile, ...) are resident memory it otherwise never needs
+        from mlwarden.fsutil import disk_space, tree_usage
+
         labels = ["directory"]
         size = gauge("mlwarden_artifacts_size_bytes", "Bytes of regular files under the directory (symlinks not followed).", labels=labels)
         files = gauge("mlwarden_artifacts_files", "Regular files under the directory.", labels=labels)

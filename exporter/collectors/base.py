@@ -31,10 +31,16 @@ GPU_LABELS = ("gpu", "uuid")
 
 @dataclass(frozen=True)
 class Collected:
-    # the pass's families, or what makes them when its snapshot is first rendered: for values that are read, not
-    # collected (the exporter's own process_*), which nobody needs between scrapes
+    # the pass's families, or what makes them when its snapshot is first rendered: for series nobody needs between
+    # scrapes (those made from a pass's GPU readings, the exporter's own process_*). A maker runs under its collector's
+    # render lock (see snapshot._Part), one at a time.
     families: Sequence[Family] | Callable[[], Sequence[Family]] = field(default_factory=list)
     success: bool = True
+
+    def made(self) -> Sequence[Family]:
+        """The families, made now if the pass left them to its rendering (for callers that render by themselves)."""
+        families = self.families
+        return families() if callable(families) else families
 
 
 class Collector(abc.ABC):

@@ -11,8 +11,10 @@ A field the GPU does not support is omitted, never reported as 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
+from collections.abc import Callable
 
 from mlwarden.exporter.backends.base import (
     DIRECTIONS,
@@ -20,6 +22,7 @@ from mlwarden.exporter.backends.base import (
     ECC_ERROR_TYPES,
     NVLINK_ERRORS,
     BackendUnavailable,
+    GpuIdentity,
     GpuLost,
     GpuReading,
 )
@@ -149,6 +152,12 @@ class _Steady:
         self.samples = samples
 
 
+def _nvml_up(value: int) -> Family:
+    up = gauge("mlwarden_nvml_up", "1 when the GPU library (NVML) is initialised and answering, else 0.")
+    up.add_metric([], value)
+    return up
+
+
 class GpuCollector(Collector):
     name = "gpu"
     group = "nvml"
@@ -164,24 +173,28 @@ class GpuCollector(Collector):
         self._steady: dict[GpuLabels, _Steady] = {}  # the GPUs of the last pass: their counter and slow-fact samples
 
     def collect(self) -> Collected:
-        nvml_up = gauge("mlwarden_nvml_up", "1 when the GPU library (NVML) is initialised and answering, else 0.")
+        """Read every GPU; the series are made from the readings only when the pass's snapshot is rendered.
+
+        An exporter scraped every 15 s and collecting every second renders one pass in fifteen: making some
+        900 samples in each of the other fourteen was a third of a pass. The readings are not changed after
+        the pass, and the maker runs under the render lock of this collector (see snapshot._Part), the only
+        place the label and steady-sample caches it keeps are touched.
+        """
         if not self.supervisor.ensure():
-            nvml_up.add_metric([], 0)
-            return Collected([nvml_up], success=False)
+            return Collected([_nvml_up(0)], success=False)
         backend = self.supervisor.backend
         try:
             count = backend.device_count()
         except BackendUnavailable as exc:
             log.warning("%s", exc)
             self.supervisor.gpu_failed()
-            nvml_up.add_metric([], 0)
-            return Collected([nvml_up], success=False)
-        nvml_up.add_metric([], 1)
-        readings: list[GpuReading] = []
+            return Collected([_nvml_up(0)], success=False)
+        readings: list[Callable[[], GpuReading]] = []
+        answered: list[GpuIdentity] = []
         lost: list[int] = []
         for index in range(count):
             try:
-                reading = backend.read(index)
+                identity, reading = backend.read_later(index)
             except GpuLost as exc:
                 if index not in self._lost:
                     log.warning("GPU %d is not answering: %s", index, exc)
@@ -189,20 +202,21 @@ class GpuCollector(Collector):
                 continue
             if index in self._lost:
                 log.info("GPU %d answers again", index)
-            self.supervisor.remember(reading.identity)
+            self.supervisor.remember(identity)
+            answered.append(identity)
             readings.append(reading)
         self._lost = set(lost)
-        down = self._down(readings, lost, count)
+        down = self._down(answered, lost, count)
         if down:
             # re-initialise (with backoff) while a GPU is down or gone: it may come back
             self.supervisor.gpu_failed()
         else:
             self.supervisor.all_gpus_answered()
-        return Collected([nvml_up, *self._families(readings, down, backend.driver_version(), backend.cuda_version())])
+        return Collected(functools.partial(self._families, readings, down, backend.driver_version(), backend.cuda_version()))
 
-    def _down(self, readings: list[GpuReading], lost: list[int], count: int) -> list[GpuLabels]:
+    def _down(self, identities: list[GpuIdentity], lost: list[int], count: int) -> list[GpuLabels]:
         """The GPUs to report as down: those that did not answer, and those seen before but now gone."""
-        answered = {(r.identity.index, r.identity.uuid) for r in readings}
+        answered = {(identity.index, identity.uuid) for identity in identities}
         answered_uuids = {uuid for _, uuid in answered}
         not_answering = {(index, self._last_uuid(index, answered_uuids)) for index in lost}
         now = answered | not_answering
@@ -226,7 +240,9 @@ class GpuCollector(Collector):
         uuid = self.supervisor.uuid(index)
         return "" if uuid in answered_uuids else uuid
 
-    def _families(self, readings: list[GpuReading], down: list[GpuLabels], driver: str, cuda: str) -> list[Family]:
+    def _families(self, later: list[Callable[[], GpuReading]], down: list[GpuLabels], driver: str, cuda: str) -> list[Family]:
+        """The pass's series, from its readings; under the render lock (see collect)."""
+        readings = [reading() for reading in later]
         info = gauge(
             "mlwarden_gpu_info", "GPU identity; the value is always 1.",
             labels=_INFO_LABELS,
@@ -309,7 +325,7 @@ class GpuCollector(Collector):
                 for ratio, value in mig.profiling.items():
                     if ratio in mig_profiling:
                         mig_profiling[ratio].samples.append((instance, value))
-        return [info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
+        return [_nvml_up(1), info, up, *gauges.values(), energy, clocks, throttle, ecc, retired, remapped, pending, *profiling.values(),
                 pipes, pcie_rate, pcie_bytes, replays, nvlink_rate, nvlink_up, nvlink_bytes, nvlink_errors, violations,
                 mig_used, mig_total, *mig_profiling.values()]
 

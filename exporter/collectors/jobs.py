@@ -27,7 +27,6 @@ from pathlib import Path
 from mlwarden.exporter.collectors.base import Collected, Collector, CollectorContext, CollectorSpec, register
 from mlwarden.exporter.exposition import gauge
 
-from mlwarden.fsutil import atomic_write_text
 from mlwarden.heartbeat import AUTO, Expectation, expectations_in_child, parse_selection
 from mlwarden.settings import setting
 
@@ -89,6 +88,8 @@ def _remember_since(names: list[str], path: Path | None, now: float) -> dict[str
             log.warning("cannot read %s (%s): expecting every job from now on", path, exc)
     since = {name: known.get(name, now) for name in names}
     if path is not None and since != known:
+        from mlwarden.fsutil import atomic_write_text  # only here: see the artifacts collector's import of it
+
         try:
             atomic_write_text(path, json.dumps(since, sort_keys=True) + "\n")
         except OSError as exc:

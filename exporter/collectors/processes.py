@@ -13,6 +13,7 @@ Slurm job, a container, a user), from the exported processes and from the alloca
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 from mlwarden.exporter import procinfo
@@ -20,7 +21,7 @@ from mlwarden.exporter.attribution import Allocations, Attributor
 from mlwarden.exporter.backends.base import BackendUnavailable, GpuLost, GpuProcess, MigDevice
 from mlwarden.exporter.backends.supervisor import BackendSupervisor
 from mlwarden.exporter.collectors.base import GPU_LABELS, Collected, Collector, CollectorContext, CollectorSpec, register
-from mlwarden.exporter.exposition import gauge
+from mlwarden.exporter.exposition import Family, gauge
 from mlwarden.exporter.podresources import DEFAULT_SOCKET, PodResourcesClient
 from mlwarden.exporter.procinfo import WORKLOAD_LABELS
 
@@ -48,22 +49,22 @@ class _GpuPart:
 
     A pass whose NVML answer, MIG layout, process identities and allocation sources are those of the
     pass before serves the series made then: processes and their memory barely change from second to
-    second, and rebuilding them was most of a ``processes`` pass.
+    second, and rebuilding them was most of a ``processes`` pass. The series are made when a snapshot
+    holding the part is first rendered (``series`` is None until then), under the collector's render lock.
     """
 
-    def __init__(self, processes: list[GpuProcess], gpu: tuple[str, str], migs: tuple[MigDevice, ...],
-                 largest: list[GpuProcess], devices: list[MigDevice | None], infos: list[procinfo.ProcessInfo]) -> None:
+    def __init__(self, index: int, processes: list[GpuProcess], gpu: tuple[str, str], migs: tuple[MigDevice, ...],
+                 largest: list[GpuProcess], devices: list[MigDevice | None], infos: list[procinfo.ProcessInfo],
+                 allocations: Allocations) -> None:
+        self.index = index
         self.processes = processes
         self.gpu = gpu
         self.migs = migs
         self.largest = largest
         self.devices = devices
         self.infos = infos
-        self.memory: list[Sample] = []
-        self.sm: list[Sample] = []
-        self.memory_utilization: list[Sample] = []
-        self.allocations: list[Sample] = []
-        self.labels: _KnownLabels = {}
+        self.allocations = allocations
+        self.series: _Series | None = None
 
     def same_as(self, later: _GpuPart) -> bool:
         """Whether ``later`` (not yet made into series) would make the same series as this part.
@@ -72,10 +73,6 @@ class _GpuPart:
         description is the same object while its /proc entry is the same directory."""
         return (later.processes is self.processes and later.gpu == self.gpu and later.migs == self.migs
                 and len(later.infos) == len(self.infos) and all(a is b for a, b in zip(later.infos, self.infos, strict=True)))
-
-    def add_series(self, series: _Series) -> None:
-        self.memory, self.sm, self.memory_utilization = series.memory, series.sm, series.memory_utilization
-        self.allocations, self.labels = series.allocations, series.labels
 
 
 class ProcessesCollector(Collector):
@@ -100,10 +97,43 @@ class ProcessesCollector(Collector):
         self._allocations: Allocations | None = None  # the allocation sources' answer of the last pass
 
     def collect(self) -> Collected:
+        """Read every GPU's processes and who they are; the series are made when the pass's snapshot is rendered
+        (as the gpu collector's are), from the parts, which are not changed after the pass except to keep the
+        series made from them."""
         if not self.supervisor.ensure():
             return Collected(success=False)
         backend = self.supervisor.backend
+        try:
+            gpus = backend.device_count()
+        except BackendUnavailable:
+            return Collected(success=False)
+        allocations = self.attributor.allocations()
+        same_allocations, self._allocations = allocations == self._allocations, allocations
+        described: dict[int, procinfo.ProcessInfo] = {}  # a process on several GPUs is read from /proc once a pass
+        parts, self._parts = self._parts, {}
+        counts: list[Sample] = []
+        for index in range(gpus):
+            try:
+                identity = backend.identity(index)
+                processes = backend.processes(index)
+                migs = backend.mig_devices(index)
+            except GpuLost:
+                continue  # the gpu collector reports the GPU as down
+            self.supervisor.remember(identity)
+            gpu = (str(index), identity.uuid)
+            counts.append((gpu, len(processes)))
+            previous = parts.get(index)
+            part = self._gpu_part(index, gpu, processes, migs, allocations, described, previous)
+            if previous is not None and same_allocations and previous.same_as(part):
+                part = previous  # nothing changed: its series (made, or to be made) are the ones to serve
+            self._parts[index] = part
+        self.describer.end_pass()
+        return Collected(functools.partial(self._families, counts, tuple(self._parts.values())))
+
+    def _families(self, counts: list[Sample], parts: tuple[_GpuPart, ...]) -> list[Family]:
+        """The pass's series, from its parts; under the render lock (see collect)."""
         count = gauge("mlwarden_gpu_processes", "Processes using the GPU (all of them, before the export cap).", labels=GPU_LABELS)
+        count.samples = counts
         memory = gauge("mlwarden_gpu_process_memory_used_bytes", "GPU memory used by one process, in bytes.", labels=PROCESS_LABELS)
         sm = gauge(
             "mlwarden_gpu_process_sm_utilization_ratio",
@@ -119,39 +149,17 @@ class ProcessesCollector(Collector):
             "(pod container, Slurm job, container, user); the value is always 1.",
             labels=ALLOCATION_LABELS,
         )
-        try:
-            gpus = backend.device_count()
-        except BackendUnavailable:
-            return Collected(success=False)
-        allocations = self.attributor.allocations()
-        same_allocations, self._allocations = allocations == self._allocations, allocations
-        described: dict[int, procinfo.ProcessInfo] = {}  # a process on several GPUs is read from /proc once a pass
         known, self._labels = self._labels, {}
-        parts, self._parts = self._parts, {}
-        for index in range(gpus):
-            try:
-                identity = backend.identity(index)
-                processes = backend.processes(index)
-                migs = backend.mig_devices(index)
-            except GpuLost:
-                continue  # the gpu collector reports the GPU as down
-            self.supervisor.remember(identity)
-            gpu = (str(index), identity.uuid)
-            count.samples.append((gpu, len(processes)))
-            previous = parts.get(index)
-            part = self._gpu_part(index, gpu, processes, migs, allocations, described, previous)
-            if previous is not None and same_allocations and previous.same_as(part):
-                part = previous  # nothing changed: its series, already made, are the ones to serve
-            else:
-                part.add_series(self._series(part, index, gpu, allocations, known))
-            self._parts[index] = part
-            self._labels.update(part.labels)
-            memory.samples += part.memory
-            sm.samples += part.sm
-            mem_util.samples += part.memory_utilization
-            allocation.samples += part.allocations
-        self.describer.end_pass()
-        return Collected([count, memory, sm, mem_util, allocation])
+        for part in parts:
+            series = part.series
+            if series is None:
+                series = part.series = self._series(part, known)
+            self._labels.update(series.labels)
+            memory.samples += series.memory
+            sm.samples += series.sm
+            mem_util.samples += series.memory_utilization
+            allocation.samples += series.allocations
+        return [count, memory, sm, mem_util, allocation]
 
     def _gpu_part(self, index: int, gpu: tuple[str, str], processes: list[GpuProcess], migs: tuple[MigDevice, ...],
                   allocations: Allocations, described: dict[int, procinfo.ProcessInfo], previous: _GpuPart | None) -> _GpuPart:
@@ -159,25 +167,28 @@ class ProcessesCollector(Collector):
 
         Every process is described every pass (its /proc entry checked), so a reused PID is noticed even
         when NVML answers the same. The largest and their MIG devices are those of the pass before while
-        the backend hands back the very same list and the MIG layout is the same."""
+        the backend hands back the very same list and the MIG layout is the same. The allocation sources
+        complete the processes' workloads when the series are made (see _series)."""
         if previous is not None and previous.processes is processes and previous.migs == migs:
             largest, devices = previous.largest, previous.devices
         else:
             by_instance: dict[tuple[int | None, int | None], MigDevice] = {(d.gpu_instance, d.compute_instance): d for d in migs}
             largest = self._largest(processes)
             devices = [by_instance.get((p.gpu_instance, p.compute_instance)) if by_instance else None for p in largest]
-        infos = [self._describe(p, allocations, index, gpu[1], device, described) for p, device in zip(largest, devices, strict=True)]
-        return _GpuPart(processes, gpu, migs, largest, devices, infos)
+        # the backend may already know who a process is (simulated processes have no /proc entry)
+        infos = [p.info or described.get(p.pid) or self._describe(p.pid, described) for p in largest]
+        return _GpuPart(index, processes, gpu, migs, largest, devices, infos, allocations)
 
-    def _series(self, part: _GpuPart, index: int, gpu: tuple[str, str], allocations: Allocations,
-                known: _KnownLabels) -> _Series:
+    def _series(self, part: _GpuPart, known: _KnownLabels) -> _Series:
+        index, gpu, allocations = part.index, part.gpu, part.allocations
+        infos = [allocations.complete(info, index, gpu[1], device) for info, device in zip(part.infos, part.devices, strict=True)]
         memory: list[tuple[tuple[str, ...], float]] = []
         sm: list[tuple[tuple[str, ...], float]] = []
         mem_util: list[tuple[tuple[str, ...], float]] = []
         labels_of: _KnownLabels = {}
         # processes by the MIG device they run in (None: the whole GPU, or NVML did not say)
         placed: dict[MigDevice | None, list[procinfo.ProcessInfo]] = {None: [], **{device: [] for device in part.migs}}
-        for process, device, info in zip(part.largest, part.devices, part.infos, strict=True):
+        for process, device, info in zip(part.largest, part.devices, infos, strict=True):
             placed[device].append(info)
             labels = self._labels_of(known, labels_of, gpu, index, process.pid, info)
             if process.used_memory_bytes is not None:  # NVML cannot say (e.g. no permission): omit, never 0
@@ -210,13 +221,9 @@ class ProcessesCollector(Collector):
     def _largest(self, processes: list[GpuProcess]) -> list[GpuProcess]:
         return sorted(processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[: self.max_processes]
 
-    def _describe(self, process: GpuProcess, allocations: Allocations, index: int, uuid: str, device: MigDevice | None,
-                  described: dict[int, procinfo.ProcessInfo]) -> procinfo.ProcessInfo:
-        # the backend may already know (simulated processes have no /proc entry)
-        info = process.info or described.get(process.pid)
-        if info is None:
-            info = described[process.pid] = self.describer.describe(process.pid)
-        return allocations.complete(info, index, uuid, device)
+    def _describe(self, pid: int, described: dict[int, procinfo.ProcessInfo]) -> procinfo.ProcessInfo:
+        info = described[pid] = self.describer.describe(pid)
+        return info
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,6 +88,8 @@ class XidCollector(Collector):
                 count.last_seen = max(count.last_seen, event.timestamp)
 
     def collect(self) -> Collected:
+        if not self._counts:  # no XID since start (nearly always): nothing to count or log. Read without the lock:
+            return Collected((), success=self.supervisor.available)  # an event recorded meanwhile shows next pass
         total = counter("mlwarden_gpu_xid_errors", "XID errors reported by the driver, every occurrence counted.", labels=[*GPU_LABELS, "xid"])
         last = gauge("mlwarden_gpu_xid_last_timestamp_seconds", "When this XID was last reported (Unix time).", labels=[*GPU_LABELS, "xid"])
         counts: list[tuple[int, int, int, float]] = []
