@@ -9,6 +9,7 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -95,6 +96,9 @@ def test_promtool_finds_nothing_wrong_with_the_real_output(start_exporter: Calla
     assert checked.stdout.decode() + checked.stderr.decode() == ""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    documented = (Path(__file__).resolve().parent.parent / "docs" / "exporter.md").read_text()
+    served = set(re.findall(r"^# TYPE (mlwarden_\w+)", body, re.M))
+    assert {name for name in served if f"`{name}`" not in documented} == set()  # the metric table lists every family
 
 
 def test_a_real_prometheus_scrapes_every_simulated_gpu(start_exporter: Callable[..., Exporter], start_prometheus: Callable[..., Any]) -> None:
