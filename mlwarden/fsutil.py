@@ -12,6 +12,7 @@ import ctypes
 import functools
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +61,96 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+class StagedFiles:
+    """Files that become durable together, instead of one fsync after another.
+
+    For what is written into a staging directory (nobody reads it until the caller renames it
+    into place): each file is written whole and left unsynced. :meth:`start` starts the fsyncs
+    of the files written so far, each in a thread, while the caller goes on (writes more,
+    waits for a verifier); :meth:`sync` fsyncs the rest and the directories they were written
+    in, and waits for all. Their waits for the device overlap: a backup's commit made 15
+    fsyncs of about 6 ms, one after another. The caller renames the staging directory only
+    after :meth:`sync` returned, so a crash before the rename leaves no committed directory,
+    and one after it finds every file whole. :meth:`close` waits for the fsyncs under way and
+    closes the files, synced or not.
+    """
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+        self._directories: set[Path] = set()
+        self._threads: list[threading.Thread] = []
+        self._started = 0  # files whose fsync has started
+        self._errors: list[OSError] = []
+
+    def keep(self, fd: int, directory: Path) -> None:
+        """Sync the file open as ``fd`` (duplicated here) and ``directory``."""
+        self._fds.append(os.dup(fd))
+        self._directories.add(directory)
+
+    def write_bytes(self, path: Path, data: bytes, mode: int = 0o644) -> None:
+        """Write the new file ``path`` (it must not exist) with ``data``."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)  # what the umask took away
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fds.append(fd)
+        self._directories.add(path.parent)
+
+    def start(self) -> None:
+        """Start fsyncing the files written so far (not their directories: more entries may come)."""
+        for fd in self._fds[self._started :]:
+            self._in_thread(fd)
+        self._started = len(self._fds)
+
+    def sync(self) -> None:
+        """Every file's data and every directory's entries on disk; the first error is raised.
+        None of them needs another first: only the caller's rename needs them all."""
+        self.start()
+        directories = [os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for d in sorted(self._directories)]
+        try:
+            for fd in directories:
+                self._in_thread(fd)
+            self._join()
+        finally:
+            for fd in directories:
+                os.close(fd)
+        if self._errors:
+            raise self._errors[0]
+
+    def close(self) -> None:
+        self._join()
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def _in_thread(self, fd: int) -> None:
+        thread = threading.Thread(target=self._fsync, args=(fd,), name="fsync", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _fsync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._errors.append(exc)
+
+    def _join(self) -> None:
+        while self._threads:
+            self._threads.pop().join()
+
+
 @contextlib.contextmanager
-def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, mode: int = 0o644, staged: StagedFiles | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``path`` only if the block finishes without error.
 
     On any error (disk full included) the temporary file is removed and ``path`` keeps its
-    previous content, if it had one.
+    previous content, if it had one. With ``staged`` (``path`` is in a staging directory),
+    the file is renamed into place unsynced and made durable by ``staged.sync()``.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -74,14 +159,18 @@ def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if staged is None:
+                os.fsync(handle.fileno())
+            else:
+                staged.keep(handle.fileno(), path.parent)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if staged is None:
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -17,6 +17,7 @@ from mlwarden.jobs.backup import archive, follow
 from test_backup_support import SIGNAL_IN_FORK, backup, make_models, only_entry
 
 from mlwarden.catalog import Catalog
+from mlwarden.fsutil import StagedFiles
 
 
 class _Damaging:
@@ -41,8 +42,8 @@ def _damage_writes(monkeypatch: pytest.MonkeyPatch, damage: Callable[[bytes], by
     real = archive.atomic_writer
 
     @contextmanager
-    def damaged(path: Path) -> Iterator[_Damaging]:
-        with real(path) as handle:
+    def damaged(path: Path, staged: StagedFiles | None = None) -> Iterator[_Damaging]:
+        with real(path, staged=staged) as handle:
             yield _Damaging(handle, damage)
 
     monkeypatch.setattr(archive, "atomic_writer", damaged)

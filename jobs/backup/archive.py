@@ -34,8 +34,8 @@ from mlwarden.jobs.backup.follow import Follower
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, byte_sum
 
-from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, HardLinkRecord, LinkRecord, SkippedRecord
-from mlwarden.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer, start_writeback
+from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, HardLinkRecord, LinkRecord, SkippedRecord, new_file_record
+from mlwarden.fsutil import StagedFiles, atomic_writer, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def write_archive(
     on_progress: Callable[[int], None] = lambda _: None,
     dedup: Dedup | None = None,
     follower: Follower | None = None,
+    staged: StagedFiles | None = None,
 ) -> ArchiveResult:
     """Archive ``source`` into ``destination`` (complete or absent, never partial).
 
@@ -214,6 +215,9 @@ def write_archive(
 
     With ``follower``, a verifier process reads the archive as it is written (started here,
     once the file exists; the caller asks it for the result and closes it).
+
+    With ``staged`` (``destination`` is in a staging directory), the archive is left for
+    ``staged.sync()`` to make durable, with the rest of the backup.
     """
     chosen_level = DEFAULT_LEVELS[compression] if level is None else level
     records: list[FileRecord] = []
@@ -221,7 +225,7 @@ def write_archive(
     rewritten: list[str] = []
     read_bytes = 0
     unreported = 0  # small files' bytes read and not yet passed to on_progress
-    with atomic_writer(destination) as raw:
+    with atomic_writer(destination, staged=staged) as raw:
         if follower is not None:
             follower.start(raw)  # before the compressor's threads exist: a fork copies only this one
         sink = _HashingSink(raw, follower)
@@ -290,7 +294,7 @@ def hard_links(files: Sequence[SourceFile], records: Sequence[FileRecord]) -> tu
 
 def _unread_record(source_file: SourceFile, sha: str, dedup: Dedup) -> FileRecord:
     """The record of a file the files cache knows: from the scan's stat, nothing read."""
-    return FileRecord(source_file.relative, source_file.size, sha, source_file.mtime, source_file.mode, dedup.pack_of(sha))
+    return new_file_record(source_file.relative, source_file.size, sha, source_file.mtime, source_file.mode, dedup.pack_of(sha))
 
 
 def sha256sum_line(digest: str, name: str) -> str:
@@ -301,14 +305,23 @@ def sha256sum_line(digest: str, name: str) -> str:
     return f"{digest}  {name}\n"
 
 
-def write_checksums(directory: Path, result: ArchiveResult, archive: bool = True) -> None:
+def write_checksums(directory: Path, result: ArchiveResult, staged: StagedFiles, archive: bool = True) -> None:
     """``<archive>.sha256`` (unless ``archive`` is False: a backup that keeps no archive) and
-    ``SHA256SUMS``, both for ``sha256sum -c``, written atomically."""
+    ``SHA256SUMS``, both for ``sha256sum -c``, into the staging directory ``directory``
+    (made durable by ``staged.sync()`` before it is renamed)."""
     if archive:
-        atomic_write_text(result.path.with_name(result.path.name + ".sha256"), sha256sum_line(result.sha256, result.path.name))
+        staged.write_bytes(result.path.with_name(result.path.name + ".sha256"), sha256sum_line(result.sha256, result.path.name).encode("utf-8"))
     # A name that is not UTF-8 is written as the bytes it has on disk, so `sha256sum -c` finds it.
-    lines = "".join(sha256sum_line(r.sha256, r.path) for r in result.files)
-    atomic_write_bytes(directory / CHECKSUMS, lines.encode("utf-8", "surrogateescape"))
+    staged.write_bytes(directory / CHECKSUMS, _checksum_lines(result.files).encode("utf-8", "surrogateescape"))
+
+
+def _checksum_lines(records: Sequence[FileRecord]) -> str:
+    """:func:`sha256sum_line` of each record. Names that need no escaping (no backslash, no line
+    break: what the text shows as a whole) are formatted without a call per file."""
+    text = "".join([f"{r.sha256}  {r.path}\n" for r in records])
+    if "\\" in text or "\r" in text or text.count("\n") != len(records):
+        return "".join(sha256sum_line(r.sha256, r.path) for r in records)
+    return text
 
 
 def _header(relative: str, size: int, mtime: int, mode: int) -> bytes:
@@ -385,7 +398,7 @@ def _store_small(source_file: SourceFile, out: _Batched, dedup: Dedup | None) ->
     if written:
         out.member(_header(source_file.relative, size, int(source_file.mtime), source_file.mode), data, _PADDING[-size % _BLOCK])
         pack = None if dedup is None else dedup.name
-    return FileRecord(source_file.relative, size, sha, source_file.mtime, source_file.mode, pack), written
+    return new_file_record(source_file.relative, size, sha, source_file.mtime, source_file.mode, pack), written
 
 
 def _store_checked(source_file: SourceFile, out: _Writable, on_progress: Callable[[int], None], dedup: Dedup | None) -> _Checked:

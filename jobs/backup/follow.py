@@ -83,6 +83,8 @@ class Follower:
         :func:`~mlwarden.jobs.backup.verify.verify_archive` would say of it. None if the
         verifier died (killed by the OOM killer, say): the archive is then to be verified
         after the fact."""
+        manifest = entry.stored().manifest  # format 3: the archive holds the backup's pack
+        expected = _as_written(manifest)  # while the verifier finishes: only the manifest is needed
         chunks = []
         while chunk := os.read(self._from_child, CHUNK_BYTES):
             chunks.append(chunk)
@@ -91,7 +93,7 @@ class Follower:
             log.warning("the verifier process of %s ended without a result (wait status %d): verifying the archive again", entry.name, status)
             return None
         found, damage, sha256, size = pickle.loads(b"".join(chunks))
-        return _checked(entry, found, damage, sha256, size)
+        return _checked(manifest, expected, found, damage, sha256, size)
 
     def close(self) -> None:
         if self._to_child >= 0:
@@ -119,11 +121,10 @@ class Follower:
         self.close()
 
 
-def _checked(entry: BackupEntry, found: list[Found], damage: str | None, sha256: str, size: int) -> VerifyResult:
-    manifest = entry.stored().manifest  # format 3: the archive holds the backup's pack
+def _checked(manifest: Manifest, expected: list[Found] | None, found: list[Found], damage: str | None, sha256: str, size: int) -> VerifyResult:
     files = 0
     try:
-        if damage is None and _as_written(manifest, found):
+        if damage is None and expected == found:
             files = len(manifest.files)
         else:  # member by member, for the message that says what is wrong
             check = MemberCheck(manifest)
@@ -143,17 +144,20 @@ def _checked(entry: BackupEntry, found: list[Found], damage: str | None, sha256:
     return VerifyResult(True, f"{files} files and the archive hash match the manifest", files, size)
 
 
-def _as_written(manifest: Manifest, found: list[Found]) -> bool:
-    """Whether the archive holds exactly the manifest's files (each once, with its size and
-    SHA-256) then its links, in the order the writer wrote them, and the manifest's paths
-    pass :class:`MemberCheck`'s rules: then every member passes its checks, and one
-    comparison of two lists costs less than checking 20,000 members one by one. A file
-    stored twice (changed while it was read) takes the member-by-member way."""
+def _as_written(manifest: Manifest) -> list[Found] | None:
+    """What the verifier finds in an archive that holds exactly the manifest's files (each once,
+    with its size and SHA-256) then its links, in the order the writer wrote them; None when
+    that comparison cannot stand for the checks (a file stored twice, changed while it was
+    read; a path :class:`MemberCheck` refuses). When what was found is this list, every member
+    passes its checks, and one comparison of two lists costs less than checking 20,000
+    members one by one; otherwise they are checked member by member, for the message."""
     if manifest.rewritten:
-        return False
-    MemberCheck(manifest)  # the manifest's own paths: safe, listed once, none under a symlink
-    expected = [(r.path, b"0", r.size, "", r.sha256) for r in manifest.files] + [(link.path, b"2", 0, link.target, None) for link in manifest.links]
-    return expected == found
+        return None
+    try:
+        MemberCheck(manifest)  # the manifest's own paths: safe, listed once, none under a symlink
+    except ArchiveError:
+        return None
+    return [(r.path, b"0", r.size, "", r.sha256) for r in manifest.files] + [(link.path, b"2", 0, link.target, None) for link in manifest.links]
 
 
 class _Following:

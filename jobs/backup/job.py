@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from mlwarden.jobs.backup.follow import Follower
 from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveError
-from mlwarden.jobs.backup.verify import VerifyResult, verify_and_record
+from mlwarden.jobs.backup.verify import VerifyResult, log_verification, verification_of, verify_and_record, verify_references
 from mlwarden.jobs.report import JobReport, schedule_of
 
 from mlwarden.catalog import (
@@ -48,16 +49,18 @@ from mlwarden.catalog import (
     BACKUP_STAGING,
     DRILL_STAGING,
     FORMAT_VERSION,
+    STATUS,
     BackupEntry,
     Catalog,
     CatalogError,
     Manifest,
     Pack,
+    Status,
     staging_dir,
     stale_staging,
 )
 from mlwarden.exitcodes import ExitCode
-from mlwarden.fsutil import disk_space, fsync_dir
+from mlwarden.fsutil import StagedFiles, disk_space, fsync_dir
 from mlwarden.gcpause import cyclic_gc_paused, kept_until_exit
 from mlwarden.interrupts import deferred_interrupts, sigterm_interrupts
 from mlwarden.lock import JobLock, LockHeld
@@ -167,10 +170,12 @@ def _backup_locked(settings: BackupSettings, source: Path, outcome: Outcome) -> 
             entry = None
     if entry is None:
         with cyclic_gc_paused():  # 15-20% of a many-file backup's scan and write, for no cycle
-            entry, followed = _create(settings, source, outcome)
-        if settings.verify:
-            entry, result = verify_and_record(entry, followed)
-            outcome.verified = result.ok
+            entry, checked = _create(settings, source, outcome)
+        if checked is not None:  # made before the commit, and recorded with it
+            log_verification(entry.name, checked)
+        elif settings.verify:  # the verifier process died, or the archive was expected to be empty and is not
+            entry, checked = verify_and_record(entry)
+        outcome.verified = None if checked is None else checked.ok
     ok = outcome.verified is not False
     location = settings.offsite
     if location is not None:
@@ -222,9 +227,15 @@ def _new_staging(backup_dir: Path, source: Path) -> tuple[Path, str, float]:
 
 
 def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[BackupEntry, VerifyResult | None]:
-    """The new backup, committed, and (unless ``--no-verify``) its verification, made by a
-    process that read the archive while it was written (:mod:`~mlwarden.jobs.backup.follow`);
-    None when there is none to record."""
+    """The new backup, committed, and (unless ``--no-verify``) its verification, recorded in its
+    ``status.json`` with the commit: made by a process that read the archive while it was
+    written (:mod:`~mlwarden.jobs.backup.follow`), or through the packs it names when it has no
+    archive of its own. None when there is none: verify the committed backup then.
+
+    Every file of the backup is written unsynced into its staging directory; one
+    :meth:`~mlwarden.fsutil.StagedFiles.sync` makes them all durable (their fsyncs overlap),
+    then the directory is renamed into place: a crash before the rename leaves no backup, one
+    after it a whole one."""
     scan_started_ns = time.time_ns()
     try:
         scanned = archive.scan(source, settings.exclude)
@@ -236,6 +247,8 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
     cache_file = dedup.cache_path(settings.backup_dir, source)
     cache = dedup.load_cache(cache_file)
     follower = Follower(settings.compression) if settings.verify else None
+    cache_saver: threading.Thread | None = None
+    staged = StagedFiles()
     try:
         directory: Path | None = None
         try:
@@ -251,16 +264,22 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
             log.info("backing up %s (%d files, %d links, %s) to %s", source, len(scanned.files), len(scanned.links), human_bytes(total), archive_path)
             progress = Progress(f"backup {name}", total)
             result = archive.write_archive(
-                scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, following
+                scanned, archive_path, settings.compression, settings.level, settings.threads, progress.advance, known, following, staged
             )
             progress.finish()
+            staged.start()  # the archive's fsync, while the rest is written
+            # The files cache is a hint whose SHA-256s count only where a kept pack holds them,
+            # so it may be written before the commit (and stays right if the commit fails): in a
+            # thread, while this one writes, waits for the verifier and for the fsyncs.
+            cache_saver = threading.Thread(target=_save_cache, args=(cache_file, known), name="files-cache")
+            cache_saver.start()
             # Nothing new to store (every file's content is in an earlier pack, no links): no
             # pack of its own, so nothing to upload but the manifest, and nothing to verify but its references.
             keep = bool(result.members or scanned.links)
             if not keep:
                 archive_path.unlink()
                 result = dataclasses.replace(result, archive_bytes=0, sha256="")
-            archive.write_checksums(directory, result, archive=keep)
+            archive.write_checksums(directory, result, staged, archive=keep)
             level = settings.level if settings.level is not None else archive.DEFAULT_LEVELS[settings.compression]
             pack = Pack(
                 name=name, compression=settings.compression, level=level, archive=archive_path.name, archive_bytes=result.archive_bytes,
@@ -286,11 +305,17 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
                 format_version=FORMAT_VERSION,
                 hardlinks=archive.hard_links(scanned.files, result.files),
             )
-            Catalog.commit(directory, manifest, pack)
+            entry = Catalog.commit(directory, manifest, pack, staged)
+            staged.start()  # while the verifier finishes
+            checked = _verify_staged(entry, following if keep else None, settings.verify)
+            if checked is not None:
+                entry = dataclasses.replace(entry, status=Status(verification=verification_of(checked)))
+                staged.write_bytes(directory / STATUS, entry.status.to_json().encode("utf-8"))
+            staged.sync()
             final = settings.backup_dir / name
             os.rename(directory, final)  # the commit: from here on the backup exists
             fsync_dir(settings.backup_dir)
-            entry = BackupEntry(directory=final, manifest=manifest, pack=pack)
+            entry = dataclasses.replace(entry, directory=final)
         except (OSError, archive.SourceChanged) as exc:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -305,11 +330,12 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
             raise
-        _save_cache(cache_file, known)  # while the verifier finishes the archive's last chunk
-        followed = following.result(entry) if following is not None and keep else None
     finally:
+        staged.close()
         if follower is not None:
             follower.close()  # kills a verifier left running by an error or a signal
+        if cache_saver is not None:
+            cache_saver.join()
     seconds = max(manifest.finished_at - started, 1e-9)
     outcome.read_bytes, outcome.written_bytes, outcome.files = result.read_bytes, result.archive_bytes, len(result.files)
     outcome.skipped = len(manifest.skipped)
@@ -318,12 +344,23 @@ def _create(settings: BackupSettings, source: Path, outcome: Outcome) -> tuple[B
         name, seconds, human_bytes(manifest.total_bytes), human_bytes(result.read_bytes), human_bytes(result.read_bytes / seconds),
         human_bytes(pack.new_bytes if pack else 0), len(pack.files) if pack else 0, human_bytes(result.archive_bytes),
     )
-    return entry, followed
+    return entry, checked
+
+
+def _verify_staged(entry: BackupEntry, following: Follower | None, verify: bool) -> VerifyResult | None:
+    """The verification of the backup in its staging directory: the verifier process's, for an
+    archive it followed; the references', for a backup without an archive. None when there is
+    none (``--no-verify``, no verifier followed the archive, or it died)."""
+    if not verify:
+        return None
+    if not entry.manifest.has_archive:
+        return verify_references(entry)  # the packs it names are in the backup directory, its staging's parent
+    return following.result(entry) if following is not None else None
 
 
 def _save_cache(path: Path, known: dedup.Dedup) -> None:
-    """After the commit: a cache that cannot be written costs the next run its reads, nothing else.
-    A run that could trust no file (all written just now) leaves no cache at all."""
+    """A cache that cannot be written costs the next run its reads, nothing else. A run that
+    could trust no file (all written just now) leaves no cache at all."""
     try:
         if known.new_cache:
             dedup.save_cache(path, known.new_cache)

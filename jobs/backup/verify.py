@@ -99,7 +99,7 @@ def verify_references(entry: BackupEntry) -> VerifyResult:
         else:  # recorded on the pack: the next backup that names it need not read it again
             result = verify_archive(pack)
             read += result.archive_bytes
-            Catalog.update_status(pack, verification=Verification(checked_at=time.time(), ok=result.ok, detail=result.detail))
+            Catalog.update_status(pack, verification=verification_of(result))
             if not result.ok:
                 problems.append(f"pack {name}: {result.detail}")
     if problems:
@@ -121,15 +121,23 @@ def member_sha256(data: MemberData, size: int) -> str:
     return digest.hexdigest()
 
 
-def verify_and_record(entry: BackupEntry, result: VerifyResult | None = None) -> tuple[BackupEntry, VerifyResult]:
-    """Verify (unless ``result`` is the verification already made while the archive was
-    written), log the outcome and record it in the catalog."""
+def verify_and_record(entry: BackupEntry) -> tuple[BackupEntry, VerifyResult]:
+    """Verify, log the outcome and record it in the catalog."""
     started = time.monotonic()
-    if result is None:
-        result = verify_archive(entry) if entry.manifest.has_archive else verify_references(entry)
-    if result.ok:
-        log.info("verified %s in %.1fs: %s", entry.name, time.monotonic() - started, result.detail)
-    else:
-        log.error("backup %s FAILED verification: %s", entry.name, result.detail)
-    entry = Catalog.update_status(entry, verification=Verification(checked_at=time.time(), ok=result.ok, detail=result.detail))
+    result = verify_archive(entry) if entry.manifest.has_archive else verify_references(entry)
+    log_verification(entry.name, result, time.monotonic() - started)
+    entry = Catalog.update_status(entry, verification=verification_of(result))
     return entry, result
+
+
+def verification_of(result: VerifyResult) -> Verification:
+    """What the catalog records of a verification made now."""
+    return Verification(checked_at=time.time(), ok=result.ok, detail=result.detail)
+
+
+def log_verification(name: str, result: VerifyResult, seconds: float | None = None) -> None:
+    """The outcome, for the operator; ``seconds`` is None for a verification made while the backup was written."""
+    if result.ok:
+        log.info("verified %s%s: %s", name, "" if seconds is None else f" in {seconds:.1f}s", result.detail)
+    else:
+        log.error("backup %s FAILED verification: %s", name, result.detail)
