@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_URL = "sqlite:///var/lib/mlwarden/relay.db"
 GC_YOUNG_ALLOCATIONS = 20_000  # see run
+SWITCH_INTERVAL_SECONDS = 0.0005  # see run
 CHECK_CONFIG = "check-config"
 ACTIONS = ("serve", CHECK_CONFIG)
 
@@ -125,6 +126,13 @@ def run(settings: RelaySettings) -> int:
     # once a minute instead of every second or two. Cycles still die young: a young collection
     # runs every 20,000 allocations.
     gc.set_threshold(GC_YOUNG_ALLOCATIONS, 20, 100)
+    # How long a thread that asks for the GIL waits for one running Python before that one is told
+    # to let go (Python's default: 5 ms). Each webhook takes the GIL in turn on the event loop, in
+    # the writer at every SQLite statement, and back on the loop; while the outbox's thread computed
+    # (a Slack digest: thousands of jobs claimed, folded and recorded), each of those turns could
+    # cost the full wait. Switches happen only while two threads want the GIL: a quiet relay pays
+    # nothing (the exporter does the same, see exporter/cli.py).
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     try:
         uvicorn.run(app, host=host, port=port, http=WebhookProtocol, **logs.uvicorn_options(),
                     timeout_graceful_shutdown=10)

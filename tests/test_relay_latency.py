@@ -7,14 +7,20 @@ here; these tests pin the mechanism that keeps the stalls away.
 from __future__ import annotations
 
 import sqlite3
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mlwarden.relay import cli as relay_cli
+from mlwarden.relay.cli import RelaySettings
+from mlwarden.relay.config import SEVERITIES
 from mlwarden.relay.store import sqlite as sqlite_store
 from mlwarden.relay.store.sqlite import SQLiteStore
 
-from mlwarden import components
+from mlwarden import components, settings
 from tests.test_relay_support import accept, alert, body, make_config
 
 
@@ -99,3 +105,81 @@ def test_a_waiting_intake_goes_before_the_next_turn_of_whoever_holds_the_store(t
         assert [job.notice.alertname for job in claimed] == ["A"]  # it ran after the writer's commit
     finally:
         store.close()
+
+
+class _RowCounter:
+    """The store's connection, counting the rows its statements hand back to Python."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.rows = 0
+
+    def execute(self, sql: str, params: Any = ()) -> _CountedCursor:
+        return _CountedCursor(self._db.execute(sql, params), self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+class _CountedCursor:
+    def __init__(self, cursor: sqlite3.Cursor, counter: _RowCounter) -> None:
+        self._cursor = cursor
+        self._counter = counter
+
+    def fetchall(self) -> list[Any]:
+        rows = self._cursor.fetchall()
+        self._counter.rows += len(rows)
+        return rows
+
+    def fetchone(self) -> Any:
+        row = self._cursor.fetchone()
+        self._counter.rows += row is not None
+        return row
+
+    def __iter__(self) -> Iterator[Any]:
+        for row in self._cursor:
+            self._counter.rows += 1
+            yield row
+
+
+def test_a_claim_steps_through_one_row_per_statement_not_one_per_job(tmp_path: Path) -> None:
+    # A claim runs under the store's lock, which the writer (and so every webhook in flight) waits
+    # for; each row the sqlite3 module steps to lets go of the GIL and takes it back, and a busy
+    # event loop that took it in between kept the claim, and so the lock, for up to 5 ms each time.
+    store = SQLiteStore(tmp_path / "relay.db")
+    try:
+        config = make_config()
+        for n in range(30):
+            accept(store, config, body(*(alert(name=f"A{n}", gpu=str(i)) for i in range(10)), group_key=str(n)), 100.0)
+        counter = _RowCounter(store._db)  # type: ignore[attr-defined]  # the SQLite store's private connection, to count what it fetches
+        store._db = counter  # type: ignore[attr-defined]  # as above
+        claimed = store.claim("ops", 101.0, limit=300, lease=60)
+        assert len(claimed) == 300
+        assert [job.seq for job in claimed] == sorted(job.seq for job in claimed)  # still in claim order
+        assert counter.rows <= len(SEVERITIES)  # a packed row per rank's statement at most; 300 before
+        assert store.claim("ops", 101.0, limit=300, lease=60) == []  # all leased, as before
+    finally:
+        store.close()
+
+
+def test_the_relay_serves_with_a_short_gil_switch_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At Python's 5 ms, each turn a webhook takes on the GIL (the event loop, the writer at every
+    # SQLite statement, the loop again) could wait that long while the outbox's thread computed a
+    # digest.
+    served_with: list[float] = []
+    monkeypatch.setattr(relay_cli.uvicorn, "run", lambda *a, **k: served_with.append(sys.getswitchinterval()))
+    monkeypatch.setattr(relay_cli.gc, "freeze", lambda: None)  # the test process's collector stays as it is
+    monkeypatch.setattr(relay_cli.gc, "set_threshold", lambda *a: None)
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.slack.test/services/T0/B0/X")
+    config = tmp_path / "relay.yml"
+    config.write_text("destinations:\n  ops: {type: slack, webhook_url_env: SLACK_WEBHOOK_URL}\n"
+                      "routes:\n  - destinations: [ops]\n")
+    parsed = settings.load(RelaySettings, "relay", ["--config", str(config), "--state-url", f"sqlite://{tmp_path}/r.db"],
+                           {"MLWARDEN_RELAY_TOKEN": "t"})
+    before = sys.getswitchinterval()
+    try:
+        assert relay_cli.run(parsed) == 0
+    finally:
+        sys.setswitchinterval(before)
+    assert served_with == [relay_cli.SWITCH_INTERVAL_SECONDS]
+    assert served_with[0] < 0.005  # shorter than Python's default

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import operator
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -111,11 +112,13 @@ _PARAMETERS_PER_STATEMENT = 999  # SQLite's lowest limit on bound parameters (bu
 _JOB_COLUMNS = "id, destination, notice, created_at, due_at, attempts, status, last_error, seq"
 # The due jobs of one destination and rank after a sequence number that head their key's line: a
 # job that waits (for its retry, or leased) keeps the later jobs of its key waiting (held). The
-# rest of a job is read only when the job is not in memory (see SQLiteStore._remember).
+# rest of a job is read only when the job is not in memory (see SQLiteStore._remember). Packed into
+# one row, "rowid,seq,rowid,seq,...", not a row per job: the sqlite3 module lets go of the GIL
+# around every row it steps to, and a claim steps under the store's lock (see _claimable).
 _CLAIM = (
-    "SELECT rowid, seq FROM jobs"
+    "SELECT group_concat(r || ',' || seq) FROM (SELECT rowid AS r, seq FROM jobs"
     f" INDEXED BY jobs_heads WHERE destination = ? AND status = '{PENDING}' AND held = 0 AND rank = ? AND seq > ?"
-    " AND due_at <= ? ORDER BY seq LIMIT ?"
+    " AND due_at <= ? ORDER BY seq LIMIT ?)"
 )
 TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
@@ -311,11 +314,20 @@ class SQLiteStore(Store):
         return [self._pending.get(seq) or read[seq] for _, seq in rows]
 
     def _claimable(self, destination: str, rank: int, after_seq: int, now: float, limit: int) -> list[Row]:
-        """Up to ``limit`` rows of _CLAIM whose jobs are not leased."""
+        """Up to ``limit`` (rowid, seq) of _CLAIM whose jobs are not leased, in seq order.
+
+        One row per statement, not one per job: each row the sqlite3 module steps to is a release
+        and a retake of the GIL, and under the store's lock, which the writer (and so every webhook
+        in flight) waits for, each was a point where a busy event loop could take the GIL and keep
+        it for up to the switch interval (5 ms) while the claim, lock held, waited for it back."""
         rows: list[Row] = []
         while len(rows) < limit:
             want = limit - len(rows)
-            found = self._db.execute(_CLAIM, (destination, rank, after_seq, now, want)).fetchall()
+            (packed,) = self._db.execute(_CLAIM, (destination, rank, after_seq, now, want)).fetchone()
+            values = [int(v) for v in packed.split(",")] if packed else []
+            # group_concat's order is not promised (SQLite before 3.44 has no ORDER BY in it): sorted
+            # again, which costs nothing on rows that come in order, as they do.
+            found = sorted(zip(values[::2], values[1::2]), key=_second)
             rows += [row for row in found if self._leases.get(row[1], 0.0) <= now]
             if len(found) < want:
                 break
@@ -647,6 +659,9 @@ class _Lines:
 
     def rollback(self) -> None:
         self._staged.clear()
+
+
+_second = operator.itemgetter(1)
 
 
 def _line_name(destination: str, key: str) -> str:
