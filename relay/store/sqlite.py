@@ -327,7 +327,7 @@ class SQLiteStore(Store):
             values = [int(v) for v in packed.split(",")] if packed else []
             # group_concat's order is not promised (SQLite before 3.44 has no ORDER BY in it): sorted
             # again, which costs nothing on rows that come in order, as they do.
-            found = sorted(zip(values[::2], values[1::2]), key=_second)
+            found = sorted(zip(values[::2], values[1::2], strict=True), key=_second)
             rows += [row for row in found if self._leases.get(row[1], 0.0) <= now]
             if len(found) < want:
                 break
