@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import logging
@@ -17,6 +16,7 @@ from mlwarden.exporter.collectors.base import with_collector_settings
 
 from mlwarden.command import Command
 from mlwarden.exitcodes import ExitCode
+from mlwarden.libc import libc
 from mlwarden.settings import in_range, parse_duration, parse_listen_address, positive, setting
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ def one_malloc_arena() -> bool:
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
     try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_ARENA_MAX, 1))
+        return bool(libc().mallopt(_M_ARENA_MAX, 1))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
         return False
 
@@ -113,7 +112,7 @@ def release_free_memory() -> bool:
     reuse, which an exporter that allocates little from then on never reuses: resident memory for nothing.
     """
     try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
+        return bool(libc().malloc_trim(0))
     except (OSError, AttributeError):  # not glibc: nothing to hand back this way
         return False
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import os
 import tempfile
 import threading
@@ -17,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from mlwarden.libc import libc
 
 
 def fsync_dir(directory: Path) -> None:
@@ -30,7 +31,7 @@ def fsync_dir(directory: Path) -> None:
 def sync_filesystem(path: Path) -> None:
     """Flush everything written to the filesystem that holds ``path`` (``syncfs(2)``): one call
     after writing many files instead of an fsync per file; ``sync()`` where libc has no syncfs."""
-    syncfs = getattr(_libc(), "syncfs", None)
+    syncfs = getattr(libc(), "syncfs", None)
     if syncfs is None:
         os.sync()
         return
@@ -51,14 +52,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     without waiting (``sync_file_range(2)``): a later ``syncfs`` then finds most of a large
     file already written instead of flushing it all at once. Best effort: nothing where libc
     or the filesystem lacks it."""
-    call = getattr(_libc(), "sync_file_range", None)
+    call = getattr(libc(), "sync_file_range", None)
     if call is not None:
         call(fd, ctypes.c_int64(offset), ctypes.c_int64(length), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 class StagedFiles:

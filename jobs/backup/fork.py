@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 
 from mlwarden.interrupts import deferred_interrupts
+from mlwarden.libc import libc
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def fork_with_pipes(child: Callable[[int, int], int], keep: Callable[[int, int, int], None]) -> None:
@@ -32,3 +36,10 @@ def fork_with_pipes(child: Callable[[int, int], int], keep: Callable[[int, int, 
         os.close(to_child_r)
         os.close(from_child_w)
         keep(pid, to_child_w, from_child_r)
+
+
+def die_with_parent() -> None:
+    """In a child: the kernel kills it (SIGKILL) when the thread that forked it ends, a kill -9
+    of the parent included. The caller checks ``os.getppid()`` afterwards: a parent that died
+    before this call is not watched."""
+    libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

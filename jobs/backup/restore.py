@@ -46,14 +46,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlwarden.jobs.backup.fork import fork_with_pipes
+from mlwarden.jobs.backup.fork import die_with_parent, fork_with_pipes
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.s3config import S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
 from mlwarden.jobs.backup.tarstream import _check_manifest_paths as check_manifest_paths  # the archive reader's own path rules
 
 from mlwarden.catalog import DOWNLOAD_STAGING, PACK, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
-from mlwarden.fsutil import _libc, fsync_dir, start_writeback, sync_filesystem
+from mlwarden.fsutil import fsync_dir, start_writeback, sync_filesystem
 from mlwarden.interrupts import deferred_interrupts
 from mlwarden.terminal import Progress
 
@@ -315,7 +315,6 @@ HELPER_BATCH_FILES = 128
 HELPER_BATCH_BYTES = 2**18
 HELPER_IN_FLIGHT = 2  # batches handed over and not yet written; beyond that this process writes them
 _PIPE_BYTES = 2**20  # room for a batch in the pipe while the helper writes the one before
-_PR_SET_PDEATHSIG = 1  # prctl(2)
 _LENGTH = struct.Struct("<q")
 
 _Job = tuple[tuple[str, str], bytes, list[FileRecord]]  # (pack, SHA-256), content, the paths it goes to
@@ -439,7 +438,7 @@ def _helper_main(parent: int, jobs: int, acks: int, paths: dict[tuple[str, str],
     process never waits on a full pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group; the first process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # killed with the first process, not after its current batch
+    die_with_parent()  # killed with the first process, not after its current batch
     if os.getppid() != parent:  # it died before that call
         return 1
     made = {""}

@@ -19,6 +19,8 @@ import fcntl
 import os
 from collections.abc import Callable
 
+from mlwarden.libc import libc
+
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PROBE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -68,7 +70,7 @@ _STATX_MNT_ID_OFFSET = 144  # stx_mnt_id: after the masks, ids, mode, sizes and 
 
 def _libc_statx() -> Callable[..., int] | None:
     try:
-        function = ctypes.CDLL(None, use_errno=True).statx
+        function = libc().statx
     except (AttributeError, OSError):  # a libc older than glibc 2.28
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
