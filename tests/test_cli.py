@@ -84,12 +84,62 @@ def test_the_process_entry_lets_a_command_freeze_what_it_keeps_to_its_end(tmp_pa
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mlwarden"]
     assert script.value == "mlwarden.cli:entry"
+    # entry() ends the process itself (after the atexit handlers): the check runs as one of them.
     code = (
-        "import gc, sys; from mlwarden import cli, gcpause; "
-        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; code = cli.entry(); "
-        "before = gc.get_freeze_count()\n"
-        "with gcpause.kept_until_exit(): kept = [{'i': i} for i in range(1000)]\n"
-        "print(gc.get_freeze_count() - before >= 1000, code)"
+        "import atexit, gc, sys; from mlwarden import cli, gcpause\n"
+        "def check():\n"
+        "    before = gc.get_freeze_count()\n"
+        "    with gcpause.kept_until_exit(): kept = [{'i': i} for i in range(1000)]\n"
+        "    print(gc.get_freeze_count() - before >= 1000)\n"
+        "atexit.register(check)\n"
+        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; cli.entry(); print('returned')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.split()[-2:] == ["True", "0"], done.stderr  # after backup-list's (empty) table
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1:] == ["True"], done.stderr  # after backup-list's (empty) table: no teardown
+
+
+def _backup_process(models: Path, backups: Path, log_file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MLWARDEN, "backup", "--model-dir", str(models), "--backup-dir", str(backups), "--log-file", str(log_file), "--log-level", "debug"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_the_process_ends_without_teardown_with_its_output_log_and_exit_status_whole(tmp_path: Path) -> None:
+    """The ``mlwarden`` process skips the interpreter's teardown (cli._end_process): every line
+    of stderr and of the log file is there, the files it wrote are whole, and the exit status
+    is the command's, for a success and for a failure."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for i in range(50):
+        (models / f"f{i}.bin").write_bytes(bytes([i]) * 1000)
+    done = _backup_process(models, tmp_path / "backups", tmp_path / "log")
+    assert done.returncode == 0, done.stderr
+    log_text = (tmp_path / "log").read_text()
+    assert log_text.endswith("files and the archive hash match the manifest\n")  # the last line, whole
+    # The same lines on stderr (without timestamps there only under journald).
+    assert log_text.splitlines() == done.stderr.splitlines()
+    (backup,) = (tmp_path / "backups").glob("models-*")
+    expected = [f"{backup.name}.tar.zst", f"{backup.name}.tar.zst.sha256", "SHA256SUMS", "manifest.json", "pack.json", "status.json"]
+    assert sorted(p.name for p in backup.iterdir()) == sorted(expected)
+    assert len((backup / "SHA256SUMS").read_text().splitlines()) == 50
+
+    failed = _backup_process(tmp_path / "no-such-models", tmp_path / "backups", tmp_path / "missing-log")
+    assert failed.returncode == 2
+    assert "does not exist" in failed.stderr and "does not exist" in (tmp_path / "missing-log").read_text()
+
+
+def test_the_process_waits_for_a_thread_that_is_not_a_daemon(tmp_path: Path) -> None:
+    """A non-daemon thread still running when the command returns is waited for, as the
+    interpreter's own exit does: its work is not cut short."""
+    out = tmp_path / "out"
+    code = (
+        "import sys, threading, time; from mlwarden import cli\n"
+        f"def late(): time.sleep(0.5); open({str(out)!r}, 'w').write('done')\n"
+        "threading.Thread(target=late).start()\n"
+        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; sys.exit(cli.entry())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "done"
