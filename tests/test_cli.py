@@ -143,3 +143,18 @@ def test_the_process_waits_for_a_thread_that_is_not_a_daemon(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.read_text() == "done"
+
+
+def test_a_backup_does_not_load_what_only_a_restore_or_the_inventory_needs(tmp_path: Path) -> None:
+    """A backup's process starts without the restore, the inventory or tarfile (its headers are
+    built by mlwarden.jobs.backup.archive for short ASCII names): less to import on every run."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "a.bin").write_bytes(b"a" * 100)
+    code = (
+        "import sys; from mlwarden import cli\n"
+        f"code = cli.main(['backup', '--model-dir', {str(models)!r}, '--backup-dir', {str(tmp_path / 'backups')!r}])\n"
+        "print(code, *(m in sys.modules for m in ('mlwarden.jobs.backup.restore', 'mlwarden.jobs.backup.inventory', 'tarfile')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0", "False", "False", "False"], done.stderr

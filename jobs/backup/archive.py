@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import stat
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,12 +42,16 @@ log = logging.getLogger(__name__)
 # mantissa bytes are noise to any compressor); measured in bench/bench_backup.py.
 DEFAULT_LEVELS = {"zstd": 1, "gzip": 6, "none": None}
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9)}
-_BLOCK = tarfile.BLOCKSIZE
+# tarfile's constants, spelled out: tarfile itself (12 ms of a backup's start) is imported only
+# for what :func:`_ustar_header` does not build (long or non-ASCII names, symlinks).
+_BLOCK = 512  # tarfile.BLOCKSIZE
+_REGTYPE = b"0"  # tarfile.REGTYPE
+_POSIX_MAGIC = b"ustar\x0000"  # tarfile.POSIX_MAGIC
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 _PADDING = [b"\0" * n for n in range(_BLOCK)]  # a member's padding to the next block, by length
 _OCTAL_11 = 8**11  # what fits an 11-digit octal field of a ustar header
 # After the checksum: the type (regular file), no link name, the magic, no owner names.
-_USTAR_TAIL = (tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC).ljust(_BLOCK - 156, b"\0")
+_USTAR_TAIL = (_REGTYPE + b"\0" * 100 + _POSIX_MAGIC).ljust(_BLOCK - 156, b"\0")
 _FIXED_CHECKSUM = 8 * ord(" ") + sum(_USTAR_TAIL)  # the checksum field counts as spaces
 # Small members reach the compressor, and compressed bytes the file, in pieces of this size:
 # large enough that a call per piece costs nothing, small enough that the verifier following
@@ -327,6 +330,8 @@ def _checksum_lines(records: Sequence[FileRecord]) -> str:
 def _header(relative: str, size: int, mtime: int, mode: int) -> bytes:
     if len(relative) <= 100 and relative.isascii() and 0 <= size < _OCTAL_11 and 0 <= mtime < _OCTAL_11:
         return _ustar_header(relative.encode("ascii"), size, mtime, mode)
+    import tarfile
+
     header = tarfile.TarInfo(relative)
     header.size = size
     header.mtime = mtime
@@ -349,6 +354,8 @@ def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
 
 
 def _link_header(link: LinkRecord) -> bytes:
+    import tarfile
+
     info = tarfile.TarInfo(link.path)
     info.type = tarfile.SYMTYPE
     info.linkname = link.target

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlwarden.jobs.backup.archive import LEVEL_RANGES
-from mlwarden.jobs.backup.inventory import list_backups, run_check
 from mlwarden.jobs.backup.job import run_backup, run_restore
 from mlwarden.jobs.backup.retention import Policy
 from mlwarden.jobs.backup.s3config import STORAGE_CLASSES, S3Location
@@ -180,11 +179,16 @@ class BackupCheckSettings:
     read_data: bool = setting(False, help="also read every byte of every archive: the archive's SHA-256 and every file's against the manifest")
 
 
+# The inventory is imported by its commands only: a backup does not load it.
 def _list(settings: BackupListSettings) -> int:
+    from mlwarden.jobs.backup.inventory import list_backups
+
     return list_backups(settings.backup_dir, settings.json)
 
 
 def _check(settings: BackupCheckSettings) -> int:
+    from mlwarden.jobs.backup.inventory import run_check
+
     return run_check(settings.backup_dir, settings.read_data)
 
 

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 
 from mlwarden.jobs.backup import archive, dedup, prune, retention
 from mlwarden.jobs.backup.follow import Follower
-from mlwarden.jobs.backup.restore import RestoreError, RestoreResult, RestoreStranded, check_target, entry_from_s3, restore_entry
 from mlwarden.jobs.backup.s3config import OffsiteError, S3Location
 from mlwarden.jobs.backup.tarstream import ArchiveError
 from mlwarden.jobs.backup.verify import VerifyResult, log_verification, verification_of, verify_and_record, verify_references
@@ -68,6 +67,7 @@ from mlwarden.terminal import Progress, human_bytes
 
 if TYPE_CHECKING:
     from mlwarden.jobs.backup.cli import BackupSettings, RestoreSettings
+    from mlwarden.jobs.backup.restore import RestoreResult
 
 log = logging.getLogger(__name__)
 
@@ -469,6 +469,9 @@ def run_restore(settings: RestoreSettings) -> int:
 
 
 def _run_restore(settings: RestoreSettings) -> int:
+    # Imported here, not with the module: a backup, which never restores, does not load it.
+    from mlwarden.jobs.backup.restore import RestoreError, RestoreStranded
+
     if settings.drill:
         return _run_drill(settings)
     assert settings.to is not None  # checked by the settings
@@ -484,6 +487,8 @@ def _run_restore(settings: RestoreSettings) -> int:
 
 
 def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> RestoreResult:
+    from mlwarden.jobs.backup.restore import check_target, entry_from_s3, restore_entry
+
     check_target(target.absolute(), overwrite)
     location = settings.s3_location()
     if settings.from_s3:
@@ -498,6 +503,8 @@ def _restore(settings: RestoreSettings, target: Path, overwrite: bool) -> Restor
 
 
 def _run_drill(settings: RestoreSettings) -> int:
+    from mlwarden.jobs.backup.restore import RestoreError
+
     parent = settings.to or settings.backup_dir
     assert parent is not None  # checked by the settings
     parent.mkdir(parents=True, exist_ok=True)
