@@ -94,7 +94,10 @@ def _source_files(package: str) -> list[tuple[str, Path]]:
 
 
 def _table(path: Path) -> Any:
-    match = _TABLE_TEXT.search(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    # A substring test first: the multi-line regex over all 119 source files cost 10 ms of every
+    # command's start, and all but a few files have no table.
+    match = _TABLE_TEXT.search(text) if f"{TABLE} = (" in text else None
     if match is None:
         return None
     try:

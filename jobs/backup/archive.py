@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
+from zlib import adler32
 
 import zstandard
 from mlwarden.jobs.backup.dedup import CacheKey, Dedup
@@ -329,7 +330,9 @@ def _checksum_lines(records: Sequence[FileRecord]) -> str:
 
 def _header(relative: str, size: int, mtime: int, mode: int) -> bytes:
     if len(relative) <= 100 and relative.isascii() and 0 <= size < _OCTAL_11 and 0 <= mtime < _OCTAL_11:
-        return _ustar_header(relative.encode("ascii"), size, mtime, mode)
+        # _ustar_header, inlined: two calls fewer per small file. 148 bytes: byte_sum is one adler32.
+        head = relative.encode("ascii").ljust(100, b"\0") + _USTAR_NUMBERS % (mode, size, mtime)
+        return b"%s%06o\0 %s" % (head, _FIXED_CHECKSUM - 1 + (adler32(head) & 0xFFFF), _USTAR_TAIL)
     import tarfile
 
     header = tarfile.TarInfo(relative)
