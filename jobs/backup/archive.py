@@ -32,7 +32,7 @@ import zstandard
 from mlwarden.jobs.backup.dedup import CacheKey, Dedup
 from mlwarden.jobs.backup.follow import Follower
 from mlwarden.jobs.backup.overlap import Overlap
-from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, byte_sum
+from mlwarden.jobs.backup.tarstream import CHUNK_BYTES
 
 from mlwarden.catalog import ARCHIVE_EXTENSIONS, CHECKSUMS, FileRecord, HardLinkRecord, LinkRecord, SkippedRecord, new_file_record
 from mlwarden.fsutil import StagedFiles, atomic_writer, start_writeback
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LEVELS = {"zstd": 1, "gzip": 6, "none": None}
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9)}
 # tarfile's constants, spelled out: tarfile itself (12 ms of a backup's start) is imported only
-# for what :func:`_ustar_header` does not build (long or non-ASCII names, symlinks).
+# for the headers :func:`_header` does not build (long or non-ASCII names, symlinks).
 _BLOCK = 512  # tarfile.BLOCKSIZE
 _REGTYPE = b"0"  # tarfile.REGTYPE
 _POSIX_MAGIC = b"ustar\x0000"  # tarfile.POSIX_MAGIC
@@ -329,8 +329,12 @@ def _checksum_lines(records: Sequence[FileRecord]) -> str:
 
 
 def _header(relative: str, size: int, mtime: int, mode: int) -> bytes:
+    """A regular file's tar header. For a short ASCII name (nearly every file) it is the header
+    tarfile's pax format writes (tested byte for byte against it), built here because
+    ``TarInfo.tobuf`` costs more than reading a small file; its 148 bytes before the checksum
+    add up in one adler32 (:func:`~mlwarden.jobs.backup.tarstream.byte_sum`, inlined: a call
+    fewer per file)."""
     if len(relative) <= 100 and relative.isascii() and 0 <= size < _OCTAL_11 and 0 <= mtime < _OCTAL_11:
-        # _ustar_header, inlined: two calls fewer per small file. 148 bytes: byte_sum is one adler32.
         head = relative.encode("ascii").ljust(100, b"\0") + _USTAR_NUMBERS % (mode, size, mtime)
         return b"%s%06o\0 %s" % (head, _FIXED_CHECKSUM - 1 + (adler32(head) & 0xFFFF), _USTAR_TAIL)
     import tarfile
@@ -342,13 +346,6 @@ def _header(relative: str, size: int, mtime: int, mode: int) -> bytes:
     header.type = tarfile.REGTYPE
     header.uname = header.gname = ""
     return header.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def _ustar_header(name: bytes, size: int, mtime: int, mode: int) -> bytes:
-    """The header tarfile's pax format writes for a short ASCII name (tested byte for byte
-    against it), built here because ``TarInfo.tobuf`` costs more than reading a small file."""
-    head = name.ljust(100, b"\0") + _USTAR_NUMBERS % (mode, size, mtime)
-    return b"%s%06o\0 %s" % (head, _FIXED_CHECKSUM + byte_sum(head), _USTAR_TAIL)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
