@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlwarden import jsonio
 from mlwarden.catalog import Catalog, FileRecord
 from mlwarden.fsutil import atomic_write_bytes
 
@@ -67,10 +68,9 @@ def load_cache(path: Path) -> dict[CacheKey, str]:
 
 
 def save_cache(path: Path, entries: dict[CacheKey, str]) -> None:
-    # What json.dumps(separators=(",", ":")) writes for five ints and a hex digest, at a
-    # fraction of its cost; the digests are hexdigest()s or what load_cache checked, so
-    # nothing here needs escaping (tested against json.dumps).
-    body = ("[" + ",".join(f'[{d},{i},{s},{m},{c},"{sha}"]' for (d, i, s, m, c), sha in sorted(entries.items())) + "]").encode()
+    # Compact JSON, by orjson (tested against json.dumps): half the CPU of formatting each entry
+    # by hand, in a thread that shares the GIL with the backup's commit.
+    body = jsonio.encode([(*key, sha) for key, sha in sorted(entries.items())]).encode()
     header = json.dumps({"version": CACHE_VERSION, "sha256": hashlib.sha256(body).hexdigest()}).encode()
     atomic_write_bytes(path, header + b"\n" + body, mode=0o600)
 
