@@ -169,3 +169,51 @@ def test_a_signal_that_lands_while_the_verifier_is_forked_stops_the_backup(
     assert [p.name for p in (tmp_path / "backups").iterdir()] == [".mlwarden-backup.lock"]  # nothing half made
     assert "Exception ignored" not in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handler is gone again, not left ignoring
+
+
+_FOUND: list[follow.Found] = [
+    ("config.json", b"0", 12, "", "ab" * 32),
+    ("shards/model.bin", b"0", 0, "", "cd" * 32),
+    ("dir", b"5", 0, "", None),
+    ("latest", b"2", 0, "shards/model.bin", None),
+]
+
+
+@pytest.mark.parametrize("found", [_FOUND, _FOUND[:1], _FOUND[2:], []])
+def test_what_the_verifier_found_crosses_the_pipe_as_columns_and_comes_back_whole(found: list[follow.Found]) -> None:
+    columns = follow.Columns.of(found)
+    assert columns is not None and columns.members() == found
+
+
+def test_a_name_with_a_nul_is_sent_as_a_list_not_as_ambiguous_columns() -> None:
+    assert follow.Columns.of([("a\0b", b"0", 1, "", "ab" * 32), ("c", b"0", 1, "", "ab" * 32)]) is None
+    assert follow.Columns.of([("a", b"2", 0, "x\0y", None)]) is None
+
+
+def test_columns_are_equal_exactly_when_what_was_found_is() -> None:
+    """Each change of one field of one member (what damage in a name, a type, a size, a link or
+    a content would make) makes the columns differ from the manifest's."""
+    reference = follow.Columns.of(_FOUND)
+    for index, member in enumerate(_FOUND):
+        for position, other in enumerate(("other", b"1", 13, "elsewhere", "ef" * 32)):
+            changed = list(_FOUND)
+            changed[index] = (*member[:position], other, *member[position + 1 :])  # type: ignore[assignment]  # one field replaced
+            assert follow.Columns.of(changed) != reference, (index, position)
+    assert follow.Columns.of(list(_FOUND)) == reference
+
+
+def test_a_followed_verification_names_the_file_whose_content_differs(tmp_path: Path) -> None:
+    """The member-by-member check behind the columns' comparison: a changed digest fails
+    naming the file, a sound archive passes."""
+    models = make_models(tmp_path / "models")
+    assert backup(models, tmp_path / "backups") == 0
+    manifest = only_entry(tmp_path / "backups").stored().manifest
+    expected = follow._as_written(manifest)
+    assert expected is not None
+    sound = follow._checked(manifest, expected, expected.members(), None, manifest.archive_sha256, manifest.archive_bytes)
+    assert sound.ok
+    found = expected.members()
+    name, kind, size, link, _ = found[0]
+    found[0] = (name, kind, size, link, "0" * 64)
+    damaged = follow._checked(manifest, expected, follow.Columns.of(found) or found, None, manifest.archive_sha256, manifest.archive_bytes)
+    assert not damaged.ok and damaged.detail == f"{name}: content does not match its SHA-256 in the manifest"

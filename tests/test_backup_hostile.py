@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from mlwarden.jobs.backup import tarstream
 from test_backup_support import backup, make_models, mlwarden, only_entry, s3_env  # noqa: F401 (s3_env: a fixture)
 
 from mlwarden import components
@@ -97,3 +98,25 @@ def test_a_local_manifest_naming_an_archive_outside_its_directory_is_refused(tmp
     assert "restore FAILED" in err and "Traceback" not in err
     assert not (tmp_path / "restored").exists()
     assert Catalog(tmp_path / "backups").entries() == []
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a", "dir/sub/file", "é/日本", "x" * 300, "a..b", ".hidden", "a/.b", "..x/y", "x./y", "sp ace"],
+        [""], ["/abs"], ["a/"], ["a//b"], ["."], [".."], ["./a"], ["a/."], ["a/./b"], ["../a"], ["a/.."], ["a/../b"],
+        ["a\0b"], ["ok", "a/b/.."], ["ok", "\0"], ["ok", "a/b/", "c"],
+    ],
+)
+def test_the_names_tested_together_pass_only_when_each_passes_alone(names: list[str]) -> None:
+    """tarstream._plain, the test of all of a manifest's names at once, says yes only when
+    check_name returns each one as it is (a no sends them to check_name one by one), and yes
+    for names as backups hold them."""
+    def unchanged(name: str) -> bool:
+        try:
+            return tarstream.check_name(name) == name and "\0" not in name
+        except tarstream.ArchiveError:
+            return False
+
+    assert not tarstream._plain(names) or all(unchanged(name) for name in names)
+    assert tarstream._plain(names) == (names[0] == "a")  # only the first list is made of plain names

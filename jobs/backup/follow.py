@@ -26,11 +26,22 @@ import pickle
 import signal
 import struct
 import traceback
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from mlwarden.jobs.backup.fork import fork_with_pipes
 from mlwarden.jobs.backup.overlap import Overlap
-from mlwarden.jobs.backup.tarstream import CHUNK_BYTES, DAMAGE, REGULAR, ArchiveError, HashingReader, Header, MemberCheck, decompressed, read_members
+from mlwarden.jobs.backup.tarstream import (
+    CHUNK_BYTES,
+    DAMAGE,
+    REGULAR,
+    ArchiveError,
+    HashingReader,
+    Header,
+    MemberCheck,
+    check_manifest_paths,
+    decompressed,
+    read_members,
+)
 from mlwarden.jobs.backup.verify import VerifyResult, member_sha256
 
 from mlwarden.catalog import BackupEntry, FileRecord, Manifest
@@ -43,6 +54,40 @@ _DONE = -1
 # A member's header fields (name, type, size, link target) and its content's SHA-256 (None: not
 # a regular file): plain values, which cross the pipe faster than Header tuples.
 Found = tuple[str, bytes, int, str, str | None]
+
+
+class Columns(NamedTuple):
+    """Members as five columns: the names, link targets and SHA-256s ("" for none) each joined
+    by NUL, the types one byte each, the sizes. What a verifier found crosses the pipe in this
+    form and is compared with the manifest's in it: a few strings to pickle, unpickle and compare
+    instead of 20,000 tuples (their transfer and the comparison cost the parent 40-50 ms of a
+    20,000-file backup, after its write). No name holds a NUL (the manifest's are checked; the
+    verifier sends a list when one it found does): equal columns are equal lists."""
+
+    names: str
+    types: bytes
+    sizes: list[int]
+    links: str
+    digests: str
+
+    @classmethod
+    def of(cls, found: list[Found]) -> Columns | None:
+        """``found`` as columns; None if a name or link target holds a NUL (joined, it would be ambiguous)."""
+        names = "\0".join([member[0] for member in found])
+        links = "\0".join([member[3] for member in found])
+        separators = max(len(found) - 1, 0)
+        if names.count("\0") != separators or links.count("\0") != separators:
+            return None
+        digests = "\0".join([member[4] or "" for member in found])
+        return cls(names, b"".join([member[1] for member in found]), [member[2] for member in found], links, digests)
+
+    def members(self) -> list[Found]:
+        """The members again, as the verifier found them (a digest "" is None: no regular file's is empty)."""
+        if not self.types:
+            return []
+        kinds = [self.types[i : i + 1] for i in range(len(self.types))]
+        digests = [digest or None for digest in self.digests.split("\0")]
+        return list(zip(self.names.split("\0"), kinds, self.sizes, self.links.split("\0"), digests, strict=True))
 
 
 class Follower:
@@ -121,14 +166,16 @@ class Follower:
         self.close()
 
 
-def _checked(manifest: Manifest, expected: list[Found] | None, found: list[Found], damage: str | None, sha256: str, size: int) -> VerifyResult:
+def _checked(
+    manifest: Manifest, expected: Columns | None, found: Columns | list[Found], damage: str | None, sha256: str, size: int
+) -> VerifyResult:
     files = 0
     try:
         if damage is None and expected == found:
             files = len(manifest.files)
         else:  # member by member, for the message that says what is wrong
             check = MemberCheck(manifest)
-            for name, kind, member_size, linkname, digest in found:
+            for name, kind, member_size, linkname, digest in found.members() if isinstance(found, Columns) else found:
                 record = check.member(Header(name, kind, member_size, linkname))
                 if isinstance(record, FileRecord):
                     if digest != record.sha256:
@@ -144,20 +191,27 @@ def _checked(manifest: Manifest, expected: list[Found] | None, found: list[Found
     return VerifyResult(True, f"{files} files and the archive hash match the manifest", files, size)
 
 
-def _as_written(manifest: Manifest) -> list[Found] | None:
+def _as_written(manifest: Manifest) -> Columns | None:
     """What the verifier finds in an archive that holds exactly the manifest's files (each once,
     with its size and SHA-256) then its links, in the order the writer wrote them; None when
     that comparison cannot stand for the checks (a file stored twice, changed while it was
-    read; a path :class:`MemberCheck` refuses). When what was found is this list, every member
-    passes its checks, and one comparison of two lists costs less than checking 20,000
+    read; a path :class:`MemberCheck` refuses). When what was found is this, every member
+    passes its checks, and one comparison of a few columns costs less than checking 20,000
     members one by one; otherwise they are checked member by member, for the message."""
     if manifest.rewritten:
         return None
     try:
-        MemberCheck(manifest)  # the manifest's own paths: safe, listed once, none under a symlink
+        check_manifest_paths(manifest)  # what MemberCheck(manifest) checks of the manifest: safe, listed once, none under a symlink
     except ArchiveError:
         return None
-    return [(r.path, b"0", r.size, "", r.sha256) for r in manifest.files] + [(link.path, b"2", 0, link.target, None) for link in manifest.links]
+    files, links = manifest.files, manifest.links
+    return Columns(
+        names="\0".join([r.path for r in files] + [link.path for link in links]),
+        types=b"0" * len(files) + b"2" * len(links),
+        sizes=[r.size for r in files] + [0] * len(links),
+        links="\0".join([""] * len(files) + [link.target for link in links]),
+        digests="\0".join([r.sha256 for r in files] + [""] * len(links)),
+    )
 
 
 class _Following:
@@ -231,5 +285,5 @@ def _child(fd: int, compression: str, counts: int, results: int) -> int:
     except _WriterGone:
         return 1
     with os.fdopen(results, "wb") as out:
-        pickle.dump((found, damage, sha256, reader.count), out)
+        pickle.dump((Columns.of(found) or found, damage, sha256, reader.count), out)
     return 0

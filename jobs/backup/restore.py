@@ -49,8 +49,14 @@ from pathlib import Path
 from mlwarden.jobs.backup.fork import die_with_parent, fork_with_pipes
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.s3config import S3Location
-from mlwarden.jobs.backup.tarstream import ArchiveDigest, ArchiveError, MemberData, hash_file, members
-from mlwarden.jobs.backup.tarstream import _check_manifest_paths as check_manifest_paths  # the archive reader's own path rules
+from mlwarden.jobs.backup.tarstream import (
+    ArchiveDigest,
+    ArchiveError,
+    MemberData,
+    check_manifest_paths,  # the archive reader's own path rules
+    hash_file,
+    members,
+)
 
 from mlwarden.catalog import DOWNLOAD_STAGING, PACK, BackupEntry, Catalog, FileRecord, LinkRecord, Manifest, staging_dir, stale_staging
 from mlwarden.fsutil import fsync_dir, start_writeback, sync_filesystem

@@ -116,10 +116,25 @@ def decompressed(reader: HashingReader, compression: str) -> Iterator[_Readable]
         raise ArchiveError(f"unknown compression {compression!r}")
 
 
-def _check_manifest_paths(manifest: Manifest) -> None:
+# What a name that check_name returns unchanged never holds, once names are joined between NULs:
+# an empty name or component, a leading or trailing '/', a '.' or '..' component.
+_NOT_PLAIN = ("\0\0", "\0/", "/\0", "//", "/./", "\0./", "/.\0", "\0.\0", "/../", "\0../", "/..\0", "\0..\0")
+
+
+def _plain(names: list[str]) -> bool:
+    """Whether :func:`check_name` returns every one of ``names`` as it is (relative, already
+    normal, no NUL), tested on all of them at once: a call per name cost 11 ms of a 20,000-file
+    backup's verification. Joined between NULs, each name is bounded by NULs exactly when none
+    holds a NUL itself (counted), and a bad component then shows as one of :data:`_NOT_PLAIN`."""
+    joined = "\0" + "\0".join(names) + "\0"
+    return joined.count("\0") == len(names) + 1 and not any(pattern in joined for pattern in _NOT_PLAIN)
+
+
+def check_manifest_paths(manifest: Manifest) -> None:
     """Every path is safe, listed once, and none lies under a symlink (writing it would follow the link)."""
     links = {check_name(link.path) for link in manifest.links}
-    paths = [check_name(record.path) for record in manifest.files] + sorted(links)
+    names = [record.path for record in manifest.files]
+    paths = (names if _plain(names) else [check_name(name) for name in names]) + sorted(links)
     if len(set(paths)) != len(paths):
         raise ArchiveError("the manifest lists a path twice")
     if not links:
@@ -373,7 +388,7 @@ class MemberCheck:
     them on what it found (:mod:`mlwarden.jobs.backup.follow`)."""
 
     def __init__(self, manifest: Manifest) -> None:
-        _check_manifest_paths(manifest)
+        check_manifest_paths(manifest)
         self._expected: dict[str, FileRecord | LinkRecord] = {record.path: record for record in manifest.files}
         self._expected.update((link.path, link) for link in manifest.links)
         self._seen: set[str] = set()
