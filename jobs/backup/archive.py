@@ -24,6 +24,8 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
 from zlib import adler32
@@ -76,6 +78,15 @@ class SourceFile(NamedTuple):  # a tuple: one per file, and a frozen dataclass c
     mtime: float
     mode: int
     key: CacheKey = (0, 0, 0, 0, 0)  # the files cache's key, as the scan saw the file
+
+
+# What scan() needs per entry, bound once: it runs 20,000 times in a tree of small files, where a
+# module attribute, a call of stat.S_IFMT or the NamedTuple's generated __new__ each cost a
+# few percent of the scan.
+_S_IFMT, _S_IFREG, _S_IRUSR, _S_IMODE = 0o170000, stat.S_IFREG, stat.S_IRUSR, 0o7777  # stat.S_IFMT(m) is m & 0o170000
+_NAME = attrgetter("name")
+_RELATIVE = itemgetter(1)  # SourceFile.relative
+new_source_file = partial(tuple.__new__, SourceFile)  # SourceFile(*values), without its Python-level __new__
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,7 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
         directory = source / relative_dir if relative_dir else source
         try:
             with os.scandir(directory) as it:
-                children = sorted(it, key=lambda e: e.name)
+                children = sorted(it, key=_NAME)
         except OSError as exc:
             unreadable.append(f"{directory} ({exc.strerror})")
             continue
@@ -146,12 +157,14 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
                 continue
             try:
                 info = child.stat(follow_symlinks=False)
-                file_type = stat.S_IFMT(info.st_mode)
-                if file_type == stat.S_IFREG:  # most entries: tested first
-                    if not (info.st_uid == uid and info.st_mode & stat.S_IRUSR) and not os.access(child.path, os.R_OK):
+                mode = info.st_mode
+                file_type = mode & _S_IFMT
+                if file_type == _S_IFREG:  # most entries: tested first
+                    if not (info.st_uid == uid and mode & _S_IRUSR) and not os.access(child.path, os.R_OK):
                         raise PermissionError(errno.EACCES, "Permission denied")
-                    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-                    files.append(SourceFile(child.path, relative, info.st_size, info.st_mtime, stat.S_IMODE(info.st_mode), key))
+                    size = info.st_size
+                    key = (info.st_dev, info.st_ino, size, info.st_mtime_ns, info.st_ctime_ns)
+                    files.append(new_source_file((child.path, relative, size, info.st_mtime, mode & _S_IMODE, key)))
                 elif file_type == stat.S_IFLNK:
                     links.append(LinkRecord(relative, os.readlink(child.path)))
                 elif file_type == stat.S_IFDIR:
@@ -173,7 +186,7 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
             "who can read them, or leave them out on purpose with --exclude"
         )
     _warn_links_out(source, links)
-    return Source(sorted(files, key=lambda f: f.relative), sorted(links, key=lambda link: link.path), skipped)
+    return Source(sorted(files, key=_RELATIVE), sorted(links, key=lambda link: link.path), skipped)
 
 
 def _warn_links_out(source: Path, links: list[LinkRecord]) -> None:
