@@ -17,6 +17,7 @@ of 2**63 or more (mlwarden/catalog.py), so the two parsers never differ there.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -28,6 +29,18 @@ def encode(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:  # orjson.JSONEncodeError is one
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def float_texts(values: list[Any]) -> list[str] | None:
+    """``repr()`` of each of ``values``, made by one call of orjson (a tenth of the CPU of
+    20,000 ``repr()`` calls); None unless every value is a float that both write alike: finite,
+    and 0 or 1e-4 <= abs < 1e16, where repr writes no exponent and orjson the same digits."""
+    if set(map(type, values)) != {float}:
+        return None
+    magnitudes = list(map(abs, values))
+    if not all(map(math.isfinite, magnitudes)) or max(magnitudes) >= 1e16 or min(filter(None, magnitudes), default=1.0) < 1e-4:
+        return None
+    return orjson.dumps(values)[1:-1].decode("ascii").split(",")
 
 
 def decode(data: bytes | str) -> Any:

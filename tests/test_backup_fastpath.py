@@ -17,7 +17,7 @@ from mlwarden.jobs.backup.verify import verify_archive
 from test_backup_support import backup, flip_byte, only_entry, tree
 
 from mlwarden import catalog, fsutil
-from mlwarden.catalog import Catalog, FileRecord
+from mlwarden.catalog import Catalog, FileRecord, LinkRecord
 
 
 def small_tree(directory: Path, count: int = 60) -> Path:
@@ -161,6 +161,17 @@ def test_file_record_lines_are_what_json_dumps_writes() -> None:
         line = catalog._record_line(record)
         assert line == json.dumps(catalog._record_dict(record), sort_keys=True)
         assert json.loads(line) == catalog._record_dict(record)
+
+
+def test_record_lines_made_together_are_the_lines_made_one_by_one() -> None:
+    """A manifest's file records are formatted together (their mtimes in one call of orjson):
+    the same lines as one by one, for mtimes of every kind, and for other records."""
+    mtimes = (1764000000.123456789, 0.0, 1e-5, 1e17, -1.5, 1764000000.0)
+    records: list[object] = [FileRecord(f"f{i}", i, "ab" * 32, mtime, 0o644, "m-20261129T220000Z") for i, mtime in enumerate(mtimes)]
+    for together in (records[:1], records[:2], records, records + [LinkRecord("l", "f0")]):
+        expected = [catalog._record_line(record) for record in together]
+        assert catalog._record_lines(tuple(together), {}) == expected
+        assert expected == [json.dumps(catalog._record_dict(record), sort_keys=True) for record in together]
 
 
 def test_garbage_collection_without_pruned_packs_reads_no_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

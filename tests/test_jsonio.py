@@ -4,6 +4,7 @@ rest, so its callers read and write exactly what they did with the standard libr
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from mlwarden.relay import payload
@@ -63,3 +64,15 @@ def test_key_states_and_notices_round_trip() -> None:
     notice = Notice(kind="firing", key="k", alertname="A", severity="warning", labels=parsed.labels,
                     annotations=parsed.annotations, members=({"mount": "/a"}, {"mount": "/b"}), occurrences=2**40)
     assert Notice.from_dict(jsonio.decode(jsonio.encode(notice.to_dict()))) == notice
+
+
+def test_float_texts_are_what_repr_writes_or_none() -> None:
+    """orjson's digits, where repr() writes no exponent, are repr()'s (mtimes of every era, and
+    random magnitudes); anything else is None, for repr() one by one."""
+    rng = random.Random(14)
+    values = [0.0, -0.0, 1e-4, 9.999999999999998e15, 1764000000.0, 1764499736.1234567, 0.1, -1.5]
+    values += [10 ** rng.uniform(-4, 15.99) * rng.choice((1, -1)) for _ in range(20_000)]
+    values += [rng.uniform(0, 2e9) for _ in range(20_000)]
+    assert jsonio.float_texts(values) == [repr(v) for v in values]
+    for bad in (1e16, 5e-5, float("nan"), float("inf"), 17, True, "1.0", None):
+        assert jsonio.float_texts([1.0, bad]) is None, bad  # what a record from elsewhere could hold
