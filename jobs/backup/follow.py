@@ -31,7 +31,6 @@ from typing import BinaryIO, NamedTuple
 from mlwarden.jobs.backup.fork import fork_with_pipes
 from mlwarden.jobs.backup.overlap import Overlap
 from mlwarden.jobs.backup.tarstream import (
-    CHUNK_BYTES,
     DAMAGE,
     REGULAR,
     ArchiveError,
@@ -100,6 +99,11 @@ class Follower:
         self._pid: int | None = None
         self._to_child = -1
         self._from_child = -1
+        # What the verifier found goes into memory of its own (a memfd), and only its length through
+        # the pipe: the verifier ends as soon as it is done, instead of waiting, with its result in a
+        # pipe of 64 KiB, for the writer to read it after the commit (then 15-30 ms of a 20,000-file
+        # backup went on the transfer and on the verifier's exit).
+        self._findings = -1
 
     def start(self, handle: BinaryIO) -> None:
         """Fork the verifier; ``handle`` is the archive's file, opened for writing and still empty."""
@@ -107,7 +111,8 @@ class Follower:
         def keep(pid: int, to_child: int, from_child: int) -> None:
             self._pid, self._to_child, self._from_child = pid, to_child, from_child
 
-        fork_with_pipes(lambda counts, results: _child(handle.fileno(), self._compression, counts, results), keep)
+        self._findings = findings = os.memfd_create("mlwarden-verifier", os.MFD_CLOEXEC)
+        fork_with_pipes(lambda counts, results: _child(handle.fileno(), self._compression, counts, results, findings), keep)
 
     def advance(self, count: int) -> None:
         """The file now holds ``count`` bytes, written and flushed."""
@@ -130,14 +135,14 @@ class Follower:
         after the fact."""
         manifest = entry.stored().manifest  # format 3: the archive holds the backup's pack
         expected = _as_written(manifest)  # while the verifier finishes: only the manifest is needed
-        chunks = []
-        while chunk := os.read(self._from_child, CHUNK_BYTES):
-            chunks.append(chunk)
+        message = os.read(self._from_child, _COUNT.size)  # 8 bytes: one write, atomic in a pipe; b"" if it died
+        length = _COUNT.unpack(message)[0] if len(message) == _COUNT.size else 0
+        findings = os.pread(self._findings, length, 0) if length else b""
         status = self._reap()
-        if not chunks:
+        if not findings or len(findings) != length:
             log.warning("the verifier process of %s ended without a result (wait status %d): verifying the archive again", entry.name, status)
             return None
-        found, damage, sha256, size = pickle.loads(b"".join(chunks))
+        found, damage, sha256, size = pickle.loads(findings)
         return _checked(manifest, expected, found, damage, sha256, size)
 
     def close(self) -> None:
@@ -146,13 +151,16 @@ class Follower:
             self._to_child = -1
         if self._pid is not None:
             os.kill(self._pid, signal.SIGKILL)  # it may be hashing a large chunk: no need to wait for it
-            self._reap()
+        self._reap()
 
     def _reap(self) -> int:
         """The child's wait status, once it has exited."""
         if self._from_child >= 0:
             os.close(self._from_child)
             self._from_child = -1
+        if self._findings >= 0:
+            os.close(self._findings)
+            self._findings = -1
         status = 0
         if self._pid is not None:
             status = os.waitpid(self._pid, 0)[1]
@@ -255,7 +263,7 @@ class _WriterGone(Exception):
     """The writer stopped before the archive was complete: nothing to verify."""
 
 
-def _child(fd: int, compression: str, counts: int, results: int) -> int:
+def _child(fd: int, compression: str, counts: int, results: int, findings: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group; the writer decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # A descriptor of its own, opened for reading: the writer's may be write-only.
@@ -284,6 +292,8 @@ def _child(fd: int, compression: str, counts: int, results: int) -> int:
             following.next_count()
     except _WriterGone:
         return 1
-    with os.fdopen(results, "wb") as out:
-        pickle.dump((Columns.of(found) or found, damage, sha256, reader.count), out)
+    message = pickle.dumps((Columns.of(found) or found, damage, sha256, reader.count))
+    with os.fdopen(findings, "wb", closefd=False) as out:
+        out.write(message)
+    os.write(results, _COUNT.pack(len(message)))
     return 0

@@ -116,18 +116,14 @@ def decompressed(reader: HashingReader, compression: str) -> Iterator[_Readable]
         raise ArchiveError(f"unknown compression {compression!r}")
 
 
-# What a name that check_name returns unchanged never holds, once names are joined between NULs:
-# an empty name or component, a leading or trailing '/', a '.' or '..' component.
-_NOT_PLAIN = ("\0\0", "\0/", "/\0", "//", "/./", "\0./", "/.\0", "\0.\0", "/../", "\0../", "/..\0", "\0..\0")
-
-
 def _plain(names: list[str]) -> bool:
     """Whether :func:`check_name` returns every one of ``names`` as it is (relative, already
     normal, no NUL), tested on all of them at once: a call per name cost 11 ms of a 20,000-file
-    backup's verification. Joined between NULs, each name is bounded by NULs exactly when none
-    holds a NUL itself (counted), and a bad component then shows as one of :data:`_NOT_PLAIN`."""
-    joined = "\0" + "\0".join(names) + "\0"
-    return joined.count("\0") == len(names) + 1 and not any(pattern in joined for pattern in _NOT_PLAIN)
+    backup's verification. Joined by '/' between a leading and a trailing one, every name's
+    components lie between slashes, so an empty one (an empty name, a leading, trailing or
+    doubled '/') shows as '//' and a '.' or '..' as '/./' or '/../'."""
+    joined = "/" + "/".join(names) + "/"
+    return "\0" not in joined and "//" not in joined and "/./" not in joined and "/../" not in joined
 
 
 def check_manifest_paths(manifest: Manifest) -> None:
