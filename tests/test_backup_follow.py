@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,3 +218,21 @@ def test_a_followed_verification_names_the_file_whose_content_differs(tmp_path: 
     found[0] = (name, kind, size, link, "0" * 64)
     damaged = follow._checked(manifest, expected, follow.Columns.of(found) or found, None, manifest.archive_sha256, manifest.archive_bytes)
     assert not damaged.ok and damaged.detail == f"{name}: content does not match its SHA-256 in the manifest"
+
+
+def test_the_verifier_ends_when_it_is_done_not_when_its_findings_are_read(tmp_path: Path) -> None:
+    """What the verifier found (here well over a pipe's 64 KiB) does not keep it waiting for the
+    writer, which asks for it only after the commit: it exits once the archive is verified."""
+    models = tmp_path / "models"
+    for i in range(3000):
+        (models / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
+        (models / f"d{i % 10}" / f"file-{i:05d}.bin").write_bytes(i.to_bytes(4, "big") * 25)
+    with follow.Follower("zstd") as follower:
+        archive.write_archive(archive.scan(models), tmp_path / "a.tar.zst", "zstd", None, follower=follower)
+        pid = follower._pid
+        assert pid is not None
+        deadline = time.monotonic() + 120  # a bound for a stuck verifier, not a measure of speed
+        while (ended := os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)) is None:
+            assert time.monotonic() < deadline, "the verifier is still waiting for its findings to be read"
+            time.sleep(0.01)
+        assert ended.si_status == 0
