@@ -21,7 +21,7 @@ from test_backup_recovery import FORMAT_2, format_2_source, recover
 from test_backup_support import backup, flip_byte, hard_links, make_models, mlwarden, s3_env, tree
 
 from mlwarden import components
-from mlwarden.catalog import PACK, PRUNED, Catalog, CatalogError
+from mlwarden.catalog import PACK, PRUNED, Catalog, CatalogError, FileRecord
 
 REPO = Path(__file__).resolve().parent.parent
 __all__ = ["s3_env"]  # a fixture: imported to be used
@@ -103,6 +103,10 @@ def test_files_written_within_the_clock_tick_are_not_trusted_from_the_cache(tmp_
     known = dedup.Dedup("m-20260101T000000Z", {sha: "m-20251231T000000Z"}, {old: sha, recent: sha}, now)
     assert known.unchanged(old) == sha
     assert known.unchanged(recent) is None
+    read_old, read_recent = (1, 4, 3, now - 10**10, now - 10**10), (1, 5, 3, now - 10**6, now - 10**10)
+    for key in (read_old, read_recent):
+        known.read(key, FileRecord(f"f{key[1]}", 3, sha, 0.0), stored=False)
+    assert known.next_cache() == {old: sha, read_old: sha}  # trusted or read, and not written within the tick
     # A backup right after the files were written leaves no cache: the next one reads them all.
     models, backups = make_models(tmp_path / "models"), tmp_path / "backups"
     run(models, backups, tmp_path)

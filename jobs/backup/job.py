@@ -362,8 +362,9 @@ def _save_cache(path: Path, known: dedup.Dedup) -> None:
     """A cache that cannot be written costs the next run its reads, nothing else. A run that
     could trust no file (all written just now) leaves no cache at all."""
     try:
-        if known.new_cache:
-            dedup.save_cache(path, known.new_cache)
+        entries = known.next_cache()
+        if entries:
+            dedup.save_cache(path, entries)
         else:
             path.unlink(missing_ok=True)
     except OSError as exc:
