@@ -141,12 +141,14 @@ class StagedFiles:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, mode: int = 0o644, staged: StagedFiles | None = None) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, mode: int = 0o644, staged: StagedFiles | None = None, durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``path`` only if the block finishes without error.
 
     On any error (disk full included) the temporary file is removed and ``path`` keeps its
     previous content, if it had one. With ``staged`` (``path`` is in a staging directory),
-    the file is renamed into place unsynced and made durable by ``staged.sync()``.
+    the file is renamed into place unsynced and made durable by ``staged.sync()``. Not
+    ``durable``: renamed into place unsynced, for a file that checks itself and may be lost
+    (a crash can leave the previous content, or a damaged file, under ``path``).
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -155,22 +157,22 @@ def atomic_writer(path: Path, mode: int = 0o644, staged: StagedFiles | None = No
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            if staged is None:
-                os.fsync(handle.fileno())
-            else:
+            if staged is not None:
                 staged.keep(handle.fileno(), path.parent)
+            elif durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    if staged is None:
+    if staged is None and durable:
         fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    with atomic_writer(path, mode) as handle:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    with atomic_writer(path, mode, durable=durable) as handle:
         handle.write(data)
 
 

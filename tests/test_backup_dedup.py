@@ -22,6 +22,7 @@ from test_backup_support import backup, flip_byte, hard_links, make_models, mlwa
 
 from mlwarden import components
 from mlwarden.catalog import PACK, PRUNED, Catalog, CatalogError, FileRecord
+from mlwarden.fsutil import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 __all__ = ["s3_env"]  # a fixture: imported to be used
@@ -491,3 +492,17 @@ def test_the_files_cache_is_written_as_json_dumps_writes_it_and_read_back(tmp_pa
     assert dedup.load_cache(tmp_path / "cache.json") == cache
     dedup.save_cache(tmp_path / "empty.json", {})
     assert dedup.load_cache(tmp_path / "empty.json") == {}
+
+
+def test_the_files_cache_is_written_whole_but_not_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache checks itself and is only a hint: it is renamed into place whole, without the
+    two fsyncs that made it the last thing a backup waited for; other atomic writes keep them."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    cache = {(1, 2, 3, 4, 5): "ab" * 32}
+    dedup.save_cache(tmp_path / "cache.json", cache)
+    assert synced == [] and dedup.load_cache(tmp_path / "cache.json") == cache
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary file left
+    atomic_write_bytes(tmp_path / "other", b"x")
+    assert len(synced) == 2  # the file, then its directory
