@@ -238,15 +238,17 @@ def _records_json(obj: object, record_fields: tuple[str, ...], lines_of: dict[in
 
 
 def _record_lines(records: tuple[object, ...], memo: dict[int, str]) -> list[str]:
-    """:func:`_record_line` of each record, kept in ``memo`` (by ``id``). The mtimes of the file
-    records not in it yet are formatted in one call (:func:`mlwarden.jsonio.float_texts`):
-    ``repr()`` of each float was a third of the instructions of a record's line."""
-    missing = [record for record in records if id(record) not in memo]
-    if missing:
-        mtimes = jsonio.float_texts([getattr(record, "mtime", None) for record in missing])  # None for other records
-        lines = map(_record_line, missing) if mtimes is None else map(_record_line, missing, mtimes)
-        memo.update(zip(map(id, missing), lines, strict=True))
-    return [memo[id(record)] for record in records]
+    """:func:`_record_line` of each record, kept in ``memo`` (by ``id``), looked up and stored by
+    C loops (a Python loop over 20,000 records cost 10 ms a call). The mtimes of the file records
+    not in it yet are formatted in one call (:func:`mlwarden.jsonio.float_texts`): ``repr()`` of
+    each float was a third of the instructions of a record's line."""
+    lines: list[str | None] = list(map(memo.get, map(id, records)))
+    if None not in lines:
+        return lines  # type: ignore[return-value]  # no None in it
+    missing = [record for record, line in zip(records, lines, strict=True) if line is None]
+    mtimes = jsonio.float_texts([getattr(record, "mtime", None) for record in missing])  # None for other records
+    memo.update(zip(map(id, missing), map(_record_line, missing) if mtimes is None else map(_record_line, missing, mtimes), strict=True))
+    return list(map(memo.__getitem__, map(id, records)))
 
 
 def _record_line(record: object, mtime_text: str | None = None) -> str:
