@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,6 +85,8 @@ def expectations_in_child(selection: tuple[str, ...] | None, environ: Mapping[st
     Reading the schedules imports every job's module; in the exporter they would stay in
     memory for good (6.7 MiB resident, more than the rest of its collectors together).
     """
+    import subprocess  # here: the jobs that import this module for job_name() start without it
+
     argument = json.dumps(None if selection is None else list(selection))
     result = subprocess.run([sys.executable, "-m", __name__, argument], env=dict(environ),
                             capture_output=True, text=True, timeout=120, check=False)
