@@ -274,7 +274,11 @@ def _extract_packs(entry: BackupEntry, packs: list[BackupEntry], staging: Path, 
         for _, content, targets in batch:
             _write_content(content, targets, root, umask, made)
 
-    with _Helper(paths, root, umask, write_here) if _worth_a_helper(manifest) else contextlib.nullcontext() as helper:
+    with contextlib.ExitStack() as stack:
+        # A SIGTERM handled between the helper's fork and the entry into a with-block would leave
+        # it running (stopped, even, if it was): it is entered with signals deferred.
+        with deferred_interrupts():
+            helper = stack.enter_context(_Helper(paths, root, umask, write_here)) if _worth_a_helper(manifest) else None
         for pack in packs:
             digest = ArchiveDigest()
             with members(pack.archive_path, pack.manifest, digest) as found:
