@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -150,9 +151,10 @@ def _end_process(code: int) -> None:
 
     The interpreter's teardown frees every object the command kept (a backup's 20,000 file
     records, the modules), one by one: 45-60 ms of a 20,000-file backup here, for memory the
-    kernel takes back at once. What the teardown does that counts is done here first: the
-    atexit handlers (logging's flushes and closes the log file) and the flush of stdout and
-    stderr. It is skipped (returns, and the interpreter exits as usual) while a non-daemon
+    kernel takes back at once. What the teardown does that counts is done here first: a
+    collection of the garbage cycles (their finalizers run, as at a normal exit: 10-15 ms),
+    the atexit handlers (logging's flushes and closes the log file) and the flush of stdout
+    and stderr. It is skipped (returns, and the interpreter exits as usual) while a non-daemon
     thread is alive, which the interpreter would wait for, or when stdout or stderr cannot be
     flushed (a closed pipe: the interpreter reports that as it always has). A command closes
     the files it writes before it returns (atomic writers, ``with`` blocks): an open buffered
@@ -160,6 +162,7 @@ def _end_process(code: int) -> None:
     current = threading.current_thread()
     if any(t is not current and not t.daemon and t.is_alive() for t in threading.enumerate()):
         return
+    gc.collect()
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()

@@ -172,3 +172,21 @@ def test_a_command_parses_with_its_own_parser_only_and_the_top_level_help_lists_
         cli.main(["--help"])
     listed = capsys.readouterr().out
     assert all(f"    {name}" in listed for name in ("backup", "restore", "cleanup", "relay", "exporter"))
+
+
+def test_the_process_runs_the_finalizers_of_its_garbage_before_it_ends(tmp_path: Path) -> None:
+    """What a normal exit's last collection does is done before the process ends without its
+    teardown: a finalizer of an object in a garbage cycle still runs."""
+    out = tmp_path / "out"
+    code = (
+        "import sys; from mlwarden import cli\n"
+        "class Held:\n"
+        f"    def __del__(self): open({str(out)!r}, 'w').write('finalized')\n"
+        "held = Held(); held.me = held\n"
+        "del held\n"
+        "import gc; gc.disable()\n"
+        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; sys.exit(cli.entry())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "finalized"
