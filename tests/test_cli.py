@@ -86,18 +86,28 @@ def test_the_process_entry_lets_a_command_freeze_what_it_keeps_to_its_end(tmp_pa
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mlwarden"]
     assert script.value == "mlwarden.cli:entry"
     # entry() ends the process itself (after the atexit handlers): the check runs as one of them.
-    code = (
-        "import atexit, gc, sys; from mlwarden import cli, gcpause\n"
+    done = _entry_after(
+        "import atexit, gc; from mlwarden import gcpause\n"
         "def check():\n"
         "    before = gc.get_freeze_count()\n"
         "    with gcpause.kept_until_exit(): kept = [{'i': i} for i in range(1000)]\n"
         "    print(gc.get_freeze_count() - before >= 1000)\n"
-        "atexit.register(check)\n"
-        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; cli.entry(); print('returned')"
+        "atexit.register(check)\n",
+        tmp_path,
+    )
+    assert done.stdout.split()[-1:] == ["True"], done.stderr  # after backup-list's (empty) table; "returned" never printed
+
+
+def _entry_after(setup: str, backup_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``mlwarden backup-list`` by cli.entry() in a process of its own, after ``setup``; its
+    exit status 0 checked. entry() ends the process: what would follow never runs."""
+    code = (
+        f"import sys; from mlwarden import cli\n{setup}sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(backup_dir)!r}]\n"
+        "code = cli.entry(); print('returned'); sys.exit(code)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1:] == ["True"], done.stderr  # after backup-list's (empty) table: no teardown
+    return done
 
 
 def _backup_process(models: Path, backups: Path, log_file: Path) -> subprocess.CompletedProcess[str]:
@@ -135,15 +145,11 @@ def test_the_process_waits_for_a_thread_that_is_not_a_daemon(tmp_path: Path) -> 
     """A non-daemon thread still running when the command returns is waited for, as the
     interpreter's own exit does: its work is not cut short."""
     out = tmp_path / "out"
-    code = (
-        "import sys, threading, time; from mlwarden import cli\n"
-        f"def late(): time.sleep(0.5); open({str(out)!r}, 'w').write('done')\n"
-        "threading.Thread(target=late).start()\n"
-        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; sys.exit(cli.entry())"
+    done = _entry_after(
+        f"import threading, time\ndef late(): time.sleep(0.5); open({str(out)!r}, 'w').write('done')\nthreading.Thread(target=late).start()\n",
+        tmp_path,
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert out.read_text() == "done"
+    assert out.read_text() == "done" and done.stdout.split()[-1:] == ["returned"]  # the interpreter's own exit
 
 
 def test_a_backup_does_not_load_what_only_a_restore_or_the_inventory_needs(tmp_path: Path) -> None:
@@ -178,15 +184,9 @@ def test_the_process_runs_the_finalizers_of_its_garbage_before_it_ends(tmp_path:
     """What a normal exit's last collection does is done before the process ends without its
     teardown: a finalizer of an object in a garbage cycle still runs."""
     out = tmp_path / "out"
-    code = (
-        "import sys; from mlwarden import cli\n"
-        "class Held:\n"
-        f"    def __del__(self): open({str(out)!r}, 'w').write('finalized')\n"
-        "held = Held(); held.me = held\n"
-        "del held\n"
-        "import gc; gc.disable()\n"
-        f"sys.argv = ['mlwarden', 'backup-list', '--backup-dir', {str(tmp_path)!r}]; sys.exit(cli.entry())"
+    _entry_after(
+        f"import gc\nclass Held:\n    def __del__(self): open({str(out)!r}, 'w').write('finalized')\n"
+        "held = Held(); held.me = held\ndel held\ngc.disable()\n",
+        tmp_path,
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
     assert out.read_text() == "finalized"
