@@ -86,7 +86,7 @@ class SourceFile(NamedTuple):  # a tuple: one per file, and a frozen dataclass c
 _S_IFMT, _S_IFREG, _S_IRUSR, _S_IMODE = 0o170000, stat.S_IFREG, stat.S_IRUSR, 0o7777  # stat.S_IFMT(m) is m & 0o170000
 _NAME = attrgetter("name")
 _RELATIVE = itemgetter(1)  # SourceFile.relative
-new_source_file = partial(tuple.__new__, SourceFile)  # SourceFile(*values), without its Python-level __new__
+_new_source_file = partial(tuple.__new__, SourceFile)  # SourceFile(*values), without its Python-level __new__
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def scan(source: Path, excludes: Sequence[str] = ()) -> Source:
                         raise PermissionError(errno.EACCES, "Permission denied")
                     size = info.st_size
                     key = (info.st_dev, info.st_ino, size, info.st_mtime_ns, info.st_ctime_ns)
-                    files.append(new_source_file((child.path, relative, size, info.st_mtime, mode & _S_IMODE, key)))
+                    files.append(_new_source_file((child.path, relative, size, info.st_mtime, mode & _S_IMODE, key)))
                 elif file_type == stat.S_IFLNK:
                     links.append(LinkRecord(relative, os.readlink(child.path)))
                 elif file_type == stat.S_IFDIR:
