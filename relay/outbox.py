@@ -33,7 +33,7 @@ from mlwarden.logs import RepeatFilter
 log = logging.getLogger(__name__)
 log.addFilter(RepeatFilter(about=(StoreError,)))  # with the store down, every pass would log the same error
 DIGEST_RANK = severity_rank("warning")  # warnings and info may be folded into a digest
-CLAIM_STEP = 200  # jobs per claim transaction while gathering a digest
+CLAIM_STEP = 200  # jobs per claim call while gathering a digest (a Redis claim is one script, which blocks the server)
 MAX_RETRY_AFTER_SECONDS = 3600.0  # Slack and PagerDuty ask for seconds to minutes
 
 
@@ -125,8 +125,7 @@ class Outbox:
         self._in_flight.pop(name, None)
 
     async def _claim_more(self, name: str, now: float, count: int, after: Job) -> list[Job]:
-        """Up to ``count`` more jobs after ``after`` (the last one claimed), in steps: each step is a
-        short transaction, so webhooks are taken between them instead of waiting for one long claim.
+        """Up to ``count`` more jobs after ``after`` (the last one claimed), in steps of CLAIM_STEP.
         Each step goes on behind the previous one: started from the top, the 25th step of a digest
         of 5,000 read past 4,800 leased jobs first, and the steps together cost more than the rest
         of the delivery. All steps run in one thread call: a call per step woke a worker thread and

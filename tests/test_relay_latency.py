@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,7 +28,8 @@ from tests.test_relay_support import accept, alert, body, make_config
 def test_the_writer_never_checkpoints_in_a_commit(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "relay.db")
     try:
-        assert store._read("PRAGMA wal_autocheckpoint") == [(0,)]  # type: ignore[attr-defined]  # the SQLite store's private reader, to see its pragma
+        writer = store._db  # type: ignore[attr-defined]  # the SQLite store's private connection, to see its pragma
+        assert writer.execute("PRAGMA wal_autocheckpoint").fetchall() == [(0,)]
     finally:
         store.close()
 
@@ -87,22 +89,73 @@ def test_a_growing_wal_is_restarted_without_waiting_for_anyone(tmp_path: Path, m
     assert "PRAGMA busy_timeout=0" in statements  # a RESTART that would wait gives up instead
 
 
-def test_a_waiting_intake_goes_before_the_next_turn_of_whoever_holds_the_store(tmp_path: Path) -> None:
-    # The outbox claims and delivers a digest in steps, each a turn of the store's lock, one right
-    # after the other; with a plain lock the thread that let go took it again before the woken
-    # writer ran, for turn after turn, while the event loop waited for the writer.
+def test_a_waiting_intake_goes_before_the_next_turn_of_whoever_holds_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outbox records a digest's deliveries in steps, each a turn of the store's lock; with a
+    # plain lock the thread that let go took it again before the woken writer ran, for turn after
+    # turn, while the event loop waited for the writer.
+    statements, lock = traced_statements(monkeypatch)
     store = SQLiteStore(tmp_path / "relay.db")
     try:
+        config = make_config()
+        accept(store, config, body(alert(name="B")), 99.0)
+        delivered = store.claim("ops", 100.0, limit=10, lease=60)
         store._lock.acquire()  # an outbox step in progress
-        writer = threading.Thread(target=accept, args=(store, make_config(), body(alert(name="A")), 100.0))
+        writer = threading.Thread(target=accept, args=(store, config, body(alert(name="A")), 100.0))
         writer.start()
         try:
             components.wait_until(store._lock.writer_waits, 20, "the writer waiting for the lock")
         finally:
             store._lock.release()
-        claimed = store.claim("ops", 100.0, limit=10, lease=60)  # the outbox's next step, asked at once
+        store.delivered(delivered)  # the outbox's next step, asked at once
         writer.join()
-        assert [job.notice.alertname for job in claimed] == ["A"]  # it ran after the writer's commit
+        with lock:
+            turns = [sql.split(" (")[0] for sql in statements if sql.startswith(("INSERT INTO payloads", "DELETE FROM jobs"))]
+        assert turns[-2:] == ["INSERT INTO payloads", "DELETE FROM jobs WHERE id IN"]  # the writer's commit first
+    finally:
+        store.close()
+
+
+def test_claims_and_views_never_wait_for_the_store_lock(tmp_path: Path) -> None:
+    # A digest's claim is 25 reads; under the lock, the writer, and so every webhook in flight,
+    # waited behind them (acknowledgements of 40-75 ms through each claim at 500 webhooks/s).
+    store = SQLiteStore(tmp_path / "relay.db")
+    try:
+        accept(store, make_config(), body(alert(name="A")), 100.0)
+        found: list[object] = []
+        store._lock.acquire()  # a long write in progress
+        try:
+            reader = threading.Thread(target=lambda: found.extend(
+                [store.claim("ops", 101.0, limit=10, lease=60), store.jobs(), store.outbox_stats()]))
+            reader.start()
+            reader.join(timeout=30)
+            assert not reader.is_alive(), "a claim waited for the writer's lock"
+        finally:
+            store._lock.release()
+        claimed, listed, stats = found
+        assert [job.notice.alertname for job in claimed] == ["A"]  # type: ignore[attr-defined]
+        assert [job.id for job in listed] == [job.id for job in claimed]  # type: ignore[attr-defined]
+        assert stats == (1, 100.0)
+    finally:
+        store.close()
+
+
+def test_recording_a_digest_leaves_the_store_free_between_its_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Back to back, the 25 steps of a digest's bookkeeping left the writer a turn only when it was
+    # already waiting; acknowledgements rose to 60-150 ms through each digest at 500 webhooks/s.
+    store = SQLiteStore(tmp_path / "relay.db")
+    try:
+        config = make_config()
+        for n in range(45):
+            accept(store, config, body(*(alert(name=f"A{n}", gpu=str(i)) for i in range(10)), group_key=str(n)), 100.0)
+        jobs = store.claim("ops", 101.0, limit=450, lease=60)
+        clock = iter(range(1000))
+        paused: list[float] = []
+        monkeypatch.setattr(sqlite_store, "time", SimpleNamespace(monotonic=lambda: next(clock) * 0.01, sleep=paused.append))
+        store.delivered(jobs)  # steps of 200, 200 and 50, each taking 0.01 s on this clock
+        assert paused == [pytest.approx(sqlite_store.STEP_PAUSE_RATIO * 0.01)] * 2
+        assert store.jobs() == []
     finally:
         store.close()
 
@@ -143,16 +196,15 @@ class _CountedCursor:
 
 
 def test_a_claim_steps_through_one_row_per_statement_not_one_per_job(tmp_path: Path) -> None:
-    # A claim runs under the store's lock, which the writer (and so every webhook in flight) waits
-    # for; each row the sqlite3 module steps to lets go of the GIL and takes it back, and a busy
-    # event loop that took it in between kept the claim, and so the lock, for up to 5 ms each time.
+    # Each row the sqlite3 module steps to lets go of the GIL and takes it back, and a busy event
+    # loop that took it in between kept the claim waiting for up to the switch interval each time.
     store = SQLiteStore(tmp_path / "relay.db")
     try:
         config = make_config()
         for n in range(30):
             accept(store, config, body(*(alert(name=f"A{n}", gpu=str(i)) for i in range(10)), group_key=str(n)), 100.0)
-        counter = _RowCounter(store._db)  # type: ignore[attr-defined]  # the SQLite store's private connection, to count what it fetches
-        store._db = counter  # type: ignore[attr-defined]  # as above
+        counter = _RowCounter(store._reads)  # type: ignore[attr-defined]  # the SQLite store's private reading connection, to count what it fetches
+        store._reads = counter  # type: ignore[attr-defined]  # as above
         claimed = store.claim("ops", 101.0, limit=300, lease=60)
         assert len(claimed) == 300
         assert [job.seq for job in claimed] == sorted(job.seq for job in claimed)  # still in claim order
