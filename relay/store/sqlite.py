@@ -25,7 +25,6 @@ import logging
 import operator
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -123,9 +122,6 @@ _CLAIM = (
 )
 TOP_RANK = severity_rank(SEVERITIES[-1])
 STEP_ROWS = 200  # jobs per transaction when many are finished at once
-# Between two such transactions the finishing thread waits this many times as long as the last one
-# took: see SQLiteStore.delivered.
-STEP_PAUSE_RATIO = 3.0
 WAL_RESTART_BYTES = 32 * 1024 * 1024  # past this, a pass ends with a non-waiting RESTART (see _Checkpointer)
 # Queued jobs (with their notices) kept in memory for the outbox (see SQLiteStore._remember): ten
 # seconds of a warning flood at the Slack digest's pace (5,000 a second), twice the backlog the
@@ -357,19 +353,8 @@ class SQLiteStore(Store):
         return rows
 
     def delivered(self, jobs: Sequence[Job]) -> None:
-        """In steps: a digest's thousands of jobs must not hold intake up for one long transaction,
-        nor for a run of short ones. Between two steps this thread waits STEP_PAUSE_RATIO times as
-        long as the step took, so a digest's bookkeeping has the store a quarter of the time at
-        most and the writer finds it free in between; taken back to back, the writer got a turn
-        between steps only when it was already waiting, and a timeline at 500 webhooks/s showed
-        acknowledgements of 60-150 ms through each digest's 25 steps (20-30 ms with the pauses).
-        A digest of 5,000 then takes about four times its 75-100 ms of CPU, well within the second
-        until Slack takes the next message."""
-        took = 0.0
+        # In steps: a digest's thousands of jobs must not hold intake up for one long transaction.
         for start in range(0, len(jobs), STEP_ROWS):
-            if start:
-                time.sleep(STEP_PAUSE_RATIO * took)
-            began = time.monotonic()
             step = jobs[start : start + STEP_ROWS]
             with self._transaction() as db:
                 _in_list(db, "DELETE FROM jobs WHERE id IN ({})", [j.id for j in step])
@@ -379,7 +364,6 @@ class SQLiteStore(Store):
                 db.executemany("DELETE FROM told WHERE destination = ? AND key = ?",
                                [(j.destination, j.notice.key) for j in step if j.notice.kind in CLOSES])
             self._forget(step)
-            took = time.monotonic() - began
 
     def reschedule(self, jobs: Sequence[Job], due_at: float, error: str) -> None:
         with self._transaction() as db:
