@@ -241,3 +241,38 @@ def test_the_relay_serves_with_a_short_gil_switch_interval(tmp_path: Path, monke
         sys.setswitchinterval(before)
     assert served_with == [relay_cli.SWITCH_INTERVAL_SECONDS]
     assert served_with[0] < 0.005  # shorter than Python's default
+
+
+def test_claims_beside_a_busy_writer_keep_each_key_s_order_and_lose_nothing(tmp_path: Path) -> None:
+    # Claims read a snapshot through their own connection while the writer commits: each key's
+    # notices must still go out one at a time, in order, each once.
+    store = SQLiteStore(tmp_path / "relay.db")
+    try:
+        config = make_config()
+        stored: list[str] = []
+
+        def write() -> None:
+            for n in range(200):
+                status = "firing" if n // 5 % 2 == 0 else "resolved"
+                result = accept(store, config, body(alert(name=f"K{n % 5}", status=status), group_key=str(n)), 100.0 + n)
+                stored.extend(job.id for job in result.jobs)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        delivered: list[tuple[str, int, str]] = []
+        while True:
+            writing = writer.is_alive()
+            claimed = store.claim("ops", 1e9, limit=7, lease=60)
+            store.delivered(claimed)
+            delivered += [(job.notice.key, job.seq, job.id) for job in claimed]
+            if not claimed and not writing:
+                break
+        writer.join()
+        assert len(stored) > 5 * 10  # many notices per key: each claim may take only the head of each line
+        assert sorted(job_id for _, _, job_id in delivered) == sorted(stored)  # each once, none lost
+        for key in {key for key, _, _ in delivered}:
+            seqs = [seq for k, seq, _ in delivered if k == key]
+            assert seqs == sorted(seqs)
+        assert store.jobs() == []
+    finally:
+        store.close()
